@@ -1,0 +1,115 @@
+"""What every party shares: node-private settings, message dispatch, and state kept in its own state directory.
+
+A party is a plain object: `handle(envelope) -> envelope`. Under Flower every message starts a fresh process, so a
+party keeps everything it needs between messages in its state directory (written atomically) and reloads it; the
+in-process transport runs the very same code, which is why both paths give the same model for the same seed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.config import FedConfig
+from shared.messages import Envelope, Header
+from shared.model_parts import configure_torch
+from shared.tables import DataError
+
+
+class PartySettings(BaseModel):
+    """What only this party knows: where its data lives, where it keeps state, the secret it shares with its peer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    party: Literal["payment", "lender"]
+    data_path: Path = Field(description="the party's own folder (DIR/payment or DIR/lender)")
+    state_dir: Path
+    secret: str = Field(min_length=16, description="hex secret shared by the two parties, never the coordinator")
+
+    @property
+    def secret_bytes(self) -> bytes:
+        return bytes.fromhex(self.secret)
+
+
+class ProtocolError(RuntimeError):
+    """A request this party will not serve (wrong order, inconsistent payload); the reply carries the reason."""
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class PartyBase:
+    name: str = ""
+
+    def __init__(self, settings: PartySettings) -> None:
+        if settings.party != self.name:
+            raise ValueError(f"settings are for party {settings.party!r}, not {self.name!r}")
+        self.settings = settings
+        configure_torch()
+        self.state: dict[str, Any] = {}
+        self._loaded = False
+        self.handlers: dict[str, Callable[[Envelope], Envelope]] = {}
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    @property
+    def state_file(self) -> Path:
+        return self.settings.state_dir / "state.pt"
+
+    def load_state(self) -> None:
+        if not self._loaded and self.state_file.exists():
+            self.state = torch.load(self.state_file, weights_only=True)
+        self._loaded = True
+
+    def save_state(self) -> None:
+        atomic_save(self.state, self.state_file)
+
+    @property
+    def config(self) -> FedConfig:
+        if "config" not in self.state:
+            raise ProtocolError(f"{self.name}: no setup received yet")
+        return FedConfig.model_validate_json(self.state["config"])
+
+    # -- dispatch ------------------------------------------------------------------------------------------------
+    def reply(self, request: Envelope, payload: bytes = b"", payload_kind: str = "",
+              metrics: dict[str, float] | None = None, info: dict[str, Any] | None = None) -> Envelope:
+        header = Header(kind=request.header.kind, round=request.header.round, sender=self.name,
+                        recipient="server", payload_kind=payload_kind, metrics=metrics or {}, info=info or {})
+        return Envelope(header=header, payload=payload)
+
+    def handle(self, message: Envelope) -> Envelope:
+        kind = message.header.kind
+        try:
+            if message.header.recipient != self.name:
+                raise ProtocolError(f"{self.name}: message addressed to {message.header.recipient!r}")
+            handler = self.handlers.get(kind)
+            if handler is None:
+                raise ProtocolError(f"{self.name}: unknown request {kind!r}")
+            self.load_state()
+            reply = handler(message)
+            self.save_state()
+            return reply
+        except (ProtocolError, DataError, ValueError) as exc:
+            return self._error(message, f"{exc}")
+        except Exception as exc:  # report, never hang the coordinator
+            return self._error(message, f"{self.name}: internal error in {kind}: {exc!r}\n{traceback.format_exc()}")
+
+    def _error(self, message: Envelope, reason: str) -> Envelope:
+        header = Header(kind=message.header.kind, round=message.header.round, sender=self.name,
+                        recipient="server", error=reason)
+        return Envelope(header=header)

@@ -1,0 +1,1 @@
+"""The lender: applicant features and labels -> top model; returns gradients for the embeddings."""

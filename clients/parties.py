@@ -1,0 +1,15 @@
+"""Build a party object from its settings (used by the in-process runner and the Flower ClientApp alike)."""
+
+from __future__ import annotations
+
+from clients.base import PartyBase, PartySettings
+
+
+def make_party(settings: PartySettings) -> PartyBase:
+    if settings.party == "payment":
+        from clients.payment.party import PaymentParty
+
+        return PaymentParty(settings)
+    from clients.lender.party import LenderParty
+
+    return LenderParty(settings)

@@ -1,0 +1,1 @@
+"""The payment-data holder: transactions -> features -> bottom model -> embeddings."""

@@ -1,0 +1,118 @@
+"""The payment-data holder as a protocol party.
+
+It keeps its transactions and features; what leaves is (a) keyed tokens of its user IDs for alignment and (b) each
+round, the embeddings its bottom model computes for the aligned users. It receives per-user gradients for the
+training users and takes local steps with a proximal pull toward the embedding it released (so stale gradients do
+not overshoot).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from clients.base import PartyBase, PartySettings, ProtocolError
+from clients.payment.data import load_payment_table
+from shared.messages import Envelope, pack_arrays, unpack_arrays
+from shared.model_parts import PaymentBottom, init_module, seeded
+from shared.party_data import batches
+from shared.preprocessing import Scaler, heavy_tailed_columns
+from shared.splits import SPLIT_TRAIN, assign_splits, keyed_tokens
+
+
+class PaymentParty(PartyBase):
+    name = "payment"
+
+    def __init__(self, settings: PartySettings) -> None:
+        super().__init__(settings)
+        self.handlers = {
+            "setup": self.on_setup,
+            "align.offer": self.on_align_offer,
+            "align.accept": self.on_align_accept,
+            "embed": self.on_embed,
+        }
+
+    # -- setup and alignment -------------------------------------------------------------------------------------
+    def on_setup(self, message: Envelope) -> Envelope:
+        table = load_payment_table(self.settings.data_path)
+        scaler = Scaler.fit(table.columns, table.values, heavy_tailed_columns(table.columns, table.values))
+        self.state = {
+            "config": str(message.header.info["config"]),
+            "ids": table.ids,
+            "scaler": scaler.to_dict(),
+            "x": torch.from_numpy(scaler.transform(table.values)),
+        }
+        return self.reply(message, info={"rows": len(table.ids), "features": len(table.columns)})
+
+    def on_align_offer(self, message: Envelope) -> Envelope:
+        tokens = keyed_tokens(self.state["ids"], self.settings.secret_bytes)
+        return self.reply(message, payload=pack_arrays(tokens=tokens), payload_kind="alignment_tokens")
+
+    def on_align_accept(self, message: Envelope) -> Envelope:
+        aligned = unpack_arrays(message.payload)["tokens"]
+        mine = keyed_tokens(self.state["ids"], self.settings.secret_bytes)
+        position = {t: i for i, t in enumerate(mine.tolist())}
+        try:
+            rows = np.array([position[t] for t in aligned.tolist()], dtype=np.int64)
+        except KeyError as exc:
+            raise ProtocolError("payment: the lender's intersection holds a token that is not one of ours") from exc
+        config = self.config
+        split = assign_splits(aligned, config.split.test_fraction, config.split.val_fraction,
+                              self.settings.secret_bytes)
+        self.state["rows"] = torch.from_numpy(rows)
+        self.state["split"] = torch.from_numpy(split)
+        model = init_module(self._new_model(), seeded(config.seed, "payment", "init"))
+        self.state["model"] = model.state_dict()
+        self.state["opt"] = None
+        return self.reply(message, info={"aligned": len(rows)})
+
+    # -- rounds --------------------------------------------------------------------------------------------------
+    def _new_model(self) -> PaymentBottom:
+        config = self.config
+        return PaymentBottom(self.state["x"].shape[1], config.model.payment_hidden, config.model.embedding_dim)
+
+    def _optimizer(self, model: PaymentBottom) -> torch.optim.Optimizer:
+        training = self.config.training
+        optimizer = torch.optim.Adam(model.parameters(), lr=training.lr, weight_decay=training.weight_decay)
+        if self.state.get("opt"):
+            optimizer.load_state_dict(self.state["opt"])
+        return optimizer
+
+    def on_embed(self, message: Envelope) -> Envelope:
+        if "rows" not in self.state:
+            raise ProtocolError("payment: embed before alignment")
+        model = self._new_model()
+        model.load_state_dict(self.state["model"])
+        x = self.state["x"][self.state["rows"]]
+        if message.payload:
+            self._local_update(model, x, unpack_arrays(message.payload)["gradients"], message.header.round)
+        model.eval()
+        with torch.no_grad():
+            released = model(x)
+        self.state["released"] = released
+        self.state["model"] = model.state_dict()
+        return self.reply(message, payload=pack_arrays(embeddings=released.numpy()), payload_kind="embeddings",
+                          info={"users": int(x.shape[0])})
+
+    def _local_update(self, model: PaymentBottom, x: torch.Tensor, gradients: np.ndarray, round_: int) -> None:
+        """Descend <g_i, h_i> + |h_i - H_i|^2 / (2 eta) for the training users: the lender's gradient, held near
+        the embedding it was computed at."""
+        config = self.config
+        train = (self.state["split"] == SPLIT_TRAIN).nonzero().squeeze(1)
+        g = torch.from_numpy(np.asarray(gradients, dtype=np.float32))
+        if g.shape != (len(train), config.model.embedding_dim):
+            raise ProtocolError(f"payment: gradients of shape {tuple(g.shape)}, expected "
+                                f"({len(train)}, {config.model.embedding_dim})")
+        x_train, anchor = x[train], self.state["released"][train]
+        optimizer = self._optimizer(model)
+        eta = config.training.proximal_eta
+        model.train()
+        for epoch in range(config.training.local_epochs):
+            generator = torch.Generator().manual_seed(seeded(config.seed, "payment", str(round_), str(epoch)))
+            for batch in batches(len(train), config.training.batch_size, generator):
+                h = model(x_train[batch])
+                loss = (g[batch] * h).sum(1).mean() + ((h - anchor[batch]) ** 2).sum(1).mean() / (2 * eta)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        self.state["opt"] = optimizer.state_dict()

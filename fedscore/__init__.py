@@ -1,0 +1,1 @@
+"""fedscore command line and data tooling (synthetic default data, UCI conversion, federation launcher)."""

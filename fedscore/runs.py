@@ -1,0 +1,115 @@
+"""A run folder and what fills it, for both transports.
+
+RUN_DIR/config.json      the validated run config both transports read
+RUN_DIR/parties/         each party's state directory, and the secret the two parties share (local runs only)
+RUN_DIR/outcome.json     what the coordinator returned (rounds, sizes, timing, refusal)
+RUN_DIR/metrics.json     test metrics, baselines, per-round metrics, timing, transport
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from server.outcome import read_outcome, write_json_atomic, write_outcome
+from shared.config import FedConfig
+from shared.tables import DataError
+
+TEST_KEYS = ("auc", "ks", "gini", "logloss", "brier")
+
+
+class RunError(RuntimeError):
+    """The run could not finish; the message says which party or step and why."""
+
+
+def check_data_dir(data_dir: Path) -> None:
+    for party in ("payment", "lender"):
+        if not (data_dir / party).is_dir():
+            raise DataError(f"{data_dir}: no {party}/ folder (expected DIR/payment and DIR/lender)")
+
+
+def prepare_run_dir(run_dir: Path, config: FedConfig, secret: str | None = None) -> str:
+    """Create the run folder, write the config, and keep the secret the two parties share for this run.
+
+    The secret keys the alignment tokens and the split, so the same secret and seed give the same model. It is a
+    fresh random one unless given; in a real deployment the parties agree it between them, never via the server.
+    """
+    if run_dir.exists() and any(p.name != "flower" for p in run_dir.iterdir()):
+        raise RunError(f"{run_dir}: exists and is not empty; choose a new --out folder")
+    (run_dir / "parties").mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
+    secret = secret or secrets.token_hex(16)
+    secret_file = run_dir / "parties" / "shared-secret.hex"
+    secret_file.write_text(secret)
+    secret_file.chmod(0o600)
+    return secret
+
+
+def party_settings(run_dir: Path, data_dir: Path, secret: str) -> dict[str, Any]:
+    from clients.base import PartySettings
+
+    return {p: PartySettings(party=p, data_path=(data_dir / p).resolve(),
+                             state_dir=(run_dir / "parties" / p).resolve(), secret=secret)
+            for p in ("payment", "lender")}
+
+
+Progress = Callable[[str, int, int], None]
+
+
+def run_inprocess(config: FedConfig, data_dir: Path, run_dir: Path, progress: Progress | None = None,
+                  secret: str | None = None) -> dict[str, Any]:
+    from clients.parties import make_party
+    from server.coordinator import Coordinator, PartyRefused
+    from shared.transport import InProcessTransport
+
+    check_data_dir(data_dir)
+    secret = prepare_run_dir(run_dir, config, secret)
+    parties = {name: make_party(s) for name, s in party_settings(run_dir, data_dir, secret).items()}
+    coordinator = Coordinator(config, InProcessTransport(parties), progress=progress)
+    start = time.perf_counter()
+    error = None
+    try:
+        coordinator.run()
+    except PartyRefused as exc:
+        error = {"party": exc.party, "request": exc.kind, "reason": exc.reason}
+    coordinator.result.timing["federation_s"] = time.perf_counter() - start
+    write_outcome(run_dir, coordinator.result, error)
+    return finish_run(run_dir, data_dir, config, secret)
+
+
+def finish_run(run_dir: Path, data_dir: Path, config: FedConfig, secret: str) -> dict[str, Any]:
+    """Add the baselines to the coordinator's outcome and write metrics.json; raise if the run was refused."""
+    outcome = read_outcome(run_dir)
+    if outcome.get("error"):
+        err = outcome["error"]
+        who = f"party {err['party']!r} refused {err['request']!r}" if err.get("party") else "the coordinator failed"
+        raise RunError(f"run stopped: {who}: {err['reason']}")
+    final = outcome["rounds"][-1]
+    t0 = time.perf_counter()
+    baselines: dict[str, Any] = {"lender_only": outcome["lender_only"]}
+    if config.baselines.enabled:
+        baselines.update(_centralized(data_dir, config, secret))
+    timing = {**outcome["timing"], "baselines_s": time.perf_counter() - t0}
+    timing["total_s"] = timing.get("federation_s", 0.0) + timing["baselines_s"]
+    metrics = {
+        "transport": outcome["transport"],
+        "test": {k: final[f"test_{k}"] for k in TEST_KEYS},
+        "val": {k: final[f"val_{k}"] for k in TEST_KEYS if f"val_{k}" in final},
+        "baselines": baselines,
+        "rounds": outcome["rounds"],
+        "alignment": outcome["alignment"],
+        "timing": timing,
+        "traffic": {"messages": len(outcome["traffic"]),
+                    "payload_bytes": sum(t["sent_bytes"] + t["reply_bytes"] for t in outcome["traffic"])},
+    }
+    write_json_atomic(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _centralized(data_dir: Path, config: FedConfig, secret: str) -> dict[str, Any]:
+    from fedscore.baselines import centralized_baselines
+
+    return centralized_baselines(data_dir, config, bytes.fromhex(secret))

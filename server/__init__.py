@@ -1,0 +1,1 @@
+"""The coordinator: drives rounds, relays opaque payloads, collects shared metrics."""

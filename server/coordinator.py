@@ -1,0 +1,105 @@
+"""The round logic. Read this file to follow one training run end to end.
+
+1. setup: both parties load their own data and get the run config.
+2. alignment: payment offers keyed tokens of its IDs -> relayed to the lender, which matches them against its own
+   and returns the ordered intersection -> relayed back to payment. The coordinator sees sizes only.
+3. rounds r = 0..R-1: payment `embed` (applying the previous round's gradients first) -> embeddings relayed to the
+   lender; lender `train` -> gradients relayed to payment, validation/test metrics shared with the coordinator.
+
+The coordinator never decodes a payload: it moves `reply.payload` into the next request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.config import FedConfig
+from shared.messages import Envelope, request
+from shared.transport import Transport
+
+
+class PartyRefused(RuntimeError):
+    """A party answered with an error; the run stops and the reason is reported with the party's name."""
+
+    def __init__(self, party: str, kind: str, reason: str) -> None:
+        super().__init__(f"{party} refused {kind!r}: {reason}")
+        self.party, self.kind, self.reason = party, kind, reason
+
+
+@dataclass
+class RunResult:
+    transport: str
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    alignment: dict[str, float] = field(default_factory=dict)
+    lender_only: dict[str, float] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
+    traffic: list[dict[str, Any]] = field(default_factory=list)  # what the coordinator saw: kinds and sizes
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.rounds[-1] if self.rounds else {}
+
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+class Coordinator:
+    def __init__(self, config: FedConfig, transport: Transport, progress: Progress | None = None) -> None:
+        self.config = config
+        self.transport = transport
+        self.progress = progress or (lambda stage, done, total: None)
+        self.result = RunResult(transport=transport.name)
+
+    def _exchange(self, *messages: Envelope) -> list[Envelope]:
+        replies = self.transport.exchange(list(messages))
+        for sent, reply in zip(messages, replies, strict=True):
+            self.result.traffic.append({"kind": sent.header.kind, "round": sent.header.round,
+                                        "to": sent.header.recipient, "sent_bytes": len(sent.payload),
+                                        "reply_bytes": len(reply.payload)})
+            if reply.header.error:
+                raise PartyRefused(sent.header.recipient, sent.header.kind, reply.header.error)
+        return replies
+
+    def run(self) -> RunResult:
+        start = time.perf_counter()
+        total_steps = 3 + 2 * self.config.training.rounds
+        self.progress("setup", 0, total_steps)
+        config_json = self.config.model_dump_json()
+        self._exchange(request("setup", "payment", info={"config": config_json}),
+                       request("setup", "lender", info={"config": config_json}))
+        self.result.timing["setup_s"] = time.perf_counter() - start
+
+        self.progress("alignment", 1, total_steps)
+        t0 = time.perf_counter()
+        (offer,) = self._exchange(request("align.offer", "payment"))
+        (match,) = self._exchange(request("align.match", "lender", payload=offer.payload,
+                                          payload_kind=offer.header.payload_kind))
+        (_accept,) = self._exchange(request("align.accept", "payment", payload=match.payload,
+                                           payload_kind=match.header.payload_kind))
+        self.result.alignment = {
+            "lender_rows": match.header.metrics["lender_rows"],
+            "intersection": match.header.metrics["intersection"],
+            **{k: float(v) for k, v in match.header.info.items() if isinstance(v, int | float)},
+        }
+        self.result.lender_only = {k.removeprefix("lender_only_"): v for k, v in match.header.metrics.items()
+                                   if k.startswith("lender_only_")}
+        self.result.timing["alignment_s"] = time.perf_counter() - t0
+
+        gradients = Envelope(header=request("embed", "payment").header)  # no gradients before round 0
+        t0 = time.perf_counter()
+        for round_ in range(self.config.training.rounds):
+            step = 2 + 2 * round_
+            self.progress(f"round {round_ + 1}/{self.config.training.rounds}: payment embeds", step, total_steps)
+            (embedded,) = self._exchange(request("embed", "payment", round_, payload=gradients.payload,
+                                                 payload_kind=gradients.header.payload_kind))
+            self.progress(f"round {round_ + 1}/{self.config.training.rounds}: lender trains", step + 1, total_steps)
+            (gradients,) = self._exchange(request("train", "lender", round_, payload=embedded.payload,
+                                                  payload_kind=embedded.header.payload_kind))
+            self.result.rounds.append({"round": round_, **gradients.header.metrics})
+        self.result.timing["rounds_s"] = time.perf_counter() - t0
+        self.result.timing["protocol_s"] = time.perf_counter() - start
+        self.progress("done", total_steps, total_steps)
+        return self.result

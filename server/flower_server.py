@@ -1,0 +1,108 @@
+"""The Flower ServerApp: runs the same Coordinator as `fedscore train`, over a Flower Grid.
+
+`FlowerTransport` is the whole adapter: it finds which SuperNode is which party (a `whoami` query, since the
+ServerApp cannot read node configs), pushes our envelopes as Flower messages and polls for the replies in a short
+loop (Grid.send_and_receive sleeps 3 s between pulls). It never decodes a payload.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from shared.flower_codec import MESSAGE_TYPE, WHOAMI_TYPE, decode, encode
+from shared.messages import PARTIES, Envelope
+
+app = ServerApp()
+
+
+class FlowerTransport:
+    name = "flower"
+
+    def __init__(self, grid: Grid, poll_s: float = 0.2, timeout_s: float = 900.0) -> None:
+        self.grid = grid
+        self.poll_s = poll_s
+        self.timeout_s = timeout_s
+        self.nodes: dict[str, int] = {}
+
+    def _round_trip(self, messages: list[Message]) -> list[Message]:
+        ids = list(self.grid.push_messages(messages))
+        pending = {i for i in ids if i}
+        if len(pending) != len(messages):
+            raise RuntimeError("the SuperLink did not accept every message")
+        replies: dict[str, Message] = {}
+        deadline = time.monotonic() + self.timeout_s
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no reply from a party within {self.timeout_s:.0f} s")
+            for reply in self.grid.pull_messages(pending):
+                replies[reply.metadata.reply_to_message_id] = reply
+                pending.discard(reply.metadata.reply_to_message_id)
+            if pending:
+                time.sleep(self.poll_s)
+        out = [replies[i] for i in ids]
+        for reply in out:
+            if reply.has_error():
+                raise RuntimeError(f"Flower error from node {reply.metadata.src_node_id}: {reply.error.reason}")
+        return out
+
+    def discover(self, wait_s: float = 120.0) -> dict[str, int]:
+        """Ask every connected SuperNode which party it serves; wait until both parties are there."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            node_ids = list(self.grid.get_node_ids())
+            if len(node_ids) >= len(PARTIES):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(node_ids)} SuperNode(s) connected after {wait_s:.0f} s")
+            time.sleep(0.5)
+        queries = [Message(content=RecordDict(), dst_node_id=n, message_type=WHOAMI_TYPE) for n in node_ids]
+        for node_id, reply in zip(node_ids, self._round_trip(queries), strict=True):
+            party = str(reply.content.config_records["whoami"]["party"])
+            if party in self.nodes:
+                raise RuntimeError(f"two SuperNodes claim to be the {party} party")
+            self.nodes[party] = node_id
+        missing = [p for p in PARTIES if p not in self.nodes]
+        if missing:
+            raise RuntimeError(f"no SuperNode serves party {', '.join(missing)}")
+        return self.nodes
+
+    def exchange(self, messages: list[Envelope]) -> list[Envelope]:
+        flower = [Message(content=encode(m), dst_node_id=self.nodes[m.header.recipient], message_type=MESSAGE_TYPE)
+                  for m in messages]
+        return [decode(reply.content) for reply in self._round_trip(flower)]
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    from server.coordinator import Coordinator, PartyRefused
+    from server.outcome import write_outcome
+    from shared.config import FedConfig
+
+    run_dir = Path(str(context.run_config["run-dir"]))
+    config = FedConfig.model_validate_json((run_dir / "config.json").read_text())
+    progress_file = run_dir / "progress.jsonl"
+
+    def progress(stage: str, done: int, total: int) -> None:
+        with progress_file.open("a") as handle:
+            handle.write(json.dumps({"stage": stage, "done": done, "total": total, "t": time.time()}) + "\n")
+
+    transport = FlowerTransport(grid)
+    coordinator = Coordinator(config, transport, progress=progress)
+    start = time.perf_counter()
+    try:
+        transport.discover()
+        coordinator.run()
+        write_outcome(run_dir, coordinator.result, error=None)
+    except PartyRefused as exc:
+        write_outcome(run_dir, coordinator.result, error={"party": exc.party, "request": exc.kind,
+                                                          "reason": exc.reason})
+    except Exception as exc:
+        write_outcome(run_dir, coordinator.result, error={"party": "", "request": "", "reason": repr(exc)})
+        raise
+    finally:
+        coordinator.result.timing["serverapp_s"] = time.perf_counter() - start

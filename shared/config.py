@@ -1,0 +1,106 @@
+"""The one run configuration both transports read: a TOML file validated by pydantic, plus `key=value` overrides.
+
+The coordinator and both parties get the same config, so the in-process and the Flower path train the same model
+for the same seed. Party-private settings (data paths, the alignment secret) are not here: each party gets those
+from its own node config.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    embedding_dim: int = Field(8, ge=1, le=256, description="width of the payment holder's embedding")
+    payment_hidden: list[int] = Field(default_factory=lambda: [64, 32])
+    lender_hidden: list[int] = Field(default_factory=lambda: [32])
+
+
+class TrainingConfig(_Strict):
+    rounds: int = Field(4, ge=1, le=100, description="exchanges: embeddings one way, gradients back")
+    local_epochs: int = Field(3, ge=1, le=100, description="epochs each party takes on its side per round")
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    proximal_eta: float = Field(
+        2.0, gt=0, description="payment pull toward the embedding it released: g + (h - H_r)/eta"
+    )
+
+
+class SplitConfig(_Strict):
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+
+
+class AlignmentConfig(_Strict):
+    method: Literal["keyed_hash"] = "keyed_hash"
+
+
+class BaselineConfig(_Strict):
+    enabled: bool = True
+    epochs: int = Field(12, ge=1)
+
+
+class FedConfig(_Strict):
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    alignment: AlignmentConfig = Field(default_factory=AlignmentConfig)
+    baselines: BaselineConfig = Field(default_factory=BaselineConfig)
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file and the field."""
+
+
+def _parse_value(text: str) -> Any:
+    """An override value is read as TOML (numbers, booleans, lists, quoted strings); bare words stay strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. training.rounds=5")
+        key, _, raw = item.partition("=")
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = _parse_value(raw.strip())
+    return data
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> FedConfig:
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} not found") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: not valid TOML: {exc}") from exc
+    data = apply_overrides(data, overrides or [])
+    try:
+        return FedConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"config ({source}{', with overrides' if overrides else ''}): {problems}") from exc

@@ -1,0 +1,72 @@
+"""The two halves of the joint credit model.
+
+Payment bottom model: its per-user features -> an embedding of `embedding_dim`. Lender top model: its own features
+plus that embedding -> the default logit. Built from a seeded generator so both transports start from the same
+weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def mlp(sizes: list[int], out_activation: nn.Module | None = None) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    if out_activation is not None:
+        layers.append(out_activation)
+    return nn.Sequential(*layers)
+
+
+class PaymentBottom(nn.Module):
+    def __init__(self, n_features: int, hidden: list[int], embedding_dim: int) -> None:
+        super().__init__()
+        self.net = mlp([n_features, *hidden, embedding_dim])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class LenderTop(nn.Module):
+    """Combines the lender's features with the payment embedding; `embedding_dim=0` gives the lender-only model."""
+
+    def __init__(self, n_features: int, embedding_dim: int, hidden: list[int]) -> None:
+        super().__init__()
+        self.embedding_dim = embedding_dim
+        self.net = mlp([n_features + embedding_dim, *hidden, 1])
+
+    def forward(self, x: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
+        if embedding is not None:
+            x = torch.cat([x, embedding], dim=1)
+        return self.net(x).squeeze(1)
+
+
+def configure_torch() -> None:
+    """One intra-op thread unless FEDSCORE_TORCH_THREADS says otherwise: these MLPs are small, and on a 2-core
+    machine shared by two parties and a coordinator, more threads only contend (measured: several times slower)."""
+    import os
+
+    torch.set_num_threads(int(os.environ.get("FEDSCORE_TORCH_THREADS", "1")))
+
+
+def seeded(seed: int, *parts: str) -> int:
+    """A stable sub-seed for one purpose (party, round, role), independent of Python's hash randomisation."""
+    import hashlib
+
+    digest = hashlib.sha256(":".join([str(seed), *parts]).encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def init_module(module: nn.Module, seed: int) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, nn.Linear):
+                bound = 1.0 / layer.in_features ** 0.5
+                layer.weight.copy_((torch.rand(layer.weight.shape, generator=gen) * 2 - 1) * bound * 3**0.5)
+                layer.bias.zero_()
+    return module
