@@ -18,12 +18,12 @@ from shared.config import FedConfig
 from shared.metrics import all_metrics
 from shared.model_parts import LenderTop, PaymentBottom, configure_torch, init_module, seeded
 from shared.party_data import batches
-from shared.preprocessing import Scaler, heavy_tailed_columns
+from shared.preprocessing import fit_scaler
 from shared.splits import SPLIT_TEST, SPLIT_TRAIN, assign_splits, keyed_tokens
 
 
 def _scaled(table) -> np.ndarray:
-    scaler = Scaler.fit(table.columns, table.values, heavy_tailed_columns(table.columns, table.values))
+    scaler = fit_scaler(table.columns, table.values)
     return scaler.transform(table.values)
 
 

@@ -111,7 +111,8 @@ def _report(metrics: dict, run_dir: Path) -> None:
 
     row("federated (payment + lender)", metrics["test"])
     baselines = metrics["baselines"]
-    row("lender only", baselines["lender_only"])
+    if baselines.get("lender_only"):
+        row("lender only", baselines["lender_only"])
     if "centralized" in baselines:
         row("centralized MLP, no privacy", baselines["centralized"])
         row("centralized GBDT, no privacy", baselines["centralized_gbdt"])

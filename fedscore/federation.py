@@ -86,6 +86,7 @@ class Federation:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.flower_dir,
                                 start_new_session=True, stdin=subprocess.DEVNULL)
         self.processes.append((name, proc))
+        (self.flower_dir / "pids.json").write_text(json.dumps({n: p.pid for n, p in self.processes}))
         return proc
 
     def check_alive(self) -> None:

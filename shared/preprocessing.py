@@ -1,14 +1,17 @@
-"""Per-column scaling a party fits on its own rows and keeps with its model part (so export and scoring match).
+"""Per-column preprocessing a party fits on its own rows and keeps with its model part.
 
-Described as data (columns, which get a signed log, mean, std) so it can be written to a manifest and rebuilt in
-an ONNX graph without this package.
+Described as data (columns, which get a signed log, mean, std, which small-integer columns also get one-hot
+levels) so it can be written to a manifest; `as_module()` is the same transform in torch, so the exported ONNX
+graph carries it and scoring needs nothing from this package.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import torch
+from torch import nn
 
 
 def signed_log1p(x: np.ndarray) -> np.ndarray:
@@ -21,14 +24,17 @@ class Scaler:
     log_columns: list[str]
     mean: list[float]
     std: list[float]
+    # column -> the integer levels that each get a 0/1 indicator after the scaled value (status codes, bands)
+    levels: dict[str, list[float]] = field(default_factory=dict)
 
     @classmethod
-    def fit(cls, columns: list[str], values: np.ndarray, log_columns: list[str]) -> Scaler:
+    def fit(cls, columns: list[str], values: np.ndarray, log_columns: list[str],
+            levels: dict[str, list[float]] | None = None) -> Scaler:
         logged = cls._log(columns, values, log_columns)
         std = logged.std(axis=0)
         std[std < 1e-12] = 1.0
         return cls(columns=list(columns), log_columns=list(log_columns),
-                   mean=logged.mean(axis=0).tolist(), std=std.tolist())
+                   mean=logged.mean(axis=0).tolist(), std=std.tolist(), levels=dict(levels or {}))
 
     @staticmethod
     def _log(columns: list[str], values: np.ndarray, log_columns: list[str]) -> np.ndarray:
@@ -38,12 +44,46 @@ class Scaler:
                 values[:, j] = signed_log1p(values[:, j])
         return values
 
+    @property
+    def output_names(self) -> list[str]:
+        return [*self.columns, *(f"{c}=={v:g}" for c, levels in self.levels.items() for v in levels)]
+
     def transform(self, values: np.ndarray) -> np.ndarray:
+        values = np.asarray(values, dtype=np.float64)
         logged = self._log(self.columns, values, self.log_columns)
-        return ((logged - np.array(self.mean)) / np.array(self.std)).astype(np.float32)
+        scaled = (logged - np.array(self.mean)) / np.array(self.std)
+        indicators = [(values[:, self.columns.index(c)] == v).astype(np.float64)[:, None]
+                      for c, levels in self.levels.items() for v in levels]
+        return np.hstack([scaled, *indicators]).astype(np.float32)
+
+    def as_module(self) -> nn.Module:
+        return ScalerModule(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class ScalerModule(nn.Module):
+    """`Scaler.transform` in torch ops (sign, log1p, abs, sub, div, eq): exportable to ONNX."""
+
+    def __init__(self, scaler: Scaler) -> None:
+        super().__init__()
+        log_mask = [c in scaler.log_columns for c in scaler.columns]
+        self.register_buffer("log_mask", torch.tensor(log_mask, dtype=torch.bool))
+        self.register_buffer("mean", torch.tensor(scaler.mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(scaler.std, dtype=torch.float32))
+        pairs = [(scaler.columns.index(c), v) for c, levels in scaler.levels.items() for v in levels]
+        self.register_buffer("level_column", torch.tensor([j for j, _ in pairs], dtype=torch.long))
+        self.register_buffer("level_value", torch.tensor([v for _, v in pairs], dtype=torch.float32))
+        self.has_levels = bool(pairs)  # decided here, not in forward, so tracing sees no data-dependent branch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logged = torch.where(self.log_mask, torch.sign(x) * torch.log1p(torch.abs(x)), x)
+        scaled = (logged - self.mean) / self.std
+        if not self.has_levels:
+            return scaled
+        indicators = (x[:, self.level_column] == self.level_value).to(x.dtype)
+        return torch.cat([scaled, indicators], dim=1)
 
 
 def heavy_tailed_columns(columns: list[str], values: np.ndarray, ratio: float = 20.0) -> list[str]:
@@ -55,3 +95,23 @@ def heavy_tailed_columns(columns: list[str], values: np.ndarray, ratio: float = 
         if np.ptp(col) > ratio * max(spread, 1e-9) and np.abs(col).max() > 100:
             out.append(column)
     return out
+
+
+def small_integer_levels(columns: list[str], values: np.ndarray, max_levels: int = 12,
+                         min_share: float = 0.005) -> dict[str, list[float]]:
+    """Integer columns with 3..max_levels values (status codes, bands) get indicators for their common levels:
+    an MLP reads 'paid duly' vs 'revolving' far better as separate flags than as one ordinal number."""
+    out: dict[str, list[float]] = {}
+    for j, column in enumerate(columns):
+        col = values[:, j]
+        if not np.all(np.isfinite(col)) or not np.all(col == np.round(col)):
+            continue
+        levels, counts = np.unique(col, return_counts=True)
+        if 3 <= len(levels) <= max_levels:
+            out[column] = [float(v) for v, n in zip(levels, counts, strict=True) if n >= min_share * len(col)]
+    return out
+
+
+def fit_scaler(columns: list[str], values: np.ndarray) -> Scaler:
+    """The one preprocessing recipe both parties (and the centralized baseline) use."""
+    return Scaler.fit(columns, values, heavy_tailed_columns(columns, values), small_integer_levels(columns, values))

@@ -17,7 +17,7 @@ from shared.messages import Envelope, pack_arrays, unpack_arrays
 from shared.metrics import all_metrics
 from shared.model_parts import LenderTop, init_module, seeded
 from shared.party_data import batches
-from shared.preprocessing import Scaler, heavy_tailed_columns
+from shared.preprocessing import fit_scaler
 from shared.splits import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, assign_splits, keyed_tokens
 
 
@@ -30,7 +30,7 @@ class LenderParty(PartyBase):
 
     def on_setup(self, message: Envelope) -> Envelope:
         table, labels = load_lender_table(self.settings.data_path)
-        scaler = Scaler.fit(table.columns, table.values, heavy_tailed_columns(table.columns, table.values))
+        scaler = fit_scaler(table.columns, table.values)
         self.state = {
             "config": str(message.header.info["config"]),
             "ids": table.ids,

@@ -16,7 +16,7 @@ from clients.payment.data import load_payment_table
 from shared.messages import Envelope, pack_arrays, unpack_arrays
 from shared.model_parts import PaymentBottom, init_module, seeded
 from shared.party_data import batches
-from shared.preprocessing import Scaler, heavy_tailed_columns
+from shared.preprocessing import fit_scaler
 from shared.splits import SPLIT_TRAIN, assign_splits, keyed_tokens
 
 
@@ -35,7 +35,7 @@ class PaymentParty(PartyBase):
     # -- setup and alignment -------------------------------------------------------------------------------------
     def on_setup(self, message: Envelope) -> Envelope:
         table = load_payment_table(self.settings.data_path)
-        scaler = Scaler.fit(table.columns, table.values, heavy_tailed_columns(table.columns, table.values))
+        scaler = fit_scaler(table.columns, table.values)
         self.state = {
             "config": str(message.header.info["config"]),
             "ids": table.ids,

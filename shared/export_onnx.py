@@ -1,0 +1,361 @@
+"""Export each party's model part as one self-contained ONNX graph, plus a hash-checked manifest.
+
+Why one graph per party with the preprocessing inside: at scoring time each party runs only its own part, on raw
+feature values, with nothing but onnxruntime. If the signed log1p + standardisation lived in Python next to the
+graph, a scorer could silently skip it or use another version of it, and the scores would be wrong without any
+error. Baking the scaler's numbers into the graph makes "raw features in, embedding / probability out" the only way
+to use a part.
+
+Exporter: the legacy TorchScript exporter (`torch.onnx.export(..., dynamo=False)`), opset 17. For these small MLPs
+it takes ~0.1 s per part, against ~2 s for the dynamo exporter, and produces the same operators (MatMul/Gemm, Relu,
+Log, Sign, Abs, Where, Sigmoid). torch is pinned, so its deprecation warning is silenced here on purpose.
+
+The manifest (`manifest.json`) names both files with their sha256, the feature order each part expects, the
+training config, metrics, the privacy guarantees spent and the scorecard policy. `load_manifest` refuses a bundle
+whose files do not hash to what the manifest says, so a swapped or corrupted part fails loudly before scoring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from shared.model_parts import LenderTop, PaymentBottom
+from shared.preprocessing import Scaler
+from shared.scorecard import ScorecardParams
+
+OPSET = 17
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = "1"
+PAYMENT_FILE = "payment_part.onnx"
+LENDER_FILE = "lender_part.onnx"
+PART_NAMES = ("payment", "lender")
+
+PAYMENT_INPUT = "payment_features"
+LENDER_INPUT = "lender_features"
+EMBEDDING = "embedding"
+PROBABILITY = "probability"
+LOGIT = "logit"
+BATCH = "batch"
+
+
+class PaymentScoring(nn.Module):
+    """Raw payment features -> embedding: what the payment holder runs at scoring time."""
+
+    def __init__(self, model: PaymentBottom, scaler: Scaler) -> None:
+        super().__init__()
+        _check_width(model, len(scaler.output_names), "payment")
+        self.scale = scaler.as_module()
+        self.model = model
+
+    def forward(self, payment_features: torch.Tensor) -> torch.Tensor:
+        return self.model(self.scale(payment_features))
+
+
+class LenderScoring(nn.Module):
+    """Raw lender features + the payment embedding -> (probability of default, default logit)."""
+
+    def __init__(self, model: LenderTop, scaler: Scaler) -> None:
+        super().__init__()
+        if model.embedding_dim < 1:
+            raise ValueError("lender model has embedding_dim=0 (lender-only baseline): there is no payment part "
+                             "to pair it with, so it cannot be exported as a federated lender part")
+        _check_width(model, len(scaler.output_names) + model.embedding_dim, "lender")
+        self.scale = scaler.as_module()
+        self.model = model
+
+    def forward(self, lender_features: torch.Tensor, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logit = self.model(self.scale(lender_features), embedding)
+        return torch.sigmoid(logit), logit
+
+
+def _check_width(model: nn.Module, expected: int, party: str) -> None:
+    first = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    if first.in_features != expected:
+        raise ValueError(f"{party} model takes {first.in_features} inputs but its scaler (+ embedding) gives "
+                         f"{expected}: model and scaler do not belong together")
+
+
+def _embedding_dim(model: PaymentBottom) -> int:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    """Export in eval mode, then give the caller back the module in the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def _export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, inputs: list[str], outputs: list[str],
+            metadata: dict[str, str]) -> None:
+    """Trace `module` to `path` (written atomically) with a dynamic batch axis on every input and output."""
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    dynamic_axes = {name: {0: BATCH} for name in [*inputs, *outputs]}
+    try:
+        with _eval_mode(module), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # legacy exporter: torch is pinned, it is there
+            torch.onnx.export(module, args, str(tmp), dynamo=False, opset_version=OPSET, input_names=inputs,
+                              output_names=outputs, dynamic_axes=dynamic_axes, do_constant_folding=True)
+        proto = onnx.load(str(tmp))
+        for key, value in metadata.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def export_payment_part(model: PaymentBottom, scaler: Scaler, path: Path) -> None:
+    """Write the payment part: input "payment_features" float32 [N, n_payment] raw values in `scaler.columns`
+    order -> output "embedding" float32 [N, d]."""
+    module = PaymentScoring(model, scaler)
+    example = torch.zeros(2, len(scaler.columns))
+    _export(module, (example,), path, [PAYMENT_INPUT], [EMBEDDING], {
+        "fedscore.part": "payment", "fedscore.format_version": FORMAT_VERSION,
+        "fedscore.feature_names": json.dumps(scaler.columns), "fedscore.scaler": json.dumps(scaler.to_dict()),
+    })
+
+
+def export_lender_part(model: LenderTop, scaler: Scaler, path: Path) -> None:
+    """Write the lender part: inputs "lender_features" float32 [N, n_lender] raw values in `scaler.columns` order
+    and "embedding" float32 [N, d] -> outputs "probability" float32 [N] (sigmoid applied) and "logit" float32 [N]."""
+    module = LenderScoring(model, scaler)
+    example = (torch.zeros(2, len(scaler.columns)), torch.zeros(2, model.embedding_dim))
+    _export(module, example, path, [LENDER_INPUT, EMBEDDING], [PROBABILITY, LOGIT], {
+        "fedscore.part": "lender", "fedscore.format_version": FORMAT_VERSION,
+        "fedscore.feature_names": json.dumps(scaler.columns), "fedscore.scaler": json.dumps(scaler.to_dict()),
+    })
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks so large files do not need to fit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------- manifest
+
+
+class PartManifest(BaseModel):
+    """One ONNX part as the manifest records it: enough to feed it correctly without opening the graph."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: str = Field(description="file name inside the bundle folder (no directories)")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    inputs: list[str]
+    input_dtypes: dict[str, str] = Field(description="input name -> element type, e.g. 'float32'")
+    input_shapes: dict[str, list[str | int]] = Field(default_factory=dict, description="'batch' is dynamic")
+    feature_names: list[str] = Field(description="raw feature columns of the features input, in order")
+    log_columns: list[str] = Field(default_factory=list, description="get signed log1p inside the graph")
+    outputs: list[str]
+
+    @field_validator("file")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        # a manifest must not be able to point a loader at files outside its own folder
+        if not value or value in (".", "..") or Path(value).name != value or "\\" in value:
+            raise ValueError(f"part file must be a plain file name inside the bundle folder, got {value!r}")
+        return value
+
+
+class ModelManifest(BaseModel):
+    """What a scoring bundle contains and how it was made; written next to the two ONNX parts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: Literal["1"] = FORMAT_VERSION
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    parts: dict[str, PartManifest]
+    embedding_dim: int = Field(ge=1)
+    training_config: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    privacy: list[dict[str, Any]] = Field(default_factory=list, description="guarantees spent; may be empty")
+    scorecard: ScorecardParams = Field(default_factory=ScorecardParams)
+    payment_feature_definition: dict[str, Any] | None = Field(
+        None, description="how the payment holder computes its features from transactions (FEATURE_DEFINITION)")
+    embedding_baseline: list[float] | None = Field(
+        None, description="reference embedding for reason codes (e.g. mean training embedding); None = zeros")
+
+    @field_validator("parts")
+    @classmethod
+    def _both_parts(cls, value: dict[str, PartManifest]) -> dict[str, PartManifest]:
+        if set(value) != set(PART_NAMES):
+            raise ValueError(f"parts must be exactly {list(PART_NAMES)}, got {sorted(value)}")
+        return value
+
+
+def _onnx_type_name(elem_type: int) -> str:
+    import onnx
+
+    return str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)))
+
+
+def describe_part(path: Path, scaler: Scaler) -> PartManifest:
+    """A PartManifest read from the exported file itself (names, dtypes, shapes), so it cannot drift from it."""
+    import onnx
+
+    path = Path(path)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {init.name for init in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    shapes = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in inputs}
+    return PartManifest(
+        file=path.name, sha256=sha256_file(path), inputs=[i.name for i in inputs],
+        input_dtypes={i.name: _onnx_type_name(i.type.tensor_type.elem_type) for i in inputs}, input_shapes=shapes,
+        feature_names=list(scaler.columns), log_columns=list(scaler.log_columns),
+        outputs=[o.name for o in graph.output],
+    )
+
+
+def write_manifest(directory: Path, manifest: ModelManifest) -> Path:
+    """Write `manifest.json` atomically (temp file + rename), so a reader never sees half a manifest."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / MANIFEST_NAME
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(manifest.model_dump_json(indent=2))
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def load_manifest(directory: Path) -> ModelManifest:
+    """Read and validate `manifest.json`, then check every part file against its sha256.
+
+    Raises ValueError naming the file for a missing/invalid manifest, a missing part or a hash mismatch.
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise ValueError(f"{path}: manifest not found")
+    try:
+        manifest = ModelManifest.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise ValueError(f"{path}: invalid manifest: {exc}") from exc
+    for name, part in manifest.parts.items():
+        file = directory / part.file
+        if not file.is_file():
+            raise ValueError(f"{file}: {name} part listed in {MANIFEST_NAME} is missing")
+        actual = sha256_file(file)
+        if actual != part.sha256:
+            raise ValueError(f"{file}: sha256 mismatch for the {name} part (manifest {part.sha256}, file {actual}); "
+                             "the file was modified or replaced after export")
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------ verification
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # tiny graphs; see shared.model_parts.configure_torch
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_score(payment_onnx: Path, lender_onnx: Path, raw_p: np.ndarray, raw_l: np.ndarray) -> np.ndarray:
+    """Probability of default from raw feature rows of both parties, using onnxruntime only (rows aligned)."""
+    embedding = _session(payment_onnx).run([EMBEDDING], {PAYMENT_INPUT: np.asarray(raw_p, dtype=np.float32)})[0]
+    return _session(lender_onnx).run([PROBABILITY], {LENDER_INPUT: np.asarray(raw_l, dtype=np.float32),
+                                                     EMBEDDING: embedding})[0]
+
+
+def torch_score(model_p: PaymentBottom, scaler_p: Scaler, model_l: LenderTop, scaler_l: Scaler, raw_p: np.ndarray,
+                raw_l: np.ndarray) -> np.ndarray:
+    """The same probability through the training-time path (numpy Scaler + torch), the reference for the export."""
+    with _eval_mode(model_p), _eval_mode(model_l), torch.no_grad():
+        embedding = model_p(torch.from_numpy(scaler_p.transform(np.asarray(raw_p, dtype=np.float32))))
+        logit = model_l(torch.from_numpy(scaler_l.transform(np.asarray(raw_l, dtype=np.float32))), embedding)
+    return torch.sigmoid(logit).numpy()
+
+
+def verify_parts(payment_onnx: Path, lender_onnx: Path, model_p: PaymentBottom, scaler_p: Scaler,
+                 model_l: LenderTop, scaler_l: Scaler, raw_p: np.ndarray, raw_l: np.ndarray) -> float:
+    """Max |p_onnx - p_torch| over the rows: the ONNX chain (payment graph's embedding fed to the lender graph)
+    against numpy preprocessing + torch. Raw inputs are cast to float32 first, as a scorer would have to."""
+    onnx_p = onnx_score(payment_onnx, lender_onnx, raw_p, raw_l)
+    torch_p = torch_score(model_p, scaler_p, model_l, scaler_l, raw_p, raw_l)
+    if onnx_p.shape != torch_p.shape:
+        raise ValueError(f"ONNX gives shape {onnx_p.shape}, torch {torch_p.shape}")
+    return float(np.max(np.abs(onnx_p.astype(np.float64) - torch_p.astype(np.float64)))) if len(onnx_p) else 0.0
+
+
+def synthetic_raw(scaler: Scaler, n: int, seed: int = 0) -> np.ndarray:
+    """Raw rows whose scaled values are standard normal (signed log undone on log columns): realistic inputs,
+    including heavy tails, for checking an export when no real rows are at hand."""
+    rng = np.random.default_rng(seed)
+    scaled = rng.standard_normal((n, len(scaler.columns)))
+    logged = scaled * np.asarray(scaler.std) + np.asarray(scaler.mean)
+    for j, column in enumerate(scaler.columns):
+        if column in scaler.log_columns:
+            logged[:, j] = np.sign(logged[:, j]) * np.expm1(np.abs(logged[:, j]))
+    return logged.astype(np.float32)
+
+
+def export_bundle(directory: Path, model_p: PaymentBottom, scaler_p: Scaler, model_l: LenderTop, scaler_l: Scaler,
+                  *, training_config: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+                  privacy: list[dict[str, Any]] | None = None, scorecard: ScorecardParams | None = None,
+                  payment_feature_definition: dict[str, Any] | None = None,
+                  embedding_baseline: np.ndarray | None = None, tolerance: float = 1e-4,
+                  check_rows: int = 256) -> ModelManifest:
+    """Export both parts into `directory`, check them against torch, and write the manifest last.
+
+    The manifest is written only after both files exist and agree with torch within `tolerance` on
+    `check_rows` synthetic rows, so a folder with a manifest is always a usable bundle.
+    """
+    directory = Path(directory)
+    dim = _embedding_dim(model_p)
+    if dim != model_l.embedding_dim:
+        raise ValueError(f"payment model outputs {dim}-dim embeddings but the lender model expects "
+                         f"{model_l.embedding_dim}")
+    payment_path, lender_path = directory / PAYMENT_FILE, directory / LENDER_FILE
+    export_payment_part(model_p, scaler_p, payment_path)
+    export_lender_part(model_l, scaler_l, lender_path)
+    raw_p, raw_l = synthetic_raw(scaler_p, check_rows, 1), synthetic_raw(scaler_l, check_rows, 2)
+    diff = verify_parts(payment_path, lender_path, model_p, scaler_p, model_l, scaler_l, raw_p, raw_l)
+    if not diff <= tolerance:
+        raise ValueError(f"exported parts disagree with torch: max |dp| = {diff:.3g} > {tolerance:g}")
+    manifest = ModelManifest(
+        parts={"payment": describe_part(payment_path, scaler_p), "lender": describe_part(lender_path, scaler_l)},
+        embedding_dim=dim, training_config=training_config or {}, metrics=metrics or {}, privacy=privacy or [],
+        scorecard=scorecard or ScorecardParams(), payment_feature_definition=payment_feature_definition,
+        embedding_baseline=None if embedding_baseline is None else [float(v) for v in embedding_baseline],
+    )
+    write_manifest(directory, manifest)
+    return manifest

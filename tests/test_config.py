@@ -1,0 +1,40 @@
+from pathlib import Path
+
+import pytest
+
+from shared.config import ConfigError, load_config
+
+
+def test_defaults_and_overrides() -> None:
+    config = load_config(None, ["training.rounds=7", "model.payment_hidden=[16, 8]", "seed=3"])
+    assert config.training.rounds == 7
+    assert config.model.payment_hidden == [16, 8]
+    assert config.seed == 3
+    assert load_config().training.rounds != 7
+
+
+def test_file_then_override(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text("seed = 5\n[training]\nrounds = 2\nlr = 0.01\n")
+    config = load_config(path, ["training.rounds=3"])
+    assert (config.seed, config.training.rounds, config.training.lr) == (5, 3, 0.01)
+
+
+@pytest.mark.parametrize(("override", "named"), [
+    ("training.rounds=0", "training.rounds"),
+    ("training.nonsense=1", "training.nonsense"),
+    ("split.test_fraction=abc", "split.test_fraction"),
+    ("rounds", "key=value"),
+])
+def test_bad_override_names_the_field(override: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_bad_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text("[training\nrounds = 2")
+    with pytest.raises(ConfigError, match=r"broken\.toml"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"missing\.toml"):
+        load_config(tmp_path / "missing.toml")

@@ -1,0 +1,48 @@
+"""One real multi-process Flower federation: SuperLink + two SuperNodes + ServerApp, on small data.
+
+It must give the same metrics as the in-process transport for the same seed and secret, and leave no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from fedscore.federation import run_federated
+from fedscore.runs import run_inprocess
+from shared.config import load_config
+from tests.conftest import FAST, SECRET
+
+pytestmark = pytest.mark.federation
+SMALL = [*FAST, "training.rounds=2", "baselines.enabled=false"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split()[2] == "Z")
+
+
+def test_flower_matches_inprocess_and_cleans_up(party_data: tuple[Path, dict], tmp_path: Path) -> None:
+    data, ids = party_data
+    config = load_config(None, SMALL)
+    federated = run_federated(config, data, tmp_path / "flower", secret=SECRET, timeout_s=600)
+    reference = run_inprocess(config, data, tmp_path / "inprocess", secret=SECRET)
+
+    assert federated["transport"] == "flower" and reference["transport"] == "inprocess"
+    for key, value in reference["test"].items():
+        assert federated["test"][key] == pytest.approx(value, abs=1e-6), key
+    assert len(federated["rounds"]) == 2
+    assert federated["alignment"]["intersection"] == len(ids["payment"] & ids["lender"])
+
+    logs = tmp_path / "flower" / "flower" / "logs"
+    assert {p.name for p in logs.iterdir()} >= {"superlink.log", "supernode-payment.log", "supernode-lender.log"}
+    assert "query.fedscore" in (logs / "supernode-lender.log").read_text()
+    pids = json.loads((tmp_path / "flower" / "flower" / "pids.json").read_text())
+    assert len(pids) == 4 and not [p for p in pids.values() if _alive(p)]
