@@ -7,8 +7,6 @@ in-process transport runs the very same code, which is why both paths give the s
 
 from __future__ import annotations
 
-import os
-import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.atomic import atomic_write
 from shared.config import FedConfig
 from shared.messages import Envelope, Header
 from shared.model_parts import configure_torch
@@ -43,15 +42,7 @@ class ProtocolError(RuntimeError):
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 class PartyBase:

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from server.outcome import read_outcome, write_json_atomic, write_outcome
+from server.outcome import read_outcome, write_outcome
+from shared.atomic import write_json_atomic
 from shared.config import FedConfig
 from shared.tables import DataError
 
@@ -106,6 +107,9 @@ def finish_run(run_dir: Path, data_dir: Path, config: FedConfig, secret: str) ->
                     "payload_bytes": sum(t["sent_bytes"] + t["reply_bytes"] for t in outcome["traffic"])},
     }
     write_json_atomic(run_dir / "metrics.json", metrics)
+    from fedscore.bundle import assemble_bundle
+
+    assemble_bundle(run_dir, config.model_dump(), metrics)
     return metrics
 
 

@@ -5,6 +5,7 @@
    and returns the ordered intersection -> relayed back to payment. The coordinator sees sizes only.
 3. rounds r = 0..R-1: payment `embed` (applying the previous round's gradients first) -> embeddings relayed to the
    lender; lender `train` -> gradients relayed to payment, validation/test metrics shared with the coordinator.
+4. export: each party writes its own part of the model (ONNX, preprocessing inside) to its own state directory.
 
 The coordinator never decodes a payload: it moves `reply.payload` into the next request.
 """
@@ -65,7 +66,7 @@ class Coordinator:
 
     def run(self) -> RunResult:
         start = time.perf_counter()
-        total_steps = 3 + 2 * self.config.training.rounds
+        total_steps = 4 + 2 * self.config.training.rounds
         self.progress("setup", 0, total_steps)
         config_json = self.config.model_dump_json()
         self._exchange(request("setup", "payment", info={"config": config_json}),
@@ -100,6 +101,11 @@ class Coordinator:
                                                   payload_kind=embedded.header.payload_kind))
             self.result.rounds.append({"round": round_, **gradients.header.metrics})
         self.result.timing["rounds_s"] = time.perf_counter() - t0
+
+        self.progress("export", total_steps - 1, total_steps)
+        t0 = time.perf_counter()
+        self._exchange(request("export", "payment"), request("export", "lender"))
+        self.result.timing["export_s"] = time.perf_counter() - t0
         self.result.timing["protocol_s"] = time.perf_counter() - start
         self.progress("done", total_steps, total_steps)
         return self.result

@@ -202,6 +202,8 @@ class ModelManifest(BaseModel):
         None, description="how the payment holder computes its features from transactions (FEATURE_DEFINITION)")
     embedding_baseline: list[float] | None = Field(
         None, description="reference embedding for reason codes (e.g. mean training embedding); None = zeros")
+    lender_reference: list[float] | None = Field(
+        None, description="a typical applicant's raw lender features (medians): what reason codes compare to")
 
     @field_validator("parts")
     @classmethod

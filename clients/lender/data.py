@@ -10,6 +10,15 @@ from shared.party_data import PartyTable, table_from_frame
 from shared.tables import DataError, find_table, read_table
 
 
+def load_applicants(directory: Path) -> PartyTable:
+    """Applicants to score: features only; a label column, if present, is ignored."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory}: lender data folder not found")
+    path = find_table(directory, "applicants")
+    return table_from_frame(read_table(path, ["id"]), path, exclude=("id", "label"))
+
+
 def load_lender_table(directory: Path) -> tuple[PartyTable, np.ndarray]:
     directory = Path(directory)
     if not directory.is_dir():

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 
 from clients.base import PartyBase, PartySettings, ProtocolError
 from clients.lender.data import load_lender_table
+from shared.atomic import write_json_atomic
 from shared.messages import Envelope, pack_arrays, unpack_arrays
 from shared.metrics import all_metrics
 from shared.model_parts import LenderTop, init_module, seeded
 from shared.party_data import batches
-from shared.preprocessing import fit_scaler
+from shared.preprocessing import Scaler, fit_scaler
 from shared.splits import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, assign_splits, keyed_tokens
 
 
@@ -26,7 +27,8 @@ class LenderParty(PartyBase):
 
     def __init__(self, settings: PartySettings) -> None:
         super().__init__(settings)
-        self.handlers = {"setup": self.on_setup, "align.match": self.on_align_match, "train": self.on_train}
+        self.handlers = {"setup": self.on_setup, "align.match": self.on_align_match, "train": self.on_train,
+                         "export": self.on_export}
 
     def on_setup(self, message: Envelope) -> Envelope:
         table, labels = load_lender_table(self.settings.data_path)
@@ -37,6 +39,8 @@ class LenderParty(PartyBase):
             "scaler": scaler.to_dict(),
             "x": torch.from_numpy(scaler.transform(table.values)),
             "y": torch.from_numpy(labels),
+            # a typical applicant, in raw units: the reference reason codes measure each feature against
+            "reference": np.median(table.values, axis=0).tolist(),
         }
         return self.reply(message, info={"rows": len(table.ids), "features": len(table.columns),
                                          "default_rate": float(labels.mean())})
@@ -128,6 +132,7 @@ class LenderParty(PartyBase):
                 losses.append(loss.item())
         self.state["model"] = model.state_dict()
         self.state["opt"] = optimizer.state_dict()
+        self.state["embedding_mean"] = h[train].mean(0)
         gradients = self._embedding_gradients(model, x[train], h[train], y[train])
         metrics = {"train_loss": float(np.mean(losses))}
         model.eval()
@@ -140,6 +145,19 @@ class LenderParty(PartyBase):
         self.state["test_probability"] = torch.from_numpy(p[(split == SPLIT_TEST).numpy()])
         return self.reply(message, payload=pack_arrays(gradients=gradients), payload_kind="gradients",
                           metrics=metrics)
+
+    def on_export(self, message: Envelope) -> Envelope:
+        """Write the lender part (its preprocessing inside the graph) and the references reason codes need."""
+        from shared.export_onnx import LENDER_FILE, export_lender_part
+
+        model = self._new_model(self.config.model.embedding_dim)
+        model.load_state_dict(self.state["model"])
+        out = self.settings.state_dir / "export"
+        export_lender_part(model, Scaler(**self.state["scaler"]), out / LENDER_FILE)
+        write_json_atomic(out / "lender_part.json", {
+            "scaler": self.state["scaler"], "reference": self.state["reference"],
+            "embedding_baseline": self.state["embedding_mean"].tolist()})
+        return self.reply(message, info={"file": LENDER_FILE})
 
     @staticmethod
     def _embedding_gradients(model: LenderTop, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> np.ndarray:

@@ -8,15 +8,18 @@ not overshoot).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from clients.base import PartyBase, PartySettings, ProtocolError
 from clients.payment.data import load_payment_table
+from shared.atomic import write_json_atomic
 from shared.messages import Envelope, pack_arrays, unpack_arrays
 from shared.model_parts import PaymentBottom, init_module, seeded
 from shared.party_data import batches
-from shared.preprocessing import fit_scaler
+from shared.preprocessing import Scaler, fit_scaler
 from shared.splits import SPLIT_TRAIN, assign_splits, keyed_tokens
 
 
@@ -30,6 +33,7 @@ class PaymentParty(PartyBase):
             "align.offer": self.on_align_offer,
             "align.accept": self.on_align_accept,
             "embed": self.on_embed,
+            "export": self.on_export,
         }
 
     # -- setup and alignment -------------------------------------------------------------------------------------
@@ -41,6 +45,7 @@ class PaymentParty(PartyBase):
             "ids": table.ids,
             "scaler": scaler.to_dict(),
             "x": torch.from_numpy(scaler.transform(table.values)),
+            "featurised": Path(table.source).stem == "transactions",
         }
         return self.reply(message, info={"rows": len(table.ids), "features": len(table.columns)})
 
@@ -93,6 +98,21 @@ class PaymentParty(PartyBase):
         self.state["model"] = model.state_dict()
         return self.reply(message, payload=pack_arrays(embeddings=released.numpy()), payload_kind="embeddings",
                           info={"users": int(x.shape[0])})
+
+    def on_export(self, message: Envelope) -> Envelope:
+        """Write this party's part (its preprocessing inside the graph) and, when it featurised transactions, the
+        feature definition scoring must apply, to its own state directory."""
+        from clients.payment.features import FEATURE_DEFINITION
+        from shared.export_onnx import PAYMENT_FILE, export_payment_part
+
+        model = self._new_model()
+        model.load_state_dict(self.state["model"])
+        out = self.settings.state_dir / "export"
+        export_payment_part(model, Scaler(**self.state["scaler"]), out / PAYMENT_FILE)
+        sidecar = {"scaler": self.state["scaler"],
+                   "feature_definition": FEATURE_DEFINITION if self.state["featurised"] else None}
+        write_json_atomic(out / "payment_part.json", sidecar)
+        return self.reply(message, info={"file": PAYMENT_FILE})
 
     def _local_update(self, model: PaymentBottom, x: torch.Tensor, gradients: np.ndarray, round_: int) -> None:
         """Descend <g_i, h_i> + |h_i - H_i|^2 / (2 eta) for the training users: the lender's gradient, held near

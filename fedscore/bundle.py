@@ -1,0 +1,40 @@
+"""RUN_DIR/model: the two parts each party exported, gathered with one manifest.
+
+Each party wrote its own part to its own state directory (parties/<party>/export); in a local run the operator
+holds both folders, so the bundle is assembled here: ONNX files copied, sha256 recorded, manifest written last.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from shared.export_onnx import LENDER_FILE, PAYMENT_FILE, ModelManifest, describe_part, write_manifest
+from shared.preprocessing import Scaler
+from shared.scorecard import ScorecardParams
+
+
+def assemble_bundle(run_dir: Path, config: dict[str, Any], metrics: dict[str, Any],
+                    privacy: list[dict[str, Any]] | None = None) -> ModelManifest:
+    out = run_dir / "model"
+    out.mkdir(parents=True, exist_ok=True)
+    sidecars: dict[str, dict[str, Any]] = {}
+    parts = {}
+    for party, file in (("payment", PAYMENT_FILE), ("lender", LENDER_FILE)):
+        source = run_dir / "parties" / party / "export"
+        if not (source / file).exists():
+            raise FileNotFoundError(f"{source / file}: the {party} party exported no model part")
+        shutil.copy2(source / file, out / file)
+        sidecars[party] = json.loads((source / f"{party}_part.json").read_text())
+        parts[party] = describe_part(out / file, Scaler(**sidecars[party]["scaler"]))
+    manifest = ModelManifest(
+        parts=parts, embedding_dim=config["model"]["embedding_dim"], training_config=config,
+        metrics={"test": metrics["test"], "baselines": metrics["baselines"]}, privacy=privacy or [],
+        scorecard=ScorecardParams(), payment_feature_definition=sidecars["payment"]["feature_definition"],
+        embedding_baseline=sidecars["lender"]["embedding_baseline"],
+        lender_reference=sidecars["lender"]["reference"],
+    )
+    write_manifest(out, manifest)
+    return manifest

@@ -1,0 +1,31 @@
+"""Atomic file writes (temp file in the same folder + rename): a reader or a crash never sees half a file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    atomic_write(path, lambda handle: handle.write(json.dumps(data, indent=2).encode()))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    atomic_write(path, lambda handle: handle.write(text.encode()))
