@@ -7,10 +7,11 @@ in-process transport runs the very same code, which is why both paths give the s
 
 from __future__ import annotations
 
+import json
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,6 +21,9 @@ from shared.config import FedConfig
 from shared.messages import Envelope, Header
 from shared.model_parts import configure_torch
 from shared.tables import DataError
+
+if TYPE_CHECKING:
+    from shared.privacy import Ledger
 
 
 class PartySettings(BaseModel):
@@ -31,10 +35,31 @@ class PartySettings(BaseModel):
     data_path: Path = Field(description="the party's own folder (DIR/payment or DIR/lender)")
     state_dir: Path
     secret: str = Field(min_length=16, description="hex secret shared by the two parties, never the coordinator")
+    budgets: dict[str, float] = Field(
+        default_factory=dict, description="guarantee key -> max epsilon this party will ever spend, e.g. "
+        "{'lender.labels@payment': 2.0}; set by the party itself, whatever the server asks")
 
     @property
     def secret_bytes(self) -> bytes:
         return bytes.fromhex(self.secret)
+
+
+def parse_budgets(text: str) -> dict[str, float]:
+    """'lender.labels@payment=2;joint.records@outsider=3' -> dict (the form a Flower node config can carry)."""
+    budgets: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.replace(",", ";").split(";"))):
+        key, sep, value = item.partition("=")
+        try:
+            budgets[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"budget {item!r}: expected guarantee=epsilon, e.g. lender.labels@payment=2")
+    return budgets
+
+
+def format_budgets(budgets: dict[str, float]) -> str:
+    return ";".join(f"{k}={v:g}" for k, v in budgets.items())
 
 
 class ProtocolError(RuntimeError):
@@ -76,11 +101,29 @@ class PartyBase:
             raise ProtocolError(f"{self.name}: no setup received yet")
         return FedConfig.model_validate_json(self.state["config"])
 
+    @property
+    def ledger(self) -> Ledger:
+        """This party's privacy ledger, in its own state directory, with the budgets from its own settings."""
+        from shared.privacy import Ledger
+
+        return Ledger(self.settings.state_dir / "privacy-ledger.json", self.settings.budgets,
+                      self.config.privacy.delta, party=self.name)
+
+    def _ledger_info(self) -> dict[str, str]:
+        """What this party has released so far (mechanism records, no data), shared so the report can list it."""
+        path = self.settings.state_dir / "privacy-ledger.json"
+        if not path.exists():
+            return {}
+        entries = [{k: e[k] for k in ("guarantee", "mechanisms", "epsilon_after", "note")}
+                   for e in json.loads(path.read_text())["entries"]]
+        return {"ledger": json.dumps({"budgets": self.settings.budgets, "entries": entries})}
+
     # -- dispatch ------------------------------------------------------------------------------------------------
     def reply(self, request: Envelope, payload: bytes = b"", payload_kind: str = "",
               metrics: dict[str, float] | None = None, info: dict[str, Any] | None = None) -> Envelope:
         header = Header(kind=request.header.kind, round=request.header.round, sender=self.name,
-                        recipient="server", payload_kind=payload_kind, metrics=metrics or {}, info=info or {})
+                        recipient="server", payload_kind=payload_kind, metrics=metrics or {},
+                        info={**(info or {}), **self._ledger_info()})
         return Envelope(header=header, payload=payload)
 
     def handle(self, message: Envelope) -> Envelope:
@@ -98,9 +141,11 @@ class PartyBase:
         except (ProtocolError, DataError, ValueError) as exc:
             return self._error(message, f"{exc}")
         except Exception as exc:  # report, never hang the coordinator
+            if getattr(exc, "is_refusal", False):  # shared.privacy BudgetExceeded (not imported: it is slow)
+                return self._error(message, f"{self.name} refused: {exc}")
             return self._error(message, f"{self.name}: internal error in {kind}: {exc!r}\n{traceback.format_exc()}")
 
     def _error(self, message: Envelope, reason: str) -> Envelope:
         header = Header(kind=message.header.kind, round=message.header.round, sender=self.name,
-                        recipient="server", error=reason)
+                        recipient="server", error=reason, info=self._ledger_info())
         return Envelope(header=header)

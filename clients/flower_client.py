@@ -13,14 +13,14 @@ app = ClientApp()
 
 
 def _settings(context: Context):
-    from clients.base import PartySettings
+    from clients.base import PartySettings, parse_budgets
 
     config = context.node_config
     missing = [k for k in ("party", "data-path", "state-dir", "secret") if k not in config]
     if missing:
         raise ValueError(f"node config is missing {', '.join(missing)} (set them with --node-config)")
     return PartySettings(party=config["party"], data_path=config["data-path"], state_dir=config["state-dir"],
-                         secret=config["secret"])
+                         secret=config["secret"], budgets=parse_budgets(str(config.get("budgets", ""))))
 
 
 @app.query("whoami")

@@ -12,14 +12,21 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedscore.cli_scoring import score_command, serve_app
+
 app = typer.Typer(help="Privacy-preserving vertical federated credit scoring.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Make or convert party data (DIR/payment and DIR/lender).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.command("score")(score_command)
+app.add_typer(serve_app, name="serve")
 console = Console()
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML run config")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. training.rounds=5")]
+BudgetOpt = Annotated[list[str] | None, typer.Option(
+    "--budget", help="a party's own budget, party:guarantee=eps (default: the config's targets), "
+    "e.g. lender:lender.labels@payment=1.5")]
 SecretOpt = Annotated[Path | None, typer.Option("--secret-file", help="hex secret the parties share (default: new)")]
 
 
@@ -70,6 +77,12 @@ def _secret(path: Path | None) -> str | None:
     if len(text) < 32:
         _fail(f"{path}: secret too short (need at least 16 bytes as hex)")
     return text
+
+
+def _budgets(config, overrides: list[str] | None):
+    from fedscore.runs import apply_budget_overrides, default_budgets
+
+    return apply_budget_overrides(default_budgets(config), overrides or [])
 
 
 @data_app.command("synth")
@@ -127,28 +140,32 @@ def _report(metrics: dict, run_dir: Path) -> None:
 @app.command()
 def train(data: Annotated[Path, typer.Option(help="DIR with payment/ and lender/")],
           out: Annotated[Path, typer.Option(help="run folder to create")],
-          config: ConfigOpt = None, set_: SetOpt = None, secret_file: SecretOpt = None) -> None:
+          config: ConfigOpt = None, set_: SetOpt = None, secret_file: SecretOpt = None,
+          budget: BudgetOpt = None) -> None:
     """Train in one process (parties as objects): the fast path and the reference."""
     from fedscore.runs import run_inprocess
 
     with _user_errors():
         cfg = _load(config, set_)
         with _progress_bar() as progress:
-            metrics = run_inprocess(cfg, data, out, progress=progress, secret=_secret(secret_file))
+            metrics = run_inprocess(cfg, data, out, progress=progress, secret=_secret(secret_file),
+                                    budgets=_budgets(cfg, budget))
     _report(metrics, out)
 
 
 @app.command()
 def federate(data: Annotated[Path, typer.Option(help="DIR with payment/ and lender/")],
              out: Annotated[Path, typer.Option(help="run folder to create")],
-             config: ConfigOpt = None, set_: SetOpt = None, secret_file: SecretOpt = None) -> None:
+             config: ConfigOpt = None, set_: SetOpt = None, secret_file: SecretOpt = None,
+             budget: BudgetOpt = None) -> None:
     """Train through a real local Flower federation: SuperLink + one SuperNode per party + ServerApp."""
     from fedscore.federation import run_federated
 
     with _user_errors():
         cfg = _load(config, set_)
         with _progress_bar() as progress:
-            metrics = run_federated(cfg, data, out, progress=progress, secret=_secret(secret_file))
+            metrics = run_federated(cfg, data, out, progress=progress, secret=_secret(secret_file),
+                                    budgets=_budgets(cfg, budget))
     _report(metrics, out)
 
 

@@ -21,7 +21,16 @@ from contextlib import closing, suppress
 from pathlib import Path
 from typing import Any
 
-from fedscore.runs import RunError, check_data_dir, finish_run, party_settings, prepare_run_dir
+from clients.base import format_budgets
+from fedscore.runs import (
+    Budgets,
+    RunError,
+    check_data_dir,
+    default_budgets,
+    finish_run,
+    party_settings,
+    prepare_run_dir,
+)
 from shared.config import FedConfig
 
 APP_PYPROJECT = """\
@@ -149,7 +158,7 @@ class Federation:
 
 def run_federated(config: FedConfig, data_dir: Path, run_dir: Path,
                   progress: Callable[[str, int, int], None] | None = None, timeout_s: float = 1800.0,
-                  secret: str | None = None) -> dict:
+                  secret: str | None = None, budgets: Budgets | None = None) -> dict:
     """Start the federation, run the ServerApp to the end, stop everything, and write metrics.json."""
     check_data_dir(data_dir)
     run_dir = run_dir.resolve()
@@ -159,10 +168,12 @@ def run_federated(config: FedConfig, data_dir: Path, run_dir: Path,
     with Federation(run_dir / "flower") as federation:
         progress("starting SuperLink", 0, 1)
         federation.start_superlink()
-        for party, settings in party_settings(run_dir, data_dir, secret).items():
+        budgets = default_budgets(config) if budgets is None else budgets
+        for party, settings in party_settings(run_dir, data_dir, secret, budgets).items():
             settings.state_dir.mkdir(parents=True, exist_ok=True)
             federation.start_supernode(party, {"party": party, "data-path": str(settings.data_path),
-                                               "state-dir": str(settings.state_dir), "secret": secret})
+                                               "state-dir": str(settings.state_dir), "secret": secret,
+                                               "budgets": format_budgets(settings.budgets)})
         app = federation.write_app(run_dir)
         progress("starting run", 0, 1)
         runner = federation.start("flwr-run", [_bin("flwr"), "run", str(app), "local", "--stream"])

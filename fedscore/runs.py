@@ -49,11 +49,52 @@ def prepare_run_dir(run_dir: Path, config: FedConfig, secret: str | None = None)
     return secret
 
 
-def party_settings(run_dir: Path, data_dir: Path, secret: str) -> dict[str, Any]:
+Budgets = dict[str, dict[str, float]]  # party -> guarantee key -> max epsilon
+
+
+def default_budgets(config: FedConfig) -> Budgets:
+    """What each party would set in its own node config to allow exactly the eps targets the run plans.
+
+    In a real deployment each party writes its own; for a local run the operator plays both, and `--budget
+    party:key=eps` overrides one. A noise multiplier given without a target gets no default budget: the party
+    then refuses until its operator sets one.
+    """
+    privacy = config.privacy
+    budgets: Budgets = {"payment": {}, "lender": {}}
+    if not privacy.enabled:
+        return budgets
+    if privacy.label_epsilon is not None:
+        budgets["lender"]["lender.labels@payment"] = privacy.label_epsilon
+        budgets["lender"]["lender.labels@outsider"] = privacy.label_epsilon
+    if privacy.feature_epsilon is not None and privacy.feature_noise_multiplier is None:
+        budgets["payment"]["payment.features@lender"] = privacy.feature_epsilon
+    if privacy.outsider_epsilon is not None and privacy.dpsgd_noise_multiplier is None:
+        for party in budgets:
+            budgets[party]["joint.records@outsider"] = privacy.outsider_epsilon
+    return budgets
+
+
+def apply_budget_overrides(budgets: Budgets, overrides: list[str]) -> Budgets:
+    """'lender:lender.labels@payment=1.5' -> budgets["lender"]["lender.labels@payment"] = 1.5"""
+    for item in overrides:
+        party, sep, rest = item.partition(":")
+        key, sep2, value = rest.partition("=")
+        if not (sep and sep2) or party not in budgets:
+            raise RunError(f"--budget {item!r}: expected party:guarantee=epsilon, e.g. lender:lender.labels@payment=2")
+        try:
+            budgets[party][key] = float(value)
+        except ValueError as exc:
+            raise RunError(f"--budget {item!r}: {value!r} is not a number") from exc
+    return budgets
+
+
+def party_settings(run_dir: Path, data_dir: Path, secret: str, budgets: Budgets | None = None) -> dict[str, Any]:
     from clients.base import PartySettings
 
+    budgets = budgets or {}
     return {p: PartySettings(party=p, data_path=(data_dir / p).resolve(),
-                             state_dir=(run_dir / "parties" / p).resolve(), secret=secret)
+                             state_dir=(run_dir / "parties" / p).resolve(), secret=secret,
+                             budgets=budgets.get(p, {}))
             for p in ("payment", "lender")}
 
 
@@ -61,14 +102,15 @@ Progress = Callable[[str, int, int], None]
 
 
 def run_inprocess(config: FedConfig, data_dir: Path, run_dir: Path, progress: Progress | None = None,
-                  secret: str | None = None) -> dict[str, Any]:
+                  secret: str | None = None, budgets: Budgets | None = None) -> dict[str, Any]:
     from clients.parties import make_party
     from server.coordinator import Coordinator, PartyRefused
     from shared.transport import InProcessTransport
 
     check_data_dir(data_dir)
     secret = prepare_run_dir(run_dir, config, secret)
-    parties = {name: make_party(s) for name, s in party_settings(run_dir, data_dir, secret).items()}
+    budgets = default_budgets(config) if budgets is None else budgets
+    parties = {name: make_party(s) for name, s in party_settings(run_dir, data_dir, secret, budgets).items()}
     coordinator = Coordinator(config, InProcessTransport(parties), progress=progress)
     start = time.perf_counter()
     error = None

@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class _Strict(BaseModel):
@@ -49,6 +49,52 @@ class BaselineConfig(_Strict):
     epochs: int = Field(12, ge=1)
 
 
+class PrivacyConfig(_Strict):
+    """What protects each thing that crosses. Give eps targets (noise is calibrated to them over the planned
+    rounds) or noise multipliers directly; None turns a mechanism off."""
+
+    enabled: bool = True
+    delta: float = Field(1e-6, gt=0, lt=1e-3, description="for every (eps, delta) guarantee; well below 1/N")
+    # lender.labels against the payment holder
+    label_epsilon: float | None = Field(2.0, gt=0, description="randomized response on the training labels, once")
+    gradient_noise_multiplier: float | None = Field(
+        None, ge=0, description="optional clipped Gaussian on the returned gradients, per round")
+    gradient_clip: float = Field(1.0, gt=0, description="clip of the label Jacobian rows J_i")
+    # payment.features against the lender
+    feature_epsilon: float | None = Field(None, gt=0, description="Gaussian embedding noise target; None = off")
+    feature_noise_multiplier: float | None = Field(None, gt=0)
+    embedding_clip: float = Field(1.0, gt=0)
+    feature_neighbouring: Literal["add_remove", "replace_one"] = "add_remove"
+    # the released model, against an outsider: DP-SGD (Opacus) on both parts
+    outsider_epsilon: float | None = Field(3.0, gt=0, description="DP-SGD target for each released part")
+    dpsgd_noise_multiplier: float | None = Field(
+        None, ge=0.3, description="below ~0.3 the eps is meaningless (hundreds) and the PRV accountant crawls")
+    dpsgd_clip: float = Field(1.0, gt=0, description="per-sample gradient clip (max_grad_norm)")
+    dpsgd_batch_size: int = Field(2048, ge=1, description="expected Poisson batch size under DP-SGD")
+    dpsgd_local_epochs: int = Field(1, ge=1, description="local epochs per round under DP-SGD")
+    dpsgd_lr: float = Field(3e-3, gt=0)
+
+    @model_validator(mode="after")
+    def _sound(self) -> PrivacyConfig:
+        if self.gradient_noise_multiplier is not None and self.label_epsilon is None:
+            raise ValueError("gradient_noise_multiplier needs label_epsilon: without randomized response the "
+                             "lender's model is trained on clean labels, and p_i and J_i in the gradients would "
+                             "carry them past the noise's sensitivity bound")
+        return self
+
+    @property
+    def labels_protected(self) -> bool:
+        return self.enabled and (self.label_epsilon is not None or self.gradient_noise_multiplier is not None)
+
+    @property
+    def features_protected(self) -> bool:
+        return self.enabled and (self.feature_epsilon is not None or self.feature_noise_multiplier is not None)
+
+    @property
+    def dp_sgd(self) -> bool:
+        return self.enabled and (self.outsider_epsilon is not None or self.dpsgd_noise_multiplier is not None)
+
+
 class FedConfig(_Strict):
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -56,6 +102,7 @@ class FedConfig(_Strict):
     split: SplitConfig = Field(default_factory=SplitConfig)
     alignment: AlignmentConfig = Field(default_factory=AlignmentConfig)
     baselines: BaselineConfig = Field(default_factory=BaselineConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
 
 class ConfigError(ValueError):
@@ -63,7 +110,10 @@ class ConfigError(ValueError):
 
 
 def _parse_value(text: str) -> Any:
-    """An override value is read as TOML (numbers, booleans, lists, quoted strings); bare words stay strings."""
+    """An override value is read as TOML (numbers, booleans, lists, quoted strings); `none` unsets an optional
+    setting (TOML has no null); other bare words stay strings."""
+    if text.lower() in ("none", "null"):
+        return None
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:

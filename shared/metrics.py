@@ -65,3 +65,16 @@ def brier(y: np.ndarray, p: np.ndarray) -> float:
 def all_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     a = auc(y, p)
     return {"auc": a, "ks": ks(y, p), "gini": 2 * a - 1, "logloss": logloss(y, p), "brier": brier(y, p)}
+
+
+def curves(y: np.ndarray, p: np.ndarray, points: int = 200) -> dict[str, list[float]]:
+    """ROC and KS curves thinned to about `points` points: aggregates the lender may share for the report
+    (no per-user score leaves). population = share of users at or above each threshold."""
+    y, p = _check(y, p)
+    fpr, tpr = roc_curve(y, p)
+    order = np.argsort(-p, kind="mergesort")
+    sorted_p = p[order]
+    distinct = np.r_[np.where(np.diff(sorted_p))[0], len(p) - 1]
+    population = np.r_[0.0, (distinct + 1) / len(p)]
+    keep = np.unique(np.linspace(0, len(fpr) - 1, min(points, len(fpr))).round().astype(int))
+    return {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist(), "population": population[keep].tolist()}

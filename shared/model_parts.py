@@ -23,12 +23,18 @@ def mlp(sizes: list[int], out_activation: nn.Module | None = None) -> nn.Sequent
 
 
 class PaymentBottom(nn.Module):
-    def __init__(self, n_features: int, hidden: list[int], embedding_dim: int) -> None:
+    """`squash_to`: when embeddings get Gaussian noise, outputs are squashed into the clip ball
+    (C * tanh(u) / sqrt(d)) so clipping never cuts signal and the noise sees a full-norm signal."""
+
+    def __init__(self, n_features: int, hidden: list[int], embedding_dim: int,
+                 squash_to: float | None = None) -> None:
         super().__init__()
         self.net = mlp([n_features, *hidden, embedding_dim])
+        self.squash_scale = None if squash_to is None else squash_to / embedding_dim ** 0.5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        out = self.net(x)
+        return out if self.squash_scale is None else self.squash_scale * torch.tanh(out)
 
 
 class LenderTop(nn.Module):

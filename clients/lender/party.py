@@ -7,6 +7,8 @@ training users. It shares only metrics (AUC etc. on validation and test users) w
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,7 @@ from clients.base import PartyBase, PartySettings, ProtocolError
 from clients.lender.data import load_lender_table
 from shared.atomic import write_json_atomic
 from shared.messages import Envelope, pack_arrays, unpack_arrays
-from shared.metrics import all_metrics
+from shared.metrics import all_metrics, curves
 from shared.model_parts import LenderTop, init_module, seeded
 from shared.party_data import batches
 from shared.preprocessing import Scaler, fit_scaler
@@ -64,6 +66,12 @@ class LenderParty(PartyBase):
                                     "too few aligned users to train and evaluate")
         self.state["rows"] = torch.from_numpy(rows)
         self.state["split"] = torch.from_numpy(split)
+        self.state["y_release"] = self._protect_labels(y, split == SPLIT_TRAIN)
+        if config.privacy.dp_sgd:
+            from shared.dp_training import plan_dp_sgd
+
+            self.state["dpsgd"] = plan_dp_sgd(config.privacy, int((split == SPLIT_TRAIN).sum()),
+                                              config.training.rounds).to_dict()
         model = init_module(self._new_model(config.model.embedding_dim), seeded(config.seed, "lender", "init"))
         self.state["model"] = model.state_dict()
         self.state["opt"] = None
@@ -74,6 +82,30 @@ class LenderParty(PartyBase):
                           metrics=metrics, info={"train": int((split == SPLIT_TRAIN).sum()),
                                                  "val": int((split == SPLIT_VAL).sum()),
                                                  "test": int((split == SPLIT_TEST).sum())})
+
+    def _protect_labels(self, y: torch.Tensor, train: np.ndarray) -> torch.Tensor:
+        """The labels everything that leaves is computed from: randomized response on the training users, drawn
+        once and charged once (pure eps); all later use is post-processing. Validation/test labels stay clean and
+        are used only for the metrics the lender chooses to share."""
+        privacy = self.config.privacy
+        if not privacy.labels_protected:
+            if "lender.labels@payment" in self.settings.budgets:
+                raise ProtocolError("lender refused: the run config leaves the labels unprotected "
+                                    "(privacy.label_epsilon unset or privacy disabled), but this lender holds a "
+                                    "budget for lender.labels@payment")
+            return y.clone()
+        from shared.privacy import RandomizedResponse, randomized_response
+
+        assert privacy.label_epsilon is not None
+        release = RandomizedResponse(epsilon=privacy.label_epsilon, protects="lender.labels", seen_by="outsider")
+        ledger = self.ledger
+        for against in ("payment", "outsider"):
+            ledger.charge([release], f"lender.labels@{against}", note="randomized response on training labels, once")
+        generator = torch.Generator().manual_seed(seeded(self.config.seed, "lender", "randomized-response"))
+        released = y.clone()
+        mask = torch.from_numpy(train)
+        released[mask] = randomized_response(y[mask], privacy.label_epsilon, generator).to(y.dtype)
+        return released
 
     def _new_model(self, embedding_dim: int) -> LenderTop:
         return LenderTop(self.state["x"].shape[1], embedding_dim, self.config.model.lender_hidden)
@@ -113,28 +145,17 @@ class LenderParty(PartyBase):
                                 f"({len(y)}, {config.model.embedding_dim})")
         model = self._new_model(config.model.embedding_dim)
         model.load_state_dict(self.state["model"])
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.training.lr,
-                                     weight_decay=config.training.weight_decay)
-        if self.state.get("opt"):
-            optimizer.load_state_dict(self.state["opt"])
+        y_release = self.state["y_release"]  # randomized-response labels on training users when protected
         train = (split == SPLIT_TRAIN).nonzero().squeeze(1)
-        model.train()
-        losses = []
-        for epoch in range(config.training.local_epochs):
-            generator = torch.Generator().manual_seed(seeded(config.seed, "lender", str(message.header.round),
-                                                             str(epoch)))
-            for batch in batches(len(train), config.training.batch_size, generator):
-                idx = train[batch]
-                loss = F.binary_cross_entropy_with_logits(model(x[idx], h[idx]), y[idx])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
+        round_ = message.header.round
+        if "dpsgd" in self.state:
+            losses = self._train_dp_sgd(model, x[train], h[train], y_release[train], round_)
+        else:
+            losses = self._train_plain(model, x[train], h[train], y_release[train], round_)
         self.state["model"] = model.state_dict()
-        self.state["opt"] = optimizer.state_dict()
         self.state["embedding_mean"] = h[train].mean(0)
-        gradients = self._embedding_gradients(model, x[train], h[train], y[train])
-        metrics = {"train_loss": float(np.mean(losses))}
+        gradients = self._embedding_gradients(model, x[train], h[train], y_release[train], round_)
+        metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan")}
         model.eval()
         with torch.no_grad():
             p = torch.sigmoid(model(x, h)).numpy()
@@ -142,9 +163,47 @@ class LenderParty(PartyBase):
             mask = (split == code).numpy()
             if mask.sum() and 0 < y[mask].sum() < mask.sum():
                 metrics.update({f"{label}_{k}": v for k, v in all_metrics(y[mask].numpy(), p[mask]).items()})
-        self.state["test_probability"] = torch.from_numpy(p[(split == SPLIT_TEST).numpy()])
+        test = (split == SPLIT_TEST).numpy()
+        info = {"curves": json.dumps(curves(y[test].numpy(), p[test]))} if round_ == config.training.rounds - 1 else {}
         return self.reply(message, payload=pack_arrays(gradients=gradients), payload_kind="gradients",
-                          metrics=metrics)
+                          metrics=metrics, info=info)
+
+    def _train_plain(self, model: LenderTop, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor,
+                     round_: int) -> list[float]:
+        config = self.config
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.training.lr,
+                                     weight_decay=config.training.weight_decay)
+        if self.state.get("opt"):
+            optimizer.load_state_dict(self.state["opt"])
+        model.train()
+        losses = []
+        for epoch in range(config.training.local_epochs):
+            generator = torch.Generator().manual_seed(seeded(config.seed, "lender", str(round_), str(epoch)))
+            for batch in batches(len(y), config.training.batch_size, generator):
+                loss = F.binary_cross_entropy_with_logits(model(x[batch], h[batch]), y[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+        self.state["opt"] = optimizer.state_dict()
+        return losses
+
+    def _train_dp_sgd(self, model: LenderTop, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor,
+                      round_: int) -> list[float]:
+        """Opacus DP-SGD, charged before it runs: the released lender part is protected for the outsider."""
+        from shared.dp_training import DpSgdPlan, dp_sgd_round, joint_release
+
+        plan = DpSgdPlan(**self.state["dpsgd"])
+        self.ledger.charge([joint_release(plan)], "joint.records@outsider",
+                           note=f"round {round_}: DP-SGD steps of both released parts")
+        generator = torch.Generator().manual_seed(seeded(self.config.seed, "lender", "dpsgd", str(round_)))
+
+        def batch_loss(module: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+            return F.binary_cross_entropy_with_logits(module(x[batch], h[batch]), y[batch], reduction="sum")
+
+        self.state["opt"], losses = dp_sgd_round(model, batch_loss, len(y), plan, self.state.get("opt"),
+                                                 self.config.training.weight_decay, generator)
+        return losses
 
     def on_export(self, message: Envelope) -> Envelope:
         """Write the lender part (its preprocessing inside the graph) and the references reason codes need."""
@@ -159,11 +218,23 @@ class LenderParty(PartyBase):
             "embedding_baseline": self.state["embedding_mean"].tolist()})
         return self.reply(message, info={"file": LENDER_FILE})
 
-    @staticmethod
-    def _embedding_gradients(model: LenderTop, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> np.ndarray:
-        """d loss_i / d h_i for each training user (per-sample loss, so no 1/B scale to match on the other side)."""
+    def _embedding_gradients(self, model: LenderTop, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor,
+                             round_: int) -> np.ndarray:
+        """d loss_i / d h_i = (p_i - y_i) J_i with J_i = d logit_i / d h_i, per user (per-sample loss, so no 1/B
+        scale to match on the other side). y are the released (randomized-response) labels when protected; the
+        optional clipped Gaussian on top bounds what one label moves a gradient by (defence in depth)."""
         model.eval()
         h = h.clone().requires_grad_(True)
-        loss = F.binary_cross_entropy_with_logits(model(x, h), y, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, h)
+        logit = model(x, h)
+        (jacobian,) = torch.autograd.grad(logit.sum(), h)  # row i is d logit_i / d h_i: rows do not interact
+        p = torch.sigmoid(logit.detach())
+        privacy = self.config.privacy
+        if privacy.enabled and privacy.gradient_noise_multiplier:
+            from shared.privacy import clipped_label_gradients
+
+            generator = torch.Generator().manual_seed(seeded(self.config.seed, "lender", "grad-noise", str(round_)))
+            grad = clipped_label_gradients(p, y, jacobian, privacy.gradient_clip,
+                                           privacy.gradient_noise_multiplier, generator)
+        else:
+            grad = (p - y)[:, None] * jacobian
         return grad.numpy().astype(np.float32)

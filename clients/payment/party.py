@@ -66,15 +66,42 @@ class PaymentParty(PartyBase):
                               self.settings.secret_bytes)
         self.state["rows"] = torch.from_numpy(rows)
         self.state["split"] = torch.from_numpy(split)
+        self._plan_privacy(int((split == SPLIT_TRAIN).sum()))
         model = init_module(self._new_model(), seeded(config.seed, "payment", "init"))
         self.state["model"] = model.state_dict()
         self.state["opt"] = None
         return self.reply(message, info={"aligned": len(rows)})
 
+    def _plan_privacy(self, n_train: int) -> None:
+        """Noise for the embeddings the lender receives (calibrated over all planned rounds) and DP-SGD for the
+        released part; refuse up front if features would go out unprotected against this party's own budget."""
+        config = self.config
+        privacy = config.privacy
+        if privacy.features_protected:
+            from shared.privacy import calibrate_gaussian
+
+            sigma = privacy.feature_noise_multiplier
+            if sigma is None:
+                assert privacy.feature_epsilon is not None
+                sigma = calibrate_gaussian(privacy.feature_epsilon, privacy.delta, count=config.training.rounds,
+                                           sensitivity=1.0 if privacy.feature_neighbouring == "add_remove" else 2.0,
+                                           neighbouring=privacy.feature_neighbouring)
+            self.state["feature_sigma"] = float(sigma)
+        elif "payment.features@lender" in self.settings.budgets:
+            raise ProtocolError("payment refused: the run config sends embeddings without noise "
+                                "(privacy.feature_epsilon unset or privacy disabled), but this payment holder "
+                                "holds a budget for payment.features@lender")
+        if privacy.dp_sgd:
+            from shared.dp_training import plan_dp_sgd
+
+            self.state["dpsgd"] = plan_dp_sgd(privacy, n_train, config.training.rounds).to_dict()
+
     # -- rounds --------------------------------------------------------------------------------------------------
     def _new_model(self) -> PaymentBottom:
         config = self.config
-        return PaymentBottom(self.state["x"].shape[1], config.model.payment_hidden, config.model.embedding_dim)
+        squash = config.privacy.embedding_clip if config.privacy.features_protected else None
+        return PaymentBottom(self.state["x"].shape[1], config.model.payment_hidden, config.model.embedding_dim,
+                             squash_to=squash)
 
     def _optimizer(self, model: PaymentBottom) -> torch.optim.Optimizer:
         training = self.config.training
@@ -93,11 +120,25 @@ class PaymentParty(PartyBase):
             self._local_update(model, x, unpack_arrays(message.payload)["gradients"], message.header.round)
         model.eval()
         with torch.no_grad():
-            released = model(x)
-        self.state["released"] = released
+            clean = model(x)
+        self.state["released"] = clean  # the proximal anchor: what the lender's gradients were computed near
         self.state["model"] = model.state_dict()
+        released = self._protect(clean, message.header.round)
         return self.reply(message, payload=pack_arrays(embeddings=released.numpy()), payload_kind="embeddings",
                           info={"users": int(x.shape[0])})
+
+    def _protect(self, embeddings: torch.Tensor, round_: int) -> torch.Tensor:
+        """Clip each user's embedding and add Gaussian noise, charged to the ledger before it leaves."""
+        if "feature_sigma" not in self.state:
+            return embeddings
+        from shared.privacy import embedding_release, gaussian_release
+
+        privacy = self.config.privacy
+        sigma = self.state["feature_sigma"]
+        record = embedding_release(sigma, privacy.embedding_clip, 1, privacy.feature_neighbouring)
+        self.ledger.charge([record], "payment.features@lender", note=f"round {round_}: embeddings to the lender")
+        generator = torch.Generator().manual_seed(seeded(self.config.seed, "payment", "noise", str(round_)))
+        return gaussian_release(embeddings, privacy.embedding_clip, sigma, generator)
 
     def on_export(self, message: Envelope) -> Envelope:
         """Write this party's part (its preprocessing inside the graph) and, when it featurised transactions, the
@@ -123,15 +164,32 @@ class PaymentParty(PartyBase):
         if g.shape != (len(train), config.model.embedding_dim):
             raise ProtocolError(f"payment: gradients of shape {tuple(g.shape)}, expected "
                                 f"({len(train)}, {config.model.embedding_dim})")
+        if "feature_sigma" in self.state:  # noisy embeddings give noisy gradients: keep their scale steady
+            g = g / g.pow(2).mean().sqrt().clamp_min(1e-12)
         x_train, anchor = x[train], self.state["released"][train]
-        optimizer = self._optimizer(model)
         eta = config.training.proximal_eta
+
+        def batch_loss(module: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+            """Summed over the batch: sum_i <g_i, h_i> + |h_i - H_i|^2 / (2 eta)."""
+            h = module(x_train[batch])
+            return (g[batch] * h).sum() + ((h - anchor[batch]) ** 2).sum() / (2 * eta)
+
         model.train()
+        if "dpsgd" in self.state:
+            from shared.dp_training import DpSgdPlan, dp_sgd_round, joint_release
+
+            plan = DpSgdPlan(**self.state["dpsgd"])
+            self.ledger.charge([joint_release(plan)], "joint.records@outsider",
+                               note=f"round {round_}: DP-SGD steps of both released parts")
+            generator = torch.Generator().manual_seed(seeded(config.seed, "payment", "dpsgd", str(round_)))
+            self.state["opt"], _ = dp_sgd_round(model, batch_loss, len(train), plan, self.state.get("opt"),
+                                                config.training.weight_decay, generator)
+            return
+        optimizer = self._optimizer(model)
         for epoch in range(config.training.local_epochs):
             generator = torch.Generator().manual_seed(seeded(config.seed, "payment", str(round_), str(epoch)))
             for batch in batches(len(train), config.training.batch_size, generator):
-                h = model(x_train[batch])
-                loss = (g[batch] * h).sum(1).mean() + ((h - anchor[batch]) ** 2).sum(1).mean() / (2 * eta)
+                loss = batch_loss(model, torch.as_tensor(batch)) / len(batch)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()

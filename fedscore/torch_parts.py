@@ -1,0 +1,43 @@
+"""The trained torch parts of a local run, rebuilt from the parties' state: the reference the ONNX export must match.
+
+Scoring never uses this (it runs the ONNX bundle with onnxruntime only); tests and the benchmark do, to check the
+exported graphs against the models as trained and to compare speeds on the same weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from shared.config import FedConfig
+from shared.model_parts import LenderTop, PaymentBottom
+from shared.preprocessing import Scaler
+from shared.splits import SPLIT_TEST
+
+
+@dataclass
+class TorchParts:
+    model_p: PaymentBottom
+    scaler_p: Scaler
+    model_l: LenderTop
+    scaler_l: Scaler
+    test_ids: list[str]  # aligned users in the test split (both parties hold them)
+
+
+def load_torch_parts(run_dir: Path) -> TorchParts:
+    """RUN_DIR/parties/{payment,lender}/state.pt ("model" state dicts, "scaler" dicts) + RUN_DIR/config.json."""
+    run_dir = Path(run_dir)
+    config = FedConfig.model_validate_json((run_dir / "config.json").read_text())
+    payment = torch.load(run_dir / "parties" / "payment" / "state.pt", weights_only=False)
+    lender = torch.load(run_dir / "parties" / "lender" / "state.pt", weights_only=False)
+    scaler_p, scaler_l = Scaler(**payment["scaler"]), Scaler(**lender["scaler"])
+    model_p = PaymentBottom(len(scaler_p.output_names), config.model.payment_hidden, config.model.embedding_dim)
+    model_l = LenderTop(len(scaler_l.output_names), config.model.embedding_dim, config.model.lender_hidden)
+    model_p.load_state_dict(payment["model"])
+    model_l.load_state_dict(lender["model"])
+    model_p.eval()
+    model_l.eval()
+    rows = lender["rows"].numpy()[lender["split"].numpy() == SPLIT_TEST]
+    return TorchParts(model_p, scaler_p, model_l, scaler_l, [lender["ids"][r] for r in rows])

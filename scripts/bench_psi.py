@@ -1,0 +1,121 @@
+"""Time the PSI alignment (shared/psi.py) step by step at a given size, as the two parties would run it.
+
+    .venv/bin/python scripts/bench_psi.py --sizes 100000 1000000 --overlap 0.3 --repeats 3 [--json PATH]
+
+Both parties hold N IDs, of which overlap*N are shared. Each step runs as the protocol runs it (the payloads are
+bytes between steps); the figures are medians over the repeats. Both parties share this machine's CPUs here, while
+in a deployment each runs on its own, so the wall-clock of a real run is lower than the total printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from shared import psi
+
+SECRET = bytes.fromhex("00112233445566778899aabbccddeeff")
+STEPS = ("lender_request_s", "payment_respond_s", "lender_intersection_s", "tokens_s", "total_s")
+SIZES = ("request_bytes", "response_bytes", "tokens_bytes")
+
+
+def make_ids(n: int, overlap: float, seed: int) -> tuple[list[str], list[str], int]:
+    """Payment and lender ID lists of n each, `overlap * n` in common, both in a random order."""
+    common = round(overlap * n)
+    rng = np.random.default_rng(seed)
+    numbers = rng.choice(10**12, size=2 * n - common, replace=False)
+    ids = [f"U{x:012d}" for x in numbers.tolist()]
+    payment = ids[:n]
+    lender = ids[n - common:]
+    lender = [lender[i] for i in rng.permutation(n).tolist()]
+    return payment, lender, common
+
+
+def run_once(payment: list[str], lender: list[str], expected: int, data_structure: psi.DataStructureName,
+             workers: int | None) -> dict[str, float]:
+    """One alignment; wall seconds per step, and CPU seconds (all threads of this process: less sensitive to
+    whatever else runs on the machine, and the figure to divide by a deployment's core count)."""
+    marks = [(time.perf_counter(), time.process_time())]
+    request, state = psi.lender_request(lender, workers=workers)
+    marks.append((time.perf_counter(), time.process_time()))
+    response = psi.payment_respond(request, payment, data_structure=data_structure, workers=workers)
+    marks.append((time.perf_counter(), time.process_time()))
+    rows = psi.lender_intersection(state, lender, response, workers=workers)
+    marks.append((time.perf_counter(), time.process_time()))
+    tokens, lender_rows = psi.lender_alignment(lender, psi.require_intersection(rows), SECRET)
+    token_bytes = psi.tokens_payload(tokens)
+    payment_rows = psi.rows_for_tokens(payment, psi.tokens_from_payload(token_bytes), SECRET)
+    marks.append((time.perf_counter(), time.process_time()))
+    if len(rows) != expected or len(payment_rows) != expected:
+        raise SystemExit(f"wrong intersection: {len(rows)} found, {expected} expected")
+    if any(payment[i] != lender[j] for i, j in zip(payment_rows[:1000].tolist(), lender_rows[:1000].tolist(),
+                                                    strict=True)):
+        raise SystemExit("the two parties' orders differ")
+    out: dict[str, float] = {}
+    for step, (start, end) in zip(STEPS[:-1], itertools.pairwise(marks), strict=True):
+        out[step] = end[0] - start[0]
+        out[step.replace("_s", "_cpu_s")] = end[1] - start[1]
+    out["total_s"] = marks[-1][0] - marks[0][0]
+    out["total_cpu_s"] = marks[-1][1] - marks[0][1]
+    out.update({"request_bytes": len(request), "response_bytes": len(response), "tokens_bytes": len(token_bytes),
+                "intersection": len(rows)})
+    return out
+
+
+def markdown(results: list[dict]) -> str:
+    head = ("| N x N | ds | threads | repeats | lender request s | payment respond s | lender intersection s | "
+            "tokens s | total s | total CPU s | respond CPU s | request MB | response MB | tokens MB | intersection |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        m = r["median"]
+        lines.append(f"| {r['n']:,} | {r['data_structure']} | {r['workers']} | {r['repeats']} | "
+                     + " | ".join(f"{m[k]:.2f}" for k in STEPS)
+                     + f" | {m['total_cpu_s']:.1f} | {m['payment_respond_cpu_s']:.1f} | "
+                     + " | ".join(f"{m[k] / 1e6:.2f}" for k in SIZES) + f" | {int(m['intersection']):,} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000])
+    parser.add_argument("--overlap", type=float, default=0.3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ds", nargs="+", default=[psi.DEFAULT_DATA_STRUCTURE], choices=["gcs", "bloom", "raw"])
+    parser.add_argument("--workers", type=int, default=None, help="threads per step (default: all usable CPUs)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    if not 0.0 < args.overlap <= 1.0:
+        parser.error("--overlap must be in (0, 1]")
+    workers = args.workers or psi.default_workers()
+    print(f"# PSI benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"{workers} thread(s) per step, load average at start {os.getloadavg()[0]:.2f}", file=sys.stderr)
+    results = []
+    for n in args.sizes:
+        payment, lender, common = make_ids(n, args.overlap, seed=n)
+        for ds in args.ds:
+            runs = []
+            for repeat in range(args.repeats):
+                runs.append(run_once(payment, lender, common, ds, workers))
+                print(f"  N={n:,} {ds} run {repeat + 1}/{args.repeats}: total {runs[-1]['total_s']:.1f} s",
+                      file=sys.stderr, flush=True)
+            median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            results.append({"n": n, "overlap": args.overlap, "data_structure": ds, "workers": workers,
+                            "repeats": args.repeats, "median": median, "runs": runs,
+                            "load_average_end": os.getloadavg()[0]})
+    print(markdown(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"cpus": os.cpu_count(), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+#!/usr/bin/env python
+"""Scoring speed: batch rows/s on ONE core (onnxruntime vs torch, same weights) and online latency over loopback.
+
+Why these numbers: batch scoring must keep up with a whole book (goal >= 200k rows/s on one core) and the online
+path must fit inside an application's request budget (goal p99 <= 20 ms for POST /score on loopback, payment gRPC
+call included). Every figure is the median of --repeats runs; the machine may be shared, so the spread is printed.
+
+Batch (one intra-op thread for onnxruntime and torch, same model, --rows rows made by tiling the real ones):
+  probability only     payment part + lender part, raw features in, probability out
+  + reasons            the same plus occlusion reasons, points, tier, limit (clients.lender.scoring, as batch)
+  score_batch          the whole fedscore.scoring.score_batch on the data folder (reading, featurising included)
+Online: both services started as separate processes (`serve payment`, `serve lender`), then --requests sequential
+POST /score over one keep-alive connection after a warm-up.
+
+    python scripts/bench_scoring.py                        # builds synthetic data + a model in a temp folder
+    python scripts/bench_scoring.py --model RUN/model --run RUN --data DIR --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("FEDSCORE_TORCH_THREADS", "1")
+
+import httpx
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from clients.lender.scoring import LenderScorer, load_applicant_features  # noqa: E402
+from clients.payment.scoring import PaymentPart, load_payment_users  # noqa: E402
+from fedscore.scoring import score_batch  # noqa: E402
+from fedscore.torch_parts import load_torch_parts  # noqa: E402
+from shared.export_onnx import LenderScoring, PaymentScoring  # noqa: E402
+from shared.payment_signals import PaymentSignals  # noqa: E402
+from shared.scoring_bundle import load_scoring_bundle  # noqa: E402
+
+
+def timed(fn: Callable[[], object], repeats: int) -> list[float]:
+    fn()  # warm-up: session allocations, first-call paths
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def rows_per_s(rows: int, seconds: list[float]) -> dict[str, float]:
+    rates = [rows / s for s in seconds]
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
+
+
+def prepare(args: argparse.Namespace, scratch: Path) -> tuple[Path, Path, Path]:
+    """(model dir, run dir, data dir): the given ones, or synthetic data and a freshly trained model."""
+    if args.model and args.run and args.data:
+        return args.model, args.run, args.data
+    from fedscore.runs import run_inprocess
+    from fedscore.synth import synthesize
+    from shared.config import load_config
+
+    print(f"building synthetic data ({args.users} users) and training a model in {scratch} ...", file=sys.stderr)
+    synthesize(args.users, 0, scratch / "data")
+    run_inprocess(load_config(None, ["baselines.enabled=false"]), scratch / "data", scratch / "run")
+    return scratch / "run" / "model", scratch / "run", scratch / "data"
+
+
+def bench_batch(model: Path, run: Path, data: Path, rows: int, repeats: int) -> dict[str, dict[str, float]]:
+    torch.set_num_threads(1)
+    bundle = load_scoring_bundle(model)
+    applicants = load_applicant_features(bundle, data)
+    users = load_payment_users(bundle, data)
+    from clients.payment.data import load_payment_table
+    from shared.scoring_bundle import ordered_matrix
+
+    raw_p_all = ordered_matrix(load_payment_table(data / "payment"), bundle.payment_features, "payment")
+    tile = -(-rows // len(applicants.ids))
+    raw_l = np.tile(applicants.features, (tile, 1))[:rows]
+    raw_p = np.tile(raw_p_all, (-(-rows // len(raw_p_all)), 1))[:rows]
+    payment, lender = PaymentPart(bundle, threads=1), LenderScorer(bundle, threads=1)
+    signals = PaymentSignals.neutral(rows)
+    has_payment = np.ones(rows, dtype=bool)
+
+    parts = load_torch_parts(run)
+    torch_p, torch_l = PaymentScoring(parts.model_p, parts.scaler_p).eval(), LenderScoring(parts.model_l,
+                                                                                          parts.scaler_l).eval()
+    tp, tl = torch.from_numpy(raw_p), torch.from_numpy(raw_l)
+
+    def torch_probability() -> None:
+        with torch.inference_mode():
+            torch_l(tl, torch_p(tp))
+
+    result = {
+        "onnxruntime, probability only": rows_per_s(rows, timed(
+            lambda: lender.probability(raw_l, payment.embed(raw_p)), repeats)),
+        "torch, probability only": rows_per_s(rows, timed(torch_probability, repeats)),
+        "onnxruntime, + reasons, points, tier, limit": rows_per_s(rows, timed(
+            lambda: lender.score(raw_l, payment.embed(raw_p), has_payment, signals), repeats)),
+    }
+    n = len(applicants.ids)
+    result[f"score_batch end to end ({n} applicants, {len(users.ids)} payment users, reading + featurising)"] = \
+        rows_per_s(n, timed(lambda: score_batch(model, data), repeats))
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def services(model: Path, data: Path) -> Iterator[str]:
+    """Both services as separate processes (as deployed); yields the lender's base URL once it answers."""
+    grpc_port, http_port = free_port(), free_port()
+    cli = [sys.executable, "-m", "fedscore.cli_scoring", "serve"]
+    common = ["--model", str(model), "--data", str(data)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([*cli, "payment", *common, "--port", str(grpc_port)], env=env, cwd=ROOT,
+                              stdout=subprocess.DEVNULL)]
+    procs.append(subprocess.Popen([*cli, "lender", *common, "--port", str(http_port), "--payment-address",
+                                   f"127.0.0.1:{grpc_port}"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL))
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError("a scoring service exited during startup")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).json().get("payment_service") == "ready":
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("services did not become ready within 120 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def bench_online(model: Path, data: Path, requests: int, repeats: int) -> dict[str, float]:
+    bundle = load_scoring_bundle(model)
+    ids = load_applicant_features(bundle, data).ids
+    rng = np.random.default_rng(0)
+    p50, p99, mean = [], [], []
+    with services(model, data) as url, httpx.Client(base_url=url, timeout=10) as client:
+        for applicant in rng.choice(ids, size=200):  # warm-up
+            client.post("/score", json={"id": str(applicant)}).raise_for_status()
+        for _ in range(repeats):
+            latencies = []
+            for applicant in rng.choice(ids, size=requests):
+                start = time.perf_counter()
+                response = client.post("/score", json={"id": str(applicant)})
+                latencies.append((time.perf_counter() - start) * 1e3)
+                response.raise_for_status()
+            p50.append(float(np.percentile(latencies, 50)))
+            p99.append(float(np.percentile(latencies, 99)))
+            mean.append(float(np.mean(latencies)))
+    return {"p50_ms": statistics.median(p50), "p99_ms": statistics.median(p99), "mean_ms": statistics.median(mean),
+            "p99_ms_min": min(p99), "p99_ms_max": max(p99), "requests": requests, "repeats": repeats}
+
+
+def markdown(batch: dict[str, dict[str, float]], online: dict[str, float], rows: int) -> str:
+    lines = [f"| batch, 1 core, {rows} rows | rows/s (median) | min .. max |", "|---|---:|---:|"]
+    lines += [f"| {name} | {r['median']:,.0f} | {r['min']:,.0f} .. {r['max']:,.0f} |" for name, r in batch.items()]
+    lines += ["", f"| online POST /score, loopback, {online['requests']} sequential requests | p50 ms | p99 ms "
+                  "| mean ms |", "|---|---:|---:|---:|",
+              f"| lender HTTP + payment gRPC (median of {online['repeats']}) | {online['p50_ms']:.2f} "
+              f"| {online['p99_ms']:.2f} ({online['p99_ms_min']:.2f} .. {online['p99_ms_max']:.2f}) "
+              f"| {online['mean_ms']:.2f} |"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="RUN_DIR/model (with --run and --data; else built)")
+    parser.add_argument("--run", type=Path, help="RUN_DIR (its parties' state has the torch weights)")
+    parser.add_argument("--data", type=Path, help="DIR with payment/ and lender/")
+    parser.add_argument("--users", type=int, default=20000, help="synthetic users when building")
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-scoring-") as scratch:
+        model, run, data = prepare(args, Path(scratch))
+        batch = bench_batch(model, run, data, args.rows, args.repeats)
+        online = bench_online(model, data, args.requests, args.repeats)
+    print(markdown(batch, online, args.rows))
+    if args.json:
+        args.json.write_text(json.dumps({"batch_rows_per_s": batch, "online": online, "rows": args.rows,
+                                         "cpu_count": os.cpu_count()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

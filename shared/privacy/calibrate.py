@@ -1,0 +1,118 @@
+"""From an epsilon target to a noise setting, by bisection over the same accountant that reports it.
+
+A config may state either the noise (noise_multiplier / RR epsilon per release) or the target epsilon of the
+guarantee; `resolve_noise_multiplier` accepts exactly one of the two. Targets are met from below: the returned
+setting is verified with `accounting.account` (the reporting path), so the reported epsilon is <= target, and is
+within ~`rtol` of the noise that would hit the target exactly. `already` lets a caller spend only what is left of
+a budget: the new release is calibrated composed with records already in the ledger.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+from shared.privacy.accounting import account, pld_epsilon, prv_applies, prv_epsilon
+from shared.privacy.mechanisms import DpSgdRelease, GaussianRelease, Mechanism, Neighbouring, RandomizedResponse
+
+COARSE_DISCRETIZATION = 1e-3  # PLD during the search: ~15x faster, a hair more pessimistic; the result is re-checked
+_MAX_NOISE = 1e4
+_MIN_NOISE = 1e-3
+
+
+class CalibrationError(ValueError):
+    """No setting meets the target (e.g. the records already spent exceed it)."""
+
+
+def _smallest_meeting(eps_of: Callable[[float], float], target: float, rtol: float) -> float:
+    """Smallest x (to within a factor 1+rtol) with eps_of(x) <= target, for eps_of non-increasing in x."""
+    hi = 1.0
+    while eps_of(hi) > target:
+        hi *= 2.0
+        if hi > _MAX_NOISE:
+            raise CalibrationError(f"epsilon {target} is out of reach even with noise multiplier {_MAX_NOISE:g}")
+    lo = hi / 2.0
+    while eps_of(lo) <= target:
+        hi, lo = lo, lo / 2.0
+        if lo < _MIN_NOISE:
+            return hi
+    while hi / lo > 1.0 + rtol:
+        mid = math.sqrt(lo * hi)
+        if eps_of(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def calibrate_noise_multiplier(template: GaussianRelease | DpSgdRelease, target_epsilon: float, delta: float, *,
+                               already: Sequence[Mechanism] = (), rtol: float = 1e-3) -> float:
+    """Noise multiplier for `template` (its own value ignored) so the guarantee with `already` is <= target."""
+    if not target_epsilon > 0:
+        raise CalibrationError(f"target epsilon must be > 0, got {target_epsilon}")
+    already = list(already)
+
+    def with_noise(sigma: float) -> list[Mechanism]:
+        return [*already, template.model_copy(update={"noise_multiplier": sigma})]
+
+    if prv_applies(with_noise(1.0)):
+        def search(sigma: float) -> float:
+            return prv_epsilon(with_noise(sigma), delta)  # type: ignore[arg-type]  # no RR where PRV applies
+    else:
+        def search(sigma: float) -> float:
+            return pld_epsilon(with_noise(sigma), delta, discretization=COARSE_DISCRETIZATION)
+
+    sigma = _smallest_meeting(search, target_epsilon, rtol)
+    for _ in range(100):  # the reporting path may be a hair above the search path: step up until it is met
+        if account(with_noise(sigma), delta)[0] <= target_epsilon:
+            return sigma
+        sigma *= 1.0 + rtol
+    raise CalibrationError(f"could not meet epsilon {target_epsilon} on the reporting accountant")
+
+
+def calibrate_gaussian(target_epsilon: float, delta: float, *, count: int, sensitivity: float = 1.0,
+                       neighbouring: Neighbouring = "add_remove", rtol: float = 1e-3) -> float:
+    """Noise multiplier for `count` non-sampled releases (the counterparty view) to reach at most target eps."""
+    template = GaussianRelease(noise_multiplier=1.0, sensitivity=sensitivity, clip=1.0, count=count,
+                               protects="payment.features", seen_by="lender", neighbouring=neighbouring)
+    return calibrate_noise_multiplier(template, target_epsilon, delta, rtol=rtol)
+
+
+def calibrate_dp_sgd(target_epsilon: float, delta: float, *, sample_rate: float, steps: int,
+                     neighbouring: Neighbouring = "add_remove", rtol: float = 1e-3) -> float:
+    """Noise multiplier for Opacus DP-SGD (Poisson rate, steps) so the outsider eps is at most target."""
+    template = DpSgdRelease(noise_multiplier=1.0, sample_rate=sample_rate, steps=steps, protects="lender.records",
+                            neighbouring=neighbouring)
+    return calibrate_noise_multiplier(template, target_epsilon, delta, rtol=rtol)
+
+
+def calibrate_randomized_response(target_epsilon: float, delta: float, *, count: int = 1,
+                                  already: Sequence[Mechanism] = (), rtol: float = 1e-3) -> float:
+    """Per-release RR epsilon so `count` releases (plus `already`) stay within target.
+
+    One release with nothing before it is the trivial case: RR with eps is exactly eps-DP, so it is the target.
+    """
+    if not target_epsilon > 0:
+        raise CalibrationError(f"target epsilon must be > 0, got {target_epsilon}")
+    if count == 1 and not already:
+        return target_epsilon
+
+    def eps_of(inverse: float) -> float:  # searched over 1/eps0, so more "noise" means less epsilon
+        rr = RandomizedResponse(epsilon=1.0 / inverse, count=count, protects="lender.labels", seen_by="payment")
+        return pld_epsilon([*already, rr], delta)
+
+    return 1.0 / _smallest_meeting(eps_of, target_epsilon, rtol)
+
+
+def resolve_noise_multiplier(template: GaussianRelease | DpSgdRelease, delta: float, *,
+                             noise_multiplier: float | None = None, target_epsilon: float | None = None,
+                             already: Sequence[Mechanism] = ()) -> float:
+    """A config gives the noise directly or an epsilon target for it; exactly one of the two."""
+    if (noise_multiplier is None) == (target_epsilon is None):
+        raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+    if noise_multiplier is not None:
+        if noise_multiplier < 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+        return noise_multiplier
+    assert target_epsilon is not None
+    return calibrate_noise_multiplier(template, target_epsilon, delta, already=already)

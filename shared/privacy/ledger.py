@@ -1,0 +1,140 @@
+"""A party's own privacy budget: a write-ahead ledger of every release, refused once a budget would be exceeded.
+
+Why party-held: a budget protects the party's own users, so it comes from the party's node config and lives in
+its own state directory; the coordinator can neither raise it nor reset it. Why write-ahead: a release is recorded
+before it leaves, so a round that fails or is interrupted after the charge still counts (we may over-count, never
+under-count). Every message may run in a fresh process, so each call re-reads the file; writes are atomic
+(temporary file in the same directory, fsync, os.replace), and a crash leaves either the old or the new ledger.
+One process per party writes its ledger at a time (a SuperNode handles one message at a time).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from shared.privacy.accounting import account, check_guarantee_records
+from shared.privacy.mechanisms import Mechanism, mechanisms_from_dicts, split_guarantee_key
+
+LEDGER_VERSION = 1
+
+
+class BudgetExceeded(RuntimeError):
+    """A release that would take a guarantee past the party's budget; nothing was recorded or released."""
+
+    is_refusal = True  # a party's own decision, not a fault: callers report it as a refusal
+
+    def __init__(self, party: str, guarantee: str, spent: float, would_be: float, budget: float | None) -> None:
+        self.party, self.guarantee, self.spent, self.would_be, self.budget = party, guarantee, spent, would_be, budget
+        if budget is None:
+            message = (f"{party}: no privacy budget is configured for {guarantee}; set one in this party's node "
+                       "config before releasing anything under it")
+        else:
+            message = (f"{party}: privacy budget for {guarantee} exceeded: spent eps={spent:.4g}, this release would "
+                       f"make it {would_be:.4g} > budget {budget:.4g}; nothing was recorded, do not release")
+        super().__init__(message)
+
+
+class Ledger:
+    """Budgets (guarantee key -> max epsilon, e.g. {"lender.labels@payment": 4.0}) and the releases charged."""
+
+    def __init__(self, path: Path, budget: Mapping[str, float], delta: float, *, party: str = "") -> None:
+        for key, limit in budget.items():
+            split_guarantee_key(key)
+            if not limit >= 0:
+                raise ValueError(f"budget for {key} must be a non-negative epsilon, got {limit}")
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {delta}")
+        self.path = Path(path)
+        self.budget = dict(budget)
+        self.delta = delta
+        self.party = party or self.path.parent.name
+        self._load()  # fail now, not at the first charge, if the file is unreadable or another party's
+
+    # -- file ------------------------------------------------------------------------------------------------------
+    def _load(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        try:
+            data = json.loads(self.path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"privacy ledger {self.path} is not valid JSON ({exc}); refusing to guess what was "
+                             "spent") from exc
+        if data.get("version") != LEDGER_VERSION:
+            raise ValueError(f"privacy ledger {self.path}: unknown version {data.get('version')!r}")
+        if data.get("party") != self.party:
+            raise ValueError(f"privacy ledger {self.path} belongs to {data.get('party')!r}, not {self.party!r}")
+        entries: list[dict[str, Any]] = data["entries"]
+        return entries
+
+    def _save(self, entries: list[dict[str, Any]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"version": LEDGER_VERSION, "party": self.party, "delta": self.delta,
+                           "entries": entries}, indent=1, allow_nan=False)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    # -- queries ---------------------------------------------------------------------------------------------------
+    @property
+    def entries(self) -> list[dict[str, Any]]:
+        return self._load()
+
+    def mechanisms(self, guarantee: str) -> list[Mechanism]:
+        """Every release recorded under this guarantee, oldest first."""
+        items = [item for entry in self._load() if entry["guarantee"] == guarantee for item in entry["mechanisms"]]
+        return mechanisms_from_dicts(items)
+
+    def epsilon(self, guarantee: str) -> float:
+        """What this guarantee has spent so far, recomputed from the records at this ledger's delta."""
+        return account(self.mechanisms(guarantee), self.delta)[0]
+
+    def spent(self) -> dict[str, dict[str, Any]]:
+        """Per guarantee (budgeted or charged): epsilon spent, budget, remaining, number of charges."""
+        entries = self._load()
+        keys = list(dict.fromkeys([*self.budget, *(entry["guarantee"] for entry in entries)]))
+        summary = {}
+        for key in keys:
+            spent = self.epsilon(key)
+            limit = self.budget.get(key)
+            summary[key] = {"epsilon": spent, "budget": limit, "delta": self.delta,
+                            "remaining": None if limit is None else max(0.0, limit - spent),
+                            "charges": sum(entry["guarantee"] == key for entry in entries)}
+        return summary
+
+    # -- charging --------------------------------------------------------------------------------------------------
+    def charge(self, mechanisms: Sequence[Mechanism], guarantee: str, *, note: str = "") -> float:
+        """Record these releases under `guarantee` and return its new epsilon, or raise BudgetExceeded.
+
+        Call before the data leaves. The new epsilon composes everything recorded so far with these records.
+        """
+        protects, against = split_guarantee_key(guarantee)
+        mechanisms = list(mechanisms)
+        if not mechanisms:
+            raise ValueError("charge() needs at least one release")
+        check_guarantee_records(protects, against, mechanisms)
+        entries = self._load()
+        before = mechanisms_from_dicts([item for entry in entries if entry["guarantee"] == guarantee
+                                        for item in entry["mechanisms"]])
+        would_be, accountant = account([*before, *mechanisms], self.delta)
+        limit = self.budget.get(guarantee)
+        if limit is None or not math.isfinite(would_be) or would_be > limit:
+            raise BudgetExceeded(self.party, guarantee, account(before, self.delta)[0], would_be, limit)
+        entries.append({"guarantee": guarantee, "mechanisms": [m.to_dict() for m in mechanisms],
+                        "epsilon_after": would_be, "accountant": accountant, "delta": self.delta,
+                        "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"), "note": note})
+        self._save(entries)
+        return would_be

@@ -1,0 +1,193 @@
+"""Privacy mechanisms described as data: the one record the ledger, the accountant and the report all read.
+
+Why records and not code: a guarantee is only checkable if what was released is written down in a form a third
+party can recompute from. Each record says what it protects, who sees the output, under which neighbouring
+relation, and the parameters an accountant needs. Every count is per user and must be the worst case over users
+(the user released most often).
+
+Units: `noise_multiplier` sigma is the noise std in units of the clip norm C (std = sigma * C); `sensitivity` is
+the largest L2 distance between the outputs on two neighbouring datasets, also in units of C (1.0 for add/remove
+of a record clipped to C, or for the label-gradient trick; 2.0 for replace-one of a record clipped to C).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+
+Observer = Literal["payment", "lender", "outsider"]
+Neighbouring = Literal["add_remove", "replace_one"]
+OBSERVERS: tuple[Observer, ...] = ("payment", "lender", "outsider")
+
+_PROTECTS = r"^[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*$"  # "<owner party>.<what>", e.g. "lender.labels"
+
+
+def guarantee_key(protects: str, against: str) -> str:
+    """The name a guarantee goes by in budgets and ledgers, e.g. "lender.labels@payment"."""
+    return f"{protects}@{against}"
+
+
+def split_guarantee_key(key: str) -> tuple[str, str]:
+    """Inverse of `guarantee_key`; raises ValueError on anything else so a typo in a budget is caught early."""
+    protects, sep, against = key.partition("@")
+    if not sep or against not in OBSERVERS or "." not in protects:
+        raise ValueError(f"guarantee key {key!r}: expected '<party>.<data>@<payment|lender|outsider>', "
+                         "e.g. 'lender.labels@payment'")
+    return protects, against
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    protects: str = Field(pattern=_PROTECTS, description="whose data, e.g. 'lender.labels', 'payment.features'")
+    seen_by: Observer = Field(description="who receives the output; 'outsider' means it is published")
+
+    @property
+    def owner(self) -> str:
+        """The party whose data this protects: it needs no guarantee against itself."""
+        return self.protects.split(".", 1)[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The full record (round-trips through `mechanism_from_dict`); what the ledger stores."""
+        return self.model_dump(mode="json")
+
+    def visible_to(self, observer: str) -> bool:
+        """Released to `observer` directly, or released publicly (outsider view), which every party also sees."""
+        return self.seen_by in (observer, "outsider")
+
+    def _check_observer(self) -> None:
+        if self.seen_by == self.owner:
+            raise ValueError(f"{self.protects} seen by {self.seen_by}: a party needs no protection from itself")
+
+
+class GaussianRelease(_Record):
+    """Each user's clipped vector (norm <= clip) released `count` times with N(0, (sigma*clip)^2) per coordinate.
+
+    sampling="poisson" (each user in each of `count` releases with probability sample_rate) is only allowed for
+    outsider-seen releases: between the two parties there is no amplification, both know who is in each exchange.
+    """
+
+    kind: Literal["gaussian"] = "gaussian"
+    noise_multiplier: float = Field(ge=0, description="sigma: noise std / clip")
+    sensitivity: float = Field(gt=0, description="max L2 change of one user's output, in units of clip")
+    clip: float = Field(gt=0, description="L2 clip norm C of each user's row (absolute units)")
+    count: int = Field(ge=1, description="times each user is released (worst case over users)")
+    sampling: Literal["none", "poisson"] = "none"
+    sample_rate: float = Field(1.0, gt=0, le=1)
+    neighbouring: Neighbouring = "add_remove"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GaussianRelease:
+        self._check_observer()
+        if self.sampling == "none" and self.sample_rate != 1.0:
+            raise ValueError("sampling='none' needs sample_rate=1.0 (every user is in every release)")
+        if self.sampling == "poisson" and self.seen_by != "outsider":
+            raise ValueError(f"Poisson sampling amplification does not hold against {self.seen_by}: the parties "
+                             "know who is in each exchange; use sampling='none'")
+        return self
+
+    @property
+    def effective_noise_multiplier(self) -> float:
+        """Noise std over sensitivity: the one number a non-sampled Gaussian's privacy depends on."""
+        return self.noise_multiplier / self.sensitivity
+
+    def report_entry(self) -> dict[str, Any]:
+        return {"kind": "gaussian", "noise_multiplier": self.noise_multiplier, "sensitivity": self.sensitivity,
+                "count": self.count, "sampling": self.sampling, "sample_rate": self.sample_rate}
+
+
+class RandomizedResponse(_Record):
+    """Binary labels flipped with probability 1/(1+e^eps): pure eps-DP for a changed label (replace-one).
+
+    Add/remove has no meaning here (the counterparty knows which users exist), so only replace-one is allowed.
+    """
+
+    kind: Literal["randomized_response"] = "randomized_response"
+    epsilon: float = Field(gt=0)
+    count: int = Field(1, ge=1, description="fresh randomizations of the same label (normally 1: reuse it)")
+    neighbouring: Literal["replace_one"] = "replace_one"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RandomizedResponse:
+        self._check_observer()
+        return self
+
+    @property
+    def flip_probability(self) -> float:
+        return math.exp(-self.epsilon) / (1.0 + math.exp(-self.epsilon))
+
+    def report_entry(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"kind": "randomized_response", "epsilon": self.epsilon}
+        if self.count != 1:
+            entry["count"] = self.count
+        return entry
+
+
+class DpSgdRelease(_Record):
+    """Parameters trained with Opacus DP-SGD (per-sample clip C, noise sigma*C, Poisson batches) then released.
+
+    Only an outsider view: the noise protects what the parameters reveal, not the per-user messages of the
+    protocol. Under add/remove one record moves the clipped gradient sum by C (sensitivity 1); under replace-one
+    by 2C (sensitivity 2).
+    """
+
+    kind: Literal["dp_sgd"] = "dp_sgd"
+    noise_multiplier: float = Field(ge=0)
+    sample_rate: float = Field(gt=0, le=1)
+    steps: int = Field(ge=1)
+    seen_by: Literal["outsider"] = "outsider"  # type: ignore[assignment]  # narrower than the base on purpose
+    neighbouring: Neighbouring = "add_remove"
+    clip: float | None = Field(None, gt=0, description="max_grad_norm, for the record only")
+
+    @property
+    def sensitivity(self) -> float:
+        return 1.0 if self.neighbouring == "add_remove" else 2.0
+
+    @property
+    def count(self) -> int:
+        return self.steps
+
+    @property
+    def effective_noise_multiplier(self) -> float:
+        return self.noise_multiplier / self.sensitivity
+
+    def report_entry(self) -> dict[str, Any]:
+        """DP-SGD is exactly `steps` Poisson-sampled Gaussian releases: reported in that recomputable form."""
+        return {"kind": "gaussian", "noise_multiplier": self.noise_multiplier, "sensitivity": self.sensitivity,
+                "count": self.steps, "sampling": "poisson", "sample_rate": self.sample_rate}
+
+
+Mechanism = Annotated[GaussianRelease | RandomizedResponse | DpSgdRelease, Field(discriminator="kind")]
+_MECHANISMS: TypeAdapter[list[Mechanism]] = TypeAdapter(list[Mechanism])
+
+
+def mechanisms_from_dicts(items: Sequence[dict[str, Any]]) -> list[Mechanism]:
+    """Parse full records (as written by `to_dict`), e.g. from a ledger file."""
+    return _MECHANISMS.validate_python(list(items))
+
+
+def mechanism_from_dict(item: dict[str, Any]) -> Mechanism:
+    return mechanisms_from_dicts([item])[0]
+
+
+def label_gradient_release(noise_multiplier: float, clip: float, count: int) -> GaussianRelease:
+    """The lender's per-user gradients g_i = (p_i - y_i) J_i + noise (see noise.clipped_label_gradients).
+
+    Changing y_i moves g_i by at most clip (|delta(p - y)| <= 1, |J_i| <= clip): sensitivity 1, replace-one.
+    """
+    return GaussianRelease(noise_multiplier=noise_multiplier, sensitivity=1.0, clip=clip, count=count,
+                           protects="lender.labels", seen_by="payment", neighbouring="replace_one")
+
+
+def embedding_release(noise_multiplier: float, clip: float, count: int,
+                      neighbouring: Neighbouring = "add_remove") -> GaussianRelease:
+    """The payment holder's per-user embeddings, each clipped to `clip`, sent to the lender `count` times.
+
+    add_remove: a user's record against a null record (sensitivity 1); replace_one: against any other record (2).
+    """
+    return GaussianRelease(noise_multiplier=noise_multiplier, sensitivity=1.0 if neighbouring == "add_remove" else 2.0,
+                           clip=clip, count=count, protects="payment.features", seen_by="lender",
+                           neighbouring=neighbouring)

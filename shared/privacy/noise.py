@@ -1,0 +1,83 @@
+"""The noise itself: clipping, Gaussian releases, randomized response, and the cheap label-gradient release.
+
+Every function takes an explicit torch.Generator so a run is reproducible from its seed and no function touches
+the global RNG. (This is statistical noise for experiments, not a CSPRNG: a deployment that faces a real adversary
+needs a cryptographic generator.) Each function matches one record in `mechanisms`; the docstring says which.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def clip_rows(x: torch.Tensor, clip: float) -> torch.Tensor:
+    """Scale each row of a 2-D tensor down to L2 norm <= clip (rows already inside are unchanged).
+
+    Rows that are scaled are aimed a few ulps inside the ball, so rounding never leaves a norm above `clip`:
+    the sensitivity bound the accountant relies on holds exactly, not approximately.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"clip_rows expects a 2-D tensor (users x dims), got shape {tuple(x.shape)}")
+    if not clip > 0:
+        raise ValueError(f"clip must be positive, got {clip}")
+    norms = torch.linalg.vector_norm(x.double(), dim=1, keepdim=True)
+    margin = 1.0 - 8.0 * torch.finfo(x.dtype).eps
+    scale = torch.where(norms > clip, clip * margin / norms.clamp_min(1e-300), torch.ones_like(norms))
+    return (x.double() * scale).to(x.dtype)
+
+
+def gaussian_noise(shape: torch.Size | tuple[int, ...], std: float, generator: torch.Generator,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """N(0, std^2) i.i.d. per coordinate, drawn from `generator` only."""
+    if std < 0:
+        raise ValueError(f"noise std must be >= 0, got {std}")
+    return torch.randn(tuple(shape), generator=generator, dtype=dtype) * std
+
+
+def gaussian_release(x: torch.Tensor, clip: float, noise_multiplier: float,
+                     generator: torch.Generator) -> torch.Tensor:
+    """Clip each row to `clip`, then add N(0, (noise_multiplier * clip)^2) per coordinate.
+
+    Record: GaussianRelease(noise_multiplier, clip, sensitivity=1.0 under add/remove against a null row, 2.0 under
+    replace-one, count = how many times each user's row goes out).
+    """
+    clipped = clip_rows(x, clip)
+    return clipped + gaussian_noise(clipped.shape, noise_multiplier * clip, generator, clipped.dtype)
+
+
+def randomized_response(labels: torch.Tensor, epsilon: float, generator: torch.Generator) -> torch.Tensor:
+    """Flip each 0/1 label independently with probability 1/(1+e^eps): pure eps-DP per label (replace-one).
+
+    Record: RandomizedResponse(epsilon). Draw once and keep the result: drawing again for the same labels composes.
+    """
+    if not epsilon > 0:
+        raise ValueError(f"randomized response needs epsilon > 0, got {epsilon}")
+    if labels.numel() and not bool(((labels == 0) | (labels == 1)).all()):
+        raise ValueError("randomized_response expects labels that are all 0 or 1")
+    flip_probability = math.exp(-epsilon) / (1.0 + math.exp(-epsilon))  # = 1/(1+e^eps), no overflow
+    flip = torch.rand(labels.shape, generator=generator, dtype=torch.float64) < flip_probability
+    return torch.where(flip, 1 - labels, labels)
+
+
+def clipped_label_gradients(p: torch.Tensor, y: torch.Tensor, jacobian_rows: torch.Tensor, clip: float,
+                            noise_multiplier: float, generator: torch.Generator) -> torch.Tensor:
+    """Per-user gradients of the logistic loss w.r.t. the embedding, privatized for the labels only.
+
+    For one logit z_i = f(x_i, h_i) the exact gradient is dL_i/dh_i = (p_i - y_i) * J_i with J_i = dz_i/dh_i.
+    We clip J_i to `clip` (C_J) and add N(0, (noise_multiplier * C_J)^2) per coordinate. Changing y_i alone moves
+    (p_i - y_i) by at most 1 (p in [0, 1], y in {0, 1}), so g_i moves by at most C_J: sensitivity 1.0 in units of
+    C_J under replace-one of a label. Record: `label_gradient_release(noise_multiplier, clip, count=rounds)`.
+
+    The bound holds only if p_i and J_i do not themselves depend on the clean labels: the model that produced them
+    must be trained on privatized labels, or itself with DP, and that cost is accounted separately.
+    """
+    if p.dim() != 1 or y.shape != p.shape or jacobian_rows.dim() != 2 or jacobian_rows.shape[0] != p.shape[0]:
+        raise ValueError(f"shapes: p {tuple(p.shape)}, y {tuple(y.shape)}, jacobian_rows "
+                         f"{tuple(jacobian_rows.shape)}; expected (n,), (n,), (n, d)")
+    if bool(((p < 0) | (p > 1) | (y < 0) | (y > 1)).any()):
+        raise ValueError("p and y must lie in [0, 1]: the sensitivity bound |delta(p - y)| <= 1 needs it")
+    residual = (p.to(jacobian_rows.dtype) - y.to(jacobian_rows.dtype)).unsqueeze(1)
+    exact = residual * clip_rows(jacobian_rows, clip)
+    return exact + gaussian_noise(exact.shape, noise_multiplier * clip, generator, exact.dtype)

@@ -1,0 +1,340 @@
+"""Privacy package: the noise matches its configuration, epsilons match published accountants, budgets hold."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import dp_accounting
+import pytest
+import torch
+from pydantic import ValidationError
+
+from shared.privacy import (
+    BudgetExceeded,
+    DpSgdRelease,
+    GaussianRelease,
+    Ledger,
+    RandomizedResponse,
+    account,
+    calibrate_dp_sgd,
+    calibrate_gaussian,
+    calibrate_noise_multiplier,
+    calibrate_randomized_response,
+    clip_rows,
+    clipped_label_gradients,
+    embedding_release,
+    epsilon_for,
+    gaussian_release,
+    guarantee_key,
+    guarantees_for,
+    label_gradient_release,
+    mechanisms_from_dicts,
+    privacy_report,
+    randomized_response,
+    recompute_from_report,
+    resolve_noise_multiplier,
+)
+
+DELTA = 1e-5
+N_NOISE = 200_000  # std of the sample std ~ 0.16%: a 2% tolerance catches a 10% error in sigma by a wide margin
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _check_noise(noise: torch.Tensor, std: float) -> None:
+    """Empirical mean within 5 standard errors of 0, empirical std within 2% of the configured one."""
+    values = noise.double().flatten()
+    assert values.numel() >= N_NOISE
+    assert abs(values.mean().item()) < 5 * std / math.sqrt(values.numel())
+    assert values.std().item() == pytest.approx(std, rel=0.02)
+
+
+# -- noise ------------------------------------------------------------------------------------------------------
+
+def test_clip_rows_never_exceeds_clip_and_keeps_short_rows() -> None:
+    x = torch.randn(5000, 16, generator=_gen(1)) * torch.logspace(-3, 3, 5000).unsqueeze(1)
+    for clip in (1e-3, 0.7, 1.0, 3.0):
+        clipped = clip_rows(x, clip)
+        norms = torch.linalg.vector_norm(clipped, dim=1)
+        assert bool((norms <= clip).all()), f"clip {clip}: max norm {norms.max().item()}"
+        inside = torch.linalg.vector_norm(x, dim=1) <= clip
+        assert torch.equal(clipped[inside], x[inside])
+        outside = ~inside
+        assert torch.allclose(norms[outside], torch.full_like(norms[outside], clip), rtol=1e-5)
+        cosine = torch.nn.functional.cosine_similarity(clipped[outside], x[outside], dim=1)
+        assert bool((cosine > 1 - 1e-5).all())  # direction kept
+    assert torch.equal(clip_rows(torch.zeros(3, 4), 1.0), torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize(("clip", "sigma"), [(1.0, 2.0), (0.5, 0.8), (3.0, 4.0)])
+def test_gaussian_release_noise_is_calibrated(clip: float, sigma: float) -> None:
+    x = torch.randn(N_NOISE // 8, 8, generator=_gen(2)) * 5  # mostly outside the clip ball: clipping must happen
+    out = gaussian_release(x, clip, sigma, _gen(3))
+    _check_noise(out - clip_rows(x, clip), sigma * clip)
+
+
+def test_gaussian_release_is_deterministic_per_generator() -> None:
+    x = torch.randn(100, 4, generator=_gen(4))
+    assert torch.equal(gaussian_release(x, 1.0, 2.0, _gen(5)), gaussian_release(x, 1.0, 2.0, _gen(5)))
+    assert not torch.equal(gaussian_release(x, 1.0, 2.0, _gen(5)), gaussian_release(x, 1.0, 2.0, _gen(6)))
+
+
+@pytest.mark.parametrize("epsilon", [0.5, 2.0, 4.0])
+def test_randomized_response_flip_rate(epsilon: float) -> None:
+    labels = (torch.rand(N_NOISE, generator=_gen(7)) < 0.2).long()
+    out = randomized_response(labels, epsilon, _gen(8))
+    assert out.dtype == labels.dtype and set(out.unique().tolist()) <= {0, 1}
+    p = 1.0 / (1.0 + math.exp(epsilon))
+    for group in (labels == 0, labels == 1):  # flips must not depend on the label
+        n = int(group.sum())
+        rate = (out[group] != labels[group]).double().mean().item()
+        assert abs(rate - p) < 3 * math.sqrt(p * (1 - p) / n), (rate, p)
+    assert RandomizedResponse(epsilon=epsilon, protects="lender.labels", seen_by="payment").flip_probability == (
+        pytest.approx(p))
+
+
+def test_randomized_response_rejects_non_binary_labels() -> None:
+    with pytest.raises(ValueError, match="0 or 1"):
+        randomized_response(torch.tensor([0, 1, 2]), 1.0, _gen())
+
+
+def test_label_gradients_noise_and_sensitivity() -> None:
+    n, d, clip, sigma = N_NOISE // 4, 4, 0.5, 3.0
+    p = torch.rand(n, generator=_gen(9))
+    y = (torch.rand(n, generator=_gen(10)) < 0.3).float()
+    jac = torch.randn(n, d, generator=_gen(11)) * 2
+    g = clipped_label_gradients(p, y, jac, clip, sigma, _gen(12))
+    exact = (p - y).unsqueeze(1) * clip_rows(jac, clip)
+    _check_noise(g - exact, sigma * clip)
+    # the same noise draw with every label flipped: each user's gradient moves by at most clip
+    flipped = clipped_label_gradients(p, 1 - y, jac, clip, sigma, _gen(12))
+    moved = torch.linalg.vector_norm(flipped - g, dim=1)
+    assert moved.max().item() <= clip * (1 + 1e-5)
+    assert moved.max().item() > 0.9 * clip  # the bound is attained: the sensitivity is not overstated either
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        clipped_label_gradients(p * 2, y, jac, clip, sigma, _gen())
+
+
+# -- accounting -------------------------------------------------------------------------------------------------
+
+def _gaussian(sigma: float, count: int, sensitivity: float = 1.0, **kw: object) -> GaussianRelease:
+    fields: dict = {"protects": "payment.features", "seen_by": "lender", "clip": 1.0} | kw
+    return GaussianRelease(noise_multiplier=sigma, sensitivity=sensitivity, count=count, **fields)
+
+
+@pytest.mark.parametrize(("sigma", "count", "expected"), [
+    (2.0, 1, 1.99), (2.0, 5, 4.98), (2.0, 10, 7.51), (4.0, 1, 0.93), (4.0, 5, 2.26), (4.0, 10, 3.34)])
+def test_known_values_from_notes(sigma: float, count: int, expected: float) -> None:
+    assert epsilon_for([_gaussian(sigma, count)], DELTA) == pytest.approx(expected, abs=0.02)
+
+
+@pytest.mark.parametrize(("sigma", "count", "sensitivity"), [(2.0, 1, 1.0), (3.0, 7, 2.0), (0.9, 3, 1.0),
+                                                             (6.0, 20, 2.0)])
+def test_gaussian_matches_analytic_mu(sigma: float, count: int, sensitivity: float) -> None:
+    """Independent of PLD: k releases of sensitivity D, noise sigma*C are one Gaussian with sigma/(D sqrt k)."""
+    exact = dp_accounting.get_epsilon_gaussian(sigma / (sensitivity * math.sqrt(count)), DELTA)
+    reported = epsilon_for([_gaussian(sigma, count, sensitivity)], DELTA)
+    assert exact - 1e-6 <= reported <= exact + 1e-3
+
+
+def test_replace_one_doubles_sensitivity() -> None:
+    doubled = epsilon_for([_gaussian(4.0, 5, 2.0, neighbouring="replace_one")], DELTA)
+    assert doubled == pytest.approx(epsilon_for([_gaussian(2.0, 5, 1.0)], DELTA), abs=1e-6)
+    assert doubled > 2 * epsilon_for([_gaussian(4.0, 5, 1.0)], DELTA) * 0.9
+
+
+def test_randomized_response_is_pure_epsilon_and_composes() -> None:
+    rr = RandomizedResponse(epsilon=2.0, protects="lender.labels", seen_by="payment")
+    assert epsilon_for([rr], DELTA) == pytest.approx(2.0, abs=1e-3)
+    thrice = epsilon_for([rr.model_copy(update={"count": 3})], DELTA)
+    assert thrice == pytest.approx(epsilon_for([rr, rr, rr], DELTA), abs=1e-6)
+    assert 4.0 < thrice <= 6.0 + 1e-6  # (dp-accounting 0.6.0 alone reports 2.0 here: it drops RR's self-count)
+
+
+def test_no_amplification_between_parties() -> None:
+    with pytest.raises(ValidationError, match="amplification"):
+        _gaussian(2.0, 100, sampling="poisson", sample_rate=0.01)
+    with pytest.raises(ValidationError, match="itself"):
+        GaussianRelease(noise_multiplier=1, sensitivity=1, clip=1, count=1, protects="lender.labels",
+                        seen_by="lender")
+
+
+def test_mixed_neighbouring_is_refused() -> None:
+    rr = RandomizedResponse(epsilon=2.0, protects="lender.labels", seen_by="payment")
+    gauss = GaussianRelease(noise_multiplier=2, sensitivity=1, clip=1, count=1, protects="lender.labels",
+                            seen_by="payment", neighbouring="add_remove")
+    with pytest.raises(ValueError, match="neighbouring"):
+        epsilon_for([rr, gauss], DELTA)
+
+
+def test_zero_noise_is_infinite_epsilon() -> None:
+    assert epsilon_for([_gaussian(0.0, 1)], DELTA) == math.inf
+
+
+MECHANISM_LISTS = {
+    "labels: gradients + RR": [label_gradient_release(4.0, 1.0, 5),
+                               RandomizedResponse(epsilon=2.0, protects="lender.labels", seen_by="payment")],
+    "labels: RR drawn twice": [RandomizedResponse(epsilon=1.0, count=2, protects="lender.labels", seen_by="payment")],
+    "labels: gradients + DP-SGD head, replace-one": [
+        label_gradient_release(6.0, 0.5, 3),
+        DpSgdRelease(noise_multiplier=1.1, sample_rate=0.05, steps=200, protects="lender.labels",
+                     neighbouring="replace_one")],
+    "features: embeddings, add/remove": [embedding_release(3.0, 1.0, 4)],
+    "features: embeddings, replace-one": [embedding_release(5.0, 1.0, 2, neighbouring="replace_one"),
+                                          embedding_release(20.0, 1.0, 3, neighbouring="replace_one")],
+    "records: DP-SGD, outsider (PRV)": [DpSgdRelease(noise_multiplier=1.0, sample_rate=0.01, steps=500,
+                                                     protects="lender.records")],
+    "records: DP-SGD twice (PRV)": [
+        DpSgdRelease(noise_multiplier=0.9, sample_rate=0.02, steps=200, protects="payment.model"),
+        DpSgdRelease(noise_multiplier=2.0, sample_rate=0.05, steps=50, protects="payment.model")],
+}
+
+
+def test_reported_epsilon_matches_third_party_pld() -> None:
+    guarantees = [g for group in MECHANISM_LISTS.values() for g in privacy_report(group, DELTA)["guarantees"]]
+    report = json.loads(json.dumps({"delta": DELTA, "guarantees": guarantees}))  # what a reader of the JSON gets
+    recomputed = recompute_from_report(report)
+    assert len(recomputed) == len(report["guarantees"]) >= len(MECHANISM_LISTS)
+    accountants = set()
+    for guarantee, pld in zip(report["guarantees"], recomputed, strict=True):
+        reported = guarantee["epsilon"]
+        accountants.add(guarantee["accountant"])
+        assert reported >= pld - 1e-9, guarantee
+        assert reported - pld <= max(0.02, 0.01 * pld), guarantee
+        assert set(guarantee) == {"protects", "against", "epsilon", "delta", "accountant", "neighbouring",
+                                  "mechanisms"}
+    assert accountants <= {"dp_accounting.pld", "opacus.prv"}
+    assert "opacus.prv" in accountants  # DP-SGD guarantees went through Opacus' accountant
+
+
+def test_one_protected_thing_needs_one_relation() -> None:
+    with pytest.raises(ValueError, match="neighbouring"):
+        privacy_report([*MECHANISM_LISTS["features: embeddings, add/remove"],
+                        *MECHANISM_LISTS["features: embeddings, replace-one"]], DELTA)
+
+
+def test_recompute_catches_a_wrong_report() -> None:
+    report = privacy_report(MECHANISM_LISTS["features: embeddings, add/remove"], DELTA)
+    report["guarantees"][0]["mechanisms"][0]["sensitivity"] = 2.0  # understated in the reported epsilon
+    (pld,) = recompute_from_report(report)
+    assert pld > report["guarantees"][0]["epsilon"] + 0.5
+
+
+def test_guarantees_per_observer() -> None:
+    dp_sgd = DpSgdRelease(noise_multiplier=1.0, sample_rate=0.01, steps=100, protects="lender.labels",
+                          neighbouring="replace_one")
+    found = {g.key: g for g in guarantees_for([label_gradient_release(4.0, 1.0, 2), dp_sgd], DELTA)}
+    assert set(found) == {guarantee_key("lender.labels", "payment"), guarantee_key("lender.labels", "outsider")}
+    assert len(found["lender.labels@payment"].mechanisms) == 2  # the public model is seen by the payment holder too
+    assert found["lender.labels@payment"].epsilon > found["lender.labels@outsider"].epsilon
+
+
+# -- calibration ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("target", "count", "sensitivity"), [(2.0, 5, 1.0), (4.98, 5, 1.0), (1.0, 1, 2.0)])
+def test_calibrate_gaussian_round_trip(target: float, count: int, sensitivity: float) -> None:
+    sigma = calibrate_gaussian(target, DELTA, count=count, sensitivity=sensitivity)
+    assert epsilon_for([_gaussian(sigma, count, sensitivity)], DELTA) <= target
+    assert epsilon_for([_gaussian(sigma * 0.995, count, sensitivity)], DELTA) > target  # tight, not just safe
+    if target == 4.98:
+        assert sigma == pytest.approx(2.0, rel=0.01)
+
+
+def test_calibrate_dp_sgd_round_trip() -> None:
+    sigma = calibrate_dp_sgd(2.0, DELTA, sample_rate=0.02, steps=300)
+    release = DpSgdRelease(noise_multiplier=sigma, sample_rate=0.02, steps=300, protects="lender.records")
+    eps, accountant = account([release], DELTA)
+    assert eps <= 2.0 and eps > 2.0 * 0.98
+    assert accountant == "opacus.prv"
+
+
+def test_calibrate_against_what_is_already_spent() -> None:
+    spent = [label_gradient_release(4.0, 1.0, 3)]
+    template = label_gradient_release(1.0, 1.0, 2)
+    sigma = calibrate_noise_multiplier(template, 4.0, DELTA, already=spent)
+    eps = epsilon_for([*spent, template.model_copy(update={"noise_multiplier": sigma})], DELTA)
+    assert 3.96 <= eps <= 4.0
+
+
+def test_calibrate_randomized_response() -> None:
+    assert calibrate_randomized_response(2.0, DELTA) == 2.0
+    per_release = calibrate_randomized_response(3.0, DELTA, count=3)
+    rr = RandomizedResponse(epsilon=per_release, count=3, protects="lender.labels", seen_by="payment")
+    assert 2.95 <= epsilon_for([rr], DELTA) <= 3.0
+    assert per_release == pytest.approx(1.0, rel=0.01)  # few pure-eps releases: composition is about additive
+
+
+def test_resolve_noise_multiplier_needs_exactly_one() -> None:
+    template = _gaussian(1.0, 5)
+    assert resolve_noise_multiplier(template, DELTA, noise_multiplier=2.5) == 2.5
+    assert resolve_noise_multiplier(template, DELTA, target_epsilon=4.98) == pytest.approx(2.0, rel=0.01)
+    with pytest.raises(ValueError, match="exactly one"):
+        resolve_noise_multiplier(template, DELTA)
+    with pytest.raises(ValueError, match="exactly one"):
+        resolve_noise_multiplier(template, DELTA, noise_multiplier=1.0, target_epsilon=1.0)
+
+
+# -- ledger -----------------------------------------------------------------------------------------------------
+
+LABELS = "lender.labels@payment"
+
+
+def _ledger(path: Path, budget: float = 5.0) -> Ledger:
+    return Ledger(path, {LABELS: budget}, DELTA, party="lender")
+
+
+def _assert_valid_file(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    assert data["party"] == "lender" and data["delta"] == DELTA
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]  # no temporary file left behind
+    return data
+
+
+def test_ledger_composes_persists_and_refuses(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "privacy_ledger.json"
+    one_round = [label_gradient_release(2.0, 1.0, 1)]
+    for rounds in range(1, 6):
+        eps = _ledger(path).charge(one_round, LABELS, note=f"round {rounds}")  # a fresh process each round
+        assert eps == pytest.approx(epsilon_for([label_gradient_release(2.0, 1.0, rounds)], DELTA), abs=1e-6)
+        assert len(_assert_valid_file(path)["entries"]) == rounds
+    assert eps == pytest.approx(4.98, abs=0.02)
+    before = path.read_bytes()
+    with pytest.raises(BudgetExceeded) as refused:
+        _ledger(path).charge(one_round, LABELS)
+    assert refused.value.would_be > 5.0 and refused.value.spent == pytest.approx(eps)
+    assert "lender" in str(refused.value) and LABELS in str(refused.value) and "budget" in str(refused.value)
+    assert path.read_bytes() == before  # nothing recorded on refusal
+    summary = _ledger(path).spent()[LABELS]
+    assert summary["epsilon"] == pytest.approx(eps) and summary["charges"] == 5
+    assert summary["remaining"] == pytest.approx(5.0 - eps)
+    assert mechanisms_from_dicts(_assert_valid_file(path)["entries"][0]["mechanisms"]) == one_round
+    # a cheaper release still fits
+    assert _ledger(path).charge([label_gradient_release(40.0, 1.0, 1)], LABELS) <= 5.0
+
+
+def test_ledger_refuses_unbudgeted_and_mismatched_charges(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    ledger = _ledger(path)
+    with pytest.raises(BudgetExceeded, match="no privacy budget"):
+        ledger.charge([embedding_release(2.0, 1.0, 1)], "payment.features@lender")
+    with pytest.raises(ValueError, match=r"protecting payment\.features"):
+        ledger.charge([embedding_release(2.0, 1.0, 1)], LABELS)
+    with pytest.raises(ValueError, match="guarantee key"):
+        Ledger(path, {"labels": 1.0}, DELTA, party="lender")
+    with pytest.raises(BudgetExceeded):
+        _ledger(path, budget=1.0).charge([label_gradient_release(2.0, 1.0, 1)], LABELS)  # 1.99 > 1.0 at once
+    assert not path.exists()  # nothing was ever written
+
+
+def test_ledger_refuses_a_corrupt_or_foreign_file(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    _ledger(path).charge([label_gradient_release(4.0, 1.0, 1)], LABELS)
+    with pytest.raises(ValueError, match="belongs to"):
+        Ledger(path, {LABELS: 5.0}, DELTA, party="payment")
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        _ledger(path)

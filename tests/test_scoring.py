@@ -1,0 +1,406 @@
+"""Scoring with the exported bundle: batch (onnxruntime only), the standalone script, and the two online services.
+
+Two tiny trained runs are built once per module: one on a ready payment feature table (conftest's data), one on
+synthesized transactions (featurised by the payment party, so the manifest carries the feature definition and the
+coarse payment signals exist).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from clients.lender.scoring import NO_PAYMENT_REASON, LenderScorer
+from clients.lender.service import LenderThread, create_app
+from clients.payment.data import load_payment_table
+from clients.payment.grpc_gen import fedscore_scoring_pb2 as pb2
+from clients.payment.grpc_gen import fedscore_scoring_pb2_grpc as pb2_grpc
+from clients.payment.scoring import load_payment_users
+from clients.payment.service import OpenRelease, PaymentScoringService, ReleaseRefused, build_payment_server
+from fedscore.runs import run_inprocess
+from fedscore.scoring import SCORE_COLUMNS, score_batch, write_scores
+from fedscore.synth import synthesize
+from fedscore.torch_parts import load_torch_parts
+from shared.config import FedConfig, load_config
+from shared.export_onnx import EMBEDDING, LENDER_INPUT, LOGIT, load_manifest, sha256_file, torch_score, write_manifest
+from shared.scorecard import (
+    PAYMENT_FACTOR,
+    CoarseSignalRules,
+    coarse_payment_signals,
+    credit_limit,
+    points,
+    reason_codes,
+    reason_text,
+    tier,
+)
+from shared.scoring_bundle import BundleError, load_scoring_bundle, ort_session
+from shared.tables import DataError
+from tests.conftest import FAST, SECRET, make_party_data
+
+ROOT = Path(__file__).resolve().parents[1]
+# scoring does not care how the model was trained: the fastest training that still exports a bundle
+QUICK = [*FAST, "baselines.enabled=false", *(["privacy.enabled=false"] if "privacy" in FedConfig.model_fields else [])]
+
+
+def _train(data: Path, run: Path) -> Path:
+    run_inprocess(load_config(None, QUICK), data, run, secret=SECRET)
+    return run
+
+
+@pytest.fixture(scope="module")
+def feature_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("scoring-features")
+    make_party_data(root / "data", population=3000)
+    return root / "data", _train(root / "data", root / "run")
+
+
+@pytest.fixture(scope="module")
+def tx_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("scoring-tx")
+    synthesize(users=3000, seed=0, out=root / "data")
+    return root / "data", _train(root / "data", root / "run")
+
+
+@pytest.fixture(scope="module")
+def tx_scores(tx_run: tuple[Path, Path]) -> pd.DataFrame:
+    data, run = tx_run
+    return score_batch(run / "model", data)
+
+
+@pytest.fixture(params=["feature_run", "tx_run"])
+def any_run(request: pytest.FixtureRequest) -> tuple[Path, Path]:
+    return request.getfixturevalue(request.param)
+
+
+# ------------------------------------------------------------------------------------------------ bundle and batch
+
+
+def test_manifest_hashes_match_the_files(any_run: tuple[Path, Path]) -> None:
+    _, run = any_run
+    manifest = json.loads((run / "model" / "manifest.json").read_text())
+    for part in manifest["parts"].values():
+        assert sha256_file(run / "model" / part["file"]) == part["sha256"]
+    assert load_scoring_bundle(run / "model").manifest.parts["lender"].sha256 == manifest["parts"]["lender"]["sha256"]
+
+
+def test_onnx_scores_match_torch_on_the_test_split(any_run: tuple[Path, Path]) -> None:
+    data, run = any_run
+    parts = load_torch_parts(run)
+    model_p, scaler_p, model_l, scaler_l, test_ids = (parts.model_p, parts.scaler_p, parts.model_l, parts.scaler_l,
+                                                      parts.test_ids)
+    assert len(test_ids) > 50
+    scores = score_batch(run / "model", data).set_index("id")
+    payment = load_payment_table(data / "payment")
+    p_rows = pd.Index(payment.ids).get_indexer(test_ids)
+    assert (p_rows >= 0).all()  # test users are aligned users: both parties have them
+    applicants = pd.read_parquet(data / "lender" / "applicants.parquet").set_index("id").loc[test_ids]
+    raw_p = payment.values[p_rows][:, [payment.columns.index(c) for c in scaler_p.columns]]
+    raw_l = applicants[scaler_l.columns].to_numpy(dtype=np.float64)
+    expected = torch_score(model_p, scaler_p, model_l, scaler_l, raw_p, raw_l)
+    got = scores.loc[test_ids, "probability"].to_numpy()
+    assert np.max(np.abs(got - expected)) < 1e-5
+
+
+def test_score_columns_follow_the_scorecard(tx_run: tuple[Path, Path], tx_scores: pd.DataFrame) -> None:
+    data, run = tx_run
+    params = load_manifest(run / "model").scorecard
+    frame = tx_scores
+    assert list(frame.columns) == SCORE_COLUMNS
+    assert len(frame) == len(pd.read_parquet(data / "lender" / "applicants.parquet"))
+    np.testing.assert_array_equal(frame["score"], points(frame["probability"], params))
+    np.testing.assert_array_equal(frame["tier"], tier(frame["score"], params))
+    payment = load_payment_table(data / "payment")
+    features = pd.DataFrame(payment.values, columns=payment.columns).assign(id=payment.ids)
+    signals = coarse_payment_signals(features, CoarseSignalRules()).set_index("id")
+    known = frame["id"].isin(signals.index).to_numpy()
+    assert 0 < known.sum() < len(frame)  # both kinds of applicant are exercised
+    own = signals.reindex(frame["id"])
+    spend = np.where(known, own["spend_level"].astype(object), "mid")
+    stability = np.where(known, own["stability"].astype(object), "stable")
+    anomaly = np.where(known, own["recent_spend_anomaly"].fillna(False).astype(bool), False)
+    limit, review = credit_limit(frame["tier"].to_numpy(), spend, stability, anomaly, params=params)
+    np.testing.assert_array_equal(frame["credit_limit"], limit)
+    np.testing.assert_array_equal(frame["review_flag"], review | ~known)
+    no_history = frame["reasons"].str.startswith(NO_PAYMENT_REASON).to_numpy()
+    np.testing.assert_array_equal(no_history, ~known)
+    assert len(set(spend[known])) > 1  # the limits really depend on the payment signals
+
+
+def test_reasons_name_lender_features_and_the_embedding_only(tx_run: tuple[Path, Path],
+                                                             tx_scores: pd.DataFrame) -> None:
+    _, run = tx_run
+    bundle = load_scoring_bundle(run / "model")
+    allowed = {*bundle.lender_features, PAYMENT_FACTOR}
+    for text in tx_scores["reasons"]:
+        parts = [p for p in text.split("; ") if p and p != NO_PAYMENT_REASON]
+        assert len(parts) <= 3
+        assert {p.split(":")[0] for p in parts} <= allowed
+    assert tx_scores["reasons"].str.contains(PAYMENT_FACTOR).any()
+    assert not any(name in " ".join(tx_scores["reasons"]) for name in bundle.payment_features)
+
+
+def test_occlusion_is_logit_minus_logit_with_the_factor_at_its_reference(tx_run: tuple[Path, Path]) -> None:
+    data, run = tx_run
+    bundle = load_scoring_bundle(run / "model")
+    users = load_payment_users(bundle, data)
+    scorer = LenderScorer(bundle)
+    rng = np.random.default_rng(0)
+    x = np.tile(bundle.lender_reference(), (5, 1)) * rng.uniform(0.5, 1.5, size=(5, len(bundle.lender_features)))
+    x[0, 1] = bundle.lender_reference()[1]  # equal to the reference: contributes exactly nothing
+    e = users.embeddings[:5]
+    _, values, direction = scorer.contributions(x, e)
+    session = ort_session(bundle.part_path("lender"))
+
+    def logit(features: np.ndarray, embedding: np.ndarray) -> np.ndarray:
+        return session.run([LOGIT], {LENDER_INPUT: features.astype(np.float32),
+                                     EMBEDDING: embedding.astype(np.float32)})[0].astype(np.float64)
+
+    base = logit(x, e)
+    for j in range(x.shape[1]):
+        occluded = x.copy()
+        occluded[:, j] = bundle.lender_reference()[j]
+        np.testing.assert_allclose(values[:, j], base - logit(occluded, e), atol=1e-5)
+    np.testing.assert_allclose(values[:, -1], base - logit(x, np.tile(bundle.embedding_baseline(), (5, 1))),
+                               atol=1e-5)
+    assert values[0, 1] == 0.0 and direction[0, 1] == 0
+    np.testing.assert_array_equal(direction[:, -1], 0)
+
+
+def test_grouped_reasons_equal_reason_codes_row_by_row(tx_run: tuple[Path, Path]) -> None:
+    _, run = tx_run
+    scorer = LenderScorer(load_scoring_bundle(run / "model"))
+    rng = np.random.default_rng(1)
+    n, factors = 3000, len(scorer.factor_names)
+    values = np.round(rng.normal(size=(n, factors)), 1)  # rounding makes ties and exact zeros common
+    direction = rng.integers(-1, 2, size=(n, factors)).astype(np.int8)
+    has_payment = rng.random(n) < 0.7
+    sets, index = scorer.reasons(values, direction, has_payment)
+    expected = []
+    for i, codes in enumerate(reason_codes(values, scorer.factor_names, 3)):
+        texts = [reason_text(c, int(direction[i, scorer.factor_names.index(c)])) for c in codes]
+        expected.append(texts if has_payment[i] else [NO_PAYMENT_REASON, *texts])
+    assert [sets[i] for i in index] == expected
+
+
+def test_blacklist_declines_and_flags(tx_run: tuple[Path, Path], tx_scores: pd.DataFrame) -> None:
+    data, run = tx_run
+    flagged = set(tx_scores.loc[tx_scores["credit_limit"] > 0, "id"].iloc[:3])
+    scores = score_batch(run / "model", data, blacklist=flagged).set_index("id")
+    assert (scores.loc[sorted(flagged), "credit_limit"] == 0).all()
+    assert scores.loc[sorted(flagged), "review_flag"].all()
+    others = scores.drop(index=sorted(flagged))
+    pd.testing.assert_frame_equal(others, tx_scores.set_index("id").drop(index=sorted(flagged)))
+
+
+def test_standalone_script_reproduces_batch_probabilities(any_run: tuple[Path, Path], tmp_path: Path) -> None:
+    data, run = any_run
+    payment = load_payment_table(data / "payment")
+    pd.DataFrame(payment.values, columns=payment.columns).assign(id=payment.ids).to_csv(tmp_path / "p.csv",
+                                                                                        index=False)
+    pd.read_parquet(data / "lender" / "applicants.parquet").to_csv(tmp_path / "l.csv", index=False)
+    out = tmp_path / "probabilities.csv"
+    argv = ["--model", str(run / "model"), "--payment", str(tmp_path / "p.csv"), "--lender", str(tmp_path / "l.csv"),
+            "--out", str(out)]
+    # run it as a script and prove it imports neither fedscore's packages nor torch nor pandas
+    probe = ("import runpy, sys; sys.argv = ['score_standalone.py', *sys.argv[1:]]; "
+             f"runpy.run_path({str(ROOT / 'scripts' / 'score_standalone.py')!r}, run_name='__main__'); "
+             "bad = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'pandas', 'fedscore', 'shared', "
+             "'clients'}); assert not bad, bad")
+    subprocess.run([sys.executable, "-c", probe, *argv], check=True, cwd=tmp_path, timeout=60)
+    got = pd.read_csv(out, dtype={"id": str})
+    expected = score_batch(run / "model", data)
+    assert got["id"].tolist() == expected["id"].tolist()
+    assert np.max(np.abs(got["probability"].to_numpy() - expected["probability"].to_numpy())) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------- input errors
+
+
+def test_changed_feature_definition_is_refused(tx_run: tuple[Path, Path], tmp_path: Path) -> None:
+    data, run = tx_run
+    model = tmp_path / "model"
+    shutil.copytree(run / "model", model)
+    manifest = load_manifest(model)
+    definition = dict(manifest.payment_feature_definition or {})
+    definition["large_amount"] = 123.0
+    write_manifest(model, manifest.model_copy(update={"payment_feature_definition": definition}))
+    with pytest.raises(BundleError, match=r"feature definition changed since training.*large_amount"):
+        score_batch(model, data)
+
+
+def test_bad_bundles_and_bad_data_are_named(feature_run: tuple[Path, Path], tmp_path: Path) -> None:
+    data, run = feature_run
+    with pytest.raises(BundleError, match="run folder"):
+        score_batch(run, data)
+    model = tmp_path / "model"
+    shutil.copytree(run / "model", model)
+    with open(model / "lender_part.onnx", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(BundleError, match=r"lender_part\.onnx: sha256 mismatch"):
+        score_batch(model, data)
+    with pytest.raises(DataError, match="data folder not found"):
+        score_batch(run / "model", tmp_path / "nowhere")
+
+    broken = tmp_path / "data"
+    shutil.copytree(data, broken)
+    applicants = pd.read_parquet(data / "lender" / "applicants.parquet")
+    (broken / "lender" / "applicants.parquet").unlink()
+    applicants.drop(columns=["income_band"]).to_csv(broken / "lender" / "applicants.csv", index=False)
+    with pytest.raises(DataError, match=r"applicants\.csv: missing column\(s\) income_band"):
+        score_batch(run / "model", broken)
+    bad = applicants.astype({"age": object})
+    bad.loc[bad.index[3], "age"] = "forty"
+    bad.to_csv(broken / "lender" / "applicants.csv", index=False)
+    with pytest.raises(DataError, match=r"applicants\.csv: column age: non-numeric value 'forty'"):
+        score_batch(run / "model", broken)
+    payment = pd.read_parquet(data / "payment" / "features.parquet")
+    payment.drop(columns=["regularity"]).to_parquet(broken / "payment" / "features.parquet", index=False)
+    applicants.to_csv(broken / "lender" / "applicants.csv", index=False)
+    with pytest.raises(DataError, match=r"features\.parquet: missing column\(s\) regularity"):
+        score_batch(run / "model", broken)
+
+
+def test_score_command_writes_all_or_nothing(feature_run: tuple[Path, Path], tmp_path: Path) -> None:
+    import typer
+
+    from fedscore.cli_scoring import score_command
+
+    data, run = feature_run
+    app = typer.Typer()
+    app.command()(score_command)
+    out = tmp_path / "scores.csv"
+    failed = CliRunner().invoke(app, ["--model", str(run), "--data", str(data), "--out", str(out)])
+    assert failed.exit_code == 2 and "run folder" in failed.output
+    assert not out.exists() and not list(tmp_path.iterdir())
+    done = CliRunner().invoke(app, ["--model", str(run / "model"), "--data", str(data), "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    written = pd.read_csv(out, dtype={"id": str}, keep_default_na=False)
+    expected = score_batch(run / "model", data)
+    assert written["id"].tolist() == expected["id"].tolist()
+    assert written["reasons"].tolist() == expected["reasons"].tolist()
+    write_scores(expected.iloc[:5], out)  # replaces atomically, no temporary file left behind
+    assert len(pd.read_csv(out)) == 5 and sorted(p.name for p in tmp_path.iterdir()) == ["scores.csv"]
+
+
+# ------------------------------------------------------------------------------------------- online services
+
+
+class Refuse:
+    """A guard that refuses one user and counts the releases it allowed."""
+
+    def __init__(self, refused: str) -> None:
+        self.refused, self.released = refused, []
+
+    def before_release(self, user_id: str) -> None:
+        if user_id == self.refused:
+            raise ReleaseRefused("privacy budget for this user is spent")
+        self.released.append(user_id)
+
+    def noise(self, embedding: np.ndarray) -> np.ndarray:
+        return embedding
+
+
+@pytest.fixture(scope="module")
+def payment_service(tx_run: tuple[Path, Path]) -> Iterator[tuple[PaymentScoringService, int]]:
+    data, run = tx_run
+    service = PaymentScoringService.from_dirs(run / "model", data)
+    server, port = build_payment_server(service, port=0)
+    yield service, port
+    server.stop(0)
+
+
+def test_payment_grpc_answers_and_status_codes(payment_service: tuple[PaymentScoringService, int]) -> None:
+    service, port = payment_service
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb2_grpc.PaymentScoringStub(channel)
+        user = service.users.ids[7]
+        reply = stub.GetEmbedding(pb2.EmbeddingRequest(user_id=user), timeout=5)
+        np.testing.assert_array_equal(np.asarray(reply.embedding, dtype=np.float32), service.users.embeddings[7])
+        assert reply.spend_level in ("low", "mid", "high") and reply.stability in ("stable", "unstable")
+        with pytest.raises(grpc.RpcError) as unknown:
+            stub.GetEmbedding(pb2.EmbeddingRequest(user_id="nobody"), timeout=5)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND and "nobody" in unknown.value.details()
+        with pytest.raises(grpc.RpcError) as empty:
+            stub.GetEmbedding(pb2.EmbeddingRequest(user_id=""), timeout=5)
+        assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        guard = Refuse(refused=service.users.ids[0])
+        service.guard = guard
+        try:
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.GetEmbedding(pb2.EmbeddingRequest(user_id=service.users.ids[0]), timeout=5)
+            stub.GetEmbedding(pb2.EmbeddingRequest(user_id=user), timeout=5)
+        finally:
+            service.guard = OpenRelease()
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "privacy budget for this user is spent" in refused.value.details()
+        assert guard.released == [user]
+
+
+@pytest.fixture(scope="module")
+def lender_url(tx_run: tuple[Path, Path], payment_service: tuple[PaymentScoringService, int]) -> Iterator[str]:
+    data, run = tx_run
+    _, port = payment_service
+    lender = LenderThread(create_app(run / "model", data, f"127.0.0.1:{port}", timeout_s=2.0)).start()
+    yield lender.url
+    lender.stop()
+
+
+def test_online_scores_equal_batch_scores(lender_url: str, tx_scores: pd.DataFrame) -> None:
+    frame = tx_scores.set_index("id")
+    no_history = frame.index[frame["reasons"].str.startswith(NO_PAYMENT_REASON)][:10].tolist()
+    sample = [*frame.index[:40].tolist(), *no_history]
+    assert no_history
+    with httpx.Client(base_url=lender_url, timeout=10) as client:
+        assert client.get("/health").json()["payment_service"] == "ready"
+        for applicant in sample:
+            response = client.post("/score", json={"id": applicant})
+            assert response.status_code == 200, response.text
+            got, want = response.json(), frame.loc[applicant]
+            assert abs(got["probability"] - want["probability"]) < 1e-6
+            assert (got["score"], got["tier"], got["credit_limit"], got["review_flag"]) == \
+                (want["score"], want["tier"], want["credit_limit"], want["review_flag"])
+            assert "; ".join(got["reasons"]) == want["reasons"]
+
+
+def test_online_request_errors(lender_url: str) -> None:
+    with httpx.Client(base_url=lender_url, timeout=10) as client:
+        missing = client.post("/score", json={"id": "no-such-applicant"})
+        assert missing.status_code == 404 and "no-such-applicant" in missing.json()["detail"]
+        for body in ({"id": 5}, {"id": ""}, {"ident": "x"}, {"id": "x", "extra": 1}):
+            assert client.post("/score", json=body).status_code == 422, body
+        garbled = client.post("/score", content=b"{not json", headers={"content-type": "application/json"})
+        assert garbled.status_code == 422 and garbled.json()["detail"]
+
+
+def test_lender_answers_503_when_payment_refuses_or_is_down(tx_run: tuple[Path, Path],
+                                                            tx_scores: pd.DataFrame) -> None:
+    data, run = tx_run
+    service = PaymentScoringService.from_dirs(run / "model", data)
+    known = tx_scores.loc[~tx_scores["reasons"].str.startswith(NO_PAYMENT_REASON), "id"].tolist()
+    service.guard = Refuse(refused=known[0])
+    server, port = build_payment_server(service, port=0)
+    lender = LenderThread(create_app(run / "model", data, f"127.0.0.1:{port}", timeout_s=1.0)).start()
+    try:
+        with httpx.Client(base_url=lender.url, timeout=10) as client:
+            refused = client.post("/score", json={"id": known[0]})
+            assert refused.status_code == 503 and "privacy budget for this user is spent" in refused.json()["detail"]
+            assert client.post("/score", json={"id": known[1]}).status_code == 200
+            server.stop(0).wait()
+            down = client.post("/score", json={"id": known[1]})
+            assert down.status_code == 503
+            assert down.json()["detail"].startswith("payment service unavailable:")
+            assert client.post("/score", json={"id": "no-such-applicant"}).status_code == 404
+    finally:
+        lender.stop()
+        server.stop(0)
