@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -125,16 +126,21 @@ def _report(metrics: dict, run_dir: Path) -> None:
     row("federated (payment + lender)", metrics["test"])
     baselines = metrics["baselines"]
     if baselines.get("lender_only"):
-        row("lender only", baselines["lender_only"])
+        row(f"lender only ({baselines['lender_only'].get('model', 'mlp')})", baselines["lender_only"])
     if "centralized" in baselines:
-        row("centralized MLP, no privacy", baselines["centralized"])
-        row("centralized GBDT, no privacy", baselines["centralized_gbdt"])
+        row(f"centralized, no privacy ({baselines['centralized']['model']})", baselines["centralized"])
     console.print(table)
     a = metrics["alignment"]
     console.print(f"aligned {int(a['intersection'])} of {int(a['lender_rows'])} applicants; "
                   f"{metrics['traffic']['messages']} messages, {metrics['traffic']['payload_bytes'] / 1e6:.1f} MB "
                   f"of payloads; {metrics['timing']['total_s']:.1f} s")
-    console.print(f"artefacts: {run_dir}/metrics.json, {run_dir}/outcome.json, {run_dir}/parties/")
+    privacy = json.loads((run_dir / "privacy-report.json").read_text())
+    for g in privacy["guarantees"]:
+        console.print(f"privacy: {g['protects']} against {g['against']}: eps {g['epsilon']:.3f} "
+                      f"(delta {g['delta']:g}, {g['accountant']})")
+    for u in privacy["unprotected"]:
+        console.print(f"[yellow]not protected:[/] {u['protects']} against {u['against']}: {u['what']}")
+    console.print(f"artefacts: {run_dir}/report.html, metrics.json, privacy-report.json, model/, parties/")
 
 
 @app.command()
@@ -190,6 +196,17 @@ def demo(users: Annotated[int, typer.Option(min=1000)] = 20000,
         with _progress_bar() as progress:
             metrics = run_federated(cfg, out / "data", out / "run", progress=progress)
     _report(metrics, out / "run")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a run folder made by train or federate")]) -> None:
+    """Rebuild RUN_DIR/privacy-report.json and RUN_DIR/report.html from the run's own files."""
+    from fedscore.report import write_reports
+
+    if not (run_dir / "outcome.json").exists():
+        _fail(f"{run_dir}: no outcome.json (not a finished run folder)")
+    write_reports(run_dir)
+    console.print(f"wrote {run_dir}/privacy-report.json and {run_dir}/report.html")
 
 
 def main() -> None:

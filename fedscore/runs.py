@@ -8,6 +8,7 @@ RUN_DIR/metrics.json     test metrics, baselines, per-round metrics, timing, tra
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import Callable
@@ -125,8 +126,11 @@ def run_inprocess(config: FedConfig, data_dir: Path, run_dir: Path, progress: Pr
 
 def finish_run(run_dir: Path, data_dir: Path, config: FedConfig, secret: str) -> dict[str, Any]:
     """Add the baselines to the coordinator's outcome and write metrics.json; raise if the run was refused."""
+    from fedscore.report import write_reports
+
     outcome = read_outcome(run_dir)
     if outcome.get("error"):
+        write_reports(run_dir)  # the report says which party refused and what had been released by then
         err = outcome["error"]
         who = f"party {err['party']!r} refused {err['request']!r}" if err.get("party") else "the coordinator failed"
         raise RunError(f"run stopped: {who}: {err['reason']}")
@@ -151,7 +155,9 @@ def finish_run(run_dir: Path, data_dir: Path, config: FedConfig, secret: str) ->
     write_json_atomic(run_dir / "metrics.json", metrics)
     from fedscore.bundle import assemble_bundle
 
-    assemble_bundle(run_dir, config.model_dump(), metrics)
+    write_reports(run_dir)
+    privacy = json.loads((run_dir / "privacy-report.json").read_text())
+    assemble_bundle(run_dir, config.model_dump(), metrics, privacy["guarantees"])
     return metrics
 
 

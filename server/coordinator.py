@@ -12,6 +12,7 @@ The coordinator never decodes a payload: it moves `reply.payload` into the next 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,9 +36,11 @@ class RunResult:
     transport: str
     rounds: list[dict[str, Any]] = field(default_factory=list)
     alignment: dict[str, float] = field(default_factory=dict)
-    lender_only: dict[str, float] = field(default_factory=dict)
+    lender_only: dict[str, Any] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
     traffic: list[dict[str, Any]] = field(default_factory=list)  # what the coordinator saw: kinds and sizes
+    ledgers: dict[str, Any] = field(default_factory=dict)  # each party's latest privacy ledger (records, no data)
+    curves: dict[str, list[float]] = field(default_factory=dict)  # the lender's thinned test ROC/KS curves
 
     @property
     def final(self) -> dict[str, float]:
@@ -57,6 +60,10 @@ class Coordinator:
     def _exchange(self, *messages: Envelope) -> list[Envelope]:
         replies = self.transport.exchange(list(messages))
         for sent, reply in zip(messages, replies, strict=True):
+            if "ledger" in reply.header.info:
+                self.result.ledgers[sent.header.recipient] = json.loads(str(reply.header.info["ledger"]))
+            if "curves" in reply.header.info:
+                self.result.curves = json.loads(str(reply.header.info["curves"]))
             self.result.traffic.append({"kind": sent.header.kind, "round": sent.header.round,
                                         "to": sent.header.recipient, "sent_bytes": len(sent.payload),
                                         "reply_bytes": len(reply.payload)})
@@ -87,6 +94,8 @@ class Coordinator:
         }
         self.result.lender_only = {k.removeprefix("lender_only_"): v for k, v in match.header.metrics.items()
                                    if k.startswith("lender_only_")}
+        if "lender_only_model" in match.header.info:
+            self.result.lender_only["model"] = match.header.info["lender_only_model"]
         self.result.timing["alignment_s"] = time.perf_counter() - t0
 
         gradients = Envelope(header=request("embed", "payment").header)  # no gradients before round 0

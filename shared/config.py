@@ -46,7 +46,7 @@ class AlignmentConfig(_Strict):
 
 class BaselineConfig(_Strict):
     enabled: bool = True
-    epochs: int = Field(12, ge=1)
+    epochs: int = Field(30, ge=1, description="MLP epochs at most (early-stopped on validation AUC)")
 
 
 class PrivacyConfig(_Strict):

@@ -10,6 +10,7 @@ the same way on both sides. Opacus is imported here only, lazily (3-4 s).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -83,6 +84,8 @@ def dp_sgd_round(model: nn.Module, batch_loss: BatchLoss, n: int, plan: DpSgdPla
                             generator=generator)
     losses = []
     wrapped.train()
+    # Opacus' hooks warn that no *input* needs a gradient; only the parameters do, which is what we want
+    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
     for _ in range(plan.steps_per_round):
         batch = (torch.rand(n, generator=generator) < plan.sample_rate).nonzero().squeeze(1)
         if len(batch) == 0:

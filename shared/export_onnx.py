@@ -77,8 +77,8 @@ class LenderScoring(nn.Module):
         self.model = model
 
     def forward(self, lender_features: torch.Tensor, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logit = self.model(self.scale(lender_features), embedding)
-        return torch.sigmoid(logit), logit
+        probability = self.model.probability(self.scale(lender_features), embedding)
+        return probability, torch.log(probability) - torch.log1p(-probability)
 
 
 def _check_width(model: nn.Module, expected: int, party: str) -> None:
@@ -303,8 +303,9 @@ def torch_score(model_p: PaymentBottom, scaler_p: Scaler, model_l: LenderTop, sc
     """The same probability through the training-time path (numpy Scaler + torch), the reference for the export."""
     with _eval_mode(model_p), _eval_mode(model_l), torch.no_grad():
         embedding = model_p(torch.from_numpy(scaler_p.transform(np.asarray(raw_p, dtype=np.float32))))
-        logit = model_l(torch.from_numpy(scaler_l.transform(np.asarray(raw_l, dtype=np.float32))), embedding)
-    return torch.sigmoid(logit).numpy()
+        probability = model_l.probability(torch.from_numpy(scaler_l.transform(np.asarray(raw_l, dtype=np.float32))),
+                                          embedding)
+    return probability.numpy()
 
 
 def verify_parts(payment_onnx: Path, lender_onnx: Path, model_p: PaymentBottom, scaler_p: Scaler,

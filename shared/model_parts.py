@@ -38,17 +38,32 @@ class PaymentBottom(nn.Module):
 
 
 class LenderTop(nn.Module):
-    """Combines the lender's features with the payment embedding; `embedding_dim=0` gives the lender-only model."""
+    """Combines the lender's features with the payment embedding; `embedding_dim=0` gives the lender-only model.
 
-    def __init__(self, n_features: int, embedding_dim: int, hidden: list[int]) -> None:
+    `label_flip`: when trained on randomized-response labels (flip probability f), the network learns
+    P(y_rr = 1) = f + (1 - 2f) P(y = 1); `probability` undoes that (post-processing, no privacy cost), so scores
+    and scorecard points are calibrated to real default rates. Ranking (AUC) is unchanged.
+    """
+
+    def __init__(self, n_features: int, embedding_dim: int, hidden: list[int], label_flip: float = 0.0) -> None:
         super().__init__()
         self.embedding_dim = embedding_dim
         self.net = mlp([n_features + embedding_dim, *hidden, 1])
+        self.register_buffer("label_flip", torch.tensor(float(label_flip)))
 
     def forward(self, x: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
+        """The logit of the labels it was trained on (randomized ones when protected): what training uses."""
         if embedding is not None:
             x = torch.cat([x, embedding], dim=1)
         return self.net(x).squeeze(1)
+
+    def probability(self, x: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
+        """P(default) with the randomized-response flip undone. A model learnt from flipped labels can still
+        score below the flip rate; such scores are floored at 0.1% rather than sent to ~0 (a credit score never
+        claims certainty, and one defaulter at p~0 would dominate the log loss)."""
+        p = torch.sigmoid(self.forward(x, embedding))
+        floor = torch.where(self.label_flip > 0, 1e-3, 1e-7)
+        return ((p - self.label_flip) / (1 - 2 * self.label_flip)).clamp(floor, 1 - floor)
 
 
 def configure_torch() -> None:

@@ -8,6 +8,7 @@ training users. It shares only metrics (AUC etc. on validation and test users) w
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ class LenderParty(PartyBase):
             "ids": table.ids,
             "scaler": scaler.to_dict(),
             "x": torch.from_numpy(scaler.transform(table.values)),
+            "raw": torch.tensor(table.values),
             "y": torch.from_numpy(labels),
             # a typical applicant, in raw units: the reference reason codes measure each feature against
             "reference": np.median(table.values, axis=0).tolist(),
@@ -76,12 +78,14 @@ class LenderParty(PartyBase):
         self.state["model"] = model.state_dict()
         self.state["opt"] = None
         metrics = {"lender_rows": float(len(mine)), "intersection": float(len(common))}
+        info: dict[str, str | int] = {"train": int((split == SPLIT_TRAIN).sum()),
+                                      "val": int((split == SPLIT_VAL).sum()), "test": int((split == SPLIT_TEST).sum())}
         if config.baselines.enabled:
-            metrics.update({f"lender_only_{k}": v for k, v in self._lender_only_baseline().items()})
+            baseline = self._lender_only_baseline()
+            metrics.update({f"lender_only_{k}": v for k, v in baseline.items() if k != "model"})
+            info["lender_only_model"] = baseline["model"]
         return self.reply(message, payload=pack_arrays(tokens=common), payload_kind="alignment_tokens",
-                          metrics=metrics, info={"train": int((split == SPLIT_TRAIN).sum()),
-                                                 "val": int((split == SPLIT_VAL).sum()),
-                                                 "test": int((split == SPLIT_TEST).sum())})
+                          metrics=metrics, info=info)
 
     def _protect_labels(self, y: torch.Tensor, train: np.ndarray) -> torch.Tensor:
         """The labels everything that leaves is computed from: randomized response on the training users, drawn
@@ -108,27 +112,25 @@ class LenderParty(PartyBase):
         return released
 
     def _new_model(self, embedding_dim: int) -> LenderTop:
-        return LenderTop(self.state["x"].shape[1], embedding_dim, self.config.model.lender_hidden)
+        """The federated top model knows the randomized-response flip rate of the labels it learns from, so its
+        probabilities can be debiased; the lender-only baseline (embedding_dim=0) learns clean labels."""
+        privacy = self.config.privacy
+        flip = 0.0
+        if embedding_dim and privacy.enabled and privacy.label_epsilon is not None:
+            flip = 1.0 / (1.0 + math.exp(privacy.label_epsilon))
+        return LenderTop(self.state["x"].shape[1], embedding_dim, self.config.model.lender_hidden, label_flip=flip)
 
-    def _lender_only_baseline(self) -> dict[str, float]:
-        """What the lender reaches alone: the same top model, no embedding, same users and split."""
+    def _lender_only_baseline(self) -> dict[str, float | str]:
+        """What the lender reaches alone on the same users and split, with clean labels (its own data; only the
+        test metrics leave): the best of logistic regression, GBDT and an MLP, chosen on validation."""
+        from shared.reference_models import best_reference
+
         config = self.config
-        model = init_module(self._new_model(0), seeded(config.seed, "lender", "baseline"))
+        rows = self.state["rows"].numpy()
         x, y, split = self._aligned()
-        train = split == SPLIT_TRAIN
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.training.lr,
-                                     weight_decay=config.training.weight_decay)
-        for epoch in range(config.baselines.epochs):
-            generator = torch.Generator().manual_seed(seeded(config.seed, "lender", "baseline", str(epoch)))
-            xs, ys = x[train], y[train]
-            for batch in batches(len(ys), config.training.batch_size, generator):
-                loss = F.binary_cross_entropy_with_logits(model(xs[batch]), ys[batch])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-        with torch.no_grad():
-            p = torch.sigmoid(model(x[split == SPLIT_TEST])).numpy()
-        return all_metrics(y[split == SPLIT_TEST].numpy(), p)
+        return best_reference(x.numpy(), self.state["raw"][rows].numpy(), y.numpy(), split.numpy(),
+                              hidden=config.model.lender_hidden, epochs=config.baselines.epochs,
+                              lr=config.training.lr, batch_size=config.training.batch_size, seed=config.seed)
 
     def _aligned(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows = self.state["rows"]
@@ -158,7 +160,7 @@ class LenderParty(PartyBase):
         metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan")}
         model.eval()
         with torch.no_grad():
-            p = torch.sigmoid(model(x, h)).numpy()
+            p = model.probability(x, h).numpy()
         for code, label in ((SPLIT_VAL, "val"), (SPLIT_TEST, "test")):
             mask = (split == code).numpy()
             if mask.sum() and 0 < y[mask].sum() < mask.sum():

@@ -1,0 +1,104 @@
+"""Privacy inside the protocol: reports that recompute, parties that refuse, randomized response that flips."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedscore.runs import RunError, default_budgets, run_inprocess
+from shared.config import load_config
+from shared.privacy import recompute_from_report
+from tests.conftest import SECRET
+
+PRIVATE = ["training.rounds=3", "training.local_epochs=2", "training.batch_size=64", "training.lr=0.005",
+           "baselines.enabled=false", "privacy.dpsgd_batch_size=256", "privacy.dpsgd_lr=0.02",
+           "privacy.feature_epsilon=8"]
+
+
+@pytest.fixture(scope="module")
+def private_run(party_data: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data, _ = party_data
+    run_dir = tmp_path_factory.mktemp("private") / "run"
+    run_inprocess(load_config(None, PRIVATE), data, run_dir, secret=SECRET)
+    return run_dir
+
+
+def test_every_reported_epsilon_recomputes_from_the_report(private_run: Path) -> None:
+    report = json.loads((private_run / "privacy-report.json").read_text())
+    keys = {f"{g['protects']}@{g['against']}" for g in report["guarantees"]}
+    assert keys == {"lender.labels@payment", "lender.labels@outsider", "joint.records@outsider",
+                    "payment.features@lender"}
+    recomputed = recompute_from_report(report)
+    for guarantee, eps in zip(report["guarantees"], recomputed, strict=True):
+        assert guarantee["epsilon"] >= eps - 1e-9, guarantee["protects"]
+        assert guarantee["epsilon"] - eps <= max(0.02, 0.01 * eps), guarantee["protects"]
+        assert guarantee["epsilon"] <= guarantee["budget"] + 1e-9
+        assert guarantee["delta"] == report["delta"] < 1e-5
+    by_key = {f"{g['protects']}@{g['against']}": g for g in report["guarantees"]}
+    assert by_key["lender.labels@payment"]["mechanisms"] == [{"kind": "randomized_response", "epsilon": 2.0}]
+    features = by_key["payment.features@lender"]
+    assert [m["sampling"] for m in features["mechanisms"]] == ["none"] * 3  # no amplification between parties
+    assert features["epsilon"] == pytest.approx(8.0, abs=0.05)
+    joint = by_key["joint.records@outsider"]
+    assert joint["held_by"] == ["lender", "payment"] and len(joint["per_release"]) == 3
+    assert report["unprotected"] == []
+
+
+def test_randomized_response_flips_at_the_configured_rate(private_run: Path) -> None:
+    state = torch.load(private_run / "parties" / "lender" / "state.pt", weights_only=True)
+    train = state["split"] == 0
+    clean = state["y"][state["rows"]][train]
+    released = state["y_release"][train]
+    flipped = (clean != released).double().mean().item()
+    expected = 1 / (1 + math.exp(2.0))
+    assert abs(flipped - expected) < 4 * math.sqrt(expected * (1 - expected) / len(clean))
+    untouched = ~train
+    assert torch.equal(state["y_release"][untouched], state["y"][state["rows"]][untouched])
+
+
+def test_report_html_has_the_plots(private_run: Path) -> None:
+    page = (private_run / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4
+    assert "joint.records" in page and "lender.labels" in page
+
+
+def test_lender_refuses_a_label_release_over_its_own_budget(party_data: tuple[Path, dict], tmp_path: Path) -> None:
+    data, _ = party_data
+    config = load_config(None, PRIVATE)
+    budgets = default_budgets(config)
+    budgets["lender"]["lender.labels@payment"] = 1.0  # the server asks for eps 2
+    with pytest.raises(RunError, match=r"lender.*lender\.labels@payment.*budget 1"):
+        run_inprocess(config, data, tmp_path / "run", secret=SECRET, budgets=budgets)
+    report = json.loads((tmp_path / "run" / "privacy-report.json").read_text())
+    assert report["refusal"]["party"] == "lender" and report["refusal"]["request"] == "align.match"
+    assert report["guarantees"] == []  # nothing was recorded: the refused release never happened
+
+
+def test_payment_stops_mid_run_and_what_was_released_is_still_counted(party_data: tuple[Path, dict],
+                                                                       tmp_path: Path) -> None:
+    data, _ = party_data
+    config = load_config(None, PRIVATE)
+    budgets = default_budgets(config)
+    budgets["payment"]["payment.features@lender"] = 6.0  # enough for 1-2 of the 3 planned embedding releases
+    with pytest.raises(RunError, match=r"payment.*payment\.features@lender"):
+        run_inprocess(config, data, tmp_path / "run", secret=SECRET, budgets=budgets)
+    report = json.loads((tmp_path / "run" / "privacy-report.json").read_text())
+    assert report["refusal"]["party"] == "payment" and report["refusal"]["request"] == "embed"
+    features = next(g for g in report["guarantees"] if g["protects"] == "payment.features")
+    assert 1 <= len(features["per_release"]) < 3
+    assert features["epsilon"] <= 6.0
+    ledger = json.loads((tmp_path / "run" / "parties" / "payment" / "privacy-ledger.json").read_text())
+    assert len([e for e in ledger["entries"] if e["guarantee"] == "payment.features@lender"]) == \
+        len(features["per_release"])
+
+
+def test_a_party_with_a_budget_refuses_an_unprotected_run(party_data: tuple[Path, dict], tmp_path: Path) -> None:
+    data, _ = party_data
+    config = load_config(None, [*PRIVATE, "privacy.enabled=false"])
+    with pytest.raises(RunError, match=r"lender refused.*unprotected"):
+        run_inprocess(config, data, tmp_path / "run", secret=SECRET,
+                      budgets={"payment": {}, "lender": {"lender.labels@payment": 2.0}})
