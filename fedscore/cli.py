@@ -199,6 +199,20 @@ def demo(users: Annotated[int, typer.Option(min=1000)] = 20000,
 
 
 @app.command()
+def blacklist(data: Annotated[Path, typer.Option(help="DIR with lender/applicants.* and payment/fraud_list.*")],
+              out: Annotated[Path, typer.Option(help="folder for the parties' state")]) -> None:
+    """Private blacklist check (PSI): the lender learns which applicants are on the payment holder's fraud list;
+    the payment holder learns only how many applicants were checked."""
+    from fedscore.runs import run_blacklist
+
+    with _user_errors():
+        hits = run_blacklist(data, out)
+    count = len(hits.read_text().splitlines()) - 1
+    console.print(f"lender: {count} applicant(s) on the payment holder's fraud list -> {hits} "
+                  f"(use with `fedscore score --blacklist {hits}` to flag them for manual review)")
+
+
+@app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run folder made by train or federate")]) -> None:
     """Rebuild RUN_DIR/privacy-report.json and RUN_DIR/report.html from the run's own files."""
     from fedscore.report import write_reports

@@ -153,6 +153,9 @@ def finish_run(run_dir: Path, data_dir: Path, config: FedConfig, secret: str) ->
                     "payload_bytes": sum(t["sent_bytes"] + t["reply_bytes"] for t in outcome["traffic"])},
     }
     write_json_atomic(run_dir / "metrics.json", metrics)
+    write_json_atomic(run_dir / "alignment.json", {  # sizes only, never IDs
+        k: outcome["alignment"][k] for k in ("method", "payment_rows", "lender_rows", "intersection", "train",
+                                             "val", "test") if k in outcome["alignment"]})
     from fedscore.bundle import assemble_bundle
 
     write_reports(run_dir)
@@ -165,3 +168,19 @@ def _centralized(data_dir: Path, config: FedConfig, secret: str) -> dict[str, An
     from fedscore.baselines import centralized_baselines
 
     return centralized_baselines(data_dir, config, bytes.fromhex(secret))
+
+
+def run_blacklist(data_dir: Path, run_dir: Path, secret: str | None = None) -> Path:
+    """The blacklist check between the two local parties; returns the lender's hits file (its own state dir)."""
+    from clients.parties import make_party
+    from server.coordinator import PartyRefused, check_blacklist
+    from shared.transport import InProcessTransport
+
+    check_data_dir(data_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    settings = party_settings(run_dir, data_dir, secret or secrets.token_hex(16))
+    try:
+        check_blacklist(InProcessTransport({name: make_party(s) for name, s in settings.items()}))
+    except PartyRefused as exc:
+        raise RunError(f"blacklist check stopped: {exc}") from exc
+    return settings["lender"].state_dir / "blacklist-hits.csv"

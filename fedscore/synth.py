@@ -201,6 +201,10 @@ def _umask() -> int:
     return mask
 
 
+# the payment holder's fraud list (for the private blacklist check): this share of its users
+FRAUD_SHARE = 0.01
+
+
 def synthesize(users: int, seed: int, out: Path) -> SynthSummary:
     """Generate `users` people and write out/payment/transactions.parquet and out/lender/applicants.parquet.
 
@@ -225,12 +229,15 @@ def synthesize(users: int, seed: int, out: Path) -> SynthSummary:
     lender, label = _lender(rng, people, lender_rows)
     tx = _transactions(rng, people, payment_rows)
     order = np.lexsort((tx["user"], tx["timestamp"]))
+    fraud_rows = payment_rows[rng.random(len(payment_rows)) < FRAUD_SHARE]  # drawn last: earlier draws unchanged
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should be an ordinary directory
         _write(tmp, ids, lender_rows, lender, payment_rows, tx, order)
+        pq.write_table(pa.table({"id": pa.array(list(ids[fraud_rows]), pa.string())}),
+                       tmp / "payment" / "fraud_list.parquet")
         if out.exists():
             out.rmdir()  # empty (checked above); rename needs the name free
         os.rename(tmp, out)

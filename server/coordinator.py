@@ -1,8 +1,9 @@
 """The round logic. Read this file to follow one training run end to end.
 
 1. setup: both parties load their own data and get the run config.
-2. alignment: payment offers keyed tokens of its IDs -> relayed to the lender, which matches them against its own
-   and returns the ordered intersection -> relayed back to payment. The coordinator sees sizes only.
+2. alignment, ECDH private set intersection (shared/psi.py): the lender's blinded IDs -> payment, which answers
+   with its own blinded set -> the lender learns the intersection and sends payment the sorted HMAC tokens of it.
+   The coordinator relays three opaque payloads and sees sizes only.
 3. rounds r = 0..R-1: payment `embed` (applying the previous round's gradients first) -> embeddings relayed to the
    lender; lender `train` -> gradients relayed to payment, validation/test metrics shared with the coordinator.
 4. export: each party writes its own part of the model (ONNX, preprocessing inside) to its own state directory.
@@ -73,21 +74,25 @@ class Coordinator:
 
     def run(self) -> RunResult:
         start = time.perf_counter()
-        total_steps = 4 + 2 * self.config.training.rounds
+        total_steps = 5 + 2 * self.config.training.rounds
         self.progress("setup", 0, total_steps)
         config_json = self.config.model_dump_json()
-        self._exchange(request("setup", "payment", info={"config": config_json}),
-                       request("setup", "lender", info={"config": config_json}))
+        setup_replies = self._exchange(request("setup", "payment", info={"config": config_json}),
+                                       request("setup", "lender", info={"config": config_json}))
         self.result.timing["setup_s"] = time.perf_counter() - start
 
         self.progress("alignment", 1, total_steps)
         t0 = time.perf_counter()
-        (offer,) = self._exchange(request("align.offer", "payment"))
-        (match,) = self._exchange(request("align.match", "lender", payload=offer.payload,
-                                          payload_kind=offer.header.payload_kind))
+        (psi_request,) = self._exchange(request("align.request", "lender"))
+        (psi_response,) = self._exchange(request("align.respond", "payment", payload=psi_request.payload,
+                                                 payload_kind=psi_request.header.payload_kind))
+        (match,) = self._exchange(request("align.match", "lender", payload=psi_response.payload,
+                                          payload_kind=psi_response.header.payload_kind))
         (_accept,) = self._exchange(request("align.accept", "payment", payload=match.payload,
                                            payload_kind=match.header.payload_kind))
         self.result.alignment = {
+            "method": "ecdh-psi",
+            "payment_rows": float(setup_replies[0].header.info["rows"]),
             "lender_rows": match.header.metrics["lender_rows"],
             "intersection": match.header.metrics["intersection"],
             **{k: float(v) for k, v in match.header.info.items() if isinstance(v, int | float)},
@@ -118,3 +123,21 @@ class Coordinator:
         self.result.timing["protocol_s"] = time.perf_counter() - start
         self.progress("done", total_steps, total_steps)
         return self.result
+
+
+def check_blacklist(transport: Transport) -> dict[str, int]:
+    """The private blacklist check, its own step: lender (PSI client, applicants) -> payment (PSI server, fraud list)
+    -> lender, which keeps the hits. The coordinator sees the two payload sizes only."""
+
+    def ask(message: Envelope) -> Envelope:
+        (reply,) = transport.exchange([message])
+        if reply.header.error:
+            raise PartyRefused(message.header.recipient, message.header.kind, reply.header.error)
+        return reply
+
+    psi_request = ask(request("blacklist.request", "lender"))
+    psi_response = ask(request("blacklist.respond", "payment", payload=psi_request.payload,
+                               payload_kind=psi_request.header.payload_kind))
+    ask(request("blacklist.match", "lender", payload=psi_response.payload,
+                payload_kind=psi_response.header.payload_kind))
+    return {"request_bytes": len(psi_request.payload), "response_bytes": len(psi_response.payload)}

@@ -20,17 +20,16 @@ class PartyTable:
 
 
 def table_from_frame(frame: pd.DataFrame, source: Path | str, exclude: tuple[str, ...] = ("id",)) -> PartyTable:
+    from shared.psi import check_ids
+
     if frame.empty:
         raise DataError(f"{source}: no rows")
-    duplicated = frame["id"].duplicated()
-    if duplicated.any():
-        raise DataError(f"{source}: column id: duplicate id {frame['id'][duplicated].iloc[0]!r} "
-                        f"({int(duplicated.sum())} duplicate row(s))")
+    ids = check_ids(frame["id"].tolist(), f"{source}: column id")  # all str or all int, no blanks, no duplicates
     columns = [c for c in frame.columns if c not in exclude]
     if not columns:
         raise DataError(f"{source}: no feature columns besides {', '.join(exclude)}")
     values = numeric_matrix(frame, columns, Path(str(source))).to_numpy()
-    return PartyTable(ids=frame["id"].astype(str).tolist(), columns=columns, values=values, source=str(source))
+    return PartyTable(ids=ids, columns=columns, values=values, source=str(source))
 
 
 def batches(n: int, batch_size: int, generator) -> list[np.ndarray]:

@@ -24,14 +24,12 @@ def find_table(directory: Path, stem: str) -> Path:
 
 def read_table(path: Path, required: list[str]) -> pd.DataFrame:
     try:
-        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype={"id": str})
     except Exception as exc:  # pandas/pyarrow raise many types; the user needs the file name
         raise DataError(f"{path}: cannot read table: {exc}") from exc
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
-    if "id" in frame.columns:
-        frame["id"] = frame["id"].astype(str)
     return frame
 
 

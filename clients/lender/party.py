@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from clients.base import PartyBase, PartySettings, ProtocolError
-from clients.lender.data import load_lender_table
-from shared.atomic import write_json_atomic
+from clients.lender.data import load_applicants, load_lender_table
+from shared.atomic import write_json_atomic, write_text_atomic
 from shared.messages import Envelope, pack_arrays, unpack_arrays
 from shared.metrics import all_metrics, curves
 from shared.model_parts import LenderTop, init_module, seeded
 from shared.party_data import batches
 from shared.preprocessing import Scaler, fit_scaler
-from shared.splits import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, assign_splits, keyed_tokens
+from shared.splits import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, assign_splits
 
 
 class LenderParty(PartyBase):
@@ -30,8 +30,10 @@ class LenderParty(PartyBase):
 
     def __init__(self, settings: PartySettings) -> None:
         super().__init__(settings)
-        self.handlers = {"setup": self.on_setup, "align.match": self.on_align_match, "train": self.on_train,
-                         "export": self.on_export}
+        self.handlers = {"setup": self.on_setup, "align.request": self.on_align_request,
+                         "align.match": self.on_align_match, "train": self.on_train,
+                         "export": self.on_export, "blacklist.request": self.on_blacklist_request,
+                         "blacklist.match": self.on_blacklist_match}
 
     def on_setup(self, message: Envelope) -> Envelope:
         table, labels = load_lender_table(self.settings.data_path)
@@ -49,14 +51,42 @@ class LenderParty(PartyBase):
         return self.reply(message, info={"rows": len(table.ids), "features": len(table.columns),
                                          "default_rate": float(labels.mean())})
 
+    # -- blacklist check: the lender learns which applicants are on the payment holder's fraud list ------------------
+    def on_blacklist_request(self, message: Envelope) -> Envelope:
+        from shared.psi import blacklist_request
+
+        request, self.state["blacklist_state"] = blacklist_request(load_applicants(self.settings.data_path).ids)
+        return self.reply(message, payload=request, payload_kind="psi_request")
+
+    def on_blacklist_match(self, message: Envelope) -> Envelope:
+        """The hits stay here (state_dir/blacklist-hits.csv, for manual review); the reply carries nothing about
+        them, not even a count, so neither the coordinator nor the payment holder learns who or how many."""
+        from shared.psi import blacklist_hits
+
+        if "blacklist_state" not in self.state:
+            raise ProtocolError("lender: blacklist.match before blacklist.request")
+        ids = load_applicants(self.settings.data_path).ids
+        rows = blacklist_hits(self.state.pop("blacklist_state"), ids, message.payload)
+        write_text_atomic(self.settings.state_dir / "blacklist-hits.csv", "id\n" + "".join(f"{ids[r]}\n" for r in rows))
+        return self.reply(message)
+
+    def on_align_request(self, message: Envelope) -> Envelope:
+        """PSI client step 1: our IDs, hashed to the curve and blinded with a key that never leaves this party."""
+        from shared.psi import lender_request
+
+        request, self.state["psi_state"] = lender_request(self.state["ids"])
+        return self.reply(message, payload=request, payload_kind="psi_request")
+
     def on_align_match(self, message: Envelope) -> Envelope:
-        theirs = unpack_arrays(message.payload)["tokens"]
-        mine = keyed_tokens(self.state["ids"], self.settings.secret_bytes)
-        common = np.intersect1d(mine, theirs)  # sorted: both sides get the same order
-        if len(common) == 0:
-            raise ProtocolError("lender: no applicant is also a payment user (empty intersection)")
-        position = {t: i for i, t in enumerate(mine.tolist())}
-        rows = np.array([position[t] for t in common.tolist()], dtype=np.int64)
+        """PSI client step 2: learn which of our applicants the payment holder has; both sides then order them by
+        an HMAC token under the secret the parties share (sorted), which is all the payment holder receives."""
+        from shared.psi import lender_alignment, lender_intersection, require_intersection, tokens_payload
+
+        if "psi_state" not in self.state:
+            raise ProtocolError("lender: align.match before align.request")
+        found = lender_intersection(self.state.pop("psi_state"), self.state["ids"], message.payload)
+        common, rows = lender_alignment(self.state["ids"], require_intersection(found), self.settings.secret_bytes)
+        mine = self.state["ids"]
         config = self.config
         split = assign_splits(common, config.split.test_fraction, config.split.val_fraction,
                               self.settings.secret_bytes)
@@ -84,7 +114,7 @@ class LenderParty(PartyBase):
             baseline = self._lender_only_baseline()
             metrics.update({f"lender_only_{k}": v for k, v in baseline.items() if k != "model"})
             info["lender_only_model"] = baseline["model"]
-        return self.reply(message, payload=pack_arrays(tokens=common), payload_kind="alignment_tokens",
+        return self.reply(message, payload=tokens_payload(common), payload_kind="alignment_tokens",
                           metrics=metrics, info=info)
 
     def _protect_labels(self, y: torch.Tensor, train: np.ndarray) -> torch.Tensor:

@@ -20,7 +20,7 @@ from shared.messages import Envelope, pack_arrays, unpack_arrays
 from shared.model_parts import PaymentBottom, init_module, seeded
 from shared.party_data import batches
 from shared.preprocessing import Scaler, fit_scaler
-from shared.splits import SPLIT_TRAIN, assign_splits, keyed_tokens
+from shared.splits import SPLIT_TRAIN, assign_splits
 
 
 class PaymentParty(PartyBase):
@@ -30,10 +30,11 @@ class PaymentParty(PartyBase):
         super().__init__(settings)
         self.handlers = {
             "setup": self.on_setup,
-            "align.offer": self.on_align_offer,
+            "align.respond": self.on_align_respond,
             "align.accept": self.on_align_accept,
             "embed": self.on_embed,
             "export": self.on_export,
+            "blacklist.respond": self.on_blacklist_respond,
         }
 
     # -- setup and alignment -------------------------------------------------------------------------------------
@@ -49,18 +50,33 @@ class PaymentParty(PartyBase):
         }
         return self.reply(message, info={"rows": len(table.ids), "features": len(table.columns)})
 
-    def on_align_offer(self, message: Envelope) -> Envelope:
-        tokens = keyed_tokens(self.state["ids"], self.settings.secret_bytes)
-        return self.reply(message, payload=pack_arrays(tokens=tokens), payload_kind="alignment_tokens")
+    def on_align_respond(self, message: Envelope) -> Envelope:
+        """PSI server step: answer the lender's blinded request with our own blinded IDs (a fresh key per run).
+        We learn the size of the lender's set, nothing about its IDs."""
+        from shared.psi import payment_respond
+
+        return self.reply(message, payload=payment_respond(message.payload, self.state["ids"]),
+                          payload_kind="psi_response")
+
+    def on_blacklist_respond(self, message: Envelope) -> Envelope:
+        """PSI server step against our fraud list (DIR/payment/fraud_list.*): we learn only how many applicants
+        were checked, never which of them are on it."""
+        from shared.party_data import table_from_frame
+        from shared.psi import blacklist_respond
+        from shared.tables import find_table, read_table
+
+        path = find_table(self.settings.data_path, "fraud_list")
+        frame = read_table(path, ["id"])
+        frame["listed"] = 1.0  # table_from_frame wants one value column; the IDs are what matters
+        fraud = table_from_frame(frame, path)
+        return self.reply(message, payload=blacklist_respond(message.payload, fraud.ids), payload_kind="psi_response")
 
     def on_align_accept(self, message: Envelope) -> Envelope:
-        aligned = unpack_arrays(message.payload)["tokens"]
-        mine = keyed_tokens(self.state["ids"], self.settings.secret_bytes)
-        position = {t: i for i, t in enumerate(mine.tolist())}
-        try:
-            rows = np.array([position[t] for t in aligned.tolist()], dtype=np.int64)
-        except KeyError as exc:
-            raise ProtocolError("payment: the lender's intersection holds a token that is not one of ours") from exc
+        """The lender's sorted intersection tokens (HMAC under the parties' secret) -> our rows in that order."""
+        from shared.psi import rows_for_tokens, tokens_from_payload
+
+        aligned = tokens_from_payload(message.payload)
+        rows = rows_for_tokens(self.state["ids"], aligned, self.settings.secret_bytes)
         config = self.config
         split = assign_splits(aligned, config.split.test_fraction, config.split.val_fraction,
                               self.settings.secret_bytes)
