@@ -56,13 +56,33 @@ def score_command(model: ModelOpt, data: DataOpt,
 @serve_app.command("payment")
 def serve_payment_command(model: ModelOpt, data: DataOpt,
                           port: Annotated[int, typer.Option(min=1, max=65535)] = 50061,
-                          host: HostOpt = "127.0.0.1") -> None:
+                          host: HostOpt = "127.0.0.1",
+                          state_dir: Annotated[Path | None, typer.Option(
+                              "--state-dir", help="the payment party's state dir (RUN_DIR/parties/payment): its "
+                              "ledger and noise; every answer is then charged as a release")] = None,
+                          budget: Annotated[list[str] | None, typer.Option(
+                              "--budget", help="guarantee=eps for this party (default: the run's targets)")] = None,
+                          ) -> None:
     """The payment holder: featurise DIR/payment once, then answer GetEmbedding over gRPC."""
     from clients.payment.service import run_payment_service
 
     with _user_errors():
+        guard = _ledger_guard(model, state_dir, budget) if state_dir is not None else None
         console.print(f"loading {data / 'payment'} and the payment part from {model} ...")
-        run_payment_service(model, data, host, port, on_ready=console.print)
+        run_payment_service(model, data, host, port, guard=guard, on_ready=console.print)
+
+
+def _ledger_guard(model: Path, state_dir: Path, budget: list[str] | None):
+    from clients.base import parse_budgets
+    from clients.payment.release_guard import LedgerGuard
+    from fedscore.runs import default_budgets
+    from shared.config import FedConfig
+    from shared.export_onnx import load_manifest
+
+    config = FedConfig.model_validate(load_manifest(model).training_config)
+    budgets = default_budgets(config)["payment"]
+    budgets.update(parse_budgets(";".join(budget or [])))
+    return LedgerGuard.from_run(state_dir, config.privacy, budgets)
 
 
 @serve_app.command("lender")

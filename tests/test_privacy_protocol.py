@@ -102,3 +102,33 @@ def test_a_party_with_a_budget_refuses_an_unprotected_run(party_data: tuple[Path
     with pytest.raises(RunError, match=r"lender refused.*unprotected"):
         run_inprocess(config, data, tmp_path / "run", secret=SECRET,
                       budgets={"payment": {}, "lender": {"lender.labels@payment": 2.0}})
+
+
+def test_online_answers_are_charged_per_user_worst_case_and_refused_past_the_budget(private_run: Path) -> None:
+    import numpy as np
+
+    from clients.payment.release_guard import LedgerGuard
+    from clients.payment.service import ReleaseRefused
+
+    config = load_config(None, PRIVATE)
+    state_dir = private_run / "parties" / "payment"
+    ledger_file = state_dir / "privacy-ledger.json"
+    before = len(json.loads(ledger_file.read_text())["entries"])
+    report = json.loads((private_run / "privacy-report.json").read_text())
+    spent = next(g["epsilon"] for g in report["guarantees"] if g["protects"] == "payment.features")
+    budget = {"payment.features@lender": spent + 2.0, "joint.records@outsider": 3.0}  # room for one more
+    guard = LedgerGuard.from_run(state_dir, config.privacy, budget)
+    assert guard.sigma is not None and guard.sigma > 0
+
+    guard.before_release("u1")  # the worst case goes from 0 to 1 online release: charged
+    guard.before_release("u2")  # another user's first answer: the worst case is unchanged, nothing charged
+    entries = json.loads(ledger_file.read_text())["entries"]
+    assert len(entries) == before + 1 and "online" in entries[-1]["note"]
+    with pytest.raises(ReleaseRefused, match=r"payment\.features@lender"):
+        for _ in range(50):
+            guard.before_release("u1")
+    assert json.loads(ledger_file.read_text())["entries"][-1]["epsilon_after"] <= spent + 2.0
+
+    clean = np.full(8, 0.05, dtype=np.float32)
+    draws = np.stack([guard.noise(clean) for _ in range(4000)])
+    assert draws.std() == pytest.approx(guard.sigma * config.privacy.embedding_clip, rel=0.05)
