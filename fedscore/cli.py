@@ -176,7 +176,7 @@ def federate(data: Annotated[Path, typer.Option(help="DIR with payment/ and lend
 
 
 @app.command()
-def demo(users: Annotated[int, typer.Option(min=1000)] = 20000,
+def demo(users: Annotated[int, typer.Option(min=1000)] = 100000,
          out: Annotated[Path, typer.Option(help="folder for data/ and run/")] = Path("runs/demo"),
          set_: SetOpt = None) -> None:
     """Synthetic data -> real local Flower federation -> results against the two baselines."""
