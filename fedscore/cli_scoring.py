@@ -77,7 +77,7 @@ def _ledger_guard(model: Path, state_dir: Path, budget: list[str] | None):
     from clients.payment.release_guard import LedgerGuard
     from fedscore.runs import default_budgets
     from shared.config import FedConfig
-    from shared.export_onnx import load_manifest
+    from shared.manifest import load_manifest
 
     config = FedConfig.model_validate(load_manifest(model).training_config)
     budgets = default_budgets(config)["payment"]

@@ -18,36 +18,38 @@ whose files do not hash to what the manifest says, so a swapped or corrupted par
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import tempfile
 import warnings
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from shared.manifest import (  # noqa: F401 - re-exported: the names exporters and scorers share
+    EMBEDDING,
+    FORMAT_VERSION,
+    LENDER_FILE,
+    LENDER_INPUT,
+    LOGIT,
+    MANIFEST_NAME,
+    PART_NAMES,
+    PAYMENT_FILE,
+    PAYMENT_INPUT,
+    PROBABILITY,
+    ModelManifest,
+    PartManifest,
+    load_manifest,
+    sha256_file,
+    write_manifest,
+)
 from shared.model_parts import LenderTop, PaymentBottom
 from shared.preprocessing import Scaler
 from shared.scorecard import ScorecardParams
 
 OPSET = 17
-MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = "1"
-PAYMENT_FILE = "payment_part.onnx"
-LENDER_FILE = "lender_part.onnx"
-PART_NAMES = ("payment", "lender")
-
-PAYMENT_INPUT = "payment_features"
-LENDER_INPUT = "lender_features"
-EMBEDDING = "embedding"
-PROBABILITY = "probability"
-LOGIT = "logit"
 BATCH = "batch"
 
 
@@ -150,69 +152,6 @@ def export_lender_part(model: LenderTop, scaler: Scaler, path: Path) -> None:
     })
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks so large files do not need to fit in memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------------- manifest
-
-
-class PartManifest(BaseModel):
-    """One ONNX part as the manifest records it: enough to feed it correctly without opening the graph."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    file: str = Field(description="file name inside the bundle folder (no directories)")
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    inputs: list[str]
-    input_dtypes: dict[str, str] = Field(description="input name -> element type, e.g. 'float32'")
-    input_shapes: dict[str, list[str | int]] = Field(default_factory=dict, description="'batch' is dynamic")
-    feature_names: list[str] = Field(description="raw feature columns of the features input, in order")
-    log_columns: list[str] = Field(default_factory=list, description="get signed log1p inside the graph")
-    outputs: list[str]
-
-    @field_validator("file")
-    @classmethod
-    def _plain_name(cls, value: str) -> str:
-        # a manifest must not be able to point a loader at files outside its own folder
-        if not value or value in (".", "..") or Path(value).name != value or "\\" in value:
-            raise ValueError(f"part file must be a plain file name inside the bundle folder, got {value!r}")
-        return value
-
-
-class ModelManifest(BaseModel):
-    """What a scoring bundle contains and how it was made; written next to the two ONNX parts."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    format_version: Literal["1"] = FORMAT_VERSION
-    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
-    parts: dict[str, PartManifest]
-    embedding_dim: int = Field(ge=1)
-    training_config: dict[str, Any] = Field(default_factory=dict)
-    metrics: dict[str, Any] = Field(default_factory=dict)
-    privacy: list[dict[str, Any]] = Field(default_factory=list, description="guarantees spent; may be empty")
-    scorecard: ScorecardParams = Field(default_factory=ScorecardParams)
-    payment_feature_definition: dict[str, Any] | None = Field(
-        None, description="how the payment holder computes its features from transactions (FEATURE_DEFINITION)")
-    embedding_baseline: list[float] | None = Field(
-        None, description="reference embedding for reason codes (e.g. mean training embedding); None = zeros")
-    lender_reference: list[float] | None = Field(
-        None, description="a typical applicant's raw lender features (medians): what reason codes compare to")
-
-    @field_validator("parts")
-    @classmethod
-    def _both_parts(cls, value: dict[str, PartManifest]) -> dict[str, PartManifest]:
-        if set(value) != set(PART_NAMES):
-            raise ValueError(f"parts must be exactly {list(PART_NAMES)}, got {sorted(value)}")
-        return value
-
-
 def _onnx_type_name(elem_type: int) -> str:
     import onnx
 
@@ -234,50 +173,6 @@ def describe_part(path: Path, scaler: Scaler) -> PartManifest:
         feature_names=list(scaler.columns), log_columns=list(scaler.log_columns),
         outputs=[o.name for o in graph.output],
     )
-
-
-def write_manifest(directory: Path, manifest: ModelManifest) -> Path:
-    """Write `manifest.json` atomically (temp file + rename), so a reader never sees half a manifest."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / MANIFEST_NAME
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(manifest.model_dump_json(indent=2))
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
-
-
-def load_manifest(directory: Path) -> ModelManifest:
-    """Read and validate `manifest.json`, then check every part file against its sha256.
-
-    Raises ValueError naming the file for a missing/invalid manifest, a missing part or a hash mismatch.
-    """
-    directory = Path(directory)
-    path = directory / MANIFEST_NAME
-    if not path.is_file():
-        raise ValueError(f"{path}: manifest not found")
-    try:
-        manifest = ModelManifest.model_validate_json(path.read_text(encoding="utf-8"))
-    except ValueError as exc:  # pydantic's ValidationError is a ValueError
-        raise ValueError(f"{path}: invalid manifest: {exc}") from exc
-    for name, part in manifest.parts.items():
-        file = directory / part.file
-        if not file.is_file():
-            raise ValueError(f"{file}: {name} part listed in {MANIFEST_NAME} is missing")
-        actual = sha256_file(file)
-        if actual != part.sha256:
-            raise ValueError(f"{file}: sha256 mismatch for the {name} part (manifest {part.sha256}, file {actual}); "
-                             "the file was modified or replaced after export")
-    return manifest
 
 
 # ------------------------------------------------------------------------------------------------ verification

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from shared.export_onnx import (
+from shared.manifest import (
     EMBEDDING,
     LENDER_INPUT,
     LOGIT,

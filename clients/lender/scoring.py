@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from clients.lender.data import load_applicants
-from shared.export_onnx import EMBEDDING, LENDER_INPUT, LOGIT, PROBABILITY
+from shared.manifest import EMBEDDING, LENDER_INPUT, LOGIT, PROBABILITY
 from shared.payment_signals import PaymentSignals
 from shared.scorecard import PAYMENT_FACTOR, decisions, reason_codes, reason_text
 from shared.scoring_bundle import ScoringBundle, ordered_matrix, ort_session

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from clients.payment.data import load_payment_table
-from shared.export_onnx import EMBEDDING, PAYMENT_INPUT
+from shared.manifest import EMBEDDING, PAYMENT_INPUT
 from shared.party_data import PartyTable
 from shared.payment_signals import PaymentSignals
 from shared.scorecard import CoarseSignalRules, coarse_payment_signals
