@@ -20,6 +20,8 @@ from shared.atomic import atomic_write
 from shared.config import FedConfig
 from shared.messages import Envelope, Header
 from shared.model_parts import configure_torch
+from shared.party_data import PartyTable
+from shared.preprocessing import fit_scaler
 from shared.tables import DataError
 
 if TYPE_CHECKING:
@@ -100,6 +102,13 @@ class PartyBase:
         if "config" not in self.state:
             raise ProtocolError(f"{self.name}: no setup received yet")
         return FedConfig.model_validate_json(self.state["config"])
+
+    def fresh_state(self, message: Envelope, table: PartyTable) -> dict[str, Any]:
+        """The state every party starts a run with: the run config, its IDs, and its features scaled by its own
+        scaler (kept as data, so the export can rebuild it inside the ONNX graph)."""
+        scaler = fit_scaler(table.columns, table.values)
+        return {"config": str(message.header.info["config"]), "ids": table.ids, "scaler": scaler.to_dict(),
+                "x": torch.from_numpy(scaler.transform(table.values))}
 
     @property
     def ledger(self) -> Ledger:

@@ -143,6 +143,17 @@ def _report(metrics: dict, run_dir: Path) -> None:
     console.print(f"artefacts: {run_dir}/report.html, metrics.json, privacy-report.json, model/, parties/")
 
 
+def _run(runner, data: Path, out: Path, config: Path | None, set_: list[str] | None,
+         secret_file: Path | None, budget: list[str] | None) -> None:
+    """train and federate differ only in the transport: same config, secret, budgets, progress and report."""
+    with _user_errors():
+        cfg = _load(config, set_)
+        with _progress_bar() as progress:
+            metrics = runner(cfg, data, out, progress=progress, secret=_secret(secret_file),
+                             budgets=_budgets(cfg, budget))
+    _report(metrics, out)
+
+
 @app.command()
 def train(data: Annotated[Path, typer.Option(help="DIR with payment/ and lender/")],
           out: Annotated[Path, typer.Option(help="run folder to create")],
@@ -151,12 +162,7 @@ def train(data: Annotated[Path, typer.Option(help="DIR with payment/ and lender/
     """Train in one process (parties as objects): the fast path and the reference."""
     from fedscore.runs import run_inprocess
 
-    with _user_errors():
-        cfg = _load(config, set_)
-        with _progress_bar() as progress:
-            metrics = run_inprocess(cfg, data, out, progress=progress, secret=_secret(secret_file),
-                                    budgets=_budgets(cfg, budget))
-    _report(metrics, out)
+    _run(run_inprocess, data, out, config, set_, secret_file, budget)
 
 
 @app.command()
@@ -167,12 +173,7 @@ def federate(data: Annotated[Path, typer.Option(help="DIR with payment/ and lend
     """Train through a real local Flower federation: SuperLink + one SuperNode per party + ServerApp."""
     from fedscore.federation import run_federated
 
-    with _user_errors():
-        cfg = _load(config, set_)
-        with _progress_bar() as progress:
-            metrics = run_federated(cfg, data, out, progress=progress, secret=_secret(secret_file),
-                                    budgets=_budgets(cfg, budget))
-    _report(metrics, out)
+    _run(run_federated, data, out, config, set_, secret_file, budget)
 
 
 @app.command()

@@ -21,7 +21,7 @@ from shared.messages import Envelope, pack_arrays, unpack_arrays
 from shared.metrics import all_metrics, curves
 from shared.model_parts import LenderTop, init_module, seeded
 from shared.party_data import batches
-from shared.preprocessing import Scaler, fit_scaler
+from shared.preprocessing import Scaler
 from shared.splits import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, assign_splits
 
 
@@ -37,12 +37,8 @@ class LenderParty(PartyBase):
 
     def on_setup(self, message: Envelope) -> Envelope:
         table, labels = load_lender_table(self.settings.data_path)
-        scaler = fit_scaler(table.columns, table.values)
         self.state = {
-            "config": str(message.header.info["config"]),
-            "ids": table.ids,
-            "scaler": scaler.to_dict(),
-            "x": torch.from_numpy(scaler.transform(table.values)),
+            **self.fresh_state(message, table),
             "raw": torch.tensor(table.values),
             "y": torch.from_numpy(labels),
             # a typical applicant, in raw units: the reference reason codes measure each feature against

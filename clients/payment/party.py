@@ -19,7 +19,7 @@ from shared.atomic import write_json_atomic
 from shared.messages import Envelope, pack_arrays, unpack_arrays
 from shared.model_parts import PaymentBottom, init_module, seeded
 from shared.party_data import batches
-from shared.preprocessing import Scaler, fit_scaler
+from shared.preprocessing import Scaler
 from shared.splits import SPLIT_TRAIN, assign_splits
 
 
@@ -40,12 +40,8 @@ class PaymentParty(PartyBase):
     # -- setup and alignment -------------------------------------------------------------------------------------
     def on_setup(self, message: Envelope) -> Envelope:
         table = load_payment_table(self.settings.data_path)
-        scaler = fit_scaler(table.columns, table.values)
         self.state = {
-            "config": str(message.header.info["config"]),
-            "ids": table.ids,
-            "scaler": scaler.to_dict(),
-            "x": torch.from_numpy(scaler.transform(table.values)),
+            **self.fresh_state(message, table),
             "featurised": Path(table.source).stem == "transactions",
         }
         return self.reply(message, info={"rows": len(table.ids), "features": len(table.columns)})
