@@ -2,9 +2,11 @@
 
 Each round a party takes `steps_per_round` Poisson-sampled steps (rate q = batch / n_train). The noise is
 calibrated once, for all planned rounds, to the outsider eps target (Opacus PRV). Both sides use
-loss_reduction="sum": the per-sample loss is summed over the batch and Opacus divides by the expected batch size,
-so a Poisson batch of any size (empty ones are skipped: that depends on the sampling alone, not on data) is treated
-the same way on both sides. Opacus is imported here only, lazily (3-4 s).
+loss_reduction="sum": the per-sample loss is summed over the batch, and with "sum" Opacus leaves p.grad as the noisy
+SUM of clipped per-sample gradients (no 1/B). The inner optimizer is Adam, which is invariant to that scale (plain
+SGD would need its lr divided by B; weight decay is correspondingly ~1/B as strong). A Poisson batch of any size is
+treated the same way on both sides; empty ones are skipped (that depends on the sampling alone, not on data).
+Opacus is imported here only, lazily (3-4 s).
 """
 
 from __future__ import annotations

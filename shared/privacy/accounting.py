@@ -99,8 +99,13 @@ def prv_applies(mechanisms: Sequence[Mechanism]) -> bool:
 
 def prv_epsilon(mechanisms: Sequence[DpSgdRelease | GaussianRelease], delta: float) -> float:
     """Epsilon by Opacus' PRV accountant (its upper bound). Opacus is imported here: it costs seconds to load."""
+    import warnings
+
     from opacus.accountants import PRVAccountant
 
+    # PRV bounds its domain with an RDP pass, which warns when its best order is the largest alpha it tries; that
+    # only loosens the domain bound, not the PRV epsilon we report
+    warnings.filterwarnings("ignore", message="Optimal order is the largest alpha", category=UserWarning)
     if common_neighbouring(mechanisms) != "add_remove":
         raise ValueError("Opacus' PRV accountant covers add/remove neighbours only")
     history = []
