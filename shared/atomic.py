@@ -1,4 +1,5 @@
-"""Atomic file writes (temp file in the same folder + rename): a reader or a crash never sees half a file."""
+"""Atomic file writes (temp file in the same folder, fsync, rename): a reader or a crash never sees half a file,
+and a write-ahead record (the privacy ledger) is on disk before the release it records happens."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

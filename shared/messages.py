@@ -8,7 +8,7 @@ receiving party, so they can later be encrypted end to end without changing the 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,7 +34,6 @@ class Header(BaseModel):
 class Envelope:
     header: Header
     payload: bytes = b""
-    extra: dict[str, bytes] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.header.payload_bytes = len(self.payload)

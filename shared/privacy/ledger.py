@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from shared.atomic import write_text_atomic
 from shared.privacy.accounting import account, check_guarantee_records
 from shared.privacy.mechanisms import Mechanism, mechanisms_from_dicts, split_guarantee_key
 
@@ -77,16 +76,7 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"version": LEDGER_VERSION, "party": self.party, "delta": self.delta,
                            "entries": entries}, indent=1, allow_nan=False)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(self.path, text)
 
     # -- queries ---------------------------------------------------------------------------------------------------
     @property
