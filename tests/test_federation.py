@@ -17,7 +17,9 @@ from shared.config import load_config
 from tests.conftest import FAST, SECRET
 
 pytestmark = pytest.mark.federation
-SMALL = [*FAST, "training.rounds=2", "baselines.enabled=false"]
+# privacy on: randomized response, DP-SGD (Opacus inside the ClientApp processes), budgets passed as node config
+SMALL = [*FAST, "training.rounds=2", "baselines.enabled=false", "privacy.enabled=true",
+         "privacy.dpsgd_batch_size=256"]
 
 
 def _alive(pid: int) -> bool:
@@ -39,6 +41,10 @@ def test_flower_matches_inprocess_and_cleans_up(party_data: tuple[Path, dict], t
     for key, value in reference["test"].items():
         assert federated["test"][key] == pytest.approx(value, abs=1e-6), key
     assert len(federated["rounds"]) == 2
+    flower_report = json.loads((tmp_path / "flower" / "privacy-report.json").read_text())
+    local_report = json.loads((tmp_path / "inprocess" / "privacy-report.json").read_text())
+    assert [g["epsilon"] for g in flower_report["guarantees"]] == [g["epsilon"] for g in local_report["guarantees"]]
+    assert {g["protects"] for g in flower_report["guarantees"]} == {"lender.labels", "joint.records"}
     assert federated["alignment"]["intersection"] == len(ids["payment"] & ids["lender"])
 
     logs = tmp_path / "flower" / "flower" / "logs"
