@@ -46,6 +46,9 @@ class PartySettings(BaseModel):
         return bytes.fromhex(self.secret)
 
 
+LEDGER_FILE = "privacy-ledger.json"  # in each party's own state directory
+
+
 def parse_budgets(text: str) -> dict[str, float]:
     """'lender.labels@payment=2;joint.records@outsider=3' -> dict (the form a Flower node config can carry)."""
     budgets: dict[str, float] = {}
@@ -115,12 +118,12 @@ class PartyBase:
         """This party's privacy ledger, in its own state directory, with the budgets from its own settings."""
         from shared.privacy import Ledger
 
-        return Ledger(self.settings.state_dir / "privacy-ledger.json", self.settings.budgets,
+        return Ledger(self.settings.state_dir / LEDGER_FILE, self.settings.budgets,
                       self.config.privacy.delta, party=self.name)
 
     def _ledger_info(self) -> dict[str, str]:
         """What this party has released so far (mechanism records, no data), shared so the report can list it."""
-        path = self.settings.state_dir / "privacy-ledger.json"
+        path = self.settings.state_dir / LEDGER_FILE
         if not path.exists():
             return {}
         entries = [{k: e[k] for k in ("guarantee", "mechanisms", "epsilon_after", "note")}

@@ -135,8 +135,9 @@ def render(run_dir: Path) -> str:
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
 
 
-def write_reports(run_dir: Path) -> None:
-    """(Re)build privacy-report.json from the run's outcome, then report.html from all three files."""
+def write_reports(run_dir: Path) -> dict[str, Any]:
+    """(Re)build privacy-report.json from the run's outcome, then report.html from all three files; returns the
+    privacy report."""
     from server.privacy_report import build_privacy_report
     from shared.atomic import write_json_atomic
     from shared.config import FedConfig
@@ -146,3 +147,4 @@ def write_reports(run_dir: Path) -> None:
     report = build_privacy_report(config, outcome.get("ledgers", {}), outcome.get("error"))
     write_json_atomic(run_dir / "privacy-report.json", report)
     write_text_atomic(run_dir / "report.html", render(run_dir))
+    return report

@@ -8,7 +8,6 @@ RUN_DIR/metrics.json     test metrics, baselines, per-round metrics, timing, tra
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from collections.abc import Callable
@@ -159,8 +158,7 @@ def finish_run(run_dir: Path, data_dir: Path, config: FedConfig, secret: str) ->
                                              "val", "test") if k in outcome["alignment"]})
     from fedscore.bundle import assemble_bundle
 
-    write_reports(run_dir)
-    privacy = json.loads((run_dir / "privacy-report.json").read_text())
+    privacy = write_reports(run_dir)
     assemble_bundle(run_dir, config.model_dump(), metrics, privacy["guarantees"])
     return metrics
 

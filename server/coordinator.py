@@ -32,6 +32,14 @@ class PartyRefused(RuntimeError):
         self.party, self.kind, self.reason = party, kind, reason
 
 
+def raise_refusals(sent: tuple[Envelope, ...] | list[Envelope], replies: list[Envelope]) -> list[Envelope]:
+    """The replies, or PartyRefused for the first party that answered with an error."""
+    for message, reply in zip(sent, replies, strict=True):
+        if reply.header.error:
+            raise PartyRefused(message.header.recipient, message.header.kind, reply.header.error)
+    return replies
+
+
 @dataclass
 class RunResult:
     transport: str
@@ -61,16 +69,14 @@ class Coordinator:
     def _exchange(self, *messages: Envelope) -> list[Envelope]:
         replies = self.transport.exchange(list(messages))
         for sent, reply in zip(messages, replies, strict=True):
+            self.result.traffic.append({"kind": sent.header.kind, "round": sent.header.round,
+                                        "to": sent.header.recipient, "sent_bytes": len(sent.payload),
+                                        "reply_bytes": len(reply.payload)})
             if "ledger" in reply.header.info:
                 self.result.ledgers[sent.header.recipient] = json.loads(str(reply.header.info["ledger"]))
             if "curves" in reply.header.info:
                 self.result.curves = json.loads(str(reply.header.info["curves"]))
-            self.result.traffic.append({"kind": sent.header.kind, "round": sent.header.round,
-                                        "to": sent.header.recipient, "sent_bytes": len(sent.payload),
-                                        "reply_bytes": len(reply.payload)})
-            if reply.header.error:
-                raise PartyRefused(sent.header.recipient, sent.header.kind, reply.header.error)
-        return replies
+        return raise_refusals(messages, replies)
 
     def run(self) -> RunResult:
         start = time.perf_counter()
@@ -130,10 +136,7 @@ def check_blacklist(transport: Transport) -> dict[str, int]:
     -> lender, which keeps the hits. The coordinator sees the two payload sizes only."""
 
     def ask(message: Envelope) -> Envelope:
-        (reply,) = transport.exchange([message])
-        if reply.header.error:
-            raise PartyRefused(message.header.recipient, message.header.kind, reply.header.error)
-        return reply
+        return raise_refusals([message], transport.exchange([message]))[0]
 
     psi_request = ask(request("blacklist.request", "lender"))
     psi_response = ask(request("blacklist.respond", "payment", payload=psi_request.payload,

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clients.base import LEDGER_FILE
 from clients.payment.service import ReleaseRefused
 from shared.atomic import write_json_atomic
 from shared.config import PrivacyConfig
@@ -30,7 +31,7 @@ class LedgerGuard:
         self.privacy = privacy
         self.sigma = sigma
         self.budgets = budgets
-        self.ledger = Ledger(state_dir / "privacy-ledger.json", budgets, privacy.delta, party="payment")
+        self.ledger = Ledger(state_dir / LEDGER_FILE, budgets, privacy.delta, party="payment")
         self.counts_file = state_dir / "online-releases.json"
         self.counts: dict[str, int] = (json.loads(self.counts_file.read_text())
                                        if self.counts_file.exists() else {})
