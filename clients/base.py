@@ -21,11 +21,13 @@ from shared.config import FedConfig
 from shared.messages import Envelope, Header
 from shared.model_parts import configure_torch
 from shared.party_data import PartyTable
+from shared.party_home import LEDGER_FILE
 from shared.preprocessing import fit_scaler
 from shared.tables import DataError
 
 if TYPE_CHECKING:
     from shared.privacy import Ledger
+    from shared.privacy.secure_random import NoiseSource
 
 
 class PartySettings(BaseModel):
@@ -35,7 +37,9 @@ class PartySettings(BaseModel):
 
     party: Literal["payment", "lender"]
     data_path: Path = Field(description="the party's own folder (DIR/payment or DIR/lender)")
-    state_dir: Path
+    state_dir: Path = Field(description="this run's state (RUN_DIR/parties/<party>)")
+    home: Path = Field(description="the party's home: its lifetime ledger and what its services need "
+                       "(shared/party_home.py); outlives every run")
     secret: str = Field(min_length=16, description="hex secret shared by the two parties, never the coordinator")
     budgets: dict[str, float] = Field(
         default_factory=dict, description="guarantee key -> max epsilon this party will ever spend, e.g. "
@@ -44,9 +48,6 @@ class PartySettings(BaseModel):
     @property
     def secret_bytes(self) -> bytes:
         return bytes.fromhex(self.secret)
-
-
-LEDGER_FILE = "privacy-ledger.json"  # in each party's own state directory
 
 
 def parse_budgets(text: str) -> dict[str, float]:
@@ -110,23 +111,36 @@ class PartyBase:
         """The state every party starts a run with: the run config, its IDs, and its features scaled by its own
         scaler (kept as data, so the export can rebuild it inside the ONNX graph)."""
         scaler = fit_scaler(table.columns, table.values)
-        return {"config": str(message.header.info["config"]), "ids": table.ids, "scaler": scaler.to_dict(),
+        return {"config": str(message.header.info["config"]), "run_id": str(message.header.info.get("run_id", "")),
+                "ids": table.ids, "scaler": scaler.to_dict(),
                 "x": torch.from_numpy(scaler.transform(table.values))}
+
+    def noise_source(self, *labels: str) -> NoiseSource:
+        """Where every draw a guarantee rests on comes from: keyed from the OS, never from the seed (except in the
+        VOID replayable test mode, where `labels` name the draw so both transports replay the same one)."""
+        from shared.privacy.secure_random import noise_source
+
+        return noise_source(self.config.privacy.replayable_noise, self.config.seed, self.name, *labels)
+
+    @property
+    def run_id(self) -> str:
+        return str(self.state.get("run_id", ""))
 
     @property
     def ledger(self) -> Ledger:
-        """This party's privacy ledger, in its own state directory, with the budgets from its own settings."""
+        """This party's lifetime privacy ledger, in its own home, with the budgets from its own settings."""
         from shared.privacy import Ledger
 
-        return Ledger(self.settings.state_dir / LEDGER_FILE, self.settings.budgets,
-                      self.config.privacy.delta, party=self.name)
+        return Ledger(self.settings.home / LEDGER_FILE, self.settings.budgets, self.config.privacy.delta,
+                      party=self.name, run=self.run_id)
 
     def _ledger_info(self) -> dict[str, str]:
-        """What this party has released so far (mechanism records, no data), shared so the report can list it."""
-        path = self.settings.state_dir / LEDGER_FILE
+        """What this party has released over its lifetime (mechanism records, no data), shared so the report can
+        list it; each entry names the run that made it."""
+        path = self.settings.home / LEDGER_FILE
         if not path.exists():
             return {}
-        entries = [{k: e[k] for k in ("guarantee", "mechanisms", "epsilon_after", "note")}
+        entries = [{k: e.get(k, "") for k in ("guarantee", "mechanisms", "epsilon_after", "note", "run")}
                    for e in json.loads(path.read_text())["entries"]]
         return {"ledger": json.dumps({"budgets": self.settings.budgets, "entries": entries})}
 

@@ -16,11 +16,12 @@ def _settings(context: Context):
     from clients.base import PartySettings, parse_budgets
 
     config = context.node_config
-    missing = [k for k in ("party", "data-path", "state-dir", "secret") if k not in config]
+    missing = [k for k in ("party", "data-path", "state-dir", "home", "secret") if k not in config]
     if missing:
         raise ValueError(f"node config is missing {', '.join(missing)} (set them with --node-config)")
     return PartySettings(party=config["party"], data_path=config["data-path"], state_dir=config["state-dir"],
-                         secret=config["secret"], budgets=parse_budgets(str(config.get("budgets", ""))))
+                         home=config["home"], secret=config["secret"],
+                         budgets=parse_budgets(str(config.get("budgets", ""))))
 
 
 @app.query("whoami")

@@ -29,6 +29,9 @@ BudgetOpt = Annotated[list[str] | None, typer.Option(
     "--budget", help="a party's own budget, party:guarantee=eps (default: the config's targets), "
     "e.g. lender:lender.labels@payment=1.5")]
 SecretOpt = Annotated[Path | None, typer.Option("--secret-file", help="hex secret the parties share (default: new)")]
+HomeOpt = Annotated[list[str] | None, typer.Option(
+    "--party-home", help="a party's home, party=DIR: its lifetime privacy ledger, kept across runs and services "
+    "(default: $FEDSCORE_HOME/parties/<party>, FEDSCORE_HOME defaulting to ~/.fedscore)")]
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -135,22 +138,30 @@ def _report(metrics: dict, run_dir: Path) -> None:
                   f"{metrics['traffic']['messages']} messages, {metrics['traffic']['payload_bytes'] / 1e6:.1f} MB "
                   f"of payloads; {metrics['timing']['total_s']:.1f} s")
     privacy = json.loads((run_dir / "privacy-report.json").read_text())
+    if privacy.get("void"):
+        console.print(f"[bold red]VOID:[/] {privacy['void']}")
     for g in privacy["guarantees"]:
-        console.print(f"privacy: {g['protects']} against {g['against']}: eps {g['epsilon']:.3f} "
-                      f"(delta {g['delta']:g}, {g['accountant']})")
+        status = "[bold red]VOID[/] " if g.get("status") == "VOID" else ""
+        lifetime = (f"; this run {g['run_epsilon']:.3f}" if g.get("run_epsilon") is not None
+                    and abs(g["run_epsilon"] - g["epsilon"]) > 1e-9 else "")
+        console.print(f"privacy: {status}{g['protects']} against {g['against']}: eps {g['epsilon']:.3f} over the "
+                      f"party's lifetime{lifetime} (delta {g['delta']:g}, {g['accountant']})")
     for u in privacy["unprotected"]:
         console.print(f"[yellow]not protected:[/] {u['protects']} against {u['against']}: {u['what']}")
     console.print(f"artefacts: {run_dir}/report.html, metrics.json, privacy-report.json, model/, parties/")
 
 
 def _run(runner, data: Path, out: Path, config: Path | None, set_: list[str] | None,
-         secret_file: Path | None, budget: list[str] | None) -> None:
-    """train and federate differ only in the transport: same config, secret, budgets, progress and report."""
+         secret_file: Path | None, budget: list[str] | None, party_home: list[str] | None) -> None:
+    """train and federate differ only in the transport: same config, secret, budgets, homes, progress, report."""
+    from fedscore.runs import party_homes
+
     with _user_errors():
         cfg = _load(config, set_)
+        homes = party_homes(party_home)
         with _progress_bar() as progress:
             metrics = runner(cfg, data, out, progress=progress, secret=_secret(secret_file),
-                             budgets=_budgets(cfg, budget))
+                             budgets=_budgets(cfg, budget), homes=homes)
     _report(metrics, out)
 
 
@@ -158,22 +169,22 @@ def _run(runner, data: Path, out: Path, config: Path | None, set_: list[str] | N
 def train(data: Annotated[Path, typer.Option(help="DIR with payment/ and lender/")],
           out: Annotated[Path, typer.Option(help="run folder to create")],
           config: ConfigOpt = None, set_: SetOpt = None, secret_file: SecretOpt = None,
-          budget: BudgetOpt = None) -> None:
+          budget: BudgetOpt = None, party_home: HomeOpt = None) -> None:
     """Train in one process (parties as objects): the fast path and the reference."""
     from fedscore.runs import run_inprocess
 
-    _run(run_inprocess, data, out, config, set_, secret_file, budget)
+    _run(run_inprocess, data, out, config, set_, secret_file, budget, party_home)
 
 
 @app.command()
 def federate(data: Annotated[Path, typer.Option(help="DIR with payment/ and lender/")],
              out: Annotated[Path, typer.Option(help="run folder to create")],
              config: ConfigOpt = None, set_: SetOpt = None, secret_file: SecretOpt = None,
-             budget: BudgetOpt = None) -> None:
+             budget: BudgetOpt = None, party_home: HomeOpt = None) -> None:
     """Train through a real local Flower federation: SuperLink + one SuperNode per party + ServerApp."""
     from fedscore.federation import run_federated
 
-    _run(run_federated, data, out, config, set_, secret_file, budget)
+    _run(run_federated, data, out, config, set_, secret_file, budget, party_home)
 
 
 # the synthetic data has a rarer default (7.5%) than UCI (22%): DP-SGD needs more steps there (BENCHMARKS.md)
@@ -184,7 +195,10 @@ DEMO_SETTINGS = ["privacy.dpsgd_local_epochs=6"]
 def demo(users: Annotated[int, typer.Option(min=1000)] = 100000,
          out: Annotated[Path, typer.Option(help="folder for data/ and run/")] = Path("runs/demo"),
          set_: SetOpt = None) -> None:
-    """Synthetic data -> real local Flower federation -> results against the two baselines."""
+    """Synthetic data -> real local Flower federation -> results against the two baselines.
+
+    The demo's people are synthetic and regenerated on every run, so its parties keep their homes (lifetime
+    ledgers) inside OUT/party-homes, wiped with the rest: a real deployment keeps them across runs."""
     import shutil
 
     from fedscore.federation import run_federated
@@ -199,19 +213,21 @@ def demo(users: Annotated[int, typer.Option(min=1000)] = 100000,
         console.print(f"payment holder: {summary.payment_users} users, {summary.transactions} transactions; "
                       f"lender: {summary.lender_rows} applicants ({summary.default_rate:.1%} default)")
         with _progress_bar() as progress:
-            metrics = run_federated(cfg, out / "data", out / "run", progress=progress)
+            homes = {party: out / "party-homes" / party for party in ("payment", "lender")}
+            metrics = run_federated(cfg, out / "data", out / "run", progress=progress, homes=homes)
     _report(metrics, out / "run")
 
 
 @app.command()
 def blacklist(data: Annotated[Path, typer.Option(help="DIR with lender/applicants.* and payment/fraud_list.*")],
-              out: Annotated[Path, typer.Option(help="folder for the parties' state")]) -> None:
+              out: Annotated[Path, typer.Option(help="folder for the parties' state")],
+              party_home: HomeOpt = None) -> None:
     """Private blacklist check (PSI): the lender learns which applicants are on the payment holder's fraud list;
     the payment holder learns only how many applicants were checked."""
-    from fedscore.runs import run_blacklist
+    from fedscore.runs import party_homes, run_blacklist
 
     with _user_errors():
-        hits = run_blacklist(data, out)
+        hits = run_blacklist(data, out, homes=party_homes(party_home))
     count = len(hits.read_text().splitlines()) - 1
     console.print(f"lender: {count} applicant(s) on the payment holder's fraud list -> {hits} "
                   f"(use with `fedscore score --blacklist {hits}` to flag them for manual review)")

@@ -24,6 +24,7 @@ from typing import Any
 from clients.base import format_budgets
 from fedscore.runs import (
     Budgets,
+    Homes,
     RunError,
     check_data_dir,
     default_budgets,
@@ -158,7 +159,7 @@ class Federation:
 
 def run_federated(config: FedConfig, data_dir: Path, run_dir: Path,
                   progress: Callable[[str, int, int], None] | None = None, timeout_s: float = 1800.0,
-                  secret: str | None = None, budgets: Budgets | None = None) -> dict:
+                  secret: str | None = None, budgets: Budgets | None = None, homes: Homes | None = None) -> dict:
     """Start the federation, run the ServerApp to the end, stop everything, and write metrics.json."""
     check_data_dir(data_dir)
     run_dir = run_dir.resolve()
@@ -169,10 +170,11 @@ def run_federated(config: FedConfig, data_dir: Path, run_dir: Path,
         progress("starting SuperLink", 0, 1)
         federation.start_superlink()
         budgets = default_budgets(config) if budgets is None else budgets
-        for party, settings in party_settings(run_dir, data_dir, secret, budgets).items():
+        for party, settings in party_settings(run_dir, data_dir, secret, budgets, homes).items():
             settings.state_dir.mkdir(parents=True, exist_ok=True)
             federation.start_supernode(party, {"party": party, "data-path": str(settings.data_path),
-                                               "state-dir": str(settings.state_dir), "secret": secret,
+                                               "state-dir": str(settings.state_dir), "home": str(settings.home),
+                                               "secret": secret,
                                                "budgets": format_budgets(settings.budgets)})
         app = federation.write_app(run_dir)
         progress("starting run", 0, 1)

@@ -39,8 +39,9 @@ def _plots(metrics: dict | None, outcome: dict, privacy: dict) -> list[tuple[str
         for g in privacy["guarantees"]:
             eps = [r["epsilon_after"] for r in g["per_release"]]
             ax.plot(range(1, len(eps) + 1), eps, marker="o", label=f"{g['protects']} vs {g['against']}")
-            if g.get("budget") is not None:
-                ax.axhline(g["budget"], ls=":", lw=0.8, color=ax.lines[-1].get_color())
+            limits = [b for b in (g.get("budget") or {}).values() if b is not None]
+            if limits:
+                ax.axhline(min(limits), ls=":", lw=0.8, color=ax.lines[-1].get_color())
         ax.set_xlabel("release (charge) number")
         ax.set_ylabel(f"epsilon (delta={privacy['delta']:g})")
         ax.set_title("privacy spent per release (dotted: the party's budget)")
@@ -115,13 +116,22 @@ def render(run_dir: Path) -> str:
             f"{m['kind']}" + (f" sigma={m['noise_multiplier']:.3g} x{m['count']} {m['sampling']}"
                               if m["kind"] == "gaussian" else f" eps={m['epsilon']:g}")
             for m in g["mechanisms"][:4]) + (" ..." if len(g["mechanisms"]) > 4 else "")
-        budget = "-" if g.get("budget") is None else f"{g['budget']:g}"
-        rows.append([html.escape(g["protects"]), html.escape(g["against"]), f"<b>{g['epsilon']:.3f}</b>",
-                     f"{g['delta']:g}", budget, html.escape(g["neighbouring"]), html.escape(g["accountant"]),
-                     html.escape(mech), html.escape(g["view"])])
-    parts.append("<h2>Privacy guarantees</h2>" + (_table(rows, ["protects", "against", "epsilon", "delta", "budget",
-                                                                "neighbours", "accountant", "mechanisms", "view"])
-                                                    if rows else "<p>No mechanism was applied.</p>"))
+        budget = ", ".join(f"{party} {'-' if b is None else f'{b:g}'}" for party, b in g["budget"].items())
+        status = "<b class='void'>VOID</b>" if g.get("status") == "VOID" else "holds"
+        run_eps = "-" if g.get("run_epsilon") is None else f"{g['run_epsilon']:.3f}"
+        rows.append([html.escape(g["protects"]), html.escape(g["against"]), status, f"<b>{g['epsilon']:.3f}</b>",
+                     run_eps, f"{g['delta']:g}", html.escape(budget), html.escape(g["neighbouring"]),
+                     html.escape(g["accountant"]), html.escape(mech), html.escape(g["view"])])
+    if privacy.get("void"):
+        parts.append(f"<div class='refusal'><b>VOID: no privacy guarantee holds.</b> "
+                     f"{html.escape(privacy['void'])}</div>")
+    parts.append("<h2>Privacy guarantees</h2>" + (_table(rows, [
+        "protects", "against", "status", "epsilon (lifetime)", "epsilon (this run)", "delta", "budget",
+        "neighbours", "accountant", "mechanisms", "view"]) if rows else "<p>No mechanism was applied.</p>"))
+    release_rows = [[html.escape(party), html.escape(r["what"]), html.escape(r["to"]), html.escape(r["covered_by"])]
+                    for party, items in (privacy.get("releases") or {}).items() for r in items]
+    if release_rows:
+        parts.append("<h2>What leaves each party</h2>" + _table(release_rows, ["party", "what", "to", "covered by"]))
     if privacy.get("unprotected"):
         items = "".join(f"<li><b>{html.escape(u['protects'])}</b> against {html.escape(u['against'])}: "
                         f"{html.escape(u['what'])}</li>" for u in privacy["unprotected"])
@@ -144,7 +154,7 @@ def write_reports(run_dir: Path) -> dict[str, Any]:
 
     config = FedConfig.model_validate_json((run_dir / "config.json").read_text())
     outcome = json.loads((run_dir / "outcome.json").read_text())
-    report = build_privacy_report(config, outcome.get("ledgers", {}), outcome.get("error"))
+    report = build_privacy_report(config, outcome.get("ledgers", {}), outcome.get("error"), outcome.get("run_id", ""))
     write_json_atomic(run_dir / "privacy-report.json", report)
     write_text_atomic(run_dir / "report.html", render(run_dir))
     return report

@@ -89,30 +89,52 @@ def apply_budget_overrides(budgets: Budgets, overrides: list[str]) -> Budgets:
     return budgets
 
 
-def party_settings(run_dir: Path, data_dir: Path, secret: str, budgets: Budgets | None = None) -> dict[str, Any]:
+Homes = dict[str, Path]  # party -> its home (lifetime ledger), see shared/party_home.py
+
+
+def party_homes(overrides: list[str] | None = None) -> Homes:
+    """Each party's home: `$FEDSCORE_HOME/parties/<party>` unless `party=DIR` overrides it."""
+    from shared.party_home import default_party_home
+
+    homes = {party: default_party_home(party) for party in ("payment", "lender")}
+    for item in overrides or []:
+        party, sep, path = item.partition("=")
+        if not sep or party not in homes or not path:
+            raise RunError(f"--party-home {item!r}: expected party=DIR, e.g. lender=/srv/lender-home")
+        homes[party] = Path(path)
+    return homes
+
+
+def party_settings(run_dir: Path, data_dir: Path, secret: str, budgets: Budgets | None = None,
+                   homes: Homes | None = None) -> dict[str, Any]:
     from clients.base import PartySettings
+    from shared.party_home import ensure_party_home
 
     budgets = budgets or {}
+    homes = homes or party_homes()
     return {p: PartySettings(party=p, data_path=(data_dir / p).resolve(),
-                             state_dir=(run_dir / "parties" / p).resolve(), secret=secret,
-                             budgets=budgets.get(p, {}))
+                             state_dir=(run_dir / "parties" / p).resolve(), home=ensure_party_home(homes[p]),
+                             secret=secret, budgets=budgets.get(p, {}))
             for p in ("payment", "lender")}
+
 
 
 Progress = Callable[[str, int, int], None]
 
 
 def run_inprocess(config: FedConfig, data_dir: Path, run_dir: Path, progress: Progress | None = None,
-                  secret: str | None = None, budgets: Budgets | None = None) -> dict[str, Any]:
+                  secret: str | None = None, budgets: Budgets | None = None,
+                  homes: Homes | None = None) -> dict[str, Any]:
     from clients.parties import make_party
-    from server.coordinator import Coordinator, PartyRefused
+    from server.coordinator import Coordinator, PartyRefused, new_run_id
     from shared.transport import InProcessTransport
 
     check_data_dir(data_dir)
     secret = prepare_run_dir(run_dir, config, secret)
     budgets = default_budgets(config) if budgets is None else budgets
-    parties = {name: make_party(s) for name, s in party_settings(run_dir, data_dir, secret, budgets).items()}
-    coordinator = Coordinator(config, InProcessTransport(parties), progress=progress)
+    settings = party_settings(run_dir, data_dir, secret, budgets, homes)
+    parties = {name: make_party(s) for name, s in settings.items()}
+    coordinator = Coordinator(config, InProcessTransport(parties), progress=progress, run_id=new_run_id(run_dir))
     start = time.perf_counter()
     error = None
     try:
@@ -169,7 +191,7 @@ def _centralized(data_dir: Path, config: FedConfig, secret: str) -> dict[str, An
     return centralized_baselines(data_dir, config, bytes.fromhex(secret))
 
 
-def run_blacklist(data_dir: Path, run_dir: Path, secret: str | None = None) -> Path:
+def run_blacklist(data_dir: Path, run_dir: Path, secret: str | None = None, homes: Homes | None = None) -> Path:
     """The blacklist check between the two local parties; returns the lender's hits file (its own state dir)."""
     from clients.parties import make_party
     from server.coordinator import PartyRefused, check_blacklist
@@ -177,7 +199,7 @@ def run_blacklist(data_dir: Path, run_dir: Path, secret: str | None = None) -> P
 
     check_data_dir(data_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    settings = party_settings(run_dir, data_dir, secret or secrets.token_hex(16))
+    settings = party_settings(run_dir, data_dir, secret or secrets.token_hex(16), homes=homes)
     try:
         check_blacklist(InProcessTransport({name: make_party(s) for name, s in settings.items()}))
     except PartyRefused as exc:

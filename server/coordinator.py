@@ -14,6 +14,7 @@ The coordinator never decodes a payload: it moves `reply.payload` into the next 
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,9 +41,15 @@ def raise_refusals(sent: tuple[Envelope, ...] | list[Envelope], replies: list[En
     return replies
 
 
+def new_run_id(label: str) -> str:
+    """Tags every ledger entry of one run: a readable label (the run folder's name) plus a random suffix."""
+    return f"{label}-{secrets.token_hex(4)}"
+
+
 @dataclass
 class RunResult:
     transport: str
+    run_id: str = ""
     rounds: list[dict[str, Any]] = field(default_factory=list)
     alignment: dict[str, float] = field(default_factory=dict)
     lender_only: dict[str, Any] = field(default_factory=dict)
@@ -60,11 +67,13 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 class Coordinator:
-    def __init__(self, config: FedConfig, transport: Transport, progress: Progress | None = None) -> None:
+    def __init__(self, config: FedConfig, transport: Transport, progress: Progress | None = None,
+                 run_id: str = "") -> None:
         self.config = config
+        self.run_id = run_id  # both parties tag their ledger entries with it
         self.transport = transport
         self.progress = progress or (lambda stage, done, total: None)
-        self.result = RunResult(transport=transport.name)
+        self.result = RunResult(transport=transport.name, run_id=run_id)
 
     def _exchange(self, *messages: Envelope) -> list[Envelope]:
         replies = self.transport.exchange(list(messages))
@@ -83,8 +92,8 @@ class Coordinator:
         total_steps = 5 + 2 * self.config.training.rounds
         self.progress("setup", 0, total_steps)
         config_json = self.config.model_dump_json()
-        setup_replies = self._exchange(request("setup", "payment", info={"config": config_json}),
-                                       request("setup", "lender", info={"config": config_json}))
+        setup = {"config": config_json, "run_id": self.run_id}
+        setup_replies = self._exchange(request("setup", "payment", info=setup), request("setup", "lender", info=setup))
         self.result.timing["setup_s"] = time.perf_counter() - start
 
         self.progress("alignment", 1, total_steps)

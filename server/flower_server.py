@@ -79,7 +79,7 @@ class FlowerTransport:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from server.coordinator import Coordinator, PartyRefused
+    from server.coordinator import Coordinator, PartyRefused, new_run_id
     from server.outcome import write_outcome
     from shared.config import FedConfig
 
@@ -92,17 +92,19 @@ def main(grid: Grid, context: Context) -> None:
             handle.write(json.dumps({"stage": stage, "done": done, "total": total, "t": time.time()}) + "\n")
 
     transport = FlowerTransport(grid)
-    coordinator = Coordinator(config, transport, progress=progress)
+    coordinator = Coordinator(config, transport, progress=progress, run_id=new_run_id(run_dir.name))
     start = time.perf_counter()
+
+    def finish(error: dict[str, str] | None) -> None:
+        coordinator.result.timing["serverapp_s"] = time.perf_counter() - start
+        write_outcome(run_dir, coordinator.result, error=error)
+
     try:
         transport.discover()
         coordinator.run()
-        write_outcome(run_dir, coordinator.result, error=None)
+        finish(None)
     except PartyRefused as exc:
-        write_outcome(run_dir, coordinator.result, error={"party": exc.party, "request": exc.kind,
-                                                          "reason": exc.reason})
+        finish({"party": exc.party, "request": exc.kind, "reason": exc.reason})
     except Exception as exc:
-        write_outcome(run_dir, coordinator.result, error={"party": "", "request": "", "reason": repr(exc)})
+        finish({"party": "", "request": "", "reason": repr(exc)})
         raise
-    finally:
-        coordinator.result.timing["serverapp_s"] = time.perf_counter() - start

@@ -1,10 +1,15 @@
 """RUN_DIR/privacy-report.json: every guarantee, per party, per user, recomputable without our code.
 
-Built from the ledgers the parties reported (their mechanism records, never data). Each guarantee lists the exact
-mechanisms behind it in dp-accounting terms, so anyone can recompute its epsilon (see
-shared.privacy.recompute_from_report). Against a party ("payment", "lender") the epsilon is the honest per-user
-figure with no subsampling amplification: both parties see who is in each exchange. Only the "outsider" view (who
-sees the released model) uses Poisson-sampled DP-SGD accounting.
+Built from the lifetime ledgers the parties reported (their mechanism records, never data). A guarantee composes
+everything the parties ever charged under it (each entry names its run), so a second run on the same people shows
+both runs and the lifetime epsilon; `run_epsilon` is this run's share alone. A `joint.*` guarantee (both released
+parts, seen by an outsider) composes the records of both parties' ledgers: each party charges only the steps it
+took. Against a party ("payment", "lender") the epsilon is the honest per-user figure with no subsampling
+amplification: both parties see who is in each exchange. Only the "outsider" view (who sees the released model)
+uses Poisson-sampled DP-SGD accounting.
+
+`releases` lists, per party, everything that leaves it and under which guarantee, with what is deliberately
+disclosed without DP named "unprotected" and what is derived from public declarations named "public".
 """
 
 from __future__ import annotations
@@ -19,44 +24,60 @@ VIEWS = {
     "outsider": "against whoever sees the released model parts (Poisson-sampled DP-SGD, amplification applies)",
 }
 
+VOID_REASON = ("privacy.replayable_noise=true: every privacy draw was derived from the run's seed, so anyone who "
+               "knows the config can replay the noise, the label flips and the DP-SGD sampling. No guarantee holds; "
+               "this mode exists for tests only.")
 
-def build_privacy_report(config: FedConfig, ledgers: dict[str, Any], refusal: dict[str, str] | None) -> dict:
+
+def build_privacy_report(config: FedConfig, ledgers: dict[str, Any], refusal: dict[str, str] | None,
+                         run_id: str = "") -> dict:
     from shared.privacy import account_guarantee, mechanisms_from_dicts
+    from shared.privacy.accounting import account
     from shared.privacy.mechanisms import split_guarantee_key
 
     privacy = config.privacy
+    void = VOID_REASON if privacy.enabled and privacy.replayable_noise else None
     guarantees: list[dict[str, Any]] = []
     keys = list(dict.fromkeys(e["guarantee"] for ledger in ledgers.values() for e in ledger["entries"]))
     for key in keys:
         protects, against = split_guarantee_key(key)
-        candidates = []
-        for party, ledger in ledgers.items():
-            entries = [e for e in ledger["entries"] if e["guarantee"] == key]
-            if entries:
-                records = mechanisms_from_dicts([m for e in entries for m in e["mechanisms"]])
-                guarantee = account_guarantee(protects, against, records, privacy.delta)  # type: ignore[arg-type]
-                candidates.append((guarantee.epsilon, party, entries, guarantee))
-        # a joint guarantee is held by both parties with the same records: report the larger (never under-count)
-        _, party, entries, guarantee = max(candidates, key=lambda c: c[0])
+        held = {party: [e for e in ledger["entries"] if e["guarantee"] == key] for party, ledger in ledgers.items()}
+        held = {party: entries for party, entries in held.items() if entries}
+        entries = [(party, e) for party, items in held.items() for e in items]
+        records = mechanisms_from_dicts([m for _, e in entries for m in e["mechanisms"]])
+        guarantee = account_guarantee(protects, against, records, privacy.delta)  # type: ignore[arg-type]
+        this_run = mechanisms_from_dicts([m for _, e in entries if e.get("run") == run_id for m in e["mechanisms"]])
+        runs = list(dict.fromkeys(e.get("run", "") for _, e in entries))
         guarantees.append({
             **guarantee.to_dict(),
+            "status": "VOID" if void else "holds",
             "view": VIEWS[against],
-            "held_by": sorted(c[1] for c in candidates),
-            "budget": ledgers[party]["budgets"].get(key),
-            "per_release": [{"note": e["note"], "epsilon_after": e["epsilon_after"]} for e in entries],
+            "scope": f"lifetime of the holding parties' ledgers: {len(runs)} run(s)",
+            "run_epsilon": account(this_run, privacy.delta)[0] if run_id else None,
+            "runs": runs,
+            "held_by": sorted(held),
+            "budget": {party: ledgers[party]["budgets"].get(key) for party in sorted(held)},
+            "per_release": [{"party": party, "run": e.get("run", ""), "note": e["note"],
+                             "epsilon_after": e["epsilon_after"]} for party, e in entries],
         })
     return {
         "delta": privacy.delta,
         "enabled": privacy.enabled,
+        "void": void,
+        "run_id": run_id,
         "guarantees": guarantees,
         "unprotected": _unprotected(config),
+        "releases": releases(config),
         "refusal": refusal,
         "settings": privacy.model_dump(),
         "notes": [
-            "epsilon is per user, worst case over users, at the stated delta",
-            "validation/test labels are used only for the metrics the lender shares (aggregates)",
-            "the lender's own features are not protected against the payment holder (out of scope); the "
-            "coordinator sees payload sizes only (payloads are opaque to it)",
+            "epsilon is per user, worst case over users, at the stated delta, composed over each party's lifetime "
+            "ledger (every run it took part in)",
+            "every draw a guarantee rests on comes from a ChaCha20 keystream keyed from the operating system, "
+            "never from the seed" if not void else "VOID: draws were derived from the seed (test mode)",
+            "validation/test labels are used only for the aggregate metrics the lender shares; metrics.json is "
+            "evaluation-only and never ships in model/",
+            "the lender's own features are not protected against the payment holder (out of scope)",
         ],
     }
 
@@ -74,3 +95,48 @@ def _unprotected(config: FedConfig) -> list[dict[str, str]]:
         out.append({"protects": "joint.records", "against": "outsider",
                     "what": "the released model parts are trained without DP-SGD"})
     return out
+
+
+def _guarded(on: bool, guarantee: str) -> str:
+    return guarantee if on else "unprotected"
+
+
+def releases(config: FedConfig) -> dict[str, list[dict[str, str]]]:
+    """Per party: each thing that leaves it, who receives it, and what covers it (a guarantee key, "public" for
+    what is derived from public declarations only, or "unprotected" for what is disclosed by design)."""
+    p = config.privacy
+    labels = _guarded(p.labels_protected, "lender.labels@payment")
+    features = _guarded(p.features_protected, "payment.features@lender")
+    model = _guarded(p.dp_sgd, "joint.records@outsider")
+    return {
+        "payment": [
+            {"what": "blinded IDs (ECDH PSI response) and the size of its user set", "to": "lender",
+             "covered_by": "unprotected: set size disclosed by design; IDs only as blinded points"},
+            {"what": "embeddings of every aligned user, each round", "to": "lender", "covered_by": features},
+            {"what": "the payment model's parameters, seen through every embedding", "to": "lender",
+             "covered_by": features if p.features_protected else "unprotected"},
+            {"what": "payment model part (ONNX weights) in model/", "to": "outsider", "covered_by": model},
+            {"what": "preprocessing constants in model/", "to": "outsider",
+             "covered_by": "public: derived from the schema's declared bounds and levels"},
+            {"what": "online embeddings (fedscore serve payment)", "to": "lender",
+             "covered_by": "payment.features@lender, charged per answer in the party's lifetime ledger"},
+            {"what": "coarse spend signals online", "to": "lender",
+             "covered_by": "withheld unless the payment holder serves with --disclose-signals (then unprotected)"},
+            {"what": "payload sizes and message timing", "to": "coordinator", "covered_by": "unprotected: sizes"},
+        ],
+        "lender": [
+            {"what": "blinded IDs (ECDH PSI request) and the size of its applicant set", "to": "payment",
+             "covered_by": "unprotected: set size disclosed by design"},
+            {"what": "sorted HMAC tokens of the intersection", "to": "payment",
+             "covered_by": "unprotected: intersection membership disclosed by design"},
+            {"what": "per-user gradients, each round (from randomized-response labels)", "to": "payment",
+             "covered_by": labels},
+            {"what": "lender model part (ONNX weights) in model/", "to": "outsider", "covered_by": model},
+            {"what": "reason-code references and preprocessing constants in model/", "to": "outsider",
+             "covered_by": "public: declared in the lender's schema"},
+            {"what": "validation/test AUC, KS, Gini, log loss, Brier; ROC/KS curves", "to": "coordinator",
+             "covered_by": "unprotected: aggregate evaluation metrics the lender chooses to share"},
+            {"what": "its own features, through the gradients", "to": "payment",
+             "covered_by": "unprotected: out of scope"},
+        ],
+    }

@@ -65,7 +65,11 @@ class PrivacyConfig(_Strict):
     feature_epsilon: float | None = Field(None, gt=0, description="Gaussian embedding noise target; None = off")
     feature_noise_multiplier: float | None = Field(None, gt=0)
     embedding_clip: float = Field(1.0, gt=0)
-    feature_neighbouring: Literal["add_remove", "replace_one"] = "add_remove"
+    # the lender knows who is in the intersection, so a user's record is replaced (by another's), never removed
+    feature_neighbouring: Literal["add_remove", "replace_one"] = "replace_one"
+    feature_gradient_scale: float = Field(
+        1.0, gt=0, description="fixed, public multiplier on the gradients the payment holder receives; never "
+        "computed from users (an RMS over users would make one user's update depend on the others)")
     # the released model, against an outsider: DP-SGD (Opacus) on both parts
     outsider_epsilon: float | None = Field(3.0, gt=0, description="DP-SGD target for each released part")
     dpsgd_noise_multiplier: float | None = Field(
@@ -76,6 +80,9 @@ class PrivacyConfig(_Strict):
     dpsgd_batch_size: int = Field(4096, ge=1, description="expected Poisson batch size under DP-SGD")
     dpsgd_local_epochs: int = Field(2, ge=1, description="local epochs per round under DP-SGD")
     dpsgd_lr: float = Field(1e-2, gt=0, description="Adam under DP-SGD (weight decay is ~1/B as strong there)")
+    replayable_noise: bool = Field(
+        False, description="TEST ONLY: derive every privacy draw from `seed`, so runs can be replayed and compared; "
+        "voids every guarantee (reports, manifest and CLI say VOID, services refuse the bundle)")
 
     @model_validator(mode="after")
     def _sound(self) -> PrivacyConfig:
@@ -83,6 +90,11 @@ class PrivacyConfig(_Strict):
             raise ValueError("gradient_noise_multiplier needs label_epsilon: without randomized response the "
                              "lender's model is trained on clean labels, and p_i and J_i in the gradients would "
                              "carry them past the noise's sensitivity bound")
+        if self.enabled and (self.feature_epsilon is not None or self.feature_noise_multiplier is not None) and (
+                self.outsider_epsilon is None and self.dpsgd_noise_multiplier is None):
+            raise ValueError("feature protection (feature_epsilon / feature_noise_multiplier) needs DP-SGD on the "
+                             "payment part (outsider_epsilon or dpsgd_noise_multiplier): the payment model, trained "
+                             "on every training user, reaches the lender through every embedding it computes")
         return self
 
     @property

@@ -1,12 +1,14 @@
 """DP-SGD for a party's part of the model (Opacus), for the outsider who sees the released parameters.
 
 Each round a party takes `steps_per_round` Poisson-sampled steps (rate q = batch / n_train). The noise is
-calibrated once, for all planned rounds, to the outsider eps target (Opacus PRV). Both sides use
+calibrated once, for all planned rounds, to the outsider eps target (Opacus PRV). Both the Poisson sampling and the
+Gaussian noise come from a `NoiseSource` (ChaCha20 keyed from the OS): Opacus' own generator would be a seeded
+torch generator, which anyone holding the seed could replay, and its secure_mode needs torchcsprng. Both sides use
 loss_reduction="sum": the per-sample loss is summed over the batch, and with "sum" Opacus leaves p.grad as the noisy
 SUM of clipped per-sample gradients (no 1/B). The inner optimizer is Adam, which is invariant to that scale (plain
 SGD would need its lr divided by B; weight decay is correspondingly ~1/B as strong). A Poisson batch of any size is
 treated the same way on both sides; empty ones are skipped (that depends on the sampling alone, not on data).
-Opacus is imported here only, lazily (3-4 s).
+Opacus is imported lazily, inside the functions that need it (3-4 s).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from shared.config import PrivacyConfig
+from shared.privacy.secure_random import NoiseSource
 
 if TYPE_CHECKING:
     from shared.privacy import DpSgdRelease
@@ -38,14 +41,20 @@ class DpSgdPlan:
         return asdict(self)
 
 
-# Both parts are released, and each part's training touches both parties' rows of a user (the payment part through
-# the gradients it receives, the lender part through the embeddings), so the outsider's guarantee for a user is the
-# composition of BOTH parts' DP-SGD runs. The two parties run the same plan (same training users, same config), so
-# each accounts for 2x its own steps, and each calibrates its noise to that joint target.
-RELEASED_PARTS = 2
+def dp_sgd_rounds(rounds: int) -> dict[str, int]:
+    """How many rounds of DP-SGD each part actually takes: the lender trains in every round; the payment holder
+    applies gradients from round 1 on (round 0 has none, the last round's gradients are never applied)."""
+    return {"lender": rounds, "payment": rounds - 1}
 
 
 def plan_dp_sgd(privacy: PrivacyConfig, n_train: int, rounds: int) -> DpSgdPlan:
+    """Noise for both released parts, calibrated to the outsider target over the steps both parts will take.
+
+    Both parts are released, and each part's training touches both parties' rows of a user (the payment part
+    through the gradients it receives, the lender part through the embeddings), so the outsider's guarantee for a
+    user is the composition of BOTH parts' DP-SGD steps. Each party charges the steps it takes to its own ledger;
+    the report composes the two ledgers.
+    """
     from shared.privacy import calibrate_dp_sgd
 
     q = min(1.0, privacy.dpsgd_batch_size / max(n_train, 1))
@@ -54,17 +63,44 @@ def plan_dp_sgd(privacy: PrivacyConfig, n_train: int, rounds: int) -> DpSgdPlan:
     if sigma is None:
         assert privacy.outsider_epsilon is not None
         sigma = calibrate_dp_sgd(privacy.outsider_epsilon, privacy.delta, sample_rate=q,
-                                 steps=RELEASED_PARTS * steps * rounds)
+                                 steps=steps * sum(dp_sgd_rounds(rounds).values()))
     return DpSgdPlan(noise_multiplier=sigma, sample_rate=q, steps_per_round=steps, clip=privacy.dpsgd_clip,
                      lr=privacy.dpsgd_lr)
 
 
-def joint_release(plan: DpSgdPlan) -> DpSgdRelease:
-    """The record a party charges per round: this round's DP-SGD steps of both released parts."""
+def part_release(plan: DpSgdPlan, steps: int, protects: str = "joint.records",
+                 neighbouring: str = "add_remove") -> DpSgdRelease:
+    """The record of `steps` DP-SGD steps of one released part (what a party charges for the steps it took)."""
     from shared.privacy import DpSgdRelease
 
-    return DpSgdRelease(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-                        steps=RELEASED_PARTS * plan.steps_per_round, protects="joint.records", clip=plan.clip)
+    return DpSgdRelease(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=steps,
+                        protects=protects, clip=plan.clip, neighbouring=neighbouring)  # type: ignore[arg-type]
+
+
+class _SecureNoiseOptimizer:
+    """Mixin for Opacus' DPOptimizer: the Gaussian noise from a NoiseSource instead of a torch generator."""
+
+    noise_source: NoiseSource
+
+    def add_noise(self) -> None:
+        from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+        std = self.noise_multiplier * self.max_grad_norm  # type: ignore[attr-defined]
+        for p in self.params:  # type: ignore[attr-defined]
+            _check_processed_flag(p.summed_grad)
+            noise = self.noise_source.normal(p.summed_grad.shape, std, p.summed_grad.dtype)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
+def _secure_optimizer(inner: torch.optim.Optimizer, plan: DpSgdPlan, n: int, source: NoiseSource):
+    from opacus.optimizers import DPOptimizer
+
+    cls = type("SecureDPOptimizer", (_SecureNoiseOptimizer, DPOptimizer), {})
+    optimizer = cls(inner, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.clip,
+                    expected_batch_size=max(1, round(plan.sample_rate * n)), loss_reduction="sum")
+    optimizer.noise_source = source
+    return optimizer
 
 
 # per-sample losses of the users in `batch`, summed: (module, batch indices) -> scalar
@@ -72,24 +108,24 @@ BatchLoss = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
 def dp_sgd_round(model: nn.Module, batch_loss: BatchLoss, n: int, plan: DpSgdPlan, optimizer_state: dict | None,
-                 weight_decay: float, generator: torch.Generator) -> tuple[dict, list[float]]:
-    """One round of DP-SGD on `model` in place; returns the inner optimizer's state and the batch losses."""
+                 weight_decay: float, source: NoiseSource) -> tuple[dict, list[float]]:
+    """One round of DP-SGD on `model` in place; returns the inner optimizer's state and the batch losses.
+
+    Poisson sampling and noise both draw from `source` (secure_random): nobody can replay which users were in a
+    batch or what noise was added."""
     from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
 
     inner = torch.optim.Adam(model.parameters(), lr=plan.lr, weight_decay=weight_decay)
     if optimizer_state:
         inner.load_state_dict(optimizer_state)
     wrapped = GradSampleModule(model, loss_reduction="sum")
-    optimizer = DPOptimizer(inner, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.clip,
-                            expected_batch_size=max(1, round(plan.sample_rate * n)), loss_reduction="sum",
-                            generator=generator)
+    optimizer = _secure_optimizer(inner, plan, n, source)
     losses = []
     wrapped.train()
     # Opacus' hooks warn that no *input* needs a gradient; only the parameters do, which is what we want
     warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
     for _ in range(plan.steps_per_round):
-        batch = (torch.rand(n, generator=generator) < plan.sample_rate).nonzero().squeeze(1)
+        batch = source.bernoulli((n,), plan.sample_rate).nonzero().squeeze(1)
         if len(batch) == 0:
             continue
         optimizer.zero_grad()

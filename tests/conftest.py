@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,8 @@ import pandas as pd
 import pytest
 
 os.environ.setdefault("FEDSCORE_TORCH_THREADS", "1")
+# never the user's ~/.fedscore: a session-wide default, replaced per test by `party_homes_in_tmp` below
+os.environ["FEDSCORE_HOME"] = tempfile.mkdtemp(prefix="fedscore-test-home-")
 
 
 def make_party_data(out: Path, population: int = 4000, seed: int = 0) -> dict[str, set[str]]:
@@ -52,3 +55,16 @@ SECRET = "5e" * 16
 # the protocol's mechanics, no privacy (tests/test_privacy_protocol.py covers the private runs)
 FAST = ["training.rounds=3", "training.local_epochs=3", "training.batch_size=64", "training.lr=0.005",
         "baselines.epochs=8", "privacy.enabled=false"]
+
+
+@pytest.fixture(autouse=True)
+def party_homes_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets fresh party homes (lifetime ledgers), never the user's ~/.fedscore."""
+    home = tmp_path_factory.mktemp("fedscore-home")
+    monkeypatch.setenv("FEDSCORE_HOME", str(home))
+    return home
+
+
+def fresh_homes(root: Path) -> dict[str, Path]:
+    """Party homes of their own, for fixtures wider than one test (the autouse fixture covers single tests)."""
+    return {party: root / "homes" / party for party in ("payment", "lender")}

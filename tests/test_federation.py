@@ -14,12 +14,13 @@ import pytest
 from fedscore.federation import run_federated
 from fedscore.runs import run_inprocess
 from shared.config import load_config
-from tests.conftest import FAST, SECRET
+from tests.conftest import FAST, SECRET, fresh_homes
 
 pytestmark = pytest.mark.federation
 # privacy on: randomized response, DP-SGD (Opacus inside the ClientApp processes), budgets passed as node config
+# replayable noise (VOID, test only) so both transports draw the same flips, samples and noise
 SMALL = [*FAST, "training.rounds=2", "baselines.enabled=false", "privacy.enabled=true",
-         "privacy.dpsgd_batch_size=256"]
+         "privacy.dpsgd_batch_size=256", "privacy.replayable_noise=true"]
 
 
 def _alive(pid: int) -> bool:
@@ -34,8 +35,10 @@ def _alive(pid: int) -> bool:
 def test_flower_matches_inprocess_and_cleans_up(party_data: tuple[Path, dict], tmp_path: Path) -> None:
     data, ids = party_data
     config = load_config(None, SMALL)
-    federated = run_federated(config, data, tmp_path / "flower", secret=SECRET, timeout_s=600)
-    reference = run_inprocess(config, data, tmp_path / "inprocess", secret=SECRET)
+    federated = run_federated(config, data, tmp_path / "flower", secret=SECRET, timeout_s=600,
+                              homes=fresh_homes(tmp_path / "flower-homes"))
+    reference = run_inprocess(config, data, tmp_path / "inprocess", secret=SECRET,
+                              homes=fresh_homes(tmp_path / "inprocess-homes"))
 
     assert federated["transport"] == "flower" and reference["transport"] == "inprocess"
     for key, value in reference["test"].items():
@@ -45,6 +48,7 @@ def test_flower_matches_inprocess_and_cleans_up(party_data: tuple[Path, dict], t
     local_report = json.loads((tmp_path / "inprocess" / "privacy-report.json").read_text())
     assert [g["epsilon"] for g in flower_report["guarantees"]] == [g["epsilon"] for g in local_report["guarantees"]]
     assert {g["protects"] for g in flower_report["guarantees"]} == {"lender.labels", "joint.records"}
+    assert flower_report["void"] and {g["status"] for g in flower_report["guarantees"]} == {"VOID"}
     assert federated["alignment"]["intersection"] == len(ids["payment"] & ids["lender"])
 
     logs = tmp_path / "flower" / "flower" / "logs"

@@ -16,6 +16,7 @@ from shared.privacy import (
     DpSgdRelease,
     GaussianRelease,
     Ledger,
+    NoiseSource,
     RandomizedResponse,
     account,
     calibrate_dp_sgd,
@@ -73,20 +74,37 @@ def test_clip_rows_never_exceeds_clip_and_keeps_short_rows() -> None:
 @pytest.mark.parametrize(("clip", "sigma"), [(1.0, 2.0), (0.5, 0.8), (3.0, 4.0)])
 def test_gaussian_release_noise_is_calibrated(clip: float, sigma: float) -> None:
     x = torch.randn(N_NOISE // 8, 8, generator=_gen(2)) * 5  # mostly outside the clip ball: clipping must happen
-    out = gaussian_release(x, clip, sigma, _gen(3))
+    out = gaussian_release(x, clip, sigma, NoiseSource())
     _check_noise(out - clip_rows(x, clip), sigma * clip)
 
 
-def test_gaussian_release_is_deterministic_per_generator() -> None:
+def test_noise_is_unpredictable_unless_replayable() -> None:
+    """OS-keyed sources never repeat; only the (VOID) replayable test mode reproduces a draw from public values."""
     x = torch.randn(100, 4, generator=_gen(4))
-    assert torch.equal(gaussian_release(x, 1.0, 2.0, _gen(5)), gaussian_release(x, 1.0, 2.0, _gen(5)))
-    assert not torch.equal(gaussian_release(x, 1.0, 2.0, _gen(5)), gaussian_release(x, 1.0, 2.0, _gen(6)))
+    assert not torch.equal(gaussian_release(x, 1.0, 2.0, NoiseSource()), gaussian_release(x, 1.0, 2.0, NoiseSource()))
+    replay = [gaussian_release(x, 1.0, 2.0, NoiseSource.replayable_from(5, "a")) for _ in range(2)]
+    assert torch.equal(*replay)
+    assert not torch.equal(replay[0], gaussian_release(x, 1.0, 2.0, NoiseSource.replayable_from(6, "a")))
+    assert not NoiseSource().replayable and NoiseSource.replayable_from(5).replayable
+
+
+def test_secure_normal_and_uniform_distributions() -> None:
+    """The sum-of-four Box-Muller draw is N(0, std^2) (moments and tails), uniforms cover [0, 1) evenly."""
+    source = NoiseSource()
+    z = source.normal((N_NOISE,), 1.0, torch.float64)
+    _check_noise(z, 1.0)
+    assert abs((z.abs() > 1.959964).double().mean().item() - 0.05) < 0.003  # two-sided 5% tail
+    assert abs((z ** 4).mean().item() - 3.0) < 0.1  # Gaussian kurtosis
+    u = source.uniform((N_NOISE,))
+    assert u.min().item() >= 0.0 and u.max().item() < 1.0
+    counts = torch.histc(u.float(), bins=10, min=0, max=1)
+    assert (counts - N_NOISE / 10).abs().max().item() < 5 * math.sqrt(N_NOISE / 10)
 
 
 @pytest.mark.parametrize("epsilon", [0.5, 2.0, 4.0])
 def test_randomized_response_flip_rate(epsilon: float) -> None:
     labels = (torch.rand(N_NOISE, generator=_gen(7)) < 0.2).long()
-    out = randomized_response(labels, epsilon, _gen(8))
+    out = randomized_response(labels, epsilon, NoiseSource())
     assert out.dtype == labels.dtype and set(out.unique().tolist()) <= {0, 1}
     p = 1.0 / (1.0 + math.exp(epsilon))
     for group in (labels == 0, labels == 1):  # flips must not depend on the label
@@ -99,7 +117,7 @@ def test_randomized_response_flip_rate(epsilon: float) -> None:
 
 def test_randomized_response_rejects_non_binary_labels() -> None:
     with pytest.raises(ValueError, match="0 or 1"):
-        randomized_response(torch.tensor([0, 1, 2]), 1.0, _gen())
+        randomized_response(torch.tensor([0, 1, 2]), 1.0, NoiseSource())
 
 
 def test_label_gradients_noise_and_sensitivity() -> None:
@@ -107,16 +125,16 @@ def test_label_gradients_noise_and_sensitivity() -> None:
     p = torch.rand(n, generator=_gen(9))
     y = (torch.rand(n, generator=_gen(10)) < 0.3).float()
     jac = torch.randn(n, d, generator=_gen(11)) * 2
-    g = clipped_label_gradients(p, y, jac, clip, sigma, _gen(12))
+    g = clipped_label_gradients(p, y, jac, clip, sigma, NoiseSource.replayable_from(12))
     exact = (p - y).unsqueeze(1) * clip_rows(jac, clip)
     _check_noise(g - exact, sigma * clip)
     # the same noise draw with every label flipped: each user's gradient moves by at most clip
-    flipped = clipped_label_gradients(p, 1 - y, jac, clip, sigma, _gen(12))
+    flipped = clipped_label_gradients(p, 1 - y, jac, clip, sigma, NoiseSource.replayable_from(12))
     moved = torch.linalg.vector_norm(flipped - g, dim=1)
     assert moved.max().item() <= clip * (1 + 1e-5)
     assert moved.max().item() > 0.9 * clip  # the bound is attained: the sensitivity is not overstated either
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        clipped_label_gradients(p * 2, y, jac, clip, sigma, _gen())
+        clipped_label_gradients(p * 2, y, jac, clip, sigma, NoiseSource())
 
 
 # -- accounting -------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 from fedscore.runs import RunError, default_budgets, run_inprocess
 from shared.config import load_config
 from shared.privacy import recompute_from_report
-from tests.conftest import SECRET
+from tests.conftest import SECRET, fresh_homes
 
 PRIVATE = ["training.rounds=3", "training.local_epochs=2", "training.batch_size=64", "training.lr=0.005",
            "baselines.enabled=false", "privacy.dpsgd_batch_size=256", "privacy.dpsgd_lr=0.02",
@@ -22,8 +22,9 @@ PRIVATE = ["training.rounds=3", "training.local_epochs=2", "training.batch_size=
 @pytest.fixture(scope="module")
 def private_run(party_data: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> Path:
     data, _ = party_data
-    run_dir = tmp_path_factory.mktemp("private") / "run"
-    run_inprocess(load_config(None, PRIVATE), data, run_dir, secret=SECRET)
+    root = tmp_path_factory.mktemp("private")
+    run_dir = root / "run"
+    run_inprocess(load_config(None, PRIVATE), data, run_dir, secret=SECRET, homes=fresh_homes(root))
     return run_dir
 
 
@@ -36,16 +37,27 @@ def test_every_reported_epsilon_recomputes_from_the_report(private_run: Path) ->
     for guarantee, eps in zip(report["guarantees"], recomputed, strict=True):
         assert guarantee["epsilon"] >= eps - 1e-9, guarantee["protects"]
         assert guarantee["epsilon"] - eps <= max(0.02, 0.01 * eps), guarantee["protects"]
-        assert guarantee["epsilon"] <= guarantee["budget"] + 1e-9
+        assert guarantee["epsilon"] <= min(guarantee["budget"].values()) + 1e-9
         assert guarantee["delta"] == report["delta"] < 1e-5
+        assert guarantee["status"] == "holds" and guarantee["run_epsilon"] == pytest.approx(guarantee["epsilon"])
+    assert report["void"] is None
     by_key = {f"{g['protects']}@{g['against']}": g for g in report["guarantees"]}
     assert by_key["lender.labels@payment"]["mechanisms"] == [{"kind": "randomized_response", "epsilon": 2.0}]
     features = by_key["payment.features@lender"]
-    assert [m["sampling"] for m in features["mechanisms"]] == ["none"] * 3  # no amplification between parties
+    # the embeddings: 3 rounds, no amplification between parties; the payment model the lender sees through them:
+    # the payment part's DP-SGD, in the 2 rounds it actually trained (round 0 has no gradients to apply)
+    assert sorted(m["sampling"] for m in features["mechanisms"]) == ["none"] * 3 + ["poisson"] * 2
+    assert features["neighbouring"] == "replace_one"
     assert features["epsilon"] == pytest.approx(8.0, abs=0.05)
     joint = by_key["joint.records@outsider"]
-    assert joint["held_by"] == ["lender", "payment"] and len(joint["per_release"]) == 3
+    # each party charges the steps it took: the lender 3 rounds, the payment holder 2
+    assert joint["held_by"] == ["lender", "payment"]
+    assert sorted(r["party"] for r in joint["per_release"]) == ["lender"] * 3 + ["payment"] * 2
+    assert joint["epsilon"] <= 3.0 * 1.0001
     assert report["unprotected"] == []
+    covered = {r["covered_by"] for items in report["releases"].values() for r in items}
+    assert {"lender.labels@payment", "payment.features@lender", "joint.records@outsider"} <= covered
+    assert any(c.startswith("unprotected") for c in covered) and any(c.startswith("public") for c in covered)
 
 
 def test_randomized_response_flips_at_the_configured_rate(private_run: Path) -> None:
@@ -84,14 +96,15 @@ def test_payment_stops_mid_run_and_what_was_released_is_still_counted(party_data
     config = load_config(None, PRIVATE)
     budgets = default_budgets(config)
     budgets["payment"]["payment.features@lender"] = 6.0  # enough for 1-2 of the 3 planned embedding releases
+    homes = {"payment": tmp_path / "payment-home", "lender": tmp_path / "lender-home"}
     with pytest.raises(RunError, match=r"payment.*payment\.features@lender"):
-        run_inprocess(config, data, tmp_path / "run", secret=SECRET, budgets=budgets)
+        run_inprocess(config, data, tmp_path / "run", secret=SECRET, budgets=budgets, homes=homes)
     report = json.loads((tmp_path / "run" / "privacy-report.json").read_text())
     assert report["refusal"]["party"] == "payment" and report["refusal"]["request"] == "embed"
     features = next(g for g in report["guarantees"] if g["protects"] == "payment.features")
-    assert 1 <= len(features["per_release"]) < 3
+    assert 1 <= len([r for r in features["per_release"] if "embeddings" in r["note"]]) < 3
     assert features["epsilon"] <= 6.0
-    ledger = json.loads((tmp_path / "run" / "parties" / "payment" / "privacy-ledger.json").read_text())
+    ledger = json.loads((tmp_path / "payment-home" / "privacy-ledger.json").read_text())
     assert len([e for e in ledger["entries"] if e["guarantee"] == "payment.features@lender"]) == \
         len(features["per_release"])
 
@@ -111,13 +124,14 @@ def test_online_answers_are_charged_per_user_worst_case_and_refused_past_the_bud
     from clients.payment.service import ReleaseRefused
 
     config = load_config(None, PRIVATE)
-    state_dir = private_run / "parties" / "payment"
-    ledger_file = state_dir / "privacy-ledger.json"
+    home = private_run.parent / "homes" / "payment"
+    ledger_file = home / "privacy-ledger.json"
     before = len(json.loads(ledger_file.read_text())["entries"])
     report = json.loads((private_run / "privacy-report.json").read_text())
     spent = next(g["epsilon"] for g in report["guarantees"] if g["protects"] == "payment.features")
     budget = {"payment.features@lender": spent + 2.0, "joint.records@outsider": 3.0}  # room for one more
-    guard = LedgerGuard.from_run(state_dir, config.privacy, budget)
+    sigma = torch.load(private_run / "parties" / "payment" / "state.pt", weights_only=True)["feature_sigma"]
+    guard = LedgerGuard(home, config.privacy, budget, sigma)
     assert guard.sigma is not None and guard.sigma > 0
 
     guard.before_release("u1")  # the worst case goes from 0 to 1 online release: charged

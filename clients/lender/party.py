@@ -8,7 +8,6 @@ training users. It shares only metrics (AUC etc. on validation and test users) w
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import torch
@@ -131,10 +130,10 @@ class LenderParty(PartyBase):
         ledger = self.ledger
         for against in ("payment", "outsider"):
             ledger.charge([release], f"lender.labels@{against}", note="randomized response on training labels, once")
-        generator = torch.Generator().manual_seed(seeded(self.config.seed, "lender", "randomized-response"))
         released = y.clone()
         mask = torch.from_numpy(train)
-        released[mask] = randomized_response(y[mask], privacy.label_epsilon, generator).to(y.dtype)
+        released[mask] = randomized_response(y[mask], privacy.label_epsilon,
+                                             self.noise_source("randomized-response")).to(y.dtype)
         return released
 
     def _new_model(self, embedding_dim: int) -> LenderTop:
@@ -143,7 +142,9 @@ class LenderParty(PartyBase):
         privacy = self.config.privacy
         flip = 0.0
         if embedding_dim and privacy.enabled and privacy.label_epsilon is not None:
-            flip = 1.0 / (1.0 + math.exp(privacy.label_epsilon))
+            from shared.privacy import flip_probability
+
+            flip = flip_probability(privacy.label_epsilon)
         return LenderTop(self.state["x"].shape[1], embedding_dim, self.config.model.lender_hidden, label_flip=flip)
 
     def _lender_only_baseline(self) -> dict[str, float | str]:
@@ -219,18 +220,18 @@ class LenderParty(PartyBase):
     def _train_dp_sgd(self, model: LenderTop, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor,
                       round_: int) -> list[float]:
         """Opacus DP-SGD, charged before it runs: the released lender part is protected for the outsider."""
-        from shared.dp_training import DpSgdPlan, dp_sgd_round, joint_release
+        from shared.dp_training import DpSgdPlan, dp_sgd_round, part_release
 
         plan = DpSgdPlan(**self.state["dpsgd"])
-        self.ledger.charge([joint_release(plan)], "joint.records@outsider",
-                           note=f"round {round_}: DP-SGD steps of both released parts")
-        generator = torch.Generator().manual_seed(seeded(self.config.seed, "lender", "dpsgd", str(round_)))
+        self.ledger.charge([part_release(plan, plan.steps_per_round)], "joint.records@outsider",
+                           note=f"round {round_}: the lender part's DP-SGD steps")
 
         def batch_loss(module: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
             return F.binary_cross_entropy_with_logits(module(x[batch], h[batch]), y[batch], reduction="sum")
 
         self.state["opt"], losses = dp_sgd_round(model, batch_loss, len(y), plan, self.state.get("opt"),
-                                                 self.config.training.weight_decay, generator)
+                                                 self.config.training.weight_decay,
+                                                 self.noise_source("dpsgd", str(round_)))
         return losses
 
     def on_export(self, message: Envelope) -> Envelope:
@@ -260,9 +261,8 @@ class LenderParty(PartyBase):
         if privacy.enabled and privacy.gradient_noise_multiplier:
             from shared.privacy import clipped_label_gradients
 
-            generator = torch.Generator().manual_seed(seeded(self.config.seed, "lender", "grad-noise", str(round_)))
-            grad = clipped_label_gradients(p, y, jacobian, privacy.gradient_clip,
-                                           privacy.gradient_noise_multiplier, generator)
+            grad = clipped_label_gradients(p, y, jacobian, privacy.gradient_clip, privacy.gradient_noise_multiplier,
+                                           self.noise_source("grad-noise", str(round_)))
         else:
             grad = (p - y)[:, None] * jacobian
         return grad.numpy().astype(np.float32)

@@ -15,7 +15,7 @@ import torch
 
 from clients.base import PartyBase, PartySettings, ProtocolError
 from clients.payment.data import load_payment_table
-from shared.atomic import write_json_atomic
+from shared.atomic import write_json_atomic, write_text_atomic
 from shared.messages import Envelope, pack_arrays, unpack_arrays
 from shared.model_parts import PaymentBottom, init_module, seeded
 from shared.party_data import batches
@@ -89,24 +89,18 @@ class PaymentParty(PartyBase):
         released part; refuse up front if features would go out unprotected against this party's own budget."""
         config = self.config
         privacy = config.privacy
-        if privacy.features_protected:
-            from shared.privacy import calibrate_gaussian
-
-            sigma = privacy.feature_noise_multiplier
-            if sigma is None:
-                assert privacy.feature_epsilon is not None
-                sigma = calibrate_gaussian(privacy.feature_epsilon, privacy.delta, count=config.training.rounds,
-                                           sensitivity=1.0 if privacy.feature_neighbouring == "add_remove" else 2.0,
-                                           neighbouring=privacy.feature_neighbouring)
-            self.state["feature_sigma"] = float(sigma)
-        elif "payment.features@lender" in self.settings.budgets:
-            raise ProtocolError("payment refused: the run config sends embeddings without noise "
-                                "(privacy.feature_epsilon unset or privacy disabled), but this payment holder "
-                                "holds a budget for payment.features@lender")
         if privacy.dp_sgd:
             from shared.dp_training import plan_dp_sgd
 
             self.state["dpsgd"] = plan_dp_sgd(privacy, n_train, config.training.rounds).to_dict()
+        if privacy.features_protected:
+            from clients.payment.feature_privacy import plan_feature_noise
+
+            self.state["feature_sigma"] = plan_feature_noise(config, self.state.get("dpsgd"))
+        elif "payment.features@lender" in self.settings.budgets:
+            raise ProtocolError("payment refused: the run config sends embeddings without noise "
+                                "(privacy.feature_epsilon unset or privacy disabled), but this payment holder "
+                                "holds a budget for payment.features@lender")
 
     # -- rounds --------------------------------------------------------------------------------------------------
     def _new_model(self) -> PaymentBottom:
@@ -149,8 +143,7 @@ class PaymentParty(PartyBase):
         sigma = self.state["feature_sigma"]
         record = embedding_release(sigma, privacy.embedding_clip, 1, privacy.feature_neighbouring)
         self.ledger.charge([record], "payment.features@lender", note=f"round {round_}: embeddings to the lender")
-        generator = torch.Generator().manual_seed(seeded(self.config.seed, "payment", "noise", str(round_)))
-        return gaussian_release(embeddings, privacy.embedding_clip, sigma, generator)
+        return gaussian_release(embeddings, privacy.embedding_clip, sigma, self.noise_source("noise", str(round_)))
 
     def on_export(self, message: Envelope) -> Envelope:
         """Write this party's part (its preprocessing inside the graph) and, when it featurised transactions, the
@@ -165,7 +158,24 @@ class PaymentParty(PartyBase):
         sidecar = {"scaler": self.state["scaler"],
                    "feature_definition": FEATURE_DEFINITION if self.state["featurised"] else None}
         write_json_atomic(out / "payment_part.json", sidecar)
+        self._record_served(out / PAYMENT_FILE)
         return self.reply(message, info={"file": PAYMENT_FILE})
+
+    def _record_served(self, part: Path) -> None:
+        """In this party's home, for this model version (the part's sha256): the intersection it may answer online
+        and the noise its answers need. Stays with the payment holder; nothing of it ships in model/."""
+        from shared.manifest import sha256_file
+        from shared.party_home import SERVED_DIR
+
+        privacy = self.config.privacy
+        served = self.settings.home / SERVED_DIR
+        digest = sha256_file(part)
+        ids = [self.state["ids"][int(r)] for r in self.state["rows"]]
+        write_text_atomic(served / f"{digest}.ids", "".join(f"{i}\n" for i in ids))
+        write_json_atomic(served / f"{digest}.json", {
+            "feature_sigma": self.state.get("feature_sigma"), "embedding_clip": privacy.embedding_clip,
+            "feature_neighbouring": privacy.feature_neighbouring, "delta": privacy.delta,
+            "replayable_noise": privacy.enabled and privacy.replayable_noise, "run": self.run_id})
 
     def _local_update(self, model: PaymentBottom, x: torch.Tensor, gradients: np.ndarray, round_: int) -> None:
         """Descend <g_i, h_i> + |h_i - H_i|^2 / (2 eta) for the training users: the lender's gradient, held near
@@ -176,8 +186,7 @@ class PaymentParty(PartyBase):
         if g.shape != (len(train), config.model.embedding_dim):
             raise ProtocolError(f"payment: gradients of shape {tuple(g.shape)}, expected "
                                 f"({len(train)}, {config.model.embedding_dim})")
-        if "feature_sigma" in self.state:  # noisy embeddings give noisy gradients: keep their scale steady
-            g = g / g.pow(2).mean().sqrt().clamp_min(1e-12)
+        g = g * config.privacy.feature_gradient_scale  # a public constant, never a statistic over users
         x_train, anchor = x[train], self.state["released"][train]
         eta = config.training.proximal_eta
 
@@ -188,14 +197,19 @@ class PaymentParty(PartyBase):
 
         model.train()
         if "dpsgd" in self.state:
-            from shared.dp_training import DpSgdPlan, dp_sgd_round, joint_release
+            from shared.dp_training import DpSgdPlan, dp_sgd_round, part_release
 
             plan = DpSgdPlan(**self.state["dpsgd"])
-            self.ledger.charge([joint_release(plan)], "joint.records@outsider",
-                               note=f"round {round_}: DP-SGD steps of both released parts")
-            generator = torch.Generator().manual_seed(seeded(config.seed, "payment", "dpsgd", str(round_)))
+            ledger = self.ledger
+            ledger.charge([part_release(plan, plan.steps_per_round)], "joint.records@outsider",
+                          note=f"round {round_}: the payment part's DP-SGD steps")
+            if "feature_sigma" in self.state:  # the lender sees this part through every later embedding
+                from clients.payment.feature_privacy import model_exposure
+
+                ledger.charge([model_exposure(plan, config.privacy)], "payment.features@lender",
+                              note=f"round {round_}: the payment part's DP-SGD steps, seen through its embeddings")
             self.state["opt"], _ = dp_sgd_round(model, batch_loss, len(train), plan, self.state.get("opt"),
-                                                config.training.weight_decay, generator)
+                                                config.training.weight_decay, self.noise_source("dpsgd", str(round_)))
             return
         optimizer = self._optimizer(model)
         for epoch in range(config.training.local_epochs):

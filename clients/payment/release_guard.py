@@ -9,7 +9,6 @@ each aligned user `rounds` times; those records are in the ledger, so the compos
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +34,10 @@ class LedgerGuard:
         self.counts_file = state_dir / "online-releases.json"
         self.counts: dict[str, int] = (json.loads(self.counts_file.read_text())
                                        if self.counts_file.exists() else {})
-        # noise for live answers must not be reproducible by anyone who knows a seed
-        self.generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "big"))
+        # noise for live answers must not be reproducible by anyone: a CSPRNG keyed from the OS
+        from shared.privacy import NoiseSource
+
+        self.source = NoiseSource()
 
     @classmethod
     def from_run(cls, state_dir: Path, privacy: PrivacyConfig, budgets: dict[str, float]) -> LedgerGuard:
@@ -70,4 +71,4 @@ class LedgerGuard:
         from shared.privacy import gaussian_release
 
         row = torch.from_numpy(np.asarray(embedding, dtype=np.float32))[None]
-        return gaussian_release(row, self.privacy.embedding_clip, self.sigma, self.generator)[0].numpy()
+        return gaussian_release(row, self.privacy.embedding_clip, self.sigma, self.source)[0].numpy()

@@ -1,9 +1,9 @@
 """Differential privacy for fedscore: mechanisms as records, the noise, accounting, calibration, budgets.
 
-Flow: a party builds a record (`mechanisms`), charges it to its own `Ledger` before anything leaves, draws the
-noise (`noise`), and the report lists every guarantee (`accounting.privacy_report`) in a form a third party can
-recompute (`accounting.recompute_from_report`). See /work/shared/NOTES.md "Accounting" for the facts this follows.
-Opacus is imported lazily (only the PRV accountant needs it).
+Flow: a party builds a record (`mechanisms`), charges it to its own lifetime `Ledger` before anything leaves,
+draws the noise (`noise`) from a CSPRNG (`secure_random`), and the report lists every guarantee in a form a third
+party can recompute (`accounting.recompute_from_report`). Opacus is imported lazily (the PRV accountant and
+DP-SGD need it).
 """
 
 from shared.privacy.accounting import (
@@ -30,12 +30,14 @@ from shared.privacy.mechanisms import (
     Mechanism,
     RandomizedResponse,
     embedding_release,
+    flip_probability,
     guarantee_key,
     label_gradient_release,
     mechanism_from_dict,
     mechanisms_from_dicts,
 )
 from shared.privacy.noise import clip_rows, clipped_label_gradients, gaussian_release, randomized_response
+from shared.privacy.secure_random import NoiseSource, noise_source
 
 __all__ = [
     "BudgetExceeded",
@@ -45,6 +47,7 @@ __all__ = [
     "Guarantee",
     "Ledger",
     "Mechanism",
+    "NoiseSource",
     "RandomizedResponse",
     "account",
     "account_guarantee",
@@ -56,12 +59,14 @@ __all__ = [
     "clipped_label_gradients",
     "embedding_release",
     "epsilon_for",
+    "flip_probability",
     "gaussian_release",
     "guarantee_key",
     "guarantees_for",
     "label_gradient_release",
     "mechanism_from_dict",
     "mechanisms_from_dicts",
+    "noise_source",
     "privacy_report",
     "randomized_response",
     "recompute_from_report",

@@ -36,6 +36,7 @@ from shared.privacy.mechanisms import (
     Neighbouring,
     Observer,
     RandomizedResponse,
+    flip_probability,
     guarantee_key,
 )
 
@@ -60,7 +61,7 @@ def common_neighbouring(mechanisms: Sequence[Mechanism]) -> Neighbouring:
 
 def _rr_noise_parameter(epsilon: float) -> float:
     """dp-accounting's RR outputs a uniform bucket with probability p; on 2 buckets the flip rate is p/2."""
-    return 2.0 * math.exp(-epsilon) / (1.0 + math.exp(-epsilon))  # no overflow for large epsilon
+    return 2.0 * flip_probability(epsilon)
 
 
 def _dp_event(m: Mechanism, relation: Neighbouring) -> dp_accounting.DpEvent:

@@ -1,18 +1,23 @@
-"""A party's own privacy budget: a write-ahead ledger of every release, refused once a budget would be exceeded.
+"""A party's own lifetime privacy budget: a write-ahead ledger of every release, refused once a budget is spent.
 
-Why party-held: a budget protects the party's own users, so it comes from the party's node config and lives in
-its own state directory; the coordinator can neither raise it nor reset it. Why write-ahead: a release is recorded
-before it leaves, so a round that fails or is interrupted after the charge still counts (we may over-count, never
-under-count). Every message may run in a fresh process, so each call re-reads the file; writes are atomic
-(temporary file in the same directory, fsync, os.replace), and a crash leaves either the old or the new ledger.
-One process per party writes its ledger at a time (a SuperNode handles one message at a time).
+Why party-held: a budget protects the party's own users, so it comes from the party's own settings and lives in
+its own home (shared/party_home.py), outside any run folder; the coordinator can neither raise it nor reset it.
+Why lifetime: a second run, a retraining or an online service on the same people composes with everything the
+party released before (worst case over users), so one ledger per party holds all of it, each entry tagged with the
+run that made it. Why write-ahead: a release is recorded before it leaves, so a round that fails or is interrupted
+after the charge still counts (we may over-count, never under-count). Writers may be several processes (a training
+run and a live service): each charge holds an exclusive flock on a lock file beside the ledger while it re-reads,
+checks and rewrites; writes are atomic (temporary file, fsync, os.replace), so a crash leaves the old or the new
+ledger, never half of one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,7 +48,8 @@ class BudgetExceeded(RuntimeError):
 class Ledger:
     """Budgets (guarantee key -> max epsilon, e.g. {"lender.labels@payment": 4.0}) and the releases charged."""
 
-    def __init__(self, path: Path, budget: Mapping[str, float], delta: float, *, party: str = "") -> None:
+    def __init__(self, path: Path, budget: Mapping[str, float], delta: float, *, party: str = "",
+                 run: str = "") -> None:
         for key, limit in budget.items():
             split_guarantee_key(key)
             if not limit >= 0:
@@ -54,9 +60,21 @@ class Ledger:
         self.budget = dict(budget)
         self.delta = delta
         self.party = party or self.path.parent.name
+        self.run = run  # tags each entry, so a lifetime ledger says which run released what
         self._load()  # fail now, not at the first charge, if the file is unreadable or another party's
 
     # -- file ------------------------------------------------------------------------------------------------------
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """An exclusive lock shared by every process that writes this ledger (flock on `<ledger>.lock`)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def _load(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
@@ -116,15 +134,17 @@ class Ledger:
         if not mechanisms:
             raise ValueError("charge() needs at least one release")
         check_guarantee_records(protects, against, mechanisms)
-        entries = self._load()
-        before = mechanisms_from_dicts([item for entry in entries if entry["guarantee"] == guarantee
-                                        for item in entry["mechanisms"]])
-        would_be, accountant = account([*before, *mechanisms], self.delta)
-        limit = self.budget.get(guarantee)
-        if limit is None or not math.isfinite(would_be) or would_be > limit:
-            raise BudgetExceeded(self.party, guarantee, account(before, self.delta)[0], would_be, limit)
-        entries.append({"guarantee": guarantee, "mechanisms": [m.to_dict() for m in mechanisms],
-                        "epsilon_after": would_be, "accountant": accountant, "delta": self.delta,
-                        "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"), "note": note})
-        self._save(entries)
+        with self._locked():
+            entries = self._load()
+            before = mechanisms_from_dicts([item for entry in entries if entry["guarantee"] == guarantee
+                                            for item in entry["mechanisms"]])
+            would_be, accountant = account([*before, *mechanisms], self.delta)
+            limit = self.budget.get(guarantee)
+            if limit is None or not math.isfinite(would_be) or would_be > limit:
+                raise BudgetExceeded(self.party, guarantee, account(before, self.delta)[0], would_be, limit)
+            entries.append({"guarantee": guarantee, "mechanisms": [m.to_dict() for m in mechanisms],
+                            "epsilon_after": would_be, "accountant": accountant, "delta": self.delta,
+                            "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"), "run": self.run,
+                            "note": note})
+            self._save(entries)
         return would_be

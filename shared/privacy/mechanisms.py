@@ -25,6 +25,11 @@ OBSERVERS: tuple[Observer, ...] = ("payment", "lender", "outsider")
 _PROTECTS = r"^[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*$"  # "<owner party>.<what>", e.g. "lender.labels"
 
 
+def flip_probability(epsilon: float) -> float:
+    """Randomized response's flip probability 1/(1+e^eps) (the one place it is written; no overflow at large eps)."""
+    return math.exp(-epsilon) / (1.0 + math.exp(-epsilon))
+
+
 def guarantee_key(protects: str, against: str) -> str:
     """The name a guarantee goes by in budgets and ledgers, e.g. "lender.labels@payment"."""
     return f"{protects}@{against}"
@@ -117,7 +122,7 @@ class RandomizedResponse(_Record):
 
     @property
     def flip_probability(self) -> float:
-        return math.exp(-self.epsilon) / (1.0 + math.exp(-self.epsilon))
+        return flip_probability(self.epsilon)
 
     def report_entry(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"kind": "randomized_response", "epsilon": self.epsilon}

@@ -1,15 +1,16 @@
 """The noise itself: clipping, Gaussian releases, randomized response, and the cheap label-gradient release.
 
-Every function takes an explicit torch.Generator so a run is reproducible from its seed and no function touches
-the global RNG. (This is statistical noise for experiments, not a CSPRNG: a deployment that faces a real adversary
-needs a cryptographic generator.) Each function matches one record in `mechanisms`; the docstring says which.
+Every draw comes from a `NoiseSource` (secure_random: a ChaCha20 keystream keyed from the OS), never from a seeded
+generator: a guarantee is only as good as the unpredictability of its randomness. Each function matches one record
+in `mechanisms`; the docstring says which.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from shared.privacy.mechanisms import flip_probability
+from shared.privacy.secure_random import NoiseSource
 
 
 def clip_rows(x: torch.Tensor, clip: float) -> torch.Tensor:
@@ -28,26 +29,18 @@ def clip_rows(x: torch.Tensor, clip: float) -> torch.Tensor:
     return (x.double() * scale).to(x.dtype)
 
 
-def gaussian_noise(shape: torch.Size | tuple[int, ...], std: float, generator: torch.Generator,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """N(0, std^2) i.i.d. per coordinate, drawn from `generator` only."""
-    if std < 0:
-        raise ValueError(f"noise std must be >= 0, got {std}")
-    return torch.randn(tuple(shape), generator=generator, dtype=dtype) * std
-
-
 def gaussian_release(x: torch.Tensor, clip: float, noise_multiplier: float,
-                     generator: torch.Generator) -> torch.Tensor:
+                     source: NoiseSource) -> torch.Tensor:
     """Clip each row to `clip`, then add N(0, (noise_multiplier * clip)^2) per coordinate.
 
     Record: GaussianRelease(noise_multiplier, clip, sensitivity=1.0 under add/remove against a null row, 2.0 under
     replace-one, count = how many times each user's row goes out).
     """
     clipped = clip_rows(x, clip)
-    return clipped + gaussian_noise(clipped.shape, noise_multiplier * clip, generator, clipped.dtype)
+    return clipped + source.normal(clipped.shape, noise_multiplier * clip, clipped.dtype)
 
 
-def randomized_response(labels: torch.Tensor, epsilon: float, generator: torch.Generator) -> torch.Tensor:
+def randomized_response(labels: torch.Tensor, epsilon: float, source: NoiseSource) -> torch.Tensor:
     """Flip each 0/1 label independently with probability 1/(1+e^eps): pure eps-DP per label (replace-one).
 
     Record: RandomizedResponse(epsilon). Draw once and keep the result: drawing again for the same labels composes.
@@ -56,13 +49,12 @@ def randomized_response(labels: torch.Tensor, epsilon: float, generator: torch.G
         raise ValueError(f"randomized response needs epsilon > 0, got {epsilon}")
     if labels.numel() and not bool(((labels == 0) | (labels == 1)).all()):
         raise ValueError("randomized_response expects labels that are all 0 or 1")
-    flip_probability = math.exp(-epsilon) / (1.0 + math.exp(-epsilon))  # = 1/(1+e^eps), no overflow
-    flip = torch.rand(labels.shape, generator=generator, dtype=torch.float64) < flip_probability
+    flip = source.bernoulli(labels.shape, flip_probability(epsilon))
     return torch.where(flip, 1 - labels, labels)
 
 
 def clipped_label_gradients(p: torch.Tensor, y: torch.Tensor, jacobian_rows: torch.Tensor, clip: float,
-                            noise_multiplier: float, generator: torch.Generator) -> torch.Tensor:
+                            noise_multiplier: float, source: NoiseSource) -> torch.Tensor:
     """Per-user gradients of the logistic loss w.r.t. the embedding, privatized for the labels only.
 
     For one logit z_i = f(x_i, h_i) the exact gradient is dL_i/dh_i = (p_i - y_i) * J_i with J_i = dz_i/dh_i.
@@ -80,4 +72,4 @@ def clipped_label_gradients(p: torch.Tensor, y: torch.Tensor, jacobian_rows: tor
         raise ValueError("p and y must lie in [0, 1]: the sensitivity bound |delta(p - y)| <= 1 needs it")
     residual = (p.to(jacobian_rows.dtype) - y.to(jacobian_rows.dtype)).unsqueeze(1)
     exact = residual * clip_rows(jacobian_rows, clip)
-    return exact + gaussian_noise(exact.shape, noise_multiplier * clip, generator, exact.dtype)
+    return exact + source.normal(exact.shape, noise_multiplier * clip, exact.dtype)
