@@ -9,10 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from clients.payment.release_guard import LedgerGuard
+    from clients.payment.service import PaymentScoringService
 
 console = Console()
 serve_app = typer.Typer(help="Online federated scoring: the payment holder's gRPC service and the lender's HTTP API.",
@@ -133,6 +137,24 @@ def serve_payment_command(
         threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads")] = 1) -> None:
     """The payment holder: answer GetEmbedding over gRPC for the intersection recorded for this model version only,
     every answer charged to the party's ledger and noised as in training."""
+    from clients.payment.service import run_payment_service
+    from shared.party_home import default_party_home
+
+    with _user_errors():
+        credentials = _server_credentials(host, tls_cert, tls_key, client_ca, insecure_local)
+        service, guard = prepare_payment_service(model, data, party_home or default_party_home("payment"), budget,
+                                                 allow_unprotected, disclose_signals, threads)
+        try:
+            run_payment_service(service, host, port, credentials, on_ready=console.print)
+        finally:
+            guard.close()
+
+
+def prepare_payment_service(model: Path, data: Path, home: Path, budget: list[str] | None = None,
+                            allow_unprotected: bool = False, disclose_signals: bool = False,
+                            threads: int = 1) -> tuple[PaymentScoringService, LedgerGuard]:
+    """Everything `serve payment` checks and loads before listening: the bundle, the served record for its payment
+    part, the ledger guard, the disclosures. The guard holds the party home until closed."""
     from clients.payment.release_guard import (
         SIGNALS_DISCLOSURE,
         LedgerGuard,
@@ -140,30 +162,28 @@ def serve_payment_command(
         record_disclosure,
     )
     from clients.payment.served import load_served
-    from clients.payment.service import PaymentScoringService, run_payment_service
-    from shared.party_home import default_party_home, ensure_party_home
+    from clients.payment.service import PaymentScoringService
+    from shared.party_home import ensure_party_home
     from shared.scoring_bundle import load_scoring_bundle
 
-    with _user_errors():
-        credentials = _server_credentials(host, tls_cert, tls_key, client_ca, insecure_local)
-        bundle = load_scoring_bundle(model)
-        home = ensure_party_home(party_home or default_party_home("payment"))
-        served = load_served(home, bundle.part_sha256("payment"))
-        check_not_replayable(served, bundle.manifest.training_config)
-        guard = LedgerGuard(home, served, _payment_budgets(bundle.manifest.training_config, budget),
-                            allow_unprotected=allow_unprotected)
-        try:
-            if guard.sigma is None:
-                _warn("embeddings leave WITHOUT noise (feature protection was off in training); recorded as "
-                      f"unprotected in {home / 'disclosures.json'}")
-            if disclose_signals:
-                record_disclosure(home, "payment.signals", SIGNALS_DISCLOSURE)
-                _warn(f"unprotected: {SIGNALS_DISCLOSURE}; recorded in {home / 'disclosures.json'}")
-            console.print(f"loading {data / 'payment'} and the payment part from {model} ...")
-            service = PaymentScoringService.from_bundle(bundle, data, served, guard, disclose_signals, threads)
-            run_payment_service(service, host, port, credentials, on_ready=console.print)
-        finally:
-            guard.close()
+    bundle = load_scoring_bundle(model)
+    home = ensure_party_home(home)
+    served = load_served(home, bundle.part_sha256("payment"))
+    check_not_replayable(served, bundle.manifest.training_config)
+    guard = LedgerGuard(home, served, _payment_budgets(bundle.manifest.training_config, budget),
+                        allow_unprotected=allow_unprotected)
+    try:
+        if guard.sigma is None:
+            _warn("embeddings leave WITHOUT noise (feature protection was off in training); recorded as "
+                  f"unprotected in {home / 'disclosures.json'}")
+        if disclose_signals:
+            record_disclosure(home, "payment.signals", SIGNALS_DISCLOSURE)
+            _warn(f"unprotected: {SIGNALS_DISCLOSURE}; recorded in {home / 'disclosures.json'}")
+        console.print(f"loading {data / 'payment'} and the payment part from {model} ...")
+        return PaymentScoringService.from_bundle(bundle, data, served, guard, disclose_signals, threads), guard
+    except BaseException:
+        guard.close()
+        raise
 
 
 def _payment_channel(payment_address: str, payment_ca: Path | None, client_cert: Path | None,

@@ -489,6 +489,51 @@ def test_serve_payment_refuses_to_start_without_tls_or_a_served_record(tx_run: t
     assert lender.exit_code == 2 and "--payment-ca, --client-cert, --client-key" in lender.output
 
 
+def test_serve_payment_cli_serves_over_mutual_tls_and_records_disclosures(tx_run: tuple[Path, Path],
+                                                                           pki: tuple[LocalPki, LocalPki],
+                                                                           tmp_path: Path) -> None:
+    import os
+    import socket
+    import time
+
+    data, run = tx_run
+    ours, _ = pki
+    home = tmp_path / "home"
+    ids = intersection(data)
+    write_served(home, run / "model", ids)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = [sys.executable, "-m", "fedscore.cli_scoring", "serve", "payment", "--model", str(run / "model"),
+            "--data", str(data), "--party-home", str(home), "--port", str(port), "--tls-cert", str(ours.server_cert),
+            "--tls-key", str(ours.server_key), "--client-ca", str(ours.ca), "--allow-unprotected",
+            "--disclose-signals"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FEDSCORE_HOME": str(tmp_path / "fedscore-home")}
+    proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    good = mutual_tls_channel_credentials(ours.ca, *ours.clients["lender"])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            try:
+                reply = _call(port, ids[0], good)
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline, "serve payment did not answer within 60 s"
+                time.sleep(0.2)
+        assert reply.spend_level and reply.stability  # disclosed
+        assert _refusal(port, ids[0]).code() == grpc.StatusCode.UNAVAILABLE  # plaintext client
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=20)[0].decode()
+    assert "WITHOUT noise" in output and "unprotected: coarse spend signals" in output
+    disclosed = json.loads((home / "disclosures.json").read_text())["unprotected"]
+    assert sorted(d["protects"] for d in disclosed) == ["payment.features", "payment.signals"]
+    assert all(d["against"] == "lender" and d["since"] for d in disclosed)
+    counts = json.loads((home / "online-releases.json").read_text())["by_model"]
+    assert list(counts.values()) == [{ids[0]: 1}]
+
+
 def test_guard_refuses_void_unprotected_or_unbudgeted_versions(tx_run: tuple[Path, Path], tmp_path: Path) -> None:
     data, run = tx_run
     ids = intersection(data)[:10]
