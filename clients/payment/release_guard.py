@@ -106,7 +106,10 @@ class LedgerGuard:
         if self.source.replayable:
             raise GuardRefused("online noise must come from an OS-keyed NoiseSource, not a replayable one")
         self.home = Path(home)
-        self.ledger = Ledger(self.home / LEDGER_FILE, self.budgets, meta.delta, party="payment")
+        try:
+            self.ledger = Ledger(self.home / LEDGER_FILE, self.budgets, meta.delta, party="payment")
+        except ValueError as exc:  # unreadable or another party's ledger, a malformed budget: do not guess
+            raise GuardRefused(str(exc)) from None
         self._lock = _LifetimeLock(self.home / COUNTS_LOCK)
         self.counts_file = self.home / COUNTS_FILE
         self.all_counts: dict[str, dict[str, int]] = self._read_counts()
