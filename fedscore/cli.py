@@ -244,6 +244,25 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run folder made by tr
     console.print(f"wrote {run_dir}/privacy-report.json and {run_dir}/report.html")
 
 
+@app.command()
+def certs(out: Annotated[Path, typer.Option("--out", help="folder to create (must not hold these files yet)")],
+          server_name: Annotated[list[str] | None, typer.Option(
+              "--server-name", help="DNS name or IP the server certificate is valid for (repeat; default "
+              "localhost and 127.0.0.1)")] = None,
+          client: Annotated[list[str] | None, typer.Option(
+              "--client", help="a client certificate to issue (repeat; default: lender)")] = None) -> None:
+    """Write a throwaway local PKI for mutual TLS (tests, one machine): ca.pem, server.pem/.key, <client>.pem/.key.
+    Keys are owner-only; the CA key is not kept."""
+    from shared.tls import TlsError, make_local_pki
+
+    try:
+        pki = make_local_pki(out, server_names=server_name, clients=client)
+    except (TlsError, OSError) as exc:
+        _fail(str(exc))
+    clients = ", ".join(f"{name}: {cert.name} + {key.name}" for name, (cert, key) in pki.clients.items())
+    console.print(f"wrote {out}: CA {pki.ca.name}; server {pki.server_cert.name} + {pki.server_key.name}; {clients}")
+
+
 def main() -> None:
     app()
 

@@ -9,10 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from clients.payment.release_guard import LedgerGuard
+    from clients.payment.service import PaymentScoringService
 
 console = Console()
 serve_app = typer.Typer(help="Online federated scoring: the payment holder's gRPC service and the lender's HTTP API.",
@@ -25,14 +29,30 @@ HostOpt = Annotated[str, typer.Option("--host", help="interface to listen on (lo
 
 @contextmanager
 def _user_errors() -> Iterator[None]:
-    """Errors a user can fix (bad data, bad model folder, missing file, port in use): one red line, exit code 2."""
+    """Errors a user can fix (bad data, bad model folder, missing file, port in use, bad TLS material, a party home
+    that does not allow serving this model): one red line, exit code 2."""
+    from clients.payment.release_guard import GuardRefused
+    from clients.payment.served import ServedError
     from shared.tables import DataError
+    from shared.tls import TlsError
 
     try:
         yield
-    except (DataError, FileNotFoundError, OSError) as exc:
-        console.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(2) from None
+    except (DataError, FileNotFoundError, OSError, TlsError, ServedError, GuardRefused) as exc:
+        _fail(str(exc))
+
+
+def _fail(message: str) -> None:
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _warn(message: str) -> None:
+    from rich.markup import escape
+
+    console.print(f"[bold yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
 def score_command(model: ModelOpt, data: DataOpt,
@@ -53,54 +73,167 @@ def score_command(model: ModelOpt, data: DataOpt,
                   f"review, {int(no_history)} without payment history")
 
 
-@serve_app.command("payment")
-def serve_payment_command(model: ModelOpt, data: DataOpt,
-                          port: Annotated[int, typer.Option(min=1, max=65535)] = 50061,
-                          host: HostOpt = "127.0.0.1",
-                          state_dir: Annotated[Path | None, typer.Option(
-                              "--state-dir", help="the payment party's state dir (RUN_DIR/parties/payment): its "
-                              "ledger and noise; every answer is then charged as a release")] = None,
-                          budget: Annotated[list[str] | None, typer.Option(
-                              "--budget", help="guarantee=eps for this party (default: the run's targets)")] = None,
-                          ) -> None:
-    """The payment holder: featurise DIR/payment once, then answer GetEmbedding over gRPC."""
-    from clients.payment.service import run_payment_service
+def _server_credentials(host: str, tls_cert: Path | None, tls_key: Path | None, client_ca: Path | None,
+                        insecure_local: bool):  # -> grpc.ServerCredentials | None
+    """Mutual TLS, or plaintext on loopback only when asked for by name; anything else stops before loading data."""
+    from clients.payment.service import LOOPBACK_HOSTS
+    from shared.tls import mutual_tls_server_credentials
 
-    with _user_errors():
-        guard = _ledger_guard(model, state_dir, budget) if state_dir is not None else None
-        console.print(f"loading {data / 'payment'} and the payment part from {model} ...")
-        run_payment_service(model, data, host, port, guard=guard, on_ready=console.print)
+    given = {"--tls-cert": tls_cert, "--tls-key": tls_key, "--client-ca": client_ca}
+    if insecure_local:
+        if any(v is not None for v in given.values()):
+            _fail("--insecure-local serves plaintext; drop it to use --tls-cert/--tls-key/--client-ca")
+        if host not in LOOPBACK_HOSTS:
+            _fail(f"--insecure-local binds to loopback only, not {host}; use mutual TLS to listen on {host}")
+        return None
+    missing = [flag for flag, value in given.items() if value is None]
+    if len(missing) == len(given):
+        _fail("refusing to serve without TLS: pass --tls-cert, --tls-key and --client-ca (the lender's CA; mutual "
+              "TLS; `fedscore certs --out DIR` makes a local set), or --insecure-local to serve on 127.0.0.1 only")
+    if missing:
+        _fail(f"mutual TLS needs {', '.join(missing)} as well")
+    return mutual_tls_server_credentials(tls_cert, tls_key, client_ca)  # type: ignore[arg-type]
 
 
-def _ledger_guard(model: Path, state_dir: Path, budget: list[str] | None):
+def _payment_budgets(training_config: dict, budget: list[str] | None) -> dict[str, float]:
+    """The run's targets for the payment party (what its node config would hold), then --budget overrides."""
     from clients.base import parse_budgets
-    from clients.payment.release_guard import LedgerGuard
+    from clients.payment.release_guard import GuardRefused
     from fedscore.runs import default_budgets
     from shared.config import FedConfig
-    from shared.manifest import load_manifest
 
-    config = FedConfig.model_validate(load_manifest(model).training_config)
-    budgets = default_budgets(config)["payment"]
-    budgets.update(parse_budgets(";".join(budget or [])))
-    return LedgerGuard.from_run(state_dir, config.privacy, budgets)
+    try:
+        config = FedConfig.model_validate(training_config)
+        budgets = default_budgets(config)["payment"]
+        budgets.update(parse_budgets(";".join(budget or [])))
+    except ValueError as exc:
+        raise GuardRefused(f"cannot work out the payment budgets: {' '.join(str(exc).split())}") from None
+    return budgets
+
+
+@serve_app.command("payment")
+def serve_payment_command(
+        model: ModelOpt, data: DataOpt,
+        port: Annotated[int, typer.Option(min=1, max=65535)] = 50061,
+        host: HostOpt = "127.0.0.1",
+        party_home: Annotated[Path | None, typer.Option(
+            "--party-home", help="the payment party's home: ledger, served intersections (default "
+            "$FEDSCORE_HOME/parties/payment)")] = None,
+        budget: Annotated[list[str] | None, typer.Option(
+            "--budget", help="guarantee=eps for this party (default: the run's targets)")] = None,
+        tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="server certificate (PEM)")] = None,
+        tls_key: Annotated[Path | None, typer.Option("--tls-key", help="server private key (PEM)")] = None,
+        client_ca: Annotated[Path | None, typer.Option(
+            "--client-ca", help="CA that signed the lender's client certificate (PEM); clients without one are "
+            "refused")] = None,
+        insecure_local: Annotated[bool, typer.Option(
+            "--insecure-local", help="no TLS, bound to 127.0.0.1 only (tests, one machine)")] = False,
+        allow_unprotected: Annotated[bool, typer.Option(
+            "--allow-unprotected", help="serve a model trained without feature protection: clean embeddings, "
+            "recorded as unprotected")] = False,
+        disclose_signals: Annotated[bool, typer.Option(
+            "--disclose-signals", help="send spend_level, stability, recent_spend_anomaly exactly (unprotected, "
+            "recorded); default: withheld")] = False,
+        threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads")] = 1) -> None:
+    """The payment holder: answer GetEmbedding over gRPC for the intersection recorded for this model version only,
+    every answer charged to the party's ledger and noised as in training."""
+    from clients.payment.service import run_payment_service
+    from shared.party_home import default_party_home
+
+    with _user_errors():
+        credentials = _server_credentials(host, tls_cert, tls_key, client_ca, insecure_local)
+        service, guard = prepare_payment_service(model, data, party_home or default_party_home("payment"), budget,
+                                                 allow_unprotected, disclose_signals, threads)
+        try:
+            run_payment_service(service, host, port, credentials, on_ready=console.print)
+        finally:
+            guard.close()
+
+
+def prepare_payment_service(model: Path, data: Path, home: Path, budget: list[str] | None = None,
+                            allow_unprotected: bool = False, disclose_signals: bool = False,
+                            threads: int = 1) -> tuple[PaymentScoringService, LedgerGuard]:
+    """Everything `serve payment` checks and loads before listening: the bundle, the served record for its payment
+    part, the ledger guard, the disclosures. The guard holds the party home until closed."""
+    from clients.payment.release_guard import (
+        SIGNALS_DISCLOSURE,
+        LedgerGuard,
+        check_not_replayable,
+        record_disclosure,
+    )
+    from clients.payment.served import load_served
+    from clients.payment.service import PaymentScoringService
+    from shared.party_home import ensure_party_home
+    from shared.scoring_bundle import load_scoring_bundle
+
+    bundle = load_scoring_bundle(model)
+    home = ensure_party_home(home)
+    served = load_served(home, bundle.part_sha256("payment"))
+    check_not_replayable(served, bundle.manifest.training_config)
+    guard = LedgerGuard(home, served, _payment_budgets(bundle.manifest.training_config, budget),
+                        allow_unprotected=allow_unprotected)
+    try:
+        if guard.sigma is None:
+            _warn("embeddings leave WITHOUT noise (feature protection was off in training); recorded as "
+                  f"unprotected in {home / 'disclosures.json'}")
+        if disclose_signals:
+            record_disclosure(home, "payment.signals", SIGNALS_DISCLOSURE)
+            _warn(f"unprotected: {SIGNALS_DISCLOSURE}; recorded in {home / 'disclosures.json'}")
+        console.print(f"loading {data / 'payment'} and the payment part from {model} ...")
+        return PaymentScoringService.from_bundle(bundle, data, served, guard, disclose_signals, threads), guard
+    except BaseException:
+        guard.close()
+        raise
+
+
+def _payment_channel(payment_address: str, payment_ca: Path | None, client_cert: Path | None,
+                     client_key: Path | None, insecure_payment: bool):  # -> grpc.ChannelCredentials | None
+    """Mutual TLS to the payment service, or plaintext to a loopback address when asked for by name."""
+    from clients.payment.service import LOOPBACK_HOSTS
+    from shared.tls import mutual_tls_channel_credentials
+
+    given = {"--payment-ca": payment_ca, "--client-cert": client_cert, "--client-key": client_key}
+    if insecure_payment:
+        host = payment_address.rsplit(":", 1)[0].strip("[]")
+        if any(v is not None for v in given.values()):
+            _fail("--insecure-payment is plaintext; drop it to use --payment-ca/--client-cert/--client-key")
+        if host not in LOOPBACK_HOSTS:
+            _fail(f"--insecure-payment reaches loopback addresses only, not {payment_address}")
+        return None
+    missing = [flag for flag, value in given.items() if value is None]
+    if missing:
+        _fail(f"the payment service needs mutual TLS: pass {', '.join(missing)} (or --insecure-payment for a "
+              "payment service started with --insecure-local on this machine)")
+    return mutual_tls_channel_credentials(payment_ca, client_cert, client_key)  # type: ignore[arg-type]
 
 
 @serve_app.command("lender")
-def serve_lender_command(model: ModelOpt, data: DataOpt,
-                         payment_address: Annotated[str, typer.Option(
-                             "--payment-address", help="host:port of the payment holder's gRPC service")],
-                         port: Annotated[int, typer.Option(min=1, max=65535)] = 8080,
-                         host: HostOpt = "127.0.0.1",
-                         timeout: Annotated[float, typer.Option(min=0.01, help="payment call deadline, s")] = 2.0,
-                         blacklist: Annotated[Path | None, typer.Option(help="ids to decline")] = None) -> None:
+def serve_lender_command(
+        model: ModelOpt, data: DataOpt,
+        payment_address: Annotated[str, typer.Option(
+            "--payment-address", help="host:port of the payment holder's gRPC service")],
+        port: Annotated[int, typer.Option(min=1, max=65535)] = 8080,
+        host: HostOpt = "127.0.0.1",
+        timeout: Annotated[float, typer.Option(min=0.01, help="payment call deadline, s")] = 2.0,
+        blacklist: Annotated[Path | None, typer.Option(help="ids to decline")] = None,
+        payment_ca: Annotated[Path | None, typer.Option(
+            "--payment-ca", help="CA that signed the payment service's certificate (PEM)")] = None,
+        client_cert: Annotated[Path | None, typer.Option(
+            "--client-cert", help="the lender's client certificate (PEM)")] = None,
+        client_key: Annotated[Path | None, typer.Option("--client-key", help="its private key (PEM)")] = None,
+        insecure_payment: Annotated[bool, typer.Option(
+            "--insecure-payment", help="plaintext to a payment service on loopback (its --insecure-local)")] = False,
+) -> None:
     """The lender: POST /score {"id": ...} over HTTP, asking the payment service for the embedding."""
     from clients.lender.service import run_lender_service
     from fedscore.scoring import read_blacklist
 
     with _user_errors():
+        credentials = _payment_channel(payment_address, payment_ca, client_cert, client_key, insecure_payment)
         ids = read_blacklist(blacklist) if blacklist is not None else None
-        console.print(f"lender service on http://{host}:{port} (payment service at {payment_address})")
-        run_lender_service(model, data, payment_address, host, port, timeout, ids)
+        console.print(f"lender service on http://{host}:{port} (payment service at {payment_address}, "
+                      f"{'mutual TLS' if credentials else 'plaintext, loopback'})")
+        run_lender_service(model, data, payment_address, host, port, timeout, ids, credentials)
 
 
 def _standalone() -> None:

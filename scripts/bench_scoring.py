@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -42,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clients.lender.scoring import LenderScorer, load_applicant_features  # noqa: E402
+from clients.payment.data import load_payment_table  # noqa: E402
 from clients.payment.scoring import PaymentPart, load_payment_users  # noqa: E402
 from fedscore.scoring import score_batch  # noqa: E402
 from fedscore.torch_parts import load_torch_parts  # noqa: E402
@@ -117,6 +119,19 @@ def bench_batch(model: Path, run: Path, data: Path, rows: int, repeats: int) -> 
     return result
 
 
+def record_intersection(home: Path, bundle, data: Path) -> None:
+    """What the payment party's export writes into its home (served/S.ids + S.json): here every applicant it has,
+    served without noise (the benchmark measures latency, not privacy)."""
+    sha = bundle.part_sha256("payment")
+    users = set(load_payment_table(Path(data) / "payment").ids)
+    ids = sorted(users & set(load_applicant_features(bundle, data).ids))
+    (home / "served").mkdir(parents=True, exist_ok=True)
+    (home / "served" / f"{sha}.ids").write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
+    (home / "served" / f"{sha}.json").write_text(json.dumps({
+        "feature_sigma": None, "embedding_clip": 1.0, "feature_neighbouring": "add_remove", "delta": 1e-6,
+        "replayable_noise": False}))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -130,10 +145,15 @@ def services(model: Path, data: Path) -> Iterator[str]:
     cli = [sys.executable, "-m", "fedscore.cli_scoring", "serve"]
     common = ["--model", str(model), "--data", str(data)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([*cli, "payment", *common, "--port", str(grpc_port)], env=env, cwd=ROOT,
+    home = Path(tempfile.mkdtemp(prefix="bench-payment-home-"))
+    bundle = load_scoring_bundle(model)
+    record_intersection(home, bundle, data)
+    payment = ["--party-home", str(home), "--insecure-local", "--allow-unprotected", "--disclose-signals"]
+    procs = [subprocess.Popen([*cli, "payment", *common, *payment, "--port", str(grpc_port)], env=env, cwd=ROOT,
                               stdout=subprocess.DEVNULL)]
     procs.append(subprocess.Popen([*cli, "lender", *common, "--port", str(http_port), "--payment-address",
-                                   f"127.0.0.1:{grpc_port}"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL))
+                                   f"127.0.0.1:{grpc_port}", "--insecure-payment"], env=env, cwd=ROOT,
+                                  stdout=subprocess.DEVNULL))
     url = f"http://127.0.0.1:{http_port}"
     try:
         deadline = time.monotonic() + 120
@@ -157,6 +177,7 @@ def services(model: Path, data: Path) -> Iterator[str]:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def bench_online(model: Path, data: Path, requests: int, repeats: int) -> dict[str, float]:

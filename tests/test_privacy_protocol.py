@@ -121,18 +121,21 @@ def test_online_answers_are_charged_per_user_worst_case_and_refused_past_the_bud
     import numpy as np
 
     from clients.payment.release_guard import LedgerGuard
+    from clients.payment.served import load_served
     from clients.payment.service import ReleaseRefused
+    from shared.manifest import load_manifest
 
     config = load_config(None, PRIVATE)
-    home = private_run.parent / "homes" / "payment"
+    home = private_run.parent / "homes" / "payment"  # the payment party's home: its export recorded what it serves
     ledger_file = home / "privacy-ledger.json"
+    sigma = float(torch.load(private_run / "parties" / "payment" / "state.pt", weights_only=True)["feature_sigma"])
+    sha = load_manifest(private_run / "model").parts["payment"].sha256
     before = len(json.loads(ledger_file.read_text())["entries"])
     report = json.loads((private_run / "privacy-report.json").read_text())
     spent = next(g["epsilon"] for g in report["guarantees"] if g["protects"] == "payment.features")
     budget = {"payment.features@lender": spent + 2.0, "joint.records@outsider": 3.0}  # room for one more
-    sigma = torch.load(private_run / "parties" / "payment" / "state.pt", weights_only=True)["feature_sigma"]
-    guard = LedgerGuard(home, config.privacy, budget, sigma)
-    assert guard.sigma is not None and guard.sigma > 0
+    guard = LedgerGuard(home, load_served(home, sha), budget)
+    assert guard.sigma == sigma > 0
 
     guard.before_release("u1")  # the worst case goes from 0 to 1 online release: charged
     guard.before_release("u2")  # another user's first answer: the worst case is unchanged, nothing charged
@@ -146,3 +149,4 @@ def test_online_answers_are_charged_per_user_worst_case_and_refused_past_the_bud
     clean = np.full(8, 0.05, dtype=np.float32)
     draws = np.stack([guard.noise(clean) for _ in range(4000)])
     assert draws.std() == pytest.approx(guard.sigma * config.privacy.embedding_clip, rel=0.05)
+    guard.close()

@@ -19,6 +19,7 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from clients.lender.scoring import NO_PAYMENT_REASON, LenderScorer
@@ -26,14 +27,18 @@ from clients.lender.service import LenderThread, create_app
 from clients.payment.data import load_payment_table
 from clients.payment.grpc_gen import fedscore_scoring_pb2 as pb2
 from clients.payment.grpc_gen import fedscore_scoring_pb2_grpc as pb2_grpc
+from clients.payment.release_guard import GUARANTEE, GuardRefused, LedgerGuard, check_not_replayable
 from clients.payment.scoring import load_payment_users
-from clients.payment.service import OpenRelease, PaymentScoringService, ReleaseRefused, build_payment_server
+from clients.payment.served import ServedError, ServedVersion, load_served
+from clients.payment.service import NOT_SERVED, PaymentScoringService, ReleaseRefused, build_payment_server
 from fedscore.runs import run_inprocess
 from fedscore.scoring import SCORE_COLUMNS, score_batch, write_scores
 from fedscore.synth import synthesize
 from fedscore.torch_parts import load_torch_parts
 from shared.config import FedConfig, load_config
 from shared.export_onnx import EMBEDDING, LENDER_INPUT, LOGIT, load_manifest, sha256_file, torch_score, write_manifest
+from shared.party_home import LEDGER_FILE
+from shared.privacy import account, embedding_release
 from shared.scorecard import (
     PAYMENT_FACTOR,
     CoarseSignalRules,
@@ -46,6 +51,7 @@ from shared.scorecard import (
 )
 from shared.scoring_bundle import BundleError, load_scoring_bundle, ort_session
 from shared.tables import DataError
+from shared.tls import LocalPki, TlsError, make_local_pki, mutual_tls_channel_credentials, mutual_tls_server_credentials
 from tests.conftest import FAST, SECRET, make_party_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -272,8 +278,6 @@ def test_bad_bundles_and_bad_data_are_named(feature_run: tuple[Path, Path], tmp_
 
 
 def test_score_command_writes_all_or_nothing(feature_run: tuple[Path, Path], tmp_path: Path) -> None:
-    import typer
-
     from fedscore.cli_scoring import score_command
 
     data, run = feature_run
@@ -296,6 +300,23 @@ def test_score_command_writes_all_or_nothing(feature_run: tuple[Path, Path], tmp
 # ------------------------------------------------------------------------------------------- online services
 
 
+def write_served(home: Path, model: Path, ids: list[str], sigma: float | None = None, *, clip: float = 1.0,
+                 replayable: bool = False) -> ServedVersion:
+    """What the payment party's export writes into its home (the contract), then loaded as the service will."""
+    sha = load_scoring_bundle(model).part_sha256("payment")
+    (home / "served").mkdir(parents=True, exist_ok=True)
+    (home / "served" / f"{sha}.ids").write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
+    (home / "served" / f"{sha}.json").write_text(json.dumps(
+        {"feature_sigma": sigma, "embedding_clip": clip, "feature_neighbouring": "add_remove", "delta": 1e-6,
+         "replayable_noise": replayable}))
+    return load_served(home, sha)
+
+
+def intersection(data: Path) -> list[str]:
+    applicants = pd.read_parquet(data / "lender" / "applicants.parquet")["id"].astype(str)
+    return sorted(set(load_payment_table(data / "payment").ids) & set(applicants))
+
+
 class Refuse:
     """A guard that refuses one user and counts the releases it allowed."""
 
@@ -312,39 +333,290 @@ class Refuse:
 
 
 @pytest.fixture(scope="module")
-def payment_service(tx_run: tuple[Path, Path]) -> Iterator[tuple[PaymentScoringService, int]]:
+def payment_users(tx_run: tuple[Path, Path]):
     data, run = tx_run
-    service = PaymentScoringService.from_dirs(run / "model", data)
+    return load_payment_users(load_scoring_bundle(run / "model"), data)
+
+
+@pytest.fixture(scope="module")
+def payment_service(tx_run: tuple[Path, Path], payment_users,
+                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PaymentScoringService, int]]:
+    """Trained without feature protection, served with --allow-unprotected and --disclose-signals: answers equal
+    the batch scorer's."""
+    data, run = tx_run
+    home = tmp_path_factory.mktemp("payment-home")
+    served = write_served(home, run / "model", intersection(data))
+    guard = LedgerGuard(home, served, {}, allow_unprotected=True)
+    service = PaymentScoringService(payment_users, served, guard, disclose_signals=True)
     server, port = build_payment_server(service, port=0)
     yield service, port
     server.stop(0)
+    guard.close()
 
 
-def test_payment_grpc_answers_and_status_codes(payment_service: tuple[PaymentScoringService, int]) -> None:
+def _call(port: int, user_id: str, credentials: grpc.ChannelCredentials | None = None) -> pb2.EmbeddingReply:
+    target = f"127.0.0.1:{port}"
+    with (grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)) as channel:
+        return pb2_grpc.PaymentScoringStub(channel).GetEmbedding(pb2.EmbeddingRequest(user_id=user_id), timeout=5)
+
+
+def _refusal(port: int, user_id: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        _call(port, user_id, credentials)
+    return caught.value
+
+
+def test_payment_grpc_answers_and_status_codes(payment_service: tuple[PaymentScoringService, int],
+                                               tx_run: tuple[Path, Path]) -> None:
     service, port = payment_service
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = pb2_grpc.PaymentScoringStub(channel)
-        user = service.users.ids[7]
-        reply = stub.GetEmbedding(pb2.EmbeddingRequest(user_id=user), timeout=5)
-        np.testing.assert_array_equal(np.asarray(reply.embedding, dtype=np.float32), service.users.embeddings[7])
-        assert reply.spend_level in ("low", "mid", "high") and reply.stability in ("stable", "unstable")
-        with pytest.raises(grpc.RpcError) as unknown:
-            stub.GetEmbedding(pb2.EmbeddingRequest(user_id="nobody"), timeout=5)
-        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND and "nobody" in unknown.value.details()
-        with pytest.raises(grpc.RpcError) as empty:
-            stub.GetEmbedding(pb2.EmbeddingRequest(user_id=""), timeout=5)
-        assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        guard = Refuse(refused=service.users.ids[0])
+    served = intersection(tx_run[0])
+    user = served[7]
+    row = service.users.row(user)
+    reply = _call(port, user)
+    np.testing.assert_array_equal(np.asarray(reply.embedding, dtype=np.float32), service.users.embeddings[row])
+    assert reply.spend_level in ("low", "mid", "high") and reply.stability in ("stable", "unstable")
+    unknown = _refusal(port, "nobody")
+    assert (unknown.code(), unknown.details()) == NOT_SERVED
+    assert _refusal(port, "").code() == grpc.StatusCode.INVALID_ARGUMENT
+    guard, service.guard = service.guard, Refuse(refused=served[0])
+    try:
+        refused = _refusal(port, served[0])
+        _call(port, user)
+        released = service.guard.released
+    finally:
         service.guard = guard
-        try:
-            with pytest.raises(grpc.RpcError) as refused:
-                stub.GetEmbedding(pb2.EmbeddingRequest(user_id=service.users.ids[0]), timeout=5)
-            stub.GetEmbedding(pb2.EmbeddingRequest(user_id=user), timeout=5)
-        finally:
-            service.guard = OpenRelease()
-        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "privacy budget for this user is spent" in refused.value.details()
-        assert guard.released == [user]
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "privacy budget for this user is spent" in refused.details()
+    assert released == [user]
+
+
+def test_ids_outside_the_intersection_and_unknown_ids_get_identical_answers(
+        payment_service: tuple[PaymentScoringService, int], tx_run: tuple[Path, Path]) -> None:
+    service, port = payment_service
+    served = set(intersection(tx_run[0]))
+    customers = [u for u in service.users.ids if u not in served][:5]
+    strangers = ["nobody", "u9999999", customers[0] + "x", " " + customers[1], "\u00e9"]
+    assert len(customers) == 5 and not set(strangers) & set(service.users.ids)
+
+    def answer(user_id: str) -> tuple:
+        error = _refusal(port, user_id)
+        return error.code(), error.details().encode(), tuple(error.trailing_metadata() or ()), \
+            tuple(error.initial_metadata() or ())
+
+    answers = {answer(u) for u in [*customers, *strangers]}
+    assert answers == {(NOT_SERVED[0], NOT_SERVED[1].encode(), (), ())}
+    # the decision is taken from the served IDs alone: the customer tables are not even consulted
+    users, service.users = service.users, None
+    try:
+        assert answer(customers[0]) == answer(strangers[0]) == next(iter(answers))
+    finally:
+        service.users = users
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> tuple[LocalPki, LocalPki]:
+    return make_local_pki(tmp_path / "pki"), make_local_pki(tmp_path / "other")
+
+
+def test_mutual_tls_refuses_clients_without_a_valid_certificate(
+        payment_service: tuple[PaymentScoringService, int], pki: tuple[LocalPki, LocalPki],
+        tx_run: tuple[Path, Path]) -> None:
+    service, _ = payment_service
+    ours, other = pki
+    assert oct(ours.server_key.stat().st_mode & 0o777) == "0o600"
+    credentials = mutual_tls_server_credentials(ours.server_cert, ours.server_key, ours.ca)
+    server, port = build_payment_server(service, host="127.0.0.1", port=0, credentials=credentials)
+    user = intersection(tx_run[0])[3]
+    try:
+        lender_cert, lender_key = ours.clients["lender"]
+        good = mutual_tls_channel_credentials(ours.ca, lender_cert, lender_key)
+        assert len(_call(port, user, good).embedding) == service.users.embeddings.shape[1]
+        no_cert = mutual_tls_channel_credentials(ours.ca)
+        foreign = mutual_tls_channel_credentials(ours.ca, *other.clients["lender"])
+        for bad in (no_cert, foreign, None):
+            assert _refusal(port, user, bad).code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(0)
+
+
+def test_tls_material_errors_name_the_file(pki: tuple[LocalPki, LocalPki], tmp_path: Path) -> None:
+    ours, other = pki
+    with pytest.raises(TlsError, match=r"nope\.pem: cannot read"):
+        mutual_tls_server_credentials(tmp_path / "nope.pem", ours.server_key, ours.ca)
+    with pytest.raises(TlsError, match=r"other/server\.key: this private key does not belong"):
+        mutual_tls_server_credentials(ours.server_cert, other.server_key, ours.ca)
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    with pytest.raises(TlsError, match=r"junk\.pem: not a PEM client CA"):
+        mutual_tls_server_credentials(ours.server_cert, ours.server_key, tmp_path / "junk.pem")
+    with pytest.raises(TlsError, match="already exists"):
+        make_local_pki(tmp_path / "pki")
+    with pytest.raises(ValueError, match="refusing plaintext"):
+        build_payment_server(None, host="0.0.0.0", port=0)  # type: ignore[arg-type]
+
+
+def _serve(args: list[str]):
+    from fedscore.cli_scoring import serve_app
+
+    app = typer.Typer()
+    app.add_typer(serve_app, name="serve")
+    return CliRunner().invoke(app, ["serve", *args])
+
+
+def test_serve_payment_refuses_to_start_without_tls_or_a_served_record(tx_run: tuple[Path, Path],
+                                                                       pki: tuple[LocalPki, LocalPki],
+                                                                       tmp_path: Path) -> None:
+    data, run = tx_run
+    ours, _ = pki
+    base = ["payment", "--model", str(run / "model"), "--data", str(data), "--party-home", str(tmp_path / "home")]
+    plain = _serve(base)
+    assert plain.exit_code == 2 and "refusing to serve without TLS" in plain.output
+    assert "--tls-cert" in plain.output and "--insecure-local" in plain.output
+    wide = _serve([*base, "--insecure-local", "--host", "0.0.0.0"])
+    assert wide.exit_code == 2 and "loopback only" in wide.output
+    half = _serve([*base, "--tls-cert", str(ours.server_cert)])
+    assert half.exit_code == 2 and "--tls-key, --client-ca" in half.output
+    missing = _serve([*base, "--tls-cert", str(tmp_path / "gone.pem"), "--tls-key", str(ours.server_key),
+                      "--client-ca", str(ours.ca)])
+    assert missing.exit_code == 2 and "gone.pem" in missing.output
+    unrecorded = _serve([*base, "--insecure-local"])
+    assert unrecorded.exit_code == 2 and "no intersection recorded for this model version" in unrecorded.output
+    assert str(tmp_path / "home") in unrecorded.output and "--party-home" in unrecorded.output
+    lender = _serve(["lender", "--model", str(run / "model"), "--data", str(data), "--payment-address",
+                     "10.0.0.1:50061", "--insecure-payment"])
+    assert lender.exit_code == 2 and "loopback addresses only" in lender.output
+    lender = _serve(["lender", "--model", str(run / "model"), "--data", str(data), "--payment-address",
+                     "127.0.0.1:50061"])
+    assert lender.exit_code == 2 and "--payment-ca, --client-cert, --client-key" in lender.output
+
+
+def test_serve_payment_cli_serves_over_mutual_tls_and_records_disclosures(tx_run: tuple[Path, Path],
+                                                                           pki: tuple[LocalPki, LocalPki],
+                                                                           tmp_path: Path) -> None:
+    import os
+    import socket
+    import time
+
+    data, run = tx_run
+    ours, _ = pki
+    home = tmp_path / "home"
+    ids = intersection(data)
+    write_served(home, run / "model", ids)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = [sys.executable, "-m", "fedscore.cli_scoring", "serve", "payment", "--model", str(run / "model"),
+            "--data", str(data), "--party-home", str(home), "--port", str(port), "--tls-cert", str(ours.server_cert),
+            "--tls-key", str(ours.server_key), "--client-ca", str(ours.ca), "--allow-unprotected",
+            "--disclose-signals"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FEDSCORE_HOME": str(tmp_path / "fedscore-home")}
+    proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    good = mutual_tls_channel_credentials(ours.ca, *ours.clients["lender"])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            try:
+                reply = _call(port, ids[0], good)
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline, "serve payment did not answer within 60 s"
+                time.sleep(0.2)
+        assert reply.spend_level and reply.stability  # disclosed
+        assert _refusal(port, ids[0]).code() == grpc.StatusCode.UNAVAILABLE  # plaintext client
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=20)[0].decode()
+    assert "WITHOUT noise" in output and "unprotected: coarse spend signals" in output
+    disclosed = json.loads((home / "disclosures.json").read_text())["unprotected"]
+    assert sorted(d["protects"] for d in disclosed) == ["payment.features", "payment.signals"]
+    assert all(d["against"] == "lender" and d["since"] for d in disclosed)
+    counts = json.loads((home / "online-releases.json").read_text())["by_model"]
+    assert list(counts.values()) == [{ids[0]: 1}]
+
+
+def test_guard_refuses_void_unprotected_or_unbudgeted_versions(tx_run: tuple[Path, Path], tmp_path: Path) -> None:
+    data, run = tx_run
+    ids = intersection(data)[:10]
+    unprotected = write_served(tmp_path / "a", run / "model", ids)
+    with pytest.raises(GuardRefused, match="--allow-unprotected"):
+        LedgerGuard(tmp_path / "a", unprotected, {})
+    with pytest.raises(GuardRefused, match="holds a budget"):
+        LedgerGuard(tmp_path / "a", unprotected, {GUARANTEE: 3.0}, allow_unprotected=True)
+    guard = LedgerGuard(tmp_path / "a", unprotected, {}, allow_unprotected=True)
+    with pytest.raises(GuardRefused, match="another payment service"):
+        LedgerGuard(tmp_path / "a", unprotected, {}, allow_unprotected=True)
+    guard.close()
+    disclosed = json.loads((tmp_path / "a" / "disclosures.json").read_text())["unprotected"]
+    assert [d["protects"] for d in disclosed] == ["payment.features"]
+    protected = write_served(tmp_path / "b", run / "model", ids, sigma=0.8)
+    with pytest.raises(GuardRefused, match=r"no budget for payment\.features@lender"):
+        LedgerGuard(tmp_path / "b", protected, {})
+    void = write_served(tmp_path / "c", run / "model", ids, sigma=0.8, replayable=True)
+    with pytest.raises(GuardRefused, match="VOID"):
+        check_not_replayable(void, {})
+    with pytest.raises(GuardRefused, match="VOID"):
+        check_not_replayable(protected, {"privacy": {"replayable_noise": True}})
+    check_not_replayable(protected, load_manifest(run / "model").training_config)
+    sha = protected.sha256
+    (tmp_path / "b" / "served" / f"{sha}.json").write_text('{"feature_sigma": -1}')
+    with pytest.raises(ServedError, match=rf"{sha}\.json: invalid"):
+        load_served(tmp_path / "b", sha)
+
+
+def test_protected_answers_are_charged_noised_afresh_and_refused_past_the_budget(
+        tx_run: tuple[Path, Path], payment_users, tmp_path: Path) -> None:
+    data, run = tx_run
+    ids = intersection(data)
+    sigma, clip = 0.8, 1.0
+    record = embedding_release(sigma, clip, 1, "add_remove")
+    budget = account([record] * 2, 1e-6)[0] * 1.001  # room for a worst case of two online releases
+    services, servers, ports = [], [], []
+    for name in ("a", "b"):
+        served = write_served(tmp_path / name, run / "model", ids, sigma=sigma, clip=clip)
+        services.append(PaymentScoringService(payment_users, served,
+                                              LedgerGuard(tmp_path / name, served, {GUARANTEE: budget})))
+        server, port = build_payment_server(services[-1], port=0)
+        servers.append(server)
+        ports.append(port)
+    try:
+        a, b = ports
+        first = np.asarray(_call(a, ids[0]).embedding)
+        _call(a, ids[1])
+        again = np.asarray(_call(a, ids[0]).embedding)
+        refused = _refusal(a, ids[0])  # a third release would raise the worst case past the budget
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and GUARANTEE in refused.details()
+        entries = json.loads((tmp_path / "a" / LEDGER_FILE).read_text())["entries"]
+        assert len(entries) == 2 and {e["guarantee"] for e in entries} == {GUARANTEE}
+        assert entries[-1]["epsilon_after"] == pytest.approx(account([record] * 2, 1e-6)[0])
+        counts = json.loads((tmp_path / "a" / "online-releases.json").read_text())["by_model"]
+        assert counts == {services[0].payment_part_sha256: {ids[0]: 2, ids[1]: 1}}
+
+        other = np.asarray(_call(b, ids[0]).embedding)
+        clean = services[0].users.embeddings[services[0].users.row(ids[0])]
+        assert len({first.tobytes(), again.tobytes(), other.tobytes(), clean.tobytes()}) == 4
+        reply = _call(b, ids[2])
+        assert (reply.spend_level, reply.stability, reply.recent_spend_anomaly) == ("", "", False)  # withheld
+        draws = np.stack([services[1].guard.noise(np.zeros(8, dtype=np.float32)) for _ in range(500)])
+        assert draws.std() == pytest.approx(sigma * clip, rel=0.1)
+    finally:
+        for server, service in zip(servers, services, strict=True):
+            server.stop(0)
+            service.guard.close()
+
+
+def test_withheld_signals_are_scored_as_neutral(tx_run: tuple[Path, Path]) -> None:
+    from clients.lender.service import PaymentClient
+
+    _, run = tx_run
+    bundle = load_scoring_bundle(run / "model")
+    client = PaymentClient("127.0.0.1:1", bundle, 1.0)
+    try:
+        answer = client._check(pb2.EmbeddingReply(embedding=[0.0] * bundle.embedding_dim,
+                                                  payment_part_sha256=bundle.part_sha256("payment")))
+    finally:
+        client.close()
+    assert (answer.signals.spend_level.tolist(), answer.signals.stability.tolist(),
+            answer.signals.recent_spend_anomaly.tolist()) == (["mid"], ["stable"], [False])
 
 
 @pytest.fixture(scope="module")
@@ -383,14 +655,18 @@ def test_online_request_errors(lender_url: str) -> None:
         assert garbled.status_code == 422 and garbled.json()["detail"]
 
 
-def test_lender_answers_503_when_payment_refuses_or_is_down(tx_run: tuple[Path, Path],
-                                                            tx_scores: pd.DataFrame) -> None:
+def test_lender_over_mutual_tls_and_503_when_payment_refuses_or_is_down(
+        tx_run: tuple[Path, Path], payment_users, pki: tuple[LocalPki, LocalPki], tmp_path: Path) -> None:
     data, run = tx_run
-    service = PaymentScoringService.from_dirs(run / "model", data)
-    known = tx_scores.loc[~tx_scores["reasons"].str.startswith(NO_PAYMENT_REASON), "id"].tolist()
-    service.guard = Refuse(refused=known[0])
-    server, port = build_payment_server(service, port=0)
-    lender = LenderThread(create_app(run / "model", data, f"127.0.0.1:{port}", timeout_s=1.0)).start()
+    ours, _ = pki
+    known = intersection(data)
+    served = write_served(tmp_path / "home", run / "model", known)
+    service = PaymentScoringService(payment_users, served, Refuse(refused=known[0]), disclose_signals=True)
+    credentials = mutual_tls_server_credentials(ours.server_cert, ours.server_key, ours.ca)
+    server, port = build_payment_server(service, port=0, credentials=credentials)
+    channel = mutual_tls_channel_credentials(ours.ca, *ours.clients["lender"])
+    lender = LenderThread(create_app(run / "model", data, f"127.0.0.1:{port}", timeout_s=1.0,
+                                     credentials=channel)).start()
     try:
         with httpx.Client(base_url=lender.url, timeout=10) as client:
             refused = client.post("/score", json={"id": known[0]})

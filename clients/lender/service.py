@@ -9,8 +9,13 @@ Failure modes, each with a reason in `detail`:
   422  malformed body (pydantic)                       404  the lender has no such applicant
   503  payment service down / too slow / refused the release ("payment service unavailable: ..." or its refusal)
   502  the payment service answered with something this model cannot use (another model part, wrong width)
-An applicant the payment holder does not know is not an error: it is scored with the baseline embedding, flagged
-for review and given the reason "no payment history with the partner", exactly as in batch scoring.
+An applicant the payment holder does not serve (NOT_FOUND: outside the intersection of this model version) is not
+an error: it is scored with the baseline embedding, flagged for review and given the reason "no payment history
+with the partner", exactly as in batch scoring. Coarse signals the payment holder withholds (its default: empty
+strings) are scored as the neutral ones (spend "mid", "stable", no anomaly).
+
+Transport: `credentials` (grpc.ssl_channel_credentials with the lender's client pair, `shared.tls`) for the payment
+service's mutual TLS; without them the channel is plaintext, which the CLI allows to loopback only.
 """
 
 from __future__ import annotations
@@ -87,7 +92,8 @@ class PaymentClient:
         self.stub = pb2_grpc.PaymentScoringStub(self.channel)
 
     def fetch(self, user_id: str) -> PaymentAnswer | None:
-        """The user's embedding and signals, None if the payment holder has no such user."""
+        """The user's embedding and signals; None if the payment holder does not serve this user (NOT_FOUND: not in
+        the intersection of this model version, whether or not it is a customer there)."""
         try:
             reply = self.stub.GetEmbedding(pb2.EmbeddingRequest(user_id=user_id), timeout=self.timeout_s)
         except grpc.RpcError as exc:
@@ -110,6 +116,8 @@ class PaymentClient:
         if embedding.shape != (self.embedding_dim,) or not np.isfinite(embedding).all():
             raise PaymentServiceError(502, f"payment service sent an embedding of {embedding.size} values, "
                                            f"expected {self.embedding_dim} finite ones")
+        if not reply.spend_level and not reply.stability and not reply.recent_spend_anomaly:
+            return PaymentAnswer(embedding[None, :], PaymentSignals.neutral(1))  # withheld: no evidence either way
         try:
             signals = PaymentSignals.single(reply.spend_level, reply.stability, reply.recent_spend_anomaly)
         except ValueError as exc:
@@ -191,11 +199,12 @@ def create_app(model_dir: Path, data_dir: Path, payment_address: str, timeout_s:
 
 
 def run_lender_service(model_dir: Path, data_dir: Path, payment_address: str, host: str = "127.0.0.1",
-                       port: int = 8080, timeout_s: float = 2.0, blacklist: set[str] | None = None) -> None:
-    """create_app, served by uvicorn until interrupted."""
+                       port: int = 8080, timeout_s: float = 2.0, blacklist: set[str] | None = None,
+                       credentials: grpc.ChannelCredentials | None = None) -> None:
+    """create_app, served by uvicorn until interrupted; `credentials` for mutual TLS to the payment service."""
     import uvicorn
 
-    app = create_app(model_dir, data_dir, payment_address, timeout_s, blacklist)
+    app = create_app(model_dir, data_dir, payment_address, timeout_s, blacklist, credentials)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, ws="none")
 
 

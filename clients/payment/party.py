@@ -15,7 +15,7 @@ import torch
 
 from clients.base import PartyBase, PartySettings, ProtocolError
 from clients.payment.data import load_payment_table
-from shared.atomic import write_json_atomic, write_text_atomic
+from shared.atomic import write_json_atomic
 from shared.messages import Envelope, pack_arrays, unpack_arrays
 from shared.model_parts import PaymentBottom, init_module, seeded
 from shared.party_data import batches
@@ -164,18 +164,14 @@ class PaymentParty(PartyBase):
     def _record_served(self, part: Path) -> None:
         """In this party's home, for this model version (the part's sha256): the intersection it may answer online
         and the noise its answers need. Stays with the payment holder; nothing of it ships in model/."""
+        from clients.payment.served import ServedMeta, write_served
         from shared.manifest import sha256_file
-        from shared.party_home import SERVED_DIR
 
         privacy = self.config.privacy
-        served = self.settings.home / SERVED_DIR
-        digest = sha256_file(part)
-        ids = [self.state["ids"][int(r)] for r in self.state["rows"]]
-        write_text_atomic(served / f"{digest}.ids", "".join(f"{i}\n" for i in ids))
-        write_json_atomic(served / f"{digest}.json", {
-            "feature_sigma": self.state.get("feature_sigma"), "embedding_clip": privacy.embedding_clip,
-            "feature_neighbouring": privacy.feature_neighbouring, "delta": privacy.delta,
-            "replayable_noise": privacy.enabled and privacy.replayable_noise, "run": self.run_id})
+        write_served(self.settings.home, sha256_file(part), [self.state["ids"][int(r)] for r in self.state["rows"]],
+                     ServedMeta(feature_sigma=self.state.get("feature_sigma"), embedding_clip=privacy.embedding_clip,
+                                feature_neighbouring=privacy.feature_neighbouring, delta=privacy.delta,
+                                replayable_noise=privacy.enabled and privacy.replayable_noise, run=self.run_id))
 
     def _local_update(self, model: PaymentBottom, x: torch.Tensor, gradients: np.ndarray, round_: int) -> None:
         """Descend <g_i, h_i> + |h_i - H_i|^2 / (2 eta) for the training users: the lender's gradient, held near

@@ -2,23 +2,29 @@
 
 At startup it loads the bundle (hash-checked), featurises its whole data folder once, runs the payment part on
 every user and keeps the embeddings and coarse signals in memory (`clients.payment.scoring`, the same code batch
-scoring uses). A request is then a dictionary lookup, so latency does not depend on the size of the transaction
-table, and the embedding is bit-for-bit the one the batch scorer would compute.
+scoring uses), so latency does not depend on the size of the transaction table.
 
-Every answer is a release of information about one user, so each one passes a `ReleaseGuard` first:
+Whom it answers: only the IDs of the intersection recorded for this model version (`clients.payment.served`). Every
+other ID, customer or not, gets one fixed answer, NOT_FOUND "not served", byte for byte: the decision is one lookup
+in a dict built at startup from the served IDs alone, and the customer tables are never consulted for it, so neither
+the answer nor its timing says whether an ID outside the intersection is a customer. (The lender already knows the
+intersection from alignment.)
 
-* `before_release(user_id)` is called before a known user's embedding leaves. Raise `ReleaseRefused(reason)` to
-  refuse (the caller gets RESOURCE_EXHAUSTED with the reason); this is where the party's privacy ledger charges the
-  release, write-ahead, before anything is sent. Any other exception also refuses (INTERNAL): fail closed.
-* `noise(embedding) -> embedding` is applied to what is sent (identity by default): where embedding noise goes.
+Every answer is a release of information about one user, so each one passes a mandatory `ReleaseGuard` first:
 
-Guard calls are serialised by a lock, so a guard backed by a file ledger needs no locking of its own. The default
-`OpenRelease` charges nothing and adds no noise. Not yet guarded: whether a user exists at all (NOT_FOUND) is
-answered exactly, so a caller learns membership per query; a deployment that must hide membership should route
-unknown ids through the guard too or only serve ids from an agreed intersection.
+* `before_release(user_id)` is called before the embedding leaves. Raise `ReleaseRefused(reason)` to refuse (the
+  caller gets RESOURCE_EXHAUSTED with the reason); this is where the party's ledger charges the release,
+  write-ahead. Any other exception also refuses (INTERNAL): fail closed.
+* `noise(embedding) -> embedding` is applied to what is sent: where the embedding noise goes.
 
-Transport: insecure loopback by default; pass `credentials` (grpc.ssl_server_credentials, ideally mutual TLS) for
-anything beyond one machine.
+Guard calls are serialised by a lock, so a guard backed by files needs no locking of its own. The production guard
+is `clients.payment.release_guard.LedgerGuard`; there is no guard-less service.
+
+Coarse signals (spend_level, stability, recent_spend_anomaly) are withheld by default (empty strings and False: the
+lender scores with neutral ones); `disclose_signals=True` sends them exactly, which the CLI records as unprotected.
+
+Transport: `build_payment_server` takes server credentials (mutual TLS, `shared.tls`); without them it binds only to
+a loopback address.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ import numpy as np
 from clients.payment.grpc_gen import fedscore_scoring_pb2 as pb2
 from clients.payment.grpc_gen import fedscore_scoring_pb2_grpc as pb2_grpc
 from clients.payment.scoring import PaymentUsers, load_payment_users
-from shared.scoring_bundle import load_scoring_bundle
+from clients.payment.served import ServedVersion
+from shared.scoring_bundle import ScoringBundle
 
 log = logging.getLogger(__name__)
 
@@ -59,33 +66,43 @@ class ReleaseGuard(Protocol):
         """The embedding to send (float32 [d]), e.g. with calibrated noise added; must keep the shape."""
 
 
-class OpenRelease:
-    """The default guard: every release allowed, nothing recorded, no noise (scores equal batch scores)."""
-
-    def before_release(self, user_id: str) -> None:
-        return None
-
-    def noise(self, embedding: np.ndarray) -> np.ndarray:
-        return embedding
+NOT_SERVED = (grpc.StatusCode.NOT_FOUND, "not served")  # the one answer for every ID outside the intersection
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
 class PaymentScoringService(pb2_grpc.PaymentScoringServicer):
-    """Answers GetEmbedding from the precomputed embeddings, through the release guard."""
+    """Answers GetEmbedding for the served intersection only, from the precomputed embeddings, through the guard."""
 
-    def __init__(self, users: PaymentUsers, payment_part_sha256: str, guard: ReleaseGuard | None = None) -> None:
+    def __init__(self, users: PaymentUsers, served: ServedVersion, guard: ReleaseGuard,
+                 disclose_signals: bool = False) -> None:
+        if not isinstance(guard, ReleaseGuard):
+            raise TypeError("PaymentScoringService needs a release guard (before_release and noise)")
         self.users = users
-        self.payment_part_sha256 = payment_part_sha256
-        self.guard: ReleaseGuard = guard if guard is not None else OpenRelease()
+        self.payment_part_sha256 = served.sha256
+        self.guard = guard
+        self.disclose_signals = disclose_signals
+        rows = users.rows_for(sorted(served.ids))
+        # built from the served IDs alone: a request's fate is decided here, never in the customer tables
+        self._served: dict[str, int] = {uid: int(r) for uid, r in zip(sorted(served.ids), rows, strict=True) if r >= 0}
+        self.unavailable = len(served.ids) - len(self._served)
         self._lock = threading.Lock()
 
+    @property
+    def served_count(self) -> int:
+        """How many IDs this service answers (the recorded intersection still present in the data)."""
+        return len(self._served)
+
     @classmethod
-    def from_dirs(cls, model_dir: Path, data_dir: Path, guard: ReleaseGuard | None = None,
-                  threads: int = 1) -> PaymentScoringService:
-        """Load the bundle and DIR/payment, featurise and embed every user once."""
-        bundle = load_scoring_bundle(model_dir)
+    def from_bundle(cls, bundle: ScoringBundle, data_dir: Path, served: ServedVersion, guard: ReleaseGuard,
+                    disclose_signals: bool = False, threads: int = 1) -> PaymentScoringService:
+        """Featurise and embed every user of DIR/payment once; answer the served ones."""
+        if served.sha256 != bundle.part_sha256("payment"):
+            raise ValueError(f"{served.ids_file}: recorded for another payment part than {bundle.directory}")
         users = load_payment_users(bundle, data_dir, threads)
-        log.info("payment service: %d users from %s", len(users.ids), users.source)
-        return cls(users, bundle.part_sha256("payment"), guard)
+        service = cls(users, served, guard, disclose_signals)
+        log.info("payment service: %d users from %s, %d served (%d of the recorded intersection no longer in the "
+                 "data)", len(users.ids), users.source, service.served_count, service.unavailable)
+        return service
 
     def _release(self, user_id: str, row: int) -> tuple[np.ndarray | None, grpc.StatusCode, str]:
         """(embedding, OK, "") or (None, status, reason); never raises, so the caller can abort cleanly."""
@@ -108,25 +125,32 @@ class PaymentScoringService(pb2_grpc.PaymentScoringServicer):
 
     def GetEmbedding(self, request: pb2.EmbeddingRequest, context: grpc.ServicerContext) -> pb2.EmbeddingReply:
         user_id = request.user_id
-        if not user_id.strip():
+        if not user_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "user_id is empty")
-        row = self.users.row(user_id)
-        if row < 0:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"the payment holder has no user {user_id!r}")
+        row = self._served.get(user_id)
+        if row is None:
+            context.abort(*NOT_SERVED)
         embedding, status, reason = self._release(user_id, row)
         if embedding is None:
             context.abort(status, reason)
-        signals = self.users.signals
-        return pb2.EmbeddingReply(embedding=embedding.tolist(), spend_level=str(signals.spend_level[row]),
-                                  stability=str(signals.stability[row]),
-                                  recent_spend_anomaly=bool(signals.recent_spend_anomaly[row]),
-                                  payment_part_sha256=self.payment_part_sha256)
+        reply = pb2.EmbeddingReply(embedding=embedding.tolist(), payment_part_sha256=self.payment_part_sha256)
+        if self.disclose_signals:
+            signals = self.users.signals
+            reply.spend_level = str(signals.spend_level[row])
+            reply.stability = str(signals.stability[row])
+            reply.recent_spend_anomaly = bool(signals.recent_spend_anomaly[row])
+        return reply
 
 
 def build_payment_server(service: PaymentScoringService, host: str = "127.0.0.1", port: int = 0,
                          max_workers: int = 8,
                          credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, int]:
-    """A started gRPC server for `service` and the port it is bound to (port 0 = any free port)."""
+    """A started gRPC server for `service` and the port it is bound to (port 0 = any free port).
+
+    Without credentials only a loopback host is accepted: plaintext never leaves the machine."""
+    if credentials is None and host not in LOOPBACK_HOSTS:
+        raise ValueError(f"payment service: refusing plaintext gRPC on {host}; without TLS only loopback "
+                         f"({', '.join(LOOPBACK_HOSTS)}) is allowed")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="payment-grpc"))
     pb2_grpc.add_PaymentScoringServicer_to_server(service, server)
     address = f"{host}:{port}"
@@ -141,25 +165,17 @@ def build_payment_server(service: PaymentScoringService, host: str = "127.0.0.1"
     return server, bound
 
 
-def serve_payment(model_dir: Path, data_dir: Path, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
-                  guard: ReleaseGuard | None = None, credentials: grpc.ServerCredentials | None = None,
-                  threads: int = 1) -> grpc.Server:
-    """Load everything, then start serving on host:port; returns the started server (call .stop(grace))."""
-    service = PaymentScoringService.from_dirs(model_dir, data_dir, guard, threads)
+def run_payment_service(service: PaymentScoringService, host: str, port: int,
+                        credentials: grpc.ServerCredentials | None,
+                        on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve until Ctrl-C or SIGTERM, which stop it with a one-second grace period."""
     server, bound = build_payment_server(service, host, port, credentials=credentials)
     log.info("payment service listening on %s:%d", host, bound)
-    return server
-
-
-def run_payment_service(model_dir: Path, data_dir: Path, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
-                        guard: ReleaseGuard | None = None, credentials: grpc.ServerCredentials | None = None,
-                        on_ready: Callable[[str], None] | None = None) -> None:
-    """serve_payment, then block until Ctrl-C or SIGTERM, which stop it with a one-second grace period."""
-    server = serve_payment(model_dir, data_dir, host, port, guard, credentials)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: server.stop(grace=1.0))
     if on_ready is not None:
-        on_ready(f"payment service ready on {host}:{port}")
+        on_ready(f"payment service ready on {host}:{bound} ({'mutual TLS' if credentials else 'plaintext, loopback'}"
+                 f"; {service.served_count} served IDs)")
     try:
         server.wait_for_termination()
     except KeyboardInterrupt:
