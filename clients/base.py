@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.atomic import atomic_write
+from shared.atomic import atomic_write, write_json_atomic
 from shared.config import FedConfig
 from shared.messages import Envelope, Header
 from shared.model_parts import configure_torch
 from shared.party_data import PartyTable
 from shared.party_home import LEDGER_FILE
-from shared.preprocessing import fit_scaler
+from shared.preprocessing import Scaler
 from shared.tables import DataError
 
 if TYPE_CHECKING:
@@ -108,9 +108,14 @@ class PartyBase:
         return FedConfig.model_validate_json(self.state["config"])
 
     def fresh_state(self, message: Envelope, table: PartyTable) -> dict[str, Any]:
-        """The state every party starts a run with: the run config, its IDs, and its features scaled by its own
-        scaler (kept as data, so the export can rebuild it inside the ONNX graph)."""
-        scaler = fit_scaler(table.columns, table.values)
+        """The state every party starts a run with: the run config, its IDs, and its features scaled by the scaler
+        its public schema defines (kept as data, so the export can rebuild it inside the ONNX graph). No constant
+        is fitted on the rows: the scaler ships in the model, which no guarantee would cover. The data report
+        (imputed and clipped counts) goes to this party's own state directory, nowhere else."""
+        if table.schema is None:
+            raise DataError(f"{table.source}: no schema: training needs the party's declared public bounds")
+        scaler = Scaler.from_schema(table.schema)
+        write_json_atomic(self.settings.state_dir / "data-report.json", {"source": table.source, **table.report})
         return {"config": str(message.header.info["config"]), "run_id": str(message.header.info.get("run_id", "")),
                 "ids": table.ids, "scaler": scaler.to_dict(),
                 "x": torch.from_numpy(scaler.transform(table.values))}

@@ -4,7 +4,8 @@ The best of logistic regression, GBDT and an MLP on validation (shared/reference
 
 This is the local operator's evaluation harness, not part of the protocol: it reads both parties' folders, which
 only someone holding both (a demo, a backtest) can do. It uses the same aligned users and the same keyed split as
-the federation, so the numbers compare on identical test users.
+the federation, and the same preprocessing (each party's schema-derived scaler; clipped raw values for the GBDT), so
+the numbers compare like for like on identical test users. Its figures go to metrics.json only, never into model/.
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ from clients.lender.data import load_lender_table
 from clients.payment.data import load_payment_table
 from shared.config import FedConfig
 from shared.model_parts import configure_torch
-from shared.preprocessing import fit_scaler
+from shared.party_data import PartyTable
+from shared.preprocessing import Scaler
 from shared.reference_models import best_reference
 from shared.splits import assign_splits, keyed_tokens
 
 
-def _scaled(table) -> np.ndarray:
-    scaler = fit_scaler(table.columns, table.values)
-    return scaler.transform(table.values)
+def _preprocessed(table: PartyTable) -> tuple[np.ndarray, np.ndarray]:
+    """(scaled features, clipped raw values), both from the party's declared schema, as in training."""
+    assert table.schema is not None  # the loaders refuse a training table without one
+    scaler = Scaler.from_schema(table.schema)
+    return scaler.transform(table.values), scaler.clip(table.values)
 
 
 def centralized_baselines(data_dir, config: FedConfig, secret: bytes) -> dict[str, dict[str, float]]:
@@ -33,8 +37,9 @@ def centralized_baselines(data_dir, config: FedConfig, secret: bytes) -> dict[st
     l_tokens = keyed_tokens(lender.ids, secret)
     common, l_rows, p_rows = np.intersect1d(l_tokens, p_tokens, return_indices=True)
     split = assign_splits(common, config.split.test_fraction, config.split.val_fraction, secret)
-    scaled = np.hstack([_scaled(lender)[l_rows], _scaled(payment)[p_rows]])
-    raw = np.hstack([lender.values[l_rows], payment.values[p_rows]])
+    (l_scaled, l_raw), (p_scaled, p_raw) = _preprocessed(lender), _preprocessed(payment)
+    scaled = np.hstack([l_scaled[l_rows], p_scaled[p_rows]])
+    raw = np.hstack([l_raw[l_rows], p_raw[p_rows]])
     hidden = [*config.model.payment_hidden, *config.model.lender_hidden]
     best = best_reference(scaled, raw, labels[l_rows], split, hidden=hidden, epochs=config.baselines.epochs,
                           lr=config.training.lr, batch_size=config.training.batch_size, seed=config.seed)

@@ -2,6 +2,9 @@
 
 Each party wrote its own part to its own state directory (parties/<party>/export); in a local run the operator
 holds both folders, so the bundle is assembled here: ONNX files copied, sha256 recorded, manifest written last.
+
+No metrics go into the bundle (they stay in RUN_DIR/metrics.json, evaluation only), and the sidecars carry only
+schema-derived scalers, the declared lender reference and the feature definition (tests/test_bundle_release.py).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from shared.preprocessing import Scaler
 from shared.scorecard import ScorecardParams
 
 
-def assemble_bundle(run_dir: Path, config: dict[str, Any], metrics: dict[str, Any],
+def assemble_bundle(run_dir: Path, config: dict[str, Any],
                     privacy: list[dict[str, Any]] | None = None) -> ModelManifest:
     out = run_dir / "model"
     out.mkdir(parents=True, exist_ok=True)
@@ -31,9 +34,8 @@ def assemble_bundle(run_dir: Path, config: dict[str, Any], metrics: dict[str, An
         parts[party] = describe_part(out / file, Scaler(**sidecars[party]["scaler"]))
     manifest = ModelManifest(
         parts=parts, embedding_dim=config["model"]["embedding_dim"], training_config=config,
-        metrics={"test": metrics["test"], "baselines": metrics["baselines"]}, privacy=privacy or [],
-        scorecard=ScorecardParams(), payment_feature_definition=sidecars["payment"]["feature_definition"],
-        embedding_baseline=sidecars["lender"]["embedding_baseline"],
+        privacy=privacy or [], scorecard=ScorecardParams(),
+        payment_feature_definition=sidecars["payment"]["feature_definition"],
         lender_reference=sidecars["lender"]["reference"],
     )
     write_manifest(out, manifest)

@@ -118,6 +118,18 @@ def data_uci(csv: Annotated[Path, typer.Option(help="UCI_Credit_Card.csv")],
                   f"payment {info['payment_columns']} columns ({split} split)")
 
 
+@data_app.command("schema")
+def data_schema(table: Annotated[Path, typer.Option(help="the party's table: applicants.* or features.*")],
+                out: Annotated[Path, typer.Option(help="where to write it, e.g. DIR/lender/schema.toml")]) -> None:
+    """Draft a schema.toml from your own table, to review: its bounds must become public declarations."""
+    from fedscore.schema_draft import REVIEW_NOTE, write_draft
+
+    with _user_errors():
+        schema = write_draft(table, out)
+    console.print(f"wrote a draft {out} with {len(schema.columns)} columns")
+    console.print(f"[yellow]{REVIEW_NOTE}[/yellow]")
+
+
 def _report(metrics: dict, run_dir: Path) -> None:
     table = Table(title=f"test split ({metrics['transport']} transport)")
     for column in ("model", "AUC", "KS", "Gini", "log loss", "Brier"):

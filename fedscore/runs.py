@@ -3,7 +3,8 @@
 RUN_DIR/config.json      the validated run config both transports read
 RUN_DIR/parties/         each party's state directory, and the secret the two parties share (local runs only)
 RUN_DIR/outcome.json     what the coordinator returned (rounds, sizes, timing, refusal)
-RUN_DIR/metrics.json     test metrics, baselines, per-round metrics, timing, transport
+RUN_DIR/metrics.json     test metrics, baselines, per-round metrics, timing, transport (evaluation only: never in
+                         model/)
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from shared.config import FedConfig
 from shared.tables import DataError
 
 TEST_KEYS = ("auc", "ks", "gini", "logloss", "brier")
+EVALUATION_ONLY = ("evaluation figures computed by the operator with clean labels (test metrics and the lender-only "
+                   "and centralized baselines); no privacy guarantee covers them, and they never ship in model/")
 
 
 class RunError(RuntimeError):
@@ -164,6 +167,7 @@ def finish_run(run_dir: Path, data_dir: Path, config: FedConfig, secret: str) ->
     timing = {**outcome["timing"], "baselines_s": time.perf_counter() - t0}
     timing["total_s"] = timing.get("federation_s", 0.0) + timing["baselines_s"]
     metrics = {
+        "evaluation_only": EVALUATION_ONLY,
         "transport": outcome["transport"],
         "test": {k: final[f"test_{k}"] for k in TEST_KEYS},
         "val": {k: final[f"val_{k}"] for k in TEST_KEYS if f"val_{k}" in final},
@@ -181,7 +185,7 @@ def finish_run(run_dir: Path, data_dir: Path, config: FedConfig, secret: str) ->
     from fedscore.bundle import assemble_bundle
 
     privacy = write_reports(run_dir)
-    assemble_bundle(run_dir, config.model_dump(), metrics, privacy["guarantees"])
+    assemble_bundle(run_dir, config.model_dump(), privacy["guarantees"])
     return metrics
 
 

@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from clients.payment.features import CATEGORIES, CHANNELS, MONTH_DAYS, N_MONTHS, TRANSACTION_COLUMNS
+from clients.payment.features import CATEGORIES, CHANNELS, MONTH_DAYS, N_MONTHS, TRANSACTION_COLUMNS, feature_schema
+from shared.data_schema import ColumnSchema, DataSchema, LabelSchema, write_schema
 
 END = np.datetime64("2026-06-30T23:59:59", "ns")  # last moment of the generated year
 PAYMENT_SHARE = 0.75  # of the population holding a payment account
@@ -201,12 +202,25 @@ def _umask() -> int:
     return mask
 
 
+# The lender's public declarations (the generator's own domain: bureau scores run 300..850, six income bands, tenure
+# capped at 50 years), with a typical applicant as the reason-code reference. Not computed from the generated rows.
+LENDER_SCHEMA = DataSchema(label=LabelSchema(), columns=[
+    ColumnSchema(name="age", type="integer", lower=18, upper=100, reference=40),
+    ColumnSchema(name="income_band", type="category", levels=[1, 2, 3, 4, 5, 6], transform="onehot", reference=3),
+    ColumnSchema(name="existing_debt", type="numeric", lower=0, upper=1_000_000, transform="log", reference=5_000),
+    ColumnSchema(name="bureau_score", type="integer", lower=300, upper=850, reference=690),
+    ColumnSchema(name="requested_amount", type="numeric", lower=0, upper=1_000_000, transform="log", reference=6_000),
+    ColumnSchema(name="tenure_months", type="integer", lower=0, upper=600, transform="log", reference=24),
+])
+SCHEMA_HEADER = "Public declarations (domain bounds, not computed from the data). Values outside are clipped."
+
 # the payment holder's fraud list (for the private blacklist check): this share of its users
 FRAUD_SHARE = 0.01
 
 
 def synthesize(users: int, seed: int, out: Path) -> SynthSummary:
-    """Generate `users` people and write out/payment/transactions.parquet and out/lender/applicants.parquet.
+    """Generate `users` people and write out/payment/transactions.parquet and out/lender/applicants.parquet, each
+    with its party's schema.toml.
 
     Refuses (ValueError) if `out` exists and is not an empty directory. Files are built in a temporary directory
     beside `out` and renamed into place, so a failure leaves nothing half-written.
@@ -238,6 +252,9 @@ def synthesize(users: int, seed: int, out: Path) -> SynthSummary:
         _write(tmp, ids, lender_rows, lender, payment_rows, tx, order)
         pq.write_table(pa.table({"id": pa.array(list(ids[fraud_rows]), pa.string())}),
                        tmp / "payment" / "fraud_list.parquet")
+        write_schema(tmp / "lender" / "schema.toml", LENDER_SCHEMA, SCHEMA_HEADER)
+        write_schema(tmp / "payment" / "schema.toml", feature_schema(),
+                     "The derived payment features (clients/payment/features.py FEATURE_BOUNDS), declared public.")
         if out.exists():
             out.rmdir()  # empty (checked above); rename needs the name free
         os.rename(tmp, out)

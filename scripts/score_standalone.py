@@ -8,7 +8,7 @@ a different stack) can check that the numbers fedscore reports come from these f
 Inputs are RAW feature values (the preprocessing is inside the graphs):
   --payment CSV   header `id,<payment feature columns>` (extra columns ignored; order need not match)
   --lender CSV    header `id,<lender feature columns>` (extra columns, e.g. a label, ignored)
-Applicants with no payment row get the manifest's embedding_baseline, as fedscore's scoring does.
+Applicants with no payment row get the zero embedding (format 2 carries no baseline), as fedscore's scoring does.
 Output: `id,probability` for every lender row, in file order, to --out or stdout.
 
     python scripts/score_standalone.py --model RUN_DIR/model --payment p.csv --lender l.csv --out probs.csv

@@ -11,8 +11,9 @@ it takes ~0.1 s per part, against ~2 s for the dynamo exporter, and produces the
 Log, Sign, Abs, Where, Sigmoid). torch is pinned, so its deprecation warning is silenced here on purpose.
 
 The manifest (`manifest.json`) names both files with their sha256, the feature order each part expects, the
-training config, metrics, the privacy guarantees spent and the scorecard policy. `load_manifest` refuses a bundle
-whose files do not hash to what the manifest says, so a swapped or corrupted part fails loudly before scoring.
+training config, the privacy guarantees spent and the scorecard policy (no metrics: see shared/manifest.py).
+`load_manifest` refuses a bundle whose files do not hash to what the manifest says, so a swapped or corrupted part
+fails loudly before scoring.
 """
 
 from __future__ import annotations
@@ -227,10 +228,10 @@ def synthetic_raw(scaler: Scaler, n: int, seed: int = 0) -> np.ndarray:
 
 
 def export_bundle(directory: Path, model_p: PaymentBottom, scaler_p: Scaler, model_l: LenderTop, scaler_l: Scaler,
-                  *, training_config: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+                  *, training_config: dict[str, Any] | None = None,
                   privacy: list[dict[str, Any]] | None = None, scorecard: ScorecardParams | None = None,
                   payment_feature_definition: dict[str, Any] | None = None,
-                  embedding_baseline: np.ndarray | None = None, tolerance: float = 1e-4,
+                  lender_reference: list[float] | None = None, tolerance: float = 1e-4,
                   check_rows: int = 256) -> ModelManifest:
     """Export both parts into `directory`, check them against torch, and write the manifest last.
 
@@ -251,9 +252,9 @@ def export_bundle(directory: Path, model_p: PaymentBottom, scaler_p: Scaler, mod
         raise ValueError(f"exported parts disagree with torch: max |dp| = {diff:.3g} > {tolerance:g}")
     manifest = ModelManifest(
         parts={"payment": describe_part(payment_path, scaler_p), "lender": describe_part(lender_path, scaler_l)},
-        embedding_dim=dim, training_config=training_config or {}, metrics=metrics or {}, privacy=privacy or [],
+        embedding_dim=dim, training_config=training_config or {}, privacy=privacy or [],
         scorecard=scorecard or ScorecardParams(), payment_feature_definition=payment_feature_definition,
-        embedding_baseline=None if embedding_baseline is None else [float(v) for v in embedding_baseline],
+        lender_reference=lender_reference,
     )
     write_manifest(directory, manifest)
     return manifest

@@ -2,6 +2,12 @@
 
 Kept free of torch so scorers (batch, the online services, third parties) can read and check a bundle with
 pydantic and hashlib alone. `load_manifest` refuses a bundle whose files do not hash to what the manifest says.
+
+What a manifest may hold is deliberately narrow (extra="forbid"): nothing in model/ may be a statistic of training
+users that no privacy guarantee covers. So there are no metrics here (they are evaluation figures computed with clean
+labels; they stay in RUN_DIR/metrics.json), no training-embedding mean (the payment side's reason-code reference is
+the zero embedding, a public constant), and the lender reference is the one declared in the lender's schema.toml.
+Format 2 is the first with these rules; a format-1 bundle is refused and must be re-exported.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from shared.scorecard import ScorecardParams
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: no metrics, no embedding baseline; declared references
 PAYMENT_FILE = "payment_part.onnx"
 LENDER_FILE = "lender_part.onnx"
 PART_NAMES = ("payment", "lender")
@@ -70,20 +76,18 @@ class ModelManifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    format_version: Literal["1"] = FORMAT_VERSION
+    format_version: Literal["2"] = FORMAT_VERSION
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     parts: dict[str, PartManifest]
     embedding_dim: int = Field(ge=1)
     training_config: dict[str, Any] = Field(default_factory=dict)
-    metrics: dict[str, Any] = Field(default_factory=dict)
     privacy: list[dict[str, Any]] = Field(default_factory=list, description="guarantees spent; may be empty")
     scorecard: ScorecardParams = Field(default_factory=ScorecardParams)
     payment_feature_definition: dict[str, Any] | None = Field(
         None, description="how the payment holder computes its features from transactions (FEATURE_DEFINITION)")
-    embedding_baseline: list[float] | None = Field(
-        None, description="reference embedding for reason codes (e.g. mean training embedding); None = zeros")
     lender_reference: list[float] | None = Field(
-        None, description="a typical applicant's raw lender features (medians): what reason codes compare to")
+        None, description="a typical applicant's raw lender features as declared in the lender's schema.toml "
+        "(public values, not statistics of applicants): what reason codes compare to")
 
     @field_validator("parts")
     @classmethod

@@ -1,17 +1,25 @@
-"""Per-column preprocessing a party fits on its own rows and keeps with its model part.
+"""Per-column preprocessing a party keeps with its model part, derived from its public schema only.
 
-Described as data (columns, which get a signed log, mean, std, which small-integer columns also get one-hot
+Described as data (columns, clip bounds, which get a signed log, centre, scale, which columns also get one-hot
 levels) so it can be written to a manifest; `as_module()` is the same transform in torch, so the exported ONNX
 graph carries it and scoring needs nothing from this package.
+
+Training uses `Scaler.from_schema` only: every constant comes from the bounds and levels the data owner declared
+(shared/data_schema.py), none from the training rows, so the exported graph holds no statistic of training users.
+`Scaler.fit` (data-fitted mean/std) remains for tests and for drafting a schema on the owner's own machine.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from shared.data_schema import DataSchema
 
 
 def signed_log1p(x: np.ndarray) -> np.ndarray:
@@ -22,10 +30,29 @@ def signed_log1p(x: np.ndarray) -> np.ndarray:
 class Scaler:
     columns: list[str]
     log_columns: list[str]
-    mean: list[float]
-    std: list[float]
+    mean: list[float]  # the centre subtracted after the log (from_schema: midpoint of the transformed bounds)
+    std: list[float]  # the scale divided by (from_schema: half the transformed range)
     # column -> the integer levels that each get a 0/1 indicator after the scaled value (status codes, bands)
     levels: dict[str, list[float]] = field(default_factory=dict)
+    # raw values are clipped to [lower, upper] first (declared public bounds); None = no clipping
+    lower: list[float] | None = None
+    upper: list[float] | None = None
+
+    @classmethod
+    def from_schema(cls, schema: DataSchema) -> Scaler:
+        """Every constant from the declared bounds and levels: clip, transform, centre on the midpoint of the
+        transformed bounds, divide by half their range (so in-bounds values land in [-1, 1])."""
+        centre, scale = [], []
+        for column in schema.columns:
+            lower, upper = column.bounds
+            if column.transform == "log":
+                lower, upper = float(signed_log1p(np.array(lower))), float(signed_log1p(np.array(upper)))
+            centre.append((lower + upper) / 2)
+            scale.append((upper - lower) / 2)
+        return cls(columns=schema.names, log_columns=[c.name for c in schema.columns if c.transform == "log"],
+                   mean=centre, std=scale,
+                   levels={c.name: list(c.levels) for c in schema.columns if c.transform == "onehot" and c.levels},
+                   lower=[c.bounds[0] for c in schema.columns], upper=[c.bounds[1] for c in schema.columns])
 
     @classmethod
     def fit(cls, columns: list[str], values: np.ndarray, log_columns: list[str],
@@ -48,8 +75,14 @@ class Scaler:
     def output_names(self) -> list[str]:
         return [*self.columns, *(f"{c}=={v:g}" for c, levels in self.levels.items() for v in levels)]
 
-    def transform(self, values: np.ndarray) -> np.ndarray:
+    def clip(self, values: np.ndarray) -> np.ndarray:
         values = np.asarray(values, dtype=np.float64)
+        if self.lower is None or self.upper is None:
+            return values
+        return np.clip(values, np.array(self.lower), np.array(self.upper))
+
+    def transform(self, values: np.ndarray) -> np.ndarray:
+        values = self.clip(values)
         logged = self._log(self.columns, values, self.log_columns)
         scaled = (logged - np.array(self.mean)) / np.array(self.std)
         indicators = [(values[:, self.columns.index(c)] == v).astype(np.float64)[:, None]
@@ -64,10 +97,14 @@ class Scaler:
 
 
 class ScalerModule(nn.Module):
-    """`Scaler.transform` in torch ops (sign, log1p, abs, sub, div, eq): exportable to ONNX."""
+    """`Scaler.transform` in torch ops (min, max, sign, log1p, abs, sub, div, eq): exportable to ONNX."""
 
     def __init__(self, scaler: Scaler) -> None:
         super().__init__()
+        self.clips = scaler.lower is not None and scaler.upper is not None
+        if self.clips:
+            self.register_buffer("lower", torch.tensor(scaler.lower, dtype=torch.float32))
+            self.register_buffer("upper", torch.tensor(scaler.upper, dtype=torch.float32))
         log_mask = [c in scaler.log_columns for c in scaler.columns]
         self.register_buffer("log_mask", torch.tensor(log_mask, dtype=torch.bool))
         self.register_buffer("mean", torch.tensor(scaler.mean, dtype=torch.float32))
@@ -78,6 +115,8 @@ class ScalerModule(nn.Module):
         self.has_levels = bool(pairs)  # decided here, not in forward, so tracing sees no data-dependent branch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.clips:
+            x = torch.maximum(torch.minimum(x, self.upper), self.lower)
         logged = torch.where(self.log_mask, torch.sign(x) * torch.log1p(torch.abs(x)), x)
         scaled = (logged - self.mean) / self.std
         if not self.has_levels:
@@ -87,7 +126,8 @@ class ScalerModule(nn.Module):
 
 
 def heavy_tailed_columns(columns: list[str], values: np.ndarray, ratio: float = 20.0) -> list[str]:
-    """Columns whose range dwarfs their spread (money amounts): these get a signed log before scaling."""
+    """Columns whose range dwarfs their spread (money amounts): these get a signed log before scaling.
+    Looks at the data: for drafting a schema the owner then reviews, never for training."""
     out = []
     for j, column in enumerate(columns):
         col = values[:, j]
@@ -100,7 +140,8 @@ def heavy_tailed_columns(columns: list[str], values: np.ndarray, ratio: float = 
 def small_integer_levels(columns: list[str], values: np.ndarray, max_levels: int = 12,
                          min_share: float = 0.005) -> dict[str, list[float]]:
     """Integer columns with 3..max_levels values (status codes, bands) get indicators for their common levels:
-    an MLP reads 'paid duly' vs 'revolving' far better as separate flags than as one ordinal number."""
+    an MLP reads 'paid duly' vs 'revolving' far better as separate flags than as one ordinal number. Looks at the data:
+    for drafting a schema the owner then reviews, never for training."""
     out: dict[str, list[float]] = {}
     for j, column in enumerate(columns):
         col = values[:, j]
@@ -110,8 +151,3 @@ def small_integer_levels(columns: list[str], values: np.ndarray, max_levels: int
         if 3 <= len(levels) <= max_levels:
             out[column] = [float(v) for v, n in zip(levels, counts, strict=True) if n >= min_share * len(col)]
     return out
-
-
-def fit_scaler(columns: list[str], values: np.ndarray) -> Scaler:
-    """The one preprocessing recipe both parties (and the centralized baseline) use."""
-    return Scaler.fit(columns, values, heavy_tailed_columns(columns, values), small_integer_levels(columns, values))

@@ -2,8 +2,8 @@
 
 Why a separate loader: both scoring paths (batch and the two online services) must refuse the same broken bundles
 with the same messages, before any applicant is scored: a manifest whose parts do not hash to what it says, graphs
-whose inputs are not the ones the manifest names, or references (embedding baseline, lender medians) of the wrong
-width. Checking once here means a scorer never finds out halfway through a file.
+whose inputs are not the ones the manifest names, or a lender reference (declared in the lender's schema) of the
+wrong width. Checking once here means a scorer never finds out halfway through a file.
 
 Only onnxruntime runs the parts. (`shared.export_onnx`, where the manifest model lives, imports torch at module
 level, so importing it loads torch; nothing here runs it.)
@@ -79,16 +79,15 @@ class ScoringBundle:
         return self.manifest.parts[party].sha256
 
     def embedding_baseline(self) -> np.ndarray:
-        """float32 [d]: the embedding that stands for "no payment information" (zeros if the manifest has none)."""
-        if self.manifest.embedding_baseline is None:
-            return np.zeros(self.embedding_dim, dtype=np.float32)
-        return np.asarray(self.manifest.embedding_baseline, dtype=np.float32)
+        """float32 [d]: the embedding that stands for "no payment information": zeros, a public constant (a mean of
+        training embeddings would be a statistic of training users that no guarantee covers)."""
+        return np.zeros(self.embedding_dim, dtype=np.float32)
 
     def lender_reference(self) -> np.ndarray:
         """float32 [n_lender]: the typical applicant's raw lender features that reason codes compare against."""
         reference = self.manifest.lender_reference
         if reference is None:
-            raise BundleError(f"{self.directory / 'manifest.json'}: no lender_reference (median applicant); "
+            raise BundleError(f"{self.directory / 'manifest.json'}: no lender_reference (declared applicant); "
                               "reason codes need it, re-export the model with a current fedscore")
         return np.asarray(reference, dtype=np.float32)
 
@@ -117,8 +116,7 @@ def load_scoring_bundle(model_dir: Path) -> ScoringBundle:
             raise BundleError(f"{manifest_path}: the {party} part has inputs {part.inputs} and outputs "
                               f"{part.outputs}; scoring needs inputs {inputs} and outputs {outputs}")
     bundle = ScoringBundle(model_dir, manifest)
-    widths = {"embedding_baseline": (manifest.embedding_baseline, manifest.embedding_dim),
-              "lender_reference": (manifest.lender_reference, len(bundle.lender_features))}
+    widths = {"lender_reference": (manifest.lender_reference, len(bundle.lender_features))}
     for field, (values, width) in widths.items():
         if values is not None and (len(values) != width or not np.all(np.isfinite(values))):
             raise BundleError(f"{manifest_path}: {field} must be {width} finite numbers, got {len(values)}")

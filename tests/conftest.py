@@ -10,9 +10,26 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from shared.data_schema import ColumnSchema, DataSchema, LabelSchema, write_schema
+
 os.environ.setdefault("FEDSCORE_TORCH_THREADS", "1")
 # never the user's ~/.fedscore: a session-wide default, replaced per test by `party_homes_in_tmp` below
 os.environ["FEDSCORE_HOME"] = tempfile.mkdtemp(prefix="fedscore-test-home-")
+
+
+# the parties' public declarations for make_party_data's columns (chosen by hand, not from the generated rows)
+PAYMENT_SCHEMA = DataSchema(columns=[
+    ColumnSchema(name="spend", type="numeric", lower=0, upper=1_000_000, transform="log"),
+    ColumnSchema(name="regularity", type="numeric", lower=-6, upper=6),
+    ColumnSchema(name="night_share", type="numeric", lower=0, upper=1),
+    ColumnSchema(name="devices", type="integer", lower=0, upper=20),
+])
+LENDER_SCHEMA = DataSchema(label=LabelSchema(), columns=[
+    ColumnSchema(name="age", type="integer", lower=18, upper=100, reference=40),
+    ColumnSchema(name="income_band", type="category", levels=[1, 2, 3, 4, 5, 6], transform="onehot", reference=3),
+    ColumnSchema(name="requested_amount", type="numeric", lower=0, upper=1_000_000, transform="log",
+                 reference=3000),
+])
 
 
 def make_party_data(out: Path, population: int = 4000, seed: int = 0) -> dict[str, set[str]]:
@@ -42,6 +59,8 @@ def make_party_data(out: Path, population: int = 4000, seed: int = 0) -> dict[st
     (out / "lender").mkdir(parents=True)
     payment.to_parquet(out / "payment" / "features.parquet", index=False)
     lender.to_parquet(out / "lender" / "applicants.parquet", index=False)
+    write_schema(out / "payment" / "schema.toml", PAYMENT_SCHEMA)
+    write_schema(out / "lender" / "schema.toml", LENDER_SCHEMA)
     return {"payment": set(payment["id"]), "lender": set(lender["id"])}
 
 

@@ -98,9 +98,9 @@ def parts() -> dict:
 def bundle(parts: dict, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("bundle")
     manifest = export_bundle(out, parts["model_p"], parts["scaler_p"], parts["model_l"], parts["scaler_l"],
-                             training_config={"rounds": 3}, metrics={"test_auc": 0.71},
-                             privacy=[{"mechanism": "none"}], payment_feature_definition={"version": 1},
-                             embedding_baseline=np.zeros(DIM))
+                             training_config={"rounds": 3}, privacy=[{"mechanism": "none"}],
+                             payment_feature_definition={"version": 1},
+                             lender_reference=[40.0, 3.0, 5000.0, 690.0, 6000.0, 24.0])
     return out, manifest
 
 
@@ -160,6 +160,49 @@ def test_mismatched_scaler_is_refused(parts: dict, tmp_path) -> None:
         export_lender_part(LenderTop(len(LENDER_COLUMNS), 0, [4]), parts["scaler_l"], tmp_path / "l.onnx")
 
 
+def _schema_scaler() -> Scaler:
+    from shared.data_schema import ColumnSchema, DataSchema
+
+    return Scaler.from_schema(DataSchema(columns=[
+        ColumnSchema(name="age", type="integer", lower=18, upper=100),
+        ColumnSchema(name="income_band", type="category", levels=[1, 2, 3, 4, 5, 6], transform="onehot"),
+        ColumnSchema(name="existing_debt", type="numeric", lower=0, upper=50_000, transform="log"),
+        ColumnSchema(name="bureau_score", type="integer", lower=300, upper=850),
+        ColumnSchema(name="requested_amount", type="numeric", lower=0, upper=10_000, transform="log"),
+        ColumnSchema(name="tenure_months", type="integer", lower=0, upper=60, transform="log"),
+    ]))
+
+
+def test_schema_scaler_constants_come_from_the_bounds_only() -> None:
+    scaler = _schema_scaler()
+    assert scaler.mean[0] == 59.0 and scaler.std[0] == 41.0  # midpoint and half-range of [18, 100]
+    assert math.isclose(scaler.mean[2], math.log1p(50_000) / 2) and math.isclose(scaler.std[2], math.log1p(50_000) / 2)
+    assert scaler.levels == {"income_band": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]}
+    inside = np.array([[18, 1, 0, 300, 0, 0], [100, 6, 50_000, 850, 10_000, 60]], dtype=np.float64)
+    scaled = scaler.transform(inside)[:, :6]
+    assert np.allclose(scaled, [[-1] * 6, [1] * 6])  # the bounds land on -1 and +1
+
+
+def test_clipping_is_inside_the_graph(parts: dict, tmp_path) -> None:
+    """Values beyond the declared bounds are clipped by the ONNX graph exactly as by the numpy scaler."""
+    scaler = _schema_scaler()
+    model = _jitter(LenderTop(len(scaler.output_names), DIM, [8]), 3)
+    export_lender_part(model, scaler, tmp_path / LENDER_FILE)
+    raw = parts["raw_l"].copy()
+    assert (raw[:, 2] > 50_000).any() and (raw[:, 4] > 10_000).any()  # the fixture does go out of bounds
+    raw[:5, 0] = [-5, 0, 17, 101, 1e9]
+    emb = np.zeros((len(raw), DIM), dtype=np.float32)
+    session = ort.InferenceSession(str(tmp_path / LENDER_FILE), providers=["CPUExecutionProvider"])
+    onnx_p = session.run(["probability"], {LENDER_INPUT: raw, EMBEDDING: emb})[0]
+    with torch.no_grad():
+        torch_p = model.probability(torch.from_numpy(scaler.transform(raw)), torch.from_numpy(emb)).numpy()
+    np.testing.assert_allclose(onnx_p, torch_p, atol=1e-5)
+    clipped = raw.copy()
+    clipped[:5, 0] = [18, 18, 18, 100, 100]
+    np.testing.assert_allclose(session.run(["probability"], {LENDER_INPUT: clipped, EMBEDDING: emb[:len(raw)]})[0][:5],
+                               onnx_p[:5], atol=1e-7)
+
+
 def test_synthetic_raw_inverts_the_scaler(parts: dict) -> None:
     raw = synthetic_raw(parts["scaler_p"], 5000, seed=3)
     scaled = parts["scaler_p"].transform(raw)
@@ -180,7 +223,9 @@ def test_manifest_records_hashes_and_round_trips(parts: dict, bundle) -> None:
     assert loaded.parts["lender"].input_dtypes == {LENDER_INPUT: "float32", EMBEDDING: "float32"}
     assert loaded.parts["lender"].input_shapes[LENDER_INPUT] == ["batch", len(LENDER_COLUMNS)]
     assert loaded.parts["lender"].outputs == ["probability", "logit"]
-    assert loaded.embedding_dim == DIM and loaded.metrics == {"test_auc": 0.71}
+    assert loaded.embedding_dim == DIM and loaded.lender_reference == [40.0, 3.0, 5000.0, 690.0, 6000.0, 24.0]
+    # evaluation figures and training-embedding means have no place in a bundle
+    assert not {"metrics", "embedding_baseline"} & set(json.loads((out / MANIFEST_NAME).read_text()))
     assert loaded.scorecard == ScorecardParams()
 
 

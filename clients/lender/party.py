@@ -36,12 +36,15 @@ class LenderParty(PartyBase):
 
     def on_setup(self, message: Envelope) -> Envelope:
         table, labels = load_lender_table(self.settings.data_path)
+        assert table.schema is not None  # load_lender_table refuses a folder without one
         self.state = {
             **self.fresh_state(message, table),
-            "raw": torch.tensor(table.values),
+            # clipped to the declared bounds, as the graph will see them (the GBDT baseline reads raw values)
+            "raw": torch.tensor(Scaler.from_schema(table.schema).clip(table.values)),
             "y": torch.from_numpy(labels),
-            # a typical applicant, in raw units: the reference reason codes measure each feature against
-            "reference": np.median(table.values, axis=0).tolist(),
+            # a typical applicant, in raw units, as declared in the lender's schema (public, not a median of rows):
+            # the reference reason codes measure each feature against
+            "reference": table.schema.references(),
         }
         return self.reply(message, info={"rows": len(table.ids), "features": len(table.columns),
                                          "default_rate": float(labels.mean())})
@@ -182,7 +185,6 @@ class LenderParty(PartyBase):
         else:
             losses = self._train_plain(model, x[train], h[train], y_release[train], round_)
         self.state["model"] = model.state_dict()
-        self.state["embedding_mean"] = h[train].mean(0)
         gradients = self._embedding_gradients(model, x[train], h[train], y_release[train], round_)
         metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan")}
         model.eval()
@@ -235,16 +237,16 @@ class LenderParty(PartyBase):
         return losses
 
     def on_export(self, message: Envelope) -> Envelope:
-        """Write the lender part (its preprocessing inside the graph) and the references reason codes need."""
+        """Write the lender part (its preprocessing inside the graph) and the declared references reason codes need.
+        The payment side's reference is the zero embedding, a public constant, so no training embedding is kept."""
         from shared.export_onnx import LENDER_FILE, export_lender_part
 
         model = self._new_model(self.config.model.embedding_dim)
         model.load_state_dict(self.state["model"])
         out = self.settings.state_dir / "export"
         export_lender_part(model, Scaler(**self.state["scaler"]), out / LENDER_FILE)
-        write_json_atomic(out / "lender_part.json", {
-            "scaler": self.state["scaler"], "reference": self.state["reference"],
-            "embedding_baseline": self.state["embedding_mean"].tolist()})
+        write_json_atomic(out / "lender_part.json", {"scaler": self.state["scaler"],
+                                                     "reference": self.state["reference"]})
         return self.reply(message, info={"file": LENDER_FILE})
 
     def _embedding_gradients(self, model: LenderTop, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor,

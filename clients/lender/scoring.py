@@ -7,12 +7,13 @@ would give.
 
 Reasons are computed by occlusion on the lender graph, with onnxruntime only: a factor's contribution is
 logit(applicant) - logit(applicant with that factor set to its reference). The reference for a lender feature is the
-median applicant's value (manifest `lender_reference`); for the payment side it is `embedding_baseline`, and the
-whole embedding is ONE factor, "payment_behaviour" — individual payment features are never named, they never reach
+value the lender declared in its schema.toml (manifest `lender_reference`: public, not a median of applicants); for
+the payment side it is the zero embedding (a public constant, not a mean of training embeddings), and the whole
+embedding is ONE factor, "payment_behaviour" — individual payment features are never named, they never reach
 the lender. All occluded copies go through the graph in one batched call. Contributions are exactly 0 when the
 applicant already equals the reference, so such a factor is never given as a reason.
 
-Applicants the payment holder does not know are scored with the baseline embedding (the "average" payment user),
+Applicants the payment holder does not know are scored with the baseline (zero) embedding,
 always sent to review, and told why: "no payment history with the partner".
 """
 

@@ -1,10 +1,16 @@
-"""Loading the payment holder's data: raw transactions (featurised here, on its side) or a ready feature table."""
+"""Loading the payment holder's data: raw transactions (featurised here, on its side) or a ready feature table.
+
+Either way the table comes with its public schema (shared/data_schema.py), the only source of the preprocessing
+constants: DIR/payment/schema.toml, which a features table must have; for featurised transactions the built-in
+schema of the derived features (clients/payment/features.py FEATURE_BOUNDS) unless a schema.toml replaces it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from shared.party_data import PartyTable, table_from_frame
+from shared.data_schema import SCHEMA_FILE, find_schema, load_schema
+from shared.party_data import PartyTable, table_with_schema
 from shared.tables import DataError, find_table, read_table
 
 
@@ -18,12 +24,16 @@ def load_payment_table(directory: Path) -> PartyTable:
     except DataError:
         path = None
     if path is not None:
-        from clients.payment.features import TRANSACTION_COLUMNS, features_from_transactions
+        from clients.payment.features import TRANSACTION_COLUMNS, feature_schema, features_from_transactions
 
         tx = read_table(path, TRANSACTION_COLUMNS)
-        return table_from_frame(features_from_transactions(tx, source=str(path)), path)
+        declared = find_schema(directory)
+        schema, source = (declared, directory / SCHEMA_FILE) if declared else (feature_schema(), "built-in schema "
+                                                                               "of clients/payment/features.py")
+        return table_with_schema(features_from_transactions(tx, source=str(path)), path, schema, source)
     try:
         path = find_table(directory, "features")
     except DataError as exc:
         raise DataError(f"{directory}: no transactions.parquet/.csv or features.parquet/.csv") from exc
-    return table_from_frame(read_table(path, ["id"]), path)
+    schema = load_schema(directory)
+    return table_with_schema(read_table(path, ["id"]), path, schema, directory / SCHEMA_FILE)

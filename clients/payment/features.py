@@ -71,6 +71,42 @@ FEATURE_DEFINITION: dict = {
 }
 
 
+# Public bounds of each derived feature, from its definition (shares lie in [0, 1], at most 12 active months, a
+# mean-normalised slope of 12 monthly totals lies within +-6/13) or from caps chosen for card payments (a ticket
+# above 10,000 or more than 300 transactions a month is clipped). They are declarations, not fitted to any data:
+# this is the built-in schema of featurised transactions (a DIR/payment/schema.toml, if present, replaces it).
+# name: (lower, upper, transform)
+FEATURE_BOUNDS: dict[str, tuple[float, float, str]] = {
+    "log_total_spend": (0.0, 16.0, "none"),
+    "mean_ticket": (0.0, 10_000.0, "log"),
+    "median_ticket": (0.0, 10_000.0, "log"),
+    "tx_per_month": (0.0, 300.0, "log"),
+    "active_months": (0.0, float(N_MONTHS), "none"),
+    "monthly_spend_cv": (0.0, 3.5, "none"),  # population cv of 12 values is at most sqrt(11) = 3.32
+    **{name: (0.0, 1.0, "none") for name in _SHARE_NAMES},
+    "night_share": (0.0, 1.0, "none"),
+    "large_purchase_share": (0.0, 1.0, "none"),
+    "spend_trend_log_ratio": (-10.0, 10.0, "none"),
+    "monthly_spend_slope": (-0.5, 0.5, "none"),
+    "amount_log_std": (0.0, 5.0, "none"),
+    "n_devices": (0.0, 20.0, "log"),
+    "n_cities": (0.0, 50.0, "log"),
+    "online_share": (0.0, 1.0, "none"),
+    "recent_30d_spend_ratio": (0.0, 12.0, "none"),  # the last 30 days hold at most all of a year's spend
+    "days_since_last": (0.0, 3650.0, "log"),
+}
+
+
+def feature_schema():
+    """The built-in public schema of the features computed here (shared.data_schema.DataSchema)."""
+    from shared.data_schema import ColumnSchema, DataSchema
+
+    if list(FEATURE_BOUNDS) != FEATURE_NAMES:
+        raise RuntimeError("FEATURE_BOUNDS and FEATURE_NAMES are out of step")
+    return DataSchema(columns=[ColumnSchema(name=name, type="numeric", lower=lo, upper=hi, transform=transform)
+                               for name, (lo, hi, transform) in FEATURE_BOUNDS.items()])
+
+
 def _fail(source: str, column: str, message: str) -> DataError:
     return DataError(f"{source}: column {column}: {message}")
 

@@ -1,0 +1,237 @@
+"""Nothing unaccounted in the bundle: every item in RUN_DIR/model is public or recorded in a privacy ledger.
+
+A small private run (DP-SGD on both parts, baselines on so that metrics.json has clean-label figures to leak) is
+walked file by file: the manifest key by key, each ONNX graph initializer by initializer (plus Constant nodes and
+metadata). Each item must be on the allow-list below, checked by value:
+
+- model weights: equal to the party's trained parameters, and that party's ledger records DP-SGD releases
+  (joint.records@outsider) for every round;
+- preprocessing constants: equal to those recomputed from the party's schema.toml alone (bounds, levels);
+- the lender reference: equal to the schema's declared references;
+- the run config, the privacy report's guarantees, the scorecard policy, feature names, sha256 hashes, I/O names;
+- a handful of code constants of the graph (1, the probability clips 1e-7 / 1e-3) and scalars the config implies (the
+  label-flip rate of randomized response, the payment part's squash scale embedding_clip / sqrt(d)).
+
+Anything else fails, e.g. a scaler mean fitted on the rows, a median reference, a mean training embedding, metrics.
+The last tests plant such items and check the walker catches them, so it cannot pass vacuously.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from fedscore.runs import run_inprocess
+from shared.config import load_config
+from shared.data_schema import load_schema
+from shared.manifest import LENDER_FILE, MANIFEST_NAME, PAYMENT_FILE, sha256_file
+from shared.preprocessing import Scaler, ScalerModule
+from shared.scorecard import ScorecardParams
+from tests.conftest import SECRET, make_party_data
+
+PRIVATE = ["training.rounds=2", "training.local_epochs=1", "training.batch_size=64", "baselines.epochs=2",
+           "privacy.dpsgd_batch_size=256", "privacy.dpsgd_lr=0.02", "privacy.feature_epsilon=8"]
+FILES = {"payment": PAYMENT_FILE, "lender": LENDER_FILE}
+CODE_CONSTANTS = (0.0, 1.0, 1e-7, 1.0 - 1e-7, 1e-3, 1.0 - 1e-3)  # graph arithmetic (log1p, probability clips)
+
+
+class Unaccounted(AssertionError):
+    """An item in model/ that is neither public nor ledger-recorded."""
+
+
+@pytest.fixture(scope="module")
+def private_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("release")
+    make_party_data(root / "data", population=2500, seed=3)
+    run_inprocess(load_config(None, PRIVATE), root / "data", root / "run", secret=SECRET)
+    return root / "data", root / "run"
+
+
+# ------------------------------------------------------------------------------------------------ allow-list
+
+
+def _schema_constants(data: Path, party: str) -> dict[str, np.ndarray]:
+    """The preprocessing buffers recomputed from the party's schema.toml alone."""
+    scaler = Scaler.from_schema(load_schema(data / party))
+    return {f"scale.{k}": v.numpy() for k, v in ScalerModule(scaler).state_dict().items()}
+
+
+def _weights(run: Path, party: str) -> list[np.ndarray]:
+    state = torch.load(run / "parties" / party / "state.pt", weights_only=True)
+    return [t.numpy() for t in state["model"].values()]
+
+
+def _trained_under_dp_sgd(run: Path, party: str) -> bool:
+    """The party planned DP-SGD for its part (so every update of it was a DP-SGD step) and its ledger records the
+    releases as joint.records@outsider. (The payment part takes its first update once gradients arrive, so it
+    records one round fewer than the lender.)"""
+    state = torch.load(run / "parties" / party / "state.pt", weights_only=True)
+    ledger = json.loads((run / "parties" / party / "privacy-ledger.json").read_text())
+    return "dpsgd" in state and any(e["guarantee"] == "joint.records@outsider" for e in ledger["entries"])
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype.kind == b.dtype.kind and np.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def check_graph(model: onnx.ModelProto, party: str, schema: dict[str, np.ndarray], weights: list[np.ndarray],
+                dp_recorded: bool, config: dict[str, Any], scaler: dict[str, Any]) -> list[str]:
+    """Classify every tensor the graph holds; raise Unaccounted for the first that is on no list."""
+    privacy = config["privacy"]
+    flip = privacy["label_epsilon"]
+    public_scalars = [*CODE_CONSTANTS,
+                      1.0 / (1.0 + math.exp(flip)) if flip is not None else 0.0,  # the lender's label-flip rate
+                      math.tanh(flip / 2) if flip is not None else 1.0,  # 1 - 2 * flip, folded by the exporter
+                      privacy["embedding_clip"] / math.sqrt(config["model"]["embedding_dim"])]  # payment squash
+    tensors = [(init.name, numpy_helper.to_array(init)) for init in model.graph.initializer]
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                tensors.append((f"{node.op_type}:{node.output[0]}", numpy_helper.to_array(attribute.t)))
+            elif attribute.type == onnx.AttributeProto.TENSORS or attribute.type == onnx.AttributeProto.GRAPH:
+                raise Unaccounted(f"{party}: node {node.name} carries nested tensors/graphs")
+    seen = []
+    for name, value in tensors:
+        if any(_same(value, expected) for expected in schema.values()):
+            seen.append(f"schema:{name}")
+        elif any(_same(value, w) or (w.ndim == 2 and _same(value, w.T)) for w in weights):
+            if not dp_recorded:
+                raise Unaccounted(f"{party}: weight {name} shipped without a DP-SGD release in the party's ledger")
+            seen.append(f"weight:{name}")
+        elif value.size == 1 and value.dtype.kind == "f" and any(
+                math.isclose(float(value.ravel()[0]), c, rel_tol=1e-6, abs_tol=1e-9) for c in public_scalars):
+            seen.append(f"constant:{name}")
+        elif value.size == 1 and value.dtype.kind == "i" and int(value.ravel()[0]) in (-1, 0, 1):
+            seen.append(f"axis:{name}")
+        else:
+            raise Unaccounted(f"{party}: tensor {name} {value.dtype}{list(value.shape)} is neither a DP-SGD weight, "
+                              f"a schema-derived constant nor a code constant: {value.ravel()[:4]}")
+    metadata = {p.key: p.value for p in model.metadata_props}
+    expected_meta = {"fedscore.part": party, "fedscore.format_version": "2",
+                     "fedscore.feature_names": json.dumps(scaler["columns"]), "fedscore.scaler": json.dumps(scaler)}
+    if metadata != expected_meta:
+        raise Unaccounted(f"{party}: metadata {sorted(metadata)} differs from the schema-derived scaler and names")
+    return seen
+
+
+def check_manifest(manifest: dict[str, Any], model_dir: Path, run: Path, data: Path) -> None:
+    """Every key of the manifest, against what it may be; unknown keys fail."""
+    config = json.loads((run / "config.json").read_text())
+    privacy = json.loads((run / "privacy-report.json").read_text())["guarantees"]
+    lender_schema, payment_schema = load_schema(data / "lender"), load_schema(data / "payment")
+    schemas = {"lender": lender_schema, "payment": payment_schema}
+    allowed: dict[str, Any] = {
+        "format_version": lambda v: v == "2",
+        "created_at": lambda v: isinstance(v, str),
+        "parts": lambda v: set(v) == set(FILES),
+        "embedding_dim": lambda v: v == config["model"]["embedding_dim"],
+        "training_config": lambda v: v == config,
+        "privacy": lambda v: v == privacy,
+        "scorecard": lambda v: v == json.loads(ScorecardParams().model_dump_json()),
+        "payment_feature_definition": lambda v: v is None,  # a ready feature table: no definition to carry
+        "lender_reference": lambda v: v == lender_schema.references(),
+    }
+    for key, value in manifest.items():
+        if key not in allowed:
+            raise Unaccounted(f"manifest key {key!r} is not on the allow-list")
+        if not allowed[key](value):
+            raise Unaccounted(f"manifest key {key!r} holds {str(value)[:80]}, not the public/recorded value")
+    for party, part in manifest["parts"].items():
+        scaler = Scaler.from_schema(schemas[party])
+        checks = {
+            "file": part.get("file") == FILES[party],
+            "sha256": part.get("sha256") == sha256_file(model_dir / FILES[party]),
+            "inputs": isinstance(part.get("inputs"), list), "outputs": isinstance(part.get("outputs"), list),
+            "input_dtypes": set(part.get("input_dtypes", {}).values()) <= {"float32"},
+            "input_shapes": all(d == "batch" or isinstance(d, int) for s in part.get("input_shapes", {}).values()
+                                for d in s),
+            "feature_names": part.get("feature_names") == scaler.columns,
+            "log_columns": part.get("log_columns") == scaler.log_columns,
+        }
+        for key in part:
+            if key not in checks:
+                raise Unaccounted(f"manifest parts.{party}.{key} is not on the allow-list")
+            if not checks[key]:
+                raise Unaccounted(f"manifest parts.{party}.{key} is not the public/recorded value")
+
+
+def walk_bundle(model_dir: Path, run: Path, data: Path) -> list[str]:
+    names = sorted(p.name for p in model_dir.iterdir())
+    if names != sorted([MANIFEST_NAME, *FILES.values()]):
+        raise Unaccounted(f"model/ holds {names}; only the manifest and the two parts may ship")
+    manifest = json.loads((model_dir / MANIFEST_NAME).read_text())
+    check_manifest(manifest, model_dir, run, data)
+    config = json.loads((run / "config.json").read_text())
+    seen = []
+    for party, file in FILES.items():
+        scaler = Scaler.from_schema(load_schema(data / party)).to_dict()
+        seen += check_graph(onnx.load(str(model_dir / file)), party, _schema_constants(data, party),
+                            _weights(run, party), _trained_under_dp_sgd(run, party), config, scaler)
+    return seen
+
+
+# ------------------------------------------------------------------------------------------------------ tests
+
+
+def test_everything_in_model_is_public_or_ledger_recorded(private_run: tuple[Path, Path]) -> None:
+    data, run = private_run
+    seen = walk_bundle(run / "model", run, data)
+    # the walk did look at the parts: both parts' weights and every preprocessing buffer were classified
+    assert sum(s.startswith("weight:") for s in seen) >= 4
+    assert sum(s.startswith("schema:scale.mean") for s in seen) == 2
+    assert sum(s.startswith("schema:scale.lower") for s in seen) == 2
+
+
+def test_metrics_stay_in_metrics_json_marked_evaluation_only(private_run: tuple[Path, Path]) -> None:
+    _, run = private_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "clean labels" in metrics["evaluation_only"] and "never ship in model/" in metrics["evaluation_only"]
+    assert {"lender_only", "centralized"} <= set(metrics["baselines"])
+    assert str(metrics["test"]["auc"]) not in (run / "model" / MANIFEST_NAME).read_text()
+
+
+def test_the_walker_catches_a_fitted_scaler(private_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """What the old code shipped: the scaler's mean fitted over all rows. Planted into the graph, it is caught."""
+    from clients.lender.data import load_lender_table
+
+    data, run = private_run
+    model = onnx.load(str(run / "model" / LENDER_FILE))
+    table, _ = load_lender_table(data / "lender")
+    fitted = Scaler.fit(table.columns, table.values, Scaler.from_schema(table.schema).log_columns)
+    for init in model.graph.initializer:
+        if init.name == "scale.mean":
+            init.CopyFrom(numpy_helper.from_array(np.asarray(fitted.mean, dtype=np.float32), "scale.mean"))
+    config = json.loads((run / "config.json").read_text())
+    scaler = Scaler.from_schema(load_schema(data / "lender")).to_dict()
+    with pytest.raises(Unaccounted, match=r"scale\.mean"):
+        check_graph(model, "lender", _schema_constants(data, "lender"), _weights(run, "lender"), True, config, scaler)
+    # and weights without a DP-SGD release in the ledger are not accepted either
+    with pytest.raises(Unaccounted, match="without a DP-SGD release"):
+        check_graph(onnx.load(str(run / "model" / LENDER_FILE)), "lender", _schema_constants(data, "lender"),
+                    _weights(run, "lender"), False, config, scaler)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("metrics", {"test": {"auc": 0.8}}),  # clean-label evaluation figures
+    ("embedding_baseline", [0.1] * 8),  # a mean training embedding
+    ("lender_reference", None),  # replaced below by medians of the applicants
+])
+def test_the_walker_catches_unaccounted_manifest_items(private_run: tuple[Path, Path], key: str, value: Any) -> None:
+    from clients.lender.data import load_lender_table
+
+    data, run = private_run
+    manifest = json.loads((run / "model" / MANIFEST_NAME).read_text())
+    if key == "lender_reference":
+        table, _ = load_lender_table(data / "lender")
+        value = np.median(table.values, axis=0).tolist()  # what the old code shipped
+    manifest[key] = value
+    with pytest.raises(Unaccounted, match=key):
+        check_manifest(manifest, run / "model", run, data)
