@@ -35,7 +35,7 @@ from shared.data_schema import load_schema
 from shared.manifest import LENDER_FILE, MANIFEST_NAME, PAYMENT_FILE, sha256_file
 from shared.preprocessing import Scaler, ScalerModule
 from shared.scorecard import ScorecardParams
-from tests.conftest import SECRET, make_party_data
+from tests.conftest import SECRET, fresh_homes, make_party_data
 
 PRIVATE = ["training.rounds=2", "training.local_epochs=1", "training.batch_size=64", "baselines.epochs=2",
            "privacy.dpsgd_batch_size=256", "privacy.dpsgd_lr=0.02", "privacy.feature_epsilon=8"]
@@ -51,7 +51,7 @@ class Unaccounted(AssertionError):
 def private_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("release")
     make_party_data(root / "data", population=2500, seed=3)
-    run_inprocess(load_config(None, PRIVATE), root / "data", root / "run", secret=SECRET)
+    run_inprocess(load_config(None, PRIVATE), root / "data", root / "run", secret=SECRET, homes=fresh_homes(root))
     return root / "data", root / "run"
 
 
@@ -74,7 +74,7 @@ def _trained_under_dp_sgd(run: Path, party: str) -> bool:
     releases as joint.records@outsider. (The payment part takes its first update once gradients arrive, so it
     records one round fewer than the lender.)"""
     state = torch.load(run / "parties" / party / "state.pt", weights_only=True)
-    ledger = json.loads((run / "parties" / party / "privacy-ledger.json").read_text())
+    ledger = json.loads((run.parent / "homes" / party / "privacy-ledger.json").read_text())
     return "dpsgd" in state and any(e["guarantee"] == "joint.records@outsider" for e in ledger["entries"])
 
 
