@@ -8,6 +8,7 @@ in-process transport runs the very same code, which is why both paths give the s
 from __future__ import annotations
 
 import json
+import math
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -109,16 +110,41 @@ class PartyBase:
 
     def fresh_state(self, message: Envelope, table: PartyTable) -> dict[str, Any]:
         """The state every party starts a run with: the run config, its IDs, and its features scaled by the scaler
-        its public schema defines (kept as data, so the export can rebuild it inside the ONNX graph). No constant
-        is fitted on the rows: the scaler ships in the model, which no guarantee would cover. The data report
-        (imputed and clipped counts) goes to this party's own state directory, nowhere else."""
+        its public schema defines, refined under DP by noisy per-column means and stds charged to this party's
+        ledger (kept as data, so the export can rebuild it inside the ONNX graph). Nothing else is fitted on the
+        rows: the scaler ships in the model. The data report (imputed and clipped counts) goes to this party's own
+        state directory, nowhere else."""
         if table.schema is None:
             raise DataError(f"{table.source}: no schema: training needs the party's declared public bounds")
-        scaler = Scaler.from_schema(table.schema)
+        info = message.header.info
+        self.state = {"config": str(info["config"]), "run_id": str(info.get("run_id", ""))}
+        scaler = self._standardisation(Scaler.from_schema(table.schema), table)
         write_json_atomic(self.settings.state_dir / "data-report.json", {"source": table.source, **table.report})
-        return {"config": str(message.header.info["config"]), "run_id": str(message.header.info.get("run_id", "")),
-                "ids": table.ids, "scaler": scaler.to_dict(),
+        return {**self.state, "ids": table.ids, "scaler": scaler.to_dict(),
                 "x": torch.from_numpy(scaler.transform(table.values))}
+
+    def _standardisation(self, scaler: Scaler, table: PartyTable) -> Scaler:
+        """DP means/stds over this party's rows (preprocessing.dp_standardised), charged before anything leaves:
+        to the outsider guarantee (the scaler ships in the model) and, for the payment holder with feature
+        protection on, to its guarantee against the lender (who receives the model and sees the scaling through
+        every embedding)."""
+        privacy = self.config.privacy
+        if not privacy.dp_scaler:
+            return scaler
+        from shared.preprocessing import dp_standardised
+        from shared.privacy import scaler_statistics_release
+
+        sigma = float(privacy.scaler_noise_multiplier)  # type: ignore[arg-type]  # dp_scaler says it is set
+        clip = math.sqrt(2 * len(scaler.columns))
+        ledger = self.ledger
+        ledger.charge([scaler_statistics_release(sigma, clip)], "joint.records@outsider",
+                      note="DP standardisation statistics of this party's features (ship in its model part)")
+        if self.name == "payment" and privacy.features_protected:
+            ledger.charge([scaler_statistics_release(sigma, clip, "payment.features", "outsider",
+                                                     privacy.feature_neighbouring)], "payment.features@lender",
+                          note="DP standardisation statistics, seen by the lender in the model and embeddings")
+        standardised, _ = dp_standardised(scaler, table.values, sigma, self.noise_source("scaler"))
+        return standardised
 
     def noise_source(self, *labels: str) -> NoiseSource:
         """Where every draw a guarantee rests on comes from: keyed from the OS, never from the seed (except in the

@@ -79,7 +79,10 @@ class PrivacyConfig(_Strict):
     dpsgd_clip: float = Field(3.0, gt=0, description="per-sample gradient clip (max_grad_norm)")
     dpsgd_batch_size: int = Field(4096, ge=1, description="expected Poisson batch size under DP-SGD")
     dpsgd_local_epochs: int = Field(2, ge=1, description="local epochs per round under DP-SGD")
-    dpsgd_lr: float = Field(1e-2, gt=0, description="Adam under DP-SGD (weight decay is ~1/B as strong there)")
+    dpsgd_lr: float = Field(2e-2, gt=0, description="Adam under DP-SGD (weight decay is ~1/B as strong there)")
+    scaler_noise_multiplier: float | None = Field(
+        30.0, ge=1.0, description="DP per-column means/stds refine the schema's scaling (noise std / sensitivity); "
+        "charged to the outsider guarantee with DP-SGD; None = bounds-only scaling")
     replayable_noise: bool = Field(
         False, description="TEST ONLY: derive every privacy draw from `seed`, so runs can be replayed and compared; "
         "voids every guarantee (reports, manifest and CLI say VOID, services refuse the bundle)")
@@ -108,6 +111,12 @@ class PrivacyConfig(_Strict):
     @property
     def dp_sgd(self) -> bool:
         return self.enabled and (self.outsider_epsilon is not None or self.dpsgd_noise_multiplier is not None)
+
+    @property
+    def dp_scaler(self) -> bool:
+        """DP standardisation statistics ship only where the released model is itself DP (otherwise the schema's
+        bounds alone scale the features: a non-private model would leak far more than its scaler anyway)."""
+        return self.dp_sgd and self.scaler_noise_multiplier is not None
 
 
 class FedConfig(_Strict):

@@ -63,9 +63,19 @@ def plan_dp_sgd(privacy: PrivacyConfig, n_train: int, rounds: int) -> DpSgdPlan:
     if sigma is None:
         assert privacy.outsider_epsilon is not None
         sigma = calibrate_dp_sgd(privacy.outsider_epsilon, privacy.delta, sample_rate=q,
-                                 steps=steps * sum(dp_sgd_rounds(rounds).values()))
+                                 steps=steps * sum(dp_sgd_rounds(rounds).values()), already=scaler_releases(privacy))
     return DpSgdPlan(noise_multiplier=sigma, sample_rate=q, steps_per_round=steps, clip=privacy.dpsgd_clip,
                      lr=privacy.dpsgd_lr)
+
+
+def scaler_releases(privacy: PrivacyConfig) -> list:
+    """Both parties' DP standardisation statistics, which the outsider guarantee composes with DP-SGD (a record's
+    epsilon depends on its noise multiplier only, so each party can write the other's without knowing its width)."""
+    from shared.privacy import scaler_statistics_release
+
+    if not privacy.dp_scaler:
+        return []
+    return [scaler_statistics_release(float(privacy.scaler_noise_multiplier), 1.0)] * 2  # type: ignore[arg-type]
 
 
 def part_release(plan: DpSgdPlan, steps: int, protects: str = "joint.records",

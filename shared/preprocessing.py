@@ -4,14 +4,17 @@ Described as data (columns, clip bounds, which get a signed log, centre, scale, 
 levels) so it can be written to a manifest; `as_module()` is the same transform in torch, so the exported ONNX
 graph carries it and scoring needs nothing from this package.
 
-Training uses `Scaler.from_schema` only: every constant comes from the bounds and levels the data owner declared
-(shared/data_schema.py), none from the training rows, so the exported graph holds no statistic of training users.
-`Scaler.fit` (data-fitted mean/std) remains for tests and for drafting a schema on the owner's own machine.
+Training starts from `Scaler.from_schema`: clip bounds, transforms and levels come from what the data owner declared
+(shared/data_schema.py). Under differential privacy the centre and scale are then refined by `dp_standardised`:
+per-column means and stds released with Gaussian noise and charged to the party's ledger. Nothing else is fitted
+on the rows, so the exported graph holds no statistic of users that no record covers. `Scaler.fit` (data-fitted
+mean/std) remains for tests and for drafting a schema on the owner's own machine.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,6 +23,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from shared.data_schema import DataSchema
+    from shared.privacy.secure_random import NoiseSource
 
 
 def signed_log1p(x: np.ndarray) -> np.ndarray:
@@ -151,3 +155,29 @@ def small_integer_levels(columns: list[str], values: np.ndarray, max_levels: int
         if 3 <= len(levels) <= max_levels:
             out[column] = [float(v) for v, n in zip(levels, counts, strict=True) if n >= min_share * len(col)]
     return out
+
+
+def dp_standardised(scaler: Scaler, values: np.ndarray, noise_multiplier: float,
+                    source: NoiseSource) -> tuple[Scaler, float]:
+    """The schema scaler, re-centred and re-scaled by differentially private per-column means and stds.
+
+    Why: bounds-only scaling leaves features squeezed and off-centre (a log amount spans a fraction of its declared
+    range), which DP-SGD feels as noise. Each user's schema-scaled row z (clipped, so every value lies in [-1, 1])
+    contributes (z, z^2), whose L2 norm is at most sqrt(2k) for k columns: one Gaussian release of the two sums with
+    noise std sigma * sqrt(2k) covers both (add/remove of a user, the row count being disclosed anyway). Returns the
+    new scaler and that clip; the caller charges `scaler_statistics_release(sigma, clip)` before anything leaves.
+    Indicator columns are not touched.
+    """
+    k = len(scaler.columns)
+    z = scaler.transform(values)[:, :k].astype(np.float64)
+    n = max(len(z), 1)
+    clip = math.sqrt(2 * k)
+    noisy = np.concatenate([z.sum(0), (z ** 2).sum(0)]) + source.normal((2 * k,), noise_multiplier * clip,
+                                                                        torch.float64).numpy()
+    mean = np.clip(noisy[:k] / n, -1.0, 1.0)
+    std = np.sqrt(np.clip(noisy[k:] / n - mean ** 2, MIN_DP_STD ** 2, 1.0))  # a floor: public, never a statistic
+    centre, scale = np.asarray(scaler.mean), np.asarray(scaler.std)
+    return replace(scaler, mean=(centre + mean * scale).tolist(), std=(std * scale).tolist()), clip
+
+
+MIN_DP_STD = 0.02  # in schema units (half the declared range): a near-constant column is not blown up by noise

@@ -58,10 +58,22 @@ def private_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 # ------------------------------------------------------------------------------------------------ allow-list
 
 
-def _schema_constants(data: Path, party: str) -> dict[str, np.ndarray]:
-    """The preprocessing buffers recomputed from the party's schema.toml alone."""
+def _schema_constants(data: Path, party: str, run: Path | None = None) -> dict[str, np.ndarray]:
+    """The preprocessing buffers recomputed from the party's schema.toml alone, plus (when `run` is given and the
+    party's ledger records them) the DP standardisation statistics the party released: its centre and scale."""
     scaler = Scaler.from_schema(load_schema(data / party))
-    return {f"scale.{k}": v.numpy() for k, v in ScalerModule(scaler).state_dict().items()}
+    allowed = {f"scale.{k}": v.numpy() for k, v in ScalerModule(scaler).state_dict().items()}
+    if run is not None and _dp_statistics_recorded(run, party):
+        released = Scaler(**torch.load(run / "parties" / party / "state.pt", weights_only=True)["scaler"])
+        buffers = ScalerModule(released).state_dict()
+        allowed.update({f"dp.scale.{k}": buffers[k].numpy() for k in ("mean", "std")})
+    return allowed
+
+
+def _dp_statistics_recorded(run: Path, party: str) -> bool:
+    ledger = json.loads((run.parent / "homes" / party / "privacy-ledger.json").read_text())
+    return any(e["guarantee"] == "joint.records@outsider" and "standardisation" in e["note"]
+               for e in ledger["entries"])
 
 
 def _weights(run: Path, party: str) -> list[np.ndarray]:
@@ -173,7 +185,8 @@ def walk_bundle(model_dir: Path, run: Path, data: Path) -> list[str]:
     seen = []
     for party, file in FILES.items():
         scaler = Scaler.from_schema(load_schema(data / party)).to_dict()
-        seen += check_graph(onnx.load(str(model_dir / file)), party, _schema_constants(data, party),
+        scaler = torch.load(run / "parties" / party / "state.pt", weights_only=True)["scaler"]
+        seen += check_graph(onnx.load(str(model_dir / file)), party, _schema_constants(data, party, run),
                             _weights(run, party), _trained_under_dp_sgd(run, party), config, scaler)
     return seen
 
@@ -186,8 +199,20 @@ def test_everything_in_model_is_public_or_ledger_recorded(private_run: tuple[Pat
     seen = walk_bundle(run / "model", run, data)
     # the walk did look at the parts: both parts' weights and every preprocessing buffer were classified
     assert sum(s.startswith("weight:") for s in seen) >= 4
-    assert sum(s.startswith("schema:scale.mean") for s in seen) == 2
     assert sum(s.startswith("schema:scale.lower") for s in seen) == 2
+    # the centre and scale are the DP statistics each party charged to its ledger, not fitted values
+    assert all(_dp_statistics_recorded(run, party) for party in FILES)
+    for party in FILES:
+        from clients.lender.data import load_lender_table
+        from clients.payment.data import load_payment_table
+
+        table = load_lender_table(data / party)[0] if party == "lender" else load_payment_table(data / party)
+        schema_scaler = Scaler.from_schema(table.schema)
+        released = Scaler(**torch.load(run / "parties" / party / "state.pt", weights_only=True)["scaler"])
+        z = schema_scaler.transform(table.values)[:, :len(schema_scaler.columns)].astype(np.float64)
+        exact = np.asarray(schema_scaler.mean) + z.mean(0) * np.asarray(schema_scaler.std)
+        assert not np.allclose(released.mean, exact, rtol=0, atol=1e-9)  # noise was added ...
+        assert np.allclose(released.mean, exact, atol=0.2 * np.asarray(schema_scaler.std).max())  # ... and it is usable
 
 
 def test_metrics_stay_in_metrics_json_marked_evaluation_only(private_run: tuple[Path, Path]) -> None:
@@ -210,12 +235,17 @@ def test_the_walker_catches_a_fitted_scaler(private_run: tuple[Path, Path], tmp_
         if init.name == "scale.mean":
             init.CopyFrom(numpy_helper.from_array(np.asarray(fitted.mean, dtype=np.float32), "scale.mean"))
     config = json.loads((run / "config.json").read_text())
-    scaler = Scaler.from_schema(load_schema(data / "lender")).to_dict()
+    scaler = torch.load(run / "parties" / "lender" / "state.pt", weights_only=True)["scaler"]
     with pytest.raises(Unaccounted, match=r"scale\.mean"):
-        check_graph(model, "lender", _schema_constants(data, "lender"), _weights(run, "lender"), True, config, scaler)
+        check_graph(model, "lender", _schema_constants(data, "lender", run), _weights(run, "lender"), True, config,
+                    scaler)
+    # the released DP statistics pass only while the ledger records them
+    with pytest.raises(Unaccounted, match=r"scale\.mean"):
+        check_graph(onnx.load(str(run / "model" / LENDER_FILE)), "lender", _schema_constants(data, "lender"),
+                    _weights(run, "lender"), True, config, scaler)
     # and weights without a DP-SGD release in the ledger are not accepted either
     with pytest.raises(Unaccounted, match="without a DP-SGD release"):
-        check_graph(onnx.load(str(run / "model" / LENDER_FILE)), "lender", _schema_constants(data, "lender"),
+        check_graph(onnx.load(str(run / "model" / LENDER_FILE)), "lender", _schema_constants(data, "lender", run),
                     _weights(run, "lender"), False, config, scaler)
 
 

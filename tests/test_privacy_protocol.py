@@ -45,14 +45,15 @@ def test_every_reported_epsilon_recomputes_from_the_report(private_run: Path) ->
     assert by_key["lender.labels@payment"]["mechanisms"] == [{"kind": "randomized_response", "epsilon": 2.0}]
     features = by_key["payment.features@lender"]
     # the embeddings: 3 rounds, no amplification between parties; the payment model the lender sees through them:
-    # the payment part's DP-SGD, in the 2 rounds it actually trained (round 0 has no gradients to apply)
-    assert sorted(m["sampling"] for m in features["mechanisms"]) == ["none"] * 3 + ["poisson"] * 2
+    # its DP standardisation statistics (once) and its DP-SGD in the 2 rounds it actually trained (round 0 has no
+    # gradients to apply)
+    assert sorted(m["sampling"] for m in features["mechanisms"]) == ["none"] * 4 + ["poisson"] * 2
     assert features["neighbouring"] == "replace_one"
     assert features["epsilon"] == pytest.approx(8.0, abs=0.05)
     joint = by_key["joint.records@outsider"]
-    # each party charges the steps it took: the lender 3 rounds, the payment holder 2
+    # each party charges the steps it took (the lender 3 rounds, the payment holder 2) and its scaler statistics
     assert joint["held_by"] == ["lender", "payment"]
-    assert sorted(r["party"] for r in joint["per_release"]) == ["lender"] * 3 + ["payment"] * 2
+    assert sorted(r["party"] for r in joint["per_release"]) == ["lender"] * 4 + ["payment"] * 3
     assert joint["epsilon"] <= 3.0 * 1.0001
     assert report["unprotected"] == []
     covered = {r["covered_by"] for items in report["releases"].values() for r in items}
@@ -87,7 +88,9 @@ def test_lender_refuses_a_label_release_over_its_own_budget(party_data: tuple[Pa
         run_inprocess(config, data, tmp_path / "run", secret=SECRET, budgets=budgets)
     report = json.loads((tmp_path / "run" / "privacy-report.json").read_text())
     assert report["refusal"]["party"] == "lender" and report["refusal"]["request"] == "align.match"
-    assert report["guarantees"] == []  # nothing was recorded: the refused release never happened
+    # the refused release never happened: nothing recorded for the labels (only the setup's scaler statistics)
+    assert not [g for g in report["guarantees"] if g["protects"] == "lender.labels"]
+    assert {g["protects"] for g in report["guarantees"]} <= {"joint.records", "payment.features"}
 
 
 def test_payment_stops_mid_run_and_what_was_released_is_still_counted(party_data: tuple[Path, dict],
@@ -102,7 +105,7 @@ def test_payment_stops_mid_run_and_what_was_released_is_still_counted(party_data
     report = json.loads((tmp_path / "run" / "privacy-report.json").read_text())
     assert report["refusal"]["party"] == "payment" and report["refusal"]["request"] == "embed"
     features = next(g for g in report["guarantees"] if g["protects"] == "payment.features")
-    assert 1 <= len([r for r in features["per_release"] if "embeddings" in r["note"]]) < 3
+    assert 1 <= len([r for r in features["per_release"] if "embeddings to the lender" in r["note"]]) < 3
     assert features["epsilon"] <= 6.0
     ledger = json.loads((tmp_path / "payment-home" / "privacy-ledger.json").read_text())
     assert len([e for e in ledger["entries"] if e["guarantee"] == "payment.features@lender"]) == \

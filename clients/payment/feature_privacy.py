@@ -6,7 +6,8 @@ payment model itself, trained on every training user and evaluated for the lende
 every online answer. Channel (2) is the payment part's DP-SGD, a Poisson-sampled Gaussian whose sampling the lender
 never sees (it is drawn from the payment holder's CSPRNG), so its amplified accounting holds against the lender too.
 Both channels are charged to `payment.features@lender` and the embedding noise is calibrated so that their
-composition meets `privacy.feature_epsilon`. Without DP-SGD on the payment part channel (2) is unbounded, so the
+composition meets `privacy.feature_epsilon`, together with the payment holder's DP standardisation statistics
+(which ship in its model part). Without DP-SGD on the payment part channel (2) is unbounded, so the
 config refuses feature protection without it.
 """
 
@@ -16,7 +17,13 @@ from typing import Any
 
 from shared.config import FedConfig, PrivacyConfig
 from shared.dp_training import DpSgdPlan, dp_sgd_rounds, part_release
-from shared.privacy import CalibrationError, DpSgdRelease, calibrate_noise_multiplier, embedding_release
+from shared.privacy import (
+    CalibrationError,
+    DpSgdRelease,
+    calibrate_noise_multiplier,
+    embedding_release,
+    scaler_statistics_release,
+)
 
 GUARANTEE = "payment.features@lender"
 
@@ -35,7 +42,10 @@ def plan_feature_noise(config: FedConfig, dpsgd: dict[str, Any] | None) -> float
         return float(privacy.feature_noise_multiplier)
     assert privacy.feature_epsilon is not None and dpsgd is not None  # the config validator guarantees both
     plan = DpSgdPlan(**dpsgd)
-    exposure = [model_exposure(plan, privacy)] * dp_sgd_rounds(config.training.rounds)["payment"]
+    exposure: list = [model_exposure(plan, privacy)] * dp_sgd_rounds(config.training.rounds)["payment"]
+    if privacy.dp_scaler:  # the scaler statistics, charged at setup, reach the lender too
+        exposure.append(scaler_statistics_release(float(privacy.scaler_noise_multiplier), 1.0, "payment.features",
+                                                  "outsider", privacy.feature_neighbouring))
     template = embedding_release(1.0, privacy.embedding_clip, config.training.rounds, privacy.feature_neighbouring)
     try:
         return float(calibrate_noise_multiplier(template, privacy.feature_epsilon, privacy.delta, already=exposure))

@@ -35,6 +35,7 @@ from shared.privacy.mechanisms import (
     label_gradient_release,
     mechanism_from_dict,
     mechanisms_from_dicts,
+    scaler_statistics_release,
 )
 from shared.privacy.noise import clip_rows, clipped_label_gradients, gaussian_release, randomized_response
 from shared.privacy.secure_random import NoiseSource, noise_source
@@ -71,4 +72,5 @@ __all__ = [
     "randomized_response",
     "recompute_from_report",
     "resolve_noise_multiplier",
+    "scaler_statistics_release",
 ]

@@ -79,11 +79,12 @@ def calibrate_gaussian(target_epsilon: float, delta: float, *, count: int, sensi
 
 
 def calibrate_dp_sgd(target_epsilon: float, delta: float, *, sample_rate: float, steps: int,
-                     neighbouring: Neighbouring = "add_remove", rtol: float = 1e-3) -> float:
-    """Noise multiplier for Opacus DP-SGD (Poisson rate, steps) so the outsider eps is at most target."""
+                     neighbouring: Neighbouring = "add_remove", already: Sequence[Mechanism] = (),
+                     rtol: float = 1e-3) -> float:
+    """Noise multiplier for Opacus DP-SGD (Poisson rate, steps) so the outsider eps (with `already`) is <= target."""
     template = DpSgdRelease(noise_multiplier=1.0, sample_rate=sample_rate, steps=steps, protects="joint.records",
                             neighbouring=neighbouring)
-    return calibrate_noise_multiplier(template, target_epsilon, delta, rtol=rtol)
+    return calibrate_noise_multiplier(template, target_epsilon, delta, already=already, rtol=rtol)
 
 
 def calibrate_randomized_response(target_epsilon: float, delta: float, *, count: int = 1,

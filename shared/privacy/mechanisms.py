@@ -196,3 +196,13 @@ def embedding_release(noise_multiplier: float, clip: float, count: int,
     return GaussianRelease(noise_multiplier=noise_multiplier, sensitivity=1.0 if neighbouring == "add_remove" else 2.0,
                            clip=clip, count=count, protects="payment.features", seen_by="lender",
                            neighbouring=neighbouring)
+
+
+def scaler_statistics_release(noise_multiplier: float, clip: float, protects: str = "joint.records",
+                              seen_by: Observer = "outsider",
+                              neighbouring: Neighbouring = "add_remove") -> GaussianRelease:
+    """A party's per-column sums and sums of squares (each user's row bounded by `clip`), released once with
+    Gaussian noise: the standardisation constants that ship in its model part (preprocessing.dp_standardised).
+    Published with the model, so every party sees it too."""
+    return GaussianRelease(noise_multiplier=noise_multiplier, sensitivity=1.0 if neighbouring == "add_remove" else 2.0,
+                           clip=clip, count=1, protects=protects, seen_by=seen_by, neighbouring=neighbouring)
