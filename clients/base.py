@@ -15,20 +15,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from fedscore.shared.atomic import atomic_write, write_json_atomic
+from fedscore.shared.config import FedConfig
+from fedscore.shared.data.party_data import PartyTable
+from fedscore.shared.data.tables import DataError
+from fedscore.shared.model.parts import configure_torch
+from fedscore.shared.model.preprocessing import Scaler
+from fedscore.shared.party_home import LEDGER_FILE
+from fedscore.shared.protocol.messages import Envelope, Header
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.atomic import atomic_write, write_json_atomic
-from shared.config import FedConfig
-from shared.messages import Envelope, Header
-from shared.model_parts import configure_torch
-from shared.party_data import PartyTable
-from shared.party_home import LEDGER_FILE
-from shared.preprocessing import Scaler
-from shared.tables import DataError
-
 if TYPE_CHECKING:
-    from shared.privacy import Ledger
-    from shared.privacy.secure_random import NoiseSource
+    from fedscore.shared.privacy import Ledger
+    from fedscore.shared.privacy.secure_random import NoiseSource
 
 
 class PartySettings(BaseModel):
@@ -131,8 +130,8 @@ class PartyBase:
         privacy = self.config.privacy
         if not privacy.dp_scaler:
             return scaler
-        from shared.preprocessing import dp_standardised
-        from shared.privacy import scaler_statistics_release
+        from fedscore.shared.model.preprocessing import dp_standardised
+        from fedscore.shared.privacy import scaler_statistics_release
 
         sigma = float(privacy.scaler_noise_multiplier)  # type: ignore[arg-type]  # dp_scaler says it is set
         clip = math.sqrt(2 * len(scaler.columns))
@@ -149,7 +148,7 @@ class PartyBase:
     def noise_source(self, *labels: str) -> NoiseSource:
         """Where every draw a guarantee rests on comes from: keyed from the OS, never from the seed (except in the
         VOID replayable test mode, where `labels` name the draw so both transports replay the same one)."""
-        from shared.privacy.secure_random import noise_source
+        from fedscore.shared.privacy.secure_random import noise_source
 
         return noise_source(self.config.privacy.replayable_noise, self.config.seed, self.name, *labels)
 
@@ -160,7 +159,7 @@ class PartyBase:
     @property
     def ledger(self) -> Ledger:
         """This party's lifetime privacy ledger, in its own home, with the budgets from its own settings."""
-        from shared.privacy import Ledger
+        from fedscore.shared.privacy import Ledger
 
         return Ledger(self.settings.home / LEDGER_FILE, self.settings.budgets, self.config.privacy.delta,
                       party=self.name, run=self.run_id)
@@ -198,7 +197,7 @@ class PartyBase:
         except (ProtocolError, DataError, ValueError) as exc:
             return self._error(message, f"{exc}")
         except Exception as exc:  # report, never hang the coordinator
-            if getattr(exc, "is_refusal", False):  # shared.privacy BudgetExceeded (not imported: it is slow)
+            if getattr(exc, "is_refusal", False):  # fedscore.shared.privacy BudgetExceeded (not imported: it is slow)
                 return self._error(message, f"{self.name} refused: {exc}")
             return self._error(message, f"{self.name}: internal error in {kind}: {exc!r}\n{traceback.format_exc()}")
 

@@ -13,7 +13,7 @@ app = ClientApp()
 
 
 def _settings(context: Context):
-    from clients.base import PartySettings, parse_budgets
+    from fedscore.clients.base import PartySettings, parse_budgets
 
     config = context.node_config
     missing = [k for k in ("party", "data-path", "state-dir", "home", "secret") if k not in config]
@@ -32,8 +32,8 @@ def whoami(message: Message, context: Context) -> Message:
 
 @app.query("fedscore")
 def handle(message: Message, context: Context) -> Message:
-    from clients.parties import make_party
-    from shared.flower_codec import decode, encode
+    from fedscore.clients.parties import make_party
+    from fedscore.shared.protocol.flower_codec import decode, encode
 
     party = make_party(_settings(context))
     reply = party.handle(decode(message.content))

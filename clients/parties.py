@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from clients.base import PartyBase, PartySettings
+from fedscore.clients.base import PartyBase, PartySettings
 
 
 def make_party(settings: PartySettings) -> PartyBase:
     if settings.party == "payment":
-        from clients.payment.party import PaymentParty
+        from fedscore.clients.payment.party import PaymentParty
 
         return PaymentParty(settings)
-    from clients.lender.party import LenderParty
+    from fedscore.clients.lender.party import LenderParty
 
     return LenderParty(settings)

@@ -1,6 +1,6 @@
 """The centralized reference: all columns in one place, no privacy. The upper bound a federation aims at.
 
-The best of logistic regression, GBDT and an MLP on validation (shared/reference_models.py).
+The best of logistic regression, GBDT and an MLP on validation (shared/model/reference_models.py).
 
 This is the local operator's evaluation harness, not part of the protocol: it reads both parties' folders, which
 only someone holding both (a demo, a backtest) can do. It uses the same aligned users and the same keyed split as
@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from clients.lender.data import load_lender_table
-from clients.payment.data import load_payment_table
-from shared.config import FedConfig
-from shared.model_parts import configure_torch
-from shared.party_data import PartyTable
-from shared.preprocessing import Scaler
-from shared.reference_models import best_reference
-from shared.splits import assign_splits, keyed_tokens
+from fedscore.clients.lender.data import load_lender_table
+from fedscore.clients.payment.data import load_payment_table
+from fedscore.shared.config import FedConfig
+from fedscore.shared.data.party_data import PartyTable
+from fedscore.shared.model.parts import configure_torch
+from fedscore.shared.model.preprocessing import Scaler
+from fedscore.shared.model.reference_models import best_reference
+from fedscore.shared.protocol.splits import assign_splits, keyed_tokens
 
 
 def _preprocessed(table: PartyTable) -> tuple[np.ndarray, np.ndarray]:

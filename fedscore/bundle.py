@@ -14,9 +14,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from shared.export_onnx import LENDER_FILE, PAYMENT_FILE, ModelManifest, describe_part, write_manifest
-from shared.preprocessing import Scaler
-from shared.scorecard import ScorecardParams
+from fedscore.shared.model.export_onnx import LENDER_FILE, PAYMENT_FILE, ModelManifest, describe_part, write_manifest
+from fedscore.shared.model.preprocessing import Scaler
+from fedscore.shared.scoring.scorecard import ScorecardParams
 
 
 def assemble_bundle(run_dir: Path, config: dict[str, Any],

@@ -43,8 +43,8 @@ def _fail(message: str, code: int = 2) -> None:
 def _user_errors() -> Iterator[None]:
     """Turn the errors a user can fix into one red line and a non-zero exit, never a traceback."""
     from fedscore.runs import RunError
-    from shared.config import ConfigError
-    from shared.tables import DataError
+    from fedscore.shared.config import ConfigError
+    from fedscore.shared.data.tables import DataError
 
     try:
         yield
@@ -65,7 +65,7 @@ def _progress_bar() -> Iterator[Callable[[str, int, int], None]]:
 
 
 def _load(config: Path | None, overrides: list[str] | None):
-    from shared.config import load_config
+    from fedscore.shared.config import load_config
 
     return load_config(config, overrides or [])
 
@@ -265,7 +265,7 @@ def certs(out: Annotated[Path, typer.Option("--out", help="folder to create (mus
               "--client", help="a client certificate to issue (repeat; default: lender)")] = None) -> None:
     """Write a throwaway local PKI for mutual TLS (tests, one machine): ca.pem, server.pem/.key, <client>.pem/.key.
     Keys are owner-only; the CA key is not kept."""
-    from shared.tls import TlsError, make_local_pki
+    from fedscore.shared.tls import TlsError, make_local_pki
 
     try:
         pki = make_local_pki(out, server_names=server_name, clients=client)

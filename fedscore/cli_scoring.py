@@ -15,8 +15,8 @@ import typer
 from rich.console import Console
 
 if TYPE_CHECKING:
-    from clients.payment.release_guard import LedgerGuard
-    from clients.payment.service import PaymentScoringService
+    from fedscore.clients.payment.release_guard import LedgerGuard
+    from fedscore.clients.payment.service import PaymentScoringService
 
 console = Console()
 serve_app = typer.Typer(help="Online federated scoring: the payment holder's gRPC service and the lender's HTTP API.",
@@ -31,10 +31,10 @@ HostOpt = Annotated[str, typer.Option("--host", help="interface to listen on (lo
 def _user_errors() -> Iterator[None]:
     """Errors a user can fix (bad data, bad model folder, missing file, port in use, bad TLS material, a party home
     that does not allow serving this model): one red line, exit code 2."""
-    from clients.payment.release_guard import GuardRefused
-    from clients.payment.served import ServedError
-    from shared.tables import DataError
-    from shared.tls import TlsError
+    from fedscore.clients.payment.release_guard import GuardRefused
+    from fedscore.clients.payment.served import ServedError
+    from fedscore.shared.data.tables import DataError
+    from fedscore.shared.tls import TlsError
 
     try:
         yield
@@ -76,8 +76,8 @@ def score_command(model: ModelOpt, data: DataOpt,
 def _server_credentials(host: str, tls_cert: Path | None, tls_key: Path | None, client_ca: Path | None,
                         insecure_local: bool):  # -> grpc.ServerCredentials | None
     """Mutual TLS, or plaintext on loopback only when asked for by name; anything else stops before loading data."""
-    from clients.payment.service import LOOPBACK_HOSTS
-    from shared.tls import mutual_tls_server_credentials
+    from fedscore.clients.payment.service import LOOPBACK_HOSTS
+    from fedscore.shared.tls import mutual_tls_server_credentials
 
     given = {"--tls-cert": tls_cert, "--tls-key": tls_key, "--client-ca": client_ca}
     if insecure_local:
@@ -97,10 +97,10 @@ def _server_credentials(host: str, tls_cert: Path | None, tls_key: Path | None, 
 
 def _payment_budgets(training_config: dict, budget: list[str] | None) -> dict[str, float]:
     """The run's targets for the payment party (what its node config would hold), then --budget overrides."""
-    from clients.base import parse_budgets
-    from clients.payment.release_guard import GuardRefused
+    from fedscore.clients.base import parse_budgets
+    from fedscore.clients.payment.release_guard import GuardRefused
     from fedscore.runs import default_budgets
-    from shared.config import FedConfig
+    from fedscore.shared.config import FedConfig
 
     try:
         config = FedConfig.model_validate(training_config)
@@ -137,8 +137,8 @@ def serve_payment_command(
         threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads")] = 1) -> None:
     """The payment holder: answer GetEmbedding over gRPC for the intersection recorded for this model version only,
     every answer charged to the party's ledger and noised as in training."""
-    from clients.payment.service import run_payment_service
-    from shared.party_home import default_party_home
+    from fedscore.clients.payment.service import run_payment_service
+    from fedscore.shared.party_home import default_party_home
 
     with _user_errors():
         credentials = _server_credentials(host, tls_cert, tls_key, client_ca, insecure_local)
@@ -155,16 +155,16 @@ def prepare_payment_service(model: Path, data: Path, home: Path, budget: list[st
                             threads: int = 1) -> tuple[PaymentScoringService, LedgerGuard]:
     """Everything `serve payment` checks and loads before listening: the bundle, the served record for its payment
     part, the ledger guard, the disclosures. The guard holds the party home until closed."""
-    from clients.payment.release_guard import (
+    from fedscore.clients.payment.release_guard import (
         SIGNALS_DISCLOSURE,
         LedgerGuard,
         check_not_replayable,
         record_disclosure,
     )
-    from clients.payment.served import load_served
-    from clients.payment.service import PaymentScoringService
-    from shared.party_home import ensure_party_home
-    from shared.scoring_bundle import load_scoring_bundle
+    from fedscore.clients.payment.served import load_served
+    from fedscore.clients.payment.service import PaymentScoringService
+    from fedscore.shared.party_home import ensure_party_home
+    from fedscore.shared.scoring.bundle import load_scoring_bundle
 
     bundle = load_scoring_bundle(model)
     home = ensure_party_home(home)
@@ -189,8 +189,8 @@ def prepare_payment_service(model: Path, data: Path, home: Path, budget: list[st
 def _payment_channel(payment_address: str, payment_ca: Path | None, client_cert: Path | None,
                      client_key: Path | None, insecure_payment: bool):  # -> grpc.ChannelCredentials | None
     """Mutual TLS to the payment service, or plaintext to a loopback address when asked for by name."""
-    from clients.payment.service import LOOPBACK_HOSTS
-    from shared.tls import mutual_tls_channel_credentials
+    from fedscore.clients.payment.service import LOOPBACK_HOSTS
+    from fedscore.shared.tls import mutual_tls_channel_credentials
 
     given = {"--payment-ca": payment_ca, "--client-cert": client_cert, "--client-key": client_key}
     if insecure_payment:
@@ -225,7 +225,7 @@ def serve_lender_command(
             "--insecure-payment", help="plaintext to a payment service on loopback (its --insecure-local)")] = False,
 ) -> None:
     """The lender: POST /score {"id": ...} over HTTP, asking the payment service for the embedding."""
-    from clients.lender.service import run_lender_service
+    from fedscore.clients.lender.service import run_lender_service
     from fedscore.scoring import read_blacklist
 
     with _user_errors():

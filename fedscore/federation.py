@@ -21,7 +21,7 @@ from contextlib import closing, suppress
 from pathlib import Path
 from typing import Any
 
-from clients.base import format_budgets
+from fedscore.clients.base import format_budgets
 from fedscore.runs import (
     Budgets,
     Homes,
@@ -32,7 +32,7 @@ from fedscore.runs import (
     party_settings,
     prepare_run_dir,
 )
-from shared.config import FedConfig
+from fedscore.shared.config import FedConfig
 
 APP_PYPROJECT = """\
 [build-system]
@@ -49,8 +49,8 @@ dependencies = []
 publisher = "fedscore"
 
 [tool.flwr.app.components]
-serverapp = "server.flower_server:app"
-clientapp = "clients.flower_client:app"
+serverapp = "fedscore.server.flower_server:app"
+clientapp = "fedscore.clients.flower_client:app"
 
 [tool.flwr.app.config]
 run-dir = {run_dir}

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shared.atomic import write_text_atomic
+from fedscore.shared.atomic import write_text_atomic
 
 METRIC_KEYS = ("auc", "ks", "gini", "logloss", "brier")
 
@@ -148,9 +148,9 @@ def render(run_dir: Path) -> str:
 def write_reports(run_dir: Path) -> dict[str, Any]:
     """(Re)build privacy-report.json from the run's outcome, then report.html from all three files; returns the
     privacy report."""
-    from server.privacy_report import build_privacy_report
-    from shared.atomic import write_json_atomic
-    from shared.config import FedConfig
+    from fedscore.server.privacy_report import build_privacy_report
+    from fedscore.shared.atomic import write_json_atomic
+    from fedscore.shared.config import FedConfig
 
     config = FedConfig.model_validate_json((run_dir / "config.json").read_text())
     outcome = json.loads((run_dir / "outcome.json").read_text())

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from server.outcome import read_outcome, write_outcome
-from shared.atomic import write_json_atomic
-from shared.config import FedConfig
-from shared.tables import DataError
+from fedscore.server.outcome import read_outcome, write_outcome
+from fedscore.shared.atomic import write_json_atomic
+from fedscore.shared.config import FedConfig
+from fedscore.shared.data.tables import DataError
 
 TEST_KEYS = ("auc", "ks", "gini", "logloss", "brier")
 EVALUATION_ONLY = ("evaluation figures computed by the operator with clean labels (test metrics and the lender-only "
@@ -97,7 +97,7 @@ Homes = dict[str, Path]  # party -> its home (lifetime ledger), see shared/party
 
 def party_homes(overrides: list[str] | None = None) -> Homes:
     """Each party's home: `$FEDSCORE_HOME/parties/<party>` unless `party=DIR` overrides it."""
-    from shared.party_home import default_party_home
+    from fedscore.shared.party_home import default_party_home
 
     homes = {party: default_party_home(party) for party in ("payment", "lender")}
     for item in overrides or []:
@@ -110,8 +110,8 @@ def party_homes(overrides: list[str] | None = None) -> Homes:
 
 def party_settings(run_dir: Path, data_dir: Path, secret: str, budgets: Budgets | None = None,
                    homes: Homes | None = None) -> dict[str, Any]:
-    from clients.base import PartySettings
-    from shared.party_home import ensure_party_home
+    from fedscore.clients.base import PartySettings
+    from fedscore.shared.party_home import ensure_party_home
 
     budgets = budgets or {}
     homes = homes or party_homes()
@@ -128,9 +128,9 @@ Progress = Callable[[str, int, int], None]
 def run_inprocess(config: FedConfig, data_dir: Path, run_dir: Path, progress: Progress | None = None,
                   secret: str | None = None, budgets: Budgets | None = None,
                   homes: Homes | None = None) -> dict[str, Any]:
-    from clients.parties import make_party
-    from server.coordinator import Coordinator, PartyRefused, new_run_id
-    from shared.transport import InProcessTransport
+    from fedscore.clients.parties import make_party
+    from fedscore.server.coordinator import Coordinator, PartyRefused, new_run_id
+    from fedscore.shared.protocol.transport import InProcessTransport
 
     check_data_dir(data_dir)
     secret = prepare_run_dir(run_dir, config, secret)
@@ -197,9 +197,9 @@ def _centralized(data_dir: Path, config: FedConfig, secret: str) -> dict[str, An
 
 def run_blacklist(data_dir: Path, run_dir: Path, secret: str | None = None, homes: Homes | None = None) -> Path:
     """The blacklist check between the two local parties; returns the lender's hits file (its own state dir)."""
-    from clients.parties import make_party
-    from server.coordinator import PartyRefused, check_blacklist
-    from shared.transport import InProcessTransport
+    from fedscore.clients.parties import make_party
+    from fedscore.server.coordinator import PartyRefused, check_blacklist
+    from fedscore.shared.protocol.transport import InProcessTransport
 
     check_data_dir(data_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

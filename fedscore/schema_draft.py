@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.data_schema import ColumnSchema, DataSchema, LabelSchema, write_schema
-from shared.preprocessing import heavy_tailed_columns
-from shared.tables import DataError, numeric_matrix, read_table
+from fedscore.shared.data.schema import ColumnSchema, DataSchema, LabelSchema, write_schema
+from fedscore.shared.data.tables import DataError, numeric_matrix, read_table
+from fedscore.shared.model.preprocessing import heavy_tailed_columns
 
 REVIEW_NOTE = ("DRAFT from the data: review every bound, level and reference before training. They ship in the model,\n"
                "so they must be public knowledge (the domain's documented range), not this table's own extremes.")

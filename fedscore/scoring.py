@@ -1,9 +1,9 @@
 """Batch scoring with the exported model: every applicant in DIR/lender, with onnxruntime only.
 
 The operator who holds both parties' folders (as in a local run) scores a whole applicant file here; each side's
-work is the same code the online services run: `clients.payment.scoring` computes the embeddings and coarse
-signals, `clients.lender.scoring` runs the lender part, the scorecard and the reasons. Everything is checked and
-computed in memory first and the CSV is written atomically, so a failed run leaves no partial file.
+work is the same code the online services run: `fedscore.clients.payment.scoring` computes the embeddings and coarse
+signals, `fedscore.clients.lender.scoring` runs the lender part, the scorecard and the reasons. Everything is checked
+and computed in memory first and the CSV is written atomically, so a failed run leaves no partial file.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shared.atomic import atomic_write
-from shared.tables import DataError, read_table
+from fedscore.shared.atomic import atomic_write
+from fedscore.shared.data.tables import DataError, read_table
 
 SCORE_COLUMNS = ["id", "probability", "score", "tier", "credit_limit", "review_flag", "reasons"]
 REASON_SEPARATOR = "; "
@@ -43,9 +43,9 @@ def score_batch(model_dir: Path, data_dir: Path, blacklist: set[str] | None = No
     holder does not know, who also get the review flag). Blacklisted ids get limit 0 and the review flag.
     Raises DataError (BundleError for the model) naming the file and column for anything unusable.
     """
-    from clients.lender.scoring import LenderScorer, load_applicant_features
-    from clients.payment.scoring import load_payment_users
-    from shared.scoring_bundle import load_scoring_bundle
+    from fedscore.clients.lender.scoring import LenderScorer, load_applicant_features
+    from fedscore.clients.payment.scoring import load_payment_users
+    from fedscore.shared.scoring.bundle import load_scoring_bundle
 
     data_dir = Path(data_dir)
     if not data_dir.is_dir():

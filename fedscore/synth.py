@@ -23,8 +23,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from clients.payment.features import CATEGORIES, CHANNELS, MONTH_DAYS, N_MONTHS, TRANSACTION_COLUMNS, feature_schema
-from shared.data_schema import ColumnSchema, DataSchema, LabelSchema, write_schema
+from fedscore.clients.payment.features import (
+    CATEGORIES,
+    CHANNELS,
+    MONTH_DAYS,
+    N_MONTHS,
+    TRANSACTION_COLUMNS,
+    feature_schema,
+)
+from fedscore.shared.data.schema import ColumnSchema, DataSchema, LabelSchema, write_schema
 
 END = np.datetime64("2026-06-30T23:59:59", "ns")  # last moment of the generated year
 PAYMENT_SHARE = 0.75  # of the population holding a payment account

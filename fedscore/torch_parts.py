@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from shared.config import FedConfig
-from shared.model_parts import LenderTop, PaymentBottom
-from shared.preprocessing import Scaler
-from shared.splits import SPLIT_TEST
+from fedscore.shared.config import FedConfig
+from fedscore.shared.model.parts import LenderTop, PaymentBottom
+from fedscore.shared.model.preprocessing import Scaler
+from fedscore.shared.protocol.splits import SPLIT_TEST
 
 
 @dataclass

@@ -18,8 +18,8 @@ from typing import Literal
 
 import pandas as pd
 
-from shared.data_schema import ColumnSchema, DataSchema, LabelSchema, write_schema
-from shared.tables import DataError
+from fedscore.shared.data.schema import ColumnSchema, DataSchema, LabelSchema, write_schema
+from fedscore.shared.data.tables import DataError
 
 LABEL = "default.payment.next.month"
 PAY = ["PAY_0", "PAY_2", "PAY_3", "PAY_4", "PAY_5", "PAY_6"]

@@ -1,4 +1,4 @@
-"""Time the PSI alignment (shared/psi.py) step by step at a given size, as the two parties would run it.
+"""Time the PSI alignment (shared/alignment/psi.py) step by step at a given size, as the two parties would run it.
 
     .venv/bin/python scripts/bench_psi.py --sizes 100000 1000000 --overlap 0.3 --repeats 3 [--json PATH]
 
@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from shared import psi
+from fedscore.shared.alignment import psi
 
 SECRET = bytes.fromhex("00112233445566778899aabbccddeeff")
 STEPS = ("lender_request_s", "payment_respond_s", "lender_intersection_s", "tokens_s", "total_s")

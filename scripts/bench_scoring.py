@@ -7,7 +7,7 @@ call included). Every figure is the median of --repeats runs; the machine may be
 
 Batch (one intra-op thread for onnxruntime and torch, same model, --rows rows made by tiling the real ones):
   probability only     payment part + lender part, raw features in, probability out
-  + reasons            the same plus occlusion reasons, points, tier, limit (clients.lender.scoring, as batch)
+  + reasons            the same plus occlusion reasons, points, tier, limit (fedscore.clients.lender.scoring, as batch)
   score_batch          the whole fedscore.scoring.score_batch on the data folder (reading, featurising included)
 Online: both services started as separate processes (`serve payment`, `serve lender`), then --requests sequential
 POST /score over one keep-alive connection after a warm-up.
@@ -42,14 +42,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from clients.lender.scoring import LenderScorer, load_applicant_features  # noqa: E402
-from clients.payment.data import load_payment_table  # noqa: E402
-from clients.payment.scoring import PaymentPart, load_payment_users  # noqa: E402
+from fedscore.clients.lender.scoring import LenderScorer, load_applicant_features  # noqa: E402
+from fedscore.clients.payment.data import load_payment_table  # noqa: E402
+from fedscore.clients.payment.scoring import PaymentPart, load_payment_users  # noqa: E402
+from fedscore.shared.model.export_onnx import LenderScoring, PaymentScoring  # noqa: E402
+from fedscore.shared.scoring.bundle import load_scoring_bundle  # noqa: E402
+from fedscore.shared.scoring.payment_signals import PaymentSignals  # noqa: E402
+
 from fedscore.scoring import score_batch  # noqa: E402
 from fedscore.torch_parts import load_torch_parts  # noqa: E402
-from shared.export_onnx import LenderScoring, PaymentScoring  # noqa: E402
-from shared.payment_signals import PaymentSignals  # noqa: E402
-from shared.scoring_bundle import load_scoring_bundle  # noqa: E402
 
 
 def timed(fn: Callable[[], object], repeats: int) -> list[float]:
@@ -71,9 +72,10 @@ def prepare(args: argparse.Namespace, scratch: Path) -> tuple[Path, Path, Path]:
     """(model dir, run dir, data dir): the given ones, or synthetic data and a freshly trained model."""
     if args.model and args.run and args.data:
         return args.model, args.run, args.data
+    from fedscore.shared.config import load_config
+
     from fedscore.runs import run_inprocess
     from fedscore.synth import synthesize
-    from shared.config import load_config
 
     print(f"building synthetic data ({args.users} users) and training a model in {scratch} ...", file=sys.stderr)
     synthesize(args.users, 0, scratch / "data")
@@ -86,8 +88,8 @@ def bench_batch(model: Path, run: Path, data: Path, rows: int, repeats: int) -> 
     bundle = load_scoring_bundle(model)
     applicants = load_applicant_features(bundle, data)
     users = load_payment_users(bundle, data)
-    from clients.payment.data import load_payment_table
-    from shared.scoring_bundle import ordered_matrix
+    from fedscore.clients.payment.data import load_payment_table
+    from fedscore.shared.scoring.bundle import ordered_matrix
 
     raw_p_all = ordered_matrix(load_payment_table(data / "payment"), bundle.payment_features, "payment")
     tile = -(-rows // len(applicants.ids))

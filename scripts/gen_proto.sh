@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Regenerate clients/payment/grpc_gen/ from proto/fedscore_scoring.proto (run from anywhere; needs grpcio-tools).
+# Regenerate the stubs in proto/ from proto/fedscore_scoring.proto (run from anywhere; needs grpcio-tools).
 # The generated files are committed; after regenerating, the grpc module's absolute import is made relative so the
 # stubs import as a package, and a `# ruff: noqa` header keeps the linter off generated code.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
-OUT="$ROOT/clients/payment/grpc_gen"
+OUT="$ROOT/proto"
 mkdir -p "$OUT"
 "$PYTHON" -m grpc_tools.protoc -I "$ROOT/proto" --python_out="$OUT" --grpc_python_out="$OUT" --pyi_out="$OUT" \
   "$ROOT/proto/fedscore_scoring.proto"
@@ -16,6 +16,7 @@ for f in "$OUT"/fedscore_scoring_pb2.py "$OUT"/fedscore_scoring_pb2_grpc.py "$OU
   fi
 done
 cat > "$OUT/__init__.py" <<'PY'
-"""Generated gRPC stubs for proto/fedscore_scoring.proto (do not edit; regenerate with scripts/gen_proto.sh)."""
+"""Generated gRPC stubs for proto/fedscore_scoring.proto, imported by both parties from here (do not edit;
+regenerate with scripts/gen_proto.sh)."""
 PY
 echo "generated $OUT"

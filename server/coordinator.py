@@ -1,9 +1,9 @@
 """The round logic. Read this file to follow one training run end to end.
 
 1. setup: both parties load their own data and get the run config.
-2. alignment, ECDH private set intersection (shared/psi.py): the lender's blinded IDs -> payment, which answers
-   with its own blinded set -> the lender learns the intersection and sends payment the sorted HMAC tokens of it.
-   The coordinator relays three opaque payloads and sees sizes only.
+2. alignment, ECDH private set intersection (shared/alignment/psi.py): the lender's blinded IDs -> payment, which
+   answers with its own blinded set -> the lender learns the intersection and sends payment the sorted HMAC tokens of
+   it. The coordinator relays three opaque payloads and sees sizes only.
 3. rounds r = 0..R-1: payment `embed` (applying the previous round's gradients first) -> embeddings relayed to the
    lender; lender `train` -> gradients relayed to payment, validation/test metrics shared with the coordinator.
 4. export: each party writes its own part of the model (ONNX, preprocessing inside) to its own state directory.
@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.config import FedConfig
-from shared.messages import Envelope, request
-from shared.transport import Transport
+from fedscore.shared.config import FedConfig
+from fedscore.shared.protocol.messages import Envelope, request
+from fedscore.shared.protocol.transport import Transport
 
 
 class PartyRefused(RuntimeError):

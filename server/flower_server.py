@@ -11,11 +11,10 @@ import json
 import time
 from pathlib import Path
 
+from fedscore.shared.protocol.flower_codec import MESSAGE_TYPE, WHOAMI_TYPE, decode, encode
+from fedscore.shared.protocol.messages import PARTIES, Envelope
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
-
-from shared.flower_codec import MESSAGE_TYPE, WHOAMI_TYPE, decode, encode
-from shared.messages import PARTIES, Envelope
 
 app = ServerApp()
 
@@ -79,9 +78,9 @@ class FlowerTransport:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from server.coordinator import Coordinator, PartyRefused, new_run_id
-    from server.outcome import write_outcome
-    from shared.config import FedConfig
+    from fedscore.server.coordinator import Coordinator, PartyRefused, new_run_id
+    from fedscore.server.outcome import write_outcome
+    from fedscore.shared.config import FedConfig
 
     run_dir = Path(str(context.run_config["run-dir"]))
     config = FedConfig.model_validate_json((run_dir / "config.json").read_text())

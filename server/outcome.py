@@ -8,8 +8,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from server.coordinator import RunResult
-from shared.atomic import write_json_atomic
+from fedscore.server.coordinator import RunResult
+from fedscore.shared.atomic import write_json_atomic
 
 
 def write_outcome(run_dir: Path, result: RunResult, error: dict[str, str] | None) -> None:

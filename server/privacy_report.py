@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.config import FedConfig
+from fedscore.shared.config import FedConfig
 
 VIEWS = {
     "payment": "honest per-user epsilon against the payment holder (no subsampling amplification)",
@@ -31,9 +31,9 @@ VOID_REASON = ("privacy.replayable_noise=true: every privacy draw was derived fr
 
 def build_privacy_report(config: FedConfig, ledgers: dict[str, Any], refusal: dict[str, str] | None,
                          run_id: str = "") -> dict:
-    from shared.privacy import account_guarantee, mechanisms_from_dicts
-    from shared.privacy.accounting import account
-    from shared.privacy.mechanisms import split_guarantee_key
+    from fedscore.shared.privacy import account_guarantee, mechanisms_from_dicts
+    from fedscore.shared.privacy.accounting import account
+    from fedscore.shared.privacy.mechanisms import split_guarantee_key
 
     privacy = config.privacy
     void = VOID_REASON if privacy.enabled and privacy.replayable_noise else None

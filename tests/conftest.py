@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
-from shared.data_schema import ColumnSchema, DataSchema, LabelSchema, write_schema
+from fedscore.shared.data.schema import ColumnSchema, DataSchema, LabelSchema, write_schema
 
 os.environ.setdefault("FEDSCORE_TORCH_THREADS", "1")
 # never the user's ~/.fedscore: a session-wide default, replaced per test by `party_homes_in_tmp` below

@@ -27,14 +27,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from fedscore.shared.config import load_config
+from fedscore.shared.data.schema import load_schema
+from fedscore.shared.model.manifest import LENDER_FILE, MANIFEST_NAME, PAYMENT_FILE, sha256_file
+from fedscore.shared.model.preprocessing import Scaler, ScalerModule
+from fedscore.shared.scoring.scorecard import ScorecardParams
 from onnx import numpy_helper
 
 from fedscore.runs import run_inprocess
-from shared.config import load_config
-from shared.data_schema import load_schema
-from shared.manifest import LENDER_FILE, MANIFEST_NAME, PAYMENT_FILE, sha256_file
-from shared.preprocessing import Scaler, ScalerModule
-from shared.scorecard import ScorecardParams
 from tests.conftest import SECRET, fresh_homes, make_party_data
 
 PRIVATE = ["training.rounds=2", "training.local_epochs=1", "training.batch_size=64", "baselines.epochs=2",
@@ -203,8 +203,8 @@ def test_everything_in_model_is_public_or_ledger_recorded(private_run: tuple[Pat
     # the centre and scale are the DP statistics each party charged to its ledger, not fitted values
     assert all(_dp_statistics_recorded(run, party) for party in FILES)
     for party in FILES:
-        from clients.lender.data import load_lender_table
-        from clients.payment.data import load_payment_table
+        from fedscore.clients.lender.data import load_lender_table
+        from fedscore.clients.payment.data import load_payment_table
 
         table = load_lender_table(data / party)[0] if party == "lender" else load_payment_table(data / party)
         schema_scaler = Scaler.from_schema(table.schema)
@@ -225,7 +225,7 @@ def test_metrics_stay_in_metrics_json_marked_evaluation_only(private_run: tuple[
 
 def test_the_walker_catches_a_fitted_scaler(private_run: tuple[Path, Path], tmp_path: Path) -> None:
     """What the old code shipped: the scaler's mean fitted over all rows. Planted into the graph, it is caught."""
-    from clients.lender.data import load_lender_table
+    from fedscore.clients.lender.data import load_lender_table
 
     data, run = private_run
     model = onnx.load(str(run / "model" / LENDER_FILE))
@@ -255,7 +255,7 @@ def test_the_walker_catches_a_fitted_scaler(private_run: tuple[Path, Path], tmp_
     ("lender_reference", None),  # replaced below by medians of the applicants
 ])
 def test_the_walker_catches_unaccounted_manifest_items(private_run: tuple[Path, Path], key: str, value: Any) -> None:
-    from clients.lender.data import load_lender_table
+    from fedscore.clients.lender.data import load_lender_table
 
     data, run = private_run
     manifest = json.loads((run / "model" / MANIFEST_NAME).read_text())

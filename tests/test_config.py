@@ -1,8 +1,7 @@
 from pathlib import Path
 
 import pytest
-
-from shared.config import ConfigError, load_config
+from fedscore.shared.config import ConfigError, load_config
 
 
 def test_defaults_and_overrides() -> None:

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from fedscore.clients.lender.data import load_lender_table
+from fedscore.clients.payment.data import load_payment_table
+from fedscore.shared.data.schema import load_schema, parse_schema
 
-from clients.lender.data import load_lender_table
-from clients.payment.data import load_payment_table
 from fedscore.schema_draft import write_draft
-from shared.data_schema import load_schema, parse_schema
 from tests.conftest import make_party_data
 
 GOOD = """
@@ -34,14 +34,14 @@ transform = "log"
     ("version = 1\ncolumns = [", r"s\.toml: not valid TOML"),
 ])
 def test_bad_declarations_name_file_and_column(text: str, pattern: str) -> None:
-    from shared.tables import DataError
+    from fedscore.shared.data.tables import DataError
 
     with pytest.raises(DataError, match=pattern):
         parse_schema(text, "s.toml")
 
 
 def test_table_and_schema_must_agree(tmp_path: Path) -> None:
-    from shared.tables import DataError
+    from fedscore.shared.data.tables import DataError
 
     make_party_data(tmp_path / "d", population=300)
     (tmp_path / "d" / "lender" / "schema.toml").unlink()
@@ -69,7 +69,7 @@ def test_out_of_bounds_values_are_counted_and_clipped(tmp_path: Path) -> None:
 
 
 def test_draft_reads_back_and_never_overwrites(tmp_path: Path) -> None:
-    from shared.tables import DataError
+    from fedscore.shared.data.tables import DataError
 
     make_party_data(tmp_path / "d", population=300)
     out = tmp_path / "draft.toml"

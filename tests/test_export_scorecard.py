@@ -10,9 +10,8 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 import torch
-
-from clients.payment.features import FEATURE_NAMES
-from shared.export_onnx import (
+from fedscore.clients.payment.features import FEATURE_NAMES
+from fedscore.shared.model.export_onnx import (
     EMBEDDING,
     LENDER_FILE,
     LENDER_INPUT,
@@ -29,9 +28,9 @@ from shared.export_onnx import (
     verify_parts,
     write_manifest,
 )
-from shared.model_parts import LenderTop, PaymentBottom, init_module
-from shared.preprocessing import Scaler, heavy_tailed_columns
-from shared.scorecard import (
+from fedscore.shared.model.parts import LenderTop, PaymentBottom, init_module
+from fedscore.shared.model.preprocessing import Scaler, heavy_tailed_columns
+from fedscore.shared.scoring.scorecard import (
     PAYMENT_FACTOR,
     CoarseSignalRules,
     ScorecardParams,
@@ -161,7 +160,7 @@ def test_mismatched_scaler_is_refused(parts: dict, tmp_path) -> None:
 
 
 def _schema_scaler() -> Scaler:
-    from shared.data_schema import ColumnSchema, DataSchema
+    from fedscore.shared.data.schema import ColumnSchema, DataSchema
 
     return Scaler.from_schema(DataSchema(columns=[
         ColumnSchema(name="age", type="integer", lower=18, upper=100),

@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
-
-from shared.metrics import all_metrics, auc, ks
+from fedscore.shared.metrics import all_metrics, auc, ks
 
 
 def _pairwise_auc(y: np.ndarray, p: np.ndarray) -> float:

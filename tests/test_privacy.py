@@ -9,9 +9,7 @@ from pathlib import Path
 import dp_accounting
 import pytest
 import torch
-from pydantic import ValidationError
-
-from shared.privacy import (
+from fedscore.shared.privacy import (
     BudgetExceeded,
     DpSgdRelease,
     GaussianRelease,
@@ -37,6 +35,7 @@ from shared.privacy import (
     recompute_from_report,
     resolve_noise_multiplier,
 )
+from pydantic import ValidationError
 
 DELTA = 1e-5
 N_NOISE = 200_000  # std of the sample std ~ 0.16%: a 2% tolerance catches a 10% error in sigma by a wide margin

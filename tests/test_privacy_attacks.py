@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fedscore.clients.parties import make_party
+from fedscore.server.coordinator import Coordinator
+from fedscore.shared.config import FedConfig, load_config
+from fedscore.shared.model.parts import seeded
+from fedscore.shared.privacy import NoiseSource
+from fedscore.shared.protocol.messages import Envelope, unpack_arrays
+from fedscore.shared.protocol.transport import InProcessTransport
 
-from clients.parties import make_party
 from fedscore.runs import RunError, default_budgets, party_settings, prepare_run_dir, run_inprocess
-from server.coordinator import Coordinator
-from shared.config import FedConfig, load_config
-from shared.messages import Envelope, unpack_arrays
-from shared.model_parts import seeded
-from shared.privacy import NoiseSource
-from shared.transport import InProcessTransport
 from tests.conftest import SECRET, fresh_homes, make_party_data
 
 LABEL_EPS = 2.0

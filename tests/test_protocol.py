@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+from fedscore.clients.parties import make_party
+from fedscore.server.coordinator import Coordinator
+from fedscore.shared.config import load_config
+from fedscore.shared.protocol.messages import Envelope
+from fedscore.shared.protocol.transport import InProcessTransport
 
-from clients.parties import make_party
 from fedscore.runs import RunError, party_settings, run_inprocess
-from server.coordinator import Coordinator
-from shared.config import load_config
-from shared.messages import Envelope
-from shared.transport import InProcessTransport
 from tests.conftest import FAST, SECRET, make_party_data
 
 

@@ -6,9 +6,8 @@ import hashlib
 
 import numpy as np
 import pytest
-
-from shared import psi
-from shared.tables import DataError
+from fedscore.shared.alignment import psi
+from fedscore.shared.data.tables import DataError
 
 SECRET = bytes.fromhex("8f3a9c1d2e4b5f60718293a4b5c6d7e8")
 
@@ -59,7 +58,7 @@ def test_both_parties_end_with_the_same_order(exchange: dict) -> None:
     assert len(aligned_payment) == 70
     tokens = psi.tokens_from_payload(exchange["tokens"])
     assert (tokens[1:] > tokens[:-1]).all()
-    # the tokens are shared.splits.keyed_tokens of the aligned IDs, sorted, whoever computes them
+    # the tokens are fedscore.shared.protocol.splits.keyed_tokens of the aligned IDs, sorted, whoever computes them
     assert (psi.aligned_tokens(aligned_lender, SECRET) == tokens).all()
     assert (psi.aligned_tokens(sorted(aligned_lender, reverse=True), SECRET) == tokens).all()
 
@@ -210,6 +209,6 @@ def test_no_id_or_plain_hash_crosses_the_coordinator(exchange: dict) -> None:
 
 
 def test_payload_sizes_reveal_only_set_sizes(exchange: dict) -> None:
-    # what the coordinator can read off the payload lengths (documented in shared/psi.py)
+    # what the coordinator can read off the payload lengths (documented in shared/alignment/psi.py)
     assert len(exchange["request"]) == 4 + 2 + 200 * 35  # tag, flag, then a 33-byte point + 2 framing bytes per ID
     assert len(exchange["tokens"]) == 4 + 70 * 16

@@ -20,26 +20,30 @@ import numpy as np
 import pandas as pd
 import pytest
 import typer
-from typer.testing import CliRunner
-
-from clients.lender.scoring import NO_PAYMENT_REASON, LenderScorer
-from clients.lender.service import LenderThread, create_app
-from clients.payment.data import load_payment_table
-from clients.payment.grpc_gen import fedscore_scoring_pb2 as pb2
-from clients.payment.grpc_gen import fedscore_scoring_pb2_grpc as pb2_grpc
-from clients.payment.release_guard import GUARANTEE, GuardRefused, LedgerGuard, check_not_replayable
-from clients.payment.scoring import load_payment_users
-from clients.payment.served import ServedError, ServedVersion, load_served
-from clients.payment.service import NOT_SERVED, PaymentScoringService, ReleaseRefused, build_payment_server
-from fedscore.runs import run_inprocess
-from fedscore.scoring import SCORE_COLUMNS, score_batch, write_scores
-from fedscore.synth import synthesize
-from fedscore.torch_parts import load_torch_parts
-from shared.config import FedConfig, load_config
-from shared.export_onnx import EMBEDDING, LENDER_INPUT, LOGIT, load_manifest, sha256_file, torch_score, write_manifest
-from shared.party_home import LEDGER_FILE
-from shared.privacy import account, embedding_release
-from shared.scorecard import (
+from fedscore.clients.lender.scoring import NO_PAYMENT_REASON, LenderScorer
+from fedscore.clients.lender.service import LenderThread, create_app
+from fedscore.clients.payment.data import load_payment_table
+from fedscore.clients.payment.release_guard import GUARANTEE, GuardRefused, LedgerGuard, check_not_replayable
+from fedscore.clients.payment.scoring import load_payment_users
+from fedscore.clients.payment.served import ServedError, ServedVersion, load_served
+from fedscore.clients.payment.service import NOT_SERVED, PaymentScoringService, ReleaseRefused, build_payment_server
+from fedscore.proto import fedscore_scoring_pb2 as pb2
+from fedscore.proto import fedscore_scoring_pb2_grpc as pb2_grpc
+from fedscore.shared.config import FedConfig, load_config
+from fedscore.shared.data.tables import DataError
+from fedscore.shared.model.export_onnx import (
+    EMBEDDING,
+    LENDER_INPUT,
+    LOGIT,
+    load_manifest,
+    sha256_file,
+    torch_score,
+    write_manifest,
+)
+from fedscore.shared.party_home import LEDGER_FILE
+from fedscore.shared.privacy import account, embedding_release
+from fedscore.shared.scoring.bundle import BundleError, load_scoring_bundle, ort_session
+from fedscore.shared.scoring.scorecard import (
     PAYMENT_FACTOR,
     CoarseSignalRules,
     coarse_payment_signals,
@@ -49,9 +53,19 @@ from shared.scorecard import (
     reason_text,
     tier,
 )
-from shared.scoring_bundle import BundleError, load_scoring_bundle, ort_session
-from shared.tables import DataError
-from shared.tls import LocalPki, TlsError, make_local_pki, mutual_tls_channel_credentials, mutual_tls_server_credentials
+from fedscore.shared.tls import (
+    LocalPki,
+    TlsError,
+    make_local_pki,
+    mutual_tls_channel_credentials,
+    mutual_tls_server_credentials,
+)
+from typer.testing import CliRunner
+
+from fedscore.runs import run_inprocess
+from fedscore.scoring import SCORE_COLUMNS, score_batch, write_scores
+from fedscore.synth import synthesize
+from fedscore.torch_parts import load_torch_parts
 from tests.conftest import FAST, SECRET, make_party_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -605,7 +619,7 @@ def test_protected_answers_are_charged_noised_afresh_and_refused_past_the_budget
 
 
 def test_withheld_signals_are_scored_as_neutral(tx_run: tuple[Path, Path]) -> None:
-    from clients.lender.service import PaymentClient
+    from fedscore.clients.lender.service import PaymentClient
 
     _, run = tx_run
     bundle = load_scoring_bundle(run / "model")

@@ -8,13 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import train_test_split
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-
-from clients.payment.features import (
+from fedscore.clients.payment.features import (
     CATEGORIES,
     FEATURE_DEFINITION,
     FEATURE_NAMES,
@@ -22,8 +16,14 @@ from clients.payment.features import (
     TRANSACTION_COLUMNS,
     features_from_transactions,
 )
+from fedscore.shared.data.tables import DataError
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
 from fedscore.synth import SynthSummary, synthesize
-from shared.tables import DataError
 
 LENDER_COLUMNS = ["age", "income_band", "existing_debt", "bureau_score", "requested_amount", "tenure_months"]
 

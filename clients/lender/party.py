@@ -12,16 +12,15 @@ import json
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from clients.base import PartyBase, PartySettings, ProtocolError
-from clients.lender.data import load_applicants, load_lender_table
-from shared.atomic import write_json_atomic, write_text_atomic
-from shared.messages import Envelope, pack_arrays, unpack_arrays
-from shared.metrics import all_metrics, curves
-from shared.model_parts import LenderTop, init_module, seeded
-from shared.party_data import batches
-from shared.preprocessing import Scaler
-from shared.splits import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, assign_splits
+from fedscore.clients.base import PartyBase, PartySettings, ProtocolError
+from fedscore.clients.lender.data import load_applicants, load_lender_table
+from fedscore.shared.atomic import write_json_atomic, write_text_atomic
+from fedscore.shared.data.party_data import batches
+from fedscore.shared.metrics import all_metrics, curves
+from fedscore.shared.model.parts import LenderTop, init_module, seeded
+from fedscore.shared.model.preprocessing import Scaler
+from fedscore.shared.protocol.messages import Envelope, pack_arrays, unpack_arrays
+from fedscore.shared.protocol.splits import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, assign_splits
 
 
 class LenderParty(PartyBase):
@@ -51,7 +50,7 @@ class LenderParty(PartyBase):
 
     # -- blacklist check: the lender learns which applicants are on the payment holder's fraud list ------------------
     def on_blacklist_request(self, message: Envelope) -> Envelope:
-        from shared.psi import blacklist_request
+        from fedscore.shared.alignment.psi import blacklist_request
 
         request, self.state["blacklist_state"] = blacklist_request(load_applicants(self.settings.data_path).ids)
         return self.reply(message, payload=request, payload_kind="psi_request")
@@ -59,7 +58,7 @@ class LenderParty(PartyBase):
     def on_blacklist_match(self, message: Envelope) -> Envelope:
         """The hits stay here (state_dir/blacklist-hits.csv, for manual review); the reply carries nothing about
         them, not even a count, so neither the coordinator nor the payment holder learns who or how many."""
-        from shared.psi import blacklist_hits
+        from fedscore.shared.alignment.psi import blacklist_hits
 
         if "blacklist_state" not in self.state:
             raise ProtocolError("lender: blacklist.match before blacklist.request")
@@ -70,7 +69,7 @@ class LenderParty(PartyBase):
 
     def on_align_request(self, message: Envelope) -> Envelope:
         """PSI client step 1: our IDs, hashed to the curve and blinded with a key that never leaves this party."""
-        from shared.psi import lender_request
+        from fedscore.shared.alignment.psi import lender_request
 
         request, self.state["psi_state"] = lender_request(self.state["ids"])
         return self.reply(message, payload=request, payload_kind="psi_request")
@@ -78,7 +77,12 @@ class LenderParty(PartyBase):
     def on_align_match(self, message: Envelope) -> Envelope:
         """PSI client step 2: learn which of our applicants the payment holder has; both sides then order them by
         an HMAC token under the secret the parties share (sorted), which is all the payment holder receives."""
-        from shared.psi import lender_alignment, lender_intersection, require_intersection, tokens_payload
+        from fedscore.shared.alignment.psi import (
+            lender_alignment,
+            lender_intersection,
+            require_intersection,
+            tokens_payload,
+        )
 
         if "psi_state" not in self.state:
             raise ProtocolError("lender: align.match before align.request")
@@ -98,7 +102,7 @@ class LenderParty(PartyBase):
         self.state["split"] = torch.from_numpy(split)
         self.state["y_release"] = self._protect_labels(y, split == SPLIT_TRAIN)
         if config.privacy.dp_sgd:
-            from shared.dp_training import plan_dp_sgd
+            from fedscore.shared.privacy.dp_sgd import plan_dp_sgd
 
             self.state["dpsgd"] = plan_dp_sgd(config.privacy, int((split == SPLIT_TRAIN).sum()),
                                               config.training.rounds).to_dict()
@@ -126,7 +130,7 @@ class LenderParty(PartyBase):
                                     "(privacy.label_epsilon unset or privacy disabled), but this lender holds a "
                                     "budget for lender.labels@payment")
             return y.clone()
-        from shared.privacy import RandomizedResponse, randomized_response
+        from fedscore.shared.privacy import RandomizedResponse, randomized_response
 
         assert privacy.label_epsilon is not None
         release = RandomizedResponse(epsilon=privacy.label_epsilon, protects="lender.labels", seen_by="outsider")
@@ -145,7 +149,7 @@ class LenderParty(PartyBase):
         privacy = self.config.privacy
         flip = 0.0
         if embedding_dim and privacy.enabled and privacy.label_epsilon is not None:
-            from shared.privacy import flip_probability
+            from fedscore.shared.privacy import flip_probability
 
             flip = flip_probability(privacy.label_epsilon)
         return LenderTop(self.state["x"].shape[1], embedding_dim, self.config.model.lender_hidden, label_flip=flip)
@@ -153,7 +157,7 @@ class LenderParty(PartyBase):
     def _lender_only_baseline(self) -> dict[str, float | str]:
         """What the lender reaches alone on the same users and split, with clean labels (its own data; only the
         test metrics leave): the best of logistic regression, GBDT and an MLP, chosen on validation."""
-        from shared.reference_models import best_reference
+        from fedscore.shared.model.reference_models import best_reference
 
         config = self.config
         rows = self.state["rows"].numpy()
@@ -222,7 +226,7 @@ class LenderParty(PartyBase):
     def _train_dp_sgd(self, model: LenderTop, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor,
                       round_: int) -> list[float]:
         """Opacus DP-SGD, charged before it runs: the released lender part is protected for the outsider."""
-        from shared.dp_training import DpSgdPlan, dp_sgd_round, part_release
+        from fedscore.shared.privacy.dp_sgd import DpSgdPlan, dp_sgd_round, part_release
 
         plan = DpSgdPlan(**self.state["dpsgd"])
         self.ledger.charge([part_release(plan, plan.steps_per_round)], "joint.records@outsider",
@@ -239,7 +243,7 @@ class LenderParty(PartyBase):
     def on_export(self, message: Envelope) -> Envelope:
         """Write the lender part (its preprocessing inside the graph) and the declared references reason codes need.
         The payment side's reference is the zero embedding, a public constant, so no training embedding is kept."""
-        from shared.export_onnx import LENDER_FILE, export_lender_part
+        from fedscore.shared.model.export_onnx import LENDER_FILE, export_lender_part
 
         model = self._new_model(self.config.model.embedding_dim)
         model.load_state_dict(self.state["model"])
@@ -261,7 +265,7 @@ class LenderParty(PartyBase):
         p = torch.sigmoid(logit.detach())
         privacy = self.config.privacy
         if privacy.enabled and privacy.gradient_noise_multiplier:
-            from shared.privacy import clipped_label_gradients
+            from fedscore.shared.privacy import clipped_label_gradients
 
             grad = clipped_label_gradients(p, y, jacobian, privacy.gradient_clip, privacy.gradient_noise_multiplier,
                                            self.noise_source("grad-noise", str(round_)))

@@ -2,8 +2,8 @@
 
 Given raw lender features, the payment embedding and the coarse payment signals, `LenderScorer.score` returns the
 probability, points, tier, credit limit, review flag and reasons. Batch scoring (`fedscore.scoring`) and the HTTP
-service (`clients.lender.service`) both call it, so an applicant scored online gets exactly the decision the batch
-would give.
+service (`fedscore.clients.lender.service`) both call it, so an applicant scored online gets exactly the decision the
+batch would give.
 
 Reasons are computed by occlusion on the lender graph, with onnxruntime only: a factor's contribution is
 logit(applicant) - logit(applicant with that factor set to its reference). The reference for a lender feature is the
@@ -23,12 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from clients.lender.data import load_applicants
-from shared.manifest import EMBEDDING, LENDER_INPUT, LOGIT, PROBABILITY
-from shared.payment_signals import PaymentSignals
-from shared.scorecard import PAYMENT_FACTOR, decisions, reason_codes, reason_text
-from shared.scoring_bundle import ScoringBundle, ordered_matrix, ort_session
+from fedscore.clients.lender.data import load_applicants
+from fedscore.shared.model.manifest import EMBEDDING, LENDER_INPUT, LOGIT, PROBABILITY
+from fedscore.shared.scoring.bundle import ScoringBundle, ordered_matrix, ort_session
+from fedscore.shared.scoring.payment_signals import PaymentSignals
+from fedscore.shared.scoring.scorecard import PAYMENT_FACTOR, decisions, reason_codes, reason_text
 
 NO_PAYMENT_REASON = "no payment history with the partner"
 TOP_K = 3
@@ -156,10 +155,10 @@ class LenderScorer:
                 has_payment: np.ndarray) -> tuple[list[list[str]], np.ndarray]:
         """(distinct reason lists, index per applicant).
 
-        Rows are grouped by what `shared.scorecard.reason_codes` depends on — the top-k factors by contribution
-        (same stable sort), whether each is positive, their directions, and whether the applicant has payment data
-        — and `reason_codes` + `reason_text` run once per group: the same texts as calling them on every row, without
-        a Python loop over a million applicants.
+        Rows are grouped by what `fedscore.shared.scoring.scorecard.reason_codes` depends on — the top-k factors by
+        contribution (same stable sort), whether each is positive, their directions, and whether the applicant has
+        payment data — and `reason_codes` + `reason_text` run once per group: the same texts as calling them on every
+        row, without a Python loop over a million applicants.
         """
         n, factors = values.shape
         top = np.argsort(-values, axis=1, kind="stable")[:, :TOP_K]

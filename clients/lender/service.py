@@ -2,8 +2,8 @@
 
 At startup it loads the bundle (hash-checked) and its applicants' raw features from DIR/lender/applicants.*. A
 request looks the applicant up, asks the payment holder's gRPC service for that user's embedding and coarse signals
-(with a deadline), and runs `clients.lender.scoring.LenderScorer` — the same lender part + scorecard + reasons as
-batch scoring, so with the payment side's noise off an online score equals the batch score.
+(with a deadline), and runs `fedscore.clients.lender.scoring.LenderScorer` — the same lender part + scorecard + reasons
+as batch scoring, so with the payment side's noise off an online score equals the batch score.
 
 Failure modes, each with a reason in `detail`:
   422  malformed body (pydantic)                       404  the lender has no such applicant
@@ -14,8 +14,8 @@ an error: it is scored with the baseline embedding, flagged for review and given
 with the partner", exactly as in batch scoring. Coarse signals the payment holder withholds (its default: empty
 strings) are scored as the neutral ones (spend "mid", "stable", no anomaly).
 
-Transport: `credentials` (grpc.ssl_channel_credentials with the lender's client pair, `shared.tls`) for the payment
-service's mutual TLS; without them the channel is plaintext, which the CLI allows to loopback only.
+Transport: `credentials` (grpc.ssl_channel_credentials with the lender's client pair, `fedscore.shared.tls`) for the
+payment service's mutual TLS; without them the channel is plaintext, which the CLI allows to loopback only.
 """
 
 from __future__ import annotations
@@ -32,13 +32,12 @@ from typing import Annotated
 import grpc
 import numpy as np
 from fastapi import FastAPI, HTTPException
+from fedscore.clients.lender.scoring import LenderScorer, load_applicant_features
+from fedscore.proto import fedscore_scoring_pb2 as pb2
+from fedscore.proto import fedscore_scoring_pb2_grpc as pb2_grpc
+from fedscore.shared.scoring.bundle import ScoringBundle, load_scoring_bundle
+from fedscore.shared.scoring.payment_signals import PaymentSignals
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
-
-from clients.lender.scoring import LenderScorer, load_applicant_features
-from clients.payment.grpc_gen import fedscore_scoring_pb2 as pb2
-from clients.payment.grpc_gen import fedscore_scoring_pb2_grpc as pb2_grpc
-from shared.payment_signals import PaymentSignals
-from shared.scoring_bundle import ScoringBundle, load_scoring_bundle
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Loading the payment holder's data: raw transactions (featurised here, on its side) or a ready feature table.
 
-Either way the table comes with its public schema (shared/data_schema.py), the only source of the preprocessing
+Either way the table comes with its public schema (shared/data/schema.py), the only source of the preprocessing
 constants: DIR/payment/schema.toml, which a features table must have; for featurised transactions the built-in
 schema of the derived features (clients/payment/features.py FEATURE_BOUNDS) unless a schema.toml replaces it.
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared.data_schema import SCHEMA_FILE, find_schema, load_schema
-from shared.party_data import PartyTable, table_with_schema
-from shared.tables import DataError, find_table, read_table
+from fedscore.shared.data.party_data import PartyTable, table_with_schema
+from fedscore.shared.data.schema import SCHEMA_FILE, find_schema, load_schema
+from fedscore.shared.data.tables import DataError, find_table, read_table
 
 
 def load_payment_table(directory: Path) -> PartyTable:
@@ -24,7 +24,7 @@ def load_payment_table(directory: Path) -> PartyTable:
     except DataError:
         path = None
     if path is not None:
-        from clients.payment.features import TRANSACTION_COLUMNS, feature_schema, features_from_transactions
+        from fedscore.clients.payment.features import TRANSACTION_COLUMNS, feature_schema, features_from_transactions
 
         tx = read_table(path, TRANSACTION_COLUMNS)
         declared = find_schema(directory)

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.config import FedConfig, PrivacyConfig
-from shared.dp_training import DpSgdPlan, dp_sgd_rounds, part_release
-from shared.privacy import (
+from fedscore.shared.config import FedConfig, PrivacyConfig
+from fedscore.shared.privacy import (
     CalibrationError,
     DpSgdRelease,
     calibrate_noise_multiplier,
     embedding_release,
     scaler_statistics_release,
 )
+from fedscore.shared.privacy.dp_sgd import DpSgdPlan, dp_sgd_rounds, part_release
 
 GUARANTEE = "payment.features@lender"
 

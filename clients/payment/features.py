@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-
-from shared.tables import DataError
+from fedscore.shared.data.tables import DataError
 
 TRANSACTION_COLUMNS = ["id", "timestamp", "amount", "category", "city", "device", "channel"]
 CATEGORIES = ("groceries", "utilities", "transport", "dining", "shopping", "entertainment", "travel", "cash")
@@ -98,8 +97,8 @@ FEATURE_BOUNDS: dict[str, tuple[float, float, str]] = {
 
 
 def feature_schema():
-    """The built-in public schema of the features computed here (shared.data_schema.DataSchema)."""
-    from shared.data_schema import ColumnSchema, DataSchema
+    """The built-in public schema of the features computed here (fedscore.shared.data.schema.DataSchema)."""
+    from fedscore.shared.data.schema import ColumnSchema, DataSchema
 
     if list(FEATURE_BOUNDS) != FEATURE_NAMES:
         raise RuntimeError("FEATURE_BOUNDS and FEATURE_NAMES are out of step")

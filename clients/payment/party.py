@@ -12,15 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from clients.base import PartyBase, PartySettings, ProtocolError
-from clients.payment.data import load_payment_table
-from shared.atomic import write_json_atomic
-from shared.messages import Envelope, pack_arrays, unpack_arrays
-from shared.model_parts import PaymentBottom, init_module, seeded
-from shared.party_data import batches
-from shared.preprocessing import Scaler
-from shared.splits import SPLIT_TRAIN, assign_splits
+from fedscore.clients.base import PartyBase, PartySettings, ProtocolError
+from fedscore.clients.payment.data import load_payment_table
+from fedscore.shared.atomic import write_json_atomic
+from fedscore.shared.data.party_data import batches
+from fedscore.shared.model.parts import PaymentBottom, init_module, seeded
+from fedscore.shared.model.preprocessing import Scaler
+from fedscore.shared.protocol.messages import Envelope, pack_arrays, unpack_arrays
+from fedscore.shared.protocol.splits import SPLIT_TRAIN, assign_splits
 
 
 class PaymentParty(PartyBase):
@@ -49,7 +48,7 @@ class PaymentParty(PartyBase):
     def on_align_respond(self, message: Envelope) -> Envelope:
         """PSI server step: answer the lender's blinded request with our own blinded IDs (a fresh key per run).
         We learn the size of the lender's set, nothing about its IDs."""
-        from shared.psi import payment_respond
+        from fedscore.shared.alignment.psi import payment_respond
 
         return self.reply(message, payload=payment_respond(message.payload, self.state["ids"]),
                           payload_kind="psi_response")
@@ -57,9 +56,9 @@ class PaymentParty(PartyBase):
     def on_blacklist_respond(self, message: Envelope) -> Envelope:
         """PSI server step against our fraud list (DIR/payment/fraud_list.*): we learn only how many applicants
         were checked, never which of them are on it."""
-        from shared.party_data import table_from_frame
-        from shared.psi import blacklist_respond
-        from shared.tables import find_table, read_table
+        from fedscore.shared.alignment.psi import blacklist_respond
+        from fedscore.shared.data.party_data import table_from_frame
+        from fedscore.shared.data.tables import find_table, read_table
 
         path = find_table(self.settings.data_path, "fraud_list")
         frame = read_table(path, ["id"])
@@ -69,7 +68,7 @@ class PaymentParty(PartyBase):
 
     def on_align_accept(self, message: Envelope) -> Envelope:
         """The lender's sorted intersection tokens (HMAC under the parties' secret) -> our rows in that order."""
-        from shared.psi import rows_for_tokens, tokens_from_payload
+        from fedscore.shared.alignment.psi import rows_for_tokens, tokens_from_payload
 
         aligned = tokens_from_payload(message.payload)
         rows = rows_for_tokens(self.state["ids"], aligned, self.settings.secret_bytes)
@@ -90,11 +89,11 @@ class PaymentParty(PartyBase):
         config = self.config
         privacy = config.privacy
         if privacy.dp_sgd:
-            from shared.dp_training import plan_dp_sgd
+            from fedscore.shared.privacy.dp_sgd import plan_dp_sgd
 
             self.state["dpsgd"] = plan_dp_sgd(privacy, n_train, config.training.rounds).to_dict()
         if privacy.features_protected:
-            from clients.payment.feature_privacy import plan_feature_noise
+            from fedscore.clients.payment.feature_privacy import plan_feature_noise
 
             self.state["feature_sigma"] = plan_feature_noise(config, self.state.get("dpsgd"))
         elif "payment.features@lender" in self.settings.budgets:
@@ -137,7 +136,7 @@ class PaymentParty(PartyBase):
         """Clip each user's embedding and add Gaussian noise, charged to the ledger before it leaves."""
         if "feature_sigma" not in self.state:
             return embeddings
-        from shared.privacy import embedding_release, gaussian_release
+        from fedscore.shared.privacy import embedding_release, gaussian_release
 
         privacy = self.config.privacy
         sigma = self.state["feature_sigma"]
@@ -148,8 +147,8 @@ class PaymentParty(PartyBase):
     def on_export(self, message: Envelope) -> Envelope:
         """Write this party's part (its preprocessing inside the graph) and, when it featurised transactions, the
         feature definition scoring must apply, to its own state directory."""
-        from clients.payment.features import FEATURE_DEFINITION
-        from shared.export_onnx import PAYMENT_FILE, export_payment_part
+        from fedscore.clients.payment.features import FEATURE_DEFINITION
+        from fedscore.shared.model.export_onnx import PAYMENT_FILE, export_payment_part
 
         model = self._new_model()
         model.load_state_dict(self.state["model"])
@@ -164,8 +163,8 @@ class PaymentParty(PartyBase):
     def _record_served(self, part: Path) -> None:
         """In this party's home, for this model version (the part's sha256): the intersection it may answer online
         and the noise its answers need. Stays with the payment holder; nothing of it ships in model/."""
-        from clients.payment.served import ServedMeta, write_served
-        from shared.manifest import sha256_file
+        from fedscore.clients.payment.served import ServedMeta, write_served
+        from fedscore.shared.model.manifest import sha256_file
 
         privacy = self.config.privacy
         write_served(self.settings.home, sha256_file(part), [self.state["ids"][int(r)] for r in self.state["rows"]],
@@ -193,14 +192,14 @@ class PaymentParty(PartyBase):
 
         model.train()
         if "dpsgd" in self.state:
-            from shared.dp_training import DpSgdPlan, dp_sgd_round, part_release
+            from fedscore.shared.privacy.dp_sgd import DpSgdPlan, dp_sgd_round, part_release
 
             plan = DpSgdPlan(**self.state["dpsgd"])
             ledger = self.ledger
             ledger.charge([part_release(plan, plan.steps_per_round)], "joint.records@outsider",
                           note=f"round {round_}: the payment part's DP-SGD steps")
             if "feature_sigma" in self.state:  # the lender sees this part through every later embedding
-                from clients.payment.feature_privacy import model_exposure
+                from fedscore.clients.payment.feature_privacy import model_exposure
 
                 ledger.charge([model_exposure(plan, config.privacy)], "payment.features@lender",
                               note=f"round {round_}: the payment part's DP-SGD steps, seen through its embeddings")

@@ -29,12 +29,11 @@ from typing import IO, Any
 
 import numpy as np
 import torch
-
-from clients.payment.served import ServedVersion
-from clients.payment.service import ReleaseRefused
-from shared.atomic import write_json_atomic
-from shared.party_home import LEDGER_FILE
-from shared.privacy.secure_random import NoiseSource
+from fedscore.clients.payment.served import ServedVersion
+from fedscore.clients.payment.service import ReleaseRefused
+from fedscore.shared.atomic import write_json_atomic
+from fedscore.shared.party_home import LEDGER_FILE
+from fedscore.shared.privacy.secure_random import NoiseSource
 
 GUARANTEE = "payment.features@lender"
 COUNTS_FILE = "online-releases.json"
@@ -95,7 +94,7 @@ class LedgerGuard:
 
     def __init__(self, home: Path, served: ServedVersion, budgets: Mapping[str, float], *,
                  allow_unprotected: bool = False, source: NoiseSource | None = None) -> None:
-        from shared.privacy import Ledger
+        from fedscore.shared.privacy import Ledger
 
         meta = served.meta
         self.sigma, self.clip, self.neighbouring = meta.feature_sigma, meta.embedding_clip, meta.feature_neighbouring
@@ -145,7 +144,7 @@ class LedgerGuard:
 
     def before_release(self, user_id: str) -> None:
         """Count the release (and charge the ledger if it raises the worst case), write-ahead; or refuse."""
-        from shared.privacy import BudgetExceeded, embedding_release
+        from fedscore.shared.privacy import BudgetExceeded, embedding_release
 
         count = self.counts.get(user_id, 0) + 1
         if self.sigma is not None and count > self.worst:
@@ -163,7 +162,7 @@ class LedgerGuard:
         """Clip to the training clip, add N(0, (sigma * clip)^2) per coordinate; clean if unprotected (recorded)."""
         if self.sigma is None:
             return embedding
-        from shared.privacy import clip_rows
+        from fedscore.shared.privacy import clip_rows
 
         row = clip_rows(torch.from_numpy(np.asarray(embedding, dtype=np.float32))[None], self.clip)
         return (row + self.source.normal(row.shape, std=self.sigma * self.clip))[0].numpy()

@@ -17,20 +17,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-from clients.payment.data import load_payment_table
-from shared.manifest import EMBEDDING, PAYMENT_INPUT
-from shared.party_data import PartyTable
-from shared.payment_signals import PaymentSignals
-from shared.scorecard import CoarseSignalRules, coarse_payment_signals
-from shared.scoring_bundle import BundleError, ScoringBundle, ordered_matrix, ort_session
+from fedscore.clients.payment.data import load_payment_table
+from fedscore.shared.data.party_data import PartyTable
+from fedscore.shared.model.manifest import EMBEDDING, PAYMENT_INPUT
+from fedscore.shared.scoring.bundle import BundleError, ScoringBundle, ordered_matrix, ort_session
+from fedscore.shared.scoring.payment_signals import PaymentSignals
+from fedscore.shared.scoring.scorecard import CoarseSignalRules, coarse_payment_signals
 
 CHUNK_ROWS = 65_536  # bounds memory on very large tables; large enough that per-call overhead is negligible
 
 
 def check_feature_definition(bundle: ScoringBundle) -> None:
     """Refuse to score if the payment features would be computed differently from how the model was trained."""
-    from clients.payment.features import FEATURE_DEFINITION
+    from fedscore.clients.payment.features import FEATURE_DEFINITION
 
     trained = bundle.manifest.payment_feature_definition
     if trained is None:

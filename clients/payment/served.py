@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
+from fedscore.shared.party_home import SERVED_DIR
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from shared.party_home import SERVED_DIR
 
 
 class ServedError(ValueError):
@@ -57,7 +56,7 @@ def served_files(home: Path, sha256: str) -> tuple[Path, Path]:
 
 def write_served(home: Path, sha256: str, ids: list[str], meta: ServedMeta) -> None:
     """What the payment party's export records in its home (ids first: a version without its meta is refused)."""
-    from shared.atomic import write_text_atomic
+    from fedscore.shared.atomic import write_text_atomic
 
     ids_file, meta_file = served_files(home, sha256)
     write_text_atomic(ids_file, "".join(f"{i}\n" for i in ids))

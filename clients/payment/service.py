@@ -1,14 +1,14 @@
 """The payment holder's online scoring service: gRPC `GetEmbedding(user_id)` answered from memory.
 
 At startup it loads the bundle (hash-checked), featurises its whole data folder once, runs the payment part on
-every user and keeps the embeddings and coarse signals in memory (`clients.payment.scoring`, the same code batch
-scoring uses), so latency does not depend on the size of the transaction table.
+every user and keeps the embeddings and coarse signals in memory (`fedscore.clients.payment.scoring`, the same code
+batch scoring uses), so latency does not depend on the size of the transaction table.
 
-Whom it answers: only the IDs of the intersection recorded for this model version (`clients.payment.served`). Every
-other ID, customer or not, gets one fixed answer, NOT_FOUND "not served", byte for byte: the decision is one lookup
-in a dict built at startup from the served IDs alone, and the customer tables are never consulted for it, so neither
-the answer nor its timing says whether an ID outside the intersection is a customer. (The lender already knows the
-intersection from alignment.)
+Whom it answers: only the IDs of the intersection recorded for this model version (`fedscore.clients.payment.served`).
+Every other ID, customer or not, gets one fixed answer, NOT_FOUND "not served", byte for byte: the decision is one
+lookup in a dict built at startup from the served IDs alone, and the customer tables are never consulted for it, so
+neither the answer nor its timing says whether an ID outside the intersection is a customer. (The lender already knows
+the intersection from alignment.)
 
 Every answer is a release of information about one user, so each one passes a mandatory `ReleaseGuard` first:
 
@@ -18,13 +18,13 @@ Every answer is a release of information about one user, so each one passes a ma
 * `noise(embedding) -> embedding` is applied to what is sent: where the embedding noise goes.
 
 Guard calls are serialised by a lock, so a guard backed by files needs no locking of its own. The production guard
-is `clients.payment.release_guard.LedgerGuard`; there is no guard-less service.
+is `fedscore.clients.payment.release_guard.LedgerGuard`; there is no guard-less service.
 
 Coarse signals (spend_level, stability, recent_spend_anomaly) are withheld by default (empty strings and False: the
 lender scores with neutral ones); `disclose_signals=True` sends them exactly, which the CLI records as unprotected.
 
-Transport: `build_payment_server` takes server credentials (mutual TLS, `shared.tls`); without them it binds only to
-a loopback address.
+Transport: `build_payment_server` takes server credentials (mutual TLS, `fedscore.shared.tls`); without them it binds
+only to a loopback address.
 """
 
 from __future__ import annotations
@@ -39,12 +39,11 @@ from typing import Protocol, runtime_checkable
 
 import grpc
 import numpy as np
-
-from clients.payment.grpc_gen import fedscore_scoring_pb2 as pb2
-from clients.payment.grpc_gen import fedscore_scoring_pb2_grpc as pb2_grpc
-from clients.payment.scoring import PaymentUsers, load_payment_users
-from clients.payment.served import ServedVersion
-from shared.scoring_bundle import ScoringBundle
+from fedscore.clients.payment.scoring import PaymentUsers, load_payment_users
+from fedscore.clients.payment.served import ServedVersion
+from fedscore.proto import fedscore_scoring_pb2 as pb2
+from fedscore.proto import fedscore_scoring_pb2_grpc as pb2_grpc
+from fedscore.shared.scoring.bundle import ScoringBundle
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ party can recompute (`accounting.recompute_from_report`). Opacus is imported laz
 DP-SGD need it).
 """
 
-from shared.privacy.accounting import (
+from fedscore.shared.privacy.accounting import (
     Guarantee,
     account,
     account_guarantee,
@@ -15,7 +15,7 @@ from shared.privacy.accounting import (
     privacy_report,
     recompute_from_report,
 )
-from shared.privacy.calibrate import (
+from fedscore.shared.privacy.calibrate import (
     CalibrationError,
     calibrate_dp_sgd,
     calibrate_gaussian,
@@ -23,8 +23,8 @@ from shared.privacy.calibrate import (
     calibrate_randomized_response,
     resolve_noise_multiplier,
 )
-from shared.privacy.ledger import BudgetExceeded, Ledger
-from shared.privacy.mechanisms import (
+from fedscore.shared.privacy.ledger import BudgetExceeded, Ledger
+from fedscore.shared.privacy.mechanisms import (
     DpSgdRelease,
     GaussianRelease,
     Mechanism,
@@ -37,8 +37,8 @@ from shared.privacy.mechanisms import (
     mechanisms_from_dicts,
     scaler_statistics_release,
 )
-from shared.privacy.noise import clip_rows, clipped_label_gradients, gaussian_release, randomized_response
-from shared.privacy.secure_random import NoiseSource, noise_source
+from fedscore.shared.privacy.noise import clip_rows, clipped_label_gradients, gaussian_release, randomized_response
+from fedscore.shared.privacy.secure_random import NoiseSource, noise_source
 
 __all__ = [
     "BudgetExceeded",

@@ -26,9 +26,7 @@ import dp_accounting
 import numpy as np
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
-from pydantic import BaseModel, ConfigDict
-
-from shared.privacy.mechanisms import (
+from fedscore.shared.privacy.mechanisms import (
     OBSERVERS,
     DpSgdRelease,
     GaussianRelease,
@@ -39,6 +37,7 @@ from shared.privacy.mechanisms import (
     flip_probability,
     guarantee_key,
 )
+from pydantic import BaseModel, ConfigDict
 
 ACCOUNTANT_PLD = "dp_accounting.pld"
 ACCOUNTANT_PRV = "opacus.prv"

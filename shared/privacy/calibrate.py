@@ -12,8 +12,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-from shared.privacy.accounting import account, pld_epsilon, prv_applies, prv_epsilon
-from shared.privacy.mechanisms import DpSgdRelease, GaussianRelease, Mechanism, Neighbouring, RandomizedResponse
+from fedscore.shared.privacy.accounting import account, pld_epsilon, prv_applies, prv_epsilon
+from fedscore.shared.privacy.mechanisms import (
+    DpSgdRelease,
+    GaussianRelease,
+    Mechanism,
+    Neighbouring,
+    RandomizedResponse,
+)
 
 COARSE_DISCRETIZATION = 1e-3  # PLD during the search: ~15x faster, a hair more pessimistic; the result is re-checked
 _MAX_NOISE = 1e4

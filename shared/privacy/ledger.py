@@ -22,9 +22,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shared.atomic import write_text_atomic
-from shared.privacy.accounting import account, check_guarantee_records
-from shared.privacy.mechanisms import Mechanism, mechanisms_from_dicts, split_guarantee_key
+from fedscore.shared.atomic import write_text_atomic
+from fedscore.shared.privacy.accounting import account, check_guarantee_records
+from fedscore.shared.privacy.mechanisms import Mechanism, mechanisms_from_dicts, split_guarantee_key
 
 LEDGER_VERSION = 1
 

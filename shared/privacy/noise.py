@@ -8,9 +8,8 @@ in `mechanisms`; the docstring says which.
 from __future__ import annotations
 
 import torch
-
-from shared.privacy.mechanisms import flip_probability
-from shared.privacy.secure_random import NoiseSource
+from fedscore.shared.privacy.mechanisms import flip_probability
+from fedscore.shared.privacy.secure_random import NoiseSource
 
 
 def clip_rows(x: torch.Tensor, clip: float) -> torch.Tensor:

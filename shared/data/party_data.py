@@ -1,6 +1,6 @@
 """A party's table as arrays: ids, feature names and raw values, with the checks both parties need.
 
-A table loaded for training carries its party's public schema (shared/data_schema.py): the columns are put in the
+A table loaded for training carries its party's public schema (shared/data/schema.py): the columns are put in the
 schema's order, declared impute values fill missing cells, and `report` counts what was imputed and what lies outside
 the declared bounds (to be clipped) for the owner's own log.
 """
@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from shared.tables import DataError, numeric_matrix
+from fedscore.shared.data.tables import DataError, numeric_matrix
 
 if TYPE_CHECKING:
-    from shared.data_schema import DataSchema
+    from fedscore.shared.data.schema import DataSchema
 
 
 @dataclass
@@ -31,7 +31,7 @@ class PartyTable:
 
 
 def table_from_frame(frame: pd.DataFrame, source: Path | str, exclude: tuple[str, ...] = ("id",)) -> PartyTable:
-    from shared.psi import check_ids
+    from fedscore.shared.alignment.psi import check_ids
 
     if frame.empty:
         raise DataError(f"{source}: no rows")
@@ -47,7 +47,7 @@ def table_with_schema(frame: pd.DataFrame, source: Path | str, schema: DataSchem
                       exclude: tuple[str, ...] = ("id",)) -> PartyTable:
     """A table whose feature columns are exactly the declared ones, in the schema's order, with declared impute
     values filled in. The values stay raw (clipping happens in the preprocessing, which the graph also carries)."""
-    from shared.data_schema import check_columns, clip_report, impute_frame
+    from fedscore.shared.data.schema import check_columns, clip_report, impute_frame
 
     columns = [c for c in frame.columns if c not in exclude]
     check_columns(schema, columns, source, schema_source)

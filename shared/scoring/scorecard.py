@@ -25,8 +25,8 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
-    from shared.model_parts import LenderTop
-    from shared.preprocessing import Scaler
+    from fedscore.shared.model.parts import LenderTop
+    from fedscore.shared.model.preprocessing import Scaler
 
 SPEND_LEVELS = ("low", "mid", "high")
 STABILITIES = ("stable", "unstable")
@@ -174,7 +174,7 @@ def decisions(probability: np.ndarray, spend_level: np.ndarray, stability: np.nd
 class CoarseSignalRules(BaseModel):
     """Which payment feature columns feed the coarse signals, and the cut-offs.
 
-    Columns (defaults are the names in clients.payment.features): `spend_column` = log1p of the 12-month spend,
+    Columns (defaults are the names in fedscore.clients.payment.features): `spend_column` = log1p of the 12-month spend,
     `cv_column` = std/mean of the 12 monthly spend totals, `recent_column` = last-30-day spend / average month.
     Fixed cut-offs (not batch quantiles) so one applicant's signals do not depend on who else is scored with them.
     """

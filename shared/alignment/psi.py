@@ -58,9 +58,8 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 import private_set_intersection.python as _psi
-
-from shared.splits import keyed_tokens
-from shared.tables import DataError
+from fedscore.shared.data.tables import DataError
+from fedscore.shared.protocol.splits import keyed_tokens
 
 DataStructureName = Literal["gcs", "bloom", "raw"]
 
@@ -346,7 +345,7 @@ def lender_intersection(state: bytes, ids: Sequence[object], payload: bytes, *,
 
 # -- ordering both parties share ----------------------------------------------------------------------------------
 def aligned_tokens(intersection_ids: Sequence[object], secret: bytes) -> np.ndarray:
-    """HMAC tokens (shared.splits.keyed_tokens, 16 bytes) of the intersection IDs, sorted ascending.
+    """HMAC tokens (fedscore.shared.protocol.splits.keyed_tokens, 16 bytes) of the intersection IDs, sorted ascending.
 
     Sorting by a keyed hash gives both parties the same order without revealing anything the coordinator could link
     to an ID, and without the order depending on either party's row order.

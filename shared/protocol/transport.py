@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from shared.messages import Envelope
+from fedscore.shared.protocol.messages import Envelope
 
 
 class Party(Protocol):

@@ -2,10 +2,10 @@
 
 Why its own type: the payment side produces them (batch scoring or the gRPC service) and the lender side consumes
 them (the credit limit), so both parties need the same shape without importing each other's code. When the payment
-holder cannot compute them (its features lack the columns `shared.scorecard.coarse_payment_signals` needs, or the
-applicant is not one of its users) every applicant gets the neutral values: spend "mid", "stable", no anomaly, i.e.
-the limit is neither raised nor cut on evidence that does not exist. (Missing applicants are flagged for review by
-the lender rule anyway.)
+holder cannot compute them (its features lack the columns `fedscore.shared.scoring.scorecard.coarse_payment_signals`
+needs, or the applicant is not one of its users) every applicant gets the neutral values: spend "mid", "stable", no
+anomaly, i.e. the limit is neither raised nor cut on evidence that does not exist. (Missing applicants are flagged for
+review by the lender rule anyway.)
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from shared.scorecard import SPEND_LEVELS, STABILITIES
+from fedscore.shared.scoring.scorecard import SPEND_LEVELS, STABILITIES
 
 NEUTRAL_SPEND = "mid"
 NEUTRAL_STABILITY = "stable"

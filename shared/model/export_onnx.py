@@ -11,7 +11,7 @@ it takes ~0.1 s per part, against ~2 s for the dynamo exporter, and produces the
 Log, Sign, Abs, Where, Sigmoid). torch is pinned, so its deprecation warning is silenced here on purpose.
 
 The manifest (`manifest.json`) names both files with their sha256, the feature order each part expects, the
-training config, the privacy guarantees spent and the scorecard policy (no metrics: see shared/manifest.py).
+training config, the privacy guarantees spent and the scorecard policy (no metrics: see shared/model/manifest.py).
 `load_manifest` refuses a bundle whose files do not hash to what the manifest says, so a swapped or corrupted part
 fails loudly before scoring.
 """
@@ -27,9 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-
-from shared.manifest import (  # noqa: F401 - re-exported: the names exporters and scorers share
+from fedscore.shared.model.manifest import (  # noqa: F401 - re-exported: the names exporters and scorers share
     EMBEDDING,
     FORMAT_VERSION,
     LENDER_FILE,
@@ -46,9 +44,10 @@ from shared.manifest import (  # noqa: F401 - re-exported: the names exporters a
     sha256_file,
     write_manifest,
 )
-from shared.model_parts import LenderTop, PaymentBottom
-from shared.preprocessing import Scaler
-from shared.scorecard import ScorecardParams
+from fedscore.shared.model.parts import LenderTop, PaymentBottom
+from fedscore.shared.model.preprocessing import Scaler
+from fedscore.shared.scoring.scorecard import ScorecardParams
+from torch import nn
 
 OPSET = 17
 BATCH = "batch"
@@ -183,7 +182,7 @@ def _session(path: Path):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 1  # tiny graphs; see shared.model_parts.configure_torch
+    options.intra_op_num_threads = 1  # tiny graphs; see fedscore.shared.model.parts.configure_torch
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

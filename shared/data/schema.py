@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from shared.tables import DataError
+from fedscore.shared.data.tables import DataError
 
 SCHEMA_FILE = "schema.toml"
 SCHEMA_HELP = ("declare public bounds for each column (see README, 'Data schema'); `fedscore data schema --table "

@@ -18,7 +18,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
     '',
     'fedscore_scoring.proto'
 )
-# @@protoc_insertion_point(imports)
+# fedscore.protoc_insertion_point(imports)
 
 _sym_db = _symbol_database.Default()
 
@@ -38,4 +38,4 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDDINGREPLY']._serialized_end=219
   _globals['_PAYMENTSCORING']._serialized_start=221
   _globals['_PAYMENTSCORING']._serialized_end=329
-# @@protoc_insertion_point(module_scope)
+# fedscore.protoc_insertion_point(module_scope)

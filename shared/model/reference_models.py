@@ -10,10 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from shared.metrics import all_metrics, auc
-from shared.model_parts import LenderTop, init_module, seeded
-from shared.party_data import batches
+from fedscore.shared.data.party_data import batches
+from fedscore.shared.metrics import all_metrics, auc
+from fedscore.shared.model.parts import LenderTop, init_module, seeded
 
 
 def _mlp_early_stopped(x: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray, hidden: list[int],

@@ -5,7 +5,7 @@ levels) so it can be written to a manifest; `as_module()` is the same transform 
 graph carries it and scoring needs nothing from this package.
 
 Training starts from `Scaler.from_schema`: clip bounds, transforms and levels come from what the data owner declared
-(shared/data_schema.py). Under differential privacy the centre and scale are then refined by `dp_standardised`:
+(shared/data/schema.py). Under differential privacy the centre and scale are then refined by `dp_standardised`:
 per-column means and stds released with Gaussian noise and charged to the party's ledger. Nothing else is fitted
 on the rows, so the exported graph holds no statistic of users that no record covers. `Scaler.fit` (data-fitted
 mean/std) remains for tests and for drafting a schema on the owner's own machine.
@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from shared.data_schema import DataSchema
-    from shared.privacy.secure_random import NoiseSource
+    from fedscore.shared.data.schema import DataSchema
+    from fedscore.shared.privacy.secure_random import NoiseSource
 
 
 def signed_log1p(x: np.ndarray) -> np.ndarray:

@@ -19,9 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from fedscore.shared.scoring.scorecard import ScorecardParams
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from shared.scorecard import ScorecardParams
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = "2"  # 2: no metrics, no embedding baseline; declared references

@@ -5,8 +5,8 @@ with the same messages, before any applicant is scored: a manifest whose parts d
 whose inputs are not the ones the manifest names, or a lender reference (declared in the lender's schema) of the
 wrong width. Checking once here means a scorer never finds out halfway through a file.
 
-Only onnxruntime runs the parts. (`shared.export_onnx`, where the manifest model lives, imports torch at module
-level, so importing it loads torch; nothing here runs it.)
+Only onnxruntime runs the parts. (`fedscore.shared.model.export_onnx`, where the manifest model lives, imports torch at
+module level, so importing it loads torch; nothing here runs it.)
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-
-from shared.manifest import (
+from fedscore.shared.data.party_data import PartyTable
+from fedscore.shared.data.tables import DataError
+from fedscore.shared.model.manifest import (
     EMBEDDING,
     LENDER_INPUT,
     LOGIT,
@@ -26,8 +27,6 @@ from shared.manifest import (
     ModelManifest,
     load_manifest,
 )
-from shared.party_data import PartyTable
-from shared.tables import DataError
 
 
 class BundleError(DataError):

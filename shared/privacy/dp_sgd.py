@@ -20,13 +20,12 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from fedscore.shared.config import PrivacyConfig
+from fedscore.shared.privacy.secure_random import NoiseSource
 from torch import nn
 
-from shared.config import PrivacyConfig
-from shared.privacy.secure_random import NoiseSource
-
 if TYPE_CHECKING:
-    from shared.privacy import DpSgdRelease
+    from fedscore.shared.privacy import DpSgdRelease
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ def plan_dp_sgd(privacy: PrivacyConfig, n_train: int, rounds: int) -> DpSgdPlan:
     user is the composition of BOTH parts' DP-SGD steps. Each party charges the steps it takes to its own ledger;
     the report composes the two ledgers.
     """
-    from shared.privacy import calibrate_dp_sgd
+    from fedscore.shared.privacy import calibrate_dp_sgd
 
     q = min(1.0, privacy.dpsgd_batch_size / max(n_train, 1))
     steps = privacy.dpsgd_local_epochs * math.ceil(1 / q)
@@ -71,7 +70,7 @@ def plan_dp_sgd(privacy: PrivacyConfig, n_train: int, rounds: int) -> DpSgdPlan:
 def scaler_releases(privacy: PrivacyConfig) -> list:
     """Both parties' DP standardisation statistics, which the outsider guarantee composes with DP-SGD (a record's
     epsilon depends on its noise multiplier only, so each party can write the other's without knowing its width)."""
-    from shared.privacy import scaler_statistics_release
+    from fedscore.shared.privacy import scaler_statistics_release
 
     if not privacy.dp_scaler:
         return []
@@ -81,7 +80,7 @@ def scaler_releases(privacy: PrivacyConfig) -> list:
 def part_release(plan: DpSgdPlan, steps: int, protects: str = "joint.records",
                  neighbouring: str = "add_remove") -> DpSgdRelease:
     """The record of `steps` DP-SGD steps of one released part (what a party charges for the steps it took)."""
-    from shared.privacy import DpSgdRelease
+    from fedscore.shared.privacy import DpSgdRelease
 
     return DpSgdRelease(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=steps,
                         protects=protects, clip=plan.clip, neighbouring=neighbouring)  # type: ignore[arg-type]
