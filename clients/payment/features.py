@@ -24,6 +24,8 @@ RECENT_DAYS = 30.0
 RECENT_MONTHS = 3  # the spend trend compares the latest 3 month buckets with the 9 before them
 LARGE_AMOUNT = 500.0  # fixed (not per-user) so the definition is the same for every user and at scoring time
 NIGHT_START_HOUR, NIGHT_END_HOUR = 22, 6
+# payment records outside these are typos (epoch milliseconds read as seconds, a year 1850): refused, never clipped
+EARLIEST_TIMESTAMP, LATEST_TIMESTAMP = pd.Timestamp("1990-01-01"), pd.Timestamp("2100-01-01")
 
 _SHARE_NAMES = [f"share_{c}" for c in CATEGORIES]
 
@@ -154,6 +156,11 @@ def _timestamps_ns(tx: pd.DataFrame, source: str) -> np.ndarray:
         raise _fail(source, "timestamp", f"unparseable value {raw.iloc[row]!r} at row {row}")
     if getattr(parsed.dt, "tz", None) is not None:
         parsed = parsed.dt.tz_localize(None)
+    outside = (parsed < EARLIEST_TIMESTAMP) | (parsed >= LATEST_TIMESTAMP)
+    if outside.any():
+        row = int(outside.to_numpy().nonzero()[0][0])
+        raise _fail(source, "timestamp", f"value {raw.iloc[row]!r} at row {row} is outside the accepted range "
+                    f"[{EARLIEST_TIMESTAMP.date()}, {LATEST_TIMESTAMP.date()}) (a unit or year typo?)")
     return parsed.to_numpy(dtype="datetime64[ns]").view(np.int64)
 
 

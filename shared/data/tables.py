@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 
@@ -43,5 +44,10 @@ def numeric_matrix(frame: pd.DataFrame, columns: list[str], path: Path) -> pd.Da
             raise DataError(f"{path}: column {column}: non-numeric value {frame[column].iloc[row]!r} at row {row}")
         if values.isna().any():
             raise DataError(f"{path}: column {column}: {int(values.isna().sum())} missing value(s)")
+        infinite = np.isinf(values.to_numpy(dtype="float64"))
+        if infinite.any():
+            row = int(infinite.nonzero()[0][0])
+            raise DataError(f"{path}: column {column}: {int(infinite.sum())} infinite value(s), e.g. "
+                            f"{values.iloc[row]} at row {row}; use a finite value or leave it missing")
         out[column] = values.astype("float64")
     return pd.DataFrame(out)
