@@ -229,6 +229,9 @@ def serve_lender_command(
     from fedscore.scoring import read_blacklist
 
     with _user_errors():
+        from fedscore.shared.scoring.bundle import load_scoring_bundle, refuse_void_bundle
+
+        refuse_void_bundle(load_scoring_bundle(model))
         credentials = _payment_channel(payment_address, payment_ca, client_cert, client_key, insecure_payment)
         ids = read_blacklist(blacklist) if blacklist is not None else None
         console.print(f"lender service on http://{host}:{port} (payment service at {payment_address}, "

@@ -21,7 +21,9 @@ from fedscore.shared.model.parts import seeded
 from fedscore.shared.privacy import NoiseSource
 from fedscore.shared.protocol.messages import Envelope, unpack_arrays
 from fedscore.shared.protocol.transport import InProcessTransport
+from typer.testing import CliRunner
 
+from fedscore.cli import app
 from fedscore.runs import RunError, default_budgets, party_settings, prepare_run_dir, run_inprocess
 from tests.conftest import SECRET, fresh_homes, make_party_data
 
@@ -151,6 +153,10 @@ def test_identical_runs_differ_unless_replayable(party_data: tuple[Path, dict], 
             assert report["void"] and all(g["status"] == "VOID" for g in report["guarantees"])
             assert all(g["status"] == "VOID" for g in manifest["privacy"])
         assert "VOID" in (runs[0] / "report.html").read_text()
+        # and the lender's scoring service refuses to serve it (the payment service's refusal: tests/test_scoring.py)
+        refused = CliRunner().invoke(app, ["serve", "lender", "--model", str(runs[0] / "model"), "--data", str(data),
+                                           "--payment-address", "127.0.0.1:9", "--insecure-payment"])
+        assert refused.exit_code == 2 and "VOID" in refused.output
     else:
         assert not flips_equal
         assert all(parts[0][name] != parts[1][name] for name in parts[0])

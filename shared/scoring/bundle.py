@@ -138,3 +138,11 @@ def ordered_matrix(table: PartyTable, columns: list[str], party: str) -> np.ndar
         raise DataError(f"{table.source}: column {columns[col]}: value {float(values[row, col])!r} at row {row} is "
                         "not a finite float32")
     return single
+
+
+def refuse_void_bundle(bundle: ScoringBundle) -> None:
+    """A model trained with `privacy.replayable_noise=true` (a test mode) has no guarantee left: services refuse it."""
+    privacy = bundle.manifest.training_config.get("privacy", {})
+    if privacy.get("enabled", True) and privacy.get("replayable_noise"):
+        raise BundleError(f"{bundle.directory / 'manifest.json'}: trained with privacy.replayable_noise=true (a test "
+                          "mode): every privacy guarantee of this model is VOID; retrain without it to serve")
