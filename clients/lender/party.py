@@ -17,7 +17,7 @@ from fedscore.clients.lender.data import load_applicants, load_lender_table
 from fedscore.shared.atomic import write_json_atomic, write_text_atomic
 from fedscore.shared.data.party_data import batches
 from fedscore.shared.metrics import all_metrics, curves
-from fedscore.shared.model.parts import LenderTop, init_module, seeded
+from fedscore.shared.model.parts import LenderTop, init_module, lender_model, seeded
 from fedscore.shared.model.preprocessing import Scaler
 from fedscore.shared.protocol.messages import Envelope, pack_arrays, unpack_arrays
 from fedscore.shared.protocol.splits import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, assign_splits
@@ -144,15 +144,7 @@ class LenderParty(PartyBase):
         return released
 
     def _new_model(self, embedding_dim: int) -> LenderTop:
-        """The federated top model knows the randomized-response flip rate of the labels it learns from, so its
-        probabilities can be debiased; the lender-only baseline (embedding_dim=0) learns clean labels."""
-        privacy = self.config.privacy
-        flip = 0.0
-        if embedding_dim and privacy.enabled and privacy.label_epsilon is not None:
-            from fedscore.shared.privacy import flip_probability
-
-            flip = flip_probability(privacy.label_epsilon)
-        return LenderTop(self.state["x"].shape[1], embedding_dim, self.config.model.lender_hidden, label_flip=flip)
+        return lender_model(self.state["x"].shape[1], embedding_dim, self.config)
 
     def _lender_only_baseline(self) -> dict[str, float | str]:
         """What the lender reaches alone on the same users and split, with clean labels (its own data; only the

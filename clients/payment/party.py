@@ -16,7 +16,7 @@ from fedscore.clients.base import PartyBase, PartySettings, ProtocolError
 from fedscore.clients.payment.data import load_payment_table
 from fedscore.shared.atomic import write_json_atomic
 from fedscore.shared.data.party_data import batches
-from fedscore.shared.model.parts import PaymentBottom, init_module, seeded
+from fedscore.shared.model.parts import PaymentBottom, init_module, payment_model, seeded
 from fedscore.shared.model.preprocessing import Scaler
 from fedscore.shared.protocol.messages import Envelope, pack_arrays, unpack_arrays
 from fedscore.shared.protocol.splits import SPLIT_TRAIN, assign_splits
@@ -103,10 +103,7 @@ class PaymentParty(PartyBase):
 
     # -- rounds --------------------------------------------------------------------------------------------------
     def _new_model(self) -> PaymentBottom:
-        config = self.config
-        squash = config.privacy.embedding_clip if config.privacy.features_protected else None
-        return PaymentBottom(self.state["x"].shape[1], config.model.payment_hidden, config.model.embedding_dim,
-                             squash_to=squash)
+        return payment_model(self.state["x"].shape[1], self.config)
 
     def _optimizer(self, model: PaymentBottom) -> torch.optim.Optimizer:
         training = self.config.training
