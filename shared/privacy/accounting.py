@@ -194,23 +194,6 @@ def account_guarantee(protects: str, against: Observer, mechanisms: Sequence[Mec
                      mechanisms=mechanisms, epsilon=epsilon, delta=delta, accountant=accountant)
 
 
-def guarantees_for(mechanisms: Sequence[Mechanism], delta: float) -> list[Guarantee]:
-    """Every guarantee the records imply: per protected thing, per observer other than its owner that sees any."""
-    guarantees = []
-    for protects in dict.fromkeys(m.protects for m in mechanisms):
-        mine = [m for m in mechanisms if m.protects == protects]
-        for against in OBSERVERS:
-            seen = [m for m in mine if m.visible_to(against)]
-            if seen and protects.split(".", 1)[0] != against:
-                guarantees.append(account_guarantee(protects, against, seen, delta))
-    return guarantees
-
-
-def privacy_report(mechanisms: Sequence[Mechanism], delta: float) -> dict[str, Any]:
-    """The report's "privacy" section: {"delta": d, "guarantees": [...]}."""
-    return {"delta": delta, "guarantees": [g.to_dict() for g in guarantees_for(mechanisms, delta)]}
-
-
 # -- third-party recomputation ----------------------------------------------------------------------------------
 
 def _entry_pld(entry: dict[str, Any], relation: Neighbouring) -> pld_lib.PrivacyLossDistribution | None:
