@@ -50,20 +50,20 @@ class LenderParty(PartyBase):
 
     # -- blacklist check: the lender learns which applicants are on the payment holder's fraud list ------------------
     def on_blacklist_request(self, message: Envelope) -> Envelope:
-        from fedscore.shared.alignment.psi import blacklist_request
+        from fedscore.shared.alignment.psi import lender_request
 
-        request, self.state["blacklist_state"] = blacklist_request(load_applicants(self.settings.data_path).ids)
+        request, self.state["blacklist_state"] = lender_request(load_applicants(self.settings.data_path).ids)
         return self.reply(message, payload=request, payload_kind="psi_request")
 
     def on_blacklist_match(self, message: Envelope) -> Envelope:
         """The hits stay here (state_dir/blacklist-hits.csv, for manual review); the reply carries nothing about
         them, not even a count, so neither the coordinator nor the payment holder learns who or how many."""
-        from fedscore.shared.alignment.psi import blacklist_hits
+        from fedscore.shared.alignment.psi import lender_intersection
 
         if "blacklist_state" not in self.state:
             raise ProtocolError("lender: blacklist.match before blacklist.request")
         ids = load_applicants(self.settings.data_path).ids
-        rows = blacklist_hits(self.state.pop("blacklist_state"), ids, message.payload)
+        rows = lender_intersection(self.state.pop("blacklist_state"), ids, message.payload)
         write_text_atomic(self.settings.state_dir / "blacklist-hits.csv", "id\n" + "".join(f"{ids[r]}\n" for r in rows))
         return self.reply(message)
 
@@ -77,12 +77,8 @@ class LenderParty(PartyBase):
     def on_align_match(self, message: Envelope) -> Envelope:
         """PSI client step 2: learn which of our applicants the payment holder has; both sides then order them by
         an HMAC token under the secret the parties share (sorted), which is all the payment holder receives."""
-        from fedscore.shared.alignment.psi import (
-            lender_alignment,
-            lender_intersection,
-            require_intersection,
-            tokens_payload,
-        )
+        from fedscore.shared.alignment.psi import lender_intersection, require_intersection
+        from fedscore.shared.alignment.tokens import lender_alignment, tokens_payload
 
         if "psi_state" not in self.state:
             raise ProtocolError("lender: align.match before align.request")

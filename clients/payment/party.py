@@ -56,7 +56,7 @@ class PaymentParty(PartyBase):
     def on_blacklist_respond(self, message: Envelope) -> Envelope:
         """PSI server step against our fraud list (DIR/payment/fraud_list.*): we learn only how many applicants
         were checked, never which of them are on it."""
-        from fedscore.shared.alignment.psi import blacklist_respond
+        from fedscore.shared.alignment.psi import payment_respond
         from fedscore.shared.data.party_data import table_from_frame
         from fedscore.shared.data.tables import find_table, read_table
 
@@ -64,11 +64,11 @@ class PaymentParty(PartyBase):
         frame = read_table(path, ["id"])
         frame["listed"] = 1.0  # table_from_frame wants one value column; the IDs are what matters
         fraud = table_from_frame(frame, path)
-        return self.reply(message, payload=blacklist_respond(message.payload, fraud.ids), payload_kind="psi_response")
+        return self.reply(message, payload=payment_respond(message.payload, fraud.ids), payload_kind="psi_response")
 
     def on_align_accept(self, message: Envelope) -> Envelope:
         """The lender's sorted intersection tokens (HMAC under the parties' secret) -> our rows in that order."""
-        from fedscore.shared.alignment.psi import rows_for_tokens, tokens_from_payload
+        from fedscore.shared.alignment.tokens import rows_for_tokens, tokens_from_payload
 
         aligned = tokens_from_payload(message.payload)
         rows = rows_for_tokens(self.state["ids"], aligned, self.settings.secret_bytes)
