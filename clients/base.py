@@ -50,24 +50,6 @@ class PartySettings(BaseModel):
         return bytes.fromhex(self.secret)
 
 
-def parse_budgets(text: str) -> dict[str, float]:
-    """'lender.labels@payment=2;joint.records@outsider=3' -> dict (the form a Flower node config can carry)."""
-    budgets: dict[str, float] = {}
-    for item in filter(None, (part.strip() for part in text.replace(",", ";").split(";"))):
-        key, sep, value = item.partition("=")
-        try:
-            budgets[key.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep:
-            raise ValueError(f"budget {item!r}: expected guarantee=epsilon, e.g. lender.labels@payment=2")
-    return budgets
-
-
-def format_budgets(budgets: dict[str, float]) -> str:
-    return ";".join(f"{k}={v:g}" for k, v in budgets.items())
-
-
 class ProtocolError(RuntimeError):
     """A request this party will not serve (wrong order, inconsistent payload); the reply carries the reason."""
 

@@ -97,15 +97,15 @@ def _server_credentials(host: str, tls_cert: Path | None, tls_key: Path | None, 
 
 def _payment_budgets(training_config: dict, budget: list[str] | None) -> dict[str, float]:
     """The run's targets for the payment party (what its node config would hold), then --budget overrides."""
-    from fedscore.clients.base import parse_budgets
     from fedscore.clients.payment.release_guard import GuardRefused
     from fedscore.runs import default_budgets
     from fedscore.shared.config import FedConfig
+    from fedscore.shared.privacy.budgets import parse_budgets
 
     try:
         config = FedConfig.model_validate(training_config)
         budgets = default_budgets(config)["payment"]
-        budgets.update(parse_budgets(";".join(budget or [])))
+        budgets.update(parse_budgets(budget or []))
     except ValueError as exc:
         raise GuardRefused(f"cannot work out the payment budgets: {' '.join(str(exc).split())}") from None
     return budgets
