@@ -14,6 +14,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fedscore.cli_scoring import score_command, serve_app
+from fedscore.shared.metrics import METRIC_KEYS, METRIC_LABELS
 
 app = typer.Typer(help="Privacy-preserving vertical federated credit scoring.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -132,11 +133,11 @@ def data_schema(table: Annotated[Path, typer.Option(help="the party's table: app
 
 def _report(metrics: dict, run_dir: Path) -> None:
     table = Table(title=f"test split ({metrics['transport']} transport)")
-    for column in ("model", "AUC", "KS", "Gini", "log loss", "Brier"):
+    for column in ("model", *(METRIC_LABELS[k] for k in METRIC_KEYS)):
         table.add_column(column, justify="right" if column != "model" else "left")
 
     def row(name: str, m: dict) -> None:
-        table.add_row(name, *(f"{m[k]:.4f}" for k in ("auc", "ks", "gini", "logloss", "brier")))
+        table.add_row(name, *(f"{m[k]:.4f}" for k in METRIC_KEYS))
 
     row("federated (payment + lender)", metrics["test"])
     baselines = metrics["baselines"]
