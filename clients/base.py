@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
+
 from fedscore.shared.atomic import atomic_write, write_json_atomic
 from fedscore.shared.config import FedConfig
 from fedscore.shared.data.party_data import PartyTable
@@ -23,7 +25,6 @@ from fedscore.shared.model.parts import configure_torch
 from fedscore.shared.model.preprocessing import Scaler
 from fedscore.shared.party_home import LEDGER_FILE
 from fedscore.shared.protocol.messages import Envelope, Header
-from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     from fedscore.shared.privacy import Ledger
@@ -48,24 +49,6 @@ class PartySettings(BaseModel):
     @property
     def secret_bytes(self) -> bytes:
         return bytes.fromhex(self.secret)
-
-
-def parse_budgets(text: str) -> dict[str, float]:
-    """'lender.labels@payment=2;joint.records@outsider=3' -> dict (the form a Flower node config can carry)."""
-    budgets: dict[str, float] = {}
-    for item in filter(None, (part.strip() for part in text.replace(",", ";").split(";"))):
-        key, sep, value = item.partition("=")
-        try:
-            budgets[key.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep:
-            raise ValueError(f"budget {item!r}: expected guarantee=epsilon, e.g. lender.labels@payment=2")
-    return budgets
-
-
-def format_budgets(budgets: dict[str, float]) -> str:
-    return ";".join(f"{k}={v:g}" for k, v in budgets.items())
 
 
 class ProtocolError(RuntimeError):

@@ -13,7 +13,8 @@ app = ClientApp()
 
 
 def _settings(context: Context):
-    from fedscore.clients.base import PartySettings, parse_budgets
+    from fedscore.clients.base import PartySettings
+    from fedscore.shared.privacy.budgets import parse_budgets
 
     config = context.node_config
     missing = [k for k in ("party", "data-path", "state-dir", "home", "secret") if k not in config]

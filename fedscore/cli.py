@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedscore.cli_common import console, fail, user_errors
 from fedscore.cli_scoring import score_command, serve_app
+from fedscore.shared.metrics import METRIC_KEYS, METRIC_LABELS
 
 app = typer.Typer(help="Privacy-preserving vertical federated credit scoring.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -22,7 +22,6 @@ data_app = typer.Typer(help="Make or convert party data (DIR/payment and DIR/len
 app.add_typer(data_app, name="data")
 app.command("score")(score_command)
 app.add_typer(serve_app, name="serve")
-console = Console()
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML run config")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. training.rounds=5")]
@@ -35,22 +34,8 @@ HomeOpt = Annotated[list[str] | None, typer.Option(
     "(default: $FEDSCORE_HOME/parties/<party>, FEDSCORE_HOME defaulting to ~/.fedscore)")]
 
 
-def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)  # one line: paths stay copyable
-    raise typer.Exit(code)
 
 
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """Turn the errors a user can fix into one red line and a non-zero exit, never a traceback."""
-    from fedscore.runs import RunError
-    from fedscore.shared.config import ConfigError
-    from fedscore.shared.data.tables import DataError
-
-    try:
-        yield
-    except (DataError, ConfigError, RunError, FileNotFoundError) as exc:
-        _fail(str(exc))
 
 
 @contextmanager
@@ -78,9 +63,9 @@ def _secret(path: Path | None) -> str | None:
         text = path.read_text().strip()
         bytes.fromhex(text)
     except (OSError, ValueError) as exc:
-        _fail(f"{path}: not a readable hex secret ({exc})")
+        fail(f"{path}: not a readable hex secret ({exc})")
     if len(text) < 32:
-        _fail(f"{path}: secret too short (need at least 16 bytes as hex)")
+        fail(f"{path}: secret too short (need at least 16 bytes as hex)")
     return text
 
 
@@ -96,11 +81,11 @@ def data_synth(users: Annotated[int, typer.Option(min=100)] = 20000, seed: int =
     """Generate the embedded default data: payment transactions and lender applicants with partial overlap."""
     from fedscore.synth import synthesize
 
-    with _user_errors():
+    with user_errors():
         try:
             summary = synthesize(users, seed, out)
         except ValueError as exc:
-            _fail(str(exc))
+            fail(str(exc))
     console.print(f"wrote {out}: {summary.payment_users} payment users ({summary.transactions} transactions), "
                   f"{summary.lender_rows} applicants, overlap {summary.overlap}, "
                   f"default rate {summary.default_rate:.1%} in {summary.seconds:.1f} s")
@@ -113,7 +98,7 @@ def data_uci(csv: Annotated[Path, typer.Option(help="UCI_Credit_Card.csv")],
     """Cut the real UCI Taiwan credit-default data into the two parties' folders."""
     from fedscore.uci import convert_uci
 
-    with _user_errors():
+    with user_errors():
         info = convert_uci(csv, split, out)  # type: ignore[arg-type]
     console.print(f"wrote {out}: {info['rows']} rows, lender {info['lender_columns']} columns, "
                   f"payment {info['payment_columns']} columns ({split} split)")
@@ -125,7 +110,7 @@ def data_schema(table: Annotated[Path, typer.Option(help="the party's table: app
     """Draft a schema.toml from your own table, to review: its bounds must become public declarations."""
     from fedscore.schema_draft import REVIEW_NOTE, write_draft
 
-    with _user_errors():
+    with user_errors():
         schema = write_draft(table, out)
     console.print(f"wrote a draft {out} with {len(schema.columns)} columns")
     console.print(f"[yellow]{REVIEW_NOTE}[/yellow]")
@@ -133,11 +118,11 @@ def data_schema(table: Annotated[Path, typer.Option(help="the party's table: app
 
 def _report(metrics: dict, run_dir: Path) -> None:
     table = Table(title=f"test split ({metrics['transport']} transport)")
-    for column in ("model", "AUC", "KS", "Gini", "log loss", "Brier"):
+    for column in ("model", *(METRIC_LABELS[k] for k in METRIC_KEYS)):
         table.add_column(column, justify="right" if column != "model" else "left")
 
     def row(name: str, m: dict) -> None:
-        table.add_row(name, *(f"{m[k]:.4f}" for k in ("auc", "ks", "gini", "logloss", "brier")))
+        table.add_row(name, *(f"{m[k]:.4f}" for k in METRIC_KEYS))
 
     row("federated (payment + lender)", metrics["test"])
     baselines = metrics["baselines"]
@@ -169,7 +154,7 @@ def _run(runner, data: Path, out: Path, config: Path | None, set_: list[str] | N
     """train and federate differ only in the transport: same config, secret, budgets, homes, progress, report."""
     from fedscore.runs import party_homes
 
-    with _user_errors():
+    with user_errors():
         cfg = _load(config, set_)
         homes = party_homes(party_home)
         with _progress_bar() as progress:
@@ -217,7 +202,7 @@ def demo(users: Annotated[int, typer.Option(min=1000)] = 100000,
     from fedscore.federation import run_federated
     from fedscore.synth import synthesize
 
-    with _user_errors():
+    with user_errors():
         cfg = _load(None, [*DEMO_SETTINGS, *(set_ or [])])
         if out.exists():
             shutil.rmtree(out)
@@ -239,7 +224,7 @@ def blacklist(data: Annotated[Path, typer.Option(help="DIR with lender/applicant
     the payment holder learns only how many applicants were checked."""
     from fedscore.runs import party_homes, run_blacklist
 
-    with _user_errors():
+    with user_errors():
         hits = run_blacklist(data, out, homes=party_homes(party_home))
     count = len(hits.read_text().splitlines()) - 1
     console.print(f"lender: {count} applicant(s) on the payment holder's fraud list -> {hits} "
@@ -252,7 +237,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run folder made by tr
     from fedscore.report import write_reports
 
     if not (run_dir / "outcome.json").exists():
-        _fail(f"{run_dir}: no outcome.json (not a finished run folder)")
+        fail(f"{run_dir}: no outcome.json (not a finished run folder)")
     write_reports(run_dir)
     console.print(f"wrote {run_dir}/privacy-report.json and {run_dir}/report.html")
 
@@ -271,7 +256,7 @@ def certs(out: Annotated[Path, typer.Option("--out", help="folder to create (mus
     try:
         pki = make_local_pki(out, server_names=server_name, clients=client)
     except (TlsError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     clients = ", ".join(f"{name}: {cert.name} + {key.name}" for name, (cert, key) in pki.clients.items())
     console.print(f"wrote {out}: CA {pki.ca.name}; server {pki.server_cert.name} + {pki.server_key.name}; {clients}")
 

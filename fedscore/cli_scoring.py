@@ -6,19 +6,17 @@ Kept apart from fedscore/cli.py so the training CLI does not grow; imports stay 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
+
+from fedscore.cli_common import console, fail, user_errors, warn
 
 if TYPE_CHECKING:
     from fedscore.clients.payment.release_guard import LedgerGuard
     from fedscore.clients.payment.service import PaymentScoringService
 
-console = Console()
 serve_app = typer.Typer(help="Online federated scoring: the payment holder's gRPC service and the lender's HTTP API.",
                         no_args_is_help=True)
 
@@ -27,32 +25,10 @@ DataOpt = Annotated[Path, typer.Option("--data", help="DIR with payment/ and/or 
 HostOpt = Annotated[str, typer.Option("--host", help="interface to listen on (loopback by default)")]
 
 
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """Errors a user can fix (bad data, bad model folder, missing file, port in use, bad TLS material, a party home
-    that does not allow serving this model): one red line, exit code 2."""
-    from fedscore.clients.payment.release_guard import GuardRefused
-    from fedscore.clients.payment.served import ServedError
-    from fedscore.shared.data.tables import DataError
-    from fedscore.shared.tls import TlsError
-
-    try:
-        yield
-    except (DataError, FileNotFoundError, OSError, TlsError, ServedError, GuardRefused) as exc:
-        _fail(str(exc))
 
 
-def _fail(message: str) -> None:
-    from rich.markup import escape
-
-    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(2)
 
 
-def _warn(message: str) -> None:
-    from rich.markup import escape
-
-    console.print(f"[bold yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
 def score_command(model: ModelOpt, data: DataOpt,
@@ -63,7 +39,7 @@ def score_command(model: ModelOpt, data: DataOpt,
     """Score every applicant in DIR/lender with the exported model (onnxruntime only) and write a CSV."""
     from fedscore.scoring import read_blacklist, score_batch, write_scores
 
-    with _user_errors():
+    with user_errors():
         ids = read_blacklist(blacklist) if blacklist is not None else None
         frame = score_batch(model, data, ids, threads)
         write_scores(frame, out)
@@ -82,30 +58,30 @@ def _server_credentials(host: str, tls_cert: Path | None, tls_key: Path | None, 
     given = {"--tls-cert": tls_cert, "--tls-key": tls_key, "--client-ca": client_ca}
     if insecure_local:
         if any(v is not None for v in given.values()):
-            _fail("--insecure-local serves plaintext; drop it to use --tls-cert/--tls-key/--client-ca")
+            fail("--insecure-local serves plaintext; drop it to use --tls-cert/--tls-key/--client-ca")
         if host not in LOOPBACK_HOSTS:
-            _fail(f"--insecure-local binds to loopback only, not {host}; use mutual TLS to listen on {host}")
+            fail(f"--insecure-local binds to loopback only, not {host}; use mutual TLS to listen on {host}")
         return None
     missing = [flag for flag, value in given.items() if value is None]
     if len(missing) == len(given):
-        _fail("refusing to serve without TLS: pass --tls-cert, --tls-key and --client-ca (the lender's CA; mutual "
+        fail("refusing to serve without TLS: pass --tls-cert, --tls-key and --client-ca (the lender's CA; mutual "
               "TLS; `fedscore certs --out DIR` makes a local set), or --insecure-local to serve on 127.0.0.1 only")
     if missing:
-        _fail(f"mutual TLS needs {', '.join(missing)} as well")
+        fail(f"mutual TLS needs {', '.join(missing)} as well")
     return mutual_tls_server_credentials(tls_cert, tls_key, client_ca)  # type: ignore[arg-type]
 
 
 def _payment_budgets(training_config: dict, budget: list[str] | None) -> dict[str, float]:
     """The run's targets for the payment party (what its node config would hold), then --budget overrides."""
-    from fedscore.clients.base import parse_budgets
     from fedscore.clients.payment.release_guard import GuardRefused
     from fedscore.runs import default_budgets
     from fedscore.shared.config import FedConfig
+    from fedscore.shared.privacy.budgets import parse_budgets
 
     try:
         config = FedConfig.model_validate(training_config)
         budgets = default_budgets(config)["payment"]
-        budgets.update(parse_budgets(";".join(budget or [])))
+        budgets.update(parse_budgets(budget or []))
     except ValueError as exc:
         raise GuardRefused(f"cannot work out the payment budgets: {' '.join(str(exc).split())}") from None
     return budgets
@@ -140,7 +116,7 @@ def serve_payment_command(
     from fedscore.clients.payment.service import run_payment_service
     from fedscore.shared.party_home import default_party_home
 
-    with _user_errors():
+    with user_errors():
         credentials = _server_credentials(host, tls_cert, tls_key, client_ca, insecure_local)
         service, guard = prepare_payment_service(model, data, party_home or default_party_home("payment"), budget,
                                                  allow_unprotected, disclose_signals, threads)
@@ -174,11 +150,11 @@ def prepare_payment_service(model: Path, data: Path, home: Path, budget: list[st
                         allow_unprotected=allow_unprotected)
     try:
         if guard.sigma is None:
-            _warn("embeddings leave WITHOUT noise (feature protection was off in training); recorded as "
+            warn("embeddings leave WITHOUT noise (feature protection was off in training); recorded as "
                   f"unprotected in {home / 'disclosures.json'}")
         if disclose_signals:
             record_disclosure(home, "payment.signals", SIGNALS_DISCLOSURE)
-            _warn(f"unprotected: {SIGNALS_DISCLOSURE}; recorded in {home / 'disclosures.json'}")
+            warn(f"unprotected: {SIGNALS_DISCLOSURE}; recorded in {home / 'disclosures.json'}")
         console.print(f"loading {data / 'payment'} and the payment part from {model} ...")
         return PaymentScoringService.from_bundle(bundle, data, served, guard, disclose_signals, threads), guard
     except BaseException:
@@ -196,13 +172,13 @@ def _payment_channel(payment_address: str, payment_ca: Path | None, client_cert:
     if insecure_payment:
         host = payment_address.rsplit(":", 1)[0].strip("[]")
         if any(v is not None for v in given.values()):
-            _fail("--insecure-payment is plaintext; drop it to use --payment-ca/--client-cert/--client-key")
+            fail("--insecure-payment is plaintext; drop it to use --payment-ca/--client-cert/--client-key")
         if host not in LOOPBACK_HOSTS:
-            _fail(f"--insecure-payment reaches loopback addresses only, not {payment_address}")
+            fail(f"--insecure-payment reaches loopback addresses only, not {payment_address}")
         return None
     missing = [flag for flag, value in given.items() if value is None]
     if missing:
-        _fail(f"the payment service needs mutual TLS: pass {', '.join(missing)} (or --insecure-payment for a "
+        fail(f"the payment service needs mutual TLS: pass {', '.join(missing)} (or --insecure-payment for a "
               "payment service started with --insecure-local on this machine)")
     return mutual_tls_channel_credentials(payment_ca, client_cert, client_key)  # type: ignore[arg-type]
 
@@ -228,7 +204,7 @@ def serve_lender_command(
     from fedscore.clients.lender.service import run_lender_service
     from fedscore.scoring import read_blacklist
 
-    with _user_errors():
+    with user_errors():
         from fedscore.shared.scoring.bundle import load_scoring_bundle, refuse_void_bundle
 
         refuse_void_bundle(load_scoring_bundle(model))

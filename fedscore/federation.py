@@ -21,7 +21,6 @@ from contextlib import closing, suppress
 from pathlib import Path
 from typing import Any
 
-from fedscore.clients.base import format_budgets
 from fedscore.runs import (
     Budgets,
     Homes,
@@ -33,6 +32,7 @@ from fedscore.runs import (
     prepare_run_dir,
 )
 from fedscore.shared.config import FedConfig
+from fedscore.shared.privacy.budgets import format_budgets
 
 APP_PYPROJECT = """\
 [build-system]

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedscore.shared.atomic import write_text_atomic
-
-METRIC_KEYS = ("auc", "ks", "gini", "logloss", "brier")
+from fedscore.shared.metrics import METRIC_KEYS, METRIC_LABELS
 
 
 def _png(fig: Any) -> str:
@@ -109,7 +108,7 @@ def render(run_dir: Path) -> str:
         for name, values in metrics["baselines"].items():
             if values:
                 rows.append([html.escape(name.replace("_", " ")), *(f"{values[k]:.4f}" for k in METRIC_KEYS)])
-        parts.append("<h2>Test metrics</h2>" + _table(rows, ["model", "AUC", "KS", "Gini", "log loss", "Brier"]))
+        parts.append("<h2>Test metrics</h2>" + _table(rows, ["model", *(METRIC_LABELS[k] for k in METRIC_KEYS)]))
     rows = []
     for g in privacy.get("guarantees", []):
         mech = "; ".join(

@@ -19,8 +19,9 @@ from fedscore.server.outcome import read_outcome, write_outcome
 from fedscore.shared.atomic import write_json_atomic
 from fedscore.shared.config import FedConfig
 from fedscore.shared.data.tables import DataError
+from fedscore.shared.metrics import METRIC_KEYS
+from fedscore.shared.privacy.budgets import parse_budget
 
-TEST_KEYS = ("auc", "ks", "gini", "logloss", "brier")
 EVALUATION_ONLY = ("evaluation figures computed by the operator with clean labels (test metrics and the lender-only "
                    "and centralized baselines); no privacy guarantee covers them, and they never ship in model/")
 
@@ -82,13 +83,13 @@ def apply_budget_overrides(budgets: Budgets, overrides: list[str]) -> Budgets:
     """'lender:lender.labels@payment=1.5' -> budgets["lender"]["lender.labels@payment"] = 1.5"""
     for item in overrides:
         party, sep, rest = item.partition(":")
-        key, sep2, value = rest.partition("=")
-        if not (sep and sep2) or party not in budgets:
+        if not sep or party not in budgets:
             raise RunError(f"--budget {item!r}: expected party:guarantee=epsilon, e.g. lender:lender.labels@payment=2")
         try:
-            budgets[party][key] = float(value)
+            key, epsilon = parse_budget(rest)
         except ValueError as exc:
-            raise RunError(f"--budget {item!r}: {value!r} is not a number") from exc
+            raise RunError(f"--budget {item!r}: {exc}") from None
+        budgets[party][key] = epsilon
     return budgets
 
 
@@ -169,8 +170,8 @@ def finish_run(run_dir: Path, data_dir: Path, config: FedConfig, secret: str) ->
     metrics = {
         "evaluation_only": EVALUATION_ONLY,
         "transport": outcome["transport"],
-        "test": {k: final[f"test_{k}"] for k in TEST_KEYS},
-        "val": {k: final[f"val_{k}"] for k in TEST_KEYS if f"val_{k}" in final},
+        "test": {k: final[f"test_{k}"] for k in METRIC_KEYS},
+        "val": {k: final[f"val_{k}"] for k in METRIC_KEYS if f"val_{k}" in final},
         "baselines": baselines,
         "rounds": outcome["rounds"],
         "alignment": outcome["alignment"],

@@ -1,5 +1,8 @@
 """The trained torch parts of a local run, rebuilt from the parties' state: the reference the ONNX export must match.
 
+Built by the parties' own builders (`payment_model`, `lender_model`), so the rebuilt parts are the parties' models
+(the payment part's squash included), not look-alikes.
+
 Scoring never uses this (it runs the ONNX bundle with onnxruntime only); tests and the benchmark do, to check the
 exported graphs against the models as trained and to compare speeds on the same weights.
 """
@@ -12,7 +15,7 @@ from pathlib import Path
 import torch
 
 from fedscore.shared.config import FedConfig
-from fedscore.shared.model.parts import LenderTop, PaymentBottom
+from fedscore.shared.model.parts import LenderTop, PaymentBottom, lender_model, payment_model
 from fedscore.shared.model.preprocessing import Scaler
 from fedscore.shared.protocol.splits import SPLIT_TEST
 
@@ -33,8 +36,8 @@ def load_torch_parts(run_dir: Path) -> TorchParts:
     payment = torch.load(run_dir / "parties" / "payment" / "state.pt", weights_only=False)
     lender = torch.load(run_dir / "parties" / "lender" / "state.pt", weights_only=False)
     scaler_p, scaler_l = Scaler(**payment["scaler"]), Scaler(**lender["scaler"])
-    model_p = PaymentBottom(len(scaler_p.output_names), config.model.payment_hidden, config.model.embedding_dim)
-    model_l = LenderTop(len(scaler_l.output_names), config.model.embedding_dim, config.model.lender_hidden)
+    model_p = payment_model(len(scaler_p.output_names), config)
+    model_l = lender_model(len(scaler_l.output_names), config.model.embedding_dim, config)
     model_p.load_state_dict(payment["model"])
     model_l.load_state_dict(lender["model"])
     model_p.eval()

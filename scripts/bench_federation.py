@@ -15,10 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedscore.shared.config import load_config
-
 from fedscore.federation import run_federated
 from fedscore.runs import run_inprocess
+from fedscore.shared.config import load_config
 from fedscore.synth import synthesize
 
 

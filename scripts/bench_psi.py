@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from fedscore.shared.alignment import psi
+from fedscore.shared.alignment import tokens as alignment_tokens
 
 SECRET = bytes.fromhex("00112233445566778899aabbccddeeff")
 STEPS = ("lender_request_s", "payment_respond_s", "lender_intersection_s", "tokens_s", "total_s")
@@ -50,9 +52,10 @@ def run_once(payment: list[str], lender: list[str], expected: int, data_structur
     marks.append((time.perf_counter(), time.process_time()))
     rows = psi.lender_intersection(state, lender, response, workers=workers)
     marks.append((time.perf_counter(), time.process_time()))
-    tokens, lender_rows = psi.lender_alignment(lender, psi.require_intersection(rows), SECRET)
-    token_bytes = psi.tokens_payload(tokens)
-    payment_rows = psi.rows_for_tokens(payment, psi.tokens_from_payload(token_bytes), SECRET)
+    tokens, lender_rows = alignment_tokens.lender_alignment(lender, psi.require_intersection(rows), SECRET)
+    token_bytes = alignment_tokens.tokens_payload(tokens)
+    received = alignment_tokens.tokens_from_payload(token_bytes)
+    payment_rows = alignment_tokens.rows_for_tokens(payment, received, SECRET)
     marks.append((time.perf_counter(), time.process_time()))
     if len(rows) != expected or len(payment_rows) != expected:
         raise SystemExit(f"wrong intersection: {len(rows)} found, {expected} expected")

@@ -45,11 +45,10 @@ sys.path.insert(0, str(ROOT))
 from fedscore.clients.lender.scoring import LenderScorer, load_applicant_features  # noqa: E402
 from fedscore.clients.payment.data import load_payment_table  # noqa: E402
 from fedscore.clients.payment.scoring import PaymentPart, load_payment_users  # noqa: E402
+from fedscore.scoring import score_batch  # noqa: E402
 from fedscore.shared.model.export_onnx import LenderScoring, PaymentScoring  # noqa: E402
 from fedscore.shared.scoring.bundle import load_scoring_bundle  # noqa: E402
 from fedscore.shared.scoring.payment_signals import PaymentSignals  # noqa: E402
-
-from fedscore.scoring import score_batch  # noqa: E402
 from fedscore.torch_parts import load_torch_parts  # noqa: E402
 
 
@@ -72,9 +71,8 @@ def prepare(args: argparse.Namespace, scratch: Path) -> tuple[Path, Path, Path]:
     """(model dir, run dir, data dir): the given ones, or synthetic data and a freshly trained model."""
     if args.model and args.run and args.data:
         return args.model, args.run, args.data
-    from fedscore.shared.config import load_config
-
     from fedscore.runs import run_inprocess
+    from fedscore.shared.config import load_config
     from fedscore.synth import synthesize
 
     print(f"building synthetic data ({args.users} users) and training a model in {scratch} ...", file=sys.stderr)

@@ -11,10 +11,11 @@ import json
 import time
 from pathlib import Path
 
-from fedscore.shared.protocol.flower_codec import MESSAGE_TYPE, WHOAMI_TYPE, decode, encode
-from fedscore.shared.protocol.messages import PARTIES, Envelope
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
+
+from fedscore.shared.protocol.flower_codec import MESSAGE_TYPE, WHOAMI_TYPE, decode, encode
+from fedscore.shared.protocol.messages import PARTIES, Envelope
 
 app = ServerApp()
 

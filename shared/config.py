@@ -41,10 +41,6 @@ class SplitConfig(_Strict):
     val_fraction: float = Field(0.1, ge=0, lt=1)
 
 
-class AlignmentConfig(_Strict):
-    method: Literal["keyed_hash"] = "keyed_hash"
-
-
 class BaselineConfig(_Strict):
     enabled: bool = True
     epochs: int = Field(30, ge=1, description="MLP epochs at most (early-stopped on validation AUC)")
@@ -124,7 +120,6 @@ class FedConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
-    alignment: AlignmentConfig = Field(default_factory=AlignmentConfig)
     baselines: BaselineConfig = Field(default_factory=BaselineConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 

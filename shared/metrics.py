@@ -1,8 +1,19 @@
-"""Credit-model metrics: AUC, KS, Gini, log loss, Brier. Plain numpy so every party computes them the same way."""
+"""Credit-model metrics: AUC, KS, Gini, log loss, Brier, by scikit-learn, so every party computes them the same way
+and nobody has to trust a home-made rank statistic.
+
+scikit-learn is imported inside the functions: the command line needs `METRIC_KEYS`, not a second of imports.
+`METRIC_KEYS` is the one list of what a run reports, in the order tables show it (runs, the CLI, report.html).
+"""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+
+METRIC_KEYS = ("auc", "ks", "gini", "logloss", "brier")
+METRIC_LABELS = {"auc": "AUC", "ks": "KS", "gini": "Gini", "logloss": "log loss", "brier": "Brier"}  # table heads
+LOGLOSS_CLIP = 1e-7  # probabilities are clipped to [eps, 1 - eps] so one confident miss is large, not infinite
 
 
 def _check(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -16,32 +27,28 @@ def _check(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def auc(y: np.ndarray, p: np.ndarray) -> float:
-    """Area under the ROC curve via the rank-sum (Mann-Whitney) statistic, ties averaged."""
+    """Area under the ROC curve, ties averaged; NaN (not an error) when only one class is present."""
     y, p = _check(y, p)
-    n_pos = y.sum()
-    n_neg = len(y) - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if len(y) == 0 or y.min() == y.max():
         return float("nan")
-    order = np.argsort(p, kind="mergesort")
-    ranks = np.empty(len(p), dtype=np.float64)
-    sorted_p = p[order]
-    # average ranks for ties
-    _, first, counts = np.unique(sorted_p, return_index=True, return_counts=True)
-    avg = first + (counts + 1) / 2.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, p))
 
 
 def roc_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """False and true positive rates at every distinct threshold, from the highest score down."""
+    """False and true positive rates at every distinct threshold, from the highest score down, starting at (0, 0)."""
     y, p = _check(y, p)
-    order = np.argsort(-p, kind="mergesort")
-    y_sorted, p_sorted = y[order], p[order]
-    distinct = np.r_[np.where(np.diff(p_sorted))[0], len(p) - 1]
-    tps = np.cumsum(y_sorted)[distinct]
-    fps = (distinct + 1) - tps
-    tpr = np.r_[0.0, tps / max(y.sum(), 1)]
-    fpr = np.r_[0.0, fps / max(len(y) - y.sum(), 1)]
+    from sklearn.exceptions import UndefinedMetricWarning
+    from sklearn.metrics import roc_curve as sk_roc_curve
+
+    with warnings.catch_warnings():  # a missing class is handled below
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        fpr, tpr, _ = sk_roc_curve(y, p, drop_intermediate=False)
+    if not y.any():
+        tpr = np.zeros_like(tpr)  # sklearn gives NaN rates for a missing class; 0 keeps KS defined
+    if y.all():
+        fpr = np.zeros_like(fpr)
     return fpr, tpr
 
 
@@ -51,20 +58,24 @@ def ks(y: np.ndarray, p: np.ndarray) -> float:
     return float(np.max(np.abs(tpr - fpr)))
 
 
-def logloss(y: np.ndarray, p: np.ndarray, eps: float = 1e-7) -> float:
+def logloss(y: np.ndarray, p: np.ndarray, eps: float = LOGLOSS_CLIP) -> float:
     y, p = _check(y, p)
-    p = np.clip(p, eps, 1 - eps)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    from sklearn.metrics import log_loss
+
+    return float(log_loss(y, np.clip(p, eps, 1 - eps), labels=[0.0, 1.0]))
 
 
 def brier(y: np.ndarray, p: np.ndarray) -> float:
     y, p = _check(y, p)
-    return float(np.mean((p - y) ** 2))
+    from sklearn.metrics import brier_score_loss
+
+    return float(brier_score_loss(y, p, labels=[0.0, 1.0]))
 
 
 def all_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     a = auc(y, p)
-    return {"auc": a, "ks": ks(y, p), "gini": 2 * a - 1, "logloss": logloss(y, p), "brier": brier(y, p)}
+    values = {"auc": a, "ks": ks(y, p), "gini": 2 * a - 1, "logloss": logloss(y, p), "brier": brier(y, p)}
+    return {k: values[k] for k in METRIC_KEYS}
 
 
 def curves(y: np.ndarray, p: np.ndarray, points: int = 200) -> dict[str, list[float]]:
@@ -72,8 +83,7 @@ def curves(y: np.ndarray, p: np.ndarray, points: int = 200) -> dict[str, list[fl
     (no per-user score leaves). population = share of users at or above each threshold."""
     y, p = _check(y, p)
     fpr, tpr = roc_curve(y, p)
-    order = np.argsort(-p, kind="mergesort")
-    sorted_p = p[order]
+    sorted_p = np.sort(p)[::-1]
     distinct = np.r_[np.where(np.diff(sorted_p))[0], len(p) - 1]
     population = np.r_[0.0, (distinct + 1) / len(p)]
     keep = np.unique(np.linspace(0, len(fpr) - 1, min(points, len(fpr))).round().astype(int))

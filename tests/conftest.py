@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
 from fedscore.shared.data.schema import ColumnSchema, DataSchema, LabelSchema, write_schema
 
 os.environ.setdefault("FEDSCORE_TORCH_THREADS", "1")

@@ -9,13 +9,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+
 from fedscore.clients.parties import make_party
+from fedscore.runs import RunError, party_settings, run_blacklist, run_inprocess
 from fedscore.server.coordinator import Coordinator, check_blacklist
 from fedscore.shared.config import load_config
 from fedscore.shared.data.party_data import table_from_frame
 from fedscore.shared.data.tables import DataError, read_table
-
-from fedscore.runs import RunError, party_settings, run_blacklist, run_inprocess
 from tests.conftest import FAST, SECRET, make_party_data
 from tests.test_protocol import RecordingTransport
 

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from fedscore.shared.data.tables import DataError, numeric_matrix, read_table
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyarrow import ArrowException
 from typer.testing import CliRunner
 
 from fedscore.cli import app
+from fedscore.shared.data.tables import DataError, numeric_matrix, read_table
 from tests.conftest import make_party_data
 
 Mutation = Callable[[Path], None]

@@ -27,14 +27,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import numpy_helper
+
+from fedscore.runs import run_inprocess
 from fedscore.shared.config import load_config
 from fedscore.shared.data.schema import load_schema
 from fedscore.shared.model.manifest import LENDER_FILE, MANIFEST_NAME, PAYMENT_FILE, sha256_file
 from fedscore.shared.model.preprocessing import Scaler, ScalerModule
 from fedscore.shared.scoring.scorecard import ScorecardParams
-from onnx import numpy_helper
-
-from fedscore.runs import run_inprocess
 from tests.conftest import SECRET, fresh_homes, make_party_data
 
 PRIVATE = ["training.rounds=2", "training.local_epochs=1", "training.batch_size=64", "baselines.epochs=2",

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+
 from fedscore.shared.config import ConfigError, load_config
 
 
@@ -37,3 +38,22 @@ def test_bad_file_names_the_file(tmp_path: Path) -> None:
         load_config(path)
     with pytest.raises(ConfigError, match=r"missing\.toml"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_every_budget_form_goes_through_one_parser() -> None:
+    """Node config, `serve payment --budget` and the runner's `--budget party:...` accept and refuse alike."""
+    from fedscore.runs import RunError, apply_budget_overrides
+    from fedscore.shared.privacy.budgets import format_budgets, parse_budgets
+
+    budgets = parse_budgets("lender.labels@payment=2; joint.records@outsider=3")
+    assert budgets == {"lender.labels@payment": 2.0, "joint.records@outsider": 3.0}
+    assert parse_budgets(format_budgets(budgets)) == budgets == parse_budgets(list(format_budgets(budgets).split(";")))
+    assert apply_budget_overrides({"lender": {}}, ["lender:lender.labels@payment=1.5"]) == {
+        "lender": {"lender.labels@payment": 1.5}}
+    for bad, why in (("lender.labels@payment", "expected guarantee=epsilon"), ("lender.labels@payment=x", "number")):
+        with pytest.raises(ValueError, match=why):
+            parse_budgets(bad)
+        with pytest.raises(RunError, match=why):
+            apply_budget_overrides({"lender": {}}, [f"lender:{bad}"])
+    with pytest.raises(RunError, match="party:guarantee=epsilon"):
+        apply_budget_overrides({"lender": {}}, ["bank:lender.labels@payment=1"])

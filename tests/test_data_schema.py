@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
 from fedscore.clients.lender.data import load_lender_table
 from fedscore.clients.payment.data import load_payment_table
-from fedscore.shared.data.schema import load_schema, parse_schema
-
 from fedscore.schema_draft import write_draft
+from fedscore.shared.data.schema import load_schema, parse_schema
 from tests.conftest import make_party_data
 
 GOOD = """

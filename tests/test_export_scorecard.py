@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pandas as pd
 import pytest
 import torch
+
+from fedscore.bundle import assemble_bundle
+from fedscore.clients.lender.scoring import LenderScorer
 from fedscore.clients.payment.features import FEATURE_NAMES
 from fedscore.shared.model.export_onnx import (
     EMBEDDING,
@@ -19,17 +23,16 @@ from fedscore.shared.model.export_onnx import (
     PAYMENT_FILE,
     PAYMENT_INPUT,
     ModelManifest,
-    export_bundle,
     export_lender_part,
     export_payment_part,
     load_manifest,
     sha256_file,
-    synthetic_raw,
     verify_parts,
     write_manifest,
 )
 from fedscore.shared.model.parts import LenderTop, PaymentBottom, init_module
 from fedscore.shared.model.preprocessing import Scaler, heavy_tailed_columns
+from fedscore.shared.scoring.bundle import load_scoring_bundle
 from fedscore.shared.scoring.scorecard import (
     PAYMENT_FACTOR,
     CoarseSignalRules,
@@ -37,8 +40,6 @@ from fedscore.shared.scoring.scorecard import (
     coarse_payment_signals,
     credit_limit,
     decisions,
-    explain,
-    lender_contributions,
     points,
     reason_codes,
     tier,
@@ -93,14 +94,27 @@ def parts() -> dict:
             "model_l": model_l}
 
 
+def _export_run(run_dir: Path, model_p: PaymentBottom, scaler_p: Scaler, model_l: LenderTop, scaler_l: Scaler,
+                reference: list[float], *, feature_definition: dict | None = None, config: dict | None = None,
+                privacy: list[dict] | None = None) -> ModelManifest:
+    """What a run does at export: each party writes its part and sidecar to parties/<party>/export (as their
+    `on_export` does), then the operator assembles RUN_DIR/model with `assemble_bundle`, the production path."""
+    for party, file, model, scaler, sidecar in (
+            ("payment", PAYMENT_FILE, model_p, scaler_p, {"feature_definition": feature_definition}),
+            ("lender", LENDER_FILE, model_l, scaler_l, {"reference": reference})):
+        out = run_dir / "parties" / party / "export"
+        (export_payment_part if party == "payment" else export_lender_part)(model, scaler, out / file)
+        (out / f"{party}_part.json").write_text(json.dumps({"scaler": scaler.to_dict(), **sidecar}))
+    return assemble_bundle(run_dir, {"model": {"embedding_dim": model_l.embedding_dim}, **(config or {})}, privacy)
+
+
 @pytest.fixture(scope="module")
 def bundle(parts: dict, tmp_path_factory: pytest.TempPathFactory):
-    out = tmp_path_factory.mktemp("bundle")
-    manifest = export_bundle(out, parts["model_p"], parts["scaler_p"], parts["model_l"], parts["scaler_l"],
-                             training_config={"rounds": 3}, privacy=[{"mechanism": "none"}],
-                             payment_feature_definition={"version": 1},
-                             lender_reference=[40.0, 3.0, 5000.0, 690.0, 6000.0, 24.0])
-    return out, manifest
+    run = tmp_path_factory.mktemp("run")
+    manifest = _export_run(run, parts["model_p"], parts["scaler_p"], parts["model_l"], parts["scaler_l"],
+                           [40.0, 3.0, 5000.0, 690.0, 6000.0, 24.0], feature_definition={"version": 1},
+                           config={"rounds": 3}, privacy=[{"mechanism": "none"}])
+    return run / "model", manifest
 
 
 # ------------------------------------------------------------------------------------------------------ export
@@ -200,12 +214,6 @@ def test_clipping_is_inside_the_graph(parts: dict, tmp_path) -> None:
     clipped[:5, 0] = [18, 18, 18, 100, 100]
     np.testing.assert_allclose(session.run(["probability"], {LENDER_INPUT: clipped, EMBEDDING: emb[:len(raw)]})[0][:5],
                                onnx_p[:5], atol=1e-7)
-
-
-def test_synthetic_raw_inverts_the_scaler(parts: dict) -> None:
-    raw = synthetic_raw(parts["scaler_p"], 5000, seed=3)
-    scaled = parts["scaler_p"].transform(raw)
-    assert np.abs(scaled.mean(axis=0)).max() < 0.1 and np.abs(scaled.std(axis=0) - 1).max() < 0.1
 
 
 # ---------------------------------------------------------------------------------------------------- manifest
@@ -346,7 +354,7 @@ def test_reason_codes_ranking() -> None:
 
 
 def _reference_rows(scaler: Scaler, n: int, rng: np.random.Generator, noise: float = 0.05) -> np.ndarray:
-    """Raw rows at the scaler's reference (training mean), with small noise in scaled units."""
+    """Raw rows at the scaler's centre, with small noise in scaled units: the rows the tests declare as reference."""
     logged = np.asarray(scaler.mean) + noise * np.asarray(scaler.std) * rng.standard_normal((n, len(scaler.mean)))
     for j, column in enumerate(scaler.columns):
         if column in scaler.log_columns:
@@ -370,9 +378,26 @@ def _logit(model: LenderTop, scaler: Scaler, raw: np.ndarray, emb: np.ndarray) -
         return model(torch.from_numpy(scaler.transform(raw)), torch.from_numpy(emb.astype(np.float32))).numpy()
 
 
-def test_reason_codes_name_the_feature_made_worse(parts: dict) -> None:
+def _scorer(run_dir: Path, model_l: LenderTop, scaler_l: Scaler, reference: np.ndarray) -> LenderScorer:
+    """The production reason codes (occlusion on the exported lender part) for this lender model, with `reference`
+    declared as the lender reference; the payment part only has to fit the embedding width."""
+    scaler_p = Scaler.fit(PAYMENT_COLUMNS, _raw_payment(200, np.random.default_rng(0)), [])
+    model_p = PaymentBottom(len(PAYMENT_COLUMNS), [], model_l.embedding_dim)
+    _export_run(run_dir, model_p, scaler_p, model_l, scaler_l, [float(v) for v in reference])
+    return LenderScorer(load_scoring_bundle(run_dir / "model"))
+
+
+def _reasons(scorer: LenderScorer, features: np.ndarray, embedding: np.ndarray) -> list[list[str]]:
+    _, values, direction = scorer.contributions(features, embedding)
+    sets, index = scorer.reasons(values, direction, np.ones(len(features), dtype=bool))
+    return [sets[i] for i in index]
+
+
+def test_reason_codes_name_the_feature_made_worse(parts: dict, tmp_path: Path) -> None:
     model, scaler = parts["model_l"].eval(), parts["scaler_l"]
-    base = _reference_rows(scaler, 1, np.random.default_rng(5))
+    base = _reference_rows(scaler, 1, np.random.default_rng(5), noise=0.0)
+    scorer = _scorer(tmp_path, model, scaler, base[0])
+    assert scorer.factor_names == [*LENDER_COLUMNS, PAYMENT_FACTOR]
     emb = np.zeros((1, DIM))
     base_logit = _logit(model, scaler, base, emb)[0]
     tested = []
@@ -383,35 +408,35 @@ def test_reason_codes_name_the_feature_made_worse(parts: dict) -> None:
         if max(rise) < 0.1:
             continue  # this feature barely moves this random net near the reference
         worse = shifts[int(np.argmax(rise))]
-        contrib = lender_contributions(model, scaler, worse, emb)
-        assert contrib.factor_names == [*LENDER_COLUMNS, PAYMENT_FACTOR]
-        assert reason_codes(contrib.values, contrib.factor_names)[0][0] == column
-        # integrated gradients add up to the distance from the reference (up to the midpoint rule's error at
-        # the ReLU kinks, which shrinks as 1/steps)
-        np.testing.assert_allclose(contrib.values.sum(axis=1), contrib.logit - contrib.reference_logit, atol=0.01)
+        _, values, _ = scorer.contributions(worse, emb)
+        assert reason_codes(values, scorer.factor_names)[0][0] == column
+        # only this feature differs from the declared reference: occlusion gives it the whole distance from the
+        # reference, and every other factor exactly nothing
+        np.testing.assert_allclose(values.sum(axis=1), _logit(model, scaler, worse, emb) - base_logit, atol=0.01)
+        assert np.count_nonzero(values) == 1
         tested.append(column)
     assert len(tested) >= 4, tested
 
 
-def test_embedding_is_one_coarse_factor(parts: dict) -> None:
+def test_embedding_is_one_coarse_factor(parts: dict, tmp_path: Path) -> None:
     model, scaler = parts["model_l"].eval(), parts["scaler_l"]
     base = _reference_rows(scaler, 2, np.random.default_rng(6))
+    scorer = _scorer(tmp_path, model, scaler, _reference_rows(scaler, 1, np.random.default_rng(6), noise=0.0)[0])
     gen = torch.Generator().manual_seed(0)
     direction = torch.randn(DIM, generator=gen).numpy()
     emb = np.stack([4 * direction, -4 * direction])
-    contrib = lender_contributions(model, scaler, base, emb, embedding_baseline=np.zeros(DIM))
-    assert contrib.values.shape == (2, len(LENDER_COLUMNS) + 1)
-    assert contrib.factor_names.count(PAYMENT_FACTOR) == 1 and len(contrib.factor_names) == len(LENDER_COLUMNS) + 1
-    riskier = int(np.argmax(contrib.logit))
-    reasons = explain(contrib)
+    probability, values, _ = scorer.contributions(base, emb)
+    assert values.shape == (2, len(LENDER_COLUMNS) + 1)
+    assert scorer.factor_names.count(PAYMENT_FACTOR) == 1 and len(scorer.factor_names) == len(LENDER_COLUMNS) + 1
+    riskier = int(np.argmax(probability))
+    reasons = _reasons(scorer, base, emb)
     assert reasons[riskier][0] == "payment_behaviour: payment activity pattern associated with higher risk"
     assert all(not r.startswith(("emb", "embedding")) for row in reasons for r in row)
     # deterministic: the same call gives bit-identical contributions
-    again = lender_contributions(model, scaler, base, emb, embedding_baseline=np.zeros(DIM))
-    assert np.array_equal(contrib.values, again.values)
+    assert np.array_equal(values, scorer.contributions(base, emb)[1])
 
 
-def test_reason_text_follows_the_direction() -> None:
+def test_reason_text_follows_the_direction(tmp_path: Path) -> None:
     columns = ["bureau_score", "existing_debt", "mystery"]
     rng = np.random.default_rng(8)
     raw = np.column_stack([rng.normal(690, 60, 500), np.exp(8 + rng.standard_normal(500)), rng.normal(0, 1, 500)])
@@ -421,10 +446,11 @@ def test_reason_text_follows_the_direction() -> None:
         model.net[0].weight.copy_(torch.tensor([[-1.0, 0.8, 0.5, 0.1, 0.1]]))
         model.net[0].bias.zero_()
     base = _reference_rows(scaler, 3, rng, noise=0.0)
+    scorer = _scorer(tmp_path, model, scaler, base[0])
     base[0, 0] -= 2 * scaler.std[0]  # low bureau score
     base[1, 1] += 2 * scaler.std[1]  # high debt
     base[2, 2] += 2 * scaler.std[2]  # unknown feature, higher
-    reasons = explain(lender_contributions(model, scaler, base, np.zeros((3, 2))), top_k=1)
+    reasons = _reasons(scorer, base, np.zeros((3, 2)))
     assert reasons == [["bureau_score: lower than typical applicants"],
                        ["existing_debt: existing debt higher than typical applicants"],
                        ["mystery: higher than typical applicants"]]

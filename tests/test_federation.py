@@ -10,10 +10,10 @@ import os
 from pathlib import Path
 
 import pytest
-from fedscore.shared.config import load_config
 
 from fedscore.federation import run_federated
 from fedscore.runs import run_inprocess
+from fedscore.shared.config import load_config
 from tests.conftest import FAST, SECRET, fresh_homes
 
 pytestmark = pytest.mark.federation

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from fedscore.shared.metrics import all_metrics, auc, ks
 
 

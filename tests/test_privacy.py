@@ -9,6 +9,10 @@ from pathlib import Path
 import dp_accounting
 import pytest
 import torch
+from pydantic import ValidationError
+
+from fedscore.server.privacy_report import build_privacy_report
+from fedscore.shared.config import load_config
 from fedscore.shared.privacy import (
     BudgetExceeded,
     DpSgdRelease,
@@ -27,15 +31,13 @@ from fedscore.shared.privacy import (
     epsilon_for,
     gaussian_release,
     guarantee_key,
-    guarantees_for,
     label_gradient_release,
     mechanisms_from_dicts,
-    privacy_report,
     randomized_response,
     recompute_from_report,
     resolve_noise_multiplier,
 )
-from pydantic import ValidationError
+from fedscore.shared.privacy.mechanisms import OBSERVERS, Mechanism
 
 DELTA = 1e-5
 N_NOISE = 200_000  # std of the sample std ~ 0.16%: a 2% tolerance catches a 10% error in sigma by a wide margin
@@ -211,8 +213,33 @@ MECHANISM_LISTS = {
 }
 
 
-def test_reported_epsilon_matches_third_party_pld() -> None:
-    guarantees = [g for group in MECHANISM_LISTS.values() for g in privacy_report(group, DELTA)["guarantees"]]
+def _charge_every_view(ledger: Ledger, records: list[Mechanism]) -> None:
+    """Charge each observer (other than the owner) what it sees of these records, as the parties do."""
+    (protects,) = {m.protects for m in records}
+    for against in OBSERVERS:
+        seen = [m for m in records if m.visible_to(against)]
+        if seen and protects.split(".", 1)[0] != against:
+            ledger.charge(seen, guarantee_key(protects, against))
+
+
+def _report(home: Path, groups: list[list[Mechanism]]) -> dict:
+    """privacy-report.json as a run builds it (server/privacy_report.py), from the lifetime ledgers of the parties
+    that own the protected things; each group is one party's charges."""
+    budgets = {guarantee_key(m.protects, against): 1e9 for group in groups for m in group for against in OBSERVERS
+               if m.protects.split(".", 1)[0] != against}
+    ledgers: dict[str, Ledger] = {}
+    for group in groups:
+        party = group[0].protects.split(".", 1)[0]
+        ledger = ledgers.setdefault(party, Ledger(home / party / "ledger.json", budgets, DELTA))
+        _charge_every_view(ledger, group)
+    config = load_config(None, [f"privacy.delta={DELTA}"])
+    return build_privacy_report(config, {party: {"budgets": budgets, "entries": ledger.entries}
+                                         for party, ledger in ledgers.items()}, None)
+
+
+def test_reported_epsilon_matches_third_party_pld(tmp_path: Path) -> None:
+    guarantees = [g for i, group in enumerate(MECHANISM_LISTS.values())
+                  for g in _report(tmp_path / str(i), [group])["guarantees"]]
     report = json.loads(json.dumps({"delta": DELTA, "guarantees": guarantees}))  # what a reader of the JSON gets
     recomputed = recompute_from_report(report)
     assert len(recomputed) == len(report["guarantees"]) >= len(MECHANISM_LISTS)
@@ -223,31 +250,40 @@ def test_reported_epsilon_matches_third_party_pld() -> None:
         assert reported >= pld - 1e-9, guarantee
         assert reported - pld <= max(0.02, 0.01 * pld), guarantee
         assert set(guarantee) == {"protects", "against", "epsilon", "delta", "accountant", "neighbouring",
-                                  "mechanisms"}
+                                  "mechanisms", "status", "view", "scope", "run_epsilon", "runs", "held_by",
+                                  "budget", "per_release"}
     assert accountants <= {"dp_accounting.pld", "opacus.prv"}
     assert "opacus.prv" in accountants  # DP-SGD guarantees went through Opacus' accountant
 
 
-def test_one_protected_thing_needs_one_relation() -> None:
+def test_one_protected_thing_needs_one_relation(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "payment" / "ledger.json", {"payment.features@lender": 1e9}, DELTA)
     with pytest.raises(ValueError, match="neighbouring"):
-        privacy_report([*MECHANISM_LISTS["features: embeddings, add/remove"],
-                        *MECHANISM_LISTS["features: embeddings, replace-one"]], DELTA)
+        ledger.charge([*MECHANISM_LISTS["features: embeddings, add/remove"],
+                       *MECHANISM_LISTS["features: embeddings, replace-one"]], "payment.features@lender")
+    ledger.charge(MECHANISM_LISTS["features: embeddings, add/remove"], "payment.features@lender")
+    with pytest.raises(ValueError, match="neighbouring"):  # nor across charges
+        ledger.charge(MECHANISM_LISTS["features: embeddings, replace-one"], "payment.features@lender")
 
 
-def test_recompute_catches_a_wrong_report() -> None:
-    report = privacy_report(MECHANISM_LISTS["features: embeddings, add/remove"], DELTA)
+def test_recompute_catches_a_wrong_report(tmp_path: Path) -> None:
+    report = _report(tmp_path, [MECHANISM_LISTS["features: embeddings, add/remove"]])
     report["guarantees"][0]["mechanisms"][0]["sensitivity"] = 2.0  # understated in the reported epsilon
     (pld,) = recompute_from_report(report)
     assert pld > report["guarantees"][0]["epsilon"] + 0.5
 
 
-def test_guarantees_per_observer() -> None:
+def test_guarantees_per_observer(tmp_path: Path) -> None:
     dp_sgd = DpSgdRelease(noise_multiplier=1.0, sample_rate=0.01, steps=100, protects="lender.labels",
                           neighbouring="replace_one")
-    found = {g.key: g for g in guarantees_for([label_gradient_release(4.0, 1.0, 2), dp_sgd], DELTA)}
+    report = _report(tmp_path, [[label_gradient_release(4.0, 1.0, 2), dp_sgd]])
+    found = {guarantee_key(g["protects"], g["against"]): g for g in report["guarantees"]}
     assert set(found) == {guarantee_key("lender.labels", "payment"), guarantee_key("lender.labels", "outsider")}
-    assert len(found["lender.labels@payment"].mechanisms) == 2  # the public model is seen by the payment holder too
-    assert found["lender.labels@payment"].epsilon > found["lender.labels@outsider"].epsilon
+    assert len(found["lender.labels@payment"]["mechanisms"]) == 2  # the public model is seen by the payment holder
+    assert found["lender.labels@payment"]["epsilon"] > found["lender.labels@outsider"]["epsilon"]
+    ledger = Ledger(tmp_path / "other" / "lender" / "ledger.json", {"lender.labels@outsider": 1e9}, DELTA)
+    with pytest.raises(ValueError, match="not part of what outsider sees"):  # gradients go to the payment holder
+        ledger.charge([label_gradient_release(4.0, 1.0, 2)], "lender.labels@outsider")
 
 
 # -- calibration ------------------------------------------------------------------------------------------------

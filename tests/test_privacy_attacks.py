@@ -14,17 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
+
+from fedscore.cli import app
 from fedscore.clients.parties import make_party
+from fedscore.runs import RunError, default_budgets, party_settings, prepare_run_dir, run_inprocess
 from fedscore.server.coordinator import Coordinator
 from fedscore.shared.config import FedConfig, load_config
 from fedscore.shared.model.parts import seeded
 from fedscore.shared.privacy import NoiseSource
 from fedscore.shared.protocol.messages import Envelope, unpack_arrays
 from fedscore.shared.protocol.transport import InProcessTransport
-from typer.testing import CliRunner
-
-from fedscore.cli import app
-from fedscore.runs import RunError, default_budgets, party_settings, prepare_run_dir, run_inprocess
 from tests.conftest import SECRET, fresh_homes, make_party_data
 
 LABEL_EPS = 2.0

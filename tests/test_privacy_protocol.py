@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from fedscore.shared.config import load_config
-from fedscore.shared.privacy import recompute_from_report
 
 from fedscore.runs import RunError, default_budgets, run_inprocess
+from fedscore.shared.config import load_config
+from fedscore.shared.privacy import recompute_from_report
 from tests.conftest import SECRET, fresh_homes
 
 PRIVATE = ["training.rounds=3", "training.local_epochs=2", "training.batch_size=64", "training.lr=0.005",
@@ -122,6 +122,7 @@ def test_a_party_with_a_budget_refuses_an_unprotected_run(party_data: tuple[Path
 
 def test_online_answers_are_charged_per_user_worst_case_and_refused_past_the_budget(private_run: Path) -> None:
     import numpy as np
+
     from fedscore.clients.payment.release_guard import LedgerGuard
     from fedscore.clients.payment.served import load_served
     from fedscore.clients.payment.service import ReleaseRefused

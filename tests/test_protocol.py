@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+
 from fedscore.clients.parties import make_party
+from fedscore.runs import RunError, party_settings, run_inprocess
 from fedscore.server.coordinator import Coordinator
 from fedscore.shared.config import load_config
 from fedscore.shared.protocol.messages import Envelope
 from fedscore.shared.protocol.transport import InProcessTransport
-
-from fedscore.runs import RunError, party_settings, run_inprocess
 from tests.conftest import FAST, SECRET, make_party_data
 
 

@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import typer
+from typer.testing import CliRunner
+
 from fedscore.clients.lender.scoring import NO_PAYMENT_REASON, LenderScorer
 from fedscore.clients.lender.service import LenderThread, create_app
 from fedscore.clients.payment.data import load_payment_table
@@ -29,6 +31,8 @@ from fedscore.clients.payment.served import ServedError, ServedVersion, load_ser
 from fedscore.clients.payment.service import NOT_SERVED, PaymentScoringService, ReleaseRefused, build_payment_server
 from fedscore.proto import fedscore_scoring_pb2 as pb2
 from fedscore.proto import fedscore_scoring_pb2_grpc as pb2_grpc
+from fedscore.runs import run_inprocess
+from fedscore.scoring import SCORE_COLUMNS, score_batch, write_scores
 from fedscore.shared.config import FedConfig, load_config
 from fedscore.shared.data.tables import DataError
 from fedscore.shared.model.export_onnx import (
@@ -60,10 +64,6 @@ from fedscore.shared.tls import (
     mutual_tls_channel_credentials,
     mutual_tls_server_credentials,
 )
-from typer.testing import CliRunner
-
-from fedscore.runs import run_inprocess
-from fedscore.scoring import SCORE_COLUMNS, score_batch, write_scores
 from fedscore.synth import synthesize
 from fedscore.torch_parts import load_torch_parts
 from tests.conftest import FAST, SECRET, make_party_data

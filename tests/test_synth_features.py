@@ -8,6 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
 from fedscore.clients.payment.features import (
     CATEGORIES,
     FEATURE_DEFINITION,
@@ -17,12 +23,6 @@ from fedscore.clients.payment.features import (
     features_from_transactions,
 )
 from fedscore.shared.data.tables import DataError
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import train_test_split
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-
 from fedscore.synth import SynthSummary, synthesize
 
 LENDER_COLUMNS = ["age", "income_band", "existing_debt", "bureau_score", "requested_amount", "tenure_months"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from fedscore.shared.data.party_data import PartyTable, table_from_frame, table_with_schema
 from fedscore.shared.data.schema import SCHEMA_FILE, find_schema, impute_frame, load_schema
 from fedscore.shared.data.tables import DataError, find_table, read_table

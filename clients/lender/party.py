@@ -12,12 +12,13 @@ import json
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from fedscore.clients.base import PartyBase, PartySettings, ProtocolError
 from fedscore.clients.lender.data import load_applicants, load_lender_table
 from fedscore.shared.atomic import write_json_atomic, write_text_atomic
 from fedscore.shared.data.party_data import batches
 from fedscore.shared.metrics import all_metrics, curves
-from fedscore.shared.model.parts import LenderTop, init_module, seeded
+from fedscore.shared.model.parts import LenderTop, init_module, lender_model, seeded
 from fedscore.shared.model.preprocessing import Scaler
 from fedscore.shared.protocol.messages import Envelope, pack_arrays, unpack_arrays
 from fedscore.shared.protocol.splits import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, assign_splits
@@ -50,20 +51,20 @@ class LenderParty(PartyBase):
 
     # -- blacklist check: the lender learns which applicants are on the payment holder's fraud list ------------------
     def on_blacklist_request(self, message: Envelope) -> Envelope:
-        from fedscore.shared.alignment.psi import blacklist_request
+        from fedscore.shared.alignment.psi import lender_request
 
-        request, self.state["blacklist_state"] = blacklist_request(load_applicants(self.settings.data_path).ids)
+        request, self.state["blacklist_state"] = lender_request(load_applicants(self.settings.data_path).ids)
         return self.reply(message, payload=request, payload_kind="psi_request")
 
     def on_blacklist_match(self, message: Envelope) -> Envelope:
         """The hits stay here (state_dir/blacklist-hits.csv, for manual review); the reply carries nothing about
         them, not even a count, so neither the coordinator nor the payment holder learns who or how many."""
-        from fedscore.shared.alignment.psi import blacklist_hits
+        from fedscore.shared.alignment.psi import lender_intersection
 
         if "blacklist_state" not in self.state:
             raise ProtocolError("lender: blacklist.match before blacklist.request")
         ids = load_applicants(self.settings.data_path).ids
-        rows = blacklist_hits(self.state.pop("blacklist_state"), ids, message.payload)
+        rows = lender_intersection(self.state.pop("blacklist_state"), ids, message.payload)
         write_text_atomic(self.settings.state_dir / "blacklist-hits.csv", "id\n" + "".join(f"{ids[r]}\n" for r in rows))
         return self.reply(message)
 
@@ -77,12 +78,8 @@ class LenderParty(PartyBase):
     def on_align_match(self, message: Envelope) -> Envelope:
         """PSI client step 2: learn which of our applicants the payment holder has; both sides then order them by
         an HMAC token under the secret the parties share (sorted), which is all the payment holder receives."""
-        from fedscore.shared.alignment.psi import (
-            lender_alignment,
-            lender_intersection,
-            require_intersection,
-            tokens_payload,
-        )
+        from fedscore.shared.alignment.psi import lender_intersection, require_intersection
+        from fedscore.shared.alignment.tokens import lender_alignment, tokens_payload
 
         if "psi_state" not in self.state:
             raise ProtocolError("lender: align.match before align.request")
@@ -144,15 +141,7 @@ class LenderParty(PartyBase):
         return released
 
     def _new_model(self, embedding_dim: int) -> LenderTop:
-        """The federated top model knows the randomized-response flip rate of the labels it learns from, so its
-        probabilities can be debiased; the lender-only baseline (embedding_dim=0) learns clean labels."""
-        privacy = self.config.privacy
-        flip = 0.0
-        if embedding_dim and privacy.enabled and privacy.label_epsilon is not None:
-            from fedscore.shared.privacy import flip_probability
-
-            flip = flip_probability(privacy.label_epsilon)
-        return LenderTop(self.state["x"].shape[1], embedding_dim, self.config.model.lender_hidden, label_flip=flip)
+        return lender_model(self.state["x"].shape[1], embedding_dim, self.config)
 
     def _lender_only_baseline(self) -> dict[str, float | str]:
         """What the lender reaches alone on the same users and split, with clean labels (its own data; only the

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from fedscore.clients.lender.data import load_applicants
 from fedscore.shared.model.manifest import EMBEDDING, LENDER_INPUT, LOGIT, PROBABILITY
 from fedscore.shared.scoring.bundle import ScoringBundle, ordered_matrix, ort_session

@@ -32,12 +32,13 @@ from typing import Annotated
 import grpc
 import numpy as np
 from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
 from fedscore.clients.lender.scoring import LenderScorer, load_applicant_features
 from fedscore.proto import fedscore_scoring_pb2 as pb2
 from fedscore.proto import fedscore_scoring_pb2_grpc as pb2_grpc
 from fedscore.shared.scoring.bundle import ScoringBundle, load_scoring_bundle
 from fedscore.shared.scoring.payment_signals import PaymentSignals
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+
 from fedscore.shared.data.tables import DataError
 
 TRANSACTION_COLUMNS = ["id", "timestamp", "amount", "category", "city", "device", "channel"]

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from fedscore.clients.base import PartyBase, PartySettings, ProtocolError
 from fedscore.clients.payment.data import load_payment_table
 from fedscore.shared.atomic import write_json_atomic
 from fedscore.shared.data.party_data import batches
-from fedscore.shared.model.parts import PaymentBottom, init_module, seeded
+from fedscore.shared.model.parts import PaymentBottom, init_module, payment_model, seeded
 from fedscore.shared.model.preprocessing import Scaler
 from fedscore.shared.protocol.messages import Envelope, pack_arrays, unpack_arrays
 from fedscore.shared.protocol.splits import SPLIT_TRAIN, assign_splits
@@ -56,7 +57,7 @@ class PaymentParty(PartyBase):
     def on_blacklist_respond(self, message: Envelope) -> Envelope:
         """PSI server step against our fraud list (DIR/payment/fraud_list.*): we learn only how many applicants
         were checked, never which of them are on it."""
-        from fedscore.shared.alignment.psi import blacklist_respond
+        from fedscore.shared.alignment.psi import payment_respond
         from fedscore.shared.data.party_data import table_from_frame
         from fedscore.shared.data.tables import find_table, read_table
 
@@ -64,11 +65,11 @@ class PaymentParty(PartyBase):
         frame = read_table(path, ["id"])
         frame["listed"] = 1.0  # table_from_frame wants one value column; the IDs are what matters
         fraud = table_from_frame(frame, path)
-        return self.reply(message, payload=blacklist_respond(message.payload, fraud.ids), payload_kind="psi_response")
+        return self.reply(message, payload=payment_respond(message.payload, fraud.ids), payload_kind="psi_response")
 
     def on_align_accept(self, message: Envelope) -> Envelope:
         """The lender's sorted intersection tokens (HMAC under the parties' secret) -> our rows in that order."""
-        from fedscore.shared.alignment.psi import rows_for_tokens, tokens_from_payload
+        from fedscore.shared.alignment.tokens import rows_for_tokens, tokens_from_payload
 
         aligned = tokens_from_payload(message.payload)
         rows = rows_for_tokens(self.state["ids"], aligned, self.settings.secret_bytes)
@@ -103,10 +104,7 @@ class PaymentParty(PartyBase):
 
     # -- rounds --------------------------------------------------------------------------------------------------
     def _new_model(self) -> PaymentBottom:
-        config = self.config
-        squash = config.privacy.embedding_clip if config.privacy.features_protected else None
-        return PaymentBottom(self.state["x"].shape[1], config.model.payment_hidden, config.model.embedding_dim,
-                             squash_to=squash)
+        return payment_model(self.state["x"].shape[1], self.config)
 
     def _optimizer(self, model: PaymentBottom) -> torch.optim.Optimizer:
         training = self.config.training

@@ -29,6 +29,7 @@ from typing import IO, Any
 
 import numpy as np
 import torch
+
 from fedscore.clients.payment.served import ServedVersion
 from fedscore.clients.payment.service import ReleaseRefused
 from fedscore.shared.atomic import write_json_atomic

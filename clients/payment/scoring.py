@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
 from fedscore.clients.payment.data import load_payment_table
 from fedscore.shared.data.party_data import PartyTable
 from fedscore.shared.model.manifest import EMBEDDING, PAYMENT_INPUT

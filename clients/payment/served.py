@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fedscore.shared.party_home import SERVED_DIR
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedscore.shared.party_home import SERVED_DIR
 
 
 class ServedError(ValueError):

@@ -39,6 +39,7 @@ from typing import Protocol, runtime_checkable
 
 import grpc
 import numpy as np
+
 from fedscore.clients.payment.scoring import PaymentUsers, load_payment_users
 from fedscore.clients.payment.served import ServedVersion
 from fedscore.proto import fedscore_scoring_pb2 as pb2

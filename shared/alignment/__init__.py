@@ -1,2 +1,2 @@
-"""Private ID alignment: ECDH private set intersection (openmined-psi) for training and for the blacklist check,
-with the keyed tokens both parties order their aligned users by (`psi`)."""
+"""Private ID alignment: ECDH private set intersection (openmined-psi) for training and for the blacklist check
+(`psi`), and the keyed tokens both parties order their aligned users by (`tokens`, training only)."""

@@ -8,9 +8,8 @@ Alignment (the lender is the PSI client and learns the intersection; the payment
    packed in a Golomb-compressed set) + the lender's request re-blinded with that key.
 3. lender:  `lender_intersection(state, ids, payload)` -> sorted row indices of the lender's IDs that the payment
    holder also holds. An empty result is the caller's to reject (`require_intersection` -> `EmptyIntersection`).
-4. lender:  `lender_alignment(ids, rows, secret)` -> HMAC tokens of the intersection (sorted) and the lender's rows
-   in that order; `tokens_payload(tokens)` goes to the payment holder, which calls `rows_for_tokens(ids, tokens,
-   secret)` to get its own rows in the same order. Both parties then order the aligned users by token, ascending.
+4. the order both parties share (fedscore.shared.alignment.tokens): HMAC tokens of the intersection, sorted; the
+   lender sends them, the payment holder finds its own rows in the same order.
 
 What each side learns (ECDH-PSI is secure against semi-honest parties under the decisional Diffie-Hellman
 assumption on P-256; each run uses fresh keys, so runs cannot be linked through the blinded values):
@@ -29,10 +28,11 @@ A PSI client can query any IDs it likes: a lender could pad its request with gue
 payment holder has. The payment holder sees the request size, and `payment_respond(max_request=...)` refuses
 requests larger than it agreed to serve.
 
-Blacklist check (`blacklist_request` / `blacklist_respond` / `blacklist_hits`): the same three PSI steps with the
-payment holder's fraud list as the server set. The lender learns which of its applicants are on the list (and the
-list's size); the payment holder learns only the number of applicants and never receives the result -- so the
-lender must not send the hits, or a count of them, back to anyone. No token step follows.
+Blacklist check: the same three PSI steps (`lender_request` on the applicants, `payment_respond` with the payment
+holder's fraud list as the server set, `lender_intersection` -> the rows of listed applicants). The lender learns
+which of its applicants are on the list (and the list's size); the payment holder learns only the number of
+applicants and never receives the result -- so the lender must not send the hits, or a count of them, back to
+anyone. No token step follows.
 
 Speed: each ID costs about four P-256 scalar multiplications in total (lender: hash-to-curve and blind, then
 unblind; payment: blind its own, re-blind the lender's), i.e. roughly 200 CPU-seconds at 1M x 1M. Every step
@@ -58,8 +58,8 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 import private_set_intersection.python as _psi
+
 from fedscore.shared.data.tables import DataError
-from fedscore.shared.protocol.splits import keyed_tokens
 
 DataStructureName = Literal["gcs", "bloom", "raw"]
 
@@ -78,9 +78,7 @@ _DATA_STRUCTURES = {
 
 _REQUEST_MAGIC = b"FPQ1"  # lender -> payment: PSI request
 _RESPONSE_MAGIC = b"FPR1"  # payment -> lender: setup + response
-_TOKENS_MAGIC = b"FPT1"  # lender -> payment: sorted alignment tokens
 _STATE_FORMAT = "fedscore-psi-lender/1"
-_TOKEN_BYTES = 16
 _MIN_CHUNK = 20_000  # below this a thread pool costs more than it saves
 
 T = TypeVar("T")
@@ -192,7 +190,7 @@ def _map(fn: Callable[[T], R], chunks: Sequence[T], workers: int) -> list[R]:
 
 
 # -- framing ------------------------------------------------------------------------------------------------------
-def _expect_magic(payload: bytes, magic: bytes, what: str) -> bytes:
+def expect_magic(payload: bytes, magic: bytes, what: str) -> bytes:
     if not isinstance(payload, bytes | bytearray | memoryview) or bytes(payload[:len(magic)]) != magic:
         raise PayloadError(f"not a {what} payload (wrong step or corrupted)")
     return bytes(payload[len(magic):])
@@ -248,7 +246,7 @@ def payment_respond(request: bytes, ids: Sequence[object], fpr: float = 1e-9, *,
         raise ValueError(f"data_structure must be one of {sorted(_DATA_STRUCTURES)}, not {data_structure!r}")
     if not 0.0 < fpr < 1.0:
         raise ValueError(f"fpr must be in (0, 1), got {fpr}")
-    parsed = _parse(_psi.Request(), _expect_magic(request, _REQUEST_MAGIC, "PSI request"), "PSI request")
+    parsed = _parse(_psi.Request(), expect_magic(request, _REQUEST_MAGIC, "PSI request"), "PSI request")
     n_request = len(parsed.encrypted_elements)
     if n_request == 0 or not parsed.reveal_intersection:
         raise PayloadError("PSI request is empty or does not ask for the intersection")
@@ -315,7 +313,7 @@ def lender_intersection(state: bytes, ids: Sequence[object], payload: bytes, *,
     items = check_ids(ids, "lender IDs")
     if len(items) != saved["n"] or _ids_digest(items) != saved["ids_sha256"]:
         raise PayloadError("lender IDs differ from those the PSI request was made from")
-    body = _expect_magic(payload, _RESPONSE_MAGIC, "PSI response")
+    body = expect_magic(payload, _RESPONSE_MAGIC, "PSI response")
     if len(body) < 8:
         raise PayloadError("truncated PSI response")
     (setup_len,) = struct.unpack(">Q", body[:8])
@@ -341,90 +339,3 @@ def lender_intersection(state: bytes, ids: Sequence[object], payload: bytes, *,
 
     found = [i for part in _map(unblind, chunks, workers) for i in part]
     return np.unique(np.asarray(found, dtype=np.int64))
-
-
-# -- ordering both parties share ----------------------------------------------------------------------------------
-def aligned_tokens(intersection_ids: Sequence[object], secret: bytes) -> np.ndarray:
-    """HMAC tokens (fedscore.shared.protocol.splits.keyed_tokens, 16 bytes) of the intersection IDs, sorted ascending.
-
-    Sorting by a keyed hash gives both parties the same order without revealing anything the coordinator could link
-    to an ID, and without the order depending on either party's row order.
-    """
-    items = check_ids(intersection_ids, "intersection IDs")
-    tokens = np.sort(keyed_tokens(items, secret))
-    if len(np.unique(tokens)) != len(tokens):  # a 128-bit collision: practically impossible, but fail loudly
-        raise DataError("intersection IDs: two IDs share an alignment token")
-    return tokens
-
-
-def lender_alignment(ids: Sequence[object], rows: np.ndarray, secret: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """Step 4 (lender): the sorted tokens to send (via `tokens_payload`) and its own rows in that same order."""
-    items = check_ids(ids, "lender IDs")
-    rows = np.asarray(rows, dtype=np.int64)
-    tokens = keyed_tokens([items[i] for i in rows.tolist()], secret)
-    order = np.argsort(tokens, kind="stable")
-    tokens = tokens[order]
-    if len(tokens) > 1 and not (tokens[1:] > tokens[:-1]).all():
-        raise DataError("lender IDs: two IDs share an alignment token")
-    return tokens, rows[order]
-
-
-def rows_for_tokens(my_ids: Sequence[object], tokens: np.ndarray, secret: bytes) -> np.ndarray:
-    """Row indices of `my_ids` whose tokens are `tokens` (sorted, unique), in the tokens' order.
-
-    Raises DataError if a token matches none of my IDs: the parties hold different secrets, an ID list changed
-    since PSI, or PSI returned a false positive -- in every case the alignment would be wrong, so it stops here.
-    """
-    tokens = np.asarray(tokens)
-    if tokens.dtype != np.dtype(f"S{_TOKEN_BYTES}"):
-        raise PayloadError(f"alignment tokens must be {_TOKEN_BYTES}-byte strings, got dtype {tokens.dtype}")
-    require_intersection(tokens, "alignment tokens")
-    if len(tokens) > 1 and not (tokens[1:] > tokens[:-1]).all():
-        raise PayloadError("alignment tokens are not sorted ascending and unique")
-    items = check_ids(my_ids, "my IDs")
-    mine = keyed_tokens(items, secret)
-    order = np.argsort(mine, kind="stable")
-    sorted_mine = mine[order]
-    at = np.minimum(np.searchsorted(sorted_mine, tokens), len(sorted_mine) - 1)
-    found = sorted_mine[at] == tokens
-    if not found.all():
-        missing = int((~found).sum())
-        raise DataError(f"{missing} of {len(tokens)} alignment token(s) match none of my IDs (different shared "
-                        "secret, changed ID list, or a PSI false positive)")
-    return order[at].astype(np.int64)
-
-
-def tokens_payload(tokens: np.ndarray) -> bytes:
-    """Sorted tokens as a payload: a 4-byte tag and 16 bytes per aligned user (the coordinator learns the count)."""
-    tokens = np.asarray(tokens)
-    if tokens.dtype != np.dtype(f"S{_TOKEN_BYTES}"):
-        raise PayloadError(f"alignment tokens must be {_TOKEN_BYTES}-byte strings, got dtype {tokens.dtype}")
-    return _TOKENS_MAGIC + np.ascontiguousarray(tokens).tobytes()
-
-
-def tokens_from_payload(payload: bytes) -> np.ndarray:
-    body = _expect_magic(payload, _TOKENS_MAGIC, "alignment tokens")
-    if len(body) % _TOKEN_BYTES:
-        raise PayloadError(f"alignment tokens payload of {len(body)} bytes is not a multiple of {_TOKEN_BYTES}")
-    return np.frombuffer(body, dtype=f"S{_TOKEN_BYTES}").copy()
-
-
-# -- blacklist check ----------------------------------------------------------------------------------------------
-def blacklist_request(applicant_ids: Sequence[object], *, workers: int | None = None) -> tuple[bytes, bytes]:
-    """Lender: blind its applicants' IDs (step 1). The payment holder learns only how many applicants there are."""
-    return lender_request(applicant_ids, workers=workers)
-
-
-def blacklist_respond(request: bytes, fraud_ids: Sequence[object], fpr: float = 1e-9, *,
-                      data_structure: DataStructureName = DEFAULT_DATA_STRUCTURE, max_request: int | None = None,
-                      workers: int | None = None) -> bytes:
-    """Payment holder: answer with its fraud list (step 2). It receives nothing afterwards, so learns no result."""
-    return payment_respond(request, fraud_ids, fpr, data_structure=data_structure, max_request=max_request,
-                           workers=workers)
-
-
-def blacklist_hits(state: bytes, applicant_ids: Sequence[object], payload: bytes, *,
-                   workers: int | None = None) -> np.ndarray:
-    """Lender: sorted rows of its applicants on the fraud list (may be empty). Keep them: sending them, or their
-    count, anywhere would tell the payment holder or the coordinator about applicants."""
-    return lender_intersection(state, applicant_ids, payload, workers=workers)

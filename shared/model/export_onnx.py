@@ -10,10 +10,10 @@ Exporter: the legacy TorchScript exporter (`torch.onnx.export(..., dynamo=False)
 it takes ~0.1 s per part, against ~2 s for the dynamo exporter, and produces the same operators (MatMul/Gemm, Relu,
 Log, Sign, Abs, Where, Sigmoid). torch is pinned, so its deprecation warning is silenced here on purpose.
 
-The manifest (`manifest.json`) names both files with their sha256, the feature order each part expects, the
-training config, the privacy guarantees spent and the scorecard policy (no metrics: see shared/model/manifest.py).
-`load_manifest` refuses a bundle whose files do not hash to what the manifest says, so a swapped or corrupted part
-fails loudly before scoring.
+Each party exports only its own part (its `on_export`); the operator gathers both into RUN_DIR/model with the
+manifest (fedscore/bundle.py, `assemble_bundle`; the manifest model is shared/model/manifest.py, re-exported here).
+`describe_part` reads a part's manifest entry from the file itself. `verify_parts` checks an export against the
+training-time path (numpy Scaler + torch): tests use it, scoring never does.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+
 from fedscore.shared.model.manifest import (  # noqa: F401 - re-exported: the names exporters and scorers share
     EMBEDDING,
     FORMAT_VERSION,
@@ -46,8 +47,6 @@ from fedscore.shared.model.manifest import (  # noqa: F401 - re-exported: the na
 )
 from fedscore.shared.model.parts import LenderTop, PaymentBottom
 from fedscore.shared.model.preprocessing import Scaler
-from fedscore.shared.scoring.scorecard import ScorecardParams
-from torch import nn
 
 OPSET = 17
 BATCH = "batch"
@@ -88,10 +87,6 @@ def _check_width(model: nn.Module, expected: int, party: str) -> None:
     if first.in_features != expected:
         raise ValueError(f"{party} model takes {first.in_features} inputs but its scaler (+ embedding) gives "
                          f"{expected}: model and scaler do not belong together")
-
-
-def _embedding_dim(model: PaymentBottom) -> int:
-    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
 
 
 @contextlib.contextmanager
@@ -178,18 +173,13 @@ def describe_part(path: Path, scaler: Scaler) -> PartManifest:
 # ------------------------------------------------------------------------------------------------ verification
 
 
-def _session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1  # tiny graphs; see fedscore.shared.model.parts.configure_torch
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def onnx_score(payment_onnx: Path, lender_onnx: Path, raw_p: np.ndarray, raw_l: np.ndarray) -> np.ndarray:
-    """Probability of default from raw feature rows of both parties, using onnxruntime only (rows aligned)."""
-    embedding = _session(payment_onnx).run([EMBEDDING], {PAYMENT_INPUT: np.asarray(raw_p, dtype=np.float32)})[0]
-    return _session(lender_onnx).run([PROBABILITY], {LENDER_INPUT: np.asarray(raw_l, dtype=np.float32),
+    """Probability of default from raw feature rows of both parties, using onnxruntime only (rows aligned), with
+    the sessions the scorers open."""
+    from fedscore.shared.scoring.bundle import ort_session
+
+    embedding = ort_session(payment_onnx).run([EMBEDDING], {PAYMENT_INPUT: np.asarray(raw_p, dtype=np.float32)})[0]
+    return ort_session(lender_onnx).run([PROBABILITY], {LENDER_INPUT: np.asarray(raw_l, dtype=np.float32),
                                                      EMBEDDING: embedding})[0]
 
 
@@ -212,48 +202,3 @@ def verify_parts(payment_onnx: Path, lender_onnx: Path, model_p: PaymentBottom, 
     if onnx_p.shape != torch_p.shape:
         raise ValueError(f"ONNX gives shape {onnx_p.shape}, torch {torch_p.shape}")
     return float(np.max(np.abs(onnx_p.astype(np.float64) - torch_p.astype(np.float64)))) if len(onnx_p) else 0.0
-
-
-def synthetic_raw(scaler: Scaler, n: int, seed: int = 0) -> np.ndarray:
-    """Raw rows whose scaled values are standard normal (signed log undone on log columns): realistic inputs,
-    including heavy tails, for checking an export when no real rows are at hand."""
-    rng = np.random.default_rng(seed)
-    scaled = rng.standard_normal((n, len(scaler.columns)))
-    logged = scaled * np.asarray(scaler.std) + np.asarray(scaler.mean)
-    for j, column in enumerate(scaler.columns):
-        if column in scaler.log_columns:
-            logged[:, j] = np.sign(logged[:, j]) * np.expm1(np.abs(logged[:, j]))
-    return logged.astype(np.float32)
-
-
-def export_bundle(directory: Path, model_p: PaymentBottom, scaler_p: Scaler, model_l: LenderTop, scaler_l: Scaler,
-                  *, training_config: dict[str, Any] | None = None,
-                  privacy: list[dict[str, Any]] | None = None, scorecard: ScorecardParams | None = None,
-                  payment_feature_definition: dict[str, Any] | None = None,
-                  lender_reference: list[float] | None = None, tolerance: float = 1e-4,
-                  check_rows: int = 256) -> ModelManifest:
-    """Export both parts into `directory`, check them against torch, and write the manifest last.
-
-    The manifest is written only after both files exist and agree with torch within `tolerance` on
-    `check_rows` synthetic rows, so a folder with a manifest is always a usable bundle.
-    """
-    directory = Path(directory)
-    dim = _embedding_dim(model_p)
-    if dim != model_l.embedding_dim:
-        raise ValueError(f"payment model outputs {dim}-dim embeddings but the lender model expects "
-                         f"{model_l.embedding_dim}")
-    payment_path, lender_path = directory / PAYMENT_FILE, directory / LENDER_FILE
-    export_payment_part(model_p, scaler_p, payment_path)
-    export_lender_part(model_l, scaler_l, lender_path)
-    raw_p, raw_l = synthetic_raw(scaler_p, check_rows, 1), synthetic_raw(scaler_l, check_rows, 2)
-    diff = verify_parts(payment_path, lender_path, model_p, scaler_p, model_l, scaler_l, raw_p, raw_l)
-    if not diff <= tolerance:
-        raise ValueError(f"exported parts disagree with torch: max |dp| = {diff:.3g} > {tolerance:g}")
-    manifest = ModelManifest(
-        parts={"payment": describe_part(payment_path, scaler_p), "lender": describe_part(lender_path, scaler_l)},
-        embedding_dim=dim, training_config=training_config or {}, privacy=privacy or [],
-        scorecard=scorecard or ScorecardParams(), payment_feature_definition=payment_feature_definition,
-        lender_reference=lender_reference,
-    )
-    write_manifest(directory, manifest)
-    return manifest

@@ -13,14 +13,14 @@ Format 2 is the first with these rules; a format-1 bundle is refused and must be
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from fedscore.shared.scoring.scorecard import ScorecardParams
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fedscore.shared.atomic import write_text_atomic
+from fedscore.shared.scoring.scorecard import ScorecardParams
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = "2"  # 2: no metrics, no embedding baseline; declared references
@@ -97,22 +97,10 @@ class ModelManifest(BaseModel):
 
 
 def write_manifest(directory: Path, manifest: ModelManifest) -> Path:
-    """Write `manifest.json` atomically (temp file + rename), so a reader never sees half a manifest."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / MANIFEST_NAME
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(manifest.model_dump_json(indent=2))
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `manifest.json` atomically (temp file + rename), so a reader never sees half a manifest; world-readable,
+    as the bundle is meant to be handed on."""
+    target = Path(directory) / MANIFEST_NAME
+    write_text_atomic(target, manifest.model_dump_json(indent=2) + "\n", mode=0o644)
     return target
 
 

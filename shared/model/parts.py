@@ -7,8 +7,13 @@ weights.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from fedscore.shared.config import FedConfig
 
 
 def mlp(sizes: list[int], out_activation: nn.Module | None = None) -> nn.Sequential:
@@ -64,6 +69,26 @@ class LenderTop(nn.Module):
         p = torch.sigmoid(self.forward(x, embedding))
         floor = torch.where(self.label_flip > 0, 1e-3, 1e-7)
         return ((p - self.label_flip) / (1 - 2 * self.label_flip)).clamp(floor, 1 - floor)
+
+
+def payment_model(n_features: int, config: FedConfig) -> PaymentBottom:
+    """The payment part exactly as the payment party builds it: squashed into the embedding clip ball when its
+    embeddings are noised (the squash is not a parameter, so a state dict alone cannot restore it)."""
+    squash = config.privacy.embedding_clip if config.privacy.features_protected else None
+    return PaymentBottom(n_features, config.model.payment_hidden, config.model.embedding_dim, squash_to=squash)
+
+
+def lender_model(n_features: int, embedding_dim: int, config: FedConfig) -> LenderTop:
+    """The lender part exactly as the lender party builds it. The federated top model knows the randomized-response
+    flip rate of the labels it learns from, so its probabilities can be debiased; the lender-only baseline
+    (embedding_dim=0) learns clean labels."""
+    privacy = config.privacy
+    flip = 0.0
+    if embedding_dim and privacy.enabled and privacy.label_epsilon is not None:
+        from fedscore.shared.privacy import flip_probability
+
+        flip = flip_probability(privacy.label_epsilon)
+    return LenderTop(n_features, embedding_dim, config.model.lender_hidden, label_flip=flip)
 
 
 def configure_torch() -> None:

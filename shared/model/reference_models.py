@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from fedscore.shared.data.party_data import batches
 from fedscore.shared.metrics import all_metrics, auc
 from fedscore.shared.model.parts import LenderTop, init_module, seeded

@@ -1,9 +1,11 @@
-"""Differential privacy for fedscore: mechanisms as records, the noise, accounting, calibration, budgets.
+"""Differential privacy for fedscore: mechanisms as records, the noise, accounting, calibration, budgets, DP-SGD.
 
-Flow: a party builds a record (`mechanisms`), charges it to its own lifetime `Ledger` before anything leaves,
-draws the noise (`noise`) from a CSPRNG (`secure_random`), and the report lists every guarantee in a form a third
-party can recompute (`accounting.recompute_from_report`). Opacus is imported lazily (the PRV accountant and
-DP-SGD need it).
+Flow: a party builds a record (`mechanisms`), charges it to its own lifetime `Ledger` (`ledger`) before anything
+leaves, and draws the noise (`noise`, `dp_sgd`) from a CSPRNG (`secure_random`). The operator's privacy report
+(server/privacy_report.py) is built from the parties' ledgers, in a form a third party can recompute
+(`accounting.recompute_from_report`). Opacus is imported lazily, inside the functions that run it (the PRV
+accountant in `accounting`, DP-SGD in `dp_sgd`); `dp_sgd` is not re-exported here, so importing this package
+never loads it.
 """
 
 from fedscore.shared.privacy.accounting import (
@@ -11,8 +13,6 @@ from fedscore.shared.privacy.accounting import (
     account,
     account_guarantee,
     epsilon_for,
-    guarantees_for,
-    privacy_report,
     recompute_from_report,
 )
 from fedscore.shared.privacy.calibrate import (
@@ -63,12 +63,10 @@ __all__ = [
     "flip_probability",
     "gaussian_release",
     "guarantee_key",
-    "guarantees_for",
     "label_gradient_release",
     "mechanism_from_dict",
     "mechanisms_from_dicts",
     "noise_source",
-    "privacy_report",
     "randomized_response",
     "recompute_from_report",
     "resolve_noise_multiplier",

@@ -26,6 +26,8 @@ import dp_accounting
 import numpy as np
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
+from pydantic import BaseModel, ConfigDict
+
 from fedscore.shared.privacy.mechanisms import (
     OBSERVERS,
     DpSgdRelease,
@@ -37,7 +39,6 @@ from fedscore.shared.privacy.mechanisms import (
     flip_probability,
     guarantee_key,
 )
-from pydantic import BaseModel, ConfigDict
 
 ACCOUNTANT_PLD = "dp_accounting.pld"
 ACCOUNTANT_PRV = "opacus.prv"
@@ -192,23 +193,6 @@ def account_guarantee(protects: str, against: Observer, mechanisms: Sequence[Mec
     epsilon, accountant = account(mechanisms, delta)
     return Guarantee(protects=protects, against=against, neighbouring=common_neighbouring(mechanisms),
                      mechanisms=mechanisms, epsilon=epsilon, delta=delta, accountant=accountant)
-
-
-def guarantees_for(mechanisms: Sequence[Mechanism], delta: float) -> list[Guarantee]:
-    """Every guarantee the records imply: per protected thing, per observer other than its owner that sees any."""
-    guarantees = []
-    for protects in dict.fromkeys(m.protects for m in mechanisms):
-        mine = [m for m in mechanisms if m.protects == protects]
-        for against in OBSERVERS:
-            seen = [m for m in mine if m.visible_to(against)]
-            if seen and protects.split(".", 1)[0] != against:
-                guarantees.append(account_guarantee(protects, against, seen, delta))
-    return guarantees
-
-
-def privacy_report(mechanisms: Sequence[Mechanism], delta: float) -> dict[str, Any]:
-    """The report's "privacy" section: {"delta": d, "guarantees": [...]}."""
-    return {"delta": delta, "guarantees": [g.to_dict() for g in guarantees_for(mechanisms, delta)]}
 
 
 # -- third-party recomputation ----------------------------------------------------------------------------------

@@ -5,6 +5,13 @@ guarantee; `resolve_noise_multiplier` accepts exactly one of the two. Targets ar
 setting is verified with `accounting.account` (the reporting path), so the reported epsilon is <= target, and is
 within ~`rtol` of the noise that would hit the target exactly. `already` lets a caller spend only what is left of
 a budget: the new release is calibrated composed with records already in the ledger.
+
+Why our own bisection and not `dp_accounting.mechanism_calibration.calibrate_dp_mechanism`: that function searches
+with a dp-accounting accountant (PLD or RDP) built from a DpEvent factory, while the epsilon we report is
+`accounting.account`, the larger of dp-accounting's PLD and Opacus' PRV (PRV is not a dp-accounting accountant).
+Calibrating on PLD alone could return a noise whose reported (PRV) epsilon is above the target. Searching on the
+very function that reports, and re-checking the result with it, is what makes "reported eps <= target" exact; the
+search itself is twenty lines.
 """
 
 from __future__ import annotations

@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
+
 from fedscore.shared.config import PrivacyConfig
 from fedscore.shared.privacy.secure_random import NoiseSource
-from torch import nn
 
 if TYPE_CHECKING:
     from fedscore.shared.privacy import DpSgdRelease

@@ -8,6 +8,7 @@ in `mechanisms`; the docstring says which.
 from __future__ import annotations
 
 import torch
+
 from fedscore.shared.privacy.mechanisms import flip_probability
 from fedscore.shared.privacy.secure_random import NoiseSource
 

@@ -6,8 +6,9 @@ The header travels as JSON in a ConfigRecord; the opaque payload as one uint8 Ar
 from __future__ import annotations
 
 import numpy as np
-from fedscore.shared.protocol.messages import Envelope, Header
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from fedscore.shared.protocol.messages import Envelope, Header
 
 MESSAGE_TYPE = "query.fedscore"
 WHOAMI_TYPE = "query.whoami"

@@ -5,8 +5,8 @@ with the same messages, before any applicant is scored: a manifest whose parts d
 whose inputs are not the ones the manifest names, or a lender reference (declared in the lender's schema) of the
 wrong width. Checking once here means a scorer never finds out halfway through a file.
 
-Only onnxruntime runs the parts. (`fedscore.shared.model.export_onnx`, where the manifest model lives, imports torch at
-module level, so importing it loads torch; nothing here runs it.)
+Only onnxruntime runs the parts, and nothing here imports torch: the manifest model comes from
+`fedscore.shared.model.manifest` (pydantic and hashlib only), not from `export_onnx`, which imports torch.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
 from fedscore.shared.data.party_data import PartyTable
 from fedscore.shared.data.tables import DataError
 from fedscore.shared.model.manifest import (

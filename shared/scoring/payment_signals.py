@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from fedscore.shared.scoring.scorecard import SPEND_LEVELS, STABILITIES
 
 NEUTRAL_SPEND = "mid"

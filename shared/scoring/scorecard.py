@@ -14,19 +14,12 @@ Everything is vectorised numpy over applicants; the policy is a pydantic model s
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-if TYPE_CHECKING:
-    from fedscore.shared.model.parts import LenderTop
-    from fedscore.shared.model.preprocessing import Scaler
 
 SPEND_LEVELS = ("low", "mid", "high")
 STABILITIES = ("stable", "unstable")
@@ -231,65 +224,10 @@ def coarse_payment_signals(features: pd.DataFrame, rules: CoarseSignalRules | No
 
 
 # ---------------------------------------------------------------------------------------------- reason codes
-
-
-@dataclass
-class Contributions:
-    """Per applicant and factor, the share of (logit - reference logit) the factor accounts for.
-
-    `values` [N, F]: positive = pushed the default logit up = lowered the score. `direction` [N, F]: sign of the
-    applicant's raw value minus the reference (+1 higher, -1 lower, 0 equal; always 0 for payment_behaviour).
-    """
-
-    values: np.ndarray
-    factor_names: list[str]
-    direction: np.ndarray
-    logit: np.ndarray
-    reference_logit: float
-
-
-def lender_contributions(model: LenderTop, scaler: Scaler, raw_lender: np.ndarray, embedding: np.ndarray,
-                         embedding_baseline: np.ndarray | None = None, steps: int = 128) -> Contributions:
-    """Integrated gradients of the default logit, one factor per lender feature plus the whole embedding as one.
-
-    Why integrated gradients: the contributions add up (to the integration error) to logit - reference logit, so
-    the reasons explain exactly how far the applicant sits from the reference, and interactions are shared out
-    rather than double counted as one-at-a-time replacement would. Reference: the training mean of every lender
-    feature (0 after scaling) and `embedding_baseline` (pass the mean training embedding; zeros if None). The
-    embedding's dimensions are summed into the single factor "payment_behaviour", so no payment feature, and no
-    embedding coordinate, is ever named. Deterministic: a fixed midpoint rule with `steps` points, in float64 on a
-    copy of the model.
-    """
-    import torch
-
-    x = torch.from_numpy(scaler.transform(np.asarray(raw_lender)).astype(np.float64))
-    e = torch.as_tensor(np.asarray(embedding, dtype=np.float64))
-    n, n_lender = x.shape
-    if e.shape != (n, model.embedding_dim):
-        raise ValueError(f"embedding has shape {tuple(e.shape)}, expected ({n}, {model.embedding_dim})")
-    e0 = torch.zeros(model.embedding_dim, dtype=torch.float64) if embedding_baseline is None else \
-        torch.as_tensor(np.asarray(embedding_baseline, dtype=np.float64)).reshape(model.embedding_dim)
-    net = copy.deepcopy(model).double().eval()
-    for parameter in net.parameters():
-        parameter.requires_grad_(False)
-    x0 = torch.zeros(n_lender, dtype=torch.float64)
-    grad_x = torch.zeros_like(x)
-    grad_e = torch.zeros_like(e)
-    for alpha in (np.arange(steps, dtype=np.float64) + 0.5) / steps:
-        xi = (x0 + alpha * (x - x0)).requires_grad_(True)
-        ei = (e0 + alpha * (e - e0)).requires_grad_(True)
-        gx, ge = torch.autograd.grad(net(xi, ei).sum(), (xi, ei))
-        grad_x += gx
-        grad_e += ge
-    with torch.no_grad():
-        logit = net(x, e).numpy()
-        reference = float(net(x0[None], e0[None])[0])
-    lender = ((x - x0) * grad_x / steps).numpy()
-    payment = ((e - e0) * grad_e / steps).sum(dim=1, keepdim=True).numpy()
-    direction = np.concatenate([np.sign(x.numpy()).astype(np.int8), np.zeros((n, 1), dtype=np.int8)], axis=1)
-    return Contributions(values=np.concatenate([lender, payment], axis=1),
-                         factor_names=[*scaler.columns, PAYMENT_FACTOR], direction=direction, logit=logit,
-                         reference_logit=reference)
+# The contributions are computed by occlusion on the lender's ONNX part (fedscore.clients.lender.scoring): a factor's
+# contribution is logit(applicant) - logit(applicant with that factor at its reference), where the reference is the
+# value declared in the lender's schema for a lender feature and the zero embedding for the payment side. Here:
+# only ranking them and wording them.
 
 
 def reason_codes(contributions: np.ndarray, factor_names: list[str], top_k: int = 3) -> list[list[str]]:
@@ -329,12 +267,3 @@ def reason_text(factor: str, direction: int = 0, texts: dict[str, dict[int, str]
     if direction:
         return f"{factor}: {'higher' if direction > 0 else 'lower'} than typical applicants"
     return f"{factor}: associated with higher risk"
-
-
-def explain(contributions: Contributions, top_k: int = 3,
-            texts: dict[str, dict[int, str]] | None = None) -> list[list[str]]:
-    """Human-readable reasons per applicant, from `lender_contributions`."""
-    codes = reason_codes(contributions.values, contributions.factor_names, top_k)
-    column = {name: j for j, name in enumerate(contributions.factor_names)}
-    return [[reason_text(code, int(contributions.direction[i, column[code]]), texts) for code in row]
-            for i, row in enumerate(codes)]
