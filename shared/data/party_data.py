@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-
 from fedscore.shared.data.tables import DataError, numeric_matrix
 
 if TYPE_CHECKING:

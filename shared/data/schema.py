@@ -36,9 +36,8 @@ from typing import Literal, Self
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
 from fedscore.shared.data.tables import DataError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SCHEMA_FILE = "schema.toml"
 SCHEMA_HELP = ("declare public bounds for each column (see README, 'Data schema'); `fedscore data schema --table "
