@@ -7,7 +7,6 @@ in-process transport runs the very same code, which is why both paths give the s
 
 from __future__ import annotations
 
-import json
 import math
 import traceback
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
 from fedscore.shared.atomic import atomic_write, write_json_atomic
 from fedscore.shared.config import FedConfig
@@ -24,11 +24,15 @@ from fedscore.shared.data.tables import DataError
 from fedscore.shared.model.parts import configure_torch
 from fedscore.shared.model.preprocessing import Scaler
 from fedscore.shared.party_home import LEDGER_FILE
-from fedscore.shared.protocol.messages import Envelope, Header
+from fedscore.shared.protocol.bodies import Body, LedgerReport, SetupRequest
+from fedscore.shared.protocol.messages import Envelope, Header, MessageKind, UnexpectedBody
 
 if TYPE_CHECKING:
     from fedscore.shared.privacy import Ledger
+    from fedscore.shared.privacy.dp_sgd import BatchLoss, DpSgdPlan
     from fedscore.shared.privacy.secure_random import NoiseSource
+
+Handler = Callable[[Envelope], Envelope]
 
 
 class PartySettings(BaseModel):
@@ -69,7 +73,8 @@ class PartyBase:
         configure_torch()
         self.state: dict[str, Any] = {}
         self._loaded = False
-        self.handlers: dict[str, Callable[[Envelope], Envelope]] = {}
+        self._config: tuple[str, FedConfig] | None = None  # (the state's config JSON, parsed): see `config`
+        self.handlers: dict[MessageKind, Handler] = {}
 
     # -- state ---------------------------------------------------------------------------------------------------
     @property
@@ -86,9 +91,14 @@ class PartyBase:
 
     @property
     def config(self) -> FedConfig:
+        """The run config from this party's state, parsed once per handled message: `handle` forgets the parsed
+        copy before and after each message, and a new config in the state (setup) is parsed afresh."""
         if "config" not in self.state:
             raise ProtocolError(f"{self.name}: no setup received yet")
-        return FedConfig.model_validate_json(self.state["config"])
+        raw = self.state["config"]
+        if self._config is None or self._config[0] is not raw:
+            self._config = (raw, FedConfig.model_validate_json(raw))
+        return self._config[1]
 
     def fresh_state(self, message: Envelope, table: PartyTable) -> dict[str, Any]:
         """The state every party starts a run with: the run config, its IDs, and its features scaled by the scaler
@@ -98,8 +108,8 @@ class PartyBase:
         state directory, nowhere else."""
         if table.schema is None:
             raise DataError(f"{table.source}: no schema: training needs the party's declared public bounds")
-        info = message.header.info
-        self.state = {"config": str(info["config"]), "run_id": str(info.get("run_id", ""))}
+        setup = message.header.expect(SetupRequest)
+        self.state = {"config": setup.config.model_dump_json(), "run_id": setup.run_id}
         scaler = self._standardisation(Scaler.from_schema(table.schema), table)
         write_json_atomic(self.settings.state_dir / "data-report.json", {"source": table.source, **table.report})
         return {**self.state, "ids": table.ids, "scaler": scaler.to_dict(),
@@ -147,44 +157,66 @@ class PartyBase:
         return Ledger(self.settings.home / LEDGER_FILE, self.settings.budgets, self.config.privacy.delta,
                       party=self.name, run=self.run_id)
 
-    def _ledger_info(self) -> dict[str, str]:
+    def _ledger_report(self) -> LedgerReport | None:
         """What this party has released over its lifetime (mechanism records, no data), shared so the report can
-        list it; each entry names the run that made it."""
+        list it; each entry names the run that made it. None until this party has charged anything."""
         path = self.settings.home / LEDGER_FILE
         if not path.exists():
-            return {}
-        entries = [{k: e.get(k, "") for k in ("guarantee", "mechanisms", "epsilon_after", "note", "run")}
-                   for e in json.loads(path.read_text())["entries"]]
-        return {"ledger": json.dumps({"budgets": self.settings.budgets, "entries": entries})}
+            return None
+        from fedscore.shared.privacy.ledger import ledger_report
+
+        return ledger_report(path, self.settings.budgets, self.name)
+
+    def train_dp_sgd(self, model: nn.Module, batch_loss: BatchLoss, n: int, round_: int,
+                     also_charge: Callable[[DpSgdPlan, Ledger], None] | None = None) -> list[float]:
+        """One round of DP-SGD on this party's part (Opacus), charged before it runs: the part is released, so its
+        steps count against the outsider guarantee; `also_charge` records what else the same steps cost. Both
+        parties train their part this way, with the plan they stored at alignment."""
+        from fedscore.shared.privacy.dp_sgd import DpSgdPlan, dp_sgd_round, part_release
+
+        plan = DpSgdPlan(**self.state["dpsgd"])
+        ledger = self.ledger
+        ledger.charge([part_release(plan, plan.steps_per_round)], "joint.records@outsider",
+                      note=f"round {round_}: the {self.name} part's DP-SGD steps")
+        if also_charge is not None:
+            also_charge(plan, ledger)
+        self.state["opt"], losses = dp_sgd_round(model, batch_loss, n, plan, self.state.get("opt"),
+                                                 self.config.training.weight_decay,
+                                                 self.noise_source("dpsgd", str(round_)))
+        return losses
 
     # -- dispatch ------------------------------------------------------------------------------------------------
     def reply(self, request: Envelope, payload: bytes = b"", payload_kind: str = "",
-              metrics: dict[str, float] | None = None, info: dict[str, Any] | None = None) -> Envelope:
+              metrics: dict[str, float] | None = None, body: Body | None = None) -> Envelope:
         header = Header(kind=request.header.kind, round=request.header.round, sender=self.name,
-                        recipient="server", payload_kind=payload_kind, metrics=metrics or {},
-                        info={**(info or {}), **self._ledger_info()})
+                        recipient="server", payload_kind=payload_kind, metrics=metrics or {}, body=body,
+                        ledger=self._ledger_report())
         return Envelope(header=header, payload=payload)
 
     def handle(self, message: Envelope) -> Envelope:
         kind = message.header.kind
+        self._config = None  # parsed at most once for this message (`config`)
         try:
             if message.header.recipient != self.name:
                 raise ProtocolError(f"{self.name}: message addressed to {message.header.recipient!r}")
             handler = self.handlers.get(kind)
             if handler is None:
-                raise ProtocolError(f"{self.name}: unknown request {kind!r}")
+                raise ProtocolError(f"{self.name}: unknown request {str(kind)!r}; it serves "
+                                    f"{', '.join(self.handlers)}")
             self.load_state()
             reply = handler(message)
             self.save_state()
             return reply
-        except (ProtocolError, DataError, ValueError) as exc:
+        except (ProtocolError, DataError, UnexpectedBody, ValueError) as exc:
             return self._error(message, f"{exc}")
         except Exception as exc:  # report, never hang the coordinator
             if getattr(exc, "is_refusal", False):  # fedscore.shared.privacy BudgetExceeded (not imported: it is slow)
                 return self._error(message, f"{self.name} refused: {exc}")
             return self._error(message, f"{self.name}: internal error in {kind}: {exc!r}\n{traceback.format_exc()}")
+        finally:
+            self._config = None
 
     def _error(self, message: Envelope, reason: str) -> Envelope:
         header = Header(kind=message.header.kind, round=message.header.round, sender=self.name,
-                        recipient="server", error=reason, info=self._ledger_info())
+                        recipient="server", error=reason, ledger=self._ledger_report())
         return Envelope(header=header)

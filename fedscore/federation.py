@@ -33,6 +33,7 @@ from fedscore.runs import (
 )
 from fedscore.shared.config import FedConfig
 from fedscore.shared.privacy.budgets import format_budgets
+from fedscore.shared.waiting import wait_until
 
 APP_PYPROJECT = """\
 [build-system]
@@ -108,16 +109,16 @@ class Federation:
     def start_superlink(self, timeout_s: float = 60.0) -> None:
         self.start("superlink", [_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
                                  "--host", "127.0.0.1", "--port", str(self.port)])
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+
+        def healthy() -> bool:
             self.check_alive()
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as reply:
-                    if reply.status == 200:
-                        return
+                    return bool(reply.status == 200)
             except OSError:
-                time.sleep(0.3)
-        raise RunError(f"SuperLink not healthy on port {self.port} after {timeout_s:.0f} s")
+                return False
+
+        wait_until(healthy, timeout_s, 0.3, f"SuperLink not healthy on port {self.port}", RunError)
 
     def start_supernode(self, party: str, node_config: dict[str, str]) -> None:
         config = " ".join(f"{k}={_quote(v)}" for k, v in node_config.items())
@@ -194,10 +195,11 @@ def _follow(run_dir: Path, federation: Federation, runner: subprocess.Popen,
     """Relay the ServerApp's progress lines until `flwr run` ends; fail fast if a federation process dies."""
     progress_file = run_dir / "progress.jsonl"
     seen = 0
-    deadline = time.monotonic() + timeout_s
-    while runner.poll() is None:
-        if time.monotonic() > deadline:
-            raise RunError(f"the federation did not finish within {timeout_s:.0f} s")
+
+    def finished() -> bool:
+        nonlocal seen
+        if runner.poll() is not None:
+            return True
         federation.check_alive()
         if progress_file.exists():
             lines = progress_file.read_text().splitlines()
@@ -209,5 +211,7 @@ def _follow(run_dir: Path, federation: Federation, runner: subprocess.Popen,
             # the ServerApp has finished; `flwr run --stream` may linger on log streaming
             with suppress(subprocess.TimeoutExpired):
                 runner.wait(timeout=5)
-            break
-        time.sleep(0.3)
+            return True
+        return False
+
+    wait_until(finished, timeout_s, 0.3, "the federation did not finish", RunError)

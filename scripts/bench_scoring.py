@@ -49,6 +49,7 @@ from fedscore.scoring import score_batch  # noqa: E402
 from fedscore.shared.model.export_onnx import LenderScoring, PaymentScoring  # noqa: E402
 from fedscore.shared.scoring.bundle import load_scoring_bundle  # noqa: E402
 from fedscore.shared.scoring.payment_signals import PaymentSignals  # noqa: E402
+from fedscore.shared.waiting import wait_until  # noqa: E402
 from fedscore.torch_parts import load_torch_parts  # noqa: E402
 
 
@@ -156,18 +157,16 @@ def services(model: Path, data: Path) -> Iterator[str]:
                                   stdout=subprocess.DEVNULL))
     url = f"http://127.0.0.1:{http_port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
+
+        def ready() -> bool:
             if any(p.poll() is not None for p in procs):
                 raise RuntimeError("a scoring service exited during startup")
             try:
-                if httpx.get(f"{url}/health", timeout=2).json().get("payment_service") == "ready":
-                    break
+                return bool(httpx.get(f"{url}/health", timeout=2).json().get("payment_service") == "ready")
             except (httpx.HTTPError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("services did not become ready within 120 s")
-            time.sleep(0.2)
+                return False
+
+        wait_until(ready, 120, 0.2, "services did not become ready", RuntimeError)
         yield url
     finally:
         for proc in procs:

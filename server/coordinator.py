@@ -13,7 +13,6 @@ The coordinator never decodes a payload: it moves `reply.payload` into the next 
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from collections.abc import Callable
@@ -21,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedscore.shared.config import FedConfig
-from fedscore.shared.protocol.messages import Envelope, request
+from fedscore.shared.protocol.bodies import AlignmentSizes, SetupRequest, TableSize, Trained
+from fedscore.shared.protocol.messages import Envelope, MessageKind, request
 from fedscore.shared.protocol.transport import Transport
 
 
@@ -29,15 +29,25 @@ class PartyRefused(RuntimeError):
     """A party answered with an error; the run stops and the reason is reported with the party's name."""
 
     def __init__(self, party: str, kind: str, reason: str) -> None:
+        kind = str(kind)  # a MessageKind prints as its wire value
         super().__init__(f"{party} refused {kind!r}: {reason}")
         self.party, self.kind, self.reason = party, kind, reason
 
 
+class ProtocolViolation(RuntimeError):
+    """A reply that does not answer the request it came back for (another kind, or from another party)."""
+
+
 def raise_refusals(sent: tuple[Envelope, ...] | list[Envelope], replies: list[Envelope]) -> list[Envelope]:
-    """The replies, or PartyRefused for the first party that answered with an error."""
+    """The replies, or PartyRefused for the first party that answered with an error, or ProtocolViolation for the
+    first reply that answers something else than what was asked."""
     for message, reply in zip(sent, replies, strict=True):
-        if reply.header.error:
-            raise PartyRefused(message.header.recipient, message.header.kind, reply.header.error)
+        asked, answered = message.header, reply.header
+        if (answered.kind, answered.sender) != (asked.kind, asked.recipient):
+            raise ProtocolViolation(f"asked {asked.recipient} for {asked.kind.value!r}, got {answered.kind.value!r} "
+                                    f"from {answered.sender}")
+        if answered.error:
+            raise PartyRefused(asked.recipient, asked.kind, answered.error)
     return replies
 
 
@@ -78,62 +88,59 @@ class Coordinator:
     def _exchange(self, *messages: Envelope) -> list[Envelope]:
         replies = self.transport.exchange(list(messages))
         for sent, reply in zip(messages, replies, strict=True):
-            self.result.traffic.append({"kind": sent.header.kind, "round": sent.header.round,
+            self.result.traffic.append({"kind": sent.header.kind.value, "round": sent.header.round,
                                         "to": sent.header.recipient, "sent_bytes": len(sent.payload),
                                         "reply_bytes": len(reply.payload)})
-            if "ledger" in reply.header.info:
-                self.result.ledgers[sent.header.recipient] = json.loads(str(reply.header.info["ledger"]))
-            if "curves" in reply.header.info:
-                self.result.curves = json.loads(str(reply.header.info["curves"]))
+            if reply.header.ledger is not None:
+                self.result.ledgers[sent.header.recipient] = reply.header.ledger.model_dump()
+            if isinstance(reply.header.body, Trained) and reply.header.body.curves is not None:
+                self.result.curves = reply.header.body.curves.model_dump()
         return raise_refusals(messages, replies)
 
     def run(self) -> RunResult:
         start = time.perf_counter()
         total_steps = 5 + 2 * self.config.training.rounds
         self.progress("setup", 0, total_steps)
-        config_json = self.config.model_dump_json()
-        setup = {"config": config_json, "run_id": self.run_id}
-        setup_replies = self._exchange(request("setup", "payment", info=setup), request("setup", "lender", info=setup))
+        setup = SetupRequest(config=self.config, run_id=self.run_id)
+        payment_setup, _ = self._exchange(request(MessageKind.SETUP, "payment", body=setup),
+                                          request(MessageKind.SETUP, "lender", body=setup))
         self.result.timing["setup_s"] = time.perf_counter() - start
 
         self.progress("alignment", 1, total_steps)
         t0 = time.perf_counter()
-        (psi_request,) = self._exchange(request("align.request", "lender"))
-        (psi_response,) = self._exchange(request("align.respond", "payment", payload=psi_request.payload,
+        (psi_request,) = self._exchange(request(MessageKind.ALIGN_REQUEST, "lender"))
+        (psi_response,) = self._exchange(request(MessageKind.ALIGN_RESPOND, "payment", payload=psi_request.payload,
                                                  payload_kind=psi_request.header.payload_kind))
-        (match,) = self._exchange(request("align.match", "lender", payload=psi_response.payload,
+        (match,) = self._exchange(request(MessageKind.ALIGN_MATCH, "lender", payload=psi_response.payload,
                                           payload_kind=psi_response.header.payload_kind))
-        (_accept,) = self._exchange(request("align.accept", "payment", payload=match.payload,
+        (_accept,) = self._exchange(request(MessageKind.ALIGN_ACCEPT, "payment", payload=match.payload,
                                            payload_kind=match.header.payload_kind))
+        sizes = match.header.expect(AlignmentSizes)
         self.result.alignment = {
             "method": "ecdh-psi",
-            "payment_rows": float(setup_replies[0].header.info["rows"]),
-            "lender_rows": match.header.metrics["lender_rows"],
-            "intersection": match.header.metrics["intersection"],
-            **{k: float(v) for k, v in match.header.info.items() if isinstance(v, int | float)},
+            "payment_rows": float(payment_setup.header.expect(TableSize).rows),
+            **{k: float(getattr(sizes, k)) for k in ("lender_rows", "intersection", "train", "val", "test")},
         }
-        self.result.lender_only = {k.removeprefix("lender_only_"): v for k, v in match.header.metrics.items()
-                                   if k.startswith("lender_only_")}
-        if "lender_only_model" in match.header.info:
-            self.result.lender_only["model"] = match.header.info["lender_only_model"]
+        if sizes.lender_only is not None:
+            self.result.lender_only = {**sizes.lender_only.metrics, "model": sizes.lender_only.model}
         self.result.timing["alignment_s"] = time.perf_counter() - t0
 
-        gradients = Envelope(header=request("embed", "payment").header)  # no gradients before round 0
+        gradients = request(MessageKind.EMBED, "payment")  # no gradients before round 0
         t0 = time.perf_counter()
         for round_ in range(self.config.training.rounds):
             step = 2 + 2 * round_
             self.progress(f"round {round_ + 1}/{self.config.training.rounds}: payment embeds", step, total_steps)
-            (embedded,) = self._exchange(request("embed", "payment", round_, payload=gradients.payload,
+            (embedded,) = self._exchange(request(MessageKind.EMBED, "payment", round_, payload=gradients.payload,
                                                  payload_kind=gradients.header.payload_kind))
             self.progress(f"round {round_ + 1}/{self.config.training.rounds}: lender trains", step + 1, total_steps)
-            (gradients,) = self._exchange(request("train", "lender", round_, payload=embedded.payload,
+            (gradients,) = self._exchange(request(MessageKind.TRAIN, "lender", round_, payload=embedded.payload,
                                                   payload_kind=embedded.header.payload_kind))
             self.result.rounds.append({"round": round_, **gradients.header.metrics})
         self.result.timing["rounds_s"] = time.perf_counter() - t0
 
         self.progress("export", total_steps - 1, total_steps)
         t0 = time.perf_counter()
-        self._exchange(request("export", "payment"), request("export", "lender"))
+        self._exchange(request(MessageKind.EXPORT, "payment"), request(MessageKind.EXPORT, "lender"))
         self.result.timing["export_s"] = time.perf_counter() - t0
         self.result.timing["protocol_s"] = time.perf_counter() - start
         self.progress("done", total_steps, total_steps)
@@ -147,9 +154,9 @@ def check_blacklist(transport: Transport) -> dict[str, int]:
     def ask(message: Envelope) -> Envelope:
         return raise_refusals([message], transport.exchange([message]))[0]
 
-    psi_request = ask(request("blacklist.request", "lender"))
-    psi_response = ask(request("blacklist.respond", "payment", payload=psi_request.payload,
+    psi_request = ask(request(MessageKind.BLACKLIST_REQUEST, "lender"))
+    psi_response = ask(request(MessageKind.BLACKLIST_RESPOND, "payment", payload=psi_request.payload,
                                payload_kind=psi_request.header.payload_kind))
-    ask(request("blacklist.match", "lender", payload=psi_response.payload,
+    ask(request(MessageKind.BLACKLIST_MATCH, "lender", payload=psi_response.payload,
                 payload_kind=psi_response.header.payload_kind))
     return {"request_bytes": len(psi_request.payload), "response_bytes": len(psi_response.payload)}

@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedscore.shared.protocol.flower_codec import MESSAGE_TYPE, WHOAMI_TYPE, decode, encode
 from fedscore.shared.protocol.messages import PARTIES, Envelope
+from fedscore.shared.waiting import wait_until
 
 app = ServerApp()
 
@@ -35,15 +36,14 @@ class FlowerTransport:
         if len(pending) != len(messages):
             raise RuntimeError("the SuperLink did not accept every message")
         replies: dict[str, Message] = {}
-        deadline = time.monotonic() + self.timeout_s
-        while pending:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no reply from a party within {self.timeout_s:.0f} s")
+
+        def all_in() -> bool:
             for reply in self.grid.pull_messages(pending):
                 replies[reply.metadata.reply_to_message_id] = reply
                 pending.discard(reply.metadata.reply_to_message_id)
-            if pending:
-                time.sleep(self.poll_s)
+            return not pending
+
+        wait_until(all_in, self.timeout_s, self.poll_s, "no reply from a party")
         out = [replies[i] for i in ids]
         for reply in out:
             if reply.has_error():
@@ -52,14 +52,14 @@ class FlowerTransport:
 
     def discover(self, wait_s: float = 120.0) -> dict[str, int]:
         """Ask every connected SuperNode which party it serves; wait until both parties are there."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            node_ids = list(self.grid.get_node_ids())
-            if len(node_ids) >= len(PARTIES):
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(node_ids)} SuperNode(s) connected after {wait_s:.0f} s")
-            time.sleep(0.5)
+        connected: list[int] = []
+
+        def enough() -> bool:
+            connected[:] = self.grid.get_node_ids()
+            return len(connected) >= len(PARTIES)
+
+        wait_until(enough, wait_s, 0.5, lambda: f"only {len(connected)} SuperNode(s) connected")
+        node_ids = list(connected)
         queries = [Message(content=RecordDict(), dst_node_id=n, message_type=WHOAMI_TYPE) for n in node_ids]
         for node_id, reply in zip(node_ids, self._round_trip(queries), strict=True):
             party = str(reply.content.config_records["whoami"]["party"])

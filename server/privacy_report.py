@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from fedscore.shared.config import FedConfig
+from fedscore.shared.protocol.bodies import LedgerReport
 
 VIEWS = {
     "payment": "honest per-user epsilon against the payment holder (no subsampling amplification)",
@@ -31,23 +32,26 @@ VOID_REASON = ("privacy.replayable_noise=true: every privacy draw was derived fr
 
 def build_privacy_report(config: FedConfig, ledgers: dict[str, Any], refusal: dict[str, str] | None,
                          run_id: str = "") -> dict:
+    """`ledgers`: party -> its LedgerReport as outcome.json holds it (validated here, so a malformed one fails
+    with the field it lacks)."""
     from fedscore.shared.privacy import account_guarantee, mechanisms_from_dicts
     from fedscore.shared.privacy.accounting import account
     from fedscore.shared.privacy.mechanisms import split_guarantee_key
 
     privacy = config.privacy
     void = VOID_REASON if privacy.enabled and privacy.replayable_noise else None
+    reports = {party: LedgerReport.model_validate(ledger) for party, ledger in ledgers.items()}
     guarantees: list[dict[str, Any]] = []
-    keys = list(dict.fromkeys(e["guarantee"] for ledger in ledgers.values() for e in ledger["entries"]))
+    keys = list(dict.fromkeys(e.guarantee for report in reports.values() for e in report.entries))
     for key in keys:
         protects, against = split_guarantee_key(key)
-        held = {party: [e for e in ledger["entries"] if e["guarantee"] == key] for party, ledger in ledgers.items()}
+        held = {party: [e for e in report.entries if e.guarantee == key] for party, report in reports.items()}
         held = {party: entries for party, entries in held.items() if entries}
         entries = [(party, e) for party, items in held.items() for e in items]
-        records = mechanisms_from_dicts([m for _, e in entries for m in e["mechanisms"]])
+        records = mechanisms_from_dicts([m for _, e in entries for m in e.mechanisms])
         guarantee = account_guarantee(protects, against, records, privacy.delta)  # type: ignore[arg-type]
-        this_run = mechanisms_from_dicts([m for _, e in entries if e.get("run") == run_id for m in e["mechanisms"]])
-        runs = list(dict.fromkeys(e.get("run", "") for _, e in entries))
+        this_run = mechanisms_from_dicts([m for _, e in entries if e.run == run_id for m in e.mechanisms])
+        runs = list(dict.fromkeys(e.run for _, e in entries))
         guarantees.append({
             **guarantee.to_dict(),
             "status": "VOID" if void else "holds",
@@ -56,9 +60,9 @@ def build_privacy_report(config: FedConfig, ledgers: dict[str, Any], refusal: di
             "run_epsilon": account(this_run, privacy.delta)[0] if run_id else None,
             "runs": runs,
             "held_by": sorted(held),
-            "budget": {party: ledgers[party]["budgets"].get(key) for party in sorted(held)},
-            "per_release": [{"party": party, "run": e.get("run", ""), "note": e["note"],
-                             "epsilon_after": e["epsilon_after"]} for party, e in entries],
+            "budget": {party: reports[party].budgets.get(key) for party in sorted(held)},
+            "per_release": [{"party": party, "run": e.run, "note": e.note, "epsilon_after": e.epsilon_after}
+                            for party, e in entries],
         })
     return {
         "delta": privacy.delta,

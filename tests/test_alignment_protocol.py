@@ -109,5 +109,5 @@ def test_blacklist_hits_stay_with_the_lender(tmp_path: Path) -> None:
     transport = RecordingTransport(parties)
     sizes = check_blacklist(transport)
     last = transport.seen[-1]  # the lender's final reply: nothing about the hits, not even a count
-    assert last.payload == b"" and last.header.metrics == {} and last.header.info == {}
+    assert last.payload == b"" and last.header.metrics == {} and last.header.body is None and last.header.ledger is None
     assert sizes["request_bytes"] > 0 and sizes["response_bytes"] > 0

@@ -7,8 +7,6 @@ training users. It shares only metrics (AUC etc. on validation and test users) w
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -20,7 +18,8 @@ from fedscore.shared.data.party_data import batches
 from fedscore.shared.metrics import all_metrics, curves
 from fedscore.shared.model.parts import LenderTop, init_module, lender_model, seeded
 from fedscore.shared.model.preprocessing import Scaler
-from fedscore.shared.protocol.messages import Envelope, pack_arrays, unpack_arrays
+from fedscore.shared.protocol.bodies import AlignmentSizes, Curves, Exported, LenderOnly, TableSize, Trained
+from fedscore.shared.protocol.messages import Envelope, MessageKind, pack_arrays, unpack_arrays
 from fedscore.shared.protocol.splits import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, assign_splits
 
 
@@ -29,10 +28,15 @@ class LenderParty(PartyBase):
 
     def __init__(self, settings: PartySettings) -> None:
         super().__init__(settings)
-        self.handlers = {"setup": self.on_setup, "align.request": self.on_align_request,
-                         "align.match": self.on_align_match, "train": self.on_train,
-                         "export": self.on_export, "blacklist.request": self.on_blacklist_request,
-                         "blacklist.match": self.on_blacklist_match}
+        self.handlers = {
+            MessageKind.SETUP: self.on_setup,
+            MessageKind.ALIGN_REQUEST: self.on_align_request,
+            MessageKind.ALIGN_MATCH: self.on_align_match,
+            MessageKind.TRAIN: self.on_train,
+            MessageKind.EXPORT: self.on_export,
+            MessageKind.BLACKLIST_REQUEST: self.on_blacklist_request,
+            MessageKind.BLACKLIST_MATCH: self.on_blacklist_match,
+        }
 
     def on_setup(self, message: Envelope) -> Envelope:
         table, labels = load_lender_table(self.settings.data_path)
@@ -46,8 +50,8 @@ class LenderParty(PartyBase):
             # the reference reason codes measure each feature against
             "reference": table.schema.references(),
         }
-        return self.reply(message, info={"rows": len(table.ids), "features": len(table.columns),
-                                         "default_rate": float(labels.mean())})
+        return self.reply(message, body=TableSize(rows=len(table.ids), features=len(table.columns),
+                                                  default_rate=float(labels.mean())))
 
     # -- blacklist check: the lender learns which applicants are on the payment holder's fraud list ------------------
     def on_blacklist_request(self, message: Envelope) -> Envelope:
@@ -106,15 +110,15 @@ class LenderParty(PartyBase):
         model = init_module(self._new_model(config.model.embedding_dim), seeded(config.seed, "lender", "init"))
         self.state["model"] = model.state_dict()
         self.state["opt"] = None
-        metrics = {"lender_rows": float(len(mine)), "intersection": float(len(common))}
-        info: dict[str, str | int] = {"train": int((split == SPLIT_TRAIN).sum()),
-                                      "val": int((split == SPLIT_VAL).sum()), "test": int((split == SPLIT_TEST).sum())}
+        lender_only = None
         if config.baselines.enabled:
             baseline = self._lender_only_baseline()
-            metrics.update({f"lender_only_{k}": v for k, v in baseline.items() if k != "model"})
-            info["lender_only_model"] = baseline["model"]
-        return self.reply(message, payload=tokens_payload(common), payload_kind="alignment_tokens",
-                          metrics=metrics, info=info)
+            lender_only = LenderOnly(model=str(baseline["model"]),
+                                     metrics={k: float(v) for k, v in baseline.items() if k != "model"})
+        sizes = AlignmentSizes(lender_rows=len(mine), intersection=len(common),
+                               train=int((split == SPLIT_TRAIN).sum()), val=int((split == SPLIT_VAL).sum()),
+                               test=int((split == SPLIT_TEST).sum()), lender_only=lender_only)
+        return self.reply(message, payload=tokens_payload(common), payload_kind="alignment_tokens", body=sizes)
 
     def _protect_labels(self, y: torch.Tensor, train: np.ndarray) -> torch.Tensor:
         """The labels everything that leaves is computed from: randomized response on the training users, drawn
@@ -188,9 +192,10 @@ class LenderParty(PartyBase):
             if mask.sum() and 0 < y[mask].sum() < mask.sum():
                 metrics.update({f"{label}_{k}": v for k, v in all_metrics(y[mask].numpy(), p[mask]).items()})
         test = (split == SPLIT_TEST).numpy()
-        info = {"curves": json.dumps(curves(y[test].numpy(), p[test]))} if round_ == config.training.rounds - 1 else {}
+        last = round_ == config.training.rounds - 1
+        body = Trained(curves=Curves(**curves(y[test].numpy(), p[test])) if last else None)
         return self.reply(message, payload=pack_arrays(gradients=gradients), payload_kind="gradients",
-                          metrics=metrics, info=info)
+                          metrics=metrics, body=body)
 
     def _train_plain(self, model: LenderTop, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor,
                      round_: int) -> list[float]:
@@ -214,20 +219,12 @@ class LenderParty(PartyBase):
 
     def _train_dp_sgd(self, model: LenderTop, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor,
                       round_: int) -> list[float]:
-        """Opacus DP-SGD, charged before it runs: the released lender part is protected for the outsider."""
-        from fedscore.shared.privacy.dp_sgd import DpSgdPlan, dp_sgd_round, part_release
-
-        plan = DpSgdPlan(**self.state["dpsgd"])
-        self.ledger.charge([part_release(plan, plan.steps_per_round)], "joint.records@outsider",
-                           note=f"round {round_}: the lender part's DP-SGD steps")
+        """Opacus DP-SGD (PartyBase.train_dp_sgd): the released lender part is protected for the outsider."""
 
         def batch_loss(module: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
             return F.binary_cross_entropy_with_logits(module(x[batch], h[batch]), y[batch], reduction="sum")
 
-        self.state["opt"], losses = dp_sgd_round(model, batch_loss, len(y), plan, self.state.get("opt"),
-                                                 self.config.training.weight_decay,
-                                                 self.noise_source("dpsgd", str(round_)))
-        return losses
+        return self.train_dp_sgd(model, batch_loss, len(y), round_)
 
     def on_export(self, message: Envelope) -> Envelope:
         """Write the lender part (its preprocessing inside the graph) and the declared references reason codes need.
@@ -240,7 +237,7 @@ class LenderParty(PartyBase):
         export_lender_part(model, Scaler(**self.state["scaler"]), out / LENDER_FILE)
         write_json_atomic(out / "lender_part.json", {"scaler": self.state["scaler"],
                                                      "reference": self.state["reference"]})
-        return self.reply(message, info={"file": LENDER_FILE})
+        return self.reply(message, body=Exported(file=LENDER_FILE))
 
     def _embedding_gradients(self, model: LenderTop, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor,
                              round_: int) -> np.ndarray:

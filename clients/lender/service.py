@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from fedscore.proto import fedscore_scoring_pb2 as pb2
 from fedscore.proto import fedscore_scoring_pb2_grpc as pb2_grpc
 from fedscore.shared.scoring.bundle import ScoringBundle, load_scoring_bundle
 from fedscore.shared.scoring.payment_signals import PaymentSignals
+from fedscore.shared.waiting import wait_until
 
 log = logging.getLogger(__name__)
 
@@ -225,11 +225,13 @@ class LenderThread:
 
     def start(self, timeout_s: float = 10.0) -> LenderThread:
         self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"lender service did not start on {self.host}:{self.port}")
-            time.sleep(0.01)
+
+        def started() -> bool:
+            if not self._thread.is_alive():
+                raise RuntimeError(f"lender service did not start on {self.host}:{self.port}: its thread ended")
+            return bool(self.server.started)
+
+        wait_until(started, timeout_s, 0.01, f"lender service did not start on {self.host}:{self.port}", RuntimeError)
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
         return self
 

@@ -8,7 +8,9 @@ not overshoot).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,8 +21,13 @@ from fedscore.shared.atomic import write_json_atomic
 from fedscore.shared.data.party_data import batches
 from fedscore.shared.model.parts import PaymentBottom, init_module, payment_model, seeded
 from fedscore.shared.model.preprocessing import Scaler
-from fedscore.shared.protocol.messages import Envelope, pack_arrays, unpack_arrays
+from fedscore.shared.protocol.bodies import Aligned, Embedded, Exported, TableSize
+from fedscore.shared.protocol.messages import Envelope, MessageKind, pack_arrays, unpack_arrays
 from fedscore.shared.protocol.splits import SPLIT_TRAIN, assign_splits
+
+if TYPE_CHECKING:
+    from fedscore.shared.privacy import Ledger
+    from fedscore.shared.privacy.dp_sgd import DpSgdPlan
 
 
 class PaymentParty(PartyBase):
@@ -29,12 +36,12 @@ class PaymentParty(PartyBase):
     def __init__(self, settings: PartySettings) -> None:
         super().__init__(settings)
         self.handlers = {
-            "setup": self.on_setup,
-            "align.respond": self.on_align_respond,
-            "align.accept": self.on_align_accept,
-            "embed": self.on_embed,
-            "export": self.on_export,
-            "blacklist.respond": self.on_blacklist_respond,
+            MessageKind.SETUP: self.on_setup,
+            MessageKind.ALIGN_RESPOND: self.on_align_respond,
+            MessageKind.ALIGN_ACCEPT: self.on_align_accept,
+            MessageKind.EMBED: self.on_embed,
+            MessageKind.EXPORT: self.on_export,
+            MessageKind.BLACKLIST_RESPOND: self.on_blacklist_respond,
         }
 
     # -- setup and alignment -------------------------------------------------------------------------------------
@@ -44,7 +51,7 @@ class PaymentParty(PartyBase):
             **self.fresh_state(message, table),
             "featurised": Path(table.source).stem == "transactions",
         }
-        return self.reply(message, info={"rows": len(table.ids), "features": len(table.columns)})
+        return self.reply(message, body=TableSize(rows=len(table.ids), features=len(table.columns)))
 
     def on_align_respond(self, message: Envelope) -> Envelope:
         """PSI server step: answer the lender's blinded request with our own blinded IDs (a fresh key per run).
@@ -82,7 +89,7 @@ class PaymentParty(PartyBase):
         model = init_module(self._new_model(), seeded(config.seed, "payment", "init"))
         self.state["model"] = model.state_dict()
         self.state["opt"] = None
-        return self.reply(message, info={"aligned": len(rows)})
+        return self.reply(message, body=Aligned(aligned=len(rows)))
 
     def _plan_privacy(self, n_train: int) -> None:
         """Noise for the embeddings the lender receives (calibrated over all planned rounds) and DP-SGD for the
@@ -128,7 +135,7 @@ class PaymentParty(PartyBase):
         self.state["model"] = model.state_dict()
         released = self._protect(clean, message.header.round)
         return self.reply(message, payload=pack_arrays(embeddings=released.numpy()), payload_kind="embeddings",
-                          info={"users": int(x.shape[0])})
+                          body=Embedded(users=int(x.shape[0])))
 
     def _protect(self, embeddings: torch.Tensor, round_: int) -> torch.Tensor:
         """Clip each user's embedding and add Gaussian noise, charged to the ledger before it leaves."""
@@ -156,7 +163,7 @@ class PaymentParty(PartyBase):
                    "feature_definition": FEATURE_DEFINITION if self.state["featurised"] else None}
         write_json_atomic(out / "payment_part.json", sidecar)
         self._record_served(out / PAYMENT_FILE)
-        return self.reply(message, info={"file": PAYMENT_FILE})
+        return self.reply(message, body=Exported(file=PAYMENT_FILE))
 
     def _record_served(self, part: Path) -> None:
         """In this party's home, for this model version (the part's sha256): the intersection it may answer online
@@ -169,6 +176,20 @@ class PaymentParty(PartyBase):
                      ServedMeta(feature_sigma=self.state.get("feature_sigma"), embedding_clip=privacy.embedding_clip,
                                 feature_neighbouring=privacy.feature_neighbouring, delta=privacy.delta,
                                 replayable_noise=privacy.enabled and privacy.replayable_noise, run=self.run_id))
+
+    def _exposure_charge(self, round_: int) -> Callable[[DpSgdPlan, Ledger], None] | None:
+        """With feature protection on, the lender sees this part through every later embedding, so its DP-SGD
+        steps also count against payment.features@lender."""
+        if "feature_sigma" not in self.state:
+            return None
+
+        def charge(plan: DpSgdPlan, ledger: Ledger) -> None:
+            from fedscore.clients.payment.feature_privacy import model_exposure
+
+            ledger.charge([model_exposure(plan, self.config.privacy)], "payment.features@lender",
+                          note=f"round {round_}: the payment part's DP-SGD steps, seen through its embeddings")
+
+        return charge
 
     def _local_update(self, model: PaymentBottom, x: torch.Tensor, gradients: np.ndarray, round_: int) -> None:
         """Descend <g_i, h_i> + |h_i - H_i|^2 / (2 eta) for the training users: the lender's gradient, held near
@@ -190,19 +211,7 @@ class PaymentParty(PartyBase):
 
         model.train()
         if "dpsgd" in self.state:
-            from fedscore.shared.privacy.dp_sgd import DpSgdPlan, dp_sgd_round, part_release
-
-            plan = DpSgdPlan(**self.state["dpsgd"])
-            ledger = self.ledger
-            ledger.charge([part_release(plan, plan.steps_per_round)], "joint.records@outsider",
-                          note=f"round {round_}: the payment part's DP-SGD steps")
-            if "feature_sigma" in self.state:  # the lender sees this part through every later embedding
-                from fedscore.clients.payment.feature_privacy import model_exposure
-
-                ledger.charge([model_exposure(plan, config.privacy)], "payment.features@lender",
-                              note=f"round {round_}: the payment part's DP-SGD steps, seen through its embeddings")
-            self.state["opt"], _ = dp_sgd_round(model, batch_loss, len(train), plan, self.state.get("opt"),
-                                                config.training.weight_decay, self.noise_source("dpsgd", str(round_)))
+            self.train_dp_sgd(model, batch_loss, len(train), round_, also_charge=self._exposure_charge(round_))
             return
         optimizer = self._optimizer(model)
         for epoch in range(config.training.local_epochs):

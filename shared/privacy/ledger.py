@@ -20,11 +20,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedscore.shared.atomic import write_text_atomic
 from fedscore.shared.privacy.accounting import account, check_guarantee_records
 from fedscore.shared.privacy.mechanisms import Mechanism, mechanisms_from_dicts, split_guarantee_key
+
+if TYPE_CHECKING:
+    from fedscore.shared.protocol.bodies import LedgerReport
 
 LEDGER_VERSION = 1
 
@@ -76,19 +79,7 @@ class Ledger:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _load(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        try:
-            data = json.loads(self.path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"privacy ledger {self.path} is not valid JSON ({exc}); refusing to guess what was "
-                             "spent") from exc
-        if data.get("version") != LEDGER_VERSION:
-            raise ValueError(f"privacy ledger {self.path}: unknown version {data.get('version')!r}")
-        if data.get("party") != self.party:
-            raise ValueError(f"privacy ledger {self.path} belongs to {data.get('party')!r}, not {self.party!r}")
-        entries: list[dict[str, Any]] = data["entries"]
-        return entries
+        return _read_entries(self.path, self.party)
 
     def _save(self, entries: list[dict[str, Any]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,6 +114,11 @@ class Ledger:
                             "charges": sum(entry["guarantee"] == key for entry in entries)}
         return summary
 
+    def report(self) -> LedgerReport:
+        """The form a party shares with the coordinator (budgets, and per entry: guarantee, mechanism records,
+        epsilon after, note, run), so the privacy report can compose the ledgers without reading the files."""
+        return ledger_report(self.path, self.budget, self.party)
+
     # -- charging --------------------------------------------------------------------------------------------------
     def charge(self, mechanisms: Sequence[Mechanism], guarantee: str, *, note: str = "") -> float:
         """Record these releases under `guarantee` and return its new epsilon, or raise BudgetExceeded.
@@ -148,3 +144,29 @@ class Ledger:
                             "note": note})
             self._save(entries)
         return would_be
+
+
+def _read_entries(path: Path, party: str) -> list[dict[str, Any]]:
+    """A ledger file's entries, after checking it is readable, of this version and this party's."""
+    if not path.exists():
+        return []
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"privacy ledger {path} is not valid JSON ({exc}); refusing to guess what was spent") from exc
+    if data.get("version") != LEDGER_VERSION:
+        raise ValueError(f"privacy ledger {path}: unknown version {data.get('version')!r}")
+    if data.get("party") != party:
+        raise ValueError(f"privacy ledger {path} belongs to {data.get('party')!r}, not {party!r}")
+    entries: list[dict[str, Any]] = data["entries"]
+    return entries
+
+
+def ledger_report(path: Path, budget: Mapping[str, float], party: str) -> LedgerReport:
+    """`Ledger.report` without a Ledger: reporting needs no delta, so a party can report its lifetime ledger even
+    when the message that failed never gave it a run config."""
+    from fedscore.shared.protocol.bodies import LedgerEntry, LedgerReport
+
+    entries = [LedgerEntry(guarantee=e["guarantee"], mechanisms=e["mechanisms"], epsilon_after=e["epsilon_after"],
+                           note=e.get("note", ""), run=e.get("run", "")) for e in _read_entries(Path(path), party)]
+    return LedgerReport(budgets=dict(budget), entries=entries)

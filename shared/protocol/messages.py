@@ -1,33 +1,80 @@
 """What crosses between the coordinator and a party: a small typed header and an opaque payload.
 
-The coordinator reads headers (message kind, round, sizes, the metrics a party chose to share) and relays payloads
-it never decodes. Party-to-party payloads (embeddings, gradients, alignment tokens) are bytes to everyone but the
-receiving party, so they can later be encrypted end to end without changing the coordinator.
+The coordinator reads headers (message kind, round, sizes, the typed body and metrics a party chose to share) and
+relays payloads it never decodes. Party-to-party payloads (embeddings, gradients, alignment tokens) are bytes to
+everyone but the receiving party, so they can later be encrypted end to end without changing the coordinator.
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from enum import StrEnum
+from typing import TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedscore.shared.protocol.bodies import Body, LedgerReport
+
 PARTIES = ("payment", "lender")
+
+
+class MessageKind(StrEnum):
+    """Every request the protocol has; a reply carries the kind it answers. On the wire: the string value."""
+
+    SETUP = "setup"
+    ALIGN_REQUEST = "align.request"
+    ALIGN_RESPOND = "align.respond"
+    ALIGN_MATCH = "align.match"
+    ALIGN_ACCEPT = "align.accept"
+    EMBED = "embed"
+    TRAIN = "train"
+    EXPORT = "export"
+    BLACKLIST_REQUEST = "blacklist.request"
+    BLACKLIST_RESPOND = "blacklist.respond"
+    BLACKLIST_MATCH = "blacklist.match"
+
+
+class UnknownKind(ValueError):
+    """A message kind the protocol does not have (a typo, or a peer speaking another version)."""
+
+
+def message_kind(value: str) -> MessageKind:
+    """`value` as a MessageKind, or UnknownKind naming the kinds there are."""
+    try:
+        return MessageKind(value)
+    except ValueError:
+        raise UnknownKind(f"unknown message kind {value!r}; the protocol has {', '.join(MessageKind)}") from None
+
+
+class UnexpectedBody(ValueError):
+    """A header whose body is not the type its reader needs for this kind of message."""
+
+
+B = TypeVar("B", bound=BaseModel)
 
 
 class Header(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: str = Field(description="what the recipient is asked to do or what a reply answers, e.g. 'embed'")
+    kind: MessageKind = Field(description="what the recipient is asked to do or what a reply answers")
     round: int = -1
     sender: str
     recipient: str
     payload_kind: str = Field("", description="'' when empty; else what the opaque payload holds")
     payload_bytes: int = 0
     metrics: dict[str, float] = Field(default_factory=dict, description="numbers the party chose to share")
-    info: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    body: Body | None = Field(None, description="the typed record this kind of message carries, if any")
+    ledger: LedgerReport | None = Field(None, description="replies: the sender's lifetime ledger, once it has one")
     error: str = Field("", description="non-empty when the party refused or failed; the reason")
+
+    def expect(self, body_type: type[B]) -> B:
+        """The body, checked to be a `body_type`: a reader states what it needs instead of probing keys."""
+        if not isinstance(self.body, body_type):
+            got = type(self.body).__name__ if self.body is not None else "no body"
+            raise UnexpectedBody(f"{self.sender}: {self.kind.value!r} carries {got}, expected {body_type.__name__}")
+        return self.body
 
 
 @dataclass
@@ -39,10 +86,10 @@ class Envelope:
         self.header.payload_bytes = len(self.payload)
 
 
-def request(kind: str, recipient: str, round_: int = -1, payload: bytes = b"", payload_kind: str = "",
-            info: dict[str, str | int | float | bool] | None = None) -> Envelope:
-    header = Header(kind=kind, round=round_, sender="server", recipient=recipient,
-                    payload_kind=payload_kind, info=info or {})
+def request(kind: MessageKind | str, recipient: str, round_: int = -1, payload: bytes = b"", payload_kind: str = "",
+            body: Body | None = None) -> Envelope:
+    header = Header(kind=message_kind(kind), round=round_, sender="server", recipient=recipient,
+                    payload_kind=payload_kind, body=body)
     return Envelope(header=header, payload=payload)
 
 

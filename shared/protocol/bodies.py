@@ -1,0 +1,116 @@
+"""What a header carries besides routing: one typed body per message, and the ledger report every reply includes.
+
+Why typed: these used to travel as JSON strings inside a free-form `info` dict, so every reader re-parsed them and a
+misspelt key failed at the far end, if at all. A header now validates its body when it is built or decoded, and the
+reader asks for the body type it expects (`Header.expect`). None of these holds data about a user: only sizes,
+aggregate metrics the lender chose to share, the run config and mechanism records. Party-to-party data stays in the
+opaque payload, which the coordinator never decodes.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedscore.shared.config import FedConfig
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# -- requests ------------------------------------------------------------------------------------------------------
+class SetupRequest(_Record):
+    """setup: the run config both parties train with, and the run id that tags their ledger entries."""
+
+    type: Literal["setup"] = "setup"
+    config: FedConfig
+    run_id: str = ""
+
+
+# -- replies -------------------------------------------------------------------------------------------------------
+class TableSize(_Record):
+    """setup reply: the size of the party's table (disclosed by design; the report shows it)."""
+
+    type: Literal["table"] = "table"
+    rows: int
+    features: int
+    default_rate: float | None = Field(None, description="lender only: the base rate of its own labels")
+
+
+class LenderOnly(_Record):
+    """The lender's best model on its own features, same users and split, clean labels: test metrics only."""
+
+    model: str
+    metrics: dict[str, float]
+
+
+class AlignmentSizes(_Record):
+    """align.match reply (lender): sizes of its set, of the intersection and of the keyed split."""
+
+    type: Literal["alignment"] = "alignment"
+    lender_rows: int
+    intersection: int
+    train: int
+    val: int
+    test: int
+    lender_only: LenderOnly | None = Field(None, description="when the run config enables baselines")
+
+
+class Aligned(_Record):
+    """align.accept reply (payment): how many of its rows it aligned to the lender's tokens."""
+
+    type: Literal["aligned"] = "aligned"
+    aligned: int
+
+
+class Embedded(_Record):
+    """embed reply (payment): how many users the embeddings in the payload cover."""
+
+    type: Literal["embedded"] = "embedded"
+    users: int
+
+
+class Curves(_Record):
+    """The lender's test ROC/KS curves, thinned (shared/metrics.py `curves`): aggregates, no per-user score."""
+
+    fpr: list[float]
+    tpr: list[float]
+    population: list[float]
+
+
+class Trained(_Record):
+    """train reply (lender): the round's metrics travel in `Header.metrics`; the curves after the last round."""
+
+    type: Literal["trained"] = "trained"
+    curves: Curves | None = None
+
+
+class Exported(_Record):
+    """export reply: the file name of the part the party wrote to its own state directory."""
+
+    type: Literal["exported"] = "exported"
+    file: str
+
+
+Body = Annotated[SetupRequest | TableSize | AlignmentSizes | Aligned | Embedded | Trained | Exported,
+                 Field(discriminator="type")]
+
+
+# -- on every reply ------------------------------------------------------------------------------------------------
+class LedgerEntry(_Record):
+    """One charge of a party's lifetime ledger, in the form the privacy report reads (no data, no timestamps)."""
+
+    guarantee: str
+    mechanisms: list[dict[str, Any]] = Field(description="mechanism records (shared/privacy/mechanisms.py), as stored")
+    epsilon_after: float
+    note: str = ""
+    run: str = ""
+
+
+class LedgerReport(_Record):
+    """What a party has released over its lifetime and the budgets it holds, so the report can compose them."""
+
+    budgets: dict[str, float]
+    entries: list[LedgerEntry]
