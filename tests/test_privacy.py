@@ -233,7 +233,7 @@ def _report(home: Path, groups: list[list[Mechanism]]) -> dict:
         ledger = ledgers.setdefault(party, Ledger(home / party / "ledger.json", budgets, DELTA))
         _charge_every_view(ledger, group)
     config = load_config(None, [f"privacy.delta={DELTA}"])
-    return build_privacy_report(config, {party: {"budgets": budgets, "entries": ledger.entries}
+    return build_privacy_report(config, {party: ledger.report().model_dump(mode="json")
                                          for party, ledger in ledgers.items()}, None)
 
 
