@@ -1,12 +1,13 @@
 """The round logic. Read this file to follow one training run end to end.
 
-1. setup: both parties load their own data and get the run config.
+1. setup: both parties load their own data and get the run config; the lender's reply carries its PSI request.
 2. alignment, ECDH private set intersection (shared/alignment/psi.py): the lender's blinded IDs -> payment, which
-   answers with its own blinded set -> the lender learns the intersection and sends payment the sorted HMAC tokens of
-   it. The coordinator relays three opaque payloads and sees sizes only.
+   answers with its own blinded set -> the lender learns the intersection and returns the sorted HMAC tokens of it,
+   which reach the payment holder with round 0's embed request. The coordinator relays opaque payloads, sees sizes.
 3. rounds r = 0..R-1: payment `embed` (applying the previous round's gradients first) -> embeddings relayed to the
    lender; lender `train` -> gradients relayed to payment, validation/test metrics shared with the coordinator.
-4. export: each party writes its own part of the model (ONNX, preprocessing inside) to its own state directory.
+4. export: in its last step each party writes its own part of the model (ONNX, preprocessing inside) to its own
+   state directory (the payment part is final after its last embed, the lender's after its last train).
 
 The coordinator never decodes a payload: it moves `reply.payload` into the next request.
 """
@@ -98,23 +99,27 @@ class Coordinator:
         return raise_refusals(messages, replies)
 
     def run(self) -> RunResult:
+        """Setup, alignment, rounds; each step that depends on the previous one rides on it, so a run is 3 + 2R
+        sequential exchanges (a Flower message costs seconds): the lender's PSI request comes back with its setup
+        reply, the alignment tokens go to the payment holder with round 0's embed request, and each party exports
+        its part in its last step."""
         start = time.perf_counter()
-        total_steps = 5 + 2 * self.config.training.rounds
+        rounds = self.config.training.rounds
+        total_steps = 3 + 2 * rounds
         self.progress("setup", 0, total_steps)
         setup = SetupRequest(config=self.config, run_id=self.run_id)
-        payment_setup, _ = self._exchange(request(MessageKind.SETUP, "payment", body=setup),
-                                          request(MessageKind.SETUP, "lender", body=setup))
+        payment_setup, lender_setup = self._exchange(request(MessageKind.SETUP, "payment", body=setup),
+                                                     request(MessageKind.SETUP, "lender", body=setup))
         self.result.timing["setup_s"] = time.perf_counter() - start
 
+        # alignment, ECDH PSI: lender's blinded IDs (from its setup reply) -> payment -> lender, who learns the
+        # intersection and returns the sorted HMAC tokens of it (delivered to payment with round 0's embed)
         self.progress("alignment", 1, total_steps)
         t0 = time.perf_counter()
-        (psi_request,) = self._exchange(request(MessageKind.ALIGN_REQUEST, "lender"))
-        (psi_response,) = self._exchange(request(MessageKind.ALIGN_RESPOND, "payment", payload=psi_request.payload,
-                                                 payload_kind=psi_request.header.payload_kind))
+        (psi_response,) = self._exchange(request(MessageKind.ALIGN_RESPOND, "payment", payload=lender_setup.payload,
+                                                 payload_kind=lender_setup.header.payload_kind))
         (match,) = self._exchange(request(MessageKind.ALIGN_MATCH, "lender", payload=psi_response.payload,
                                           payload_kind=psi_response.header.payload_kind))
-        (_accept,) = self._exchange(request(MessageKind.ALIGN_ACCEPT, "payment", payload=match.payload,
-                                           payload_kind=match.header.payload_kind))
         sizes = match.header.expect(AlignmentSizes)
         self.result.alignment = {
             "method": "ecdh-psi",
@@ -125,23 +130,19 @@ class Coordinator:
             self.result.lender_only = {**sizes.lender_only.metrics, "model": sizes.lender_only.model}
         self.result.timing["alignment_s"] = time.perf_counter() - t0
 
-        gradients = request(MessageKind.EMBED, "payment")  # no gradients before round 0
+        # rounds: embeddings to the lender, gradients back; round 0 carries the alignment tokens instead
+        to_payment = match
         t0 = time.perf_counter()
-        for round_ in range(self.config.training.rounds):
-            step = 2 + 2 * round_
-            self.progress(f"round {round_ + 1}/{self.config.training.rounds}: payment embeds", step, total_steps)
-            (embedded,) = self._exchange(request(MessageKind.EMBED, "payment", round_, payload=gradients.payload,
-                                                 payload_kind=gradients.header.payload_kind))
-            self.progress(f"round {round_ + 1}/{self.config.training.rounds}: lender trains", step + 1, total_steps)
-            (gradients,) = self._exchange(request(MessageKind.TRAIN, "lender", round_, payload=embedded.payload,
-                                                  payload_kind=embedded.header.payload_kind))
-            self.result.rounds.append({"round": round_, **gradients.header.metrics})
+        for round_ in range(rounds):
+            step = 3 + 2 * round_
+            self.progress(f"round {round_ + 1}/{rounds}: payment embeds", step - 1, total_steps)
+            (embedded,) = self._exchange(request(MessageKind.EMBED, "payment", round_, payload=to_payment.payload,
+                                                 payload_kind=to_payment.header.payload_kind))
+            self.progress(f"round {round_ + 1}/{rounds}: lender trains", step, total_steps)
+            (to_payment,) = self._exchange(request(MessageKind.TRAIN, "lender", round_, payload=embedded.payload,
+                                                   payload_kind=embedded.header.payload_kind))
+            self.result.rounds.append({"round": round_, **to_payment.header.metrics})
         self.result.timing["rounds_s"] = time.perf_counter() - t0
-
-        self.progress("export", total_steps - 1, total_steps)
-        t0 = time.perf_counter()
-        self._exchange(request(MessageKind.EXPORT, "payment"), request(MessageKind.EXPORT, "lender"))
-        self.result.timing["export_s"] = time.perf_counter() - t0
         self.result.timing["protocol_s"] = time.perf_counter() - start
         self.progress("done", total_steps, total_steps)
         return self.result

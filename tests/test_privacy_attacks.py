@@ -23,7 +23,7 @@ from fedscore.server.coordinator import Coordinator
 from fedscore.shared.config import FedConfig, load_config
 from fedscore.shared.model.parts import seeded
 from fedscore.shared.privacy import NoiseSource
-from fedscore.shared.protocol.messages import Envelope, MessageKind, unpack_arrays
+from fedscore.shared.protocol.messages import Envelope, unpack_arrays
 from fedscore.shared.protocol.transport import InProcessTransport
 from tests.conftest import SECRET, fresh_homes, make_party_data
 
@@ -88,7 +88,7 @@ def _best_label_guess(transport: RecordingTransport, parties: dict, config: FedC
     clean = lender.state["y"][lender.state["rows"]].numpy()[train]
     released = lender.state["y_release"].numpy()[train]
     received = [unpack_arrays(m.payload)["gradients"] for m in transport.to_payment
-                if m.header.kind is MessageKind.EMBED and m.payload]
+                if m.header.payload_kind == "gradients"]
     assert received, "the payment holder received no gradients"
     accuracies, read = [], 0.0
     for gradients in received:

@@ -55,12 +55,12 @@ def test_the_wire_value_of_a_kind_is_its_string() -> None:
 
 
 def test_the_coordinator_rejects_an_unknown_kind() -> None:
-    with pytest.raises(UnknownKind, match=r"unknown message kind 'trian'; the protocol has setup, align.request"):
+    with pytest.raises(UnknownKind, match=r"unknown message kind 'trian'; the protocol has setup, align.respond"):
         request("trian", "lender")
     # a reply that answers another kind than the one asked is a protocol violation, not a result
     asked = request(MessageKind.TRAIN, "lender", 0)
-    wrong = Envelope(Header(kind=MessageKind.EXPORT, round=0, sender="lender", recipient="server"))
-    with pytest.raises(ProtocolViolation, match=r"asked lender for 'train', got 'export' from lender"):
+    wrong = Envelope(Header(kind=MessageKind.EMBED, round=0, sender="lender", recipient="server"))
+    with pytest.raises(ProtocolViolation, match=r"asked lender for 'train', got 'embed' from lender"):
         raise_refusals([asked], [wrong])
     right = Envelope(Header(kind=MessageKind.TRAIN, round=0, sender="lender", recipient="server"))
     assert raise_refusals([asked], [right]) == [right]
@@ -70,7 +70,7 @@ def test_an_unknown_kind_does_not_decode_from_the_wire() -> None:
     content = encode(request(MessageKind.SETUP, "payment"))
     content.config_records["header"] = ConfigRecord({"json": str(content.config_records["header"]["json"]).replace(
         '"setup"', '"bogus"')})
-    with pytest.raises(ValidationError, match=r"kind\n.*'setup', 'align.request'"):
+    with pytest.raises(ValidationError, match=r"kind\n.*'setup', 'align.respond'"):
         decode(content)
 
 
@@ -78,7 +78,7 @@ def test_both_parties_reject_a_kind_they_do_not_serve(party_data: tuple[Path, di
     data, _ = party_data
     parties = _parties(tmp_path, data, load_config(None, PRIVATE))
     for party, kind in (("payment", MessageKind.TRAIN), ("lender", MessageKind.EMBED),
-                        ("payment", MessageKind.BLACKLIST_MATCH), ("lender", MessageKind.ALIGN_ACCEPT)):
+                        ("payment", MessageKind.BLACKLIST_MATCH), ("lender", MessageKind.EMBED)):
         reply = parties[party].handle(request(kind, party))
         assert reply.header.error.startswith(f"{party}: unknown request {kind.value!r}; it serves setup"), reply
         assert reply.header.kind is kind and reply.header.sender == party and reply.payload == b""

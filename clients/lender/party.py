@@ -18,7 +18,7 @@ from fedscore.shared.data.party_data import batches
 from fedscore.shared.metrics import all_metrics, curves
 from fedscore.shared.model.parts import LenderTop, init_module, lender_model, seeded
 from fedscore.shared.model.preprocessing import Scaler
-from fedscore.shared.protocol.bodies import AlignmentSizes, Curves, Exported, LenderOnly, TableSize, Trained
+from fedscore.shared.protocol.bodies import AlignmentSizes, Curves, LenderOnly, TableSize, Trained
 from fedscore.shared.protocol.messages import Envelope, MessageKind, pack_arrays, unpack_arrays
 from fedscore.shared.protocol.splits import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, assign_splits
 
@@ -30,10 +30,8 @@ class LenderParty(PartyBase):
         super().__init__(settings)
         self.handlers = {
             MessageKind.SETUP: self.on_setup,
-            MessageKind.ALIGN_REQUEST: self.on_align_request,
             MessageKind.ALIGN_MATCH: self.on_align_match,
             MessageKind.TRAIN: self.on_train,
-            MessageKind.EXPORT: self.on_export,
             MessageKind.BLACKLIST_REQUEST: self.on_blacklist_request,
             MessageKind.BLACKLIST_MATCH: self.on_blacklist_match,
         }
@@ -50,8 +48,14 @@ class LenderParty(PartyBase):
             # the reference reason codes measure each feature against
             "reference": table.schema.references(),
         }
-        return self.reply(message, body=TableSize(rows=len(table.ids), features=len(table.columns),
-                                                  default_rate=float(labels.mean())))
+        # PSI client step 1 rides on the setup reply (one Flower message fewer): our IDs, hashed to the curve and
+        # blinded with a key that never leaves this party
+        from fedscore.shared.alignment.psi import lender_request
+
+        psi_request, self.state["psi_state"] = lender_request(self.state["ids"])
+        return self.reply(message, payload=psi_request, payload_kind="psi_request",
+                          body=TableSize(rows=len(table.ids), features=len(table.columns),
+                                         default_rate=float(labels.mean())))
 
     # -- blacklist check: the lender learns which applicants are on the payment holder's fraud list ------------------
     def on_blacklist_request(self, message: Envelope) -> Envelope:
@@ -72,13 +76,6 @@ class LenderParty(PartyBase):
         write_text_atomic(self.settings.state_dir / "blacklist-hits.csv", "id\n" + "".join(f"{ids[r]}\n" for r in rows))
         return self.reply(message)
 
-    def on_align_request(self, message: Envelope) -> Envelope:
-        """PSI client step 1: our IDs, hashed to the curve and blinded with a key that never leaves this party."""
-        from fedscore.shared.alignment.psi import lender_request
-
-        request, self.state["psi_state"] = lender_request(self.state["ids"])
-        return self.reply(message, payload=request, payload_kind="psi_request")
-
     def on_align_match(self, message: Envelope) -> Envelope:
         """PSI client step 2: learn which of our applicants the payment holder has; both sides then order them by
         an HMAC token under the secret the parties share (sorted), which is all the payment holder receives."""
@@ -86,7 +83,7 @@ class LenderParty(PartyBase):
         from fedscore.shared.alignment.tokens import lender_alignment, tokens_payload
 
         if "psi_state" not in self.state:
-            raise ProtocolError("lender: align.match before align.request")
+            raise ProtocolError("lender: align.match before setup (which carries the PSI request)")
         found = lender_intersection(self.state.pop("psi_state"), self.state["ids"], message.payload)
         common, rows = lender_alignment(self.state["ids"], require_intersection(found), self.settings.secret_bytes)
         mine = self.state["ids"]
@@ -192,8 +189,10 @@ class LenderParty(PartyBase):
             if mask.sum() and 0 < y[mask].sum() < mask.sum():
                 metrics.update({f"{label}_{k}": v for k, v in all_metrics(y[mask].numpy(), p[mask]).items()})
         test = (split == SPLIT_TEST).numpy()
-        last = round_ == config.training.rounds - 1
-        body = Trained(curves=Curves(**curves(y[test].numpy(), p[test])) if last else None)
+        if round_ < config.training.rounds - 1:
+            body = Trained()
+        else:  # the last round: the part is final, so it is exported now (no message of its own)
+            body = Trained(curves=Curves(**curves(y[test].numpy(), p[test])), exported=self._export(model))
         return self.reply(message, payload=pack_arrays(gradients=gradients), payload_kind="gradients",
                           metrics=metrics, body=body)
 
@@ -226,18 +225,16 @@ class LenderParty(PartyBase):
 
         return self.train_dp_sgd(model, batch_loss, len(y), round_)
 
-    def on_export(self, message: Envelope) -> Envelope:
+    def _export(self, model: LenderTop) -> str:
         """Write the lender part (its preprocessing inside the graph) and the declared references reason codes need.
         The payment side's reference is the zero embedding, a public constant, so no training embedding is kept."""
         from fedscore.shared.model.export_onnx import LENDER_FILE, export_lender_part
 
-        model = self._new_model(self.config.model.embedding_dim)
-        model.load_state_dict(self.state["model"])
         out = self.settings.state_dir / "export"
         export_lender_part(model, Scaler(**self.state["scaler"]), out / LENDER_FILE)
         write_json_atomic(out / "lender_part.json", {"scaler": self.state["scaler"],
                                                      "reference": self.state["reference"]})
-        return self.reply(message, body=Exported(file=LENDER_FILE))
+        return LENDER_FILE
 
     def _embedding_gradients(self, model: LenderTop, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor,
                              round_: int) -> np.ndarray:

@@ -21,7 +21,7 @@ from fedscore.shared.atomic import write_json_atomic
 from fedscore.shared.data.party_data import batches
 from fedscore.shared.model.parts import PaymentBottom, init_module, payment_model, seeded
 from fedscore.shared.model.preprocessing import Scaler
-from fedscore.shared.protocol.bodies import Aligned, Embedded, Exported, TableSize
+from fedscore.shared.protocol.bodies import Embedded, TableSize
 from fedscore.shared.protocol.messages import Envelope, MessageKind, pack_arrays, unpack_arrays
 from fedscore.shared.protocol.splits import SPLIT_TRAIN, assign_splits
 
@@ -38,9 +38,7 @@ class PaymentParty(PartyBase):
         self.handlers = {
             MessageKind.SETUP: self.on_setup,
             MessageKind.ALIGN_RESPOND: self.on_align_respond,
-            MessageKind.ALIGN_ACCEPT: self.on_align_accept,
             MessageKind.EMBED: self.on_embed,
-            MessageKind.EXPORT: self.on_export,
             MessageKind.BLACKLIST_RESPOND: self.on_blacklist_respond,
         }
 
@@ -74,11 +72,12 @@ class PaymentParty(PartyBase):
         fraud = table_from_frame(frame, path)
         return self.reply(message, payload=payment_respond(message.payload, fraud.ids), payload_kind="psi_response")
 
-    def on_align_accept(self, message: Envelope) -> Envelope:
-        """The lender's sorted intersection tokens (HMAC under the parties' secret) -> our rows in that order."""
+    def _accept_alignment(self, payload: bytes) -> int:
+        """The lender's sorted intersection tokens (HMAC under the parties' secret) -> our rows in that order. They
+        ride on round 0's embed request (one Flower message fewer); returns how many rows were aligned."""
         from fedscore.shared.alignment.tokens import rows_for_tokens, tokens_from_payload
 
-        aligned = tokens_from_payload(message.payload)
+        aligned = tokens_from_payload(payload)
         rows = rows_for_tokens(self.state["ids"], aligned, self.settings.secret_bytes)
         config = self.config
         split = assign_splits(aligned, config.split.test_fraction, config.split.val_fraction,
@@ -89,7 +88,7 @@ class PaymentParty(PartyBase):
         model = init_module(self._new_model(), seeded(config.seed, "payment", "init"))
         self.state["model"] = model.state_dict()
         self.state["opt"] = None
-        return self.reply(message, body=Aligned(aligned=len(rows)))
+        return len(rows)
 
     def _plan_privacy(self, n_train: int) -> None:
         """Noise for the embeddings the lender receives (calibrated over all planned rounds) and DP-SGD for the
@@ -121,21 +120,30 @@ class PaymentParty(PartyBase):
         return optimizer
 
     def on_embed(self, message: Envelope) -> Envelope:
-        if "rows" not in self.state:
+        """Round r: apply the lender's gradients of round r-1 (none in round 0, whose request carries the alignment
+        tokens instead), embed every aligned user, and in the last round export the part, which is final then."""
+        round_ = message.header.round
+        aligned = None
+        if message.header.payload_kind == "alignment_tokens":
+            if round_ != 0:
+                raise ProtocolError(f"payment: alignment tokens in round {round_}; they belong to round 0")
+            aligned = self._accept_alignment(message.payload)
+        elif "rows" not in self.state:
             raise ProtocolError("payment: embed before alignment")
         model = self._new_model()
         model.load_state_dict(self.state["model"])
         x = self.state["x"][self.state["rows"]]
-        if message.payload:
-            self._local_update(model, x, unpack_arrays(message.payload)["gradients"], message.header.round)
+        if message.header.payload_kind == "gradients":
+            self._local_update(model, x, unpack_arrays(message.payload)["gradients"], round_)
         model.eval()
         with torch.no_grad():
             clean = model(x)
         self.state["released"] = clean  # the proximal anchor: what the lender's gradients were computed near
         self.state["model"] = model.state_dict()
-        released = self._protect(clean, message.header.round)
+        released = self._protect(clean, round_)
+        exported = self._export(model) if round_ == self.config.training.rounds - 1 else None
         return self.reply(message, payload=pack_arrays(embeddings=released.numpy()), payload_kind="embeddings",
-                          body=Embedded(users=int(x.shape[0])))
+                          body=Embedded(users=int(x.shape[0]), aligned=aligned, exported=exported))
 
     def _protect(self, embeddings: torch.Tensor, round_: int) -> torch.Tensor:
         """Clip each user's embedding and add Gaussian noise, charged to the ledger before it leaves."""
@@ -149,21 +157,19 @@ class PaymentParty(PartyBase):
         self.ledger.charge([record], "payment.features@lender", note=f"round {round_}: embeddings to the lender")
         return gaussian_release(embeddings, privacy.embedding_clip, sigma, self.noise_source("noise", str(round_)))
 
-    def on_export(self, message: Envelope) -> Envelope:
+    def _export(self, model: PaymentBottom) -> str:
         """Write this party's part (its preprocessing inside the graph) and, when it featurised transactions, the
-        feature definition scoring must apply, to its own state directory."""
+        feature definition scoring must apply, to its own state directory; record what this version may serve."""
         from fedscore.clients.payment.features import FEATURE_DEFINITION
         from fedscore.shared.model.export_onnx import PAYMENT_FILE, export_payment_part
 
-        model = self._new_model()
-        model.load_state_dict(self.state["model"])
         out = self.settings.state_dir / "export"
         export_payment_part(model, Scaler(**self.state["scaler"]), out / PAYMENT_FILE)
         sidecar = {"scaler": self.state["scaler"],
                    "feature_definition": FEATURE_DEFINITION if self.state["featurised"] else None}
         write_json_atomic(out / "payment_part.json", sidecar)
         self._record_served(out / PAYMENT_FILE)
-        return self.reply(message, body=Exported(file=PAYMENT_FILE))
+        return PAYMENT_FILE
 
     def _record_served(self, part: Path) -> None:
         """In this party's home, for this model version (the part's sha256): the intersection it may answer online

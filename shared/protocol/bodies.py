@@ -58,18 +58,14 @@ class AlignmentSizes(_Record):
     lender_only: LenderOnly | None = Field(None, description="when the run config enables baselines")
 
 
-class Aligned(_Record):
-    """align.accept reply (payment): how many of its rows it aligned to the lender's tokens."""
-
-    type: Literal["aligned"] = "aligned"
-    aligned: int
-
-
 class Embedded(_Record):
-    """embed reply (payment): how many users the embeddings in the payload cover."""
+    """embed reply (payment): how many users the embeddings in the payload cover; in round 0 how many of its rows
+    it aligned to the lender's tokens (the tokens ride on that request); in the last round the part it exported."""
 
     type: Literal["embedded"] = "embedded"
     users: int
+    aligned: int | None = None
+    exported: str | None = Field(None, description="file name of the part written to the party's state directory")
 
 
 class Curves(_Record):
@@ -81,21 +77,15 @@ class Curves(_Record):
 
 
 class Trained(_Record):
-    """train reply (lender): the round's metrics travel in `Header.metrics`; the curves after the last round."""
+    """train reply (lender): the round's metrics travel in `Header.metrics`; after the last round the curves and the
+    part it exported."""
 
     type: Literal["trained"] = "trained"
     curves: Curves | None = None
+    exported: str | None = Field(None, description="file name of the part written to the party's state directory")
 
 
-class Exported(_Record):
-    """export reply: the file name of the part the party wrote to its own state directory."""
-
-    type: Literal["exported"] = "exported"
-    file: str
-
-
-Body = Annotated[SetupRequest | TableSize | AlignmentSizes | Aligned | Embedded | Trained | Exported,
-                 Field(discriminator="type")]
+Body = Annotated[SetupRequest | TableSize | AlignmentSizes | Embedded | Trained, Field(discriminator="type")]
 
 
 # -- on every reply ------------------------------------------------------------------------------------------------

@@ -21,16 +21,16 @@ PARTIES = ("payment", "lender")
 
 
 class MessageKind(StrEnum):
-    """Every request the protocol has; a reply carries the kind it answers. On the wire: the string value."""
+    """Every request the protocol has; a reply carries the kind it answers. On the wire: the string value.
+
+    Dependent steps ride on each other (server/coordinator.py): the lender's setup reply carries its PSI request,
+    round 0's embed request carries the alignment tokens, and each party exports in its last step."""
 
     SETUP = "setup"
-    ALIGN_REQUEST = "align.request"
     ALIGN_RESPOND = "align.respond"
     ALIGN_MATCH = "align.match"
-    ALIGN_ACCEPT = "align.accept"
     EMBED = "embed"
     TRAIN = "train"
-    EXPORT = "export"
     BLACKLIST_REQUEST = "blacklist.request"
     BLACKLIST_RESPOND = "blacklist.respond"
     BLACKLIST_MATCH = "blacklist.match"
