@@ -73,6 +73,7 @@ class PartyBase:
         configure_torch()
         self.state: dict[str, Any] = {}
         self._loaded = False
+        self.state_loads = 0
         self._config: tuple[str, FedConfig] | None = None  # (the state's config JSON, parsed): see `config`
         self.handlers: dict[MessageKind, Handler] = {}
 
@@ -82,8 +83,10 @@ class PartyBase:
         return self.settings.state_dir / "state.pt"
 
     def load_state(self) -> None:
+        """Once per party object: a long-lived worker loads nothing per message (`state_loads` counts, for tests)."""
         if not self._loaded and self.state_file.exists():
             self.state = torch.load(self.state_file, weights_only=True)
+            self.state_loads += 1
         self._loaded = True
 
     def save_state(self) -> None:

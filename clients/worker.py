@@ -25,6 +25,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -128,8 +129,12 @@ class PartyWorker:
             print("refused a request with a wrong token", flush=True)
             send_frame(conn, {"error": "wrong worker token"}, b"")
             return
+        started = time.perf_counter()
         header, reply = self.handle_bytes(str(meta["header"]), payload)
         send_frame(conn, {"header": header}, reply)
+        kind = json.loads(header).get("kind", "?")
+        print(f"served {kind} in {time.perf_counter() - started:.2f} s; messages {self.served}, "
+              f"state loads {self.party.state_loads}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

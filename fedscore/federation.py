@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
 from contextlib import closing, suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedscore.runs import (
     Budgets,
@@ -32,8 +34,10 @@ from fedscore.runs import (
     prepare_run_dir,
 )
 from fedscore.shared.config import FedConfig
-from fedscore.shared.privacy.budgets import format_budgets
 from fedscore.shared.waiting import wait_until
+
+if TYPE_CHECKING:
+    from fedscore.clients.base import PartySettings
 
 APP_PYPROJECT = """\
 [build-system]
@@ -69,6 +73,18 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
+UNIX_SOCKET_MAX = 100  # bytes of a socket path (the kernel's limit is 108 with the terminating NUL)
+
+
+def worker_socket_path(settings: PartySettings) -> Path:
+    """In the party's run state directory when the path fits a Unix socket, else in a fresh private (0700)
+    temporary folder: either way only this user can reach it, and the worker checks a per-run token besides."""
+    candidate = settings.state_dir / "worker.sock"
+    if len(str(candidate).encode()) <= UNIX_SOCKET_MAX:
+        return candidate
+    return Path(tempfile.mkdtemp(prefix="fedscore-")) / f"{settings.party}.sock"
+
+
 def _quote(value: str) -> str:
     if '"' in value:
         raise RunError(f"path {value!r} contains a double quote, which Flower's --node-config cannot carry")
@@ -87,18 +103,44 @@ class Federation:
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0",
                     "PYTHONWARNINGS": "ignore::UserWarning:google.protobuf.runtime_version",
                     "PYTHONUNBUFFERED": "1",
+                    # the SuperExec asks for new tasks every second by default: a message waits ~0.5 s less
+                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05",
                     # Flower starts helpers (flower-superexec, flwr-clientapp) by name: put this venv first
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.processes: list[tuple[str, subprocess.Popen]] = []
+        self.sockets: list[Path] = []
         self.port = free_port()
 
-    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+    def start(self, name: str, args: list[str], stdin: bytes | None = None) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("wb")
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.flower_dir,
-                                start_new_session=True, stdin=subprocess.DEVNULL)
+                                start_new_session=True,
+                                stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE)
+        if stdin is not None:
+            assert proc.stdin is not None
+            proc.stdin.write(stdin)
+            proc.stdin.close()
         self.processes.append((name, proc))
         (self.flower_dir / "pids.json").write_text(json.dumps({n: p.pid for n, p in self.processes}))
         return proc
+
+    def start_worker(self, settings: PartySettings) -> dict[str, str]:
+        """The party's long-lived worker (clients/worker.py): settings and a fresh token on its stdin, never on a
+        command line. Returns the node-config entries its ClientApp needs to reach it."""
+        token = secrets.token_hex(16)
+        socket_path = worker_socket_path(settings)
+        self.start(f"worker-{settings.party}", [sys.executable, "-m", "fedscore.clients.worker", "--socket",
+                                                str(socket_path)],
+                   stdin=json.dumps({"settings": settings.model_dump(mode="json"), "token": token}).encode())
+        self.sockets.append(socket_path)
+        return {"worker-socket": str(socket_path), "worker-token": token}
+
+    def wait_for_workers(self, timeout_s: float = 120.0) -> None:
+        def ready() -> bool:
+            self.check_alive()
+            return all(path.exists() for path in self.sockets)
+
+        wait_until(ready, timeout_s, 0.1, "the party workers did not start", RunError)
 
     def check_alive(self) -> None:
         for name, proc in self.processes:
@@ -106,9 +148,13 @@ class Federation:
                 tail = (self.logs / f"{name}.log").read_text(errors="replace")[-2000:]
                 raise RunError(f"{name} exited with code {proc.returncode}; its log ends:\n{tail}")
 
-    def start_superlink(self, timeout_s: float = 60.0) -> None:
+    def start_superlink(self, wait: bool = True, timeout_s: float = 60.0) -> None:
         self.start("superlink", [_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
                                  "--host", "127.0.0.1", "--port", str(self.port)])
+        if wait:
+            self.wait_healthy(timeout_s)
+
+    def wait_healthy(self, timeout_s: float = 60.0) -> None:
 
         def healthy() -> bool:
             self.check_alive()
@@ -136,8 +182,10 @@ class Federation:
         return app
 
     def stop(self) -> None:
-        """SuperNodes first, then the SuperLink: SIGTERM to each process group, SIGKILL after a grace period."""
-        order = sorted(self.processes, key=lambda item: item[0] == "superlink")
+        """SuperNodes first, then the workers, then the SuperLink: SIGTERM to each process group, SIGKILL after a
+        grace period; the workers' sockets are removed."""
+        rank = {"superlink": 2}
+        order = sorted(self.processes, key=lambda item: rank.get(item[0], 1 if item[0].startswith("worker-") else 0))
         for _, proc in order:
             if proc.poll() is None:
                 with suppress(ProcessLookupError):
@@ -150,6 +198,8 @@ class Federation:
                 with suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        for path in self.sockets:
+            path.unlink(missing_ok=True)
 
     def __enter__(self) -> Federation:
         return self
@@ -168,24 +218,29 @@ def run_federated(config: FedConfig, data_dir: Path, run_dir: Path,
     start = time.perf_counter()
     progress = progress or (lambda stage, done, total: None)
     with Federation(run_dir / "flower") as federation:
-        progress("starting SuperLink", 0, 1)
-        federation.start_superlink()
+        # everything starts at once: the workers load torch and opacus while the SuperLink comes up, and the
+        # SuperNodes keep retrying until it answers
+        progress("starting SuperLink, party workers and SuperNodes", 0, 1)
+        t0 = time.perf_counter()
+        federation.start_superlink(wait=False)
         budgets = default_budgets(config) if budgets is None else budgets
         for party, settings in party_settings(run_dir, data_dir, secret, budgets, homes).items():
             settings.state_dir.mkdir(parents=True, exist_ok=True)
-            federation.start_supernode(party, {"party": party, "data-path": str(settings.data_path),
-                                               "state-dir": str(settings.state_dir), "home": str(settings.home),
-                                               "secret": secret,
-                                               "budgets": format_budgets(settings.budgets)})
+            worker = federation.start_worker(settings)
+            federation.start_supernode(party, {"party": party, **worker})
+        federation.wait_healthy()
+        federation.wait_for_workers()
         app = federation.write_app(run_dir)
         progress("starting run", 0, 1)
         runner = federation.start("flwr-run", [_bin("flwr"), "run", str(app), "local", "--stream"])
+        startup_s = time.perf_counter() - t0  # until `flwr run` is launched
         _follow(run_dir, federation, runner, progress, timeout_s)
     if not (run_dir / "outcome.json").exists():
         log = (run_dir / "flower" / "logs" / "flwr-run.log").read_text(errors="replace")[-3000:]
         raise RunError(f"the ServerApp wrote no outcome; `flwr run` log ends:\n{log}")
     outcome = json.loads((run_dir / "outcome.json").read_text())
     outcome["timing"]["federation_s"] = time.perf_counter() - start
+    outcome["timing"]["startup_s"] = startup_s
     (run_dir / "outcome.json").write_text(json.dumps(outcome, indent=2))
     return finish_run(run_dir, data_dir, config, secret)
 

@@ -24,7 +24,7 @@ app = ServerApp()
 class FlowerTransport:
     name = "flower"
 
-    def __init__(self, grid: Grid, poll_s: float = 0.2, timeout_s: float = 900.0) -> None:
+    def __init__(self, grid: Grid, poll_s: float = 0.05, timeout_s: float = 900.0) -> None:
         self.grid = grid
         self.poll_s = poll_s
         self.timeout_s = timeout_s

@@ -55,4 +55,12 @@ def test_flower_matches_inprocess_and_cleans_up(party_data: tuple[Path, dict], t
     assert {p.name for p in logs.iterdir()} >= {"superlink.log", "supernode-payment.log", "supernode-lender.log"}
     assert "query.fedscore" in (logs / "supernode-lender.log").read_text()
     pids = json.loads((tmp_path / "flower" / "flower" / "pids.json").read_text())
-    assert len(pids) == 4 and not [p for p in pids.values() if _alive(p)]
+    assert set(pids) == {"superlink", "worker-payment", "supernode-payment", "worker-lender", "supernode-lender",
+                         "flwr-run"}
+    assert not [p for p in pids.values() if _alive(p)]
+    # each party's worker kept its state in memory: every message served, none reloaded the state file
+    for party, messages in (("payment", 1 + 1 + 2), ("lender", 1 + 1 + 2)):
+        served = [line for line in (logs / f"worker-{party}.log").read_text().splitlines()
+                  if line.startswith("served ")]
+        assert len(served) == messages, served
+        assert all(line.endswith("state loads 0") for line in served), served
