@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,3 +68,44 @@ def test_flower_matches_inprocess_and_cleans_up(party_data: tuple[Path, dict], t
                   if line.startswith("served ")]
         assert len(served) == messages, served
         assert all(line.endswith("state loads 0") for line in served), served
+
+
+def _federate(data: Path, out: Path) -> subprocess.Popen:
+    args = [str(Path(sys.executable).parent / "fedscore"), "federate", "--data", str(data), "--out", str(out),
+            *[item for override in [*SMALL, "training.rounds=6"] for item in ("--set", override)]]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(predicate, timeout_s: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def _served(log: Path) -> int:
+    return sum(line.startswith("served ") for line in log.read_text().splitlines()) if log.exists() else 0
+
+
+@pytest.mark.parametrize("how", ["worker killed", "ctrl-c"])
+def test_a_dead_worker_or_ctrl_c_stops_everything(party_data: tuple[Path, dict], tmp_path: Path, how: str) -> None:
+    """Mid-run, the payment holder's worker is killed (the run fails with a clear message, never hangs), or the
+    operator presses Ctrl-C: either way the command exits non-zero and leaves no process behind."""
+    data, _ = party_data
+    out = tmp_path / "run"
+    cli = _federate(data, out)
+    logs = out / "flower" / "logs"
+    _wait_for(lambda: _served(logs / "worker-lender.log") >= 2)  # setup and alignment are done
+    pids = json.loads((out / "flower" / "pids.json").read_text())
+    if how == "worker killed":
+        os.kill(pids["worker-payment"], signal.SIGKILL)
+    else:
+        cli.send_signal(signal.SIGINT)
+    output, _ = cli.communicate(timeout=120)
+    assert cli.returncode != 0, output
+    assert "Traceback" not in output
+    if how == "worker killed":
+        assert "worker-payment" in " ".join(output.split()), output
+        assert not (out / "metrics.json").exists()
+    pids = json.loads((out / "flower" / "pids.json").read_text())
+    _wait_for(lambda: not [p for p in pids.values() if _alive(p)], timeout_s=30)
