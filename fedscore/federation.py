@@ -168,7 +168,7 @@ class Federation:
 
     def start_supernode(self, party: str, node_config: dict[str, str]) -> None:
         config = " ".join(f"{k}={_quote(v)}" for k, v in node_config.items())
-        self.start(f"supernode-{party}", [_bin("flower-supernode"), "--insecure", "--superlink",
+        self.start(f"supernode-{party}", [sys.executable, "-m", "fedscore.supernode", "--insecure", "--superlink",
                                           f"127.0.0.1:{self.port}", "--port", str(free_port()),
                                           "--node-config", config])
 

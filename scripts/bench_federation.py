@@ -1,8 +1,11 @@
-"""Federated (real local Flower: SuperLink + 2 SuperNodes + ServerApp) vs in-process, same data, config, secret.
+"""Federated (real local Flower: SuperLink + 2 SuperNodes + 2 party workers + ServerApp) vs in-process, same data,
+config and secret, one repeat after the other.
 
 Run: .venv/bin/python scripts/bench_federation.py --data DIR --repeats 3 [--set key=value ...] [--json out.json]
-(without --data it generates synthetic data with --users). Prints a markdown table: median wall time of each path,
-their ratio, the number of protocol messages and the median overhead per message; checks both give the same AUC.
+(without --data it generates synthetic data with --users). Each path gets fresh party homes every repeat (lifetime
+ledgers would otherwise refuse a second run on the same people). Prints a markdown table: median wall time of each
+path and of their per-repeat ratio, the sequential exchanges, the median per-exchange overhead (Flower exchange
+minus the same in-process exchange), the Flower start-up time, and where the Flower run's time goes.
 """
 
 from __future__ import annotations
@@ -21,6 +24,22 @@ from fedscore.shared.config import load_config
 from fedscore.synth import synthesize
 
 
+def _exchanges(run_dir: Path) -> list[tuple[str, int, float]]:
+    """(kind, round, seconds) per sequential exchange (parallel messages of one exchange counted once)."""
+    traffic = json.loads((run_dir / "outcome.json").read_text())["traffic"]
+    seen, out = set(), []
+    for item in traffic:
+        key = (item["kind"], item["round"])
+        if key not in seen:
+            seen.add(key)
+            out.append((item["kind"], item["round"], item["seconds"]))
+    return out
+
+
+def _homes(root: Path) -> dict[str, Path]:
+    return {party: root / party for party in ("payment", "lender")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path)
@@ -33,27 +52,39 @@ def main() -> None:
     data = args.data or work / "data"
     if args.data is None:
         synthesize(args.users, 0, data)
-    config = load_config(None, ["baselines.enabled=false", *args.overrides])
+    config = load_config(None, args.overrides)
     secret = secrets.token_hex(16)
     rows = []
     for repeat in range(args.repeats):
         t0 = time.perf_counter()
-        inproc = run_inprocess(config, data, work / f"inproc-{repeat}", secret=secret)
+        inproc = run_inprocess(config, data, work / f"inproc-{repeat}", secret=secret,
+                               homes=_homes(work / f"homes-inproc-{repeat}"))
         t1 = time.perf_counter()
-        flower = run_federated(config, data, work / f"flower-{repeat}", secret=secret)
+        flower = run_federated(config, data, work / f"flower-{repeat}", secret=secret,
+                               homes=_homes(work / f"homes-flower-{repeat}"))
         t2 = time.perf_counter()
-        rows.append({"inprocess_s": t1 - t0, "flower_s": t2 - t1, "messages": flower["traffic"]["messages"],
-                     "auc_inprocess": inproc["test"]["auc"], "auc_flower": flower["test"]["auc"],
-                     "flower_protocol_s": flower["timing"]["protocol_s"]})
+        local, remote = _exchanges(work / f"inproc-{repeat}"), _exchanges(work / f"flower-{repeat}")
+        overheads = [r[2] - lo[2] for lo, r in zip(local, remote, strict=True)]
+        timing = flower["timing"]
+        rows.append({"inprocess_s": t1 - t0, "flower_s": t2 - t1, "ratio": (t2 - t1) / (t1 - t0),
+                     "exchanges": len(remote), "overhead_per_exchange_s": statistics.median(overheads),
+                     "startup_s": timing["startup_s"], "flower_protocol_s": timing["protocol_s"],
+                     "inprocess_protocol_s": inproc["timing"]["protocol_s"],
+                     "baselines_s": timing["baselines_s"],
+                     "auc_inprocess": inproc["test"]["auc"], "auc_flower": flower["test"]["auc"]})
         print(json.dumps(rows[-1]), flush=True)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    per_message = (med["flower_s"] - med["inprocess_s"]) / med["messages"]
-    print("\n| path | median wall s | ratio | messages | overhead per message s | test AUC |")
-    print("|---|---|---|---|---|---|")
-    print(f"| in-process | {med['inprocess_s']:.1f} | 1.0 | {int(med['messages'])} | - | {med['auc_inprocess']:.4f} |")
-    print(f"| Flower (local, 3 processes + ServerApp) | {med['flower_s']:.1f} | "
-          f"{med['flower_s'] / med['inprocess_s']:.1f} | {int(med['messages'])} | {per_message:.2f} | "
-          f"{med['auc_flower']:.4f} |")
+    rest = med["flower_s"] - med["startup_s"] - med["flower_protocol_s"] - med["baselines_s"]
+    print(f"\n{args.repeats} repeats, medians; settings: {' '.join(args.overrides) or 'defaults'}\n")
+    print("| path | wall s | ratio | exchanges | overhead per exchange s | start-up s | test AUC |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| in-process | {med['inprocess_s']:.1f} | 1.0 | {int(med['exchanges'])} | - | - | "
+          f"{med['auc_inprocess']:.4f} |")
+    print(f"| Flower (local) | {med['flower_s']:.1f} | {med['ratio']:.2f} | {int(med['exchanges'])} | "
+          f"{med['overhead_per_exchange_s']:.2f} | {med['startup_s']:.1f} | {med['auc_flower']:.4f} |")
+    print(f"\nwhere the Flower run goes: start-up {med['startup_s']:.1f} s, protocol {med['flower_protocol_s']:.1f} s "
+          f"(in-process {med['inprocess_protocol_s']:.1f} s), baselines {med['baselines_s']:.1f} s, "
+          f"the rest (ServerApp start, report, bundle, teardown) {rest:.1f} s")
     if args.json:
         args.json.write_text(json.dumps({"runs": rows, "median": med, "overrides": args.overrides}, indent=2))
 

@@ -87,11 +87,13 @@ class Coordinator:
         self.result = RunResult(transport=transport.name, run_id=run_id)
 
     def _exchange(self, *messages: Envelope) -> list[Envelope]:
+        started = time.perf_counter()
         replies = self.transport.exchange(list(messages))
+        seconds = time.perf_counter() - started  # wall time of the whole exchange (parallel messages share it)
         for sent, reply in zip(messages, replies, strict=True):
             self.result.traffic.append({"kind": sent.header.kind.value, "round": sent.header.round,
                                         "to": sent.header.recipient, "sent_bytes": len(sent.payload),
-                                        "reply_bytes": len(reply.payload)})
+                                        "reply_bytes": len(reply.payload), "seconds": seconds})
             if reply.header.ledger is not None:
                 self.result.ledgers[sent.header.recipient] = reply.header.ledger.model_dump()
             if isinstance(reply.header.body, Trained) and reply.header.body.curves is not None:

@@ -95,7 +95,8 @@ def test_a_dead_worker_or_ctrl_c_stops_everything(party_data: tuple[Path, dict],
     out = tmp_path / "run"
     cli = _federate(data, out)
     logs = out / "flower" / "logs"
-    _wait_for(lambda: _served(logs / "worker-lender.log") >= 2)  # setup and alignment are done
+    _wait_for(lambda: cli.poll() is not None or _served(logs / "worker-lender.log") >= 2)  # setup, alignment done
+    assert cli.poll() is None, cli.communicate()[0]
     pids = json.loads((out / "flower" / "pids.json").read_text())
     if how == "worker killed":
         os.kill(pids["worker-payment"], signal.SIGKILL)
