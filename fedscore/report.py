@@ -1,29 +1,33 @@
 """RUN_DIR/report.html: one self-contained page (plots embedded as PNG) a risk team can open and file.
 
 Built only from the run's own JSON files (metrics.json, outcome.json, privacy-report.json), so
-`fedscore report RUN_DIR` can rebuild it at any time.
+`fedscore report RUN_DIR` can rebuild it at any time. This module turns those files into a view model (numbers
+formatted, nothing escaped); the markup is fedscore/templates/report.html.j2, rendered by jinja2 with autoescape on.
 """
 
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
 import json
 from pathlib import Path
 from typing import Any
+
+import jinja2
 
 from fedscore.shared.atomic import write_text_atomic
 from fedscore.shared.metrics import METRIC_KEYS, METRIC_LABELS
 
 
 def _png(fig: Any) -> str:
+    """The figure as base64 PNG, to embed in the page (one self-contained file)."""
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def _plots(metrics: dict | None, outcome: dict, privacy: dict) -> list[tuple[str, str]]:
@@ -86,62 +90,54 @@ def _plots(metrics: dict | None, outcome: dict, privacy: dict) -> list[tuple[str
     return plots
 
 
-def _table(rows: list[list[str]], head: list[str]) -> str:
-    cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
+def _mechanisms_summary(mechanisms: list[dict[str, Any]]) -> str:
+    """The first four report entries in one line: the full list is in privacy-report.json."""
+    parts = [m["kind"] + (f" sigma={m['noise_multiplier']:.3g} x{m['count']} {m['sampling']}"
+                          if m["kind"] == "gaussian" else f" eps={m['epsilon']:g}") for m in mechanisms[:4]]
+    return "; ".join(parts) + (" ..." if len(mechanisms) > 4 else "")
+
+
+def _guarantee_row(g: dict[str, Any]) -> dict[str, Any]:
+    """One row of the guarantees table; numbers formatted here, escaping left to the template."""
+    return {
+        "protects": g["protects"], "against": g["against"], "void": g.get("status") == "VOID",
+        "epsilon": g["epsilon"], "run_epsilon": "-" if g.get("run_epsilon") is None else f"{g['run_epsilon']:.3f}",
+        "delta": g["delta"], "neighbouring": g["neighbouring"], "accountant": g["accountant"],
+        "budget": ", ".join(f"{party} {'-' if b is None else f'{b:g}'}" for party, b in g["budget"].items()),
+        "mechanisms": _mechanisms_summary(g["mechanisms"]), "view": g["view"],
+    }
+
+
+@functools.cache
+def _template() -> jinja2.Template:
+    """The page's markup lives in fedscore/templates (package data), rendered with autoescape on: the run's JSON
+    carries free text (notes, names, refusal reasons) that must show as text, never as markup."""
+    env = jinja2.Environment(loader=jinja2.PackageLoader("fedscore", "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined)
+    return env.get_template("report.html.j2")
 
 
 def render(run_dir: Path) -> str:
+    """The page for this run directory, from its metrics.json (optional), outcome.json and privacy-report.json."""
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else None
     outcome = json.loads((run_dir / "outcome.json").read_text())
     privacy = json.loads((run_dir / "privacy-report.json").read_text())
-    parts = [f"<h1>fedscore run report</h1><p>{html.escape(str(run_dir))} &middot; transport "
-             f"<b>{html.escape(outcome.get('transport', '?'))}</b></p>"]
-    if privacy.get("refusal") or outcome.get("error"):
-        err = privacy.get("refusal") or outcome["error"]
-        parts.append(f"<div class='refusal'><b>Run stopped.</b> party <b>{html.escape(err.get('party') or '-')}"
-                     f"</b> refused <code>{html.escape(err.get('request') or '-')}</code>: "
-                     f"{html.escape(err.get('reason', ''))}</div>")
+    err = privacy.get("refusal") or outcome.get("error")
+    stopped = ({"party": err.get("party") or "-", "request": err.get("request") or "-",
+                "reason": err.get("reason", "")} if err else None)
+    metric_rows: list[dict[str, Any]] = []
     if metrics:
-        rows = [["federated (payment + lender)", *(f"{metrics['test'][k]:.4f}" for k in METRIC_KEYS)]]
-        for name, values in metrics["baselines"].items():
-            if values:
-                rows.append([html.escape(name.replace("_", " ")), *(f"{values[k]:.4f}" for k in METRIC_KEYS)])
-        parts.append("<h2>Test metrics</h2>" + _table(rows, ["model", *(METRIC_LABELS[k] for k in METRIC_KEYS)]))
-    rows = []
-    for g in privacy.get("guarantees", []):
-        mech = "; ".join(
-            f"{m['kind']}" + (f" sigma={m['noise_multiplier']:.3g} x{m['count']} {m['sampling']}"
-                              if m["kind"] == "gaussian" else f" eps={m['epsilon']:g}")
-            for m in g["mechanisms"][:4]) + (" ..." if len(g["mechanisms"]) > 4 else "")
-        budget = ", ".join(f"{party} {'-' if b is None else f'{b:g}'}" for party, b in g["budget"].items())
-        status = "<b class='void'>VOID</b>" if g.get("status") == "VOID" else "holds"
-        run_eps = "-" if g.get("run_epsilon") is None else f"{g['run_epsilon']:.3f}"
-        rows.append([html.escape(g["protects"]), html.escape(g["against"]), status, f"<b>{g['epsilon']:.3f}</b>",
-                     run_eps, f"{g['delta']:g}", html.escape(budget), html.escape(g["neighbouring"]),
-                     html.escape(g["accountant"]), html.escape(mech), html.escape(g["view"])])
-    if privacy.get("void"):
-        parts.append(f"<div class='refusal'><b>VOID: no privacy guarantee holds.</b> "
-                     f"{html.escape(privacy['void'])}</div>")
-    parts.append("<h2>Privacy guarantees</h2>" + (_table(rows, [
-        "protects", "against", "status", "epsilon (lifetime)", "epsilon (this run)", "delta", "budget",
-        "neighbours", "accountant", "mechanisms", "view"]) if rows else "<p>No mechanism was applied.</p>"))
-    release_rows = [[html.escape(party), html.escape(r["what"]), html.escape(r["to"]), html.escape(r["covered_by"])]
-                    for party, items in (privacy.get("releases") or {}).items() for r in items]
-    if release_rows:
-        parts.append("<h2>What leaves each party</h2>" + _table(release_rows, ["party", "what", "to", "covered by"]))
-    if privacy.get("unprotected"):
-        items = "".join(f"<li><b>{html.escape(u['protects'])}</b> against {html.escape(u['against'])}: "
-                        f"{html.escape(u['what'])}</li>" for u in privacy["unprotected"])
-        parts.append(f"<h3>Not protected in this run</h3><ul>{items}</ul>")
-    for title, img in _plots(metrics, outcome, privacy):
-        parts.append(f"<h2>{html.escape(title)}</h2>{img}")
-    style = ("body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px}"
-             "th{background:#f3f3f3}.refusal{background:#fee;border:1px solid #c00;padding:8px}img{max-width:100%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>fedscore report</title>"
-            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+        # "scores", not "values": jinja's `row.values` would find the dict method first
+        models = {"federated (payment + lender)": metrics["test"],
+                  **{name.replace("_", " "): values for name, values in metrics["baselines"].items() if values}}
+        metric_rows = [{"model": name, "scores": [values[k] for k in METRIC_KEYS]} for name, values in models.items()]
+    return _template().render(
+        run_dir=str(run_dir), transport=outcome.get("transport", "?"), stopped=stopped,
+        metrics=metric_rows, metric_labels=[METRIC_LABELS[k] for k in METRIC_KEYS], void=privacy.get("void"),
+        guarantees=[_guarantee_row(g) for g in privacy.get("guarantees", [])],
+        releases=[{"party": party, **r} for party, items in (privacy.get("releases") or {}).items() for r in items],
+        unprotected=privacy.get("unprotected") or [],
+        plots=[{"title": title, "png_base64": png} for title, png in _plots(metrics, outcome, privacy)])
 
 
 def write_reports(run_dir: Path) -> dict[str, Any]:

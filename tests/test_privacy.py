@@ -9,6 +9,7 @@ from pathlib import Path
 import dp_accounting
 import pytest
 import torch
+from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from pydantic import ValidationError
 
 from fedscore.server.privacy_report import build_privacy_report
@@ -37,6 +38,7 @@ from fedscore.shared.privacy import (
     recompute_from_report,
     resolve_noise_multiplier,
 )
+from fedscore.shared.privacy.dp_events import event_to_json, guarantee_event, rr_noise_parameter
 from fedscore.shared.privacy.mechanisms import OBSERVERS, Mechanism
 
 DELTA = 1e-5
@@ -237,6 +239,33 @@ def _report(home: Path, groups: list[list[Mechanism]]) -> dict:
                                          for party, ledger in ledgers.items()}, None)
 
 
+def _independent_pld(guarantee: dict) -> float:
+    """A guarantee's epsilon straight from dp-accounting's PLD constructors and its readable mechanism entries,
+    without the DpEvent translation (dp_events.entry_event): the oracle for that translation's scaling and sampling.
+    """
+    relation = guarantee["neighbouring"]
+    total = pld_lib.identity()
+    for entry in guarantee["mechanisms"]:
+        count = int(entry.get("count", 1))
+        if entry["kind"] == "randomized_response":
+            total = total.compose(
+                pld_lib.from_randomized_response(rr_noise_parameter(entry["epsilon"]), 2).self_compose(count))
+            continue
+        sigma, distance = entry["noise_multiplier"], entry["sensitivity"]
+        if sigma == 0:
+            return math.inf
+        if entry["sampling"] == "none":  # k non-sampled Gaussians are one with std sigma / sqrt(k)
+            total = total.compose(pld_lib.from_gaussian_mechanism(sigma / math.sqrt(count), sensitivity=distance))
+        elif relation == "add_remove":
+            total = total.compose(pld_lib.from_gaussian_mechanism(
+                sigma, sensitivity=distance, sampling_prob=entry["sample_rate"]).self_compose(count))
+        else:  # replace-one: dp-accounting shifts each side by `sensitivity`, i.e. half the distance
+            total = total.compose(pld_lib.from_gaussian_mechanism(
+                sigma, sensitivity=distance / 2, sampling_prob=entry["sample_rate"],
+                neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE).self_compose(count))
+    return float(total.get_epsilon_for_delta(guarantee["delta"]))
+
+
 def test_reported_epsilon_matches_third_party_pld(tmp_path: Path) -> None:
     guarantees = [g for i, group in enumerate(MECHANISM_LISTS.values())
                   for g in _report(tmp_path / str(i), [group])["guarantees"]]
@@ -249,9 +278,10 @@ def test_reported_epsilon_matches_third_party_pld(tmp_path: Path) -> None:
         accountants.add(guarantee["accountant"])
         assert reported >= pld - 1e-9, guarantee
         assert reported - pld <= max(0.02, 0.01 * pld), guarantee
+        assert pld == pytest.approx(_independent_pld(guarantee), rel=0.01, abs=0.01), guarantee
         assert set(guarantee) == {"protects", "against", "epsilon", "delta", "accountant", "neighbouring",
-                                  "mechanisms", "status", "view", "scope", "run_epsilon", "runs", "held_by",
-                                  "budget", "per_release"}
+                                  "mechanisms", "dp_event", "status", "view", "scope", "run_epsilon", "runs",
+                                  "held_by", "budget", "per_release"}
     assert accountants <= {"dp_accounting.pld", "opacus.prv"}
     assert "opacus.prv" in accountants  # DP-SGD guarantees went through Opacus' accountant
 
@@ -268,9 +298,24 @@ def test_one_protected_thing_needs_one_relation(tmp_path: Path) -> None:
 
 def test_recompute_catches_a_wrong_report(tmp_path: Path) -> None:
     report = _report(tmp_path, [MECHANISM_LISTS["features: embeddings, add/remove"]])
-    report["guarantees"][0]["mechanisms"][0]["sensitivity"] = 2.0  # understated in the reported epsilon
+    guarantee = report["guarantees"][0]
+    guarantee["mechanisms"][0]["sensitivity"] = 2.0  # listed, but not what the event was built from
+    with pytest.raises(ValueError, match="does not match the listed mechanisms"):
+        recompute_from_report(report)
+    # consistent in both forms, but the reported epsilon understates them
+    guarantee["dp_event"] = event_to_json(guarantee_event(guarantee["mechanisms"], guarantee["neighbouring"]))
     (pld,) = recompute_from_report(report)
-    assert pld > report["guarantees"][0]["epsilon"] + 0.5
+    assert pld > guarantee["epsilon"] + 0.5
+
+
+def test_recompute_refuses_a_dp_event_naming_other_code(tmp_path: Path) -> None:
+    """dp-accounting's from_named_tuple imports and calls whatever class the data names: only its events pass."""
+    report = _report(tmp_path, [MECHANISM_LISTS["features: embeddings, add/remove"]])
+    inner = report["guarantees"][0]["dp_event"]["events"][0]
+    assert inner["class_name"] == "SelfComposedDpEvent"
+    inner["event"] = {"module_name": "subprocess", "class_name": "run", "args": ["false"]}
+    with pytest.raises(ValueError, match="not a dp-accounting event"):
+        recompute_from_report(report)
 
 
 def test_guarantees_per_observer(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 
+from fedscore.shared.alignment import ids as id_checks
 from fedscore.shared.alignment import psi
 from fedscore.shared.alignment import tokens as alignment_tokens
 from fedscore.shared.data.tables import DataError
@@ -115,22 +116,22 @@ def test_empty_intersection_is_reported() -> None:
 ])
 def test_bad_ids_are_refused(ids: list, pattern: str) -> None:
     with pytest.raises(DataError, match=pattern):
-        psi.check_ids(ids, "lender IDs")
+        id_checks.check_ids(ids, "lender IDs")
     with pytest.raises(DataError, match="lender IDs"):
         psi.lender_request(ids)
 
 
 def test_id_errors_name_rows_not_values() -> None:
     with pytest.raises(DataError) as caught:
-        psi.check_ids(["secret-id-1", "secret-id-1"], "payment IDs")
+        id_checks.check_ids(["secret-id-1", "secret-id-1"], "payment IDs")
     assert "secret-id-1" not in str(caught.value)  # the reason is forwarded to the coordinator
     with pytest.raises(DataError, match="secret-id-1"):
-        psi.check_ids(["secret-id-1", "secret-id-1"], "payment IDs", show_values=True)
+        id_checks.check_ids(["secret-id-1", "secret-id-1"], "payment IDs", show_values=True)
 
 
 def test_check_ids_returns_psi_strings() -> None:
-    assert psi.check_ids([3, np.int64(4)], "x") == ["3", "4"]
-    assert psi.check_ids(["b", np.str_("a")], "x") == ["b", "a"]
+    assert id_checks.check_ids([3, np.int64(4)], "x") == ["3", "4"]
+    assert id_checks.check_ids(["b", np.str_("a")], "x") == ["b", "a"]
 
 
 def test_payloads_are_checked(exchange: dict) -> None:

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedscore.shared.alignment.psi import PayloadError, check_ids, expect_magic, require_intersection
+from fedscore.shared.alignment.ids import check_ids
+from fedscore.shared.alignment.psi import PayloadError, expect_magic, require_intersection
 from fedscore.shared.data.tables import DataError
 from fedscore.shared.protocol.splits import keyed_tokens
 

@@ -31,7 +31,7 @@ class PartyTable:
 
 
 def table_from_frame(frame: pd.DataFrame, source: Path | str, exclude: tuple[str, ...] = ("id",)) -> PartyTable:
-    from fedscore.shared.alignment.psi import check_ids
+    from fedscore.shared.alignment.ids import check_ids
 
     if frame.empty:
         raise DataError(f"{source}: no rows")

@@ -11,8 +11,12 @@ Accountants (we write none of our own):
   training used; the reported epsilon is never below PLD's (we report the larger of the two).
 - Never the GDP/CLT accountant: it under-reports by up to 53% at these settings.
 
-`recompute_from_report` rebuilds every epsilon from the report's own mechanism lists with dp-accounting's PLD
-objects, independently of the event path above: what a third party with only the report would do.
+Mechanism (de)serialisation: each reported guarantee carries its dp-accounting DpEvent (`dp_event`), written
+with dp-accounting's `DpEvent.to_named_tuple` and read back with `DpEvent.from_named_tuple` (dp_events.py: only
+the named tuple <-> JSON glue and a class allowlist are ours). `recompute_from_report` rebuilds that event and
+accounts it with dp-accounting's PLD accountant: what a third party with only the report and dp-accounting would
+do. It recomputes the PLD epsilon; the reported one is the larger of PLD and PRV, so never below it. The check
+that our entry -> event translation is right (scaling, sampling) is an independent PLD construction in the tests.
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ from typing import Any
 import dp_accounting
 import numpy as np
 from dp_accounting.pld import PLDAccountant
-from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from pydantic import BaseModel, ConfigDict
 
+from fedscore.shared.privacy.dp_events import event_from_json, event_to_json, guarantee_event
 from fedscore.shared.privacy.mechanisms import (
     OBSERVERS,
     DpSgdRelease,
@@ -36,7 +40,6 @@ from fedscore.shared.privacy.mechanisms import (
     Neighbouring,
     Observer,
     RandomizedResponse,
-    flip_probability,
     guarantee_key,
 )
 
@@ -59,34 +62,24 @@ def common_neighbouring(mechanisms: Sequence[Mechanism]) -> Neighbouring:
     return relations.pop()
 
 
-def _rr_noise_parameter(epsilon: float) -> float:
-    """dp-accounting's RR outputs a uniform bucket with probability p; on 2 buckets the flip rate is p/2."""
-    return 2.0 * flip_probability(epsilon)
-
-
-def _dp_event(m: Mechanism, relation: Neighbouring) -> dp_accounting.DpEvent:
-    """The dp-accounting event for one record. dp-accounting's replace-one Gaussian shifts both outputs by its
-    noise multiplier's unit (distance 2), so our distance-`sensitivity` record maps to 2*sigma/sensitivity there."""
-    if isinstance(m, RandomizedResponse):
-        # Spelled out, not SelfComposedDpEvent: dp-accounting 0.6.0's PLD accountant drops the count of a
-        # self-composed RandomizedResponseDpEvent (it composes it once), which would under-report.
-        rr = dp_accounting.RandomizedResponseDpEvent(noise_parameter=_rr_noise_parameter(m.epsilon), num_buckets=2)
-        return dp_accounting.ComposedDpEvent([rr] * m.count)
-    scale = 2.0 if relation == "replace_one" else 1.0
-    event: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(scale * m.effective_noise_multiplier)
-    if isinstance(m, DpSgdRelease) or m.sampling == "poisson":
-        event = dp_accounting.PoissonSampledDpEvent(m.sample_rate, event)
-    return dp_accounting.SelfComposedDpEvent(event, m.count)
-
-
 def pld_epsilon(mechanisms: Sequence[Mechanism], delta: float, *,
                 discretization: float = PLD_DISCRETIZATION) -> float:
     """Epsilon of the composition of all records at `delta`, by dp-accounting's PLD accountant (pessimistic)."""
     if not mechanisms:
         return 0.0
     relation = common_neighbouring(mechanisms)
+    return _event_epsilon(guarantee_event([m.report_entry() for m in mechanisms], relation), relation, delta,
+                          discretization)
+
+
+def _event_epsilon(event: dp_accounting.DpEvent, relation: Neighbouring, delta: float,
+                   discretization: float = PLD_DISCRETIZATION) -> float:
+    """Epsilon of one composed event at `delta` by dp-accounting's PLD accountant: the reported path and the
+    third-party recomputation both end here."""
     accountant = PLDAccountant(_RELATIONS[relation], value_discretization_interval=discretization)
-    accountant.compose(dp_accounting.ComposedDpEvent([_dp_event(m, relation) for m in mechanisms]))
+    if not accountant.supports(event):
+        raise ValueError(f"dp-accounting's PLD accountant cannot account {event}")
+    accountant.compose(event)
     return float(accountant.get_epsilon(delta))
 
 
@@ -165,10 +158,12 @@ class Guarantee(BaseModel):
         return guarantee_key(self.protects, self.against)
 
     def to_dict(self) -> dict[str, Any]:
-        """The report's schema: mechanisms in the recomputable form (no party-internal fields)."""
+        """The report's schema: mechanisms readable (no party-internal fields) and as dp-accounting's DpEvent."""
         return {"protects": self.protects, "against": self.against, "epsilon": self.epsilon, "delta": self.delta,
                 "accountant": self.accountant, "neighbouring": self.neighbouring,
-                "mechanisms": [m.report_entry() for m in self.mechanisms]}
+                "mechanisms": [m.report_entry() for m in self.mechanisms],
+                "dp_event": event_to_json(guarantee_event([m.report_entry() for m in self.mechanisms],
+                                                          self.neighbouring))}
 
 
 def check_guarantee_records(protects: str, against: str, mechanisms: Iterable[Mechanism]) -> None:
@@ -197,44 +192,19 @@ def account_guarantee(protects: str, against: Observer, mechanisms: Sequence[Mec
 
 # -- third-party recomputation ----------------------------------------------------------------------------------
 
-def _entry_pld(entry: dict[str, Any], relation: Neighbouring) -> pld_lib.PrivacyLossDistribution | None:
-    """PLD of one report entry straight from dp-accounting's PLD constructors (None: the entry is not private)."""
-    kind = entry.get("kind")
-    count = int(entry.get("count", 1))
-    if kind == "randomized_response":
-        if relation != "replace_one":
-            raise ValueError("randomized response is accounted under replace_one only")
-        return pld_lib.from_randomized_response(_rr_noise_parameter(float(entry["epsilon"])), 2).self_compose(count)
-    if kind != "gaussian":
-        raise ValueError(f"report entry of unknown kind {kind!r}")
-    sigma, distance = float(entry["noise_multiplier"]), float(entry["sensitivity"])
-    if sigma == 0:
-        return None
-    if entry.get("sampling", "none") == "none":
-        # k non-sampled Gaussian releases are exactly one with std sigma / sqrt(k); only the distance matters
-        return pld_lib.from_gaussian_mechanism(sigma / math.sqrt(count), sensitivity=distance)
-    q = float(entry["sample_rate"])
-    if relation == "add_remove":
-        single = pld_lib.from_gaussian_mechanism(sigma, sensitivity=distance, sampling_prob=q)
-    else:  # replace-one: dp-accounting shifts each side by `sensitivity`, i.e. half the distance
-        single = pld_lib.from_gaussian_mechanism(
-            sigma, sensitivity=distance / 2, sampling_prob=q,
-            neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-    return single.self_compose(count)
-
-
 def recompute_from_report(report: dict[str, Any]) -> list[float]:
-    """Every guarantee's epsilon recomputed from the report alone with dp-accounting's PLD, in report order."""
+    """Every guarantee's epsilon recomputed from the report alone, in report order: its `dp_event` rebuilt with
+    dp-accounting's own deserialiser and composed by dp-accounting's PLD accountant.
+
+    The event must be the one the guarantee's readable `mechanisms` entries translate to (a report whose two forms
+    disagree is refused), so what a reader sees listed is what was accounted.
+    """
     epsilons = []
     for guarantee in report["guarantees"]:
-        delta = float(guarantee.get("delta", report["delta"]))
-        total = pld_lib.identity()
-        private = True
-        for entry in guarantee["mechanisms"]:
-            part = _entry_pld(entry, guarantee["neighbouring"])
-            if part is None:
-                private = False
-                continue
-            total = total.compose(part)
-        epsilons.append(float(total.get_epsilon_for_delta(delta)) if private else math.inf)
+        relation = guarantee["neighbouring"]
+        event = event_from_json(guarantee["dp_event"])
+        if event != guarantee_event(guarantee["mechanisms"], relation):
+            raise ValueError(f"{guarantee['protects']} against {guarantee['against']}: dp_event does not match "
+                             "the listed mechanisms")
+        epsilons.append(_event_epsilon(event, relation, float(guarantee.get("delta", report["delta"]))))
     return epsilons
