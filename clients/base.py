@@ -46,6 +46,9 @@ class PartySettings(BaseModel):
     home: Path = Field(description="the party's home: its lifetime ledger and what its services need "
                        "(shared/party_home.py); outlives every run")
     secret: str = Field(min_length=16, description="hex secret shared by the two parties, never the coordinator")
+    peer_public_key: str = Field("", description="the other party's X25519 public key (hex or base64), pinned after "
+                                 "comparing its fingerprint out of band; every payload to and from the peer is "
+                                 "sealed with it (shared/protocol/e2e.py)")
     budgets: dict[str, float] = Field(
         default_factory=dict, description="guarantee key -> max epsilon this party will ever spend, e.g. "
         "{'lender.labels@payment': 2.0}; set by the party itself, whatever the server asks")
@@ -76,6 +79,9 @@ class PartyBase:
         self.state_loads = 0
         self._config: tuple[str, FedConfig] | None = None  # (the state's config JSON, parsed): see `config`
         self.handlers: dict[MessageKind, Handler] = {}
+        from fedscore.clients.channel import PartyChannel
+
+        self.e2e = PartyChannel(self)
 
     # -- state ---------------------------------------------------------------------------------------------------
     @property
@@ -207,7 +213,8 @@ class PartyBase:
                 raise ProtocolError(f"{self.name}: unknown request {str(kind)!r}; it serves "
                                     f"{', '.join(self.handlers)}")
             self.load_state()
-            reply = handler(message)
+            # end to end: check the step and open the peer's payload before anything reads it; seal the reply's
+            reply = self.e2e.send(message, handler(self.e2e.receive(message)))
             self.save_state()
             return reply
         except (ProtocolError, DataError, UnexpectedBody, ValueError) as exc:

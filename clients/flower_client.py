@@ -49,6 +49,7 @@ def _in_this_process(context: Context, header: str, payload: bytes) -> tuple[str
         raise ValueError(f"node config is missing {', '.join(missing)} (set them with --node-config)")
     settings = PartySettings(party=config["party"], data_path=config["data-path"], state_dir=config["state-dir"],
                              home=config["home"], secret=config["secret"],
-                             budgets=parse_budgets(str(config.get("budgets", ""))))
+                             budgets=parse_budgets(str(config.get("budgets", ""))),
+                             peer_public_key=str(config.get("peer-public-key", "")))
     reply = make_party(settings).handle(Envelope(header=Header.model_validate_json(header), payload=payload))
     return reply.header.model_dump_json(), reply.payload

@@ -135,6 +135,10 @@ def _report(metrics: dict, run_dir: Path) -> None:
     console.print(f"aligned {int(a['intersection'])} of {int(a['lender_rows'])} applicants; "
                   f"{metrics['traffic']['messages']} messages, {metrics['traffic']['payload_bytes'] / 1e6:.1f} MB "
                   f"of payloads; {metrics['timing']['total_s']:.1f} s")
+    if "e2e" in metrics:
+        prints = metrics["e2e"]["fingerprints"]
+        console.print(f"payloads end-to-end encrypted; key fingerprints (compare out of band): payment "
+                      f"{prints['payment']}, lender {prints['lender']}")
     privacy = json.loads((run_dir / "privacy-report.json").read_text())
     if privacy.get("void"):
         console.print(f"[bold red]VOID:[/] {privacy['void']}")

@@ -242,7 +242,7 @@ def run_federated(config: FedConfig, data_dir: Path, run_dir: Path,
     outcome["timing"]["federation_s"] = time.perf_counter() - start
     outcome["timing"]["startup_s"] = startup_s
     (run_dir / "outcome.json").write_text(json.dumps(outcome, indent=2))
-    return finish_run(run_dir, data_dir, config, secret)
+    return finish_run(run_dir, data_dir, config, secret, homes)
 
 
 def _follow(run_dir: Path, federation: Federation, runner: subprocess.Popen,

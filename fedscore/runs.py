@@ -115,11 +115,30 @@ def party_settings(run_dir: Path, data_dir: Path, secret: str, budgets: Budgets 
     from fedscore.shared.party_home import ensure_party_home
 
     budgets = budgets or {}
-    homes = homes or party_homes()
+    homes = {p: ensure_party_home(h) for p, h in (homes or party_homes()).items()}
+    keys = pinned_keys(homes)
     return {p: PartySettings(party=p, data_path=(data_dir / p).resolve(),
-                             state_dir=(run_dir / "parties" / p).resolve(), home=ensure_party_home(homes[p]),
-                             secret=secret, budgets=budgets.get(p, {}))
+                             state_dir=(run_dir / "parties" / p).resolve(), home=homes[p],
+                             secret=secret, budgets=budgets.get(p, {}), peer_public_key=keys[p])
             for p in ("payment", "lender")}
+
+
+def pinned_keys(homes: Homes) -> dict[str, str]:
+    """For a local run the operator plays both parties: each party's public key (created in its home on first use)
+    pinned in the other's settings. In a deployment each operator pins the key the other handed over, after
+    comparing its fingerprint out of band."""
+    from fedscore.shared.protocol.e2e import public_key_hex
+
+    public = {p: public_key_hex(homes[p]) for p in ("payment", "lender")}
+    return {"payment": public["lender"], "lender": public["payment"]}
+
+
+def key_fingerprints(homes: Homes | None = None) -> dict[str, str]:
+    """Each party's public key fingerprint, for the run summary and the outcome (operators compare them)."""
+    from fedscore.shared.protocol.e2e import fingerprint, public_key_hex
+
+    homes = homes or party_homes()
+    return {p: fingerprint(bytes.fromhex(public_key_hex(homes[p]))) for p in ("payment", "lender")}
 
 
 
@@ -147,10 +166,14 @@ def run_inprocess(config: FedConfig, data_dir: Path, run_dir: Path, progress: Pr
         error = {"party": exc.party, "request": exc.kind, "reason": exc.reason}
     coordinator.result.timing["federation_s"] = time.perf_counter() - start
     write_outcome(run_dir, coordinator.result, error)
-    return finish_run(run_dir, data_dir, config, secret)
+    return finish_run(run_dir, data_dir, config, secret, homes)
 
 
-def finish_run(run_dir: Path, data_dir: Path, config: FedConfig, secret: str) -> dict[str, Any]:
+E2E = "X25519 + HKDF-SHA256 + ChaCha20-Poly1305, keys pinned in each party's settings (shared/protocol/e2e.py)"
+
+
+def finish_run(run_dir: Path, data_dir: Path, config: FedConfig, secret: str,
+               homes: Homes | None = None) -> dict[str, Any]:
     """Add the baselines to the coordinator's outcome and write metrics.json; raise if the run was refused."""
     from fedscore.report import write_reports
 
@@ -178,6 +201,8 @@ def finish_run(run_dir: Path, data_dir: Path, config: FedConfig, secret: str) ->
         "timing": timing,
         "traffic": {"messages": len(outcome["traffic"]),
                     "payload_bytes": sum(t["sent_bytes"] + t["reply_bytes"] for t in outcome["traffic"])},
+        # every party-to-party payload was sealed (there is no switch); what operators compare out of band
+        "e2e": {"payloads": E2E, "fingerprints": key_fingerprints(homes)},
     }
     write_json_atomic(run_dir / "metrics.json", metrics)
     write_json_atomic(run_dir / "alignment.json", {  # sizes only, never IDs

@@ -81,10 +81,11 @@ class Coordinator:
     def __init__(self, config: FedConfig, transport: Transport, progress: Progress | None = None,
                  run_id: str = "") -> None:
         self.config = config
-        self.run_id = run_id  # both parties tag their ledger entries with it
+        # both parties tag their ledger entries with it and bind their channel keys to it: never reused
+        self.run_id = run_id or new_run_id("run")
         self.transport = transport
         self.progress = progress or (lambda stage, done, total: None)
-        self.result = RunResult(transport=transport.name, run_id=run_id)
+        self.result = RunResult(transport=transport.name, run_id=self.run_id)
 
     def _exchange(self, *messages: Envelope) -> list[Envelope]:
         started = time.perf_counter()

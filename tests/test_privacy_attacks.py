@@ -38,15 +38,21 @@ PRIVATE = ["training.rounds=2", "training.local_epochs=1", "training.batch_size=
 
 
 class RecordingTransport(InProcessTransport):
-    """Keeps every message the payment holder receives: the attacker's whole view of the exchange."""
+    """Keeps every message the payment holder receives, as it reads them once its channel has opened the payload
+    (it holds the key): the attacker's whole view of the exchange."""
 
     def __init__(self, parties: dict) -> None:
         super().__init__(parties)
         self.to_payment: list[Envelope] = []
+        channel = parties["payment"].e2e
+        receive = channel.receive
 
-    def exchange(self, messages: list[Envelope]) -> list[Envelope]:
-        self.to_payment.extend(m for m in messages if m.header.recipient == "payment")
-        return super().exchange(messages)
+        def opened(message: Envelope) -> Envelope:
+            plain = receive(message)
+            self.to_payment.append(plain)
+            return plain
+
+        channel.receive = opened
 
 
 def _run_recorded(config: FedConfig, data: Path, run_dir: Path) -> tuple[RecordingTransport, dict]:

@@ -1,0 +1,185 @@
+"""A party's end of the encrypted channel to its peer, and the protocol order it accepts messages in.
+
+Why here and not in the coordinator: the coordinator is only half trusted, so each party checks for itself that a
+request is the next step of the run it set up (setup -> align.respond / align.match -> embed / train rounds in order),
+that its payload comes from the peer for exactly this step (shared/protocol/e2e.py: the associated data binds run,
+kind, round, direction and a per-direction sequence number), and never serves a step twice. A bad message gets a
+ProtocolError reply naming what is wrong; nothing is decoded before it authenticates.
+
+State (in the party's run state, `state["e2e"]`): the run id, the next step expected, and the next sequence number
+in each direction. Run ids this home has set up are kept in `home/e2e-runs.txt`, so a replayed setup cannot rewind
+the counters. The blacklist check is its own session: the lender picks a fresh session id, the payment holder serves
+each session once (recorded in the same file).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING
+
+from fedscore.shared.protocol.bodies import SetupRequest
+from fedscore.shared.protocol.e2e import Channel, Delivery, SealError, load_identity, parse_public_key, read_frame
+from fedscore.shared.protocol.messages import Envelope, MessageKind
+
+if TYPE_CHECKING:
+    from fedscore.clients.base import PartyBase
+
+RUNS_FILE = "e2e-runs.txt"
+K = MessageKind
+# the payload kind a request must carry, per (party, kind); round 0's embed carries the alignment tokens instead
+EXPECTED_PAYLOAD = {("payment", K.ALIGN_RESPOND): "psi_request", ("payment", K.EMBED): "gradients",
+                    ("payment", K.BLACKLIST_RESPOND): "psi_request", ("lender", K.ALIGN_MATCH): "psi_response",
+                    ("lender", K.TRAIN): "embeddings", ("lender", K.BLACKLIST_MATCH): "psi_response"}
+BLACKLIST = (K.BLACKLIST_REQUEST, K.BLACKLIST_RESPOND, K.BLACKLIST_MATCH)
+
+
+def expected_payload(party: str, kind: MessageKind, round_: int) -> str:
+    if (party, kind, round_) == ("payment", K.EMBED, 0):
+        return "alignment_tokens"
+    return EXPECTED_PAYLOAD.get((party, kind), "")
+
+
+def delivered_as(sender: str, kind: MessageKind, round_: int) -> tuple[MessageKind, int]:
+    """The request a reply's payload reaches the peer in (server/coordinator.py moves it there)."""
+    nxt = {("lender", K.SETUP): (K.ALIGN_RESPOND, -1), ("payment", K.ALIGN_RESPOND): (K.ALIGN_MATCH, -1),
+           ("lender", K.ALIGN_MATCH): (K.EMBED, 0), ("payment", K.EMBED): (K.TRAIN, round_),
+           ("lender", K.TRAIN): (K.EMBED, round_ + 1), ("lender", K.BLACKLIST_REQUEST): (K.BLACKLIST_RESPOND, -1),
+           ("payment", K.BLACKLIST_RESPOND): (K.BLACKLIST_MATCH, -1)}
+    if (sender, kind) not in nxt:
+        raise SealError(f"{sender}: a {kind} reply carries no payload for the peer")
+    return nxt[(sender, kind)]
+
+
+def _position(kind: MessageKind, round_: int) -> int:
+    """Where a training step sits in the run: setup 0, alignment 1, round r at 2 + r."""
+    return {K.SETUP: 0, K.ALIGN_RESPOND: 1, K.ALIGN_MATCH: 1}.get(kind, 2 + round_)
+
+
+def _after(party: str, kind: MessageKind, round_: int) -> tuple[str, int]:
+    step = {K.SETUP: (K.ALIGN_RESPOND if party == "payment" else K.ALIGN_MATCH, -1),
+            K.ALIGN_RESPOND: (K.EMBED, 0), K.ALIGN_MATCH: (K.TRAIN, 0)}.get(kind, (kind, round_ + 1))
+    return str(step[0]), step[1]
+
+
+class PartyChannel:
+    """Opens what a party receives and seals what it sends, for one party object."""
+
+    def __init__(self, party: PartyBase) -> None:
+        self.party = party
+        self._identity = None
+
+    @property
+    def name(self) -> str:
+        return self.party.name
+
+    def channel(self, run_id: str) -> Channel:
+        settings = self.party.settings
+        peer = "lender" if self.name == "payment" else "payment"
+        if not settings.peer_public_key:
+            raise SealError(f"{self.name}: no pinned public key for the {peer}: set peer_public_key in this party's "
+                            "settings (the peer's home/identity.pub, checked by its fingerprint)")
+        if self._identity is None:
+            self._identity = load_identity(settings.home)
+        return Channel(self._identity, parse_public_key(settings.peer_public_key), self.name, peer, run_id)
+
+    # -- run ids this home has served -------------------------------------------------------------------------------
+    def _seen(self) -> set[str]:
+        path = self.party.settings.home / RUNS_FILE
+        return set(path.read_text().split()) if path.exists() else set()
+
+    def _remember(self, run_id: str) -> None:
+        with (self.party.settings.home / RUNS_FILE).open("a") as handle:
+            handle.write(run_id + "\n")
+
+    # -- receiving -------------------------------------------------------------------------------------------------
+    def receive(self, message: Envelope) -> Envelope:
+        """The message with its payload opened, after checking it is the next step of this party's run."""
+        header = message.header
+        kind, round_ = header.kind, header.round
+        if kind in BLACKLIST:
+            return self._receive_blacklist(message)
+        if kind is K.SETUP:
+            if message.payload:
+                raise SealError(f"{self.name}: setup carries no payload")
+            if not isinstance(header.body, SetupRequest):
+                return message  # the handler says what is missing
+            run_id = header.body.run_id
+            if not run_id:
+                raise SealError(f"{self.name}: setup without a run id (the channel keys are bound to it)")
+            if run_id in self._seen():
+                raise SealError(f"{self.name} refused: replayed message: run {run_id!r} was already set up with this "
+                                "party home")
+            return message
+        state = self.party.state.get("e2e")
+        if state is None:
+            raise SealError(f"{self.name}: {kind} round {round_} before setup")
+        expected = (state["next"][0], state["next"][1])
+        if (str(kind), round_) != expected:
+            late = _position(kind, round_) < _position(K(expected[0]), expected[1])
+            what = "replayed message: already served" if late else "out of protocol order"
+            raise SealError(f"{self.name} refused: {what}: got {kind} round {round_}, expected {expected[0]} round "
+                            f"{expected[1]} in run {state['run']!r}")
+        return self._open(message, state["run"], state, "received")
+
+    def _open(self, message: Envelope, run_id: str, state: dict, counter: str) -> Envelope:
+        header = message.header
+        want = expected_payload(self.name, header.kind, header.round)
+        if header.payload_kind != want:
+            raise SealError(f"{self.name} refused: {header.kind} round {header.round} must carry "
+                            f"{want or 'no payload'}, got {header.payload_kind or 'none'}")
+        if not want:
+            return message
+        frame_run, seq, _, _ = read_frame(message.payload)
+        if frame_run != run_id:
+            raise SealError(f"{self.name} refused: message for another run ({frame_run!r}); this party is in run "
+                            f"{run_id!r}")
+        if seq != state[counter]:
+            what = "replayed message" if seq < state[counter] else "out of order message"
+            raise SealError(f"{self.name} refused: {what}: sequence {seq} from the peer, expected {state[counter]}")
+        peer = "lender" if self.name == "payment" else "payment"
+        plain = self.channel(run_id).open(message.payload, Delivery(run_id, peer, self.name, str(header.kind),
+                                                                    header.round, header.payload_kind, seq))
+        state[counter] = seq + 1
+        return Envelope(header=header.model_copy(), payload=plain)
+
+    def _receive_blacklist(self, message: Envelope) -> Envelope:
+        kind = message.header.kind
+        if kind is K.BLACKLIST_REQUEST:
+            return self._open(message, "", {}, "")
+        if kind is K.BLACKLIST_RESPOND:
+            session = read_frame(message.payload)[0] if message.payload else ""
+            if session in self._seen():
+                raise SealError(f"{self.name} refused: replayed message: blacklist session {session!r} was already "
+                                "served")
+            if not session.startswith("blacklist-"):
+                raise SealError(f"{self.name} refused: {session!r} is not a blacklist session")
+            self.party.state["e2e_blacklist"] = {"run": session, "received": 0, "sent": 0}
+            self._remember(session)
+        state = self.party.state.get("e2e_blacklist")
+        if state is None:
+            raise SealError(f"{self.name}: {kind} without a blacklist session")
+        return self._open(message, state["run"], state, "received")
+
+    # -- sending ---------------------------------------------------------------------------------------------------
+    def send(self, request: Envelope, reply: Envelope) -> Envelope:
+        """Seal the reply's payload for the peer and move this party's run to its next step."""
+        kind, round_ = request.header.kind, request.header.round
+        if kind is K.BLACKLIST_REQUEST:
+            self.party.state["e2e_blacklist"] = {"run": f"blacklist-{secrets.token_hex(8)}", "received": 0, "sent": 0}
+        if kind in BLACKLIST:
+            state = self.party.state["e2e_blacklist"]
+        else:
+            if kind is K.SETUP:
+                run_id = self.party.run_id
+                self._remember(run_id)
+                self.party.state["e2e"] = {"run": run_id, "received": 0, "sent": 0}
+            state = self.party.state["e2e"]
+            state["next"] = list(_after(self.name, kind, round_))
+        if not reply.payload:
+            return reply
+        to_kind, to_round = delivered_as(self.name, kind, round_)
+        peer = "lender" if self.name == "payment" else "payment"
+        delivery = Delivery(state["run"], self.name, peer, str(to_kind), to_round, reply.header.payload_kind,
+                            state["sent"])
+        state["sent"] += 1
+        return Envelope(header=reply.header, payload=self.channel(state["run"]).seal(reply.payload, delivery))

@@ -1,0 +1,210 @@
+"""End-to-end encryption between the parties (shared/protocol/e2e.py, clients/channel.py).
+
+What the coordinator handles is captured whole and searched for everything it must not learn; messages tampered
+with, replayed, reordered or taken from another run are refused by the party; a wrong pinned key fails with the
+fingerprints named.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from fedscore.clients.parties import make_party
+from fedscore.runs import key_fingerprints, party_settings
+from fedscore.server.coordinator import Coordinator, PartyRefused
+from fedscore.shared.config import load_config
+from fedscore.shared.protocol import e2e
+from fedscore.shared.protocol.messages import Envelope, MessageKind, unpack_arrays
+from fedscore.shared.protocol.transport import InProcessTransport
+from tests.conftest import FAST, SECRET, fresh_homes, make_party_data
+from tests.test_alignment_protocol import _digests
+from tests.test_protocol import RecordingTransport
+
+CONFIG = [*FAST, "training.rounds=2", "baselines.enabled=false"]
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("e2e-data")
+    return out, make_party_data(out, population=800, seed=5)
+
+
+def _parties(root: Path, data: Path, name: str = "run") -> dict:
+    settings = party_settings(root / name, data, SECRET, homes=fresh_homes(root))
+    return {n: make_party(s) for n, s in settings.items()}
+
+
+def _leaks(blob: bytes, needles: list[bytes]) -> int:
+    return sum(needle in blob for needle in needles)
+
+
+def test_the_coordinator_relays_only_ciphertext(small_data: tuple[Path, dict], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    data, ids = small_data
+    plaintexts: list[tuple[str, bytes]] = []  # what the parties sealed, as they sealed it
+    seal = e2e.Channel.seal
+
+    def recording_seal(self: e2e.Channel, plaintext: bytes, delivery: e2e.Delivery) -> bytes:
+        plaintexts.append((delivery.payload_kind, plaintext))
+        return seal(self, plaintext, delivery)
+
+    monkeypatch.setattr(e2e.Channel, "seal", recording_seal)
+    parties = _parties(tmp_path, data)
+    transport = RecordingTransport(parties)
+    Coordinator(load_config(None, CONFIG), transport).run()
+
+    payloads = [m.payload for m in transport.seen if m.payload]
+    blob = b"".join(m.payload + m.header.model_dump_json().encode() for m in transport.seen)
+    kinds = {k for k, _ in plaintexts}
+    assert {"psi_request", "psi_response", "alignment_tokens", "embeddings", "gradients"} <= kinds
+    # each sealed payload is seen twice (a reply, then the request it is moved into), but the last gradients
+    assert len(set(payloads)) == len(plaintexts) and all(p.startswith(e2e.MAGIC) for p in payloads)
+    for payload in payloads:  # nothing the coordinator holds decodes as the parties' array format
+        with pytest.raises(Exception):  # noqa: B017 - any failure to parse will do
+            unpack_arrays(payload)
+
+    # plaintext embeddings and gradients: every row's float32 bytes, absent from what the coordinator saw
+    rows = [row.astype(np.float32).tobytes() for kind, plain in plaintexts if kind in ("embeddings", "gradients")
+            for array in unpack_arrays(plain).values() for row in np.atleast_2d(array)]
+    assert len(rows) > 1000
+    plain_blob = b"".join(plain for _, plain in plaintexts)
+    assert _leaks(plain_blob, rows[::50]) == len(rows[::50])  # the search finds them where they are
+    assert _leaks(blob, rows) == 0
+
+    # raw IDs and their plain hashes
+    sample = sorted(ids["payment"] | ids["lender"])[::5]
+    assert [i for i in sample if any(d in blob for d in _digests(i))] == []
+    # the label vector and raw feature columns, in file order and in the aligned order, in the usual dtypes
+    lender = parties["lender"]
+    applicants = pd.read_parquet(data / "lender" / "applicants.parquet")
+    features = pd.read_parquet(data / "payment" / "features.parquet")
+    aligned = lender.state["y"][lender.state["rows"]].numpy()
+    vectors = [applicants["label"].to_numpy()[:48], aligned[:48]]
+    vectors += [frame[c].to_numpy()[:6] for frame in (applicants, features) for c in frame.columns if c != "id"]
+    needles = [np.asarray(v).astype(dtype).tobytes() for v in vectors for dtype in (np.float32, np.float64, np.int64)]
+    needles += [np.asarray(v).astype(np.uint8).tobytes() for v in vectors[:2]]
+    assert _leaks(blob, needles) == 0
+    assert _leaks(plain_blob + blob, [aligned[:48].astype(np.float32).tobytes()]) == 0  # labels never cross
+
+
+class Meddler(InProcessTransport):
+    """Lets a test replace each message by the messages actually delivered; the last one's reply goes back."""
+
+    def __init__(self, parties: dict, meddle: Callable[[Envelope], list[Envelope]]) -> None:
+        super().__init__(parties)
+        self.meddle = meddle
+
+    def exchange(self, messages: list[Envelope]) -> list[Envelope]:
+        return [[self.parties[m.header.recipient].handle(m) for m in self.meddle(message)][-1]
+                for message in messages]
+
+
+def _is(message: Envelope, kind: MessageKind, round_: int) -> bool:
+    return message.header.kind is kind and message.header.round == round_
+
+
+def _copy(message: Envelope, payload: bytes | None = None, round_: int | None = None) -> Envelope:
+    header = message.header.model_copy(update={} if round_ is None else {"round": round_})
+    return Envelope(header=header, payload=message.payload if payload is None else payload)
+
+
+def _tampered(m: Envelope) -> list[Envelope]:
+    if _is(m, MessageKind.TRAIN, 0):
+        return [_copy(m, m.payload[:-1] + bytes([m.payload[-1] ^ 1]))]
+    return [m]
+
+
+def _twice(m: Envelope) -> list[Envelope]:
+    return [m, m] if _is(m, MessageKind.TRAIN, 0) else [m]
+
+
+def _early(m: Envelope) -> list[Envelope]:
+    return [_copy(m, round_=1)] if _is(m, MessageKind.TRAIN, 0) else [m]
+
+
+class _Keep:
+    """Round 0's embeddings delivered again as round 1's: the step is right, the payload is an old one."""
+
+    def __init__(self) -> None:
+        self.first: Envelope | None = None
+
+    def __call__(self, m: Envelope) -> list[Envelope]:
+        if _is(m, MessageKind.TRAIN, 0):
+            self.first = m
+        if _is(m, MessageKind.TRAIN, 1):
+            assert self.first is not None
+            return [_copy(self.first, round_=1)]
+        return [m]
+
+
+@pytest.mark.parametrize(("meddle", "reason"), [
+    (_tampered, r"lender refused 'train': lender: the embeddings payload for train round 0 fails authentication"),
+    (_twice, r"lender refused: replayed message: already served: got train round 0, expected train round 1"),
+    (_early, r"lender refused: out of protocol order: got train round 1, expected train round 0"),
+    (_Keep(), r"lender refused: replayed message: sequence 1 from the peer, expected 2"),
+], ids=["tampered", "replayed", "reordered", "old payload"])
+def test_a_meddled_message_is_refused(small_data: tuple[Path, dict], tmp_path: Path,
+                                      meddle: Callable[[Envelope], list[Envelope]], reason: str) -> None:
+    data, _ = small_data
+    with pytest.raises(PartyRefused, match=reason):
+        Coordinator(load_config(None, CONFIG), Meddler(_parties(tmp_path, data), meddle)).run()
+
+
+def test_a_message_from_another_run_or_a_replayed_setup_is_refused(small_data: tuple[Path, dict],
+                                                                   tmp_path: Path) -> None:
+    data, _ = small_data
+    first_parties = _parties(tmp_path, data, "first")
+    recorded = RecordingTransport(first_parties)
+    first = Coordinator(load_config(None, CONFIG), recorded).run()
+    old = next(m for m in recorded.seen if _is(m, MessageKind.TRAIN, 0) and m.header.sender == "server")
+
+    def foreign(m: Envelope) -> list[Envelope]:
+        return [_copy(m, old.payload)] if _is(m, MessageKind.TRAIN, 0) else [m]
+
+    # same homes, same keys: only the run id keeps the first run's payload out of the second
+    with pytest.raises(PartyRefused, match=rf"message for another run \('{first.run_id}'\); this party is in run"):
+        Coordinator(load_config(None, CONFIG), Meddler(_parties(tmp_path, data, "second"), foreign)).run()
+
+    setup = next(m for m in recorded.seen if m.header.kind is MessageKind.SETUP and m.header.recipient == "payment")
+    reply = _parties(tmp_path, data, "third")["payment"].handle(setup)
+    assert f"payment refused: replayed message: run '{first.run_id}' was already set up" in reply.header.error
+
+
+def test_a_wrong_pinned_key_fails_and_names_the_fingerprints(small_data: tuple[Path, dict], tmp_path: Path) -> None:
+    data, _ = small_data
+    settings = party_settings(tmp_path / "run", data, SECRET, homes=fresh_homes(tmp_path))
+    impostor = X25519PrivateKey.generate().public_key().public_bytes_raw()
+    settings["lender"] = settings["lender"].model_copy(update={"peer_public_key": impostor.hex()})
+    parties = {n: make_party(s) for n, s in settings.items()}
+    with pytest.raises(PartyRefused) as refused:
+        Coordinator(load_config(None, CONFIG), InProcessTransport(parties)).run()
+    fingerprints = key_fingerprints(fresh_homes(tmp_path))
+    assert refused.value.party == "payment" and "psi_request payload for align.respond round -1 fails authentication" \
+        in refused.value.reason
+    assert f"this party's key {fingerprints['payment']}, pinned lender key {fingerprints['lender']}" \
+        in refused.value.reason
+
+    settings["lender"] = settings["lender"].model_copy(update={"peer_public_key": ""})
+    with pytest.raises(PartyRefused, match="lender refused 'setup': lender: no pinned public key for the payment"):
+        Coordinator(load_config(None, CONFIG), InProcessTransport({n: make_party(s) for n, s in settings.items()}
+                                                                  )).run()
+
+
+def test_identity_keys_live_in_the_home_and_are_private(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    public = e2e.public_key_hex(home)
+    assert (home / e2e.PUBLIC_KEY_FILE).read_text().strip() == public and len(public) == 64
+    assert (home / e2e.PRIVATE_KEY_FILE).stat().st_mode & 0o777 == 0o600
+    assert e2e.public_key_hex(home) == public  # created once, then read
+    assert e2e.parse_public_key(public) == e2e.parse_public_key(__import__("base64").b64encode(bytes.fromhex(public))
+                                                                .decode())
+    os.chmod(home / e2e.PRIVATE_KEY_FILE, 0o644)
+    with pytest.raises(e2e.SealError, match="readable by others"):
+        e2e.load_identity(home)
