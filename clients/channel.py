@@ -128,6 +128,9 @@ class PartyChannel:
             raise SealError(f"{self.name} refused: {header.kind} round {header.round} must carry "
                             f"{want or 'no payload'}, got {header.payload_kind or 'none'}")
         if not want:
+            if message.payload:
+                raise SealError(f"{self.name} refused: {header.kind} carries no payload, got {len(message.payload)} "
+                                "bytes")
             return message
         frame_run, seq, _, _ = read_frame(message.payload)
         if frame_run != run_id:

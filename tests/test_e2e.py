@@ -208,3 +208,19 @@ def test_identity_keys_live_in_the_home_and_are_private(tmp_path: Path) -> None:
     os.chmod(home / e2e.PRIVATE_KEY_FILE, 0o644)
     with pytest.raises(e2e.SealError, match="readable by others"):
         e2e.load_identity(home)
+
+
+def test_a_replayed_blacklist_request_is_refused(tmp_path: Path) -> None:
+    """The blacklist check is its own session: the payment holder answers each lender session once."""
+    from fedscore.server.coordinator import check_blacklist
+
+    make_party_data(tmp_path / "b", population=300)
+    applicants = pd.read_parquet(tmp_path / "b" / "lender" / "applicants.parquet")["id"].tolist()
+    pd.DataFrame({"id": applicants[:3]}).to_parquet(tmp_path / "b" / "payment" / "fraud_list.parquet", index=False)
+
+    def twice(m: Envelope) -> list[Envelope]:
+        return [m, m] if m.header.kind is MessageKind.BLACKLIST_RESPOND else [m]
+
+    with pytest.raises(PartyRefused, match=r"payment refused: replayed message: blacklist session 'blacklist-"):
+        check_blacklist(Meddler(_parties(tmp_path, tmp_path / "b"), twice))
+    check_blacklist(InProcessTransport(_parties(tmp_path, tmp_path / "b", "again")))  # a new session is served

@@ -1,8 +1,8 @@
 """What crosses between the coordinator and a party: a small typed header and an opaque payload.
 
 The coordinator reads headers (message kind, round, sizes, the typed body and metrics a party chose to share) and
-relays payloads it never decodes. Party-to-party payloads (embeddings, gradients, alignment tokens) are bytes to
-everyone but the receiving party, so they can later be encrypted end to end without changing the coordinator.
+relays payloads it never decodes. Party-to-party payloads (embeddings, gradients, alignment tokens) are sealed end to
+end by the sending party (shared/protocol/e2e.py, clients/channel.py): ciphertext to everyone but the receiver.
 """
 
 from __future__ import annotations
