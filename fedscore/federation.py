@@ -235,12 +235,15 @@ def run_federated(config: FedConfig, data_dir: Path, run_dir: Path,
         runner = federation.start("flwr-run", [_bin("flwr"), "run", str(app), "local", "--stream"])
         startup_s = time.perf_counter() - t0  # until `flwr run` is launched
         _follow(run_dir, federation, runner, progress, timeout_s)
+        t_stop = time.perf_counter()
+    teardown_s = time.perf_counter() - t_stop
     if not (run_dir / "outcome.json").exists():
         log = (run_dir / "flower" / "logs" / "flwr-run.log").read_text(errors="replace")[-3000:]
         raise RunError(f"the ServerApp wrote no outcome; `flwr run` log ends:\n{log}")
     outcome = json.loads((run_dir / "outcome.json").read_text())
     outcome["timing"]["federation_s"] = time.perf_counter() - start
     outcome["timing"]["startup_s"] = startup_s
+    outcome["timing"]["teardown_s"] = teardown_s
     (run_dir / "outcome.json").write_text(json.dumps(outcome, indent=2))
     return finish_run(run_dir, data_dir, config, secret, homes)
 
@@ -263,9 +266,10 @@ def _follow(run_dir: Path, federation: Federation, runner: subprocess.Popen,
                 progress(event["stage"], event["done"], event["total"])
             seen = len(lines)
         if (run_dir / "outcome.json").exists():
-            # the ServerApp has finished; `flwr run --stream` may linger on log streaming
+            # the ServerApp has finished; `flwr run --stream` may linger on log streaming, which nobody reads:
+            # give it a moment, then the teardown stops it
             with suppress(subprocess.TimeoutExpired):
-                runner.wait(timeout=5)
+                runner.wait(timeout=0.5)
             return True
         return False
 

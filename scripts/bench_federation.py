@@ -70,11 +70,11 @@ def main() -> None:
                      "exchanges": len(remote), "overhead_per_exchange_s": statistics.median(overheads),
                      "startup_s": timing["startup_s"], "flower_protocol_s": timing["protocol_s"],
                      "inprocess_protocol_s": inproc["timing"]["protocol_s"],
-                     "baselines_s": timing["baselines_s"],
+                     "baselines_s": timing["baselines_s"], "teardown_s": timing.get("teardown_s", 0.0),
                      "auc_inprocess": inproc["test"]["auc"], "auc_flower": flower["test"]["auc"]})
         print(json.dumps(rows[-1]), flush=True)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    rest = med["flower_s"] - med["startup_s"] - med["flower_protocol_s"] - med["baselines_s"]
+    rest = med["flower_s"] - med["startup_s"] - med["flower_protocol_s"] - med["baselines_s"] - med["teardown_s"]
     print(f"\n{args.repeats} repeats, medians; settings: {' '.join(args.overrides) or 'defaults'}\n")
     print("| path | wall s | ratio | exchanges | overhead per exchange s | start-up s | test AUC |")
     print("|---|---|---|---|---|---|---|")
@@ -84,7 +84,7 @@ def main() -> None:
           f"{med['overhead_per_exchange_s']:.2f} | {med['startup_s']:.1f} | {med['auc_flower']:.4f} |")
     print(f"\nwhere the Flower run goes: start-up {med['startup_s']:.1f} s, protocol {med['flower_protocol_s']:.1f} s "
           f"(in-process {med['inprocess_protocol_s']:.1f} s), baselines {med['baselines_s']:.1f} s, "
-          f"the rest (ServerApp start, report, bundle, teardown) {rest:.1f} s")
+          f"teardown {med['teardown_s']:.1f} s, the rest (ServerApp start and discovery, report, bundle) {rest:.1f} s")
     if args.json:
         args.json.write_text(json.dumps({"runs": rows, "median": med, "overrides": args.overrides}, indent=2))
 
