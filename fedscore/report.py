@@ -40,12 +40,16 @@ def _plots(metrics: dict | None, outcome: dict, privacy: dict) -> list[tuple[str
     if privacy.get("guarantees"):
         fig, ax = plt.subplots(figsize=(6, 3.6))
         for g in privacy["guarantees"]:
-            eps = [r["epsilon_after"] for r in g["per_release"]]
-            ax.plot(range(1, len(eps) + 1), eps, marker="o", label=f"{g['protects']} vs {g['against']}")
-            limits = [b for b in (g.get("budget") or {}).values() if b is not None]
-            if limits:
-                ax.axhline(min(limits), ls=":", lw=0.8, color=ax.lines[-1].get_color())
-        ax.set_xlabel("release (charge) number")
+            # each party's ledger composes its own charges: one line per party that holds the guarantee (a joint
+            # guarantee's total, both ledgers composed, is the table's epsilon)
+            for party in g["held_by"]:
+                eps = [r["epsilon_after"] for r in g["per_release"] if r.get("party", party) == party]
+                label = f"{g['protects']} vs {g['against']}" + (f" ({party}'s ledger)" if len(g["held_by"]) > 1 else "")
+                ax.plot(range(1, len(eps) + 1), eps, marker="o", label=label)
+                budget = (g.get("budget") or {}).get(party)
+                if budget is not None:
+                    ax.axhline(budget, ls=":", lw=0.8, color=ax.lines[-1].get_color())
+        ax.set_xlabel("release (charge) number, per ledger")
         ax.set_ylabel(f"epsilon (delta={privacy['delta']:g})")
         ax.set_title("privacy spent per release (dotted: the party's budget)")
         ax.legend(fontsize=7)
