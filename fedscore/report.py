@@ -42,9 +42,10 @@ def _plots(metrics: dict | None, outcome: dict, privacy: dict) -> list[tuple[str
         for g in privacy["guarantees"]:
             # each party's ledger composes its own charges: one line per party that holds the guarantee (a joint
             # guarantee's total, both ledgers composed, is the table's epsilon)
-            for party in g["held_by"]:
-                eps = [r["epsilon_after"] for r in g["per_release"] if r.get("party", party) == party]
-                label = f"{g['protects']} vs {g['against']}" + (f" ({party}'s ledger)" if len(g["held_by"]) > 1 else "")
+            holders = g.get("held_by") or [None]
+            for party in holders:
+                eps = [r["epsilon_after"] for r in g["per_release"] if party is None or r.get("party") == party]
+                label = f"{g['protects']} vs {g['against']}" + (f" ({party}'s ledger)" if len(holders) > 1 else "")
                 ax.plot(range(1, len(eps) + 1), eps, marker="o", label=label)
                 budget = (g.get("budget") or {}).get(party)
                 if budget is not None:
