@@ -105,11 +105,24 @@ class Federation:
                     "PYTHONUNBUFFERED": "1",
                     # the SuperExec asks for new tasks every second by default: a message waits ~0.5 s less
                     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05",
-                    # Flower starts helpers (flower-superexec, flwr-clientapp) by name: put this venv first
-                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+                    # Flower starts helpers (flower-superexec, flwr-clientapp) by name: our faster flwr-clientapp
+                    # first (fedscore/supernode.py), then this venv
+                    "PATH": os.pathsep.join([str(self._clientapp_shim()), str(Path(sys.executable).parent),
+                                             os.environ.get("PATH", "")])}
         self.processes: list[tuple[str, subprocess.Popen]] = []
         self.sockets: list[Path] = []
         self.port = free_port()
+
+    def _clientapp_shim(self) -> Path:
+        """A folder holding a `flwr-clientapp` that starts faster than Flower's own (same code, lighter imports)."""
+        from fedscore.supernode import CLIENTAPP_SCRIPT
+
+        folder = self.flower_dir / "bin"
+        folder.mkdir(parents=True, exist_ok=True)
+        script = folder / "flwr-clientapp"
+        script.write_text(CLIENTAPP_SCRIPT.format(python=sys.executable))
+        script.chmod(0o755)
+        return folder
 
     def start(self, name: str, args: list[str], stdin: bytes | None = None) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("wb")
