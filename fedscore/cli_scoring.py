@@ -6,6 +6,7 @@ Kept apart from fedscore/cli.py so the training CLI does not grow; imports stay 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -199,10 +200,14 @@ def serve_lender_command(
         client_key: Annotated[Path | None, typer.Option("--client-key", help="its private key (PEM)")] = None,
         insecure_payment: Annotated[bool, typer.Option(
             "--insecure-payment", help="plaintext to a payment service on loopback (its --insecure-local)")] = False,
+        api_token_file: Annotated[Path | None, typer.Option(
+            "--api-token-file", help="the bearer token callers must send (created with a fresh token if missing; "
+            "default: $FEDSCORE_HOME/parties/lender/api-token)")] = None,
 ) -> None:
     """The lender: POST /score {"id": ...} over HTTP, asking the payment service for the embedding."""
     from fedscore.clients.lender.service import run_lender_service
     from fedscore.scoring import read_blacklist
+    from fedscore.shared.party_home import default_party_home
 
     with user_errors():
         from fedscore.shared.scoring.bundle import load_scoring_bundle, refuse_void_bundle
@@ -210,9 +215,28 @@ def serve_lender_command(
         refuse_void_bundle(load_scoring_bundle(model))
         credentials = _payment_channel(payment_address, payment_ca, client_cert, client_key, insecure_payment)
         ids = read_blacklist(blacklist) if blacklist is not None else None
+        token_file = api_token_file or default_party_home("lender") / "api-token"
+        token = api_token(token_file)
         console.print(f"lender service on http://{host}:{port} (payment service at {payment_address}, "
-                      f"{'mutual TLS' if credentials else 'plaintext, loopback'})")
-        run_lender_service(model, data, payment_address, host, port, timeout, ids, credentials)
+                      f"{'mutual TLS' if credentials else 'plaintext, loopback'}); callers send "
+                      f"'Authorization: Bearer <the token in {token_file}>'")
+        run_lender_service(model, data, payment_address, host, port, timeout, ids, credentials, api_token=token)
+
+
+def api_token(path: Path) -> str:
+    """The lender API's bearer token from `path`, or a fresh one written there (owner-only) on first use."""
+    import secrets
+
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+            handle.write(secrets.token_urlsafe(32) + "\n")
+    if path.stat().st_mode & 0o077:
+        fail(f"{path}: readable by other users; chmod 600 it (it holds the lender API's bearer token)")
+    token = path.read_text().strip()
+    if len(token) < 16:
+        fail(f"{path}: the token must be at least 16 characters")
+    return token
 
 
 def _standalone() -> None:

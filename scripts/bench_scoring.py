@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import socket
 import statistics
@@ -140,8 +141,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def services(model: Path, data: Path) -> Iterator[str]:
-    """Both services as separate processes (as deployed); yields the lender's base URL once it answers."""
+def services(model: Path, data: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """Both services as separate processes (as deployed); yields the lender's base URL and the headers (bearer
+    token) its callers send, once it answers."""
     grpc_port, http_port = free_port(), free_port()
     cli = [sys.executable, "-m", "fedscore.cli_scoring", "serve"]
     common = ["--model", str(model), "--data", str(data)]
@@ -152,9 +154,14 @@ def services(model: Path, data: Path) -> Iterator[str]:
     payment = ["--party-home", str(home), "--insecure-local", "--allow-unprotected", "--disclose-signals"]
     procs = [subprocess.Popen([*cli, "payment", *common, *payment, "--port", str(grpc_port)], env=env, cwd=ROOT,
                               stdout=subprocess.DEVNULL)]
+    token = secrets.token_urlsafe(32)
+    token_file = home / "api-token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    headers = {"authorization": f"Bearer {token}"}
     procs.append(subprocess.Popen([*cli, "lender", *common, "--port", str(http_port), "--payment-address",
-                                   f"127.0.0.1:{grpc_port}", "--insecure-payment"], env=env, cwd=ROOT,
-                                  stdout=subprocess.DEVNULL))
+                                   f"127.0.0.1:{grpc_port}", "--insecure-payment", "--api-token-file",
+                                   str(token_file)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL))
     url = f"http://127.0.0.1:{http_port}"
     try:
 
@@ -162,12 +169,13 @@ def services(model: Path, data: Path) -> Iterator[str]:
             if any(p.poll() is not None for p in procs):
                 raise RuntimeError("a scoring service exited during startup")
             try:
-                return bool(httpx.get(f"{url}/health", timeout=2).json().get("payment_service") == "ready")
+                reply = httpx.get(f"{url}/health", timeout=2, headers=headers)
+                return bool(reply.json().get("payment_service") == "ready")
             except (httpx.HTTPError, ValueError):
                 return False
 
         wait_until(ready, 120, 0.2, "services did not become ready", RuntimeError)
-        yield url
+        yield url, headers
     finally:
         for proc in procs:
             proc.terminate()
@@ -184,7 +192,7 @@ def bench_online(model: Path, data: Path, requests: int, repeats: int) -> dict[s
     ids = load_applicant_features(bundle, data).ids
     rng = np.random.default_rng(0)
     p50, p99, mean = [], [], []
-    with services(model, data) as url, httpx.Client(base_url=url, timeout=10) as client:
+    with services(model, data) as (url, headers), httpx.Client(base_url=url, timeout=10, headers=headers) as client:
         for applicant in rng.choice(ids, size=200):  # warm-up
             client.post("/score", json={"id": str(applicant)}).raise_for_status()
         for _ in range(repeats):

@@ -633,11 +633,16 @@ def test_withheld_signals_are_scored_as_neutral(tx_run: tuple[Path, Path]) -> No
             answer.signals.recent_spend_anomaly.tolist()) == (["mid"], ["stable"], [False])
 
 
+API_TOKEN = "test-token-" + "x" * 16
+AUTH = {"authorization": f"Bearer {API_TOKEN}"}
+
+
 @pytest.fixture(scope="module")
 def lender_url(tx_run: tuple[Path, Path], payment_service: tuple[PaymentScoringService, int]) -> Iterator[str]:
     data, run = tx_run
     _, port = payment_service
-    lender = LenderThread(create_app(run / "model", data, f"127.0.0.1:{port}", timeout_s=2.0)).start()
+    lender = LenderThread(create_app(run / "model", data, f"127.0.0.1:{port}", timeout_s=2.0,
+                                     api_token=API_TOKEN)).start()
     yield lender.url
     lender.stop()
 
@@ -647,7 +652,7 @@ def test_online_scores_equal_batch_scores(lender_url: str, tx_scores: pd.DataFra
     no_history = frame.index[frame["reasons"].str.startswith(NO_PAYMENT_REASON)][:10].tolist()
     sample = [*frame.index[:40].tolist(), *no_history]
     assert no_history
-    with httpx.Client(base_url=lender_url, timeout=10) as client:
+    with httpx.Client(base_url=lender_url, timeout=10, headers=AUTH) as client:
         assert client.get("/health").json()["payment_service"] == "ready"
         for applicant in sample:
             response = client.post("/score", json={"id": applicant})
@@ -659,8 +664,20 @@ def test_online_scores_equal_batch_scores(lender_url: str, tx_scores: pd.DataFra
             assert "; ".join(got["reasons"]) == want["reasons"]
 
 
+def test_callers_without_the_bearer_token_are_refused_and_logged(lender_url: str,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    with httpx.Client(base_url=lender_url, timeout=10) as client, caplog.at_level("WARNING"):
+        for headers in ({}, {"authorization": "Bearer wrong-token-xxxxxxxxxx"}, {"authorization": API_TOKEN}):
+            refused = client.post("/score", json={"id": "anyone"}, headers=headers)
+            assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer", headers
+        assert client.get("/health").status_code == 401
+        assert client.post("/score", json={"id": "no-such-applicant"}, headers=AUTH).status_code == 404
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) >= 4 and any("no bearer token" in m for m in refusals)
+
+
 def test_online_request_errors(lender_url: str) -> None:
-    with httpx.Client(base_url=lender_url, timeout=10) as client:
+    with httpx.Client(base_url=lender_url, timeout=10, headers=AUTH) as client:
         missing = client.post("/score", json={"id": "no-such-applicant"})
         assert missing.status_code == 404 and "no-such-applicant" in missing.json()["detail"]
         for body in ({"id": 5}, {"id": ""}, {"ident": "x"}, {"id": "x", "extra": 1}):
@@ -680,9 +697,9 @@ def test_lender_over_mutual_tls_and_503_when_payment_refuses_or_is_down(
     server, port = build_payment_server(service, port=0, credentials=credentials)
     channel = mutual_tls_channel_credentials(ours.ca, *ours.clients["lender"])
     lender = LenderThread(create_app(run / "model", data, f"127.0.0.1:{port}", timeout_s=1.0,
-                                     credentials=channel)).start()
+                                     credentials=channel, api_token=API_TOKEN)).start()
     try:
-        with httpx.Client(base_url=lender.url, timeout=10) as client:
+        with httpx.Client(base_url=lender.url, timeout=10, headers=AUTH) as client:
             refused = client.post("/score", json={"id": known[0]})
             assert refused.status_code == 503 and "privacy budget for this user is spent" in refused.json()["detail"]
             assert client.post("/score", json={"id": known[1]}).status_code == 200

@@ -20,6 +20,7 @@ payment service's mutual TLS; without them the channel is plaintext, which the C
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -30,7 +31,7 @@ from typing import Annotated
 
 import grpc
 import numpy as np
-from fastapi import FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from fedscore.clients.lender.scoring import LenderScorer, load_applicant_features
@@ -166,10 +167,17 @@ class LenderService:
 
 
 def create_app(model_dir: Path, data_dir: Path, payment_address: str, timeout_s: float = 2.0,
-               blacklist: set[str] | None = None, credentials: grpc.ChannelCredentials | None = None) -> FastAPI:
-    """Load the bundle and the applicants now (errors surface at startup, not at the first request)."""
+               blacklist: set[str] | None = None, credentials: grpc.ChannelCredentials | None = None, *,
+               api_token: str) -> FastAPI:
+    """Load the bundle and the applicants now (errors surface at startup, not at the first request).
+
+    Every request must carry `Authorization: Bearer <api_token>` (compared in constant time): a score is a credit
+    decision built from the payment holder's noisy answer, which the payment holder charges to its privacy budget,
+    so an unauthenticated caller must not be able to spend it. A refused request is logged with its source."""
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+    if len(api_token) < 16:
+        raise ValueError("api_token must be at least 16 characters")
     bundle = load_scoring_bundle(model_dir)
     payment = PaymentClient(payment_address, bundle, timeout_s, credentials)
     service = LenderService(bundle, data_dir, payment, blacklist)
@@ -181,7 +189,16 @@ def create_app(model_dir: Path, data_dir: Path, payment_address: str, timeout_s:
         yield
         payment.close()
 
-    app = FastAPI(title="fedscore lender scoring", lifespan=lifespan)
+    def authorised(request: Request) -> None:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), api_token.encode()):
+            source = request.client.host if request.client else "?"
+            log.warning("refused %s %s from %s: %s bearer token", request.method, request.url.path, source,
+                        "wrong" if given else "no")
+            raise HTTPException(status_code=401, detail="missing or wrong bearer token",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    app = FastAPI(title="fedscore lender scoring", lifespan=lifespan, dependencies=[Depends(authorised)])
     app.state.service = service
 
     @app.post("/score", response_model=ScoreResponse)
@@ -200,11 +217,12 @@ def create_app(model_dir: Path, data_dir: Path, payment_address: str, timeout_s:
 
 def run_lender_service(model_dir: Path, data_dir: Path, payment_address: str, host: str = "127.0.0.1",
                        port: int = 8080, timeout_s: float = 2.0, blacklist: set[str] | None = None,
-                       credentials: grpc.ChannelCredentials | None = None) -> None:
-    """create_app, served by uvicorn until interrupted; `credentials` for mutual TLS to the payment service."""
+                       credentials: grpc.ChannelCredentials | None = None, *, api_token: str) -> None:
+    """create_app, served by uvicorn until interrupted; `credentials` for mutual TLS to the payment service,
+    `api_token` the bearer token every caller must present."""
     import uvicorn
 
-    app = create_app(model_dir, data_dir, payment_address, timeout_s, blacklist, credentials)
+    app = create_app(model_dir, data_dir, payment_address, timeout_s, blacklist, credentials, api_token=api_token)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, ws="none")
 
 
