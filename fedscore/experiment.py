@@ -104,6 +104,8 @@ def load_grid(path: Path, out: Path) -> list[RunSpec]:
     if both := sorted(set(grid.grid) & set(grid.fixed)):
         raise ConfigError(f"grid file {path}: {', '.join(both)}: in both [grid] and [set]")
     data = grid.data if grid.data.is_absolute() else (path.parent / grid.data)
+    if not all((data / party).is_dir() for party in ("payment", "lender")):
+        raise ConfigError(f"grid file {path}: data: {data} has no payment/ and lender/ folders")
     fixed = [_override(k, v) for k, v in grid.fixed.items()]
     runs = []
     for values in itertools.product(*grid.grid.values()):

@@ -63,8 +63,10 @@ def test_experiment_grid_outputs_and_resume(tmp_path: Path) -> None:
 def test_bad_grid_is_one_line_error(tmp_path: Path) -> None:
     (tmp_path / "grid.toml").write_text(GRID + '[extra]\ncolour = "blue"\n')
     (tmp_path / "top.toml").write_text('data = "data"\nsedes = [0]\n')
+    make_party_data(tmp_path / "data", population=200)
     (tmp_path / "cfg.toml").write_text('data = "data"\n[grid]\n"training.roundz" = [1]\n')
-    for name, word in (("grid.toml", "extra"), ("top.toml", "sedes"), ("cfg.toml", "roundz")):
+    (tmp_path / "nodata.toml").write_text('data = "nowhere"\n')
+    for name, word in (("grid.toml", "extra"), ("top.toml", "sedes"), ("cfg.toml", "roundz"), ("nodata.toml", "data")):
         result = CliRunner().invoke(app, ["experiment", "--grid", str(tmp_path / name), "--out", str(tmp_path / "o")])
         assert result.exit_code == 2, result.output
         assert word in result.output and str(tmp_path / name) in result.output.replace("\n", "")
