@@ -265,6 +265,31 @@ def certs(out: Annotated[Path, typer.Option("--out", help="folder to create (mus
     console.print(f"wrote {out}: CA {pki.ca.name}; server {pki.server_cert.name} + {pki.server_key.name}; {clients}")
 
 
+@app.command()
+def experiment(grid: Annotated[Path, typer.Option("--grid", help="GRID.toml: data, seeds, splits, [grid], [set]")],
+               out: Annotated[Path, typer.Option("--out", help="folder for results.csv/.md, frontier.png, runs/")],
+               jobs: Annotated[int, typer.Option("--jobs", min=1, help="runs in parallel processes")] = 1,
+               resume: Annotated[bool, typer.Option("--resume", help="skip runs already finished in OUT")] = False,
+               ) -> None:
+    """Run every grid cell x seed x keyed split (fresh party homes per run) and tabulate the privacy/utility
+    frontier: OUT/results.csv (one row per run), OUT/results.md (per cell), OUT/frontier.png."""
+    from fedscore.experiment import load_grid, plot_frontier, run_experiment, summary, write_markdown
+
+    with user_errors():
+        runs = load_grid(grid, out)
+        if not resume and (out / "results.csv").exists():
+            fail(f"{out}: already holds results.csv; pass --resume to continue it, or choose a new --out")
+        with _progress_bar() as progress:
+            frame, ran = run_experiment(runs, out, jobs=jobs, resume=resume, progress=progress)
+        axes = [k for k in runs[0].settings] if runs else []
+        table = summary(frame, axes)
+        write_markdown(table, out / "results.md")
+        plot_frontier(frame, axes, out / "frontier.png")
+    failed = int((frame["error"].fillna("") != "").sum()) if "error" in frame else 0
+    console.print(f"ran {ran} of {len(runs)} runs ({len(runs) - ran} already done, {failed} failed); wrote "
+                  f"{out}/results.csv, results.md, frontier.png")
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,289 @@
+"""`fedscore experiment`: run a grid of configs x seeds x keyed splits and tabulate the privacy/utility frontier.
+
+One run is one ordinary `train`/`federate` run in DIR/runs/<name>/, with party homes of its own: each party keeps a
+lifetime privacy ledger, so a second run on the same people in the same homes would (rightly) be refused. A grid
+measures what one run would cost; it is not a deployment spending one party's budget many times.
+
+DIR/results.csv is rewritten atomically after every run, so `--resume` can skip what already finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import time
+import tomllib
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedscore.shared.atomic import write_text_atomic
+from fedscore.shared.config import ConfigError, load_config
+from fedscore.shared.metrics import METRIC_KEYS
+
+LABEL_EPS, OUTSIDER_EPS = "privacy.label_epsilon", "privacy.outsider_epsilon"
+Scalar = bool | int | float | str
+
+
+class GridFile(BaseModel):
+    """GRID.toml: the data, transport, seeds and splits, the axes to cross ([grid]) and fixed overrides ([set])."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    data: Path
+    transport: Literal["inprocess", "flower"] = "inprocess"
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    splits: int | list[str] = Field(1, description="how many keyed splits, or the parties' hex secrets")
+    grid: dict[str, list[Scalar | list[Scalar]]] = Field(default_factory=dict)
+    fixed: dict[str, Scalar | list[Scalar]] = Field(default_factory=dict, alias="set")
+
+
+def _override(key: str, value: Any) -> str:
+    """A config override string; TOML has no null, so the string "none" unsets an optional setting."""
+    if isinstance(value, str) and value.lower() in ("none", "null"):
+        return f"{key}=none"
+    return f"{key}={json.dumps(value)}"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything one run needs, picklable for a worker process."""
+
+    name: str
+    cell: str
+    settings: dict[str, Any]
+    overrides: list[str]
+    seed: int
+    split: int
+    secret: str
+    data: Path
+    transport: str
+    run_dir: Path
+
+
+def split_secrets(splits: int | list[str]) -> list[str]:
+    """Split k's shared secret keys the alignment tokens and the train/val/test split: deterministic, so a rerun
+    (or another machine) gets the same split k."""
+    if isinstance(splits, int):
+        return [hashlib.sha256(f"fedscore-split-{k}".encode()).hexdigest() for k in range(splits)]
+    return list(splits)
+
+
+def load_grid(path: Path, out: Path) -> list[RunSpec]:
+    """Read and check GRID.toml and every cell's config before anything runs; errors name the file and the key."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"grid file {path} not found") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"grid file {path}: not valid TOML: {exc}") from exc
+    try:
+        grid = GridFile.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"grid file {path}: {problems}") from exc
+    secrets = split_secrets(grid.splits)
+    for k, secret in enumerate(secrets):
+        try:
+            bytes.fromhex(secret)
+        except ValueError as exc:
+            raise ConfigError(f"grid file {path}: splits[{k}]: not a hex secret") from exc
+        if len(secret) < 32:
+            raise ConfigError(f"grid file {path}: splits[{k}]: too short (need at least 16 bytes as hex)")
+    if not secrets:
+        raise ConfigError(f"grid file {path}: splits: need at least one split")
+    if "seed" in grid.grid or "seed" in grid.fixed:
+        raise ConfigError(f"grid file {path}: seed: set by `seeds`, not in [grid] or [set]")
+    if both := sorted(set(grid.grid) & set(grid.fixed)):
+        raise ConfigError(f"grid file {path}: {', '.join(both)}: in both [grid] and [set]")
+    data = grid.data if grid.data.is_absolute() else (path.parent / grid.data)
+    if not all((data / party).is_dir() for party in ("payment", "lender")):
+        raise ConfigError(f"grid file {path}: data: {data} has no payment/ and lender/ folders")
+    fixed = [_override(k, v) for k, v in grid.fixed.items()]
+    runs = []
+    for values in itertools.product(*grid.grid.values()):
+        settings = dict(zip(grid.grid, values, strict=True))
+        overrides = [*fixed, *(_override(k, v) for k, v in settings.items())]
+        try:
+            load_config(None, overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"grid file {path}: cell {settings}: {exc}") from exc
+        digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
+        cell = f"c{len(runs) // (len(grid.seeds) * len(secrets)):02d}-{digest}"
+        for seed, (k, secret) in itertools.product(grid.seeds, enumerate(secrets)):
+            name = f"{cell}-s{seed}-p{k}"
+            runs.append(RunSpec(name, cell, settings, [*overrides, f"seed={seed}"], seed, k, secret, data.resolve(),
+                                grid.transport, (out / "runs" / name).resolve()))
+    return runs
+
+
+def result_row(spec: RunSpec, metrics: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    """One results.csv row: the cell's settings, seed, split, every guarantee's eps, the test metrics, baselines."""
+    row: dict[str, Any] = {"run": spec.name, "cell": spec.cell, **spec.settings, "seed": spec.seed,
+                           "split": spec.split}
+    privacy = json.loads((spec.run_dir / "privacy-report.json").read_text())
+    for g in privacy.get("guarantees", []):
+        row[f"eps.{g['protects']}@{g['against']}"] = g["epsilon"]
+    row.update({f"test.{k}": metrics["test"][k] for k in METRIC_KEYS})
+    for base in ("lender_only", "centralized"):
+        row[f"{base}.auc"] = (metrics["baselines"].get(base) or {}).get("auc")
+    row["wall_s"] = round(wall_s, 2)
+    row["error"] = ""
+    return row
+
+
+def run_one(spec: RunSpec) -> dict[str, Any]:
+    """Run one grid point from scratch (a crashed earlier attempt's folder and homes are wiped: its ledgers may
+    hold charges for releases that never finished). A refused run becomes a row with `error`, not a crash."""
+    from fedscore.runs import RunError
+
+    homes_root = spec.run_dir.parent / f"{spec.name}-homes"
+    for folder in (spec.run_dir, homes_root):
+        shutil.rmtree(folder, ignore_errors=True)
+    if spec.transport == "flower":
+        from fedscore.federation import run_federated as runner
+    else:
+        from fedscore.runs import run_inprocess as runner
+    start = time.perf_counter()
+    try:
+        metrics = runner(load_config(None, spec.overrides), spec.data, spec.run_dir, secret=spec.secret,
+                         homes={p: homes_root / p for p in ("payment", "lender")})
+    except RunError as exc:
+        return {"run": spec.name, "cell": spec.cell, **spec.settings, "seed": spec.seed, "split": spec.split,
+                "wall_s": round(time.perf_counter() - start, 2), "error": str(exc)}
+    return result_row(spec, metrics, time.perf_counter() - start)
+
+
+def _worker_init() -> None:
+    os.environ.setdefault("FEDSCORE_TORCH_THREADS", "1")  # jobs share the cores: one intra-op thread each
+
+
+def run_experiment(runs: list[RunSpec], out: Path, jobs: int = 1, resume: bool = False,
+                   progress: Callable[[str, int, int], None] | None = None) -> tuple[pd.DataFrame, int]:
+    """Run what is not finished yet; returns all rows (in grid order) and how many runs actually ran."""
+    csv = out / "results.csv"
+    rows: dict[str, dict[str, Any]] = {}
+    if resume and csv.exists():
+        done = pd.read_csv(csv, keep_default_na=False)
+        rows = {r["run"]: r for r in done.to_dict("records") if not r.get("error")}
+    todo = []
+    for spec in runs:
+        metrics_file = spec.run_dir / "metrics.json"
+        if spec.name in rows:
+            continue
+        if resume and metrics_file.exists() and (spec.run_dir / "privacy-report.json").exists():
+            metrics = json.loads(metrics_file.read_text())  # finished, but its row was never written
+            rows[spec.name] = result_row(spec, metrics, metrics["timing"].get("total_s", 0.0))
+        else:
+            todo.append(spec)
+    order = [spec.name for spec in runs]
+
+    def save() -> pd.DataFrame:
+        frame = pd.DataFrame([rows[n] for n in order if n in rows])
+        write_text_atomic(csv, frame.to_csv(index=False))
+        return frame
+
+    frame = save()
+    total, count = len(runs), len(runs) - len(todo)
+    if progress:
+        progress(f"{count} of {total} runs already done", count, total)
+    if jobs <= 1:
+        results = (run_one(spec) for spec in todo)
+    else:
+        import multiprocessing
+
+        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+        results = (f.result() for f in as_completed([pool.submit(run_one, spec) for spec in todo]))
+    try:
+        for row in results:
+            rows[row["run"]] = row
+            frame = save()
+            count += 1
+            if progress:
+                progress(f"{row['run']}: " + ("FAILED" if row["error"] else f"AUC {row['test.auc']:.4f}"), count,
+                         total)
+    finally:
+        if jobs > 1:
+            pool.shutdown(cancel_futures=True)
+    return frame, len(todo)
+
+
+def _numeric(frame: pd.DataFrame, column: str) -> pd.Series:
+    """A column as numbers (NaN where missing or empty): CSV round trips and failed runs leave gaps."""
+    if column not in frame:
+        return pd.Series(float("nan"), index=frame.index)
+    return pd.to_numeric(frame[column], errors="coerce")
+
+
+def _ok(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[frame["error"].fillna("") == ""] if "error" in frame else frame
+
+
+def summary(frame: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    """Per cell, over seeds and splits: AUC mean / std / min / median, the baselines' means, failures."""
+    ok = _ok(frame)
+    out = []
+    for cell, group in frame.groupby("cell", sort=False):
+        good = ok[ok["cell"] == cell]
+        auc = _numeric(good, "test.auc")
+        entry = {"cell": cell, **{a: group[a].iloc[0] for a in axes}, "n": len(good),
+                 "failed": len(group) - len(good), "auc_mean": auc.mean(), "auc_std": auc.std(ddof=0),
+                 "auc_min": auc.min(), "auc_median": auc.median()}
+        for base in ("lender_only", "centralized"):
+            entry[f"{base}_auc"] = _numeric(good, f"{base}.auc").mean()
+        out.append(entry)
+    return pd.DataFrame(out)
+
+
+def write_markdown(table: pd.DataFrame, path: Path) -> None:
+    def cell(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    write_text_atomic(path, "# fedscore experiment: test AUC over seeds and splits\n\n" + "\n".join(lines) + "\n")
+
+
+def plot_frontier(frame: pd.DataFrame, axes: list[str], path: Path) -> None:
+    """Test AUC against label eps, one line per outsider eps (median, min-max band), with the baselines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = _ok(frame).copy()
+    ok["test.auc"] = _numeric(ok, "test.auc")
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if LABEL_EPS in axes:
+        ok["_x"] = pd.to_numeric(ok[LABEL_EPS], errors="coerce")
+        ok = ok.dropna(subset=["_x"])
+        lines = ok.groupby(ok[OUTSIDER_EPS].astype(str)) if OUTSIDER_EPS in axes else [("(as set)", ok)]
+        for outsider, group in lines:
+            stats = group.groupby("_x")["test.auc"].agg(["median", "min", "max"]).sort_index()
+            (line,) = ax.plot(stats.index, stats["median"], marker="o", label=f"outsider eps {outsider}")
+            ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.2, color=line.get_color())
+        ax.set_xlabel("label epsilon (lender.labels vs payment)")
+    else:
+        cells = list(dict.fromkeys(ok["cell"]))
+        stats = ok.groupby("cell", sort=False)["test.auc"].agg(["median", "min", "max"]).reindex(cells)
+        ax.plot(range(len(cells)), stats["median"], marker="o", label="federated")
+        ax.fill_between(range(len(cells)), stats["min"], stats["max"], alpha=0.2)
+        ax.set_xticks(range(len(cells)), cells, rotation=30, fontsize=7)
+        ax.set_xlabel("cell")
+    for base, style in (("lender_only", "--"), ("centralized", ":")):
+        mean = _numeric(ok, f"{base}.auc").mean()
+        if pd.notna(mean):
+            ax.axhline(mean, ls=style, color="grey", label=f"{base.replace('_', '-')} (mean {mean:.3f})")
+    ax.set_ylabel("test AUC (median; band: min-max)")
+    ax.set_title("privacy / utility frontier")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,74 @@
+"""`fedscore experiment` on a tiny grid (2 cells x 1 seed x 1 split): the three outputs, `--resume`, a bad grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from fedscore.cli import app
+from tests.conftest import make_party_data
+
+GRID = """
+data = "data"
+seeds = [0]
+splits = 1
+[grid]
+"privacy.label_epsilon" = [1.0, 4.0]
+[set]
+"training.rounds" = 1
+"baselines.enabled" = false
+"privacy.outsider_epsilon" = "none"
+"""
+
+
+def test_experiment_grid_outputs_and_resume(tmp_path: Path) -> None:
+    make_party_data(tmp_path / "data", population=1500)
+    (tmp_path / "grid.toml").write_text(GRID)
+    out = tmp_path / "exp"
+    args = ["experiment", "--grid", str(tmp_path / "grid.toml"), "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "ran 2 of 2 runs" in result.output
+
+    frame = pd.read_csv(out / "results.csv")
+    assert len(frame) == 2
+    assert sorted(frame["privacy.label_epsilon"]) == [1.0, 4.0]
+    assert (frame["error"].isna()).all()
+    assert frame["test.auc"].between(0.5, 1.0).all()
+    assert {"eps.lender.labels@payment", "test.ks", "test.gini", "test.logloss", "test.brier", "lender_only.auc",
+            "wall_s", "seed", "split"} <= set(frame.columns)
+    eps = frame.sort_values("privacy.label_epsilon")["eps.lender.labels@payment"].tolist()
+    assert eps == pytest.approx([1.0, 4.0], rel=1e-3)
+    markdown = (out / "results.md").read_text()
+    assert sum(line.startswith("| c0") for line in markdown.splitlines()) == 2
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    csv_before = (out / "results.csv").read_text()
+    stamps = {p.name: (p / "metrics.json").stat().st_mtime_ns for p in (out / "runs").iterdir() if p.is_dir()
+              and not p.name.endswith("-homes")}
+    assert len(stamps) == 2
+    again = CliRunner().invoke(app, [*args, "--resume"])
+    assert again.exit_code == 0, again.output
+    assert "ran 0 of 2 runs" in again.output
+    assert (out / "results.csv").read_text() == csv_before
+    assert stamps == {name: (out / "runs" / name / "metrics.json").stat().st_mtime_ns for name in stamps}
+
+    without = CliRunner().invoke(app, args)  # an existing results.csv is never silently overwritten
+    assert without.exit_code == 2 and "--resume" in without.output
+
+
+def test_bad_grid_is_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "grid.toml").write_text(GRID + '[extra]\ncolour = "blue"\n')
+    (tmp_path / "top.toml").write_text('data = "data"\nsedes = [0]\n')
+    make_party_data(tmp_path / "data", population=200)
+    (tmp_path / "cfg.toml").write_text('data = "data"\n[grid]\n"training.roundz" = [1]\n')
+    (tmp_path / "nodata.toml").write_text('data = "nowhere"\n')
+    for name, word in (("grid.toml", "extra"), ("top.toml", "sedes"), ("cfg.toml", "roundz"), ("nodata.toml", "data")):
+        result = CliRunner().invoke(app, ["experiment", "--grid", str(tmp_path / name), "--out", str(tmp_path / "o")])
+        assert result.exit_code == 2, result.output
+        assert word in result.output and str(tmp_path / name) in result.output.replace("\n", "")
+        assert "Traceback" not in result.output
+        assert not (tmp_path / "o").exists()
