@@ -113,7 +113,8 @@ def test_randomized_response_flip_rate(epsilon: float) -> None:
     for group in (labels == 0, labels == 1):  # flips must not depend on the label
         n = int(group.sum())
         rate = (out[group] != labels[group]).double().mean().item()
-        assert abs(rate - p) < 3 * math.sqrt(p * (1 - p) / n), (rate, p)
+        # 5 standard errors: the flips are fresh CSPRNG draws every run, so the bound must not flake (p ~ 6e-7)
+        assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / n), (rate, p)
     assert RandomizedResponse(epsilon=epsilon, protects="lender.labels", seen_by="payment").flip_probability == (
         pytest.approx(p))
 
