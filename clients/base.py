@@ -7,7 +7,6 @@ in-process transport runs the very same code, which is why both paths give the s
 
 from __future__ import annotations
 
-import math
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -136,7 +135,8 @@ class PartyBase:
         from fedscore.shared.privacy import scaler_statistics_release
 
         sigma = float(privacy.scaler_noise_multiplier)  # type: ignore[arg-type]  # dp_scaler says it is set
-        clip = math.sqrt(2 * len(scaler.columns))
+        # computed here, charged below, released only with later replies and the export (still write-ahead)
+        standardised, clip = dp_standardised(scaler, table.values, sigma, self.noise_source("scaler"))
         ledger = self.ledger
         ledger.charge([scaler_statistics_release(sigma, clip)], "joint.records@outsider",
                       note="DP standardisation statistics of this party's features (ship in its model part)")
@@ -144,7 +144,6 @@ class PartyBase:
             ledger.charge([scaler_statistics_release(sigma, clip, "payment.features", "outsider",
                                                      privacy.feature_neighbouring)], "payment.features@lender",
                           note="DP standardisation statistics, seen by the lender in the model and embeddings")
-        standardised, _ = dp_standardised(scaler, table.values, sigma, self.noise_source("scaler"))
         return standardised
 
     def noise_source(self, *labels: str) -> NoiseSource:
