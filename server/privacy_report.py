@@ -112,6 +112,9 @@ def releases(config: FedConfig) -> dict[str, list[dict[str, str]]]:
     labels = _guarded(p.labels_protected, "lender.labels@payment")
     features = _guarded(p.features_protected, "payment.features@lender")
     model = _guarded(p.dp_sgd, "joint.records@outsider")
+    # the centre and scale are DP statistics charged to joint.records@outsider under DP-SGD (clients/base.py)
+    scaling = ("public bounds from the schema; centre and scale: DP statistics under joint.records@outsider"
+               if p.dp_scaler else "public: derived from the schema's declared bounds and levels")
     return {
         "payment": [
             {"what": "blinded IDs (ECDH PSI response) and the size of its user set", "to": "lender",
@@ -120,8 +123,7 @@ def releases(config: FedConfig) -> dict[str, list[dict[str, str]]]:
             {"what": "the payment model's parameters, seen through every embedding", "to": "lender",
              "covered_by": features if p.features_protected else "unprotected"},
             {"what": "payment model part (ONNX weights) in model/", "to": "outsider", "covered_by": model},
-            {"what": "preprocessing constants in model/", "to": "outsider",
-             "covered_by": "public: derived from the schema's declared bounds and levels"},
+            {"what": "preprocessing constants in model/", "to": "outsider", "covered_by": scaling},
             {"what": "online embeddings (fedscore serve payment)", "to": "lender",
              "covered_by": "payment.features@lender, charged per answer in the party's lifetime ledger"},
             {"what": "coarse spend signals online", "to": "lender",
@@ -136,8 +138,9 @@ def releases(config: FedConfig) -> dict[str, list[dict[str, str]]]:
             {"what": "per-user gradients, each round (from randomized-response labels)", "to": "payment",
              "covered_by": labels},
             {"what": "lender model part (ONNX weights) in model/", "to": "outsider", "covered_by": model},
-            {"what": "reason-code references and preprocessing constants in model/", "to": "outsider",
+            {"what": "reason-code references in model/", "to": "outsider",
              "covered_by": "public: declared in the lender's schema"},
+            {"what": "preprocessing constants in model/", "to": "outsider", "covered_by": scaling},
             {"what": "validation/test AUC, KS, Gini, log loss, Brier; ROC/KS curves", "to": "coordinator",
              "covered_by": "unprotected: aggregate evaluation metrics the lender chooses to share"},
             {"what": "its own features, through the gradients", "to": "payment",
