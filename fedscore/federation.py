@@ -161,11 +161,10 @@ class Federation:
                 tail = (self.logs / f"{name}.log").read_text(errors="replace")[-2000:]
                 raise RunError(f"{name} exited with code {proc.returncode}; its log ends:\n{tail}")
 
-    def start_superlink(self, wait: bool = True, timeout_s: float = 60.0) -> None:
+    def start_superlink(self) -> None:
+        """Start it and return at once: the workers and SuperNodes start meanwhile (`wait_healthy` waits)."""
         self.start("superlink", [_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
                                  "--host", "127.0.0.1", "--port", str(self.port)])
-        if wait:
-            self.wait_healthy(timeout_s)
 
     def wait_healthy(self, timeout_s: float = 60.0) -> None:
 
@@ -235,7 +234,7 @@ def run_federated(config: FedConfig, data_dir: Path, run_dir: Path,
         # SuperNodes keep retrying until it answers
         progress("starting SuperLink, party workers and SuperNodes", 0, 1)
         t0 = time.perf_counter()
-        federation.start_superlink(wait=False)
+        federation.start_superlink()
         budgets = default_budgets(config) if budgets is None else budgets
         for party, settings in party_settings(run_dir, data_dir, secret, budgets, homes).items():
             settings.state_dir.mkdir(parents=True, exist_ok=True)
