@@ -9,16 +9,10 @@ rebuilt from its node config and state directory for each message, as a fallback
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 app = ClientApp()
-
-
-@app.query("whoami")
-def whoami(message: Message, context: Context) -> Message:
-    party = str(context.node_config.get("party", ""))
-    return Message(content=RecordDict({"whoami": ConfigRecord({"party": party})}), reply_to=message)
 
 
 @app.query("fedscore")
@@ -26,7 +20,7 @@ def handle(message: Message, context: Context) -> Message:
     from fedscore.shared.protocol.flower_codec import decode_raw, encode_raw
 
     config = context.node_config
-    header, payload = decode_raw(message.content)
+    header, payload = decode_raw(message.content, party=str(config.get("party", "")))
     if "worker-socket" in config:
         from fedscore.clients.worker import forward
 

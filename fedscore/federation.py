@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from contextlib import closing, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedscore.process_tie import tied_preexec
 from fedscore.runs import (
     Budgets,
     Homes,
@@ -35,6 +37,7 @@ from fedscore.runs import (
 )
 from fedscore.shared.config import FedConfig
 from fedscore.shared.waiting import wait_until
+from fedscore.supernode import FORKSERVER_ENV
 
 if TYPE_CHECKING:
     from fedscore.clients.base import PartySettings
@@ -114,19 +117,24 @@ class Federation:
         self.port = free_port()
 
     def _clientapp_shim(self) -> Path:
-        """A folder holding a `flwr-clientapp` that starts faster than Flower's own (same code, lighter imports)."""
-        from fedscore.supernode import CLIENTAPP_SCRIPT
+        """A folder holding Flower's `flwr-clientapp` and `flower-superexec` as fedscore launches them: the same
+        code, started faster (lighter imports; ClientApp processes forked from a warm fork server, fedscore/supernode.py
+        and fedscore/forkserver.py)."""
+        from fedscore.supernode import LAUNCHER_SCRIPTS
 
         folder = self.flower_dir / "bin"
         folder.mkdir(parents=True, exist_ok=True)
-        script = folder / "flwr-clientapp"
-        script.write_text(CLIENTAPP_SCRIPT.format(python=sys.executable))
-        script.chmod(0o755)
+        for name, text in LAUNCHER_SCRIPTS.items():
+            script = folder / name
+            script.write_text(text.format(python=sys.executable))
+            script.chmod(0o755)
         return folder
 
-    def start(self, name: str, args: list[str], stdin: bytes | None = None) -> subprocess.Popen:
+    def start(self, name: str, args: list[str], stdin: bytes | None = None,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("wb")
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.flower_dir,
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
+                                cwd=self.flower_dir, preexec_fn=tied_preexec(),
                                 start_new_session=True,
                                 stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE)
         if stdin is not None:
@@ -182,7 +190,8 @@ class Federation:
         config = " ".join(f"{k}={_quote(v)}" for k, v in node_config.items())
         self.start(f"supernode-{party}", [sys.executable, "-m", "fedscore.supernode", "--insecure", "--superlink",
                                           f"127.0.0.1:{self.port}", "--port", str(free_port()),
-                                          "--node-config", config])
+                                          "--node-config", config],
+                   env={FORKSERVER_ENV: "1"})
 
     def write_app(self, run_dir: Path) -> Path:
         app = self.flower_dir / "app"
@@ -193,31 +202,70 @@ class Federation:
             "insecure = true\n")
         return app
 
-    def stop(self) -> None:
-        """SuperNodes first, then the workers, then the SuperLink: SIGTERM to each process group, SIGKILL after a
-        grace period; the workers' sockets are removed."""
+    def _stop_order(self) -> list[tuple[str, subprocess.Popen]]:
         rank = {"superlink": 2}
-        order = sorted(self.processes, key=lambda item: rank.get(item[0], 1 if item[0].startswith("worker-") else 0))
-        for _, proc in order:
+        return sorted(self.processes, key=lambda item: rank.get(item[0], 1 if item[0].startswith("worker-") else 0))
+
+    def begin_stop(self) -> None:
+        """SIGTERM to every process group (SuperNodes first, then the workers, then the SuperLink) without waiting:
+        the run's own finishing work (baselines, report) overlaps their shutdown; `stop` then waits."""
+        for _, proc in self._stop_order():
             if proc.poll() is None:
                 with suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
+
+    def stop(self) -> None:
+        """Stop everything: SIGTERM (if `begin_stop` has not sent it), SIGKILL after a grace period; the workers'
+        sockets are removed."""
+        self.begin_stop()
         deadline = time.monotonic() + 10
-        for _, proc in order:
+        for _, proc in self._stop_order():
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 with suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        for _, proc in self.processes:  # stragglers Flower started in one of our groups (a ClientApp)
+            with suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        for pid in processes_with_env("FLWR_HOME", str(self.home)):  # and in its own sessions (the ServerApp)
+            with suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         for path in self.sockets:
             path.unlink(missing_ok=True)
 
     def __enter__(self) -> Federation:
+        # a SIGTERM (a service manager, a CI timeout, `kill`) stops the federation like Ctrl-C does, instead of
+        # ending this process at once and leaving its children behind
+        self._previous_sigterm = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            if self._previous_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
+
+
+def processes_with_env(name: str, value: str) -> list[int]:
+    """Live processes whose environment has name=value (Linux /proc; elsewhere none). Flower starts some helpers
+    detached in their own sessions (the SuperLink's SuperExec and its ServerApp): they escape a process-group
+    signal, but they all inherit the federation's FLWR_HOME."""
+    marker = f"{name}={value}".encode() + b"\0"
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        with suppress(OSError):
+            if marker in (entry / "environ").read_bytes() and int(entry.name) != os.getpid():
+                found.append(int(entry.name))
+    return found
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def run_federated(config: FedConfig, data_dir: Path, run_dir: Path,
@@ -247,17 +295,19 @@ def run_federated(config: FedConfig, data_dir: Path, run_dir: Path,
         runner = federation.start("flwr-run", [_bin("flwr"), "run", str(app), "local", "--stream"])
         startup_s = time.perf_counter() - t0  # until `flwr run` is launched
         _follow(run_dir, federation, runner, progress, timeout_s)
+        federation.begin_stop()  # the processes shut down while the baselines and the report are computed
+        if not (run_dir / "outcome.json").exists():
+            log = (run_dir / "flower" / "logs" / "flwr-run.log").read_text(errors="replace")[-3000:]
+            raise RunError(f"the ServerApp wrote no outcome; `flwr run` log ends:\n{log}")
+        outcome = json.loads((run_dir / "outcome.json").read_text())
+        outcome["timing"]["federation_s"] = time.perf_counter() - start
+        outcome["timing"]["startup_s"] = startup_s
+        (run_dir / "outcome.json").write_text(json.dumps(outcome, indent=2))
+        metrics = finish_run(run_dir, data_dir, config, secret, homes)
         t_stop = time.perf_counter()
-    teardown_s = time.perf_counter() - t_stop
-    if not (run_dir / "outcome.json").exists():
-        log = (run_dir / "flower" / "logs" / "flwr-run.log").read_text(errors="replace")[-3000:]
-        raise RunError(f"the ServerApp wrote no outcome; `flwr run` log ends:\n{log}")
-    outcome = json.loads((run_dir / "outcome.json").read_text())
-    outcome["timing"]["federation_s"] = time.perf_counter() - start
-    outcome["timing"]["startup_s"] = startup_s
-    outcome["timing"]["teardown_s"] = teardown_s
-    (run_dir / "outcome.json").write_text(json.dumps(outcome, indent=2))
-    return finish_run(run_dir, data_dir, config, secret, homes)
+    # what the shutdown still cost after the finishing work (usually nothing)
+    metrics["timing"]["teardown_s"] = time.perf_counter() - t_stop
+    return metrics
 
 
 def _follow(run_dir: Path, federation: Federation, runner: subprocess.Popen,

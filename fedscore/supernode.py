@@ -9,8 +9,10 @@ runs Flower's own `flower-supernode` entry point with the same arguments: nothin
 applied only to the flwr version it was written against; any other version runs unpatched, with a warning.
 
 `clientapp_main` is Flower's own `flwr-clientapp` entry point, imported without its package's `__init__`, which
-also imports the whole SuperNode CLI (~0.5 s of the ~1.1 s each per-message process spends starting). The local
-launcher puts a `flwr-clientapp` script calling it first on the federation's PATH (fedscore/federation.py).
+also imports the whole SuperNode CLI (~0.5 s of the ~1.1 s each per-message process spends starting).
+`superexec_main` is Flower's `flower-superexec` whose ClientApp processes are forked from a warm fork server
+(fedscore/forkserver.py), so a message does not wait for an interpreter to start at all. The local launcher puts
+both scripts first on the federation's PATH (fedscore/federation.py), where Flower finds them by name.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
+from typing import Any
 
 PATCHED_FLWR = "1.42.0"
 
@@ -38,28 +42,67 @@ def shorten_idle_waits(cap_s: float) -> bool:
     return True
 
 
-def clientapp_main() -> None:
-    """`flwr-clientapp`, loaded without flwr/supernode/cli/__init__.py (same version guard as above)."""
+def light_clientapp_entry() -> Callable[[], None]:
+    """Flower's `flwr-clientapp` main, imported without flwr/supernode/cli/__init__.py (same version guard as
+    above)."""
     import importlib
     import types
 
     import flwr
     import flwr.supernode
 
-    if flwr.__version__ == PATCHED_FLWR:
+    if flwr.__version__ == PATCHED_FLWR and "flwr.supernode.cli" not in sys.modules:
         package = types.ModuleType("flwr.supernode.cli")
         package.__path__ = [f"{flwr.supernode.__path__[0]}/cli"]
         sys.modules["flwr.supernode.cli"] = package
-    entry = importlib.import_module("flwr.supernode.cli.flwr_clientapp").flwr_clientapp
+    entry: Callable[[], None] = importlib.import_module("flwr.supernode.cli.flwr_clientapp").flwr_clientapp
+    return entry
+
+
+def clientapp_main() -> None:
+    """`flwr-clientapp` as a fresh process, with the lighter imports."""
+    entry = light_clientapp_entry()
     sys.argv[0] = "flwr-clientapp"
-    sys.exit(entry())
+    entry()
 
 
-CLIENTAPP_SCRIPT = """#!{python}
-from fedscore.supernode import clientapp_main
+def superexec_main() -> None:
+    """`flower-superexec`; on a fedscore SuperNode (FEDSCORE_FORKSERVER=1) its ClientApp processes are forked from a
+    warm fork server (fedscore/forkserver.py) instead of started cold; everywhere, it and the processes it starts
+    die with their parent (fedscore/process_tie.py)."""
+    import flwr
 
-clientapp_main()
-"""
+    from fedscore.process_tie import tie_to_parent
+
+    tie_to_parent()  # Flower starts the SuperLink's SuperExec detached: it goes when its SuperLink goes
+    if flwr.__version__ == PATCHED_FLWR:
+        from flwr.supercore.constant import ExecutorType
+        from flwr.supercore.superexec import run_superexec
+
+        from fedscore.forkserver import ForkServerExecutor, TiedSubprocessExecutor
+
+        flower_get_executor = run_superexec.get_executor
+        ours = ForkServerExecutor if os.environ.get(FORKSERVER_ENV) == "1" else TiedSubprocessExecutor
+
+        def get_executor(executor_type: ExecutorType, *args: Any, **kwargs: Any) -> Any:
+            if executor_type == ExecutorType.SUBPROCESS:
+                return ours()
+            return flower_get_executor(executor_type, *args, **kwargs)
+
+        run_superexec.get_executor = get_executor  # type: ignore[assignment]
+    from flwr.supercore.cli import flower_superexec
+
+    sys.argv[0] = "flower-superexec"
+    flower_superexec()
+
+
+FORKSERVER_ENV = "FEDSCORE_FORKSERVER"
+
+# the launchers the local federation puts first on Flower's PATH (fedscore/federation.py)
+LAUNCHER_SCRIPTS = {
+    "flwr-clientapp": "#!{python}\nfrom fedscore.supernode import clientapp_main\n\nclientapp_main()\n",
+    "flower-superexec": "#!{python}\nfrom fedscore.supernode import superexec_main\n\nsuperexec_main()\n",
+}
 
 
 def main() -> None:

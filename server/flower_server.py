@@ -1,8 +1,9 @@
 """The Flower ServerApp: runs the same Coordinator as `fedscore train`, over a Flower Grid.
 
-`FlowerTransport` is the whole adapter: it finds which SuperNode is which party (a `whoami` query, since the
-ServerApp cannot read node configs), pushes our envelopes as Flower messages and polls for the replies in a short
-loop (Grid.send_and_receive sleeps 3 s between pulls). It never decodes a payload.
+`FlowerTransport` is the whole adapter: it pushes our envelopes as Flower messages and polls for the replies in a
+short loop (Grid.send_and_receive sleeps 3 s between pulls). It never decodes a payload. The ServerApp cannot read
+node configs, so it learns which SuperNode serves which party from the first exchange (the setup): that goes to
+every connected node, each opening the envelope addressed to its own party, and each reply names its sender.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import json
 import time
 from pathlib import Path
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from fedscore.shared.protocol.flower_codec import MESSAGE_TYPE, WHOAMI_TYPE, decode, encode
+from fedscore.shared.protocol.flower_codec import MESSAGE_TYPE, decode, encode, encode_addressed
 from fedscore.shared.protocol.messages import PARTIES, Envelope
 from fedscore.shared.waiting import wait_until
 
@@ -50,28 +51,37 @@ class FlowerTransport:
                 raise RuntimeError(f"Flower error from node {reply.metadata.src_node_id}: {reply.error.reason}")
         return out
 
-    def discover(self, wait_s: float = 120.0) -> dict[str, int]:
-        """Ask every connected SuperNode which party it serves; wait until both parties are there."""
+    def _connected_nodes(self, wait_s: float = 120.0) -> list[int]:
         connected: list[int] = []
 
         def enough() -> bool:
             connected[:] = self.grid.get_node_ids()
             return len(connected) >= len(PARTIES)
 
-        wait_until(enough, wait_s, 0.5, lambda: f"only {len(connected)} SuperNode(s) connected")
-        node_ids = list(connected)
-        queries = [Message(content=RecordDict(), dst_node_id=n, message_type=WHOAMI_TYPE) for n in node_ids]
-        for node_id, reply in zip(node_ids, self._round_trip(queries), strict=True):
-            party = str(reply.content.config_records["whoami"]["party"])
-            if party in self.nodes:
+        wait_until(enough, wait_s, 0.1, lambda: f"only {len(connected)} SuperNode(s) connected")
+        return connected
+
+    def _exchange_discovering(self, messages: list[Envelope]) -> list[Envelope]:
+        """The first exchange: every connected node gets every envelope and opens its own party's; the replies
+        say which node is which party, so finding them costs no exchange of its own."""
+        node_ids = self._connected_nodes()
+        flower = [Message(content=encode_addressed(messages), dst_node_id=n, message_type=MESSAGE_TYPE)
+                  for n in node_ids]
+        replies: dict[str, Envelope] = {}
+        for node_id, reply in zip(node_ids, self._round_trip(flower), strict=True):
+            envelope = decode(reply.content)
+            party = envelope.header.sender
+            if party in replies:
                 raise RuntimeError(f"two SuperNodes claim to be the {party} party")
-            self.nodes[party] = node_id
-        missing = [p for p in PARTIES if p not in self.nodes]
+            self.nodes[party], replies[party] = node_id, envelope
+        missing = [m.header.recipient for m in messages if m.header.recipient not in replies]
         if missing:
             raise RuntimeError(f"no SuperNode serves party {', '.join(missing)}")
-        return self.nodes
+        return [replies[m.header.recipient] for m in messages]
 
     def exchange(self, messages: list[Envelope]) -> list[Envelope]:
+        if not self.nodes:
+            return self._exchange_discovering(messages)
         flower = [Message(content=encode(m), dst_node_id=self.nodes[m.header.recipient], message_type=MESSAGE_TYPE)
                   for m in messages]
         return [decode(reply.content) for reply in self._round_trip(flower)]
@@ -100,7 +110,6 @@ def main(grid: Grid, context: Context) -> None:
         write_outcome(run_dir, coordinator.result, error=error)
 
     try:
-        transport.discover()
         coordinator.run()
         finish(None)
     except PartyRefused as exc:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,11 @@ def test_flower_matches_inprocess_and_cleans_up(party_data: tuple[Path, dict], t
     assert set(pids) == {"superlink", "worker-payment", "supernode-payment", "worker-lender", "supernode-lender",
                          "flwr-run"}
     assert not [p for p in pids.values() if _alive(p)]
+    _assert_none_left(tmp_path / "flower" / "flower" / "home")  # fork servers and their children too
+    # every ClientApp process was forked from a warm fork server (fedscore/forkserver.py), none started cold
+    for party in ("payment", "lender"):
+        log = (logs / f"supernode-{party}.log").read_text()
+        assert "fedscore fork server ready" in log and "start as plain processes" not in log, log[-2000:]
     # each party's worker kept its state in memory: every message served, none reloaded the state file
     for party, messages in (("payment", 1 + 1 + 2), ("lender", 1 + 1 + 2)):
         served = [line for line in (logs / f"worker-{party}.log").read_text().splitlines()
@@ -83,14 +89,44 @@ def _wait_for(predicate, timeout_s: float = 240.0) -> None:
         time.sleep(0.2)
 
 
+def _processes_using(flwr_home: Path) -> list[int]:
+    """PIDs of live processes started for the federation whose FLWR_HOME is `flwr_home` (read from their
+    environment, which forked children and helpers Flower starts by name all inherit)."""
+    marker = f"FLWR_HOME={flwr_home.resolve()}".encode() + b"\0"
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                environ = (entry / "environ").read_bytes()
+                state = (entry / "stat").read_text().split(")")[-1].split()[0]
+            except OSError:
+                continue
+            if marker in environ and state != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def _assert_none_left(flwr_home: Path, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (left := _processes_using(flwr_home)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    described = []
+    for pid in left:
+        with suppress(OSError):
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:150]
+            described.append(f"{pid}: {command!r}")
+    assert not left, described
+
+
 def _served(log: Path) -> int:
     return sum(line.startswith("served ") for line in log.read_text().splitlines()) if log.exists() else 0
 
 
-@pytest.mark.parametrize("how", ["worker killed", "ctrl-c"])
+@pytest.mark.parametrize("how", ["worker killed", "ctrl-c", "sigterm", "sigkill"])
 def test_a_dead_worker_or_ctrl_c_stops_everything(party_data: tuple[Path, dict], tmp_path: Path, how: str) -> None:
     """Mid-run, the payment holder's worker is killed (the run fails with a clear message, never hangs), or the
-    operator presses Ctrl-C: either way the command exits non-zero and leaves no process behind."""
+    operator presses Ctrl-C, or the command itself gets SIGTERM or even SIGKILL: either way the command exits
+    non-zero and leaves no process behind."""
     data, _ = party_data
     out = tmp_path / "run"
     cli = _federate(data, out)
@@ -101,7 +137,7 @@ def test_a_dead_worker_or_ctrl_c_stops_everything(party_data: tuple[Path, dict],
     if how == "worker killed":
         os.kill(pids["worker-payment"], signal.SIGKILL)
     else:
-        cli.send_signal(signal.SIGINT)
+        cli.send_signal({"ctrl-c": signal.SIGINT, "sigterm": signal.SIGTERM, "sigkill": signal.SIGKILL}[how])
     output, _ = cli.communicate(timeout=120)
     assert cli.returncode != 0, output
     assert "Traceback" not in output
@@ -110,3 +146,4 @@ def test_a_dead_worker_or_ctrl_c_stops_everything(party_data: tuple[Path, dict],
         assert not (out / "metrics.json").exists()
     pids = json.loads((out / "flower" / "pids.json").read_text())
     _wait_for(lambda: not [p for p in pids.values() if _alive(p)], timeout_s=30)
+    _assert_none_left(out / "flower" / "home")

@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from fedscore.shared.protocol.messages import Envelope
 
 MESSAGE_TYPE = "query.fedscore"
-WHOAMI_TYPE = "query.whoami"
 
 
 def encode_raw(header_json: str, payload: bytes) -> RecordDict:
@@ -25,9 +24,26 @@ def encode_raw(header_json: str, payload: bytes) -> RecordDict:
                        "payload": ArrayRecord({"bytes": Array(ndarray=array)})})
 
 
-def decode_raw(content: RecordDict) -> tuple[str, bytes]:
+def decode_raw(content: RecordDict, party: str = "") -> tuple[str, bytes]:
+    """The header JSON and payload; in an addressed message (`encode_addressed`), the envelope for `party`."""
+    if "header" not in content.config_records:
+        if f"header.{party}" not in content.config_records:
+            raise ValueError(f"this message carries no envelope for party {party!r}")
+        return (str(content.config_records[f"header.{party}"]["json"]),
+                content.array_records[f"payload.{party}"]["bytes"].numpy().tobytes())
     return (str(content.config_records["header"]["json"]),
             content.array_records["payload"]["bytes"].numpy().tobytes())
+
+
+def encode_addressed(envelopes: list[Envelope]) -> RecordDict:
+    """One message holding one envelope per recipient party, each node opening the one addressed to it: how the
+    first exchange reaches nodes whose party the ServerApp does not know yet (it cannot read node configs)."""
+    content = RecordDict()
+    for envelope in envelopes:
+        single = encode(envelope)
+        content[f"header.{envelope.header.recipient}"] = single.config_records["header"]
+        content[f"payload.{envelope.header.recipient}"] = single.array_records["payload"]
+    return content
 
 
 def encode(envelope: Envelope) -> RecordDict:
