@@ -62,16 +62,28 @@ def read_frame(conn: socket.socket) -> tuple[dict[str, Any], bytes]:
 
 
 def forward(socket_path: str, token: str, header_json: str, payload: bytes,
-            timeout_s: float = 3600.0) -> tuple[str, bytes]:
-    """The ClientApp's side: one request to the worker, (reply header JSON, reply payload). Standard library only."""
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    conn.settimeout(timeout_s)
-    try:
-        conn.connect(socket_path)
-    except OSError as exc:
-        conn.close()
-        raise RuntimeError(f"the party worker at {socket_path} is not running ({exc}): the party's compute died; "
-                           "see its log in RUN_DIR/flower/logs") from None
+            timeout_s: float = 3600.0, start_wait_s: float = 120.0) -> tuple[str, bytes]:
+    """The ClientApp's side: one request to the worker, (reply header JSON, reply payload). Standard library only.
+
+    A worker that has not opened its socket yet (it is still importing torch: the run starts while the workers
+    load) is waited for up to `start_wait_s`; whoever started it watches that it stays alive."""
+    deadline = time.monotonic() + start_wait_s
+    while True:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.settimeout(timeout_s)
+        try:
+            conn.connect(socket_path)
+            break
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            conn.close()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the party worker at {socket_path} is not running ({exc}): the party's compute "
+                                   "died or never started; see its log in RUN_DIR/flower/logs") from None
+            time.sleep(0.05)
+        except OSError as exc:
+            conn.close()
+            raise RuntimeError(f"the party worker at {socket_path} is not reachable ({exc}); see its log in "
+                               "RUN_DIR/flower/logs") from None
     with conn:
         send_frame(conn, {"token": token, "header": header_json}, payload)
         meta, reply = read_frame(conn)

@@ -172,7 +172,8 @@ class Federation:
     def start_superlink(self) -> None:
         """Start it and return at once: the workers and SuperNodes start meanwhile (`wait_healthy` waits)."""
         self.start("superlink", [_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-                                 "--host", "127.0.0.1", "--port", str(self.port)])
+                                 "--host", "127.0.0.1", "--port", str(self.port)],
+                   env={FORKSERVER_ENV: "flwr-serverapp"})
 
     def wait_healthy(self, timeout_s: float = 60.0) -> None:
 
@@ -191,7 +192,7 @@ class Federation:
         self.start(f"supernode-{party}", [sys.executable, "-m", "fedscore.supernode", "--insecure", "--superlink",
                                           f"127.0.0.1:{self.port}", "--port", str(free_port()),
                                           "--node-config", config],
-                   env={FORKSERVER_ENV: "1"})
+                   env={FORKSERVER_ENV: "flwr-clientapp"})
 
     def write_app(self, run_dir: Path) -> Path:
         app = self.flower_dir / "app"
@@ -289,11 +290,13 @@ def run_federated(config: FedConfig, data_dir: Path, run_dir: Path,
             worker = federation.start_worker(settings)
             federation.start_supernode(party, {"party": party, **worker})
         federation.wait_healthy()
-        federation.wait_for_workers()
         app = federation.write_app(run_dir)
         progress("starting run", 0, 1)
+        # the run starts while the workers still load: the ServerApp's start and the workers' imports overlap,
+        # and a ClientApp waits for its worker's socket (clients/worker.py forward)
         runner = federation.start("flwr-run", [_bin("flwr"), "run", str(app), "local", "--stream"])
-        startup_s = time.perf_counter() - t0  # until `flwr run` is launched
+        federation.wait_for_workers()
+        startup_s = time.perf_counter() - t0  # until the run is launched and both workers serve
         _follow(run_dir, federation, runner, progress, timeout_s)
         federation.begin_stop()  # the processes shut down while the baselines and the report are computed
         if not (run_dir / "outcome.json").exists():

@@ -30,21 +30,27 @@ from typing import Any
 
 from fedscore.process_tie import tie_to_parent, tied_preexec
 
-FORKED_COMMANDS = ("flwr-clientapp",)
+# what each forked command imports before its first task: Flower's entry point and the app Flower will load
+WARM_MODULES = {
+    "flwr-clientapp": ("fedscore.clients.flower_client", "fedscore.clients.worker",
+                       "fedscore.shared.protocol.flower_codec"),
+    "flwr-serverapp": ("fedscore.server.flower_server", "fedscore.server.coordinator", "fedscore.server.outcome",
+                       "fedscore.shared.config", "fedscore.shared.protocol.flower_codec"),
+}
 
 
-def _warm_up() -> None:
-    """Import everything a ClientApp process needs before it can pull its message."""
-    from fedscore.supernode import light_clientapp_entry
+def _warm_up(command: str) -> None:
+    import importlib
 
-    light_clientapp_entry()
-    import fedscore.clients.flower_client  # the ClientApp Flower will load
-    import fedscore.clients.worker  # its forwarder
-    import fedscore.shared.protocol.flower_codec  # noqa: F401
+    from fedscore.supernode import light_entry
+
+    light_entry(command)
+    for module in WARM_MODULES[command]:
+        importlib.import_module(module)
 
 
-def _run_child(argv: list[str], parent_pid: int) -> None:
-    """In the forked child: become `flwr-clientapp ARGV` and never return."""
+def _run_child(command: str, argv: list[str], parent_pid: int) -> None:
+    """In the forked child: become `COMMAND ARGV` and never return."""
     code = 1
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -52,10 +58,10 @@ def _run_child(argv: list[str], parent_pid: int) -> None:
         # stdout is the pipe to the executor: the child's output goes to the node's log instead. The child stays
         # in the node's process group, so the federation's teardown reaches it.
         os.dup2(2, 1)
-        from fedscore.supernode import light_clientapp_entry
+        from fedscore.supernode import light_entry
 
-        sys.argv = ["flwr-clientapp", *argv]
-        light_clientapp_entry()()
+        sys.argv = [command, *argv]
+        light_entry(command)()
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -69,12 +75,12 @@ def _run_child(argv: list[str], parent_pid: int) -> None:
         os._exit(code)
 
 
-def serve() -> None:
-    """The fork server's loop: one fork per task line on stdin."""
-    _warm_up()
+def serve(command: str) -> None:
+    """The fork server's loop: one fork of `command` per task line on stdin."""
+    _warm_up(command)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     out = sys.stdout
-    print(f"fedscore fork server ready (pid {os.getpid()}): ClientApp processes are forked warm", file=sys.stderr,
+    print(f"fedscore fork server ready (pid {os.getpid()}): {command} processes are forked warm", file=sys.stderr,
           flush=True)
     out.write(json.dumps({"ready": os.getpid()}) + "\n")
     out.flush()
@@ -82,7 +88,7 @@ def serve() -> None:
         argv = [str(a) for a in json.loads(line)["argv"]]
         pid = os.fork()
         if pid == 0:
-            _run_child(argv, os.getppid())
+            _run_child(command, argv, os.getppid())
         out.write(json.dumps({"pid": pid}) + "\n")
         out.flush()
 
@@ -138,18 +144,19 @@ class ForkServerExecutor(TiedSubprocessExecutor):
     """Flower's Executor protocol (flwr/supercore/superexec/executor/types.py): ClientApp tasks are forked by the
     fork server, everything else is launched as a (tied) subprocess."""
 
-    def __init__(self) -> None:
+    def __init__(self, command: str) -> None:
         super().__init__()
+        self.command = command
         self.lock = threading.Lock()
         self.server: subprocess.Popen[str] | None = subprocess.Popen(
-            [sys.executable, "-m", "fedscore.forkserver"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            preexec_fn=tied_preexec(signal.SIGTERM))
+            [sys.executable, "-m", "fedscore.forkserver", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, preexec_fn=tied_preexec(signal.SIGTERM))
         assert self.server.stdout is not None
         if not self.server.stdout.readline():  # warm before the first task, or not at all
             self._give_up("it exited while warming up")
 
     def _give_up(self, why: str) -> None:
-        print(f"fedscore fork server: {why}; ClientApps start as plain processes", file=sys.stderr)
+        print(f"fedscore fork server: {why}; {self.command} starts as plain processes", file=sys.stderr)
         if self.server is not None and self.server.poll() is None:
             self.server.kill()
         self.server = None
@@ -159,7 +166,7 @@ class ForkServerExecutor(TiedSubprocessExecutor):
 
         command, *argv = task_argv(spec)
         with self.lock:
-            if command not in FORKED_COMMANDS or self.server is None:
+            if command != self.command or self.server is None:
                 return super().launch(spec)
             try:
                 assert self.server.stdin is not None and self.server.stdout is not None
@@ -190,4 +197,4 @@ class ForkServerExecutor(TiedSubprocessExecutor):
 
 
 if __name__ == "__main__":
-    serve()
+    serve(sys.argv[1])

@@ -8,11 +8,12 @@ nothing. This launcher caps every sleep in that one module at `FEDSCORE_SUPERNOD
 runs Flower's own `flower-supernode` entry point with the same arguments: nothing else changes. The patch is
 applied only to the flwr version it was written against; any other version runs unpatched, with a warning.
 
-`clientapp_main` is Flower's own `flwr-clientapp` entry point, imported without its package's `__init__`, which
-also imports the whole SuperNode CLI (~0.5 s of the ~1.1 s each per-message process spends starting).
-`superexec_main` is Flower's `flower-superexec` whose ClientApp processes are forked from a warm fork server
-(fedscore/forkserver.py), so a message does not wait for an interpreter to start at all. The local launcher puts
-both scripts first on the federation's PATH (fedscore/federation.py), where Flower finds them by name.
+`app_main` is Flower's own `flwr-clientapp` / `flwr-serverapp` entry point, imported without its package's
+`__init__`, which also imports the whole SuperNode (SuperLink) CLI (~0.5 s of the ~1.1 s each per-message process
+spends starting). `superexec_main` is Flower's `flower-superexec` whose ClientApp (ServerApp) processes are forked
+from a warm fork server (fedscore/forkserver.py), so a message does not wait for an interpreter to start at all.
+The local launcher puts these scripts first on the federation's PATH (fedscore/federation.py), where Flower finds
+them by name.
 """
 
 from __future__ import annotations
@@ -42,34 +43,45 @@ def shorten_idle_waits(cap_s: float) -> bool:
     return True
 
 
-def light_clientapp_entry() -> Callable[[], None]:
-    """Flower's `flwr-clientapp` main, imported without flwr/supernode/cli/__init__.py (same version guard as
-    above)."""
+# per-task app commands Flower starts by name: (package, module, function) of their entry points
+APP_ENTRIES = {
+    "flwr-clientapp": ("flwr.supernode", "flwr_clientapp"),
+    "flwr-serverapp": ("flwr.superlink", "flwr_serverapp"),
+}
+
+
+def light_entry(command: str) -> Callable[[], None]:
+    """Flower's entry point for `command`, imported without its cli package's __init__.py, which imports every
+    other command of that package too (same version guard as above)."""
     import importlib
     import types
 
     import flwr
-    import flwr.supernode
 
-    if flwr.__version__ == PATCHED_FLWR and "flwr.supernode.cli" not in sys.modules:
-        package = types.ModuleType("flwr.supernode.cli")
-        package.__path__ = [f"{flwr.supernode.__path__[0]}/cli"]
-        sys.modules["flwr.supernode.cli"] = package
-    entry: Callable[[], None] = importlib.import_module("flwr.supernode.cli.flwr_clientapp").flwr_clientapp
+    package_name, function = APP_ENTRIES[command]
+    cli = f"{package_name}.cli"
+    if flwr.__version__ == PATCHED_FLWR and cli not in sys.modules:
+        package = importlib.import_module(package_name)
+        stub = types.ModuleType(cli)
+        stub.__path__ = [f"{package.__path__[0]}/cli"]
+        sys.modules[cli] = stub
+    entry: Callable[[], None] = getattr(importlib.import_module(f"{cli}.{function}"), function)
     return entry
 
 
-def clientapp_main() -> None:
-    """`flwr-clientapp` as a fresh process, with the lighter imports."""
-    entry = light_clientapp_entry()
-    sys.argv[0] = "flwr-clientapp"
+def app_main() -> None:
+    """`flwr-clientapp` / `flwr-serverapp` (by the script's name) as a fresh process, with the lighter imports."""
+    command = os.path.basename(sys.argv[0])
+    entry = light_entry(command)
+    sys.argv[0] = command
     entry()
 
 
 def superexec_main() -> None:
-    """`flower-superexec`; on a fedscore SuperNode (FEDSCORE_FORKSERVER=1) its ClientApp processes are forked from a
-    warm fork server (fedscore/forkserver.py) instead of started cold; everywhere, it and the processes it starts
-    die with their parent (fedscore/process_tie.py)."""
+    """`flower-superexec`; with FEDSCORE_FORKSERVER=flwr-clientapp (a fedscore SuperNode) or flwr-serverapp (its
+    SuperLink) the processes of that command are forked from a warm fork server (fedscore/forkserver.py) instead of
+    started cold; everywhere, the SuperExec and the processes it starts die with their parent
+    (fedscore/process_tie.py)."""
     import flwr
 
     from fedscore.process_tie import tie_to_parent
@@ -82,11 +94,11 @@ def superexec_main() -> None:
         from fedscore.forkserver import ForkServerExecutor, TiedSubprocessExecutor
 
         flower_get_executor = run_superexec.get_executor
-        ours = ForkServerExecutor if os.environ.get(FORKSERVER_ENV) == "1" else TiedSubprocessExecutor
+        forked = os.environ.get(FORKSERVER_ENV, "")
 
         def get_executor(executor_type: ExecutorType, *args: Any, **kwargs: Any) -> Any:
             if executor_type == ExecutorType.SUBPROCESS:
-                return ours()
+                return ForkServerExecutor(forked) if forked in APP_ENTRIES else TiedSubprocessExecutor()
             return flower_get_executor(executor_type, *args, **kwargs)
 
         run_superexec.get_executor = get_executor  # type: ignore[assignment]
@@ -100,7 +112,8 @@ FORKSERVER_ENV = "FEDSCORE_FORKSERVER"
 
 # the launchers the local federation puts first on Flower's PATH (fedscore/federation.py)
 LAUNCHER_SCRIPTS = {
-    "flwr-clientapp": "#!{python}\nfrom fedscore.supernode import clientapp_main\n\nclientapp_main()\n",
+    "flwr-clientapp": "#!{python}\nfrom fedscore.supernode import app_main\n\napp_main()\n",
+    "flwr-serverapp": "#!{python}\nfrom fedscore.supernode import app_main\n\napp_main()\n",
     "flower-superexec": "#!{python}\nfrom fedscore.supernode import superexec_main\n\nsuperexec_main()\n",
 }
 

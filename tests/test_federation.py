@@ -65,9 +65,10 @@ def test_flower_matches_inprocess_and_cleans_up(party_data: tuple[Path, dict], t
     assert not [p for p in pids.values() if _alive(p)]
     _assert_none_left(tmp_path / "flower" / "flower" / "home")  # fork servers and their children too
     # every ClientApp process was forked from a warm fork server (fedscore/forkserver.py), none started cold
-    for party in ("payment", "lender"):
-        log = (logs / f"supernode-{party}.log").read_text()
-        assert "fedscore fork server ready" in log and "start as plain processes" not in log, log[-2000:]
+    for name, command in (("supernode-payment", "flwr-clientapp"), ("supernode-lender", "flwr-clientapp"),
+                          ("superlink", "flwr-serverapp")):
+        log = (logs / f"{name}.log").read_text()
+        assert f"{command} processes are forked warm" in log and "as plain processes" not in log, log[-2000:]
     # each party's worker kept its state in memory: every message served, none reloaded the state file
     for party, messages in (("payment", 1 + 1 + 2), ("lender", 1 + 1 + 2)):
         served = [line for line in (logs / f"worker-{party}.log").read_text().splitlines()
