@@ -18,12 +18,12 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from contextlib import closing, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedscore.flwr_run import superlink_healthy
 from fedscore.process_tie import tied_preexec
 from fedscore.runs import (
     Budgets,
@@ -115,6 +115,7 @@ class Federation:
         self.processes: list[tuple[str, subprocess.Popen]] = []
         self.sockets: list[Path] = []
         self.port = free_port()
+        self.health_url = f"http://127.0.0.1:{self.port}/health"
 
     def _clientapp_shim(self) -> Path:
         """A folder holding Flower's `flwr-clientapp` and `flower-superexec` as fedscore launches them: the same
@@ -179,11 +180,7 @@ class Federation:
 
         def healthy() -> bool:
             self.check_alive()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as reply:
-                    return bool(reply.status == 200)
-            except OSError:
-                return False
+            return superlink_healthy(self.health_url)
 
         wait_until(healthy, timeout_s, 0.3, f"SuperLink not healthy on port {self.port}", RunError)
 
@@ -281,22 +278,23 @@ def run_federated(config: FedConfig, data_dir: Path, run_dir: Path,
     with Federation(run_dir / "flower") as federation:
         # everything starts at once: the workers load torch and opacus while the SuperLink comes up, and the
         # SuperNodes keep retrying until it answers
-        progress("starting SuperLink, party workers and SuperNodes", 0, 1)
+        # so does `flwr run`, which submits the run as soon as the SuperLink answers (fedscore/flwr_run.py): the
+        # ServerApp's start overlaps the workers' imports, and a ClientApp waits for its worker's socket
+        # (clients/worker.py forward)
+        progress("starting SuperLink, party workers, SuperNodes and the run", 0, 1)
         t0 = time.perf_counter()
         federation.start_superlink()
+        app = federation.write_app(run_dir)
+        runner = federation.start("flwr-run", [sys.executable, "-m", "fedscore.flwr_run", federation.health_url,
+                                               "run", str(app), "local", "--stream"])
         budgets = default_budgets(config) if budgets is None else budgets
         for party, settings in party_settings(run_dir, data_dir, secret, budgets, homes).items():
             settings.state_dir.mkdir(parents=True, exist_ok=True)
             worker = federation.start_worker(settings)
             federation.start_supernode(party, {"party": party, **worker})
         federation.wait_healthy()
-        app = federation.write_app(run_dir)
-        progress("starting run", 0, 1)
-        # the run starts while the workers still load: the ServerApp's start and the workers' imports overlap,
-        # and a ClientApp waits for its worker's socket (clients/worker.py forward)
-        runner = federation.start("flwr-run", [_bin("flwr"), "run", str(app), "local", "--stream"])
         federation.wait_for_workers()
-        startup_s = time.perf_counter() - t0  # until the run is launched and both workers serve
+        startup_s = time.perf_counter() - t0  # until the SuperLink is healthy and both workers serve
         _follow(run_dir, federation, runner, progress, timeout_s)
         federation.begin_stop()  # the processes shut down while the baselines and the report are computed
         if not (run_dir / "outcome.json").exists():
