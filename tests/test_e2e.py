@@ -224,3 +224,30 @@ def test_a_replayed_blacklist_request_is_refused(tmp_path: Path) -> None:
     with pytest.raises(PartyRefused, match=r"payment refused: replayed message: blacklist session 'blacklist-"):
         check_blacklist(Meddler(_parties(tmp_path, tmp_path / "b"), twice))
     check_blacklist(InProcessTransport(_parties(tmp_path, tmp_path / "b", "again")))  # a new session is served
+
+
+def _claim_in_process(home: str, run_id: str, queue) -> None:  # a separate process, as a worker and a service are
+    from types import SimpleNamespace
+
+    from fedscore.clients.channel import PartyChannel
+
+    party = SimpleNamespace(name="payment", settings=SimpleNamespace(home=Path(home)))
+    queue.put(PartyChannel(party)._claim(run_id))  # type: ignore[arg-type]
+
+
+def test_a_run_id_is_claimed_once_across_processes(tmp_path: Path) -> None:
+    """`e2e-runs.txt` is checked and appended under an flock: of many processes claiming one run id at once,
+    exactly one wins, and every id claimed is in the file once."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_claim_in_process, args=(str(tmp_path), f"run-{i % 3}", queue)) for i in range(12)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    results = [queue.get(timeout=5) for _ in procs]
+    assert sum(results) == 3
+    lines = (tmp_path / "e2e-runs.txt").read_text().split()
+    assert sorted(lines) == ["run-0", "run-1", "run-2"]
