@@ -13,6 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fedscore.cli_common import console, fail, user_errors
+from fedscore.cli_deploy import keys_command, node_command, run_command, superlink_command
 from fedscore.cli_scoring import score_command, serve_app
 from fedscore.shared.metrics import METRIC_KEYS, METRIC_LABELS
 
@@ -22,6 +23,10 @@ data_app = typer.Typer(help="Make or convert party data (DIR/payment and DIR/len
 app.add_typer(data_app, name="data")
 app.command("score")(score_command)
 app.add_typer(serve_app, name="serve")
+app.command("superlink")(superlink_command)
+app.command("node")(node_command)
+app.command("run")(run_command)
+app.command("keys")(keys_command)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML run config")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. training.rounds=5")]
@@ -154,7 +159,7 @@ def _report(metrics: dict, run_dir: Path) -> None:
 
 
 def _run(runner, data: Path, out: Path, config: Path | None, set_: list[str] | None,
-         secret_file: Path | None, budget: list[str] | None, party_home: list[str] | None) -> None:
+         secret_file: Path | None, budget: list[str] | None, party_home: list[str] | None, **extra) -> None:
     """train and federate differ only in the transport: same config, secret, budgets, homes, progress, report."""
     from fedscore.runs import party_homes
 
@@ -163,7 +168,7 @@ def _run(runner, data: Path, out: Path, config: Path | None, set_: list[str] | N
         homes = party_homes(party_home)
         with _progress_bar() as progress:
             metrics = runner(cfg, data, out, progress=progress, secret=_secret(secret_file),
-                             budgets=_budgets(cfg, budget), homes=homes)
+                             budgets=_budgets(cfg, budget), homes=homes, **extra)
     _report(metrics, out)
 
 
@@ -182,11 +187,15 @@ def train(data: Annotated[Path, typer.Option(help="DIR with payment/ and lender/
 def federate(data: Annotated[Path, typer.Option(help="DIR with payment/ and lender/")],
              out: Annotated[Path, typer.Option(help="run folder to create")],
              config: ConfigOpt = None, set_: SetOpt = None, secret_file: SecretOpt = None,
-             budget: BudgetOpt = None, party_home: HomeOpt = None) -> None:
-    """Train through a real local Flower federation: SuperLink + one SuperNode per party + ServerApp."""
+             budget: BudgetOpt = None, party_home: HomeOpt = None,
+             insecure: Annotated[bool, typer.Option(
+                 "--insecure", help="plaintext on 127.0.0.1 without SuperNode authentication (default: TLS with a "
+                 "throwaway CA, only the parties' registered SuperNode keys may join)")] = False) -> None:
+    """Train through a real local Flower federation: SuperLink + one SuperNode per party + ServerApp, over TLS with
+    SuperNode authentication (the one-host form of `fedscore superlink` + `node` + `run`)."""
     from fedscore.federation import run_federated
 
-    _run(run_federated, data, out, config, set_, secret_file, budget, party_home)
+    _run(run_federated, data, out, config, set_, secret_file, budget, party_home, insecure=insecure)
 
 
 # the synthetic data has a rarer default (7.5%) than UCI (22%): DP-SGD needs more steps there (BENCHMARKS.md)
@@ -252,17 +261,26 @@ def certs(out: Annotated[Path, typer.Option("--out", help="folder to create (mus
               "--server-name", help="DNS name or IP the server certificate is valid for (repeat; default "
               "localhost and 127.0.0.1)")] = None,
           client: Annotated[list[str] | None, typer.Option(
-              "--client", help="a client certificate to issue (repeat; default: lender)")] = None) -> None:
-    """Write a throwaway local PKI for mutual TLS (tests, one machine): ca.pem, server.pem/.key, <client>.pem/.key.
-    Keys are owner-only; the CA key is not kept."""
-    from fedscore.shared.tls import TlsError, make_local_pki
+              "--client", help="a client certificate to issue (repeat; default: lender)")] = None,
+          node: Annotated[list[str] | None, typer.Option(
+              "--node", help="a SuperNode authentication key pair to write, <node>-node.key/.pub (repeat)")] = None,
+          ) -> None:
+    """Write a throwaway local PKI (tests, one machine): ca.pem, server.pem/.key (the payment service's mutual TLS,
+    or the SuperLink's: `fedscore superlink --ca ca.pem --tls-cert server.pem --tls-key server.key`),
+    <client>.pem/.key, and SuperNode keys. Keys are owner-only; the CA key is not kept."""
+    from fedscore.shared.tls import TlsError, make_local_pki, node_key_fingerprint, write_node_auth_key
 
     try:
         pki = make_local_pki(out, server_names=server_name, clients=client)
+        nodes = {name: write_node_auth_key(out / f"{name}-node.key", out / f"{name}-node.pub")
+                 for name in node or []}
     except (TlsError, OSError) as exc:
         fail(str(exc))
     clients = ", ".join(f"{name}: {cert.name} + {key.name}" for name, (cert, key) in pki.clients.items())
     console.print(f"wrote {out}: CA {pki.ca.name}; server {pki.server_cert.name} + {pki.server_key.name}; {clients}")
+    for name, pub in nodes.items():
+        console.print(f"SuperNode key {name}: {pub.name} (register it) + {name}-node.key (its --auth-key); "
+                      f"fingerprint {node_key_fingerprint(pub)}")
 
 
 @app.command()

@@ -78,20 +78,25 @@ def test_the_coordinator_relays_only_ciphertext(small_data: tuple[Path, dict], t
     assert _leaks(plain_blob, rows[::50]) == len(rows[::50])  # the search finds them where they are
     assert _leaks(blob, rows) == 0
 
-    # raw IDs and their plain hashes
+    lender = parties["lender"]
+    aligned = lender.state["y"][lender.state["rows"]].numpy()
+    assert_learns_nothing(blob, data, ids, aligned)
+    assert _leaks(plain_blob + blob, [aligned[:48].astype(np.float32).tobytes()]) == 0  # labels never cross
+
+
+def assert_learns_nothing(blob: bytes, data: Path, ids: dict[str, set[str]], aligned_labels: np.ndarray) -> None:
+    """No raw ID or plain hash of one, no label vector, no raw feature column in `blob` (everything the coordinator
+    handled): shared by the in-process capture above and the Flower ServerApp's (tests/test_federation.py)."""
     sample = sorted(ids["payment"] | ids["lender"])[::5]
     assert [i for i in sample if any(d in blob for d in _digests(i))] == []
     # the label vector and raw feature columns, in file order and in the aligned order, in the usual dtypes
-    lender = parties["lender"]
     applicants = pd.read_parquet(data / "lender" / "applicants.parquet")
     features = pd.read_parquet(data / "payment" / "features.parquet")
-    aligned = lender.state["y"][lender.state["rows"]].numpy()
-    vectors = [applicants["label"].to_numpy()[:48], aligned[:48]]
+    vectors = [applicants["label"].to_numpy()[:48], aligned_labels[:48]]
     vectors += [frame[c].to_numpy()[:6] for frame in (applicants, features) for c in frame.columns if c != "id"]
     needles = [np.asarray(v).astype(dtype).tobytes() for v in vectors for dtype in (np.float32, np.float64, np.int64)]
     needles += [np.asarray(v).astype(np.uint8).tobytes() for v in vectors[:2]]
     assert _leaks(blob, needles) == 0
-    assert _leaks(plain_blob + blob, [aligned[:48].astype(np.float32).tobytes()]) == 0  # labels never cross
 
 
 class Meddler(InProcessTransport):
