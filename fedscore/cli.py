@@ -13,7 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fedscore.cli_common import console, fail, user_errors
-from fedscore.cli_deploy import keys_command, node_command, run_command, superlink_command
+from fedscore.cli_deploy import bundle_command, keys_command, node_command, run_command, superlink_command
 from fedscore.cli_scoring import score_command, serve_app
 from fedscore.shared.metrics import METRIC_KEYS, METRIC_LABELS
 
@@ -27,6 +27,7 @@ app.command("superlink")(superlink_command)
 app.command("node")(node_command)
 app.command("run")(run_command)
 app.command("keys")(keys_command)
+app.command("bundle")(bundle_command)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML run config")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. training.rounds=5")]
@@ -143,7 +144,9 @@ def _report(metrics: dict, run_dir: Path) -> None:
     if "e2e" in metrics:
         prints = metrics["e2e"]["fingerprints"]
         console.print(f"payloads end-to-end encrypted; key fingerprints (compare out of band): payment "
-                      f"{prints['payment']}, lender {prints['lender']}")
+                      f"{prints['payment']}, lender {prints['lender']}" if prints else
+                      "payloads end-to-end encrypted between the parties (they compare their key fingerprints "
+                      "between them; the coordinator holds neither key)")
     privacy = json.loads((run_dir / "privacy-report.json").read_text())
     if privacy.get("void"):
         console.print(f"[bold red]VOID:[/] {privacy['void']}")
@@ -155,7 +158,8 @@ def _report(metrics: dict, run_dir: Path) -> None:
                       f"party's lifetime{lifetime} (delta {g['delta']:g}, {g['accountant']})")
     for u in privacy["unprotected"]:
         console.print(f"[yellow]not protected:[/] {u['protects']} against {u['against']}: {u['what']}")
-    console.print(f"artefacts: {run_dir}/report.html, metrics.json, privacy-report.json, model/, parties/")
+    model = "model/" if (run_dir / "model").exists() else "(no model/: each party keeps its part; `fedscore bundle`)"
+    console.print(f"artefacts: {run_dir}/report.html, metrics.json, privacy-report.json, {model}, parties/")
 
 
 def _run(runner, data: Path, out: Path, config: Path | None, set_: list[str] | None,

@@ -193,3 +193,31 @@ def keys_command(party: PartyOpt, party_home: HomeOpt = None) -> None:
                       f"fingerprint {fingerprint(bytes.fromhex(public))}")
         console.print(f"{party} SuperNode key (give to the coordinator): {auth_pub}\n  fingerprint "
                       f"{node_key_fingerprint(auth_pub)}")
+
+
+def bundle_command(
+        run_dir: Annotated[Path, typer.Argument(help="the run folder `fedscore run` wrote")],
+        export: Annotated[list[str], typer.Option(
+            "--export", help="PARTY=DIR: a party's export folder (its node's STATE/state/export, handed over by "
+            "its operator); both payment and lender")]) -> None:
+    """Gather the two parts of a deployed run into RUN_DIR/model with its manifest (what `fedscore serve` loads)."""
+    import json
+
+    from fedscore.bundle import assemble_bundle
+
+    exports: dict[str, Path] = {}
+    for item in export:
+        party, sep, path = item.partition("=")
+        if not sep or party not in ("payment", "lender") or not path:
+            fail(f"--export {item!r}: expected payment=DIR or lender=DIR")
+        exports[party] = Path(path)
+    if set(exports) != {"payment", "lender"}:
+        fail("--export: give both payment=DIR and lender=DIR")
+    with user_errors():
+        try:
+            config = json.loads((run_dir / "config.json").read_text())
+            privacy = json.loads((run_dir / "privacy-report.json").read_text())
+        except (OSError, ValueError) as exc:
+            fail(f"{run_dir}: not a finished run folder ({exc})")
+        assemble_bundle(run_dir, config, privacy["guarantees"], exports)
+    console.print(f"wrote {run_dir / 'model'} (both parts and the manifest)")

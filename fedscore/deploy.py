@@ -117,7 +117,7 @@ def run_on_superlink(config: FedConfig, superlink: str, run_dir: Path, ca: Path 
         runner.write_connection(superlink, ca)
         startup_s, t_stop = start_run(runner, run_dir, progress, timeout_s, nodes, False, start)
     record_timing(run_dir, start, startup_s, time.perf_counter() - t_stop)
-    return finish_run(run_dir, None, config, None, fingerprints={})
+    return finish_run(run_dir, None, config, None, fingerprints={}, bundle=False)
 
 
 def read_nodes(path: Path) -> dict[str, int]:

@@ -176,12 +176,14 @@ E2E = "X25519 + HKDF-SHA256 + ChaCha20-Poly1305, keys pinned in each party's set
 
 
 def finish_run(run_dir: Path, data_dir: Path | None, config: FedConfig, secret: str | None,
-               homes: Homes | None = None, fingerprints: dict[str, str] | None = None) -> dict[str, Any]:
+               homes: Homes | None = None, fingerprints: dict[str, str] | None = None,
+               bundle: bool = True) -> dict[str, Any]:
     """Add the baselines to the coordinator's outcome and write metrics.json; raise if the run was refused.
 
     The centralized baseline needs both parties' data and their secret: a local operator playing both has them;
     the coordinator of a deployment (`fedscore run`) has neither (data_dir None) and reports the lender-only
-    baseline the lender shared. The key fingerprints come from the homes, or are given."""
+    baseline the lender shared. The key fingerprints come from the homes, or are given. `bundle`: gather the two
+    exported parts into RUN_DIR/model (a deployment's parts stay on the parties' machines: `fedscore bundle`)."""
     from fedscore.report import write_reports
 
     outcome = read_outcome(run_dir)
@@ -218,7 +220,8 @@ def finish_run(run_dir: Path, data_dir: Path | None, config: FedConfig, secret: 
     from fedscore.bundle import assemble_bundle
 
     privacy = write_reports(run_dir)
-    assemble_bundle(run_dir, config.model_dump(), privacy["guarantees"])
+    if bundle:
+        assemble_bundle(run_dir, config.model_dump(), privacy["guarantees"])
     return metrics
 
 
