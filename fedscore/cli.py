@@ -262,8 +262,8 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run folder made by tr
 @app.command()
 def certs(out: Annotated[Path, typer.Option("--out", help="folder to create (must not hold these files yet)")],
           server_name: Annotated[list[str] | None, typer.Option(
-              "--server-name", help="DNS name or IP the server certificate is valid for (repeat; default "
-              "localhost and 127.0.0.1)")] = None,
+              "--server-name", help="DNS name or IP the server certificate is valid for (repeat; localhost and "
+              "127.0.0.1 are always added)")] = None,
           client: Annotated[list[str] | None, typer.Option(
               "--client", help="a client certificate to issue (repeat; default: lender)")] = None,
           node: Annotated[list[str] | None, typer.Option(
@@ -275,7 +275,11 @@ def certs(out: Annotated[Path, typer.Option("--out", help="folder to create (mus
     from fedscore.shared.tls import TlsError, make_local_pki, node_key_fingerprint, write_node_auth_key
 
     try:
-        pki = make_local_pki(out, server_names=server_name, clients=client)
+        # loopback names always: the operator's own tools (health check, `flwr supernode register`) reach a
+        # SuperLink bound to 0.0.0.0 at 127.0.0.1
+        names = [*server_name, *(n for n in ("localhost", "127.0.0.1") if n not in server_name)] if server_name \
+            else None
+        pki = make_local_pki(out, server_names=names, clients=client)
         nodes = {name: write_node_auth_key(out / f"{name}-node.key", out / f"{name}-node.pub")
                  for name in node or []}
     except (TlsError, OSError) as exc:
