@@ -80,3 +80,39 @@ def test_certs_writes_node_keys_and_a_loopback_capable_server_cert(tmp_path: Pat
     names = {str(n) for n in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
              .get_values_for_type(x509.IPAddress)}
     assert names == {"10.9.8.7", "127.0.0.1"}
+
+
+def test_the_serverapp_talks_to_the_registered_nodes_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three SuperNodes connected, the third claiming to be the payment holder: pinned to the two registered node
+    ids, the ServerApp asks and uses only those; unpinned, it would have to refuse the run."""
+    from types import SimpleNamespace
+
+    from fedscore.server import flower_server
+
+    parties = {1: "payment", 2: "lender", 3: "payment"}
+    asked: list[list[int]] = []
+
+    class FakeMessage(SimpleNamespace):
+        def __init__(self, content: object, dst_node_id: int, message_type: str) -> None:
+            super().__init__(content=content, dst_node_id=dst_node_id, message_type=message_type)
+
+    def round_trip(messages: list) -> list:
+        asked.append([m.dst_node_id for m in messages])
+        return [SimpleNamespace(content=SimpleNamespace(config_records={"whoami": {"party": parties[m.dst_node_id]}}))
+                for m in messages]
+
+    monkeypatch.setattr(flower_server, "Message", FakeMessage)
+    grid = SimpleNamespace(get_node_ids=lambda: [3, 1, 2])
+    pinned = flower_server.FlowerTransport(grid, allowed={"payment": 1, "lender": 2})  # type: ignore[arg-type]
+    monkeypatch.setattr(pinned, "_round_trip", round_trip)
+    assert pinned.discover(wait_s=1) == {"payment": 1, "lender": 2} and asked == [[1, 2]]
+
+    open_transport = flower_server.FlowerTransport(grid)  # type: ignore[arg-type]
+    monkeypatch.setattr(open_transport, "_round_trip", round_trip)
+    with pytest.raises(RuntimeError, match="two SuperNodes claim to be the payment party"):
+        open_transport.discover(wait_s=1)
+
+    wrong = flower_server.FlowerTransport(grid, allowed={"payment": 2, "lender": 1})  # type: ignore[arg-type]
+    monkeypatch.setattr(wrong, "_round_trip", round_trip)
+    with pytest.raises(RuntimeError, match="node 2 says it serves 'lender', but was not registered for it"):
+        wrong.discover(wait_s=1)
