@@ -66,9 +66,9 @@ capture = {capture}
 """
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def free_port() -> int:
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind((host, 0))
+        sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
