@@ -4,7 +4,8 @@ Run (root, for `ip netns`): .venv/bin/python scripts/bench_tls.py --data DIR --s
 [--json out.json]
 
 Two `fedscore federate` runs on the same data, config and secret, fresh party homes each: the default (TLS with a
-throwaway CA, SuperNode authentication) and `--insecure` (plaintext, no node authentication), one after the other,
+throwaway CA, SuperNode authentication) and `--insecure` (plaintext, no node authentication), one after the other
+(`--insecure-first` swaps the order),
 each under `nice -n 10` inside a network namespace of its own, so the namespace's loopback counters count exactly the
 bytes that run's processes sent over the network (SuperLink <-> SuperNodes, ServerApp <-> SuperLink, SuperNode <->
 its ClientApp processes, the flwr CLI; the Unix socket to each party worker is not network traffic).
@@ -95,10 +96,12 @@ def main() -> None:
     parser.add_argument("--secret-file", type=Path, required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--insecure-first", action="store_true", help="run the plaintext federation first")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-tls-"))
-    rows = [federate("tls", args.data, args.secret_file, work, args.overrides, insecure=False),
-            federate("insecure", args.data, args.secret_file, work, args.overrides, insecure=True)]
+    order = [("tls", False), ("insecure", True)][::-1 if args.insecure_first else 1]
+    rows = [federate(name, args.data, args.secret_file, work, args.overrides, insecure=insecure)
+            for name, insecure in order]
     for row in rows:
         print(json.dumps(row), flush=True)
     crypto = e2e_cost(work / "tls")
