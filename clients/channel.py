@@ -7,13 +7,15 @@ kind, round, direction and a per-direction sequence number), and never serves a 
 ProtocolError reply naming what is wrong; nothing is decoded before it authenticates.
 
 State (in the party's run state, `state["e2e"]`): the run id, the next step expected, and the next sequence number
-in each direction. Run ids this home has set up are kept in `home/e2e-runs.txt`, so a replayed setup cannot rewind
-the counters. The blacklist check is its own session: the lender picks a fresh session id, the payment holder serves
-each session once (recorded in the same file).
+in each direction. Run ids this home has set up are kept in `home/e2e-runs.txt` (checked and appended under an
+flock), so a replayed setup cannot rewind the counters. The blacklist check is its own session: the lender picks a
+fresh session id, the payment holder serves each session once (recorded in the same file).
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import secrets
 from typing import TYPE_CHECKING
 
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from fedscore.clients.base import PartyBase
 
 RUNS_FILE = "e2e-runs.txt"
+RUNS_LOCK = "e2e-runs.lock"  # flock'd while a run id is checked and appended
 K = MessageKind
 # the payload kind a request must carry, per (party, kind); round 0's embed carries the alignment tokens instead
 EXPECTED_PAYLOAD = {("payment", K.ALIGN_RESPOND): "psi_request", ("payment", K.EMBED): "gradients",
@@ -83,13 +86,25 @@ class PartyChannel:
         return Channel(self._identity, parse_public_key(settings.peer_public_key), self.name, peer, run_id)
 
     # -- run ids this home has served -------------------------------------------------------------------------------
-    def _seen(self) -> set[str]:
-        path = self.party.settings.home / RUNS_FILE
-        return set(path.read_text().split()) if path.exists() else set()
-
-    def _remember(self, run_id: str) -> None:
-        with (self.party.settings.home / RUNS_FILE).open("a") as handle:
-            handle.write(run_id + "\n")
+    def _claim(self, run_id: str) -> bool:
+        """Record `run_id` as set up in this home; False if it already was. Check and append happen under one
+        exclusive flock (`e2e-runs.lock`, as the ledger does), so two processes on the same home (a training worker
+        and a service, or two workers) can never both claim one id; the line is fsync'd before anything is served."""
+        home = self.party.settings.home
+        home.mkdir(parents=True, exist_ok=True)
+        with open(home / RUNS_LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                path = home / RUNS_FILE
+                if path.exists() and run_id in path.read_text().split():
+                    return False
+                with path.open("a") as handle:
+                    handle.write(run_id + "\n")
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                return True
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     # -- receiving -------------------------------------------------------------------------------------------------
     def receive(self, message: Envelope) -> Envelope:
@@ -106,7 +121,7 @@ class PartyChannel:
             run_id = header.body.run_id
             if not run_id:
                 raise SealError(f"{self.name}: setup without a run id (the channel keys are bound to it)")
-            if run_id in self._seen():
+            if not self._claim(run_id):
                 raise SealError(f"{self.name} refused: replayed message: run {run_id!r} was already set up with this "
                                 "party home")
             return message
@@ -151,13 +166,12 @@ class PartyChannel:
             return self._open(message, "", {}, "")
         if kind is K.BLACKLIST_RESPOND:
             session = read_frame(message.payload)[0] if message.payload else ""
-            if session in self._seen():
-                raise SealError(f"{self.name} refused: replayed message: blacklist session {session!r} was already "
-                                "served")
             if not session.startswith("blacklist-"):
                 raise SealError(f"{self.name} refused: {session!r} is not a blacklist session")
+            if not self._claim(session):
+                raise SealError(f"{self.name} refused: replayed message: blacklist session {session!r} was already "
+                                "served")
             self.party.state["e2e_blacklist"] = {"run": session, "received": 0, "sent": 0}
-            self._remember(session)
         state = self.party.state.get("e2e_blacklist")
         if state is None:
             raise SealError(f"{self.name}: {kind} without a blacklist session")
@@ -173,8 +187,7 @@ class PartyChannel:
             state = self.party.state["e2e_blacklist"]
         else:
             if kind is K.SETUP:
-                run_id = self.party.run_id
-                self._remember(run_id)
+                run_id = self.party.run_id  # claimed in this home when the setup was received
                 self.party.state["e2e"] = {"run": run_id, "received": 0, "sent": 0}
             state = self.party.state["e2e"]
             state["next"] = list(_after(self.name, kind, round_))

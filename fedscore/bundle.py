@@ -19,14 +19,17 @@ from fedscore.shared.model.preprocessing import Scaler
 from fedscore.shared.scoring.scorecard import ScorecardParams
 
 
-def assemble_bundle(run_dir: Path, config: dict[str, Any],
-                    privacy: list[dict[str, Any]] | None = None) -> ModelManifest:
+def assemble_bundle(run_dir: Path, config: dict[str, Any], privacy: list[dict[str, Any]] | None = None,
+                    exports: dict[str, Path] | None = None) -> ModelManifest:
+    """`exports` (party -> its export folder) for parts that are not in RUN_DIR/parties/<party>/export: after a
+    deployment each party's part is in its own node state (`fedscore bundle`)."""
+    exports = exports or {}
     out = run_dir / "model"
     out.mkdir(parents=True, exist_ok=True)
     sidecars: dict[str, dict[str, Any]] = {}
     parts = {}
     for party, file in (("payment", PAYMENT_FILE), ("lender", LENDER_FILE)):
-        source = run_dir / "parties" / party / "export"
+        source = exports.get(party, run_dir / "parties" / party / "export")
         if not (source / file).exists():
             raise FileNotFoundError(f"{source / file}: the {party} party exported no model part")
         shutil.copy2(source / file, out / file)

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fedscore.cli_common import console, fail, user_errors
+from fedscore.cli_deploy import bundle_command, keys_command, node_command, run_command, superlink_command
 from fedscore.cli_scoring import score_command, serve_app
 from fedscore.shared.metrics import METRIC_KEYS, METRIC_LABELS
 
@@ -22,6 +23,11 @@ data_app = typer.Typer(help="Make or convert party data (DIR/payment and DIR/len
 app.add_typer(data_app, name="data")
 app.command("score")(score_command)
 app.add_typer(serve_app, name="serve")
+app.command("superlink")(superlink_command)
+app.command("node")(node_command)
+app.command("run")(run_command)
+app.command("keys")(keys_command)
+app.command("bundle")(bundle_command)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML run config")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. training.rounds=5")]
@@ -138,7 +144,9 @@ def _report(metrics: dict, run_dir: Path) -> None:
     if "e2e" in metrics:
         prints = metrics["e2e"]["fingerprints"]
         console.print(f"payloads end-to-end encrypted; key fingerprints (compare out of band): payment "
-                      f"{prints['payment']}, lender {prints['lender']}")
+                      f"{prints['payment']}, lender {prints['lender']}" if prints else
+                      "payloads end-to-end encrypted between the parties (they compare their key fingerprints "
+                      "between them; the coordinator holds neither key)")
     privacy = json.loads((run_dir / "privacy-report.json").read_text())
     if privacy.get("void"):
         console.print(f"[bold red]VOID:[/] {privacy['void']}")
@@ -150,11 +158,12 @@ def _report(metrics: dict, run_dir: Path) -> None:
                       f"party's lifetime{lifetime} (delta {g['delta']:g}, {g['accountant']})")
     for u in privacy["unprotected"]:
         console.print(f"[yellow]not protected:[/] {u['protects']} against {u['against']}: {u['what']}")
-    console.print(f"artefacts: {run_dir}/report.html, metrics.json, privacy-report.json, model/, parties/")
+    model = "model/" if (run_dir / "model").exists() else "(no model/: each party keeps its part; `fedscore bundle`)"
+    console.print(f"artefacts: {run_dir}/report.html, metrics.json, privacy-report.json, {model}, parties/")
 
 
 def _run(runner, data: Path, out: Path, config: Path | None, set_: list[str] | None,
-         secret_file: Path | None, budget: list[str] | None, party_home: list[str] | None) -> None:
+         secret_file: Path | None, budget: list[str] | None, party_home: list[str] | None, **extra) -> None:
     """train and federate differ only in the transport: same config, secret, budgets, homes, progress, report."""
     from fedscore.runs import party_homes
 
@@ -163,7 +172,7 @@ def _run(runner, data: Path, out: Path, config: Path | None, set_: list[str] | N
         homes = party_homes(party_home)
         with _progress_bar() as progress:
             metrics = runner(cfg, data, out, progress=progress, secret=_secret(secret_file),
-                             budgets=_budgets(cfg, budget), homes=homes)
+                             budgets=_budgets(cfg, budget), homes=homes, **extra)
     _report(metrics, out)
 
 
@@ -182,11 +191,15 @@ def train(data: Annotated[Path, typer.Option(help="DIR with payment/ and lender/
 def federate(data: Annotated[Path, typer.Option(help="DIR with payment/ and lender/")],
              out: Annotated[Path, typer.Option(help="run folder to create")],
              config: ConfigOpt = None, set_: SetOpt = None, secret_file: SecretOpt = None,
-             budget: BudgetOpt = None, party_home: HomeOpt = None) -> None:
-    """Train through a real local Flower federation: SuperLink + one SuperNode per party + ServerApp."""
+             budget: BudgetOpt = None, party_home: HomeOpt = None,
+             insecure: Annotated[bool, typer.Option(
+                 "--insecure", help="plaintext on 127.0.0.1 without SuperNode authentication (default: TLS with a "
+                 "throwaway CA, only the parties' registered SuperNode keys may join)")] = False) -> None:
+    """Train through a real local Flower federation: SuperLink + one SuperNode per party + ServerApp, over TLS with
+    SuperNode authentication (the one-host form of `fedscore superlink` + `node` + `run`)."""
     from fedscore.federation import run_federated
 
-    _run(run_federated, data, out, config, set_, secret_file, budget, party_home)
+    _run(run_federated, data, out, config, set_, secret_file, budget, party_home, insecure=insecure)
 
 
 # the synthetic data has a rarer default (7.5%) than UCI (22%): DP-SGD needs more steps there (BENCHMARKS.md)
@@ -249,20 +262,33 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run folder made by tr
 @app.command()
 def certs(out: Annotated[Path, typer.Option("--out", help="folder to create (must not hold these files yet)")],
           server_name: Annotated[list[str] | None, typer.Option(
-              "--server-name", help="DNS name or IP the server certificate is valid for (repeat; default "
-              "localhost and 127.0.0.1)")] = None,
+              "--server-name", help="DNS name or IP the server certificate is valid for (repeat; localhost and "
+              "127.0.0.1 are always added)")] = None,
           client: Annotated[list[str] | None, typer.Option(
-              "--client", help="a client certificate to issue (repeat; default: lender)")] = None) -> None:
-    """Write a throwaway local PKI for mutual TLS (tests, one machine): ca.pem, server.pem/.key, <client>.pem/.key.
-    Keys are owner-only; the CA key is not kept."""
-    from fedscore.shared.tls import TlsError, make_local_pki
+              "--client", help="a client certificate to issue (repeat; default: lender)")] = None,
+          node: Annotated[list[str] | None, typer.Option(
+              "--node", help="a SuperNode authentication key pair to write, <node>-node.key/.pub (repeat)")] = None,
+          ) -> None:
+    """Write a throwaway local PKI (tests, one machine): ca.pem, server.pem/.key (the payment service's mutual TLS,
+    or the SuperLink's: `fedscore superlink --ca ca.pem --tls-cert server.pem --tls-key server.key`),
+    <client>.pem/.key, and SuperNode keys. Keys are owner-only; the CA key is not kept."""
+    from fedscore.shared.tls import TlsError, make_local_pki, node_key_fingerprint, write_node_auth_key
 
     try:
-        pki = make_local_pki(out, server_names=server_name, clients=client)
+        # loopback names always: the operator's own tools (health check, `flwr supernode register`) reach a
+        # SuperLink bound to 0.0.0.0 at 127.0.0.1
+        names = [*server_name, *(n for n in ("localhost", "127.0.0.1") if n not in server_name)] if server_name \
+            else None
+        pki = make_local_pki(out, server_names=names, clients=client)
+        nodes = {name: write_node_auth_key(out / f"{name}-node.key", out / f"{name}-node.pub")
+                 for name in node or []}
     except (TlsError, OSError) as exc:
         fail(str(exc))
     clients = ", ".join(f"{name}: {cert.name} + {key.name}" for name, (cert, key) in pki.clients.items())
     console.print(f"wrote {out}: CA {pki.ca.name}; server {pki.server_cert.name} + {pki.server_key.name}; {clients}")
+    for name, pub in nodes.items():
+        console.print(f"SuperNode key {name}: {pub.name} (register it) + {name}-node.key (its --auth-key); "
+                      f"fingerprint {node_key_fingerprint(pub)}")
 
 
 @app.command()

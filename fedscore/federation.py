@@ -8,6 +8,7 @@ Every process is stopped on success, failure and Ctrl-C.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import secrets
@@ -35,7 +36,9 @@ from fedscore.runs import (
     party_settings,
     prepare_run_dir,
 )
+from fedscore.shared.atomic import write_text_atomic
 from fedscore.shared.config import FedConfig
+from fedscore.shared.tls import SuperLinkTls, make_local_pki, node_auth_key
 from fedscore.shared.waiting import wait_until
 from fedscore.supernode import FORKSERVER_ENV
 
@@ -62,6 +65,8 @@ clientapp = "fedscore.clients.flower_client:app"
 
 [tool.flwr.app.config]
 run-dir = {run_dir}
+nodes = {nodes}
+capture = {capture}
 """
 
 
@@ -69,6 +74,36 @@ def free_port() -> int:
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """'HOST:PORT' (or '[IPv6]:PORT') -> (host, port), with a clear error."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RunError(f"{address!r}: expected HOST:PORT, e.g. 10.0.0.5:9093")
+    return host.strip("[]"), int(port)
+
+
+def refuse_insecure_off_loopback(host: str, what: str) -> None:
+    """`--insecure` is plaintext: allowed only when every byte stays on this machine."""
+    if not is_loopback(host):
+        raise RunError(f"--insecure is loopback-only: {what} {host} is not a loopback address; drop --insecure and "
+                       "use TLS (the default; `fedscore certs --out DIR --server-name HOST` makes a local set)")
+
+
+def local_superlink_tls(folder: Path) -> SuperLinkTls:
+    """A throwaway CA and SuperLink certificate for a one-host federation (the CA key is discarded)."""
+    pki = make_local_pki(folder, server_names=["localhost", "127.0.0.1"], clients=[], server="superlink")
+    return SuperLinkTls(ca=pki.ca, cert=pki.server_cert, key=pki.server_key)
 
 
 def _bin(name: str) -> str:
@@ -97,7 +132,7 @@ def _quote(value: str) -> str:
 class Federation:
     """The processes of one local federation; a context manager that always stops them."""
 
-    def __init__(self, flower_dir: Path) -> None:
+    def __init__(self, flower_dir: Path, host: str = "127.0.0.1", port: int | None = None) -> None:
         self.flower_dir = flower_dir
         self.logs = flower_dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -114,13 +149,14 @@ class Federation:
                                              os.environ.get("PATH", "")])}
         self.processes: list[tuple[str, subprocess.Popen]] = []
         self.sockets: list[Path] = []
-        self.port = free_port()
-        self.health_url = f"http://127.0.0.1:{self.port}/health"
+        self.host = host  # the SuperLink's bind address (`start_superlink`)
+        self.port = port or free_port()
+        self.tls_ca: Path | None = None  # the CA that signed the SuperLink's certificate, once started with TLS
 
     def _clientapp_shim(self) -> Path:
-        """A folder holding Flower's `flwr-clientapp` and `flower-superexec` as fedscore launches them: the same
-        code, started faster (lighter imports; ClientApp processes forked from a warm fork server, fedscore/supernode.py
-        and fedscore/forkserver.py)."""
+        """A folder holding Flower's `flwr-clientapp`, `flwr-serverapp` and `flower-superexec` as fedscore launches
+        them: the same code, started faster (lighter imports; app processes forked from a warm fork server,
+        fedscore/supernode.py and fedscore/forkserver.py)."""
         from fedscore.supernode import LAUNCHER_SCRIPTS
 
         folder = self.flower_dir / "bin"
@@ -135,8 +171,7 @@ class Federation:
               env: dict[str, str] | None = None) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("wb")
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
-                                cwd=self.flower_dir, preexec_fn=tied_preexec(),
-                                start_new_session=True,
+                                cwd=self.flower_dir, preexec_fn=tied_preexec(), start_new_session=True,
                                 stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE)
         if stdin is not None:
             assert proc.stdin is not None
@@ -170,34 +205,110 @@ class Federation:
                 tail = (self.logs / f"{name}.log").read_text(errors="replace")[-2000:]
                 raise RunError(f"{name} exited with code {proc.returncode}; its log ends:\n{tail}")
 
-    def start_superlink(self) -> None:
-        """Start it and return at once: the workers and SuperNodes start meanwhile (`wait_healthy` waits)."""
-        self.start("superlink", [_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-                                 "--host", "127.0.0.1", "--port", str(self.port)],
+    def start_superlink(self, tls: SuperLinkTls | None, auth: bool = True) -> None:
+        """Start it and return at once: the workers start meanwhile (`wait_healthy` waits). TLS with `tls`, and then
+        SuperNode authentication (only registered keys may join) unless `auth` is False; plaintext on loopback
+        only without it."""
+        self.tls_ca = tls.ca if tls else None
+        if tls is None:
+            refuse_insecure_off_loopback(self.host, "the SuperLink's --host")
+            security = ["--insecure"]
+        else:
+            security = ["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert), "--ssl-keyfile",
+                        str(tls.key), *(["--enable-supernode-auth"] if auth else [])]
+        self.start("superlink", [_bin("flower-superlink"), *security, "--disable-runtime-dependency-installation",
+                                 "--host", self.host, "--port", str(self.port)],
                    env={FORKSERVER_ENV: "flwr-serverapp"})
 
-    def wait_healthy(self, timeout_s: float = 60.0) -> None:
+    @property
+    def address(self) -> str:
+        """Where processes on this host reach the SuperLink."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    @property
+    def health_url(self) -> str:
+        return f"{'https' if self.tls_ca else 'http'}://{self.address}/health"
+
+    def wait_healthy(self, tls: SuperLinkTls | None = None, timeout_s: float = 60.0) -> None:
+        url = self.health_url
 
         def healthy() -> bool:
             self.check_alive()
-            return superlink_healthy(self.health_url)
+            return superlink_healthy(url, tls.ca if tls else None)
 
-        wait_until(healthy, timeout_s, 0.3, f"SuperLink not healthy on port {self.port}", RunError)
+        wait_until(healthy, timeout_s, 0.3, f"SuperLink not healthy at {url}", RunError)
 
-    def start_supernode(self, party: str, node_config: dict[str, str]) -> None:
+    def flwr_when_ready(self, args: list[str], after: Path | None = None) -> list[str]:
+        """Command line of `flwr ARGS` imported at once and run as soon as the SuperLink answers (and `after`
+        exists): fedscore/flwr_run.py."""
+        ready = ["--health", self.health_url, *(["--ca", str(self.tls_ca)] if self.tls_ca else []),
+                 *(["--after", str(after)] if after else [])]
+        return [sys.executable, "-m", "fedscore.flwr_run", *ready, "--", *args]
+
+    def write_connection(self, address: str, ca: Path | None) -> None:
+        """$FLWR_HOME/config.toml: the `local` connection `flwr run` and `flwr supernode register` use, trusting
+        `ca` (TLS) or plaintext when None."""
+        security = f"root-certificates = {json.dumps(str(ca))}\n" if ca is not None else "insecure = true\n"
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = {json.dumps(address)}\n{security}')
+
+    def begin_register(self, public_keys: dict[str, Path]) -> dict[str, subprocess.Popen]:
+        """Start registering each party's SuperNode key with the SuperLink (`flwr supernode register`, in parallel,
+        each as soon as the SuperLink answers): only these keys may join. `finish_register` collects the ids."""
+        return {party: subprocess.Popen(self.flwr_when_ready(["supernode", "register", str(key), "local", "--format",
+                                                              "json"]),
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env,
+                                        cwd=self.flower_dir, text=True, preexec_fn=tied_preexec())
+                for party, key in public_keys.items()}
+
+    def finish_register(self, procs: dict[str, subprocess.Popen], public_keys: dict[str, Path],
+                        timeout_s: float = 90.0) -> dict[str, int]:
+        """Party -> the node id the SuperLink registered for its key."""
+        nodes: dict[str, int] = {}
+        for party, proc in procs.items():
+            output = proc.communicate(timeout=timeout_s)[0]
+            try:
+                reply = json.loads(output[output.index("{"):])
+            except ValueError:
+                reply = {}
+            if not reply.get("success"):
+                reason = reply.get("error-message") or output.strip()[-500:]
+                raise RunError(f"could not register the {party} SuperNode key {public_keys[party]}: "
+                               f"{' '.join(str(reason).split())}")
+            nodes[party] = int(reply["node-id"])
+        return nodes
+
+    def register_nodes(self, public_keys: dict[str, Path], timeout_s: float = 90.0) -> dict[str, int]:
+        """Register each party's SuperNode key (both at once); party -> node id."""
+        return self.finish_register(self.begin_register(public_keys), public_keys, timeout_s)
+
+    def start_supernode(self, party: str, node_config: dict[str, str], superlink: str | None = None,
+                        root_cert: Path | None = None, auth_key: Path | None = None) -> None:
+        """The party's SuperNode: TLS trusting `root_cert` (plaintext, loopback only, when None), authenticated with
+        `auth_key` when given."""
+        superlink = superlink or self.address
+        if root_cert is None:
+            refuse_insecure_off_loopback(split_address(superlink)[0], "the SuperLink address")
+            security = ["--insecure"]
+        else:
+            security = ["--root-certificates", str(root_cert)]
+        if auth_key is not None:
+            security += ["--auth-supernode-private-key", str(auth_key)]
         config = " ".join(f"{k}={_quote(v)}" for k, v in node_config.items())
-        self.start(f"supernode-{party}", [sys.executable, "-m", "fedscore.supernode", "--insecure", "--superlink",
-                                          f"127.0.0.1:{self.port}", "--port", str(free_port()),
-                                          "--node-config", config],
+        self.start(f"supernode-{party}", [sys.executable, "-m", "fedscore.supernode", *security, "--superlink",
+                                          superlink, "--port", str(free_port()), "--node-config", config],
                    env={FORKSERVER_ENV: "flwr-clientapp"})
 
-    def write_app(self, run_dir: Path) -> Path:
+    def write_app(self, run_dir: Path, nodes: dict[str, int] | None = None, capture: bool = False) -> Path:
+        """The Flower app. `nodes` (party -> node id, the registered SuperNodes) restricts the ServerApp to those
+        nodes; `capture` (tests only) makes it record every reply it receives in RUN_DIR/capture."""
         app = self.flower_dir / "app"
         app.mkdir(exist_ok=True)
-        (app / "pyproject.toml").write_text(APP_PYPROJECT.format(run_dir=json.dumps(str(run_dir))))
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\n'
-            "insecure = true\n")
+        # atomic: a `flwr run` waiting for this file (fedscore/flwr_run.py --after) never reads half of it
+        write_text_atomic(app / "pyproject.toml", APP_PYPROJECT.format(
+            run_dir=json.dumps(str(run_dir)), nodes=json.dumps(json.dumps(nodes or {})),
+            capture=json.dumps(capture)))
         return app
 
     def _stop_order(self) -> list[tuple[str, subprocess.Popen]]:
@@ -268,47 +379,79 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def run_federated(config: FedConfig, data_dir: Path, run_dir: Path,
                   progress: Callable[[str, int, int], None] | None = None, timeout_s: float = 1800.0,
-                  secret: str | None = None, budgets: Budgets | None = None, homes: Homes | None = None) -> dict:
-    """Start the federation, run the ServerApp to the end, stop everything, and write metrics.json."""
+                  secret: str | None = None, budgets: Budgets | None = None, homes: Homes | None = None,
+                  insecure: bool = False, capture: bool = False) -> dict:
+    """Start the federation, run the ServerApp to the end, stop everything, and write metrics.json.
+
+    The same deployment as `fedscore superlink` + two `fedscore node` + `fedscore run`, on one host: TLS with a
+    throwaway CA (RUN_DIR/flower/pki) and SuperNode authentication with each party's key from its home, registered
+    before its SuperNode starts; `insecure` serves plaintext on 127.0.0.1 without node authentication."""
     check_data_dir(data_dir)
     run_dir = run_dir.resolve()
     secret = prepare_run_dir(run_dir, config, secret)
     start = time.perf_counter()
     progress = progress or (lambda stage, done, total: None)
     with Federation(run_dir / "flower") as federation:
-        # everything starts at once: the workers load torch and opacus while the SuperLink comes up, and the
-        # SuperNodes keep retrying until it answers
-        # so does `flwr run`, which submits the run as soon as the SuperLink answers (fedscore/flwr_run.py): the
-        # ServerApp's start overlaps the workers' imports, and a ClientApp waits for its worker's socket
-        # (clients/worker.py forward)
+        # everything starts at once: the SuperLink; `flwr supernode register` and `flwr run`, which do their imports
+        # meanwhile and act as soon as the SuperLink answers (fedscore/flwr_run.py; the run also waits for the app,
+        # written once the keys are registered); the workers, which load torch and opacus; then the SuperNodes,
+        # once their keys are registered (an unregistered SuperNode is refused). A ClientApp that arrives before
+        # its worker is ready waits for the worker's socket (clients/worker.py forward).
         progress("starting SuperLink, party workers, SuperNodes and the run", 0, 1)
         t0 = time.perf_counter()
-        federation.start_superlink()
-        app = federation.write_app(run_dir)
-        runner = federation.start("flwr-run", [sys.executable, "-m", "fedscore.flwr_run", federation.health_url,
-                                               "run", str(app), "local", "--stream"])
+        tls = None if insecure else local_superlink_tls(federation.flower_dir / "pki")
+        federation.start_superlink(tls)
+        federation.write_connection(federation.address, tls.ca if tls else None)
         budgets = default_budgets(config) if budgets is None else budgets
-        for party, settings in party_settings(run_dir, data_dir, secret, budgets, homes).items():
-            settings.state_dir.mkdir(parents=True, exist_ok=True)
-            worker = federation.start_worker(settings)
-            federation.start_supernode(party, {"party": party, **worker})
-        federation.wait_healthy()
+        settings = party_settings(run_dir, data_dir, secret, budgets, homes)
+        keys = {party: node_auth_key(one.home) for party, one in settings.items()}
+        public = {party: pub for party, (_, pub) in keys.items()}
+        registering = federation.begin_register(public) if tls else {}
+        app = federation.flower_dir / "app"
+        runner = federation.start("flwr-run", federation.flwr_when_ready(["run", str(app), "local", "--stream"],
+                                                                         after=app / "pyproject.toml"))
+        workers = {}
+        for party, one in settings.items():
+            one.state_dir.mkdir(parents=True, exist_ok=True)
+            workers[party] = federation.start_worker(one)
+        nodes = federation.finish_register(registering, public) if tls else {}
+        federation.write_app(run_dir, nodes, capture)
+        for party, worker in workers.items():
+            federation.start_supernode(party, {"party": party, **worker}, root_cert=tls.ca if tls else None,
+                                       auth_key=keys[party][0] if tls else None)
+        federation.wait_healthy(tls)
         federation.wait_for_workers()
-        startup_s = time.perf_counter() - t0  # until the SuperLink is healthy and both workers serve
+        startup_s = time.perf_counter() - t0  # until the SuperLink answers and both workers serve
         _follow(run_dir, federation, runner, progress, timeout_s)
         federation.begin_stop()  # the processes shut down while the baselines and the report are computed
-        if not (run_dir / "outcome.json").exists():
-            log = (run_dir / "flower" / "logs" / "flwr-run.log").read_text(errors="replace")[-3000:]
-            raise RunError(f"the ServerApp wrote no outcome; `flwr run` log ends:\n{log}")
-        outcome = json.loads((run_dir / "outcome.json").read_text())
-        outcome["timing"]["federation_s"] = time.perf_counter() - start
-        outcome["timing"]["startup_s"] = startup_s
-        (run_dir / "outcome.json").write_text(json.dumps(outcome, indent=2))
+        record_timing(run_dir, start, startup_s, 0.0)
         metrics = finish_run(run_dir, data_dir, config, secret, homes)
         t_stop = time.perf_counter()
     # what the shutdown still cost after the finishing work (usually nothing)
     metrics["timing"]["teardown_s"] = time.perf_counter() - t_stop
     return metrics
+
+
+def start_run(federation: Federation, run_dir: Path, progress: Callable[[str, int, int], None], timeout_s: float,
+              nodes: dict[str, int] | None, capture: bool, t0: float) -> tuple[float, float]:
+    """`flwr run` of our app on the SuperLink in federation's $FLWR_HOME/config.toml, followed to its end (shared by
+    `fedscore federate` and `fedscore run`). Returns (startup seconds since t0, when the run ended)."""
+    app = federation.write_app(run_dir, nodes, capture)
+    progress("starting run", 0, 1)
+    runner = federation.start("flwr-run", [_bin("flwr"), "run", str(app), "local", "--stream"])
+    startup_s = time.perf_counter() - t0  # until `flwr run` is launched
+    _follow(run_dir, federation, runner, progress, timeout_s)
+    return startup_s, time.perf_counter()
+
+
+def record_timing(run_dir: Path, start: float, startup_s: float, teardown_s: float) -> None:
+    """The ServerApp's outcome must exist; its timing is completed with what the launcher measured."""
+    if not (run_dir / "outcome.json").exists():
+        log = (run_dir / "flower" / "logs" / "flwr-run.log").read_text(errors="replace")[-3000:]
+        raise RunError(f"the ServerApp wrote no outcome; `flwr run` log ends:\n{log}")
+    outcome = json.loads((run_dir / "outcome.json").read_text())
+    outcome["timing"].update(federation_s=time.perf_counter() - start, startup_s=startup_s, teardown_s=teardown_s)
+    (run_dir / "outcome.json").write_text(json.dumps(outcome, indent=2))
 
 
 def _follow(run_dir: Path, federation: Federation, runner: subprocess.Popen,

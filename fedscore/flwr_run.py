@@ -1,34 +1,48 @@
-"""`python -m fedscore.flwr_run HEALTH_URL ARGS...`: Flower's own `flwr ARGS...` (e.g. `run APP local --stream`),
-its imports done at once, run as soon as the SuperLink answers on HEALTH_URL.
+"""`python -m fedscore.flwr_run --health URL [--ca FILE] [--after FILE] -- ARGS...`: Flower's own `flwr ARGS...`
+(e.g. `run APP local --stream`, `supernode register KEY local`), its imports done at once, run as soon as the
+SuperLink answers on URL (verified against the CA FILE when it serves TLS) and FILE exists.
 
-Why: the `flwr` CLI spends ~1.5 s (5 s on a loaded machine) importing before it submits a run. Started after the
-SuperLink is healthy, that is on the critical path of every federation; started together with the SuperLink, the
-party workers and the SuperNodes, it overlaps their start. What it submits is exactly what `flwr ARGS` submits.
+Why: the `flwr` CLI spends ~1.5 s (5 s on a loaded machine) importing before it does anything. Started after the
+SuperLink is healthy, that is on the critical path of every federation, twice (registering the SuperNode keys,
+then the run); started together with the SuperLink, the party workers and the SuperNodes, it overlaps their start.
+What it then does is exactly what `flwr ARGS` does.
 """
 
 from __future__ import annotations
 
+import argparse
+import ssl
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 
-def superlink_healthy(url: str) -> bool:
+def superlink_healthy(url: str, ca: Path | None = None) -> bool:
+    """The SuperLink answers 200 on its health URL (over TLS verified against `ca` for https)."""
+    context = ssl.create_default_context(cafile=str(ca)) if ca is not None else None
     try:
-        with urllib.request.urlopen(url, timeout=1) as reply:
+        with urllib.request.urlopen(url, timeout=1, context=context) as reply:
             return bool(reply.status == 200)
     except OSError:
         return False
 
 
 def main(argv: list[str], wait_s: float = 120.0) -> int:
-    url, args = argv[0], argv[1:]
+    parser = argparse.ArgumentParser(prog="python -m fedscore.flwr_run")
+    parser.add_argument("--health", required=True)
+    parser.add_argument("--ca", type=Path)
+    parser.add_argument("--after", type=Path)
+    parser.add_argument("args", nargs=argparse.REMAINDER)
+    options = parser.parse_args(argv)
+    args = options.args[1:] if options.args[:1] == ["--"] else options.args
     from flwr.cli.app import app
 
     deadline = time.monotonic() + wait_s
-    while not superlink_healthy(url):
+    while not (superlink_healthy(options.health, options.ca) and (options.after is None or options.after.exists())):
         if time.monotonic() > deadline:
-            print(f"fedscore: no SuperLink answered at {url} within {wait_s:.0f} s", file=sys.stderr)
+            waited = f" and {options.after}" if options.after else ""
+            print(f"fedscore: no SuperLink at {options.health}{waited} within {wait_s:.0f} s", file=sys.stderr)
             return 1
         time.sleep(0.05)
     sys.argv = ["flwr", *args]

@@ -36,16 +36,19 @@ def check_data_dir(data_dir: Path) -> None:
             raise DataError(f"{data_dir}: no {party}/ folder (expected DIR/payment and DIR/lender)")
 
 
-def prepare_run_dir(run_dir: Path, config: FedConfig, secret: str | None = None) -> str:
+def prepare_run_dir(run_dir: Path, config: FedConfig, secret: str | None = None, *, shared_secret: bool = True) -> str:
     """Create the run folder, write the config, and keep the secret the two parties share for this run.
 
     The secret keys the alignment tokens and the split, so the same secret and seed give the same model. It is a
-    fresh random one unless given; in a real deployment the parties agree it between them, never via the server.
+    fresh random one unless given; in a real deployment the parties agree it between them, never via the server:
+    `fedscore run` (the coordinator) passes shared_secret=False and no secret reaches its folder.
     """
     if run_dir.exists() and any(p.name != "flower" for p in run_dir.iterdir()):
         raise RunError(f"{run_dir}: exists and is not empty; choose a new --out folder")
     (run_dir / "parties").mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
+    if not shared_secret:
+        return ""
     secret = secret or secrets.token_hex(16)
     secret_file = run_dir / "parties" / "shared-secret.hex"
     secret_file.write_text(secret)
@@ -172,9 +175,15 @@ def run_inprocess(config: FedConfig, data_dir: Path, run_dir: Path, progress: Pr
 E2E = "X25519 + HKDF-SHA256 + ChaCha20-Poly1305, keys pinned in each party's settings (shared/protocol/e2e.py)"
 
 
-def finish_run(run_dir: Path, data_dir: Path, config: FedConfig, secret: str,
-               homes: Homes | None = None) -> dict[str, Any]:
-    """Add the baselines to the coordinator's outcome and write metrics.json; raise if the run was refused."""
+def finish_run(run_dir: Path, data_dir: Path | None, config: FedConfig, secret: str | None,
+               homes: Homes | None = None, fingerprints: dict[str, str] | None = None,
+               bundle: bool = True) -> dict[str, Any]:
+    """Add the baselines to the coordinator's outcome and write metrics.json; raise if the run was refused.
+
+    The centralized baseline needs both parties' data and their secret: a local operator playing both has them;
+    the coordinator of a deployment (`fedscore run`) has neither (data_dir None) and reports the lender-only
+    baseline the lender shared. The key fingerprints come from the homes, or are given. `bundle`: gather the two
+    exported parts into RUN_DIR/model (a deployment's parts stay on the parties' machines: `fedscore bundle`)."""
     from fedscore.report import write_reports
 
     outcome = read_outcome(run_dir)
@@ -186,7 +195,7 @@ def finish_run(run_dir: Path, data_dir: Path, config: FedConfig, secret: str,
     final = outcome["rounds"][-1]
     t0 = time.perf_counter()
     baselines: dict[str, Any] = {"lender_only": outcome["lender_only"]}
-    if config.baselines.enabled:
+    if config.baselines.enabled and data_dir is not None and secret:
         baselines.update(_centralized(data_dir, config, secret))
     timing = {**outcome["timing"], "baselines_s": time.perf_counter() - t0}
     timing["total_s"] = timing.get("federation_s", 0.0) + timing["baselines_s"]
@@ -202,7 +211,7 @@ def finish_run(run_dir: Path, data_dir: Path, config: FedConfig, secret: str,
         "traffic": {"messages": len(outcome["traffic"]),
                     "payload_bytes": sum(t["sent_bytes"] + t["reply_bytes"] for t in outcome["traffic"])},
         # every party-to-party payload was sealed (there is no switch); what operators compare out of band
-        "e2e": {"payloads": E2E, "fingerprints": key_fingerprints(homes)},
+        "e2e": {"payloads": E2E, "fingerprints": key_fingerprints(homes) if fingerprints is None else fingerprints},
     }
     write_json_atomic(run_dir / "metrics.json", metrics)
     write_json_atomic(run_dir / "alignment.json", {  # sizes only, never IDs
@@ -211,7 +220,8 @@ def finish_run(run_dir: Path, data_dir: Path, config: FedConfig, secret: str,
     from fedscore.bundle import assemble_bundle
 
     privacy = write_reports(run_dir)
-    assemble_bundle(run_dir, config.model_dump(), privacy["guarantees"])
+    if bundle:
+        assemble_bundle(run_dir, config.model_dump(), privacy["guarantees"])
     return metrics
 
 

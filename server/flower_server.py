@@ -4,11 +4,18 @@
 short loop (Grid.send_and_receive sleeps 3 s between pulls). It never decodes a payload. The ServerApp cannot read
 node configs, so it learns which SuperNode serves which party from the first exchange (the setup): that goes to
 every connected node, each opening the envelope addressed to its own party, and each reply names its sender.
+
+When the SuperLink authenticates SuperNodes, the launcher passes the node ids it registered (`nodes` in the run
+config): the ServerApp then talks to those two nodes only, whatever else is connected, and each must answer as the
+party it was registered for. With `capture` (tests only)
+it appends every reply it receives, every record in it, to RUN_DIR/capture/serverapp-received.bin, so a test can
+search everything the ServerApp held for what it must never learn.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 import time
 from pathlib import Path
 
@@ -25,11 +32,30 @@ app = ServerApp()
 class FlowerTransport:
     name = "flower"
 
-    def __init__(self, grid: Grid, poll_s: float = 0.05, timeout_s: float = 900.0) -> None:
+    def __init__(self, grid: Grid, poll_s: float = 0.05, timeout_s: float = 900.0,
+                 allowed: dict[str, int] | None = None, capture: Path | None = None) -> None:
         self.grid = grid
         self.poll_s = poll_s
         self.timeout_s = timeout_s
         self.nodes: dict[str, int] = {}
+        self.allowed = allowed or {}  # party -> the node id registered for it; empty: any connected node
+        self.capture = capture
+
+    def _record(self, reply: Message) -> None:
+        """Test mode: every record of a received message, length-prefixed, appended to the capture file."""
+        assert self.capture is not None
+        parts: list[bytes] = []
+        for name, config in reply.content.config_records.items():
+            parts += [name.encode(), json.dumps(dict(config), default=str).encode()]
+        for name, arrays in reply.content.array_records.items():
+            parts += [name.encode(), *(array.numpy().tobytes() for array in arrays.values())]
+        for name, metrics in reply.content.metric_records.items():
+            parts += [name.encode(), json.dumps(dict(metrics), default=str).encode()]
+        if reply.has_error():
+            parts.append(str(reply.error.reason).encode())
+        self.capture.parent.mkdir(parents=True, exist_ok=True)
+        with self.capture.open("ab") as handle:
+            handle.write(b"".join(struct.pack(">Q", len(part)) + part for part in parts))
 
     def _round_trip(self, messages: list[Message]) -> list[Message]:
         ids = list(self.grid.push_messages(messages))
@@ -46,24 +72,37 @@ class FlowerTransport:
 
         wait_until(all_in, self.timeout_s, self.poll_s, "no reply from a party")
         out = [replies[i] for i in ids]
+        if self.capture is not None:
+            for reply in out:
+                self._record(reply)
         for reply in out:
             if reply.has_error():
                 raise RuntimeError(f"Flower error from node {reply.metadata.src_node_id}: {reply.error.reason}")
         return out
 
     def _connected_nodes(self, wait_s: float = 120.0) -> list[int]:
+        """The nodes to open the run with: the registered ones once all are connected, or (no registration) every
+        connected node once there are as many as parties."""
         connected: list[int] = []
 
         def enough() -> bool:
             connected[:] = self.grid.get_node_ids()
+            if self.allowed:
+                return set(self.allowed.values()) <= set(connected)
             return len(connected) >= len(PARTIES)
 
-        wait_until(enough, wait_s, 0.1, lambda: f"only {len(connected)} SuperNode(s) connected")
-        return connected
+        def missing_nodes() -> str:
+            if self.allowed:
+                absent = [f"{p} (node {n})" for p, n in self.allowed.items() if n not in connected]
+                return f"the registered SuperNode(s) of {', '.join(absent)} did not connect"
+            return f"only {len(connected)} SuperNode(s) connected"
+
+        wait_until(enough, wait_s, 0.1, missing_nodes)
+        return list(self.allowed.values()) if self.allowed else list(connected)
 
     def _exchange_discovering(self, messages: list[Envelope]) -> list[Envelope]:
-        """The first exchange: every connected node gets every envelope and opens its own party's; the replies
-        say which node is which party, so finding them costs no exchange of its own."""
+        """The first exchange: every node gets every envelope and opens its own party's; the replies say which
+        node is which party, so finding them costs no exchange of its own."""
         node_ids = self._connected_nodes()
         flower = [Message(content=encode_addressed(messages), dst_node_id=n, message_type=MESSAGE_TYPE)
                   for n in node_ids]
@@ -71,6 +110,8 @@ class FlowerTransport:
         for node_id, reply in zip(node_ids, self._round_trip(flower), strict=True):
             envelope = decode(reply.content)
             party = envelope.header.sender
+            if self.allowed and self.allowed.get(party) != node_id:
+                raise RuntimeError(f"node {node_id} says it serves {party!r}, but was not registered for it")
             if party in replies:
                 raise RuntimeError(f"two SuperNodes claim to be the {party} party")
             self.nodes[party], replies[party] = node_id, envelope
@@ -101,7 +142,9 @@ def main(grid: Grid, context: Context) -> None:
         with progress_file.open("a") as handle:
             handle.write(json.dumps({"stage": stage, "done": done, "total": total, "t": time.time()}) + "\n")
 
-    transport = FlowerTransport(grid)
+    allowed = {party: int(node) for party, node in json.loads(str(context.run_config.get("nodes", "{}"))).items()}
+    capture = run_dir / "capture" / "serverapp-received.bin" if context.run_config.get("capture") else None
+    transport = FlowerTransport(grid, allowed=allowed, capture=capture)
     coordinator = Coordinator(config, transport, progress=progress, run_id=new_run_id(run_dir.name))
     start = time.perf_counter()
 

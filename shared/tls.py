@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,3 +183,65 @@ def mutual_tls_channel_credentials(server_ca: Path, cert: Path | None = None, ke
         return grpc.ssl_channel_credentials(root_certificates=ca_pem)
     cert_pem, key_pem = read_key_pair(cert, key, "client")
     return grpc.ssl_channel_credentials(root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem)
+
+
+# ------------------------------------------------------------------------------------------------ SuperNode keys
+
+NODE_AUTH_KEY = "supernode-auth.key"  # in the party home, mode 0600: the SuperNode's OpenSSH EC (P-384) private key
+NODE_AUTH_PUB = "supernode-auth.pub"  # its OpenSSH public key: what the coordinator's operator registers
+
+
+def write_node_auth_key(private_path: Path, public_path: Path) -> Path:
+    """A fresh SuperNode authentication key pair in the format Flower 1.42 reads (`flower-supernode
+    --auth-supernode-private-key`, `flwr supernode register PUB`): ECDSA P-384, OpenSSH encoding. Refuses to
+    overwrite. Returns the public key's path."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    _write(private_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                           serialization.NoEncryption()), 0o600)
+    return _write(public_path, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                             serialization.PublicFormat.OpenSSH) + b"\n", 0o644)
+
+
+def node_auth_key(home: Path) -> tuple[Path, Path]:
+    """(private, public) SuperNode key paths in a party home, created there on first use. The key identifies the
+    party's SuperNode to the SuperLink (only registered keys may join); it is not the X25519 key that seals payloads."""
+    home = Path(home)
+    private, public = home / NODE_AUTH_KEY, home / NODE_AUTH_PUB
+    if not private.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        with suppress(TlsError):  # another process created it meanwhile
+            write_node_auth_key(private, public)
+    if private.stat().st_mode & 0o077:
+        raise TlsError(f"{private}: readable by other users; chmod 600 it (the SuperNode's authentication key)")
+    return private, public
+
+
+def node_key_fingerprint(public_path: Path) -> str:
+    """What the two operators compare out of band for a SuperNode key: sha256 of the OpenSSH public key's bytes,
+    first 16 hex characters in groups of 4 (the same form as the payload keys' fingerprints)."""
+    import base64
+    import hashlib
+
+    text = _read(public_path, "SuperNode public key").split()
+    try:
+        raw = base64.b64decode(text[1], validate=True)
+        serialization.load_ssh_public_key(b" ".join(text[:2]))
+    except (IndexError, ValueError) as exc:
+        raise TlsError(f"{public_path}: not an OpenSSH public key ({exc})") from None
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    return " ".join(digest[i:i + 4] for i in range(0, 16, 4))
+
+
+@dataclass(frozen=True)
+class SuperLinkTls:
+    """What the SuperLink serves TLS with (`flower-superlink --ssl-ca-certfile/--ssl-certfile/--ssl-keyfile`); the
+    SuperNodes and `flwr run` trust `ca`."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def check(self) -> SuperLinkTls:
+        read_certificates(self.ca, "CA certificate")
+        read_key_pair(self.cert, self.key, "SuperLink")
+        return self

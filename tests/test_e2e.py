@@ -78,20 +78,25 @@ def test_the_coordinator_relays_only_ciphertext(small_data: tuple[Path, dict], t
     assert _leaks(plain_blob, rows[::50]) == len(rows[::50])  # the search finds them where they are
     assert _leaks(blob, rows) == 0
 
-    # raw IDs and their plain hashes
+    lender = parties["lender"]
+    aligned = lender.state["y"][lender.state["rows"]].numpy()
+    assert_learns_nothing(blob, data, ids, aligned)
+    assert _leaks(plain_blob + blob, [aligned[:48].astype(np.float32).tobytes()]) == 0  # labels never cross
+
+
+def assert_learns_nothing(blob: bytes, data: Path, ids: dict[str, set[str]], aligned_labels: np.ndarray) -> None:
+    """No raw ID or plain hash of one, no label vector, no raw feature column in `blob` (everything the coordinator
+    handled): shared by the in-process capture above and the Flower ServerApp's (tests/test_federation.py)."""
     sample = sorted(ids["payment"] | ids["lender"])[::5]
     assert [i for i in sample if any(d in blob for d in _digests(i))] == []
     # the label vector and raw feature columns, in file order and in the aligned order, in the usual dtypes
-    lender = parties["lender"]
     applicants = pd.read_parquet(data / "lender" / "applicants.parquet")
     features = pd.read_parquet(data / "payment" / "features.parquet")
-    aligned = lender.state["y"][lender.state["rows"]].numpy()
-    vectors = [applicants["label"].to_numpy()[:48], aligned[:48]]
+    vectors = [applicants["label"].to_numpy()[:48], aligned_labels[:48]]
     vectors += [frame[c].to_numpy()[:6] for frame in (applicants, features) for c in frame.columns if c != "id"]
     needles = [np.asarray(v).astype(dtype).tobytes() for v in vectors for dtype in (np.float32, np.float64, np.int64)]
     needles += [np.asarray(v).astype(np.uint8).tobytes() for v in vectors[:2]]
     assert _leaks(blob, needles) == 0
-    assert _leaks(plain_blob + blob, [aligned[:48].astype(np.float32).tobytes()]) == 0  # labels never cross
 
 
 class Meddler(InProcessTransport):
@@ -224,3 +229,30 @@ def test_a_replayed_blacklist_request_is_refused(tmp_path: Path) -> None:
     with pytest.raises(PartyRefused, match=r"payment refused: replayed message: blacklist session 'blacklist-"):
         check_blacklist(Meddler(_parties(tmp_path, tmp_path / "b"), twice))
     check_blacklist(InProcessTransport(_parties(tmp_path, tmp_path / "b", "again")))  # a new session is served
+
+
+def _claim_in_process(home: str, run_id: str, queue) -> None:  # a separate process, as a worker and a service are
+    from types import SimpleNamespace
+
+    from fedscore.clients.channel import PartyChannel
+
+    party = SimpleNamespace(name="payment", settings=SimpleNamespace(home=Path(home)))
+    queue.put(PartyChannel(party)._claim(run_id))  # type: ignore[arg-type]
+
+
+def test_a_run_id_is_claimed_once_across_processes(tmp_path: Path) -> None:
+    """`e2e-runs.txt` is checked and appended under an flock: of many processes claiming one run id at once,
+    exactly one wins, and every id claimed is in the file once."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_claim_in_process, args=(str(tmp_path), f"run-{i % 3}", queue)) for i in range(12)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    results = [queue.get(timeout=5) for _ in procs]
+    assert sum(results) == 3
+    lines = (tmp_path / "e2e-runs.txt").read_text().split()
+    assert sorted(lines) == ["run-0", "run-1", "run-2"]

@@ -1,6 +1,8 @@
-"""One real multi-process Flower federation: SuperLink + two SuperNodes + ServerApp, on small data.
+"""One real multi-process Flower federation: SuperLink + two SuperNodes + ServerApp, on small data, over the default
+TLS with SuperNode authentication.
 
-It must give the same metrics as the in-process transport for the same seed and secret, and leave no process behind.
+It must give the same metrics as the in-process transport for the same seed and secret, leave no process behind, and
+everything the ServerApp received (captured on the real Flower path) must be ciphertext.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def test_flower_matches_inprocess_and_cleans_up(party_data: tuple[Path, dict], t
     data, ids = party_data
     config = load_config(None, SMALL)
     federated = run_federated(config, data, tmp_path / "flower", secret=SECRET, timeout_s=600,
-                              homes=fresh_homes(tmp_path / "flower-homes"))
+                              homes=fresh_homes(tmp_path / "flower-homes"), capture=True)
     reference = run_inprocess(config, data, tmp_path / "inprocess", secret=SECRET,
                               homes=fresh_homes(tmp_path / "inprocess-homes"))
 
@@ -57,6 +59,13 @@ def test_flower_matches_inprocess_and_cleans_up(party_data: tuple[Path, dict], t
     assert federated["alignment"]["intersection"] == len(ids["payment"] & ids["lender"])
 
     logs = tmp_path / "flower" / "flower" / "logs"
+    # the default is TLS with SuperNode authentication: both SuperNodes registered, none joined without a key
+    superlink_log = (logs / "superlink.log").read_text()
+    assert "SuperNode authentication is disabled" not in superlink_log
+    assert "root-certificates" in (tmp_path / "flower" / "flower" / "home" / "config.toml").read_text()
+    # (with authentication on, a SuperNode joins only with a registered key: both joined, so both had theirs)
+    _assert_capture_is_ciphertext(tmp_path / "flower", data, ids)
+
     assert {p.name for p in logs.iterdir()} >= {"superlink.log", "supernode-payment.log", "supernode-lender.log"}
     assert "query.fedscore" in (logs / "supernode-lender.log").read_text()
     pids = json.loads((tmp_path / "flower" / "flower" / "pids.json").read_text())
@@ -75,6 +84,43 @@ def test_flower_matches_inprocess_and_cleans_up(party_data: tuple[Path, dict], t
                   if line.startswith("served ")]
         assert len(served) == messages, served
         assert all(line.endswith("state loads 0") for line in served), served
+
+
+def _frames(blob: bytes) -> list[bytes]:
+    import struct
+
+    parts, at = [], 0
+    while at < len(blob):
+        (size,) = struct.unpack_from(">Q", blob, at)
+        parts.append(blob[at + 8:at + 8 + size])
+        at += 8 + size
+    return parts
+
+
+def _assert_capture_is_ciphertext(run: Path, data: Path, ids: dict) -> None:
+    """Everything the ServerApp received under Flower: no ID, hash of one, label or raw feature; every payload a
+    sealed frame that does not unpack as the parties' array format; none of the released embeddings' rows."""
+    import numpy as np
+    import torch
+
+    from fedscore.shared.protocol import e2e
+    from fedscore.shared.protocol.messages import unpack_arrays
+    from tests.test_e2e import assert_learns_nothing
+
+    blob = (run / "capture" / "serverapp-received.bin").read_bytes()
+    parts = _frames(blob)
+    payloads = [parts[i + 1] for i, part in enumerate(parts[:-1]) if part == b"payload" and parts[i + 1]]
+    assert len(payloads) >= 7 and all(p.startswith(e2e.MAGIC) for p in payloads)
+    for payload in payloads:
+        with pytest.raises(Exception):  # noqa: B017 - any failure to parse will do
+            unpack_arrays(payload)
+    lender = torch.load(run / "parties" / "lender" / "state.pt", weights_only=True)
+    assert_learns_nothing(blob, data, ids, lender["y"][lender["rows"]].numpy())
+    released = torch.load(run / "parties" / "payment" / "state.pt", weights_only=True)["released"].numpy()
+    rows = [row.astype(np.float32).tobytes() for row in released]
+    assert len(rows) > 1000 and not [r for r in rows if r in blob]
+    state_bytes = (run / "parties" / "payment" / "state.pt").read_bytes()
+    assert sum(r in state_bytes for r in rows[::100]) == len(rows[::100])  # the search finds them where they are
 
 
 def _federate(data: Path, out: Path) -> subprocess.Popen:
