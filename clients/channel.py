@@ -7,8 +7,11 @@ kind, round, direction and a per-direction sequence number), and never serves a 
 ProtocolError reply naming what is wrong; nothing is decoded before it authenticates.
 
 State (in the party's run state, `state["e2e"]`): the run id, the next step expected, and the next sequence number
-in each direction. Run ids this home has set up are kept in `home/e2e-runs.txt`, so a replayed setup cannot rewind
-the counters. The blacklist check is its own session: the lender picks a fresh session id, the payment holder serves
+in each direction. Run ids this home has set up are kept in `home/e2e-runs.txt` (written once the setup's state is
+saved, so a setup whose reply never left may be served again after a crash), and a setup for the run the state
+already holds is refused too, so a replayed setup cannot rewind the counters. A resumed run continues these counters
+from the saved state (the same run id, the same keys): nothing is reset, and a re-sent request is answered from the
+state's copy of the sealed reply (clients/base.py), never sealed again. The blacklist check is its own session: the lender picks a fresh session id, the payment holder serves
 each session once (recorded in the same file).
 """
 
@@ -106,7 +109,7 @@ class PartyChannel:
             run_id = header.body.run_id
             if not run_id:
                 raise SealError(f"{self.name}: setup without a run id (the channel keys are bound to it)")
-            if run_id in self._seen():
+            if run_id in self._seen() or self.party.state.get("e2e", {}).get("run") == run_id:
                 raise SealError(f"{self.name} refused: replayed message: run {run_id!r} was already set up with this "
                                 "party home")
             return message
@@ -163,6 +166,11 @@ class PartyChannel:
             raise SealError(f"{self.name}: {kind} without a blacklist session")
         return self._open(message, state["run"], state, "received")
 
+    def saved(self, request: Envelope) -> None:
+        """After the party saved its state for this request: a setup's run id joins the runs this home served."""
+        if request.header.kind is K.SETUP:
+            self._remember(self.party.run_id)
+
     # -- sending ---------------------------------------------------------------------------------------------------
     def send(self, request: Envelope, reply: Envelope) -> Envelope:
         """Seal the reply's payload for the peer and move this party's run to its next step."""
@@ -172,10 +180,8 @@ class PartyChannel:
         if kind in BLACKLIST:
             state = self.party.state["e2e_blacklist"]
         else:
-            if kind is K.SETUP:
-                run_id = self.party.run_id
-                self._remember(run_id)
-                self.party.state["e2e"] = {"run": run_id, "received": 0, "sent": 0}
+            if kind is K.SETUP:  # remembered in the home once the state is saved (`saved`)
+                self.party.state["e2e"] = {"run": self.party.run_id, "received": 0, "sent": 0}
             state = self.party.state["e2e"]
             state["next"] = list(_after(self.name, kind, round_))
         if not reply.payload:
