@@ -11,8 +11,8 @@ in each direction. Run ids this home has set up are kept in `home/e2e-runs.txt` 
 saved, so a setup whose reply never left may be served again after a crash), and a setup for the run the state
 already holds is refused too, so a replayed setup cannot rewind the counters. A resumed run continues these counters
 from the saved state (the same run id, the same keys): nothing is reset, and a re-sent request is answered from the
-state's copy of the sealed reply (clients/base.py), never sealed again. The blacklist check is its own session: the lender picks a fresh session id, the payment holder serves
-each session once (recorded in the same file).
+state's copy of the sealed reply (clients/base.py), never sealed again. The blacklist check is its own session:
+the lender picks a fresh session id, the payment holder serves each session once (recorded in the same file).
 """
 
 from __future__ import annotations

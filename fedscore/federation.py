@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedscore.runs import (
+    DEFAULT_PARTY_TIMEOUT_S,
     Budgets,
     Homes,
     RunError,
@@ -32,6 +33,10 @@ from fedscore.runs import (
     finish_run,
     party_settings,
     prepare_run_dir,
+    read_launch,
+    record_launch,
+    resume_hint,
+    set_aside_outcome,
 )
 from fedscore.shared.config import FedConfig
 from fedscore.shared.waiting import wait_until
@@ -222,11 +227,45 @@ class Federation:
 
 def run_federated(config: FedConfig, data_dir: Path, run_dir: Path,
                   progress: Callable[[str, int, int], None] | None = None, timeout_s: float = 1800.0,
-                  secret: str | None = None, budgets: Budgets | None = None, homes: Homes | None = None) -> dict:
+                  secret: str | None = None, budgets: Budgets | None = None, homes: Homes | None = None,
+                  party_timeout_s: float = DEFAULT_PARTY_TIMEOUT_S) -> dict:
     """Start the federation, run the ServerApp to the end, stop everything, and write metrics.json."""
     check_data_dir(data_dir)
     run_dir = run_dir.resolve()
     secret = prepare_run_dir(run_dir, config, secret)
+    budgets = default_budgets(config) if budgets is None else budgets
+    record_launch(run_dir, data_dir, "flower", budgets, homes, party_timeout_s)
+    return _federate(config, data_dir, run_dir, secret, budgets, homes, progress, timeout_s)
+
+
+def resume_federated(run_dir: Path, progress: Callable[[str, int, int], None] | None = None,
+                     timeout_s: float = 1800.0, party_timeout_s: float | None = None) -> dict:
+    """`fedscore federate --resume RUN_DIR`: start every process again for a run whose processes died. Each party
+    worker reloads its state (model, optimizer, DP-SGD plan, alignment, channel counters) from its state directory
+    and its ledger from its home; the ServerApp reloads the coordinator's checkpoint and continues the same run id.
+    The crashed attempt's Flower logs are kept in RUN_DIR/flower-attempt-<n>."""
+    from fedscore.server.coordinator import CHECKPOINT_FILE, Checkpoint
+
+    run_dir = run_dir.resolve()
+    config, data_dir, secret, budgets, homes, launch = read_launch(run_dir)
+    check_data_dir(data_dir)
+    if not (run_dir / CHECKPOINT_FILE).exists():
+        raise RunError(f"{run_dir}: no {CHECKPOINT_FILE}: the run stopped before its coordinator started; start a "
+                       "new run (what the parties charged stays charged)")
+    checkpoint = Checkpoint.model_validate_json((run_dir / CHECKPOINT_FILE).read_text())
+    if checkpoint.next_step >= checkpoint.total_steps:
+        raise RunError(f"{run_dir}: run {checkpoint.run_id!r} already finished all its steps")
+    if party_timeout_s is not None and party_timeout_s != launch.get("party_timeout_s"):
+        record_launch(run_dir, data_dir, "flower", budgets, homes, party_timeout_s)
+    set_aside_outcome(run_dir)
+    if (run_dir / "flower").exists():
+        attempts = len(list(run_dir.glob("flower-attempt-*"))) + 1
+        (run_dir / "flower").rename(run_dir / f"flower-attempt-{attempts}")
+    return _federate(config, data_dir, run_dir, secret, budgets, homes, progress, timeout_s)
+
+
+def _federate(config: FedConfig, data_dir: Path, run_dir: Path, secret: str, budgets: Budgets, homes: Homes | None,
+              progress: Callable[[str, int, int], None] | None, timeout_s: float) -> dict:
     start = time.perf_counter()
     progress = progress or (lambda stage, done, total: None)
     with Federation(run_dir / "flower") as federation:
@@ -235,7 +274,6 @@ def run_federated(config: FedConfig, data_dir: Path, run_dir: Path,
         progress("starting SuperLink, party workers and SuperNodes", 0, 1)
         t0 = time.perf_counter()
         federation.start_superlink()
-        budgets = default_budgets(config) if budgets is None else budgets
         for party, settings in party_settings(run_dir, data_dir, secret, budgets, homes).items():
             settings.state_dir.mkdir(parents=True, exist_ok=True)
             worker = federation.start_worker(settings)
@@ -246,12 +284,15 @@ def run_federated(config: FedConfig, data_dir: Path, run_dir: Path,
         progress("starting run", 0, 1)
         runner = federation.start("flwr-run", [_bin("flwr"), "run", str(app), "local", "--stream"])
         startup_s = time.perf_counter() - t0  # until `flwr run` is launched
-        _follow(run_dir, federation, runner, progress, timeout_s)
+        try:
+            _follow(run_dir, federation, runner, progress, timeout_s)
+        except RunError as exc:
+            raise RunError(f"{exc}{resume_hint(run_dir)}") from None
         t_stop = time.perf_counter()
     teardown_s = time.perf_counter() - t_stop
     if not (run_dir / "outcome.json").exists():
         log = (run_dir / "flower" / "logs" / "flwr-run.log").read_text(errors="replace")[-3000:]
-        raise RunError(f"the ServerApp wrote no outcome; `flwr run` log ends:\n{log}")
+        raise RunError(f"the ServerApp wrote no outcome; `flwr run` log ends:\n{log}{resume_hint(run_dir)}")
     outcome = json.loads((run_dir / "outcome.json").read_text())
     outcome["timing"]["federation_s"] = time.perf_counter() - start
     outcome["timing"]["startup_s"] = startup_s

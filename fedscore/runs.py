@@ -185,6 +185,17 @@ def set_aside_outcome(run_dir: Path) -> None:
         outcome.rename(run_dir / f"outcome-attempt-{n}.json")
 
 
+def resume_hint(run_dir: Path) -> str:
+    """What to do after a run's processes died, once the coordinator has a checkpoint to continue from."""
+    import json
+
+    if not (run_dir / "checkpoint.json").exists() or not (run_dir / LAUNCH_FILE).exists():
+        return ""
+    command = "federate" if json.loads((run_dir / LAUNCH_FILE).read_text())["transport"] == "flower" else "train"
+    return (f"\nthe run is checkpointed in {run_dir}: once every party can run again, continue it with "
+            f"`fedscore {command} --resume {run_dir}`")
+
+
 def run_inprocess(config: FedConfig, data_dir: Path, run_dir: Path, progress: Progress | None = None,
                   secret: str | None = None, budgets: Budgets | None = None,
                   homes: Homes | None = None) -> dict[str, Any]:
@@ -250,8 +261,9 @@ def finish_run(run_dir: Path, data_dir: Path, config: FedConfig, secret: str,
     if outcome.get("error"):
         write_reports(run_dir)  # the report says which party refused and what had been released by then
         err = outcome["error"]
-        who = f"party {err['party']!r} refused {err['request']!r}" if err.get("party") else "the coordinator failed"
-        raise RunError(f"run stopped: {who}: {err['reason']}")
+        if err.get("party"):  # a party's own decision: resuming would meet the same refusal
+            raise RunError(f"run stopped: party {err['party']!r} refused {err['request']!r}: {err['reason']}")
+        raise RunError(f"run stopped: the coordinator failed: {err['reason']}{resume_hint(run_dir)}")
     final = outcome["rounds"][-1]
     t0 = time.perf_counter()
     baselines: dict[str, Any] = {"lender_only": outcome["lender_only"]}
