@@ -182,3 +182,39 @@ def test_resume_refuses_what_it_cannot_continue(data: Path, uninterrupted: tuple
         resume_inprocess(root / "run")
     with pytest.raises(RunError, match=r"no config\.json"):
         resume_inprocess(tmp_path)
+
+
+def test_a_step_key_makes_a_redone_charge_count_once(tmp_path: Path) -> None:
+    """The ledger side of a redone step: same run, step key, guarantee and records -> one entry; anything else (no
+    key, another run, other records) is charged as always."""
+    from fedscore.shared.privacy import Ledger
+    from fedscore.shared.privacy.mechanisms import embedding_release
+
+    path, budget = tmp_path / LEDGER_FILE, {"payment.features@lender": 50.0}
+    release = embedding_release(4.0, 1.0, 1)
+
+    def ledger(run: str, key: str | None) -> Ledger:
+        return Ledger(path, budget, 1e-6, party="payment", run=run, step=None if key is None else (lambda: key))
+
+    first = ledger("r1", "embed:2#0").charge([release], "payment.features@lender")
+    assert ledger("r1", "embed:2#0").charge([release], "payment.features@lender") == pytest.approx(first)
+    assert len(ledger("r1", None).entries) == 1
+    ledger("r1", "embed:3#0").charge([release], "payment.features@lender")  # the next step
+    ledger("r2", "embed:2#0").charge([release], "payment.features@lender")  # another run
+    ledger("r1", None).charge([release], "payment.features@lender")  # no step key (a live service)
+    ledger("r1", "embed:2#0").charge([embedding_release(3.0, 1.0, 1)], "payment.features@lender")  # other records
+    entries = ledger("r1", None).entries
+    assert len(entries) == 5 and entries[0]["step"] == "embed:2#0" and "step" not in entries[3]
+
+
+def test_the_cli_resume_takes_no_other_settings(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedscore.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path), "--set", "training.rounds=2"])
+    assert result.exit_code == 2 and "drop --set" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["federate"])
+    assert result.exit_code == 2 and "--resume RUN_DIR" in result.output
+    result = CliRunner().invoke(app, ["federate", "--resume", str(tmp_path)])
+    assert result.exit_code == 2 and "no config.json" in result.output
