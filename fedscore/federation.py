@@ -36,6 +36,7 @@ from fedscore.runs import (
     read_launch,
     record_launch,
     resume_hint,
+    run_lock,
     set_aside_outcome,
 )
 from fedscore.shared.config import FedConfig
@@ -235,7 +236,8 @@ def run_federated(config: FedConfig, data_dir: Path, run_dir: Path,
     secret = prepare_run_dir(run_dir, config, secret)
     budgets = default_budgets(config) if budgets is None else budgets
     record_launch(run_dir, data_dir, "flower", budgets, homes, party_timeout_s)
-    return _federate(config, data_dir, run_dir, secret, budgets, homes, progress, timeout_s)
+    with run_lock(run_dir):
+        return _federate(config, data_dir, run_dir, secret, budgets, homes, progress, timeout_s)
 
 
 def resume_federated(run_dir: Path, progress: Callable[[str, int, int], None] | None = None,
@@ -255,13 +257,34 @@ def resume_federated(run_dir: Path, progress: Callable[[str, int, int], None] | 
     checkpoint = Checkpoint.model_validate_json((run_dir / CHECKPOINT_FILE).read_text())
     if checkpoint.next_step >= checkpoint.total_steps:
         raise RunError(f"{run_dir}: run {checkpoint.run_id!r} already finished all its steps")
-    if party_timeout_s is not None and party_timeout_s != launch.get("party_timeout_s"):
-        record_launch(run_dir, data_dir, "flower", budgets, homes, party_timeout_s)
-    set_aside_outcome(run_dir)
-    if (run_dir / "flower").exists():
-        attempts = len(list(run_dir.glob("flower-attempt-*"))) + 1
-        (run_dir / "flower").rename(run_dir / f"flower-attempt-{attempts}")
-    return _federate(config, data_dir, run_dir, secret, budgets, homes, progress, timeout_s)
+    with run_lock(run_dir):
+        _refuse_survivors(run_dir / "flower")
+        if party_timeout_s is not None and party_timeout_s != launch.get("party_timeout_s"):
+            record_launch(run_dir, data_dir, "flower", budgets, homes, party_timeout_s)
+        set_aside_outcome(run_dir)
+        if (run_dir / "flower").exists():
+            attempts = len(list(run_dir.glob("flower-attempt-*"))) + 1
+            (run_dir / "flower").rename(run_dir / f"flower-attempt-{attempts}")
+        return _federate(config, data_dir, run_dir, secret, budgets, homes, progress, timeout_s)
+
+
+def _refuse_survivors(flower_dir: Path) -> None:
+    """The crashed attempt's processes run in sessions of their own: if its launcher was killed outright they may
+    still run, and a second worker of the same party must not write the same state. Refuse, naming them."""
+    pids_file = flower_dir / "pids.json"
+    if not pids_file.exists():
+        return
+    alive = []
+    for name, pid in json.loads(pids_file.read_text()).items():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            status = Path(f"/proc/{pid}/stat").read_text().split()[2]
+        except OSError:
+            continue
+        if status != "Z" and (b"fedscore" in cmdline or b"flwr" in cmdline or b"flower" in cmdline):
+            alive.append(f"{name} (pid {pid})")
+    if alive:
+        raise RunError(f"the crashed attempt's processes still run: {', '.join(alive)}; stop them before resuming")
 
 
 def _federate(config: FedConfig, data_dir: Path, run_dir: Path, secret: str, budgets: Budgets, homes: Homes | None,

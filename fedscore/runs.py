@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,24 @@ def set_aside_outcome(run_dir: Path) -> None:
         outcome.rename(run_dir / f"outcome-attempt-{n}.json")
 
 
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One fedscore process at a time per run folder: a resume while the run (or another resume) still runs would
+    have two workers of one party writing the same state."""
+    import fcntl
+
+    with open(run_dir / "run.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(f"{run_dir} is in use by another fedscore process (a run or a resume still running); "
+                           "stop it first") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def resume_hint(run_dir: Path) -> str:
     """What to do after a run's processes died, once the coordinator has a checkpoint to continue from."""
     import json
@@ -211,7 +230,8 @@ def run_inprocess(config: FedConfig, data_dir: Path, run_dir: Path, progress: Pr
     parties = {name: make_party(s) for name, s in settings.items()}
     coordinator = Coordinator(config, InProcessTransport(parties), progress=progress,
                               run_id=new_run_id(run_dir.name), checkpoint_dir=run_dir)
-    return _run_coordinator(coordinator, run_dir, data_dir, config, secret, homes)
+    with run_lock(run_dir):
+        return _run_coordinator(coordinator, run_dir, data_dir, config, secret, homes)
 
 
 def resume_inprocess(run_dir: Path, progress: Progress | None = None) -> dict[str, Any]:
@@ -223,14 +243,15 @@ def resume_inprocess(run_dir: Path, progress: Progress | None = None) -> dict[st
 
     config, data_dir, secret, budgets, homes, _ = read_launch(run_dir)
     check_data_dir(data_dir)
-    settings = party_settings(run_dir, data_dir, secret, budgets, homes)
-    parties = {name: make_party(s) for name, s in settings.items()}
-    try:
-        coordinator = Coordinator.resume(config, InProcessTransport(parties), run_dir, progress)
-    except CheckpointError as exc:
-        raise RunError(str(exc)) from None
-    set_aside_outcome(run_dir)
-    return _run_coordinator(coordinator, run_dir, data_dir, config, secret, homes)
+    with run_lock(run_dir):
+        settings = party_settings(run_dir, data_dir, secret, budgets, homes)
+        parties = {name: make_party(s) for name, s in settings.items()}
+        try:
+            coordinator = Coordinator.resume(config, InProcessTransport(parties), run_dir, progress)
+        except CheckpointError as exc:
+            raise RunError(str(exc)) from None
+        set_aside_outcome(run_dir)
+        return _run_coordinator(coordinator, run_dir, data_dir, config, secret, homes)
 
 
 def _run_coordinator(coordinator: Any, run_dir: Path, data_dir: Path, config: FedConfig, secret: str,
