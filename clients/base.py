@@ -3,15 +3,24 @@
 A party is a plain object: `handle(envelope) -> envelope`. Under Flower every message starts a fresh process, so a
 party keeps everything it needs between messages in its state directory (written atomically) and reloads it; the
 in-process transport runs the very same code, which is why both paths give the same model for the same seed.
+
+Resume after a crash: the state (model, optimizer, DP-SGD plan, alignment, split, channel counters) is saved after
+every step, before the reply is returned, so it is this party's checkpoint: a party rebuilt from its state directory
+continues where its last reply left. It also keeps that last request's digest and the sealed reply it answered with:
+a resumed coordinator that lost the reply re-sends the request marked `resend`, and gets the very same bytes back
+(nothing runs, is drawn or is charged again). A step whose reply never left is run again; its ledger charges carry
+a step key, so the charges its first attempt made cover it (shared/privacy/ledger.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -78,6 +87,7 @@ class PartyBase:
         self.state_loads = 0
         self._config: tuple[str, FedConfig] | None = None  # (the state's config JSON, parsed): see `config`
         self.handlers: dict[MessageKind, Handler] = {}
+        self._step, self._charges = "", 0  # the step being served and how many charges it made (ledger step keys)
         from fedscore.clients.channel import PartyChannel
 
         self.e2e = PartyChannel(self)
@@ -163,7 +173,13 @@ class PartyBase:
         from fedscore.shared.privacy import Ledger
 
         return Ledger(self.settings.home / LEDGER_FILE, self.settings.budgets, self.config.privacy.delta,
-                      party=self.name, run=self.run_id)
+                      party=self.name, run=self.run_id, step=self._next_charge)
+
+    def _next_charge(self) -> str:
+        """The step key of the next charge: the step served and the charge's place in it (`kind:round#n`)."""
+        key = f"{self._step}#{self._charges}"
+        self._charges += 1
+        return key
 
     def _ledger_report(self) -> LedgerReport | None:
         """What this party has released over its lifetime (mechanism records, no data), shared so the report can
@@ -212,9 +228,15 @@ class PartyBase:
                 raise ProtocolError(f"{self.name}: unknown request {str(kind)!r}; it serves "
                                     f"{', '.join(self.handlers)}")
             self.load_state()
+            if message.header.resend and (cached := self._sent_before(message)) is not None:
+                return cached
+            self._step, self._charges = f"{kind}:{message.header.round}", 0
             # end to end: check the step and open the peer's payload before anything reads it; seal the reply's
             reply = self.e2e.send(message, handler(self.e2e.receive(message)))
-            self.save_state()
+            self.state["last"] = {"request": _digest(message), "header": reply.header.model_dump_json(),
+                                  "payload": torch.from_numpy(np.frombuffer(reply.payload, np.uint8).copy())}
+            self.save_state()  # the checkpoint: saved before the reply can leave
+            self.e2e.saved(message)
             return reply
         except (ProtocolError, DataError, UnexpectedBody, ValueError) as exc:
             return self._error(message, f"{exc}")
@@ -225,7 +247,23 @@ class PartyBase:
         finally:
             self._config = None
 
+    def _sent_before(self, message: Envelope) -> Envelope | None:
+        """The reply this party sent to exactly this request, if it was the last one it served (a resumed
+        coordinator re-sending what it has no reply for); None, and the request is served as usual, otherwise."""
+        last = self.state.get("last")
+        if not last or last["request"] != _digest(message):
+            return None
+        header = Header.model_validate_json(last["header"])
+        header.ledger = self._ledger_report()
+        return Envelope(header=header, payload=last["payload"].numpy().tobytes())
+
     def _error(self, message: Envelope, reason: str) -> Envelope:
         header = Header(kind=message.header.kind, round=message.header.round, sender=self.name,
                         recipient="server", error=reason, ledger=self._ledger_report())
         return Envelope(header=header)
+
+
+def _digest(message: Envelope) -> str:
+    """What identifies a request for a re-send: its header (but the flag and sizes) and its exact payload bytes."""
+    header = message.header.model_dump_json(exclude={"resend", "ledger", "payload_bytes"})
+    return hashlib.sha256(header.encode() + b"\0" + message.payload).hexdigest()

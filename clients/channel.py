@@ -8,8 +8,12 @@ ProtocolError reply naming what is wrong; nothing is decoded before it authentic
 
 State (in the party's run state, `state["e2e"]`): the run id, the next step expected, and the next sequence number
 in each direction. Run ids this home has set up are kept in `home/e2e-runs.txt` (checked and appended under an
-flock), so a replayed setup cannot rewind the counters. The blacklist check is its own session: the lender picks a
-fresh session id, the payment holder serves each session once (recorded in the same file).
+flock once the setup's state is saved, before its reply leaves, so a setup whose reply never left may be served
+again after a crash, and two processes on one home never both serve one), and a setup for the run the state
+already holds is refused too, so a replayed setup cannot rewind the counters. A resumed run continues these counters
+from the saved state (the same run id, the same keys): nothing is reset, and a re-sent request is answered from the
+state's copy of the sealed reply (clients/base.py), never sealed again. The blacklist check is its own session:
+the lender picks a fresh session id, the payment holder serves each session once (recorded in the same file).
 """
 
 from __future__ import annotations
@@ -86,6 +90,10 @@ class PartyChannel:
         return Channel(self._identity, parse_public_key(settings.peer_public_key), self.name, peer, run_id)
 
     # -- run ids this home has served -------------------------------------------------------------------------------
+    def _seen(self) -> set[str]:
+        path = self.party.settings.home / RUNS_FILE
+        return set(path.read_text().split()) if path.exists() else set()
+
     def _claim(self, run_id: str) -> bool:
         """Record `run_id` as set up in this home; False if it already was. Check and append happen under one
         exclusive flock (`e2e-runs.lock`, as the ledger does), so two processes on the same home (a training worker
@@ -121,7 +129,7 @@ class PartyChannel:
             run_id = header.body.run_id
             if not run_id:
                 raise SealError(f"{self.name}: setup without a run id (the channel keys are bound to it)")
-            if not self._claim(run_id):
+            if run_id in self._seen() or self.party.state.get("e2e", {}).get("run") == run_id:
                 raise SealError(f"{self.name} refused: replayed message: run {run_id!r} was already set up with this "
                                 "party home")
             return message
@@ -177,6 +185,13 @@ class PartyChannel:
             raise SealError(f"{self.name}: {kind} without a blacklist session")
         return self._open(message, state["run"], state, "received")
 
+    def saved(self, request: Envelope) -> None:
+        """After the party saved its state for this request, before its reply leaves: a setup's run id joins the
+        runs this home served, under the flock (`_claim`), so two processes on one home never both serve it."""
+        if request.header.kind is K.SETUP and not self._claim(self.party.run_id):
+            raise SealError(f"{self.name} refused: replayed message: run {self.party.run_id!r} was already set up "
+                            "with this party home")
+
     # -- sending ---------------------------------------------------------------------------------------------------
     def send(self, request: Envelope, reply: Envelope) -> Envelope:
         """Seal the reply's payload for the peer and move this party's run to its next step."""
@@ -186,9 +201,8 @@ class PartyChannel:
         if kind in BLACKLIST:
             state = self.party.state["e2e_blacklist"]
         else:
-            if kind is K.SETUP:
-                run_id = self.party.run_id  # claimed in this home when the setup was received
-                self.party.state["e2e"] = {"run": run_id, "received": 0, "sent": 0}
+            if kind is K.SETUP:  # remembered in the home once the state is saved (`saved`)
+                self.party.state["e2e"] = {"run": self.party.run_id, "received": 0, "sent": 0}
             state = self.party.state["e2e"]
             state["next"] = list(_after(self.name, kind, round_))
         if not reply.payload:

@@ -17,10 +17,13 @@ app = ClientApp()
 
 @app.query("fedscore")
 def handle(message: Message, context: Context) -> Message:
-    from fedscore.shared.protocol.flower_codec import decode_raw, encode_raw
+    from fedscore.shared.protocol.flower_codec import decode_raw, encode_raw, identity_reply, is_for
 
     config = context.node_config
-    header, payload = decode_raw(message.content, party=str(config.get("party", "")))
+    party = str(config.get("party", ""))
+    if not is_for(message.content, party):  # the opening exchange of a resumed run may have nothing for us
+        return Message(content=identity_reply(party), reply_to=message)
+    header, payload = decode_raw(message.content, party=party)
     if "worker-socket" in config:
         from fedscore.clients.worker import forward
 

@@ -162,11 +162,22 @@ def _report(metrics: dict, run_dir: Path) -> None:
     console.print(f"artefacts: {run_dir}/report.html, metrics.json, privacy-report.json, {model}, parties/")
 
 
-def _run(runner, data: Path, out: Path, config: Path | None, set_: list[str] | None,
-         secret_file: Path | None, budget: list[str] | None, party_home: list[str] | None, **extra) -> None:
+ResumeOpt = Annotated[Path | None, typer.Option(
+    "--resume", help="RUN_DIR of a run whose processes died: continue it (same run id, config, data, homes and "
+    "budgets, from RUN_DIR/launch.json); give no other option but --party-timeout")]
+PartyTimeoutOpt = Annotated[float | None, typer.Option(
+    "--party-timeout", min=1, help="seconds a party's SuperNode may stay disconnected before the run stops "
+    "(default 180; resume with --resume)")]
+
+
+def _run(runner, data: Path | None, out: Path | None, config: Path | None, set_: list[str] | None,
+         secret_file: Path | None, budget: list[str] | None, party_home: list[str] | None,
+         **extra) -> None:
     """train and federate differ only in the transport: same config, secret, budgets, homes, progress, report."""
     from fedscore.runs import party_homes
 
+    if data is None or out is None:
+        fail("give --data DIR and --out RUN_DIR for a new run, or --resume RUN_DIR to continue one")
     with user_errors():
         cfg = _load(config, set_)
         homes = party_homes(party_home)
@@ -176,30 +187,52 @@ def _run(runner, data: Path, out: Path, config: Path | None, set_: list[str] | N
     _report(metrics, out)
 
 
-@app.command()
-def train(data: Annotated[Path, typer.Option(help="DIR with payment/ and lender/")],
-          out: Annotated[Path, typer.Option(help="run folder to create")],
-          config: ConfigOpt = None, set_: SetOpt = None, secret_file: SecretOpt = None,
-          budget: BudgetOpt = None, party_home: HomeOpt = None) -> None:
-    """Train in one process (parties as objects): the fast path and the reference."""
-    from fedscore.runs import run_inprocess
+def _resume(resumer, run_dir: Path, others: dict[str, object], **extra) -> None:
+    """`--resume RUN_DIR`: everything else comes from the run folder, so other options would be ignored: refuse."""
+    given = [f"--{name.rstrip('_').replace('_', '-')}" for name, value in others.items() if value]
+    if given:
+        fail(f"--resume takes the run's own settings from {run_dir}/launch.json; drop {', '.join(given)}")
+    with user_errors(), _progress_bar() as progress:
+        metrics = resumer(run_dir.resolve(), progress=progress, **extra)
+    _report(metrics, run_dir)
 
+
+@app.command()
+def train(data: Annotated[Path | None, typer.Option(help="DIR with payment/ and lender/")] = None,
+          out: Annotated[Path | None, typer.Option(help="run folder to create")] = None,
+          config: ConfigOpt = None, set_: SetOpt = None, secret_file: SecretOpt = None,
+          budget: BudgetOpt = None, party_home: HomeOpt = None, resume: ResumeOpt = None) -> None:
+    """Train in one process (parties as objects): the fast path and the reference."""
+    from fedscore.runs import resume_inprocess, run_inprocess
+
+    if resume is not None:
+        _resume(resume_inprocess, resume, {"data": data, "out": out, "config": config, "set": set_,
+                                           "secret_file": secret_file, "budget": budget, "party_home": party_home})
+        return
     _run(run_inprocess, data, out, config, set_, secret_file, budget, party_home)
 
 
 @app.command()
-def federate(data: Annotated[Path, typer.Option(help="DIR with payment/ and lender/")],
-             out: Annotated[Path, typer.Option(help="run folder to create")],
+def federate(data: Annotated[Path | None, typer.Option(help="DIR with payment/ and lender/")] = None,
+             out: Annotated[Path | None, typer.Option(help="run folder to create")] = None,
              config: ConfigOpt = None, set_: SetOpt = None, secret_file: SecretOpt = None,
-             budget: BudgetOpt = None, party_home: HomeOpt = None,
+             budget: BudgetOpt = None, party_home: HomeOpt = None, resume: ResumeOpt = None,
+             party_timeout: PartyTimeoutOpt = None,
              insecure: Annotated[bool, typer.Option(
                  "--insecure", help="plaintext on 127.0.0.1 without SuperNode authentication (default: TLS with a "
                  "throwaway CA, only the parties' registered SuperNode keys may join)")] = False) -> None:
     """Train through a real local Flower federation: SuperLink + one SuperNode per party + ServerApp, over TLS with
     SuperNode authentication (the one-host form of `fedscore superlink` + `node` + `run`)."""
-    from fedscore.federation import run_federated
+    from fedscore.federation import resume_federated, run_federated
 
-    _run(run_federated, data, out, config, set_, secret_file, budget, party_home, insecure=insecure)
+    if resume is not None:
+        _resume(resume_federated, resume, {"data": data, "out": out, "config": config, "set": set_,
+                                           "secret_file": secret_file, "budget": budget, "party_home": party_home,
+                                           "insecure": insecure or None},
+                party_timeout_s=party_timeout)
+        return
+    extra = {} if party_timeout is None else {"party_timeout_s": party_timeout}
+    _run(run_federated, data, out, config, set_, secret_file, budget, party_home, insecure=insecure, **extra)
 
 
 # the synthetic data has a rarer default (7.5%) than UCI (22%): DP-SGD needs more steps there (BENCHMARKS.md)

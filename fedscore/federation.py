@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from fedscore.flwr_run import superlink_healthy
 from fedscore.process_tie import tied_preexec
 from fedscore.runs import (
+    DEFAULT_PARTY_TIMEOUT_S,
     Budgets,
     Homes,
     RunError,
@@ -35,6 +36,11 @@ from fedscore.runs import (
     finish_run,
     party_settings,
     prepare_run_dir,
+    read_launch,
+    record_launch,
+    resume_hint,
+    run_lock,
+    set_aside_outcome,
 )
 from fedscore.shared.atomic import write_text_atomic
 from fedscore.shared.config import FedConfig
@@ -380,7 +386,8 @@ def _interrupt(signum: int, frame: Any) -> None:
 def run_federated(config: FedConfig, data_dir: Path, run_dir: Path,
                   progress: Callable[[str, int, int], None] | None = None, timeout_s: float = 1800.0,
                   secret: str | None = None, budgets: Budgets | None = None, homes: Homes | None = None,
-                  insecure: bool = False, capture: bool = False) -> dict:
+                  insecure: bool = False, capture: bool = False,
+                  party_timeout_s: float = DEFAULT_PARTY_TIMEOUT_S) -> dict:
     """Start the federation, run the ServerApp to the end, stop everything, and write metrics.json.
 
     The same deployment as `fedscore superlink` + two `fedscore node` + `fedscore run`, on one host: TLS with a
@@ -389,6 +396,64 @@ def run_federated(config: FedConfig, data_dir: Path, run_dir: Path,
     check_data_dir(data_dir)
     run_dir = run_dir.resolve()
     secret = prepare_run_dir(run_dir, config, secret)
+    budgets = default_budgets(config) if budgets is None else budgets
+    record_launch(run_dir, data_dir, "flower", budgets, homes, party_timeout_s, insecure=insecure)
+    with run_lock(run_dir):
+        return _federate(config, data_dir, run_dir, secret, budgets, homes, progress, timeout_s, insecure, capture)
+
+
+def resume_federated(run_dir: Path, progress: Callable[[str, int, int], None] | None = None,
+                     timeout_s: float = 1800.0, party_timeout_s: float | None = None) -> dict:
+    """`fedscore federate --resume RUN_DIR`: start every process again for a run whose processes died. Each party
+    worker reloads its state (model, optimizer, DP-SGD plan, alignment, channel counters) from its state directory
+    and its ledger from its home; the ServerApp reloads the coordinator's checkpoint and continues the same run id.
+    The crashed attempt's Flower logs are kept in RUN_DIR/flower-attempt-<n>."""
+    from fedscore.server.coordinator import CHECKPOINT_FILE, Checkpoint
+
+    run_dir = run_dir.resolve()
+    config, data_dir, secret, budgets, homes, launch = read_launch(run_dir)
+    check_data_dir(data_dir)
+    if not (run_dir / CHECKPOINT_FILE).exists():
+        raise RunError(f"{run_dir}: no {CHECKPOINT_FILE}: the run stopped before its coordinator started; start a "
+                       "new run (what the parties charged stays charged)")
+    checkpoint = Checkpoint.model_validate_json((run_dir / CHECKPOINT_FILE).read_text())
+    if checkpoint.next_step >= checkpoint.total_steps:
+        raise RunError(f"{run_dir}: run {checkpoint.run_id!r} already finished all its steps")
+    with run_lock(run_dir):
+        _refuse_survivors(run_dir / "flower")
+        if party_timeout_s is not None and party_timeout_s != launch.get("party_timeout_s"):
+            record_launch(run_dir, data_dir, "flower", budgets, homes, party_timeout_s,
+                          insecure=bool(launch.get("insecure", False)))
+        set_aside_outcome(run_dir)
+        if (run_dir / "flower").exists():
+            attempts = len(list(run_dir.glob("flower-attempt-*"))) + 1
+            (run_dir / "flower").rename(run_dir / f"flower-attempt-{attempts}")
+        return _federate(config, data_dir, run_dir, secret, budgets, homes, progress, timeout_s,
+                         bool(launch.get("insecure", False)), False)
+
+
+def _refuse_survivors(flower_dir: Path) -> None:
+    """The crashed attempt's processes run in sessions of their own: if its launcher was killed outright they may
+    still run, and a second worker of the same party must not write the same state. Refuse, naming them."""
+    pids_file = flower_dir / "pids.json"
+    if not pids_file.exists():
+        return
+    alive = []
+    for name, pid in json.loads(pids_file.read_text()).items():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            status = Path(f"/proc/{pid}/stat").read_text().split()[2]
+        except OSError:
+            continue
+        if status != "Z" and (b"fedscore" in cmdline or b"flwr" in cmdline or b"flower" in cmdline):
+            alive.append(f"{name} (pid {pid})")
+    if alive:
+        raise RunError(f"the crashed attempt's processes still run: {', '.join(alive)}; stop them before resuming")
+
+
+def _federate(config: FedConfig, data_dir: Path, run_dir: Path, secret: str, budgets: Budgets, homes: Homes | None,
+              progress: Callable[[str, int, int], None] | None, timeout_s: float, insecure: bool,
+              capture: bool) -> dict:
     start = time.perf_counter()
     progress = progress or (lambda stage, done, total: None)
     with Federation(run_dir / "flower") as federation:
@@ -402,7 +467,6 @@ def run_federated(config: FedConfig, data_dir: Path, run_dir: Path,
         tls = None if insecure else local_superlink_tls(federation.flower_dir / "pki")
         federation.start_superlink(tls)
         federation.write_connection(federation.address, tls.ca if tls else None)
-        budgets = default_budgets(config) if budgets is None else budgets
         settings = party_settings(run_dir, data_dir, secret, budgets, homes)
         keys = {party: node_auth_key(one.home) for party, one in settings.items()}
         public = {party: pub for party, (_, pub) in keys.items()}
@@ -422,7 +486,10 @@ def run_federated(config: FedConfig, data_dir: Path, run_dir: Path,
         federation.wait_healthy(tls)
         federation.wait_for_workers()
         startup_s = time.perf_counter() - t0  # until the SuperLink answers and both workers serve
-        _follow(run_dir, federation, runner, progress, timeout_s)
+        try:
+            _follow(run_dir, federation, runner, progress, timeout_s)
+        except RunError as exc:
+            raise RunError(f"{exc}{resume_hint(run_dir)}") from None
         federation.begin_stop()  # the processes shut down while the baselines and the report are computed
         record_timing(run_dir, start, startup_s, 0.0)
         metrics = finish_run(run_dir, data_dir, config, secret, homes)
@@ -448,7 +515,7 @@ def record_timing(run_dir: Path, start: float, startup_s: float, teardown_s: flo
     """The ServerApp's outcome must exist; its timing is completed with what the launcher measured."""
     if not (run_dir / "outcome.json").exists():
         log = (run_dir / "flower" / "logs" / "flwr-run.log").read_text(errors="replace")[-3000:]
-        raise RunError(f"the ServerApp wrote no outcome; `flwr run` log ends:\n{log}")
+        raise RunError(f"the ServerApp wrote no outcome; `flwr run` log ends:\n{log}{resume_hint(run_dir)}")
     outcome = json.loads((run_dir / "outcome.json").read_text())
     outcome["timing"].update(federation_s=time.perf_counter() - start, startup_s=startup_s, teardown_s=teardown_s)
     (run_dir / "outcome.json").write_text(json.dumps(outcome, indent=2))

@@ -1,6 +1,10 @@
 """A run folder and what fills it, for both transports.
 
 RUN_DIR/config.json      the validated run config both transports read
+RUN_DIR/launch.json      what `--resume` needs to start the same run again: data folder, party homes, budgets,
+                         transport, party timeout (no secret: that stays in parties/shared-secret.hex, 0600)
+RUN_DIR/checkpoint.json  the coordinator's checkpoint after every exchange (server/coordinator.py), with the one
+                         reply payload the next step carries (checkpoint-<step>.payload)
 RUN_DIR/parties/         each party's state directory, and the secret the two parties share (local runs only)
 RUN_DIR/outcome.json     what the coordinator returned (rounds, sizes, timing, refusal)
 RUN_DIR/metrics.json     test metrics, baselines, per-round metrics, timing, transport (evaluation only: never in
@@ -11,7 +15,8 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -146,28 +151,124 @@ def key_fingerprints(homes: Homes | None = None) -> dict[str, str]:
 
 
 Progress = Callable[[str, int, int], None]
+LAUNCH_FILE = "launch.json"
+DEFAULT_PARTY_TIMEOUT_S = 180.0
+
+
+def record_launch(run_dir: Path, data_dir: Path, transport: str, budgets: Budgets, homes: Homes | None,
+                  party_timeout_s: float = DEFAULT_PARTY_TIMEOUT_S, insecure: bool = False) -> None:
+    """Everything but the config and the secret that `--resume RUN_DIR` needs to start the same run again."""
+    homes = homes or party_homes()
+    write_json_atomic(run_dir / LAUNCH_FILE, {
+        "data": str(Path(data_dir).resolve()), "transport": transport, "budgets": budgets,
+        "homes": {p: str(Path(h).expanduser().resolve()) for p, h in homes.items()},
+        "party_timeout_s": party_timeout_s, "insecure": insecure})
+
+
+def read_launch(run_dir: Path) -> tuple[FedConfig, Path, str, Budgets, Homes, dict[str, Any]]:
+    """(config, data folder, secret, budgets, homes, the whole launch record) of a run folder to resume."""
+    import json
+
+    launch_file, secret_file = run_dir / LAUNCH_FILE, run_dir / "parties" / "shared-secret.hex"
+    for path in (run_dir / "config.json", launch_file, secret_file):
+        if not path.exists():
+            raise RunError(f"{run_dir}: no {path.relative_to(run_dir)}: not a run folder this version can resume")
+    if (run_dir / "metrics.json").exists():
+        raise RunError(f"{run_dir}: the run already finished (metrics.json exists); nothing to resume")
+    launch = json.loads(launch_file.read_text())
+    config = FedConfig.model_validate_json((run_dir / "config.json").read_text())
+    homes = {p: Path(h) for p, h in launch["homes"].items()}
+    return config, Path(launch["data"]), secret_file.read_text().strip(), launch["budgets"], homes, launch
+
+
+def set_aside_outcome(run_dir: Path) -> None:
+    """A crashed attempt's outcome (its failure) is kept as outcome-attempt-<n>.json; the resumed run writes anew."""
+    outcome = run_dir / "outcome.json"
+    if outcome.exists():
+        n = len(list(run_dir.glob("outcome-attempt-*.json"))) + 1
+        outcome.rename(run_dir / f"outcome-attempt-{n}.json")
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One fedscore process at a time per run folder: a resume while the run (or another resume) still runs would
+    have two workers of one party writing the same state."""
+    import fcntl
+
+    with open(run_dir / "run.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(f"{run_dir} is in use by another fedscore process (a run or a resume still running); "
+                           "stop it first") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def resume_hint(run_dir: Path) -> str:
+    """What to do after a run's processes died, once the coordinator has a checkpoint to continue from."""
+    import json
+
+    if not (run_dir / "checkpoint.json").exists() or not (run_dir / LAUNCH_FILE).exists():
+        return ""
+    command = "federate" if json.loads((run_dir / LAUNCH_FILE).read_text())["transport"] == "flower" else "train"
+    return (f"\nthe run is checkpointed in {run_dir}: once every party can run again, continue it with "
+            f"`fedscore {command} --resume {run_dir}`")
 
 
 def run_inprocess(config: FedConfig, data_dir: Path, run_dir: Path, progress: Progress | None = None,
                   secret: str | None = None, budgets: Budgets | None = None,
                   homes: Homes | None = None) -> dict[str, Any]:
     from fedscore.clients.parties import make_party
-    from fedscore.server.coordinator import Coordinator, PartyRefused, new_run_id
+    from fedscore.server.coordinator import Coordinator, new_run_id
     from fedscore.shared.protocol.transport import InProcessTransport
 
     check_data_dir(data_dir)
     secret = prepare_run_dir(run_dir, config, secret)
     budgets = default_budgets(config) if budgets is None else budgets
+    record_launch(run_dir, data_dir, "inprocess", budgets, homes)
     settings = party_settings(run_dir, data_dir, secret, budgets, homes)
     parties = {name: make_party(s) for name, s in settings.items()}
-    coordinator = Coordinator(config, InProcessTransport(parties), progress=progress, run_id=new_run_id(run_dir))
+    coordinator = Coordinator(config, InProcessTransport(parties), progress=progress,
+                              run_id=new_run_id(run_dir.name), checkpoint_dir=run_dir)
+    with run_lock(run_dir):
+        return _run_coordinator(coordinator, run_dir, data_dir, config, secret, homes)
+
+
+def resume_inprocess(run_dir: Path, progress: Progress | None = None) -> dict[str, Any]:
+    """Continue a run whose process died: each party object is rebuilt from its state directory and home (model,
+    optimizer, DP-SGD plan, alignment, channel counters; lifetime ledger), the coordinator from its checkpoint."""
+    from fedscore.clients.parties import make_party
+    from fedscore.server.coordinator import CheckpointError, Coordinator
+    from fedscore.shared.protocol.transport import InProcessTransport
+
+    config, data_dir, secret, budgets, homes, _ = read_launch(run_dir)
+    check_data_dir(data_dir)
+    with run_lock(run_dir):
+        settings = party_settings(run_dir, data_dir, secret, budgets, homes)
+        parties = {name: make_party(s) for name, s in settings.items()}
+        try:
+            coordinator = Coordinator.resume(config, InProcessTransport(parties), run_dir, progress)
+        except CheckpointError as exc:
+            raise RunError(str(exc)) from None
+        set_aside_outcome(run_dir)
+        return _run_coordinator(coordinator, run_dir, data_dir, config, secret, homes)
+
+
+def _run_coordinator(coordinator: Any, run_dir: Path, data_dir: Path, config: FedConfig, secret: str,
+                     homes: Homes | None) -> dict[str, Any]:
+    from fedscore.server.coordinator import PartyRefused
+
     start = time.perf_counter()
     error = None
     try:
         coordinator.run()
     except PartyRefused as exc:
         error = {"party": exc.party, "request": exc.kind, "reason": exc.reason}
-    coordinator.result.timing["federation_s"] = time.perf_counter() - start
+    timing = coordinator.result.timing
+    timing["federation_s"] = timing.get("federation_s", 0.0) + time.perf_counter() - start
     write_outcome(run_dir, coordinator.result, error)
     return finish_run(run_dir, data_dir, config, secret, homes)
 
@@ -190,8 +291,9 @@ def finish_run(run_dir: Path, data_dir: Path | None, config: FedConfig, secret: 
     if outcome.get("error"):
         write_reports(run_dir)  # the report says which party refused and what had been released by then
         err = outcome["error"]
-        who = f"party {err['party']!r} refused {err['request']!r}" if err.get("party") else "the coordinator failed"
-        raise RunError(f"run stopped: {who}: {err['reason']}")
+        if err.get("party"):  # a party's own decision: resuming would meet the same refusal
+            raise RunError(f"run stopped: party {err['party']!r} refused {err['request']!r}: {err['reason']}")
+        raise RunError(f"run stopped: the coordinator failed: {err['reason']}{resume_hint(run_dir)}")
     final = outcome["rounds"][-1]
     t0 = time.perf_counter()
     baselines: dict[str, Any] = {"lender_only": outcome["lender_only"]}

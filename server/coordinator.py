@@ -10,16 +10,27 @@
    state directory (the payment part is final after its last embed, the lender's after its last train).
 
 The coordinator never decodes a payload: it moves `reply.payload` into the next request.
+
+Resume after a crash: with a checkpoint folder (RUN_DIR) the coordinator writes, after every exchange (so at every
+round boundary), which step comes next, the run id, the results so far and the one reply payload the next step
+carries (`checkpoint.json` + `checkpoint-<step>.payload`, atomic). `Coordinator.resume` reloads it and re-sends the
+next step marked `resend`: a party that had served it already returns the reply it sent then (clients/base.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
+from fedscore.shared.atomic import atomic_write, write_text_atomic
 from fedscore.shared.config import FedConfig
 from fedscore.shared.protocol.bodies import AlignmentSizes, SetupRequest, TableSize, Trained
 from fedscore.shared.protocol.messages import Envelope, MessageKind, request
@@ -76,18 +87,91 @@ class RunResult:
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
+CHECKPOINT_FILE = "checkpoint.json"
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint to resume from, or one that does not fit this run."""
+
+
+class Checkpoint(BaseModel):
+    """The coordinator's state between two exchanges; the payload the next step carries sits beside it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str
+    next_step: int  # 0 setup, 1 align.respond, 2 align.match, 3 + 2r embed round r, 4 + 2r train round r
+    total_steps: int
+    carry_kind: str = ""  # payload kind of the reply the next step moves on
+    carry_file: str = ""  # its bytes, checkpoint-<step>.payload
+    result: dict[str, Any]
+    resumes: int = 0
+
 
 class Coordinator:
     def __init__(self, config: FedConfig, transport: Transport, progress: Progress | None = None,
-                 run_id: str = "") -> None:
+                 run_id: str = "", checkpoint_dir: Path | None = None) -> None:
         self.config = config
         # both parties tag their ledger entries with it and bind their channel keys to it: never reused
         self.run_id = run_id or new_run_id("run")
         self.transport = transport
         self.progress = progress or (lambda stage, done, total: None)
         self.result = RunResult(transport=transport.name, run_id=self.run_id)
+        self.checkpoint_dir = checkpoint_dir
+        self.step = 0
+        self.carry: tuple[bytes, str] = (b"", "")  # the last reply's payload and kind, moved into the next step
+        self.resend = False  # the next exchange re-sends a step whose reply may have been lost (resume)
+        self.resumes = 0
+
+    @classmethod
+    def resume(cls, config: FedConfig, transport: Transport, checkpoint_dir: Path,
+               progress: Progress | None = None) -> Coordinator:
+        """A coordinator that continues the run checkpointed in `checkpoint_dir`: same run id, results so far, and
+        the next step re-sent (marked `resend`)."""
+        path = checkpoint_dir / CHECKPOINT_FILE
+        if not path.exists():
+            raise CheckpointError(f"{path}: no coordinator checkpoint: this run never started, nothing to resume")
+        checkpoint = Checkpoint.model_validate_json(path.read_text())
+        total = 3 + 2 * config.training.rounds
+        if checkpoint.total_steps != total:
+            raise CheckpointError(f"{path}: checkpoint of a run with {checkpoint.total_steps} steps, the config "
+                                  f"plans {total}")
+        if checkpoint.next_step >= total:
+            raise CheckpointError(f"{path}: run {checkpoint.run_id!r} already finished all its steps")
+        coordinator = cls(config, transport, progress, checkpoint.run_id, checkpoint_dir)
+        coordinator.result = RunResult(**checkpoint.result)
+        coordinator.result.transport = transport.name
+        coordinator.step = checkpoint.next_step
+        payload = (checkpoint_dir / checkpoint.carry_file).read_bytes() if checkpoint.carry_file else b""
+        coordinator.carry = (payload, checkpoint.carry_kind)
+        coordinator.resend = True
+        coordinator.resumes = checkpoint.resumes + 1
+        return coordinator
+
+    def _save_checkpoint(self) -> None:
+        """Atomically: the carried payload under a name of its own step first, then the JSON naming it, then the
+        older payloads go; a crash between any two leaves a consistent checkpoint."""
+        if self.checkpoint_dir is None:
+            return
+        carry_file = f"checkpoint-{self.step}.payload" if self.carry[0] else ""
+        if carry_file:
+            atomic_write(self.checkpoint_dir / carry_file, lambda handle: handle.write(self.carry[0]))
+        checkpoint = Checkpoint(run_id=self.run_id, next_step=self.step, total_steps=self.total_steps,
+                                carry_kind=self.carry[1], carry_file=carry_file,
+                                result=json.loads(json.dumps(dataclasses.asdict(self.result))), resumes=self.resumes)
+        write_text_atomic(self.checkpoint_dir / CHECKPOINT_FILE, checkpoint.model_dump_json(indent=1))
+        for old in self.checkpoint_dir.glob("checkpoint-*.payload"):
+            if old.name != carry_file:
+                old.unlink(missing_ok=True)
+
+    @property
+    def total_steps(self) -> int:
+        return 3 + 2 * self.config.training.rounds
 
     def _exchange(self, *messages: Envelope) -> list[Envelope]:
+        if self.resend:
+            for message in messages:
+                message.header.resend = True
         started = time.perf_counter()
         replies = self.transport.exchange(list(messages))
         seconds = time.perf_counter() - started  # wall time of the whole exchange (parallel messages share it)
@@ -99,56 +183,68 @@ class Coordinator:
                 self.result.ledgers[sent.header.recipient] = reply.header.ledger.model_dump()
             if isinstance(reply.header.body, Trained) and reply.header.body.curves is not None:
                 self.result.curves = reply.header.body.curves.model_dump()
-        return raise_refusals(messages, replies)
+        replies = raise_refusals(messages, replies)
+        self.resend = False
+        return replies
 
     def run(self) -> RunResult:
         """Setup, alignment, rounds; each step that depends on the previous one rides on it, so a run is 3 + 2R
         sequential exchanges (a Flower message costs seconds): the lender's PSI request comes back with its setup
         reply, the alignment tokens go to the payment holder with round 0's embed request, and each party exports
-        its part in its last step."""
+        its part in its last step. With a checkpoint folder, every step is checkpointed once its reply is in."""
         start = time.perf_counter()
-        rounds = self.config.training.rounds
-        total_steps = 3 + 2 * rounds
-        self.progress("setup", 0, total_steps)
-        setup = SetupRequest(config=self.config, run_id=self.run_id)
-        payment_setup, lender_setup = self._exchange(request(MessageKind.SETUP, "payment", body=setup),
-                                                     request(MessageKind.SETUP, "lender", body=setup))
-        self.result.timing["setup_s"] = time.perf_counter() - start
-
-        # alignment, ECDH PSI: lender's blinded IDs (from its setup reply) -> payment -> lender, who learns the
-        # intersection and returns the sorted HMAC tokens of it (delivered to payment with round 0's embed)
-        self.progress("alignment", 1, total_steps)
-        t0 = time.perf_counter()
-        (psi_response,) = self._exchange(request(MessageKind.ALIGN_RESPOND, "payment", payload=lender_setup.payload,
-                                                 payload_kind=lender_setup.header.payload_kind))
-        (match,) = self._exchange(request(MessageKind.ALIGN_MATCH, "lender", payload=psi_response.payload,
-                                          payload_kind=psi_response.header.payload_kind))
-        sizes = match.header.expect(AlignmentSizes)
-        self.result.alignment = {
-            "method": "ecdh-psi",
-            "payment_rows": float(payment_setup.header.expect(TableSize).rows),
-            **{k: float(getattr(sizes, k)) for k in ("lender_rows", "intersection", "train", "val", "test")},
-        }
-        if sizes.lender_only is not None:
-            self.result.lender_only = {**sizes.lender_only.metrics, "model": sizes.lender_only.model}
-        self.result.timing["alignment_s"] = time.perf_counter() - t0
-
-        # rounds: embeddings to the lender, gradients back; round 0 carries the alignment tokens instead
-        to_payment = match
-        t0 = time.perf_counter()
-        for round_ in range(rounds):
-            step = 3 + 2 * round_
-            self.progress(f"round {round_ + 1}/{rounds}: payment embeds", step - 1, total_steps)
-            (embedded,) = self._exchange(request(MessageKind.EMBED, "payment", round_, payload=to_payment.payload,
-                                                 payload_kind=to_payment.header.payload_kind))
-            self.progress(f"round {round_ + 1}/{rounds}: lender trains", step, total_steps)
-            (to_payment,) = self._exchange(request(MessageKind.TRAIN, "lender", round_, payload=embedded.payload,
-                                                   payload_kind=embedded.header.payload_kind))
-            self.result.rounds.append({"round": round_, **to_payment.header.metrics})
-        self.result.timing["rounds_s"] = time.perf_counter() - t0
-        self.result.timing["protocol_s"] = time.perf_counter() - start
-        self.progress("done", total_steps, total_steps)
+        if self.step == 0:
+            self._save_checkpoint()  # the run id is on disk before any party hears of it
+        while self.step < self.total_steps:
+            stage = ("setup_s" if self.step == 0 else "alignment_s" if self.step < 3 else "rounds_s")
+            t0 = time.perf_counter()
+            self._run_step(self.step)
+            timing = self.result.timing
+            timing[stage] = timing.get(stage, 0.0) + time.perf_counter() - t0
+            self.step += 1
+            self._save_checkpoint()
+        self.result.timing["protocol_s"] = self.result.timing.get("protocol_s", 0.0) + time.perf_counter() - start
+        self.progress("done", self.total_steps, self.total_steps)
         return self.result
+
+    def _run_step(self, step: int) -> None:
+        total, rounds = self.total_steps, self.config.training.rounds
+        payload, payload_kind = self.carry
+        if step == 0:
+            self.progress("setup", 0, total)
+            setup = SetupRequest(config=self.config, run_id=self.run_id)
+            payment_setup, lender_setup = self._exchange(request(MessageKind.SETUP, "payment", body=setup),
+                                                         request(MessageKind.SETUP, "lender", body=setup))
+            self.result.alignment = {"payment_rows": float(payment_setup.header.expect(TableSize).rows)}
+            reply = lender_setup
+        elif step == 1:
+            # alignment, ECDH PSI: lender's blinded IDs (from its setup reply) -> payment -> lender, who learns the
+            # intersection and returns the sorted HMAC tokens of it (delivered to payment with round 0's embed)
+            self.progress("alignment", 1, total)
+            (reply,) = self._exchange(request(MessageKind.ALIGN_RESPOND, "payment", payload=payload,
+                                              payload_kind=payload_kind))
+        elif step == 2:
+            (reply,) = self._exchange(request(MessageKind.ALIGN_MATCH, "lender", payload=payload,
+                                              payload_kind=payload_kind))
+            sizes = reply.header.expect(AlignmentSizes)
+            self.result.alignment = {
+                "method": "ecdh-psi", "payment_rows": self.result.alignment["payment_rows"],
+                **{k: float(getattr(sizes, k)) for k in ("lender_rows", "intersection", "train", "val", "test")},
+            }
+            if sizes.lender_only is not None:
+                self.result.lender_only = {**sizes.lender_only.metrics, "model": sizes.lender_only.model}
+        elif step % 2 == 1:  # rounds: embeddings to the lender; round 0 carries the alignment tokens instead
+            round_ = (step - 3) // 2
+            self.progress(f"round {round_ + 1}/{rounds}: payment embeds", step - 1, total)
+            (reply,) = self._exchange(request(MessageKind.EMBED, "payment", round_, payload=payload,
+                                              payload_kind=payload_kind))
+        else:  # gradients back to the payment holder, metrics to us
+            round_ = (step - 4) // 2
+            self.progress(f"round {round_ + 1}/{rounds}: lender trains", step - 1, total)
+            (reply,) = self._exchange(request(MessageKind.TRAIN, "lender", round_, payload=payload,
+                                              payload_kind=payload_kind))
+            self.result.rounds.append({"round": round_, **reply.header.metrics})
+        self.carry = (reply.payload, reply.header.payload_kind)
 
 
 def check_blacklist(transport: Transport) -> dict[str, int]:

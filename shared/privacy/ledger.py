@@ -9,6 +9,12 @@ after the charge still counts (we may over-count, never under-count). Writers ma
 run and a live service): each charge holds an exclusive flock on a lock file beside the ledger while it re-reads,
 checks and rewrites; writes are atomic (temporary file, fsync, os.replace), so a crash leaves the old or the new
 ledger, never half of one.
+
+Why a step key (resume after a crash, README "Resume"): a party tags each charge a protocol step makes with the run,
+the step and the charge's place in it. A party runs a step again only when its saved state still expects that step,
+i.e. when no reply of the earlier attempt ever left it (the state is saved before a reply is returned); the redo then
+releases once what the earlier attempt never released, so the charge the earlier attempt made covers it and is not
+made twice. Every charge ever made stays in the ledger: nothing is removed, a resumed run only avoids double entries.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import fcntl
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,7 +58,7 @@ class Ledger:
     """Budgets (guarantee key -> max epsilon, e.g. {"lender.labels@payment": 4.0}) and the releases charged."""
 
     def __init__(self, path: Path, budget: Mapping[str, float], delta: float, *, party: str = "",
-                 run: str = "") -> None:
+                 run: str = "", step: Callable[[], str] | None = None) -> None:
         for key, limit in budget.items():
             split_guarantee_key(key)
             if not limit >= 0:
@@ -64,6 +70,7 @@ class Ledger:
         self.delta = delta
         self.party = party or self.path.parent.name
         self.run = run  # tags each entry, so a lifetime ledger says which run released what
+        self.step = step  # the key of the next charge within the run's current protocol step (see the docstring)
         self._load()  # fail now, not at the first charge, if the file is unreadable or another party's
 
     # -- file ------------------------------------------------------------------------------------------------------
@@ -130,20 +137,39 @@ class Ledger:
         if not mechanisms:
             raise ValueError("charge() needs at least one release")
         check_guarantee_records(protects, against, mechanisms)
+        step = self.step() if self.step is not None and self.run else ""
+        records = json.loads(json.dumps([m.to_dict() for m in mechanisms]))  # as the file holds them
         with self._locked():
             entries = self._load()
+            earlier = _same_step(entries, self.run, step, guarantee, records)
+            if earlier is not None:  # this step's earlier attempt released nothing: its charge covers this one
+                return self.epsilon(guarantee)
             before = mechanisms_from_dicts([item for entry in entries if entry["guarantee"] == guarantee
                                             for item in entry["mechanisms"]])
             would_be, accountant = account([*before, *mechanisms], self.delta)
             limit = self.budget.get(guarantee)
             if limit is None or not math.isfinite(would_be) or would_be > limit:
                 raise BudgetExceeded(self.party, guarantee, account(before, self.delta)[0], would_be, limit)
-            entries.append({"guarantee": guarantee, "mechanisms": [m.to_dict() for m in mechanisms],
-                            "epsilon_after": would_be, "accountant": accountant, "delta": self.delta,
-                            "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"), "run": self.run,
-                            "note": note})
+            entry = {"guarantee": guarantee, "mechanisms": records, "epsilon_after": would_be,
+                     "accountant": accountant, "delta": self.delta,
+                     "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"), "run": self.run, "note": note}
+            if step:
+                entry["step"] = step
+            entries.append(entry)
             self._save(entries)
         return would_be
+
+
+def _same_step(entries: list[dict[str, Any]], run: str, step: str, guarantee: str,
+               records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The entry an earlier attempt of this very charge made (same run, step key, guarantee and records), if any."""
+    if not step:
+        return None
+    for entry in entries:
+        if (entry.get("run"), entry.get("step"), entry["guarantee"]) == (run, step, guarantee) \
+                and entry["mechanisms"] == records:
+            return entry
+    return None
 
 
 def _read_entries(path: Path, party: str) -> list[dict[str, Any]]:

@@ -35,6 +35,22 @@ def decode_raw(content: RecordDict, party: str = "") -> tuple[str, bytes]:
             content.array_records["payload"]["bytes"].numpy().tobytes())
 
 
+def is_for(content: RecordDict, party: str) -> bool:
+    """Whether this message holds an envelope for `party` (a plain message holds one for its recipient)."""
+    return "header" in content.config_records or f"header.{party}" in content.config_records
+
+
+def identity_reply(party: str) -> RecordDict:
+    """What a node answers to an addressed message with no envelope for its party: only which party it serves."""
+    return RecordDict({"whoami": ConfigRecord({"party": party})})
+
+
+def identity(content: RecordDict) -> str:
+    """The party an identity-only reply names, or '' for a reply carrying an envelope."""
+    record = content.config_records.get("whoami")
+    return str(record["party"]) if record is not None else ""
+
+
 def encode_addressed(envelopes: list[Envelope]) -> RecordDict:
     """One message holding one envelope per recipient party, each node opening the one addressed to it: how the
     first exchange reaches nodes whose party the ServerApp does not know yet (it cannot read node configs)."""

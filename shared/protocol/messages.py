@@ -68,6 +68,9 @@ class Header(BaseModel):
     body: Body | None = Field(None, description="the typed record this kind of message carries, if any")
     ledger: LedgerReport | None = Field(None, description="replies: the sender's lifetime ledger, once it has one")
     error: str = Field("", description="non-empty when the party refused or failed; the reason")
+    resend: bool = Field(False, description="requests: a resumed coordinator re-sends the last step it has no "
+                         "reply for; a party that already served exactly this request returns the reply it sent "
+                         "then (nothing runs or is released again), else serves it as usual (clients/base.py)")
 
     def expect(self, body_type: type[B]) -> B:
         """The body, checked to be a `body_type`: a reader states what it needs instead of probing keys."""
