@@ -175,8 +175,10 @@ E2E = "X25519 + HKDF-SHA256 + ChaCha20-Poly1305, keys pinned in each party's set
 def finish_run(run_dir: Path, data_dir: Path, config: FedConfig, secret: str,
                homes: Homes | None = None) -> dict[str, Any]:
     """Add the baselines to the coordinator's outcome and write metrics.json; raise if the run was refused."""
+    from fedscore.clients.transcript import copy_transcripts
     from fedscore.report import write_reports
 
+    copy_transcripts(run_dir)  # what each party received, if it recorded (audit.record_transcripts)
     outcome = read_outcome(run_dir)
     if outcome.get("error"):
         write_reports(run_dir)  # the report says which party refused and what had been released by then

@@ -1,0 +1,60 @@
+"""Canary users for the one-run audit: extra synthetic rows in both parties' tables, never real users.
+
+Why: the audit (fedscore/audit/one_run.py, Steinke, Nasr and Jagielski 2023) needs many users whose secret bit is
+independently random and known to the auditor. A canary's secret is its label, drawn uniformly at random by the
+lender from its CSPRNG (never from the seed: the payment holder knows the seed, and a replayable canary would audit
+nothing). Both parties add the same canary IDs (a prefix no real ID may carry; a table that has one is refused), so
+PSI aligns them like any user; both force them into the training split, so validation and test metrics, which the
+run reports, never see them. Their features are not secret: each column resampled independently from the party's
+own column (no canary is any real user's row), from a generator seeded with the run's seed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedscore.shared.data.party_data import PartyTable
+from fedscore.shared.data.tables import DataError
+from fedscore.shared.model.parts import seeded
+from fedscore.shared.protocol.splits import SPLIT_TRAIN
+
+PREFIX = "~canary~"
+SPLIT_EXCLUDED = -1  # a split code no model trains or evaluates on (the lender-only baseline leaves canaries out)
+
+
+def canary_ids(n: int) -> list[str]:
+    return [f"{PREFIX}{i:06d}" for i in range(n)]
+
+
+def is_canary(ids: list[str] | np.ndarray) -> np.ndarray:
+    return np.array([str(i).startswith(PREFIX) for i in ids], dtype=bool)
+
+
+def with_canaries(table: PartyTable, n: int, seed: int, party: str) -> PartyTable:
+    """The table plus `n` canary rows at the end (or the table itself when n is 0)."""
+    if n == 0:
+        return table
+    clash = is_canary(table.ids)
+    if clash.any():
+        raise DataError(f"{table.source}: column id: row {int(np.argmax(clash))} starts with {PREFIX!r}, the prefix "
+                        "reserved for audit canaries")
+    rng = np.random.default_rng(seeded(seed, party, "canary-features"))
+    rows = rng.integers(0, len(table.ids), size=(n, table.values.shape[1]))
+    values = np.take_along_axis(table.values, rows, axis=0)
+    return PartyTable(ids=[*table.ids, *canary_ids(n)], columns=table.columns,
+                      values=np.concatenate([table.values, values]), source=table.source, schema=table.schema,
+                      report={**table.report, "canaries": n})
+
+
+def canary_labels(n: int) -> np.ndarray:
+    """Uniform 0/1 labels from a fresh OS-keyed CSPRNG (always, even in the replayable test mode)."""
+    from fedscore.shared.privacy.secure_random import NoiseSource
+
+    return NoiseSource().bernoulli((n,), 0.5).numpy().astype(np.float32)
+
+
+def force_train(split: np.ndarray, ids: list[str] | np.ndarray) -> np.ndarray:
+    """Canaries train, never validate or test: the run's metrics exclude them."""
+    split = split.copy()
+    split[is_canary(ids)] = SPLIT_TRAIN
+    return split
