@@ -19,7 +19,7 @@ from fedscore.shared.model.parts import seeded
 from fedscore.shared.model.preprocessing import Scaler
 
 AUX_FRACTION = 0.2
-MAX_AUX = 4000  # enough to fit the regressors; keeps the audit within minutes on UCI
+MAX_AUX = 2000  # enough to fit the regressors; keeps the audit within minutes on UCI
 THREAT = ("the lender: every embedding it received (after all noise) and the payment features of "
           f"{AUX_FRACTION:.0%} of the aligned users (at most {MAX_AUX})")
 
@@ -45,7 +45,7 @@ def _fit_predict(h_aux: np.ndarray, x_aux: np.ndarray, h_rest: np.ndarray, seed:
     if nonlinear:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            guesses["mlp"] = MLPRegressor(hidden_layer_sizes=(64, 64), max_iter=200, early_stopping=True,
+            guesses["mlp"] = MLPRegressor(hidden_layer_sizes=(32,), max_iter=100, early_stopping=True,
                                           random_state=seed).fit(h_aux, x_aux).predict(h_rest)
     return guesses
 
