@@ -304,8 +304,8 @@ def audit(run_dir: Annotated[Path | None, typer.Argument(help="a finished run re
     privacy-report.json and report.html. Exits 1 when an audit's lower bound exceeds a claimed epsilon.
 
     `fedscore audit RUN_DIR` audits a run made with --set audit.record_transcripts=true; `fedscore audit --data DIR
-    --out RUN_DIR [--set ...]` trains that run first (in process, transcripts and canaries on, fresh party homes in
-    RUN_DIR/party-homes unless --party-home)."""
+    --out RUN_DIR [--set ...]` trains that run first (in process, transcripts and canaries on, baselines off unless
+    --set baselines.enabled=true, fresh party homes in RUN_DIR/party-homes unless --party-home)."""
     from fedscore.audit.section import run_audit
     from fedscore.audit.views import AuditError
 
@@ -317,7 +317,9 @@ def audit(run_dir: Annotated[Path | None, typer.Argument(help="a finished run re
             assert target is not None
             from fedscore.runs import run_inprocess
 
-            cfg = _load(config, [*(set_ or []), "audit.record_transcripts=true", f"audit.canaries={canaries}"])
+            # baselines off unless --set turns them on: an audit run is there to be attacked
+            cfg = _load(config, ["baselines.enabled=false", *(set_ or []), "audit.record_transcripts=true",
+                                 f"audit.canaries={canaries}"])
             homes = ({p: target / "party-homes" / p for p in ("payment", "lender")} if not party_home
                      else _homes(party_home))
             with _progress_bar() as progress:

@@ -45,15 +45,15 @@ def _fit_predict(h_aux: np.ndarray, x_aux: np.ndarray, h_rest: np.ndarray, seed:
     if nonlinear:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            guesses["mlp"] = MLPRegressor(hidden_layer_sizes=(32,), max_iter=100, early_stopping=True,
+            guesses["mlp"] = MLPRegressor(hidden_layer_sizes=(64, 64), max_iter=300, early_stopping=True,
                                           random_state=seed).fit(h_aux, x_aux).predict(h_rest)
     return guesses
 
 
 def reconstruction_attack(views: RunViews) -> dict[str, Any]:
     state = views.payment_state
-    x = state["x"][state["rows"]].numpy().astype(np.float64)
-    names = Scaler(**state["scaler"]).output_names
+    names = Scaler(**state["scaler"]).columns  # each declared column once (its one-hot indicators derive from it)
+    x = state["x"][state["rows"]].numpy().astype(np.float64)[:, :len(names)]
     real = np.flatnonzero(~views.canary)
     rng = np.random.default_rng(seeded(views.config.seed, "attacker", "aux-features"))
     aux = rng.choice(real, size=min(int(AUX_FRACTION * len(real)), MAX_AUX), replace=False)
