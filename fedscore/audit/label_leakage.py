@@ -148,7 +148,7 @@ def label_attacks(views: RunViews, epsilon: float | None) -> dict[str, Any]:
     train_positions = np.flatnonzero(views.train)
     canary_scores = {"cosine": pooled[views.canary]}
     flips_epsilon = views.config.privacy.label_epsilon
-    if flips_epsilon is not None:
+    if flips_epsilon is not None and views.config.privacy.labels_protected:  # else nothing was flipped
         for name, mask in replayed_flip_masks(views.config.seed, len(train_positions), flips_epsilon).items():
             sign = np.ones(len(views.aligned_ids))
             sign[train_positions[mask]] = -1.0  # undo the replayed flip
