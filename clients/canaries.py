@@ -1,15 +1,21 @@
 """Canary users for the one-run audit: extra synthetic rows in both parties' tables, never real users.
 
 Why: the audit (fedscore/audit/one_run.py, Steinke, Nasr and Jagielski 2023) needs many users whose secret bit is
-independently random and known to the auditor. A canary's secret is its label, drawn uniformly at random by the
+independently random and known to the auditor. Two secrets per canary: its label, drawn uniformly at random by the
 lender from its CSPRNG (never from the seed: the payment holder knows the seed, and a replayable canary would audit
-nothing). Both parties add the same canary IDs (a prefix no real ID may carry; a table that has one is refused), so
-PSI aligns them like any user; both force them into the training split, so validation and test metrics, which the
-run reports, never see them. Their features are not secret: each column resampled independently from the party's
-own column (no canary is any real user's row), from a generator seeded with the run's seed.
+nothing), audits the label guarantee against the payment holder; whether it trains at all, a fair coin from a keyed
+hash of its ID under the secret the two parties share (so both agree, and an outsider cannot tell), audits the
+released model against an outsider. Both parties add the same canary IDs (a prefix no real ID may carry; a table
+that has one is refused), so PSI aligns them like any user; both put them in the training split or in none
+(SPLIT_EXCLUDED), so validation and test metrics, which the run reports, never see them. Their features are not
+secret: each column resampled independently from the party's own column (no canary is any real user's row), from
+a generator seeded with the run's seed.
 """
 
 from __future__ import annotations
+
+import hashlib
+import hmac
 
 import numpy as np
 
@@ -53,8 +59,16 @@ def canary_labels(n: int) -> np.ndarray:
     return NoiseSource().bernoulli((n,), 0.5).numpy().astype(np.float32)
 
 
-def force_train(split: np.ndarray, ids: list[str] | np.ndarray) -> np.ndarray:
-    """Canaries train, never validate or test: the run's metrics exclude them."""
+def included(ids: list[str] | np.ndarray, secret: bytes) -> np.ndarray:
+    """Each canary trains with probability 1/2: the low bit of HMAC-SHA256(secret, ID)."""
+    return np.array([hmac.new(secret, b"canary-included:" + str(i).encode(), hashlib.sha256).digest()[0] & 1 == 1
+                     for i in ids], dtype=bool)
+
+
+def canary_split(split: np.ndarray, ids: list[str] | np.ndarray, secret: bytes) -> np.ndarray:
+    """Included canaries train, the others are in no split; none validates or tests, so the metrics exclude them."""
     split = split.copy()
-    split[is_canary(ids)] = SPLIT_TRAIN
+    canary = is_canary(ids)
+    keep = included(np.asarray(ids)[canary], secret)
+    split[np.flatnonzero(canary)] = np.where(keep, SPLIT_TRAIN, SPLIT_EXCLUDED)
     return split

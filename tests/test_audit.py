@@ -21,12 +21,12 @@ from fedscore.audit.membership import dp_auc_ceiling
 from fedscore.audit.one_run import audit, epsilon_lower_bound, p_value
 from fedscore.audit.section import audit_section, run_audit
 from fedscore.cli import app
-from fedscore.clients.canaries import PREFIX
+from fedscore.clients.canaries import PREFIX, SPLIT_EXCLUDED
 from fedscore.runs import run_inprocess
 from fedscore.shared.config import load_config
 from tests.conftest import SECRET, fresh_homes, make_party_data
 
-CANARIES = 1000
+CANARIES = 2000
 AUDITED = ["training.rounds=3", "training.local_epochs=1", "training.batch_size=512", "baselines.enabled=false",
            "privacy.outsider_epsilon=none", "audit.record_transcripts=true", f"audit.canaries={CANARIES}"]
 
@@ -111,16 +111,19 @@ def test_transcripts_hold_what_each_party_received(unprotected: Path, data: Path
     real = set(pd.read_parquet(data / "payment" / "features.parquet")["id"])
     ids = set(payment["id"])
     canaries = {i for i in ids if i.startswith(PREFIX)}
-    assert len(canaries) == CANARIES and ids - canaries <= real
+    assert ids - canaries <= real
+    assert len({i for i in lender["id"] if i.startswith(PREFIX)}) == CANARIES  # every canary is embedded
     # as received: the last embeddings the lender got are the payment holder's last (unprotected) release
     state = torch.load(unprotected / "parties" / "payment" / "state.pt", weights_only=True)
     last = lender["round"] == 2
     assert np.array_equal(lender["embedding"][last], state["released"].numpy())
-    # the real metrics never see a canary: test users are the real ones only
+    # the real metrics never see a canary: each trains (about half) or is in no split, never validation or test
     lender_state = torch.load(unprotected / "parties" / "lender" / "state.pt", weights_only=True)
     aligned = [lender_state["ids"][int(r)] for r in lender_state["rows"]]
     split = lender_state["split"].numpy()
-    assert all(split[k] == 0 for k, i in enumerate(aligned) if i.startswith(PREFIX))
+    canary_splits = np.array([split[k] for k, i in enumerate(aligned) if i.startswith(PREFIX)])
+    assert set(canary_splits) == {0, SPLIT_EXCLUDED} and abs((canary_splits == 0).mean() - 0.5) < 0.05
+    assert len(canaries) == (canary_splits == 0).sum()  # only the training canaries get gradients
 
 
 # -- attacks and audit ------------------------------------------------------------------------------------------------
@@ -135,7 +138,8 @@ def test_attacks_work_when_nothing_protects(unprotected: Path) -> None:
     assert _pooled(section, "label inference (cosine > 0) accuracy") >= 0.95
     pooled = [r for r in section["features_vs_lender"]["results"] if r["exchange"] == "pooled over exchanges"]
     assert pooled[0]["pooled_r2"] > 0.5  # clean embeddings give the features away to the lender
-    (label_audit,) = section["one_run_audits"]
+    label_audit, release_audit = section["one_run_audits"]
+    assert release_audit["guarantee"] == "joint.records@outsider" and release_audit["claim"] is None
     assert label_audit["claim"] is None and not label_audit["violation"]  # nothing is claimed ...
     assert label_audit["epsilon_lower_bound"] > 3  # ... and the audit sees the labels leak
 
@@ -148,7 +152,8 @@ def test_attacks_stay_under_randomized_response(protected: Path) -> None:
     for row in attacks:  # ... and no attack sees past them (a few standard errors on ~2,000 users)
         if row["ceiling"] is not None:
             assert row["value"] <= ceiling + 0.03, row
-    (label_audit,) = section["one_run_audits"]
+    label_audit, release_audit = section["one_run_audits"]
+    assert not release_audit["violation"]
     assert label_audit["claim"] == pytest.approx(2.0, abs=0.01)
     assert 0.8 <= label_audit["epsilon_lower_bound"] <= 2.0 and not label_audit["violation"]
     membership = section["membership_vs_outsider"]
@@ -162,7 +167,7 @@ def test_audit_catches_randomized_response_with_its_noise_off(data: Path, tmp_pa
 
     monkeypatch.setattr(privacy, "randomized_response", lambda labels, epsilon, source: labels.clone())
     section = audit_section(_run(data, tmp_path, "privacy.label_epsilon=2"))
-    (label_audit,) = section["one_run_audits"]
+    label_audit = section["one_run_audits"][0]
     assert label_audit["claim"] == pytest.approx(2.0, abs=0.01)
     assert label_audit["violation"] and label_audit["epsilon_lower_bound"] > 3
     assert section["violations"]

@@ -98,9 +98,9 @@ class LenderParty(PartyBase):
         split = assign_splits(common, config.split.test_fraction, config.split.val_fraction,
                               self.settings.secret_bytes)
         if config.audit.canaries:
-            from fedscore.clients.canaries import force_train
+            from fedscore.clients.canaries import canary_split
 
-            split = force_train(split, [mine[int(r)] for r in rows])
+            split = canary_split(split, [mine[int(r)] for r in rows], self.settings.secret_bytes)
         y = self.state["y"][rows]
         for code, label in ((SPLIT_TRAIN, "train"), (SPLIT_TEST, "test")):
             part = y[torch.from_numpy(split == code)]

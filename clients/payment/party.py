@@ -83,9 +83,9 @@ class PaymentParty(PartyBase):
         split = assign_splits(aligned, config.split.test_fraction, config.split.val_fraction,
                               self.settings.secret_bytes)
         if config.audit.canaries:
-            from fedscore.clients.canaries import force_train
+            from fedscore.clients.canaries import canary_split
 
-            split = force_train(split, [self.state["ids"][int(r)] for r in rows])
+            split = canary_split(split, [self.state["ids"][int(r)] for r in rows], self.settings.secret_bytes)
         self.state["rows"] = torch.from_numpy(rows)
         self.state["split"] = torch.from_numpy(split)
         self._plan_privacy(int((split == SPLIT_TRAIN).sum()))

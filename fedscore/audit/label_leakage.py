@@ -146,7 +146,8 @@ def label_attacks(views: RunViews, epsilon: float | None) -> dict[str, Any]:
                      "chance": float(max(y.mean(), 1 - y.mean())), "ceiling": ceiling})
     pooled = per["pooled"]["cosine"]
     train_positions = np.flatnonzero(views.train)
-    canary_scores = {"cosine": pooled[views.canary]}
+    audited = views.canary & views.train  # the canaries that trained (the others got no gradient)
+    canary_scores = {"cosine": pooled[audited]}
     flips_epsilon = views.config.privacy.label_epsilon
     if flips_epsilon is not None and views.config.privacy.labels_protected:  # else nothing was flipped
         for name, mask in replayed_flip_masks(views.config.seed, len(train_positions), flips_epsilon).items():
@@ -156,7 +157,7 @@ def label_attacks(views: RunViews, epsilon: float | None) -> dict[str, Any]:
             rows.append({"attack": f"replay ({name}) + label inference accuracy", "exchange": "pooled over exchanges",
                          "metric": "accuracy", "value": float(((guess[evaluate] > 0) == (y == 1)).mean()),
                          "chance": float(max(y.mean(), 1 - y.mean())), "ceiling": ceiling})
-            canary_scores[f"replay ({name})"] = guess[views.canary]
+            canary_scores[f"replay ({name})"] = guess[audited]
     completion = _completion(views, known, evaluate)
     rows.append({"attack": "model completion AUC, training users", "exchange": "final model", "metric": "AUC",
                  "value": completion["train_auc"], "chance": completion["heldout_auc"], "ceiling": None,

@@ -30,7 +30,8 @@ def dp_auc_ceiling(epsilon: float | None, delta: float) -> float:
     return float(1 - np.trapezoid(f, a))
 
 
-def membership_attack(views: RunViews, epsilon: float | None, delta: float) -> dict[str, Any]:
+def losses(views: RunViews) -> np.ndarray:
+    """The released model's log loss on every aligned user, with its clean label (canaries: their random one)."""
     from fedscore.shared.model.parts import lender_model, payment_model
 
     config = views.config
@@ -46,10 +47,22 @@ def membership_attack(views: RunViews, epsilon: float | None, delta: float) -> d
     with torch.no_grad():
         p = top.probability(xl, bottom(xp)).numpy().astype(np.float64)
     y = views.clean
-    loss = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+    return -(y * np.log(p) + (1 - y) * np.log(1 - p))
+
+
+def canary_scores(views: RunViews, loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For the one-run audit of the release: (score per canary, > 0 guessing "it trained", and whether it did).
+    The score is how far below the canaries' median loss its loss lies: a lower loss suggests training."""
+    canary = views.canary
+    return np.median(loss[canary]) - loss[canary], views.train[canary]
+
+
+def membership_attack(views: RunViews, epsilon: float | None, delta: float,
+                      loss: np.ndarray | None = None) -> dict[str, Any]:
+    loss = losses(views) if loss is None else loss
     members, others = views.train & ~views.canary, views.test & ~views.canary
     truth = np.concatenate([np.ones(members.sum()), np.zeros(others.sum())])
     auc = float(roc_auc_score(truth, -np.concatenate([loss[members], loss[others]])))
     return {"threat_model": THREAT, "attack": "loss-threshold membership inference AUC", "value": auc,
             "chance": 0.5, "ceiling": dp_auc_ceiling(epsilon, delta), "members": int(members.sum()),
-            "non_members": int(others.sum()), "dp_sgd": config.privacy.dp_sgd}
+            "non_members": int(others.sum()), "dp_sgd": views.config.privacy.dp_sgd}
