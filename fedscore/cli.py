@@ -369,7 +369,8 @@ def _audit_summary(section: dict, run_dir: Path) -> None:
         claim = "no claim" if a["claim"] is None else f"claimed {a['claim']:.3f} ({a['claim_status']})"
         verdict = "[bold red]VIOLATION[/]" if a["violation"] else "consistent"
         console.print(f"one-run audit {a['guarantee']}: 95% lower bound {a['epsilon_lower_bound']:.3f}, {claim}: "
-                      f"{verdict} ({a['correct']}/{a['guesses']} canaries guessed right, {a['policy']})")
+                      f"{verdict} ({a['correct']}/{a['guesses']} guesses right of {a['canaries']} canaries: "
+                      f"{a['policy']})")
     console.print(f"audit took {section['seconds']:.1f} s; wrote {run_dir}/audit.json, audit.png, "
                   "privacy-report.json, report.html")
 
