@@ -35,7 +35,7 @@ def record(state_dir: Path, party: str, round_: int, ids: list[str], values: np.
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"round-{round_:03d}.npz"
     tmp = folder / f".round-{round_:03d}.tmp.npz"
-    np.savez(tmp, round=np.full(len(ids), round_, dtype=np.int64), id=np.asarray(ids, dtype=str),
+    np.savez_compressed(tmp, round=np.full(len(ids), round_, dtype=np.int64), id=np.asarray(ids, dtype=str),
              **{key: values})
     tmp.replace(path)
     return path
@@ -61,7 +61,7 @@ def copy_transcripts(run_dir: Path) -> list[Path]:
             continue
         out.mkdir(exist_ok=True)
         tmp = out / f".{name}.tmp.npz"
-        np.savez(tmp, **view)
+        np.savez_compressed(tmp, **view)
         shutil.move(tmp, out / name)
         written.append(out / name)
     return written
