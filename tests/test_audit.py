@@ -209,3 +209,19 @@ def test_audit_refuses_a_run_without_transcripts(tmp_path: Path) -> None:
 def test_run_audit_writes_the_plot(protected: Path) -> None:
     run_audit(protected)
     assert (protected / "audit.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_feature_protection_stops_reconstruction_and_dp_sgd_bounds_membership(data: Path, tmp_path: Path) -> None:
+    """The lender's reconstruction, which reads clean embeddings well (test_attacks_work_when_nothing_protects),
+    learns nothing it could not guess from the auxiliary means once the embeddings are noised for feature eps 8;
+    the released model, under DP-SGD, stays under the membership ceiling its outsider claim allows."""
+    run_dir = _run(data, tmp_path, "privacy.label_epsilon=2", "privacy.outsider_epsilon=3",
+                   "privacy.feature_epsilon=8", "privacy.dpsgd_batch_size=256", "privacy.dpsgd_local_epochs=1")
+    section = audit_section(run_dir)
+    features = section["features_vs_lender"]
+    assert features["claim"] is not None
+    assert all(r["pooled_r2"] < 0.2 for r in features["results"]), features["results"]
+    membership = section["membership_vs_outsider"]
+    assert membership["claim"] == pytest.approx(3.0, abs=0.01)
+    assert membership["ceiling"] < 1 and membership["value"] <= membership["ceiling"]
+    assert not section["violations"]
