@@ -7,9 +7,11 @@ nothing), audits the label guarantee against the payment holder; whether it trai
 hash of its ID under the secret the two parties share (so both agree, and an outsider cannot tell), audits the
 released model against an outsider. Both parties add the same canary IDs (a prefix no real ID may carry; a table
 that has one is refused), so PSI aligns them like any user; both put them in the training split or in none
-(SPLIT_EXCLUDED), so validation and test metrics, which the run reports, never see them. Their features are not
-secret: each column resampled independently from the party's own column (no canary is any real user's row), from
-a generator seeded with the run's seed.
+(SPLIT_EXCLUDED), so validation and test metrics, which the run reports, never see them. Their features come from
+the party's public schema alone (uniform over each column's declared levels, or over its declared bounds in the
+column's transformed scale), never from a user's values: a canary built from real values would put that user in two
+rows and double what one user can change in every release. The generator is seeded with the run's seed (the
+features are not secret).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import hmac
 import numpy as np
 
 from fedscore.shared.data.party_data import PartyTable
+from fedscore.shared.data.schema import ColumnSchema
 from fedscore.shared.data.tables import DataError
 from fedscore.shared.model.parts import seeded
 from fedscore.shared.protocol.splits import SPLIT_TRAIN
@@ -44,12 +47,28 @@ def with_canaries(table: PartyTable, n: int, seed: int, party: str) -> PartyTabl
     if clash.any():
         raise DataError(f"{table.source}: column id: row {int(np.argmax(clash))} starts with {PREFIX!r}, the prefix "
                         "reserved for audit canaries")
+    if table.schema is None:
+        raise DataError(f"{table.source}: no schema: canaries are drawn from the declared bounds")
     rng = np.random.default_rng(seeded(seed, party, "canary-features"))
-    rows = rng.integers(0, len(table.ids), size=(n, table.values.shape[1]))
-    values = np.take_along_axis(table.values, rows, axis=0)
+    declared = {c.name: c for c in table.schema.columns}
+    values = np.column_stack([_draw(declared[name], n, rng) for name in table.columns])
     return PartyTable(ids=[*table.ids, *canary_ids(n)], columns=table.columns,
                       values=np.concatenate([table.values, values]), source=table.source, schema=table.schema,
                       report={**table.report, "canaries": n})
+
+
+def _draw(column: ColumnSchema, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n values of one column from its declaration only."""
+    if column.levels is not None:
+        return rng.choice(np.asarray(column.levels, dtype=np.float64), size=n)
+    assert column.lower is not None and column.upper is not None  # the schema requires them
+    if column.transform == "log":  # uniform in signed log1p, the scale the model sees
+        low, high = (float(np.sign(b) * np.log1p(abs(b))) for b in (column.lower, column.upper))
+        u = rng.uniform(low, high, size=n)
+        values = np.sign(u) * np.expm1(np.abs(u))
+    else:
+        values = rng.uniform(column.lower, column.upper, size=n)
+    return np.round(values) if column.type == "integer" else values
 
 
 def canary_labels(n: int) -> np.ndarray:
