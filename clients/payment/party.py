@@ -142,7 +142,7 @@ class PaymentParty(PartyBase):
             train = (self.state["split"] == SPLIT_TRAIN).nonzero().squeeze(1)
             if len(received) == len(train):  # else _local_update refuses it with the shapes
                 self.record_received(round_ - 1, self.state["rows"][train], received)  # the lender's last round
-            self._local_update(model, x, unpack_arrays(message.payload)["gradients"], round_)
+            self._local_update(model, x, received, round_)
         model.eval()
         with torch.no_grad():
             clean = model(x)
