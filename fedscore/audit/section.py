@@ -24,7 +24,7 @@ from fedscore.shared.atomic import write_json_atomic
 AUDIT_FILE = "audit.json"
 PLOT_FILE = "audit.png"
 NOT_DONE = ("white-box one-run audit of the DP-SGD release with gradient (Dirac) canaries: not implemented; the "
-            "release's one-run audit here is black box (the loss of input canaries), which has little power")
+            "release's one-run audit here is black box (the loss of input canaries), which has less power")
 
 
 def _claim(views: RunViews, key: str) -> tuple[float | None, str]:
