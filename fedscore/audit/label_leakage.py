@@ -6,8 +6,9 @@ holds its own bottom model and features. It never sees the lender's state.
 
 - norm attack (Li et al., ICLR 2022): a defaulter's gradient is larger, |p_i - y_i| with p_i mostly small; score
   ||g_i||;
-- cosine (direction) attack (Li et al.): gradients of one class point one way; score cos(g_i, mean gradient of the
-  known defaulters);
+- cosine (direction) attack (Li et al.): gradients of one class point one way; score cos(g_i, r), r the known
+  defaulters' mean gradient minus the known non-defaulters' (Li et al. use one known defaulter's gradient; the
+  difference keeps the orientation when randomized response has flipped some of the known users' labels);
 - label inference: guess "default" when that cosine is positive (accuracy against the clean labels);
 - replay: recompute the randomized-response flips from the public seed, as a regression to a seeded generator (or
   the VOID replayable test mode) would allow, and undo them;
@@ -89,12 +90,13 @@ def gradient_scores(views: RunViews, known: np.ndarray) -> dict[int | str, dict[
     """Per exchange and pooled: norm and cosine scores for every aligned user (NaN where a user got no gradient)."""
     n = len(views.aligned_ids)
     per: dict[int | str, dict[str, np.ndarray]] = {}
-    positives = known[views.clean[known] == 1]
+    positives, negatives = known[views.clean[known] == 1], known[views.clean[known] == 0]
     for round_, pos, g in exchanges(views):
         norm, cos = np.full(n, np.nan), np.full(n, np.nan)
         norm[pos] = np.linalg.norm(g, axis=1)
         where = {p: k for k, p in enumerate(pos)}
-        reference = g[[where[p] for p in positives if p in where]].mean(0)
+        reference = (g[[where[p] for p in positives if p in where]].mean(0)
+                     - g[[where[p] for p in negatives if p in where]].mean(0))
         cos[pos] = _cosines(g, reference)
         per[round_] = {"norm": norm, "cosine": cos}
     if per:
