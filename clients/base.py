@@ -156,6 +156,23 @@ class PartyBase:
                           note="DP standardisation statistics, seen by the lender in the model and embeddings")
         return standardised
 
+    def with_canaries(self, message: Envelope, table: PartyTable) -> PartyTable:
+        """The party's table plus the audit's canary rows, when the run config asks for them (clients/canaries.py)."""
+        from fedscore.clients.canaries import with_canaries
+
+        config = message.header.expect(SetupRequest).config
+        return with_canaries(table, config.audit.canaries, config.seed, self.name)
+
+    def record_received(self, round_: int, rows: torch.Tensor, values: np.ndarray | torch.Tensor) -> None:
+        """With `audit.record_transcripts`: what this party received in exchange `round_`, as received, for its
+        users at `rows` of its table (IDs as in its own data files), in its own state directory."""
+        if not self.config.audit.record_transcripts:
+            return
+        from fedscore.clients.transcript import record
+
+        ids = [str(self.state["ids"][int(r)]) for r in rows]
+        record(self.settings.state_dir, self.name, round_, ids, np.asarray(values, dtype=np.float32))
+
     def noise_source(self, *labels: str) -> NoiseSource:
         """Where every draw a guarantee rests on comes from: keyed from the OS, never from the seed (except in the
         VOID replayable test mode, where `labels` name the draw so both transports replay the same one)."""

@@ -349,6 +349,91 @@ def experiment(grid: Annotated[Path, typer.Option("--grid", help="GRID.toml: dat
                   f"{out}/results.csv, results.md, frontier.png")
 
 
+AUDIT_CANARIES = 4000  # about 2000 train: the label bound then reaches 1.2 under randomized response at eps 2
+
+
+@app.command()
+def audit(run_dir: Annotated[Path | None, typer.Argument(help="a finished run recorded with transcripts")] = None,
+          data: Annotated[Path | None, typer.Option(help="train first, in process, from DIR (then --out)")] = None,
+          out: Annotated[Path | None, typer.Option(help="with --data: the run folder to create")] = None,
+          config: ConfigOpt = None, set_: SetOpt = None, budget: BudgetOpt = None, party_home: HomeOpt = None,
+          canaries: Annotated[int, typer.Option(min=0, help="with --data: canary users for the one-run audit")]
+          = AUDIT_CANARIES) -> None:
+    """Attack what each party saw and audit the label guarantee in one run; adds "Attacks and audit" to
+    privacy-report.json and report.html. Exits 1 when an audit's lower bound exceeds a claimed epsilon.
+
+    `fedscore audit RUN_DIR` audits a run made with --set audit.record_transcripts=true; `fedscore audit --data DIR
+    --out RUN_DIR [--set ...]` trains that run first (in process, transcripts and canaries on, baselines off unless
+    --set baselines.enabled=true, fresh party homes in RUN_DIR/party-homes unless --party-home)."""
+    from fedscore.audit.section import run_audit
+    from fedscore.audit.views import AuditError
+
+    with user_errors():
+        if data is not None:
+            if out is None and run_dir is None:
+                fail("--data needs --out RUN_DIR (the run folder to create)")
+            target = out or run_dir
+            assert target is not None
+            from fedscore.runs import run_inprocess
+
+            # baselines off unless --set turns them on: an audit run is there to be attacked
+            cfg = _load(config, ["baselines.enabled=false", *(set_ or []), "audit.record_transcripts=true",
+                                 f"audit.canaries={canaries}"])
+            homes = ({p: target / "party-homes" / p for p in ("payment", "lender")} if not party_home
+                     else _homes(party_home))
+            with _progress_bar() as progress:
+                run_inprocess(cfg, data, target, progress=progress, budgets=_budgets(cfg, budget), homes=homes)
+            run_dir = target
+        if run_dir is None:
+            fail("give RUN_DIR, or --data DIR --out RUN_DIR")
+        assert run_dir is not None
+        try:
+            section = run_audit(run_dir)
+        except AuditError as exc:
+            fail(str(exc))
+    _audit_summary(section, run_dir)
+    if section["violations"]:
+        raise typer.Exit(1)
+
+
+def _homes(overrides: list[str]):
+    from fedscore.runs import party_homes
+
+    return party_homes(overrides)
+
+
+def _audit_summary(section: dict, run_dir: Path) -> None:
+    table = Table(title="attacks (pooled over exchanges)")
+    for column in ("attacker", "attack", "value", "chance", "ceiling"):
+        table.add_column(column, justify="left" if column in ("attacker", "attack") else "right")
+
+    def fmt(v) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    for r in section["labels_vs_payment"]["attacks"]:
+        if r["exchange"] in ("pooled over exchanges", "final model"):
+            style = "red" if r["above_ceiling"] else None
+            table.add_row("payment holder", r["attack"], fmt(r["value"]), fmt(r["chance"]), fmt(r["ceiling"]),
+                          style=style)
+    mem = section["membership_vs_outsider"]
+    table.add_row("outsider", mem["attack"], fmt(mem["value"]), fmt(mem["chance"]), fmt(mem["ceiling"]),
+                  style="red" if mem["above_ceiling"] else None)
+    for r in section["features_vs_lender"]["results"][-1:]:
+        table.add_row("lender", f"feature reconstruction R^2 ({r['exchange']})", fmt(r["pooled_r2"]), "0.000", "-")
+    console.print(table)
+    for a in section["one_run_audits"]:
+        if a.get("epsilon_lower_bound") is None:
+            console.print(f"one-run audit {a['guarantee']}: {a.get('note', 'not run')}")
+            continue
+        claim = "no claim" if a["claim"] is None else f"claimed {a['claim']:.3f} ({a['claim_status']})"
+        verdict = "[bold red]VIOLATION[/]" if a["violation"] else "consistent"
+        console.print(f"one-run audit {a['guarantee']}: 95% lower bound {a['epsilon_lower_bound']:.3f}, {claim}: "
+                      f"{verdict} ({a['correct']}/{a['guesses']} guesses right of {a['canaries']} canaries: "
+                      f"{a['policy']})")
+    console.print(f"audit took {section['seconds']:.1f} s; wrote {run_dir}/audit.json, audit.png, "
+                  "privacy-report.json, report.html")
+
+
 def main() -> None:
     app()
 

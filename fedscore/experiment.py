@@ -106,7 +106,8 @@ def load_grid(path: Path, out: Path) -> list[RunSpec]:
     data = grid.data if grid.data.is_absolute() else (path.parent / grid.data)
     if not all((data / party).is_dir() for party in ("payment", "lender")):
         raise ConfigError(f"grid file {path}: data: {data} has no payment/ and lender/ folders")
-    fixed = [_override(k, v) for k, v in grid.fixed.items()]
+    # every run records what each party received, so `fedscore audit RUN` can attack it later ([set] may turn it off)
+    fixed = ["audit.record_transcripts=true", *(_override(k, v) for k, v in grid.fixed.items())]
     runs = []
     for values in itertools.product(*grid.grid.values()):
         settings = dict(zip(grid.grid, values, strict=True))

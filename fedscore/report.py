@@ -142,7 +142,42 @@ def render(run_dir: Path) -> str:
         guarantees=[_guarantee_row(g) for g in privacy.get("guarantees", [])],
         releases=[{"party": party, **r} for party, items in (privacy.get("releases") or {}).items() for r in items],
         unprotected=privacy.get("unprotected") or [],
-        plots=[{"title": title, "png_base64": png} for title, png in _plots(metrics, outcome, privacy)])
+        plots=[{"title": title, "png_base64": png} for title, png in _plots(metrics, outcome, privacy)],
+        audit=_audit_view(run_dir, privacy.get("attacks_and_audit")))
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _audit_view(run_dir: Path, section: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The "Attacks and audit" section: numbers formatted, red flags decided here, the plot embedded."""
+    if not section:
+        return None
+    labels = section["labels_vs_payment"]
+    mem = section["membership_vs_outsider"]
+    attacks = [{"who": "payment holder", "attack": r["attack"], "exchange": r["exchange"], "value": _fmt(r["value"]),
+                "chance": _fmt(r["chance"]), "ceiling": _fmt(r["ceiling"]), "red": bool(r["above_ceiling"])}
+               for r in labels["attacks"]]
+    attacks.append({"who": "outsider", "attack": mem["attack"], "exchange": "released model",
+                    "value": _fmt(mem["value"]), "chance": _fmt(mem["chance"]), "ceiling": _fmt(mem["ceiling"]),
+                    "red": bool(mem["above_ceiling"])})
+    features = section["features_vs_lender"]
+    recon = [{"exchange": r["exchange"], "regressor": r["regressor"], "pooled": _fmt(r["pooled_r2"]),
+              "per_feature": ", ".join(f"{k} {_fmt(v, 2)}" for k, v in r["per_feature_r2"].items())}
+             for r in features["results"]]
+    audits = [{"guarantee": a["guarantee"], "claim": _fmt(a["claim"]), "status": a["claim_status"],
+               "bound": _fmt(a["epsilon_lower_bound"]), "red": bool(a["violation"]),
+               "detail": (f"{a['correct']}/{a['guesses']} correct of {a['canaries']} canaries ({a['policy']}; "
+                          f"{a['confidence']:.0%} confidence over {a['policies_tried']} guess policies)"
+                          if a.get("guesses") else a.get("note", ""))} for a in section["one_run_audits"]]
+    png = run_dir / "audit.png"
+    return {"threats": {"labels": labels["threat_model"], "features": features["threat_model"],
+                        "membership": mem["threat_model"]},
+            "label_claim": _fmt(labels.get("claim")), "feature_claim": _fmt(features.get("claim")),
+            "attacks": attacks, "reconstruction": recon, "audits": audits, "violations": section["violations"],
+            "not_done": section.get("not_done", []),
+            "png_base64": base64.b64encode(png.read_bytes()).decode() if png.exists() else None}
 
 
 def write_reports(run_dir: Path) -> dict[str, Any]:
@@ -155,6 +190,8 @@ def write_reports(run_dir: Path) -> dict[str, Any]:
     config = FedConfig.model_validate_json((run_dir / "config.json").read_text())
     outcome = json.loads((run_dir / "outcome.json").read_text())
     report = build_privacy_report(config, outcome.get("ledgers", {}), outcome.get("error"), outcome.get("run_id", ""))
+    if (run_dir / "audit.json").exists():  # written by `fedscore audit` (fedscore/audit/section.py)
+        report["attacks_and_audit"] = json.loads((run_dir / "audit.json").read_text())
     write_json_atomic(run_dir / "privacy-report.json", report)
     write_text_atomic(run_dir / "report.html", render(run_dir))
     return report

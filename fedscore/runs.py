@@ -285,8 +285,10 @@ def finish_run(run_dir: Path, data_dir: Path | None, config: FedConfig, secret: 
     the coordinator of a deployment (`fedscore run`) has neither (data_dir None) and reports the lender-only
     baseline the lender shared. The key fingerprints come from the homes, or are given. `bundle`: gather the two
     exported parts into RUN_DIR/model (a deployment's parts stay on the parties' machines: `fedscore bundle`)."""
+    from fedscore.clients.transcript import copy_transcripts
     from fedscore.report import write_reports
 
+    copy_transcripts(run_dir)  # what each party received, if it recorded (audit.record_transcripts)
     outcome = read_outcome(run_dir)
     if outcome.get("error"):
         write_reports(run_dir)  # the report says which party refused and what had been released by then

@@ -115,6 +115,18 @@ class PrivacyConfig(_Strict):
         return self.dp_sgd and self.scaler_noise_multiplier is not None
 
 
+class AuditConfig(_Strict):
+    """What an audit run adds (`fedscore audit`, experiments): transcripts of what each party received, and
+    canary users the one-run audit scores. Neither changes a guarantee: canaries are extra synthetic rows,
+    forced into the training split, that the run's metrics never see."""
+
+    record_transcripts: bool = Field(
+        False, description="each party writes what it received, as received, to its state directory "
+        "(clients/transcript.py); the run copies them to RUN_DIR/transcripts/")
+    canaries: int = Field(0, ge=0, le=100_000, description="synthetic canary users added to both parties' tables "
+                          "(clients/canaries.py), each with a label drawn uniformly at random by the lender")
+
+
 class FedConfig(_Strict):
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -122,6 +134,7 @@ class FedConfig(_Strict):
     split: SplitConfig = Field(default_factory=SplitConfig)
     baselines: BaselineConfig = Field(default_factory=BaselineConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
 
 class ConfigError(ValueError):

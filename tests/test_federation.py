@@ -16,6 +16,7 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedscore.federation import run_federated
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.federation
 # privacy on: randomized response, DP-SGD (Opacus inside the ClientApp processes), budgets passed as node config
 # replayable noise (VOID, test only) so both transports draw the same flips, samples and noise
 SMALL = [*FAST, "training.rounds=2", "baselines.enabled=false", "privacy.enabled=true",
-         "privacy.dpsgd_batch_size=256", "privacy.replayable_noise=true"]
+         "privacy.dpsgd_batch_size=256", "privacy.replayable_noise=true", "audit.record_transcripts=true"]
 
 
 def _alive(pid: int) -> bool:
@@ -57,6 +58,15 @@ def test_flower_matches_inprocess_and_cleans_up(party_data: tuple[Path, dict], t
     assert {g["protects"] for g in flower_report["guarantees"]} == {"lender.labels", "joint.records"}
     assert flower_report["void"] and {g["status"] for g in flower_report["guarantees"]} == {"VOID"}
     assert federated["alignment"]["intersection"] == len(ids["payment"] & ids["lender"])
+    # each party's worker recorded what it received, and the run collected it: the same as in process
+    for view in ("payment_view.npz", "lender_view.npz"):
+        flower_view = np.load(tmp_path / "flower" / "transcripts" / view, allow_pickle=False)
+        local_view = np.load(tmp_path / "inprocess" / "transcripts" / view, allow_pickle=False)
+        assert set(flower_view.files) == set(local_view.files) and len(flower_view["id"]) > 0
+        for name in ("round", "id"):
+            assert np.array_equal(flower_view[name], local_view[name]), (view, name)
+        array = "gradient" if "gradient" in flower_view.files else "embedding"
+        assert np.allclose(flower_view[array], local_view[array], atol=1e-5), view
 
     logs = tmp_path / "flower" / "flower" / "logs"
     # the default is TLS with SuperNode authentication: both SuperNodes registered, none joined without a key

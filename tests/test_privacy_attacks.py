@@ -16,13 +16,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from fedscore.audit.label_leakage import replayed_flip_masks
 from fedscore.cli import app
 from fedscore.clients.parties import make_party
 from fedscore.runs import RunError, default_budgets, party_settings, prepare_run_dir, run_inprocess
 from fedscore.server.coordinator import Coordinator
 from fedscore.shared.config import FedConfig, load_config
-from fedscore.shared.model.parts import seeded
-from fedscore.shared.privacy import NoiseSource
 from fedscore.shared.protocol.messages import Envelope, unpack_arrays
 from fedscore.shared.protocol.transport import InProcessTransport
 from tests.conftest import SECRET, fresh_homes, make_party_data
@@ -75,14 +74,9 @@ def _gradient_attack(gradients: np.ndarray, clean: np.ndarray) -> tuple[np.ndarr
 
 
 def _replayed_flips(config: FedConfig, n_total: int, train: np.ndarray) -> list[np.ndarray]:
-    """Every way the flip mask could be replayed from public values: the old torch generator seeded from `seed`, and
-    the VOID replayable stream (which a test-mode run uses)."""
-    flip_p = 1 / (1 + math.exp(LABEL_EPS))
-    old = torch.rand(int(train.sum()), generator=torch.Generator().manual_seed(
-        seeded(config.seed, "lender", "randomized-response")), dtype=torch.float64) < flip_p
-    replay = NoiseSource.replayable_from(config.seed, "lender", "randomized-response").bernoulli(
-        (int(train.sum()),), flip_p)
-    return [old.numpy(), replay.numpy()]
+    """Every way the flip mask could be replayed from public values (fedscore.audit's replay attack): the old torch
+    generator seeded from `seed`, and the VOID replayable stream (which a test-mode run uses)."""
+    return list(replayed_flip_masks(config.seed, int(train.sum()), LABEL_EPS).values())
 
 
 def _best_label_guess(transport: RecordingTransport, parties: dict, config: FedConfig) -> tuple[float, float]:

@@ -18,7 +18,7 @@ from fedscore.shared.data.party_data import batches
 from fedscore.shared.metrics import all_metrics, curves
 from fedscore.shared.model.parts import LenderTop, init_module, lender_model, seeded
 from fedscore.shared.model.preprocessing import Scaler
-from fedscore.shared.protocol.bodies import AlignmentSizes, Curves, LenderOnly, TableSize, Trained
+from fedscore.shared.protocol.bodies import AlignmentSizes, Curves, LenderOnly, SetupRequest, TableSize, Trained
 from fedscore.shared.protocol.messages import Envelope, MessageKind, pack_arrays, unpack_arrays
 from fedscore.shared.protocol.splits import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, assign_splits
 
@@ -38,6 +38,13 @@ class LenderParty(PartyBase):
 
     def on_setup(self, message: Envelope) -> Envelope:
         table, labels = load_lender_table(self.settings.data_path)
+        default_rate = float(labels.mean())  # of the real applicants
+        canaries = message.header.expect(SetupRequest).config.audit.canaries
+        if canaries:  # the audit's canary rows, each with a label drawn uniformly by our CSPRNG
+            from fedscore.clients.canaries import canary_labels
+
+            table = self.with_canaries(message, table)
+            labels = np.concatenate([labels, canary_labels(canaries)])
         assert table.schema is not None  # load_lender_table refuses a folder without one
         self.state = {
             **self.fresh_state(message, table),
@@ -55,7 +62,7 @@ class LenderParty(PartyBase):
         psi_request, self.state["psi_state"] = lender_request(self.state["ids"])
         return self.reply(message, payload=psi_request, payload_kind="psi_request",
                           body=TableSize(rows=len(table.ids), features=len(table.columns),
-                                         default_rate=float(labels.mean())))
+                                         default_rate=default_rate))
 
     # -- blacklist check: the lender learns which applicants are on the payment holder's fraud list ------------------
     def on_blacklist_request(self, message: Envelope) -> Envelope:
@@ -90,6 +97,10 @@ class LenderParty(PartyBase):
         config = self.config
         split = assign_splits(common, config.split.test_fraction, config.split.val_fraction,
                               self.settings.secret_bytes)
+        if config.audit.canaries:
+            from fedscore.clients.canaries import canary_split
+
+            split = canary_split(split, [mine[int(r)] for r in rows], self.settings.secret_bytes)
         y = self.state["y"][rows]
         for code, label in ((SPLIT_TRAIN, "train"), (SPLIT_TEST, "test")):
             part = y[torch.from_numpy(split == code)]
@@ -152,7 +163,12 @@ class LenderParty(PartyBase):
         config = self.config
         rows = self.state["rows"].numpy()
         x, y, split = self._aligned()
-        return best_reference(x.numpy(), self.state["raw"][rows].numpy(), y.numpy(), split.numpy(),
+        split = split.numpy()
+        if config.audit.canaries:  # the baseline learns from real users only
+            from fedscore.clients.canaries import SPLIT_EXCLUDED, is_canary
+
+            split = np.where(is_canary([self.state["ids"][int(r)] for r in rows]), SPLIT_EXCLUDED, split)
+        return best_reference(x.numpy(), self.state["raw"][rows].numpy(), y.numpy(), split,
                               hidden=config.model.lender_hidden, epochs=config.baselines.epochs,
                               lr=config.training.lr, batch_size=config.training.batch_size, seed=config.seed)
 
@@ -169,6 +185,7 @@ class LenderParty(PartyBase):
         if h.shape != (len(y), config.model.embedding_dim):
             raise ProtocolError(f"lender: embeddings of shape {tuple(h.shape)}, expected "
                                 f"({len(y)}, {config.model.embedding_dim})")
+        self.record_received(message.header.round, self.state["rows"], h)
         model = self._new_model(config.model.embedding_dim)
         model.load_state_dict(self.state["model"])
         y_release = self.state["y_release"]  # randomized-response labels on training users when protected

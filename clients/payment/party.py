@@ -44,7 +44,7 @@ class PaymentParty(PartyBase):
 
     # -- setup and alignment -------------------------------------------------------------------------------------
     def on_setup(self, message: Envelope) -> Envelope:
-        table = load_payment_table(self.settings.data_path)
+        table = self.with_canaries(message, load_payment_table(self.settings.data_path))
         self.state = {
             **self.fresh_state(message, table),
             "featurised": Path(table.source).stem == "transactions",
@@ -82,6 +82,10 @@ class PaymentParty(PartyBase):
         config = self.config
         split = assign_splits(aligned, config.split.test_fraction, config.split.val_fraction,
                               self.settings.secret_bytes)
+        if config.audit.canaries:
+            from fedscore.clients.canaries import canary_split
+
+            split = canary_split(split, [self.state["ids"][int(r)] for r in rows], self.settings.secret_bytes)
         self.state["rows"] = torch.from_numpy(rows)
         self.state["split"] = torch.from_numpy(split)
         self._plan_privacy(int((split == SPLIT_TRAIN).sum()))
@@ -134,7 +138,11 @@ class PaymentParty(PartyBase):
         model.load_state_dict(self.state["model"])
         x = self.state["x"][self.state["rows"]]
         if message.header.payload_kind == "gradients":
-            self._local_update(model, x, unpack_arrays(message.payload)["gradients"], round_)
+            received = unpack_arrays(message.payload)["gradients"]
+            train = (self.state["split"] == SPLIT_TRAIN).nonzero().squeeze(1)
+            if len(received) == len(train):  # else _local_update refuses it with the shapes
+                self.record_received(round_ - 1, self.state["rows"][train], received)  # the lender's last round
+            self._local_update(model, x, received, round_)
         model.eval()
         with torch.no_grad():
             clean = model(x)
@@ -178,7 +186,11 @@ class PaymentParty(PartyBase):
         from fedscore.shared.model.manifest import sha256_file
 
         privacy = self.config.privacy
-        write_served(self.settings.home, sha256_file(part), [self.state["ids"][int(r)] for r in self.state["rows"]],
+        from fedscore.clients.canaries import is_canary
+
+        ids = [self.state["ids"][int(r)] for r in self.state["rows"]]
+        write_served(self.settings.home, sha256_file(part), [i for i, c in zip(ids, is_canary(ids), strict=True)
+                                                              if not c],
                      ServedMeta(feature_sigma=self.state.get("feature_sigma"), embedding_clip=privacy.embedding_clip,
                                 feature_neighbouring=privacy.feature_neighbouring, delta=privacy.delta,
                                 replayable_noise=privacy.enabled and privacy.replayable_noise, run=self.run_id))

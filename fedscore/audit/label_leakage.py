@@ -1,0 +1,170 @@
+"""The payment holder attacks the lender's labels from what it received (RUN_DIR/transcripts/payment_view.npz).
+
+Threat model: the payment holder sees every gradient the lender sent (after all noise), knows the public run config
+(seed included) and the labels of a few dozen training users (KNOWN_LABELS, e.g. its own staff who borrowed), and
+holds its own bottom model and features. It never sees the lender's state.
+
+- norm attack (Li et al., ICLR 2022): a defaulter's gradient is larger, |p_i - y_i| with p_i mostly small; score
+  ||g_i||;
+- cosine (direction) attack (Li et al.): gradients of one class point one way; score cos(g_i, r), r the known
+  defaulters' mean gradient minus the known non-defaulters' (Li et al. use one known defaulter's gradient; the
+  difference keeps the orientation when randomized response has flipped some of the known users' labels);
+- label inference: guess "default" when that cosine is positive (accuracy against the clean labels);
+- replay: recompute the randomized-response flips from the public seed, as a regression to a seeded generator (or
+  the VOID replayable test mode) would allow, and undo them;
+- model completion (Fu et al., USENIX Security 2022): a logistic head on the payment holder's own final bottom model,
+  fitted on the known labels, applied to the other training users and to held-out users (features alone predict
+  defaults, so the leak is the gap between the two).
+
+Each is scored per exchange and pooled over exchanges, on real training users (canaries and known users excluded).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from fedscore.audit.views import RunViews
+from fedscore.shared.model.parts import seeded
+
+KNOWN_LABELS = 40
+THREAT = ("the payment holder: every gradient it received (after all noise), the public run config and seed, its "
+          f"own model and features, and the labels of {KNOWN_LABELS} training users")
+
+
+def rr_ceiling(epsilon: float | None) -> float:
+    """The best accuracy (and AUC) any attack can reach on a label released by eps randomized response."""
+    return 1.0 if epsilon is None else math.exp(epsilon) / (1 + math.exp(epsilon))
+
+
+def replayed_flip_masks(seed: int, n_train: int, epsilon: float) -> dict[str, np.ndarray]:
+    """Every way the flip mask could be recomputed from public values: the torch generator seeded from `seed` (the
+    defect an audit found once) and the VOID replayable stream. Under the CSPRNG both are unrelated to the real
+    flips."""
+    from fedscore.shared.privacy import NoiseSource
+
+    flip_p = 1 / (1 + math.exp(epsilon))
+    seeded_torch = torch.rand(n_train, generator=torch.Generator().manual_seed(
+        seeded(seed, "lender", "randomized-response")), dtype=torch.float64) < flip_p
+    replay = NoiseSource.replayable_from(seed, "lender", "randomized-response").bernoulli((n_train,), flip_p)
+    return {"seeded torch generator": seeded_torch.numpy(), "replayable stream": replay.numpy()}
+
+
+def _auc(y: np.ndarray, score: np.ndarray) -> float:
+    return float(roc_auc_score(y, score)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def known_users(views: RunViews, n: int = KNOWN_LABELS) -> np.ndarray:
+    """Aligned positions of the real training users whose labels the attacker is granted (at least one of each)."""
+    candidates = np.flatnonzero(views.train & ~views.canary)
+    rng = np.random.default_rng(seeded(views.config.seed, "attacker", "known-labels"))
+    for _ in range(100):
+        chosen = rng.choice(candidates, size=min(n, len(candidates)), replace=False)
+        if 0 < views.clean[chosen].sum() < len(chosen):
+            return np.sort(chosen)
+    raise ValueError("too few training users of each class for the attacker's known labels")
+
+
+def exchanges(views: RunViews) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(round, aligned positions, gradients) per exchange the payment holder received."""
+    index = {i: k for k, i in enumerate(views.aligned_ids)}
+    view = views.payment_view
+    out = []
+    for r in np.unique(view["round"]):
+        rows = view["round"] == r
+        out.append((int(r), np.array([index[str(i)] for i in view["id"][rows]]), view["gradient"][rows]))
+    return out
+
+
+def _cosines(g: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(g, axis=1) * np.linalg.norm(reference)
+    return (g @ reference) / np.maximum(norms, 1e-12)
+
+
+def gradient_scores(views: RunViews, known: np.ndarray) -> dict[int | str, dict[str, np.ndarray]]:
+    """Per exchange and pooled: norm and cosine scores for every aligned user (NaN where a user got no gradient)."""
+    n = len(views.aligned_ids)
+    per: dict[int | str, dict[str, np.ndarray]] = {}
+    positives, negatives = known[views.clean[known] == 1], known[views.clean[known] == 0]
+    for round_, pos, g in exchanges(views):
+        norm, cos = np.full(n, np.nan), np.full(n, np.nan)
+        norm[pos] = np.linalg.norm(g, axis=1)
+        where = {p: k for k, p in enumerate(pos)}
+        reference = (g[[where[p] for p in positives if p in where]].mean(0)
+                     - g[[where[p] for p in negatives if p in where]].mean(0))
+        cos[pos] = _cosines(g, reference)
+        per[round_] = {"norm": norm, "cosine": cos}
+    if per:
+        with warnings.catch_warnings():  # users who never got a gradient (not training) stay NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            per["pooled"] = {key: np.nanmean(np.stack([p[key] for p in per.values()]), axis=0)
+                             for key in ("norm", "cosine")}
+    return per
+
+
+def _completion(views: RunViews, known: np.ndarray, evaluate: np.ndarray) -> dict[str, float]:
+    from sklearn.linear_model import LogisticRegression
+
+    from fedscore.shared.model.parts import payment_model
+
+    state = views.payment_state
+    x = state["x"][state["rows"]]
+    model = payment_model(x.shape[1], views.config)
+    model.load_state_dict(state["model"])
+    model.eval()
+    with torch.no_grad():
+        h = model(x).numpy()
+    head = LogisticRegression(max_iter=1000).fit(h[known], views.clean[known])
+    p = head.predict_proba(h)[:, 1]
+    test = views.test & ~views.canary
+    return {"train_auc": _auc(views.clean[evaluate], p[evaluate]), "heldout_auc": _auc(views.clean[test], p[test])}
+
+
+def label_attacks(views: RunViews, epsilon: float | None) -> dict[str, Any]:
+    """Every attack on the payment holder's view, with chance and the ceiling eps allows, plus the canary scores
+    the one-run audit needs (`canary_scores`: strategy -> score per canary, > 0 guessing label 1)."""
+    known = known_users(views)
+    per = gradient_scores(views, known)
+    if not per:
+        return {"threat_model": THREAT, "note": "the payment holder received no gradients (a single round)",
+                "attacks": [], "canary_scores": {}}
+    evaluate = views.train & ~views.canary
+    evaluate[known] = False
+    y = views.clean[evaluate]
+    ceiling = rr_ceiling(epsilon)
+    rows: list[dict[str, Any]] = []
+    for exchange, scores in per.items():
+        where = "pooled over exchanges" if exchange == "pooled" else f"exchange {exchange}"
+        for key, label in (("norm", "norm attack AUC"), ("cosine", "cosine attack AUC")):
+            rows.append({"attack": label, "exchange": where, "metric": "AUC",
+                         "value": _auc(y, scores[key][evaluate]), "chance": 0.5, "ceiling": ceiling})
+        rows.append({"attack": "label inference (cosine > 0) accuracy", "exchange": where, "metric": "accuracy",
+                     "value": float(((scores["cosine"][evaluate] > 0) == (y == 1)).mean()),
+                     "chance": float(max(y.mean(), 1 - y.mean())), "ceiling": ceiling})
+    pooled = per["pooled"]["cosine"]
+    train_positions = np.flatnonzero(views.train)
+    audited = views.canary & views.train  # the canaries that trained (the others got no gradient)
+    canary_scores = {"cosine": pooled[audited]}
+    flips_epsilon = views.config.privacy.label_epsilon
+    if flips_epsilon is not None and views.config.privacy.labels_protected:  # else nothing was flipped
+        for name, mask in replayed_flip_masks(views.config.seed, len(train_positions), flips_epsilon).items():
+            sign = np.ones(len(views.aligned_ids))
+            sign[train_positions[mask]] = -1.0  # undo the replayed flip
+            guess = pooled * sign
+            rows.append({"attack": f"replay ({name}) + label inference accuracy", "exchange": "pooled over exchanges",
+                         "metric": "accuracy", "value": float(((guess[evaluate] > 0) == (y == 1)).mean()),
+                         "chance": float(max(y.mean(), 1 - y.mean())), "ceiling": ceiling})
+            canary_scores[f"replay ({name})"] = guess[audited]
+    completion = _completion(views, known, evaluate)
+    rows.append({"attack": "model completion AUC, training users", "exchange": "final model", "metric": "AUC",
+                 "value": completion["train_auc"], "chance": completion["heldout_auc"], "ceiling": None,
+                 "note": "chance = the same head on held-out users (features alone predict defaults)"})
+    for row in rows:
+        row["above_ceiling"] = row["ceiling"] is not None and row["value"] > row["ceiling"] + 0.01
+    return {"threat_model": THREAT, "attacks": rows, "canary_scores": canary_scores,
+            "known_labels": len(known), "evaluated_users": int(evaluate.sum())}

@@ -1,0 +1,83 @@
+"""A finished run as the attacks and the auditor need it: each party's view and, for scoring only, the truth."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedscore.clients.canaries import is_canary
+from fedscore.clients.transcript import VIEWS, load_view
+from fedscore.shared.config import FedConfig
+from fedscore.shared.protocol.splits import SPLIT_TEST, SPLIT_TRAIN
+
+
+class AuditError(RuntimeError):
+    """The run folder lacks what the audit needs; the message names the file."""
+
+
+@dataclass
+class RunViews:
+    run_dir: Path
+    config: FedConfig
+    privacy: dict[str, Any]
+    payment_view: dict[str, np.ndarray]  # round, id, gradient: what the payment holder received
+    lender_view: dict[str, np.ndarray]  # round, id, embedding: what the lender received
+    payment_state: dict[str, Any]
+    lender_state: dict[str, Any]
+    aligned_ids: np.ndarray  # aligned users in the parties' common order (both order them the same way)
+    split: np.ndarray  # 0 train / 1 validation / 2 test, aligned order
+    clean: np.ndarray  # the lender's clean labels, aligned order (auditor only)
+    released: np.ndarray  # the labels the lender computed gradients from, aligned order (auditor only)
+    canary: np.ndarray  # bool, aligned order
+
+    def claim(self, protects: str, against: str) -> dict[str, Any] | None:
+        """The report's guarantee for (protects, against), or None when the run makes no such claim."""
+        for g in self.privacy.get("guarantees", []):
+            if g["protects"] == protects and g["against"] == against:
+                return g
+        return None
+
+    @property
+    def train(self) -> np.ndarray:
+        return self.split == SPLIT_TRAIN
+
+    @property
+    def test(self) -> np.ndarray:
+        return self.split == SPLIT_TEST
+
+
+def _state(run_dir: Path, party: str) -> dict[str, Any]:
+    path = run_dir / "parties" / party / "state.pt"
+    if not path.exists():
+        raise AuditError(f"{path}: missing (the audit needs the run's party state)")
+    return torch.load(path, weights_only=True)
+
+
+def load_run(run_dir: Path) -> RunViews:
+    for name in ("config.json", "privacy-report.json"):
+        if not (run_dir / name).exists():
+            raise AuditError(f"{run_dir / name}: missing (not a finished run folder)")
+    config = FedConfig.model_validate_json((run_dir / "config.json").read_text())
+    views = {}
+    for party, (name, _) in VIEWS.items():
+        path = run_dir / "transcripts" / name
+        if not path.exists():
+            raise AuditError(f"{path}: missing; run with --set audit.record_transcripts=true (fedscore audit --data "
+                             "does) to record what each party received")
+        views[party] = load_view(path)
+    payment, lender = _state(run_dir, "payment"), _state(run_dir, "lender")
+    rows = lender["rows"].numpy()
+    ids = np.asarray([str(lender["ids"][int(r)]) for r in rows])
+    pay_ids = np.asarray([str(payment["ids"][int(r)]) for r in payment["rows"].numpy()])
+    if not np.array_equal(ids, pay_ids):
+        raise AuditError(f"{run_dir}: the two parties' aligned orders differ")
+    return RunViews(run_dir=run_dir, config=config, privacy=json.loads((run_dir / "privacy-report.json").read_text()),
+                    payment_view=views["payment"], lender_view=views["lender"], payment_state=payment,
+                    lender_state=lender, aligned_ids=ids, split=lender["split"].numpy(),
+                    clean=lender["y"][lender["rows"]].numpy(), released=lender["y_release"].numpy(),
+                    canary=is_canary(ids))

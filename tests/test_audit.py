@@ -1,0 +1,227 @@
+"""Transcripts, the attacks on each party's view, the one-run audit's bound, and `fedscore audit`'s verdict.
+
+Small synthetic data, in process. Each attack is checked both ways: it works where nothing protects (so it could
+catch a leak) and stays under the ceiling the claim allows where the guarantee holds. The negative controls break
+the label mechanism while its claim stands (noise off, replayable draws): the audit must call a violation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fedscore.audit.label_leakage import rr_ceiling
+from fedscore.audit.membership import dp_auc_ceiling
+from fedscore.audit.one_run import audit, epsilon_lower_bound, p_value
+from fedscore.audit.section import audit_section, run_audit
+from fedscore.cli import app
+from fedscore.clients.canaries import PREFIX, SPLIT_EXCLUDED
+from fedscore.runs import run_inprocess
+from fedscore.shared.config import load_config
+from tests.conftest import SECRET, fresh_homes, make_party_data
+
+CANARIES = 2000
+AUDITED = ["training.rounds=3", "training.local_epochs=1", "training.batch_size=512", "baselines.enabled=false",
+           "privacy.outsider_epsilon=none", "audit.record_transcripts=true", f"audit.canaries={CANARIES}"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("audit-data")
+    make_party_data(out, population=8000, seed=5)
+    return out
+
+
+def _run(data: Path, root: Path, *overrides: str) -> Path:
+    run_dir = root / "run"
+    run_inprocess(load_config(None, [*AUDITED, *overrides]), data, run_dir, secret=SECRET, homes=fresh_homes(root))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def unprotected(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _run(data, tmp_path_factory.mktemp("unprotected"), "privacy.enabled=false")
+
+
+@pytest.fixture(scope="module")
+def protected(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _run(data, tmp_path_factory.mktemp("protected"), "privacy.label_epsilon=2")
+
+
+# -- the bound ------------------------------------------------------------------------------------------------------
+def test_bound_matches_the_closed_form_for_all_correct_guesses() -> None:
+    # delta = 0, r = v: p-value q^r, so the bound solves q = p^(1/r), eps = log(q / (1 - q))
+    for r, p in ((100, 0.05), (1000, 0.01)):
+        q = p ** (1 / r)
+        assert epsilon_lower_bound(r, r, r, 0.0, p) == pytest.approx(math.log(q / (1 - q)), abs=1e-6)
+
+
+def test_p_value_is_the_binomial_tail_plus_the_delta_term() -> None:
+    from scipy import stats
+
+    q = math.exp(1) / (1 + math.exp(1))
+    assert p_value(500, 200, 150, 1.0, 0.0) == pytest.approx(stats.binom.sf(149, 200, q))
+    assert p_value(500, 200, 150, 1.0, 1e-3) > p_value(500, 200, 150, 1.0, 0.0)
+    assert epsilon_lower_bound(500, 200, 100, 0.0) == 0.0  # chance-level guessing proves nothing
+    with pytest.raises(ValueError):
+        p_value(10, 5, 6, 1.0, 0.0)
+
+
+@pytest.mark.parametrize("m", [2000, 5000])
+def test_randomized_response_at_eps_2_is_bounded_with_power(m: int) -> None:
+    """Perfectly reading labels released by eps-2 randomized response: the bound has power (>= 1.2) and exceeds
+    the truth (2) only as often as a 95% bound may (seeded draws, so the check is deterministic)."""
+    rng = np.random.default_rng(m)
+    flip = 1 / (1 + math.exp(2))
+    bounds = []
+    for _ in range(20):
+        secrets = rng.integers(0, 2, m)
+        released = np.where(rng.random(m) < flip, 1 - secrets, secrets)
+        bounds.append(audit({"read": released - 0.5}, secrets, 1e-6, rng=rng).epsilon_lower_bound)
+    assert min(bounds) >= 1.2 and float(np.median(bounds)) <= 2.0, bounds
+    assert sum(b > 2.0 for b in bounds) <= 2, bounds  # at most 5% of the time on average: 1 of 20
+
+
+def test_ceilings() -> None:
+    assert rr_ceiling(2.0) == pytest.approx(math.exp(2) / (1 + math.exp(2)))
+    assert dp_auc_ceiling(2.0, 0.0) == pytest.approx(rr_ceiling(2.0), abs=1e-6)
+    assert dp_auc_ceiling(None, 1e-6) == 1.0 and dp_auc_ceiling(3.0, 1e-6) < dp_auc_ceiling(3.0, 1e-2)
+
+
+# -- transcripts ------------------------------------------------------------------------------------------------------
+def test_transcripts_hold_what_each_party_received(unprotected: Path, data: Path) -> None:
+    payment = dict(np.load(unprotected / "transcripts" / "payment_view.npz", allow_pickle=False))
+    lender = dict(np.load(unprotected / "transcripts" / "lender_view.npz", allow_pickle=False))
+    assert set(payment) == {"round", "id", "gradient"} and set(lender) == {"round", "id", "embedding"}
+    assert payment["gradient"].dtype == np.float32 and lender["embedding"].dtype == np.float32
+    assert payment["round"].dtype.kind == "i" and payment["id"].dtype.kind == "U"
+    alignment = json.loads((unprotected / "alignment.json").read_text())
+    # the payment holder gets the lender's gradients of every round but the last, for the training users
+    assert sorted(set(payment["round"])) == [0, 1] and len(payment["id"]) == 2 * alignment["train"]
+    assert sorted(set(lender["round"])) == [0, 1, 2] and len(lender["id"]) == 3 * alignment["intersection"]
+    # IDs as in each party's own files (plus the canaries), and the canaries are all training users
+    import pandas as pd
+
+    real = set(pd.read_parquet(data / "payment" / "features.parquet")["id"])
+    ids = set(payment["id"])
+    canaries = {i for i in ids if i.startswith(PREFIX)}
+    assert ids - canaries <= real
+    assert len({i for i in lender["id"] if i.startswith(PREFIX)}) == CANARIES  # every canary is embedded
+    # as received: the last embeddings the lender got are the payment holder's last (unprotected) release
+    state = torch.load(unprotected / "parties" / "payment" / "state.pt", weights_only=True)
+    last = lender["round"] == 2
+    assert np.array_equal(lender["embedding"][last], state["released"].numpy())
+    # the real metrics never see a canary: each trains (about half) or is in no split, never validation or test
+    lender_state = torch.load(unprotected / "parties" / "lender" / "state.pt", weights_only=True)
+    aligned = [lender_state["ids"][int(r)] for r in lender_state["rows"]]
+    split = lender_state["split"].numpy()
+    canary_splits = np.array([split[k] for k, i in enumerate(aligned) if i.startswith(PREFIX)])
+    assert set(canary_splits) == {0, SPLIT_EXCLUDED} and abs((canary_splits == 0).mean() - 0.5) < 0.05
+    assert len(canaries) == (canary_splits == 0).sum()  # only the training canaries get gradients
+
+
+# -- attacks and audit ------------------------------------------------------------------------------------------------
+def _pooled(section: dict, attack: str) -> float:
+    return next(r["value"] for r in section["labels_vs_payment"]["attacks"]
+                if r["attack"] == attack and r["exchange"] == "pooled over exchanges")
+
+
+def test_attacks_work_when_nothing_protects(unprotected: Path) -> None:
+    section = audit_section(unprotected)
+    assert _pooled(section, "cosine attack AUC") >= 0.95
+    assert _pooled(section, "label inference (cosine > 0) accuracy") >= 0.95
+    pooled = [r for r in section["features_vs_lender"]["results"] if r["exchange"] == "pooled over exchanges"]
+    assert pooled[0]["pooled_r2"] > 0.5  # clean embeddings give the features away to the lender
+    label_audit, release_audit = section["one_run_audits"]
+    assert release_audit["guarantee"] == "joint.records@outsider" and release_audit["claim"] is None
+    assert label_audit["claim"] is None and not label_audit["violation"]  # nothing is claimed ...
+    assert label_audit["epsilon_lower_bound"] > 3  # ... and the audit sees the labels leak
+
+
+def test_attacks_stay_under_randomized_response(protected: Path) -> None:
+    section = audit_section(protected)
+    ceiling = rr_ceiling(2.0)
+    attacks = section["labels_vs_payment"]["attacks"]
+    assert _pooled(section, "cosine attack AUC") > 0.75  # it reads the released labels ...
+    for row in attacks:  # ... and no attack sees past them (a few standard errors on ~2,000 users)
+        if row["ceiling"] is not None:
+            assert row["value"] <= ceiling + 0.03, row
+    label_audit, release_audit = section["one_run_audits"]
+    assert not release_audit["violation"]
+    assert label_audit["claim"] == pytest.approx(2.0, abs=0.01)
+    assert 0.8 <= label_audit["epsilon_lower_bound"] <= 2.0 and not label_audit["violation"]
+    membership = section["membership_vs_outsider"]
+    assert 0.0 <= membership["value"] <= membership["ceiling"]
+
+
+def test_audit_catches_randomized_response_with_its_noise_off(data: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control: the flips are skipped but the ledger still charges (and the report claims) eps 2."""
+    import fedscore.shared.privacy as privacy
+
+    monkeypatch.setattr(privacy, "randomized_response", lambda labels, epsilon, source: labels.clone())
+    section = audit_section(_run(data, tmp_path, "privacy.label_epsilon=2"))
+    label_audit = section["one_run_audits"][0]
+    assert label_audit["claim"] == pytest.approx(2.0, abs=0.01)
+    assert label_audit["violation"] and label_audit["epsilon_lower_bound"] > 3
+    assert section["violations"]
+
+
+def test_audit_catches_replayable_noise_and_the_command_exits_non_zero(data: Path, tmp_path: Path) -> None:
+    """Negative control: in the VOID replayable mode the payment holder replays the flips; `fedscore audit` says
+    VIOLATION in its output and in red in report.html, and exits 1."""
+    run_dir = _run(data, tmp_path, "privacy.label_epsilon=2", "privacy.replayable_noise=true")
+    result = CliRunner().invoke(app, ["audit", str(run_dir)])
+    assert result.exit_code == 1, result.output
+    assert "VIOLATION" in result.output
+    report = json.loads((run_dir / "privacy-report.json").read_text())
+    section = report["attacks_and_audit"]
+    assert section["violations"] and section["one_run_audits"][0]["policy"].startswith("replay")
+    html = (run_dir / "report.html").read_text()
+    assert "Attacks and audit" in html and 'class="red"' in html and "VIOLATION" in html
+
+
+def test_the_command_exits_zero_when_the_claims_hold(protected: Path) -> None:
+    result = CliRunner().invoke(app, ["audit", str(protected)])
+    assert result.exit_code == 0, result.output
+    assert "consistent" in result.output
+    # `fedscore report` rebuilds the page and keeps the section
+    assert CliRunner().invoke(app, ["report", str(protected)]).exit_code == 0
+    assert "attacks_and_audit" in json.loads((protected / "privacy-report.json").read_text())
+    assert "Attacks and audit" in (protected / "report.html").read_text()
+
+
+def test_audit_refuses_a_run_without_transcripts(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(load_config(None, []).model_dump_json())
+    (run_dir / "privacy-report.json").write_text("{}")
+    result = CliRunner().invoke(app, ["audit", str(run_dir)])
+    assert result.exit_code != 0 and "record_transcripts" in result.output
+
+
+def test_run_audit_writes_the_plot(protected: Path) -> None:
+    run_audit(protected)
+    assert (protected / "audit.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_feature_protection_stops_reconstruction_and_dp_sgd_bounds_membership(data: Path, tmp_path: Path) -> None:
+    """The lender's reconstruction, which reads clean embeddings well (test_attacks_work_when_nothing_protects),
+    learns nothing it could not guess from the auxiliary means once the embeddings are noised for feature eps 8;
+    the released model, under DP-SGD, stays under the membership ceiling its outsider claim allows."""
+    run_dir = _run(data, tmp_path, "privacy.label_epsilon=2", "privacy.outsider_epsilon=3",
+                   "privacy.feature_epsilon=8", "privacy.dpsgd_batch_size=256", "privacy.dpsgd_local_epochs=1")
+    section = audit_section(run_dir)
+    features = section["features_vs_lender"]
+    assert features["claim"] is not None
+    assert all(r["pooled_r2"] < 0.2 for r in features["results"]), features["results"]
+    membership = section["membership_vs_outsider"]
+    assert membership["claim"] == pytest.approx(3.0, abs=0.01)
+    assert membership["ceiling"] < 1 and membership["value"] <= membership["ceiling"]
+    assert not section["violations"]
