@@ -54,6 +54,10 @@ class PrivacyConfig(_Strict):
     delta: float = Field(1e-6, gt=0, lt=1e-3, description="for every (eps, delta) guarantee; well below 1/N")
     # lender.labels against the payment holder
     label_epsilon: float | None = Field(2.0, gt=0, description="randomized response on the training labels, once")
+    rr_loss: Literal["plain", "forward"] = Field(
+        "plain", description="how the lender learns from randomized-response labels: 'plain' log loss of the "
+        "flipped labels, or 'forward' (forward-corrected: the model's sigmoid is the clean probability and the "
+        "loss knows the public flip rate); post-processing either way")
     gradient_noise_multiplier: float | None = Field(
         None, ge=0, description="optional clipped Gaussian on the returned gradients, per round")
     gradient_clip: float = Field(1.0, gt=0, description="clip of the label Jacobian rows J_i")
@@ -61,6 +65,10 @@ class PrivacyConfig(_Strict):
     feature_epsilon: float | None = Field(None, gt=0, description="Gaussian embedding noise target; None = off")
     feature_noise_multiplier: float | None = Field(None, gt=0)
     embedding_clip: float = Field(1.0, gt=0)
+    feature_final_share: float | None = Field(
+        None, gt=0, lt=1, description="share of the embeddings' Gaussian budget (of mu^2) spent on the last round's "
+        "release, the one the final top model and its scores use; the earlier, noisier releases only carry "
+        "gradients back. None = the same noise every round")
     # the lender knows who is in the intersection, so a user's record is replaced (by another's), never removed
     feature_neighbouring: Literal["add_remove", "replace_one"] = "replace_one"
     feature_gradient_scale: float = Field(
