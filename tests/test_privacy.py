@@ -485,7 +485,7 @@ def test_feature_noise_schedule_spends_its_share_on_the_last_release_and_meets_t
 
     def planned(share: str | None) -> tuple[list[float], float]:
         config = load_config(None, ["privacy.feature_epsilon=8", "training.rounds=4",
-                                    "privacy.dpsgd_noise_multiplier=1.5",  # given: no DP-SGD calibration here
+                                    "privacy.dpsgd_noise_multiplier=3.5",  # given: no DP-SGD calibration here
                                     *([f"privacy.feature_final_share={share}"] if share else [])])
         plan = plan_dp_sgd(config.privacy, 20000, 4)
         final = plan_feature_noise(config, plan.to_dict())
