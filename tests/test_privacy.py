@@ -30,6 +30,7 @@ from fedscore.shared.privacy import (
     clipped_label_gradients,
     embedding_release,
     epsilon_for,
+    flip_probability,
     gaussian_release,
     guarantee_key,
     label_gradient_release,
@@ -437,3 +438,66 @@ def test_ledger_refuses_a_corrupt_or_foreign_file(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         _ledger(path)
+
+
+# -- learning from randomized-response labels and the embedding noise schedule --------------------------------------
+
+def test_forward_corrected_loss_learns_the_clean_probability_and_keeps_the_label_bound() -> None:
+    """The forward-corrected model's sigmoid is P(y=1): at the optimum of the expected loss over flipped labels it
+    recovers the clean probability; its residual d loss / d logit is what autograd says, and changing a label
+    moves it by at most 1 (the bound the label-gradient noise's sensitivity rests on)."""
+    from fedscore.shared.model.parts import LenderTop
+
+    f = flip_probability(2.0)
+    top = LenderTop(3, 0, [], label_flip=f, rr_loss="forward")
+    assert float(top.label_flip) == 0.0  # nothing to undo: probability is the sigmoid itself
+    clean = torch.tensor([0.05, 0.3, 0.8])
+    logit = torch.zeros(3, requires_grad=True)
+    optimizer = torch.optim.Adam([logit], lr=0.05)
+    p_rr = f + (1 - 2 * f) * clean
+    for _ in range(2000):  # minimise the expected loss over y_rr ~ Bernoulli(p_rr)
+        optimizer.zero_grad()
+        (p_rr * top.loss(logit, torch.ones(3), "none") + (1 - p_rr) * top.loss(logit, torch.zeros(3), "none")).sum(
+        ).backward()
+        optimizer.step()
+    assert torch.sigmoid(logit.detach()) == pytest.approx(clean, abs=2e-3)
+    z = torch.linspace(-12, 12, 241)
+    r1, r0 = top.residual(z, torch.ones_like(z)), top.residual(z, torch.zeros_like(z))
+    assert float((r0 - r1).max()) <= 1.0 and float((r0 - r1).min()) > 0
+    assert bool((r1 <= 0).all()) and bool((r0 >= 0).all())
+    zz = z.clone().requires_grad_(True)
+    (auto,) = torch.autograd.grad(top.loss(zz, torch.ones_like(z), "sum"), zz)
+    assert torch.allclose(auto, r1)
+    plain = LenderTop(3, 0, [], label_flip=f)
+    assert float(plain.label_flip) == pytest.approx(f)
+    assert torch.allclose(plain.residual(z, torch.ones_like(z)), torch.sigmoid(z) - 1)
+
+
+def test_feature_noise_schedule_spends_its_share_on_the_last_release_and_meets_the_target() -> None:
+    from fedscore.clients.payment.feature_privacy import (
+        feature_noise_schedule,
+        model_exposure,
+        plan_feature_noise,
+        schedule_releases,
+    )
+    from fedscore.shared.privacy import scaler_statistics_release
+    from fedscore.shared.privacy.dp_sgd import dp_sgd_rounds, plan_dp_sgd
+
+    def planned(share: str | None) -> tuple[list[float], float]:
+        config = load_config(None, ["privacy.feature_epsilon=8", "training.rounds=4",
+                                    "privacy.dpsgd_noise_multiplier=3.5",  # given: no DP-SGD calibration here
+                                    *([f"privacy.feature_final_share={share}"] if share else [])])
+        plan = plan_dp_sgd(config.privacy, 20000, 4)
+        final = plan_feature_noise(config, plan.to_dict())
+        exposure = [model_exposure(plan, config.privacy)] * dp_sgd_rounds(4)["payment"] + [
+            scaler_statistics_release(30.0, 1.0, "payment.features", "outsider", "replace_one")]
+        eps = epsilon_for([*exposure, *schedule_releases(config, final)], config.privacy.delta)
+        return feature_noise_schedule(config, final), eps
+
+    equal, eps_equal = planned(None)
+    skewed, eps_skewed = planned("0.9")
+    assert len(set(equal)) == 1 and 7.9 <= eps_equal <= 8.0
+    assert 7.9 <= eps_skewed <= 8.0
+    early, final = skewed[0], skewed[-1]
+    assert skewed[:-1] == [early] * 3 and final < equal[0] < early
+    assert (1 / final**2) / (3 / early**2 + 1 / final**2) == pytest.approx(0.9)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fedscore.clients.base import PartyBase, PartySettings, ProtocolError
 from fedscore.clients.lender.data import load_applicants, load_lender_table
@@ -225,7 +224,7 @@ class LenderParty(PartyBase):
         for epoch in range(config.training.local_epochs):
             generator = torch.Generator().manual_seed(seeded(config.seed, "lender", str(round_), str(epoch)))
             for batch in batches(len(y), config.training.batch_size, generator):
-                loss = F.binary_cross_entropy_with_logits(model(x[batch], h[batch]), y[batch])
+                loss = model.loss(model(x[batch], h[batch]), y[batch])
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -238,7 +237,7 @@ class LenderParty(PartyBase):
         """Opacus DP-SGD (PartyBase.train_dp_sgd): the released lender part is protected for the outsider."""
 
         def batch_loss(module: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-            return F.binary_cross_entropy_with_logits(module(x[batch], h[batch]), y[batch], reduction="sum")
+            return model.loss(module(x[batch], h[batch]), y[batch], reduction="sum")
 
         return self.train_dp_sgd(model, batch_loss, len(y), round_)
 
@@ -262,13 +261,15 @@ class LenderParty(PartyBase):
         h = h.clone().requires_grad_(True)
         logit = model(x, h)
         (jacobian,) = torch.autograd.grad(logit.sum(), h)  # row i is d logit_i / d h_i: rows do not interact
-        p = torch.sigmoid(logit.detach())
+        residual = model.residual(logit.detach(), y)  # d loss_i / d logit_i, moved by <= 1 when y_i changes
         privacy = self.config.privacy
         if privacy.enabled and privacy.gradient_noise_multiplier:
             from fedscore.shared.privacy import clipped_label_gradients
 
-            grad = clipped_label_gradients(p, y, jacobian, privacy.gradient_clip, privacy.gradient_noise_multiplier,
+            # written as p - y with p = y + residual (in [0, 1], since |residual| <= 1 with the sign of p - y)
+            grad = clipped_label_gradients((y + residual).clamp(0, 1), y, jacobian, privacy.gradient_clip,
+                                           privacy.gradient_noise_multiplier,
                                            self.noise_source("grad-noise", str(round_)))
         else:
-            grad = (p - y)[:, None] * jacobian
+            grad = residual[:, None] * jacobian
         return grad.numpy().astype(np.float32)

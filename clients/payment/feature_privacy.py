@@ -13,13 +13,16 @@ config refuses feature protection without it.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fedscore.shared.config import FedConfig, PrivacyConfig
 from fedscore.shared.privacy import (
     CalibrationError,
     DpSgdRelease,
+    GaussianRelease,
     calibrate_noise_multiplier,
+    calibrate_noise_scale,
     embedding_release,
     scaler_statistics_release,
 )
@@ -34,8 +37,27 @@ def model_exposure(plan: DpSgdPlan, privacy: PrivacyConfig) -> DpSgdRelease:
                         neighbouring=privacy.feature_neighbouring)
 
 
+def feature_noise_schedule(config: FedConfig, final_sigma: float) -> list[float]:
+    """The embedding noise multiplier of every round, from the last round's: the same every round, or (with
+    `feature_final_share` s) the earlier R-1 releases noisier so that the last one holds s of the Gaussian
+    budget: (R-1)/a^2 : 1/b^2 = (1-s) : s, i.e. a = b sqrt((R-1) s / (1-s))."""
+    rounds, share = config.training.rounds, config.privacy.feature_final_share
+    if share is None or rounds == 1:
+        return [final_sigma] * rounds
+    early = final_sigma * math.sqrt((rounds - 1) * share / (1 - share))
+    return [early] * (rounds - 1) + [final_sigma]
+
+
+def schedule_releases(config: FedConfig, final_sigma: float) -> list[GaussianRelease]:
+    """The embedding releases every planned round makes, as records (what the rounds will charge)."""
+    privacy = config.privacy
+    return [embedding_release(sigma, privacy.embedding_clip, 1, privacy.feature_neighbouring)
+            for sigma in feature_noise_schedule(config, final_sigma)]
+
+
 def plan_feature_noise(config: FedConfig, dpsgd: dict[str, Any] | None) -> float:
-    """The embedding noise multiplier: given directly, or calibrated so that every planned embedding release and
+    """The last round's embedding noise multiplier (the one scoring answers use too; earlier rounds' follow from
+    it by `feature_noise_schedule`): given directly, or calibrated so that every planned embedding release and
     every planned DP-SGD round of the payment part compose to at most `feature_epsilon`."""
     privacy = config.privacy
     if privacy.feature_noise_multiplier is not None:
@@ -46,8 +68,12 @@ def plan_feature_noise(config: FedConfig, dpsgd: dict[str, Any] | None) -> float
     if privacy.dp_scaler:  # the scaler statistics, charged at setup, reach the lender too
         exposure.append(scaler_statistics_release(float(privacy.scaler_noise_multiplier), 1.0, "payment.features",
                                                   "outsider", privacy.feature_neighbouring))
-    template = embedding_release(1.0, privacy.embedding_clip, config.training.rounds, privacy.feature_neighbouring)
     try:
+        if privacy.feature_final_share is not None and config.training.rounds > 1:
+            return float(calibrate_noise_scale(lambda t: schedule_releases(config, t), privacy.feature_epsilon,
+                                               privacy.delta, already=exposure))
+        template = embedding_release(1.0, privacy.embedding_clip, config.training.rounds,
+                                     privacy.feature_neighbouring)
         return float(calibrate_noise_multiplier(template, privacy.feature_epsilon, privacy.delta, already=exposure))
     except CalibrationError as exc:
         raise CalibrationError(

@@ -157,10 +157,11 @@ class PaymentParty(PartyBase):
         """Clip each user's embedding and add Gaussian noise, charged to the ledger before it leaves."""
         if "feature_sigma" not in self.state:
             return embeddings
+        from fedscore.clients.payment.feature_privacy import feature_noise_schedule
         from fedscore.shared.privacy import embedding_release, gaussian_release
 
         privacy = self.config.privacy
-        sigma = self.state["feature_sigma"]
+        sigma = feature_noise_schedule(self.config, self.state["feature_sigma"])[round_]
         record = embedding_release(sigma, privacy.embedding_clip, 1, privacy.feature_neighbouring)
         self.ledger.charge([record], "payment.features@lender", note=f"round {round_}: embeddings to the lender")
         return gaussian_release(embeddings, privacy.embedding_clip, sigma, self.noise_source("noise", str(round_)))

@@ -7,9 +7,11 @@ weights.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
@@ -45,16 +47,46 @@ class PaymentBottom(nn.Module):
 class LenderTop(nn.Module):
     """Combines the lender's features with the payment embedding; `embedding_dim=0` gives the lender-only model.
 
-    `label_flip`: when trained on randomized-response labels (flip probability f), the network learns
-    P(y_rr = 1) = f + (1 - 2f) P(y = 1); `probability` undoes that (post-processing, no privacy cost), so scores
-    and scorecard points are calibrated to real default rates. Ranking (AUC) is unchanged.
+    `label_flip`: the flip probability f of the randomized-response labels it is trained on. Two ways to learn from
+    them (`rr_loss`), both post-processing of the released labels (no privacy cost):
+    - "plain": the network learns P(y_rr = 1) = f + (1 - 2f) P(y = 1) with the ordinary logistic loss;
+      `probability` undoes the flip, so scores and scorecard points are calibrated to real default rates.
+    - "forward" (forward-corrected loss, Patrini et al. 2017): the network's sigmoid is P(y = 1) itself and the loss
+      is the log loss of f + (1 - 2f) sigmoid(z) against y_rr, so the model is fitted where it is specified (a
+      linear logit of the clean label, not of the flipped one) and the gradients weigh confident users as the
+      clean-label loss would. `probability` is then the sigmoid (the buffer holds 0: nothing to undo).
     """
 
-    def __init__(self, n_features: int, embedding_dim: int, hidden: list[int], label_flip: float = 0.0) -> None:
+    def __init__(self, n_features: int, embedding_dim: int, hidden: list[int], label_flip: float = 0.0,
+                 rr_loss: str = "plain") -> None:
         super().__init__()
         self.embedding_dim = embedding_dim
         self.net = mlp([n_features + embedding_dim, *hidden, 1])
-        self.register_buffer("label_flip", torch.tensor(float(label_flip)))
+        # the training labels' flip rate, for the loss; a constant of the config, not a parameter
+        self.loss_flip = float(label_flip) if rr_loss == "forward" else 0.0
+        self.register_buffer("label_flip", torch.tensor(0.0 if self.loss_flip else float(label_flip)))
+
+    def loss(self, logit: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Log loss of the (possibly randomized) training labels: per user, summed or averaged."""
+        if not self.loss_flip:
+            return F.binary_cross_entropy_with_logits(logit, y, reduction=reduction)
+        f = self.loss_flip
+        log_f, log_keep = math.log(f), math.log(1 - 2 * f)
+        log_p1 = torch.logaddexp(torch.full_like(logit, log_f), log_keep + F.logsigmoid(logit))  # log P(y_rr = 1)
+        log_p0 = torch.logaddexp(torch.full_like(logit, log_f), log_keep + F.logsigmoid(-logit))  # log P(y_rr = 0)
+        per_user = -(y * log_p1 + (1 - y) * log_p0)
+        return per_user.sum() if reduction == "sum" else per_user.mean() if reduction == "mean" else per_user
+
+    def residual(self, logit: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """d loss_i / d logit_i per user: p_i - y_i for the plain loss. For the forward-corrected loss it is
+        -(1-2f) s(1-s) (y/P1 - (1-y)/P0) with s = sigmoid(z), P1 = f + (1-2f)s, P0 = 1 - P1; changing y moves it by
+        (1-2f) s(1-s) / (P1 P0) <= 1 (since P1 P0 = f(1-f) + (1-2f)^2 s(1-s) and 2(1-2f)s(1-s) <= 1-f), the same
+        bound as |delta(p - y)| <= 1 that the label-gradient noise's sensitivity rests on."""
+        if not self.loss_flip:
+            return torch.sigmoid(logit) - y
+        z = logit.detach().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(self.loss(z, y, reduction="sum"), z)
+        return grad
 
     def forward(self, x: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
         """The logit of the labels it was trained on (randomized ones when protected): what training uses."""
@@ -88,7 +120,8 @@ def lender_model(n_features: int, embedding_dim: int, config: FedConfig) -> Lend
         from fedscore.shared.privacy import flip_probability
 
         flip = flip_probability(privacy.label_epsilon)
-    return LenderTop(n_features, embedding_dim, config.model.lender_hidden, label_flip=flip)
+    return LenderTop(n_features, embedding_dim, config.model.lender_hidden, label_flip=flip,
+                     rr_loss=privacy.rr_loss)
 
 
 def configure_torch() -> None:

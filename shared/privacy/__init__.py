@@ -20,6 +20,7 @@ from fedscore.shared.privacy.calibrate import (
     calibrate_dp_sgd,
     calibrate_gaussian,
     calibrate_noise_multiplier,
+    calibrate_noise_scale,
     calibrate_randomized_response,
     resolve_noise_multiplier,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "calibrate_dp_sgd",
     "calibrate_gaussian",
     "calibrate_noise_multiplier",
+    "calibrate_noise_scale",
     "calibrate_randomized_response",
     "clip_rows",
     "clipped_label_gradients",

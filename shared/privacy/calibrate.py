@@ -83,6 +83,25 @@ def calibrate_noise_multiplier(template: GaussianRelease | DpSgdRelease, target_
     raise CalibrationError(f"could not meet epsilon {target_epsilon} on the reporting accountant")
 
 
+def calibrate_noise_scale(build: Callable[[float], list[Mechanism]], target_epsilon: float, delta: float, *,
+                          already: Sequence[Mechanism] = (), rtol: float = 1e-3) -> float:
+    """Smallest common scale t such that the records `build(t)` (noise multipliers proportional to t), composed
+    with `already`, meet the target: for a release schedule whose noise varies by round in fixed proportions."""
+    if not target_epsilon > 0:
+        raise CalibrationError(f"target epsilon must be > 0, got {target_epsilon}")
+    already = list(already)
+
+    def search(scale: float) -> float:
+        return pld_epsilon([*already, *build(scale)], delta, discretization=COARSE_DISCRETIZATION)
+
+    scale = _smallest_meeting(search, target_epsilon, rtol)
+    for _ in range(100):
+        if account([*already, *build(scale)], delta)[0] <= target_epsilon:
+            return scale
+        scale *= 1.0 + rtol
+    raise CalibrationError(f"could not meet epsilon {target_epsilon} on the reporting accountant")
+
+
 def calibrate_gaussian(target_epsilon: float, delta: float, *, count: int, sensitivity: float = 1.0,
                        neighbouring: Neighbouring = "add_remove", rtol: float = 1e-3) -> float:
     """Noise multiplier for `count` non-sampled releases (the counterparty view) to reach at most target eps."""
