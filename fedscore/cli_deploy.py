@@ -155,26 +155,38 @@ def node_command(
 
 def run_command(
         superlink: Annotated[str, typer.Option("--superlink", help="HOST:PORT of the SuperLink on this host")],
-        out: Annotated[Path, typer.Option("--out", help="run folder to create (RUN_DIR)")],
+        out: Annotated[Path | None, typer.Option("--out", help="run folder to create (RUN_DIR)")] = None,
         config: Annotated[Path | None, typer.Option("--config", help="TOML run config")] = None,
         set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. training.rounds=5")] = None,
         ca: CaOpt = None,
         nodes: Annotated[Path | None, typer.Option(
             "--nodes", help="the SuperLink's nodes.json: the ServerApp talks to its registered SuperNodes only",
         )] = None,
-        insecure: InsecureOpt = False) -> None:
-    """The coordinator's operator: start a run on the SuperLink, follow it, write RUN_DIR."""
+        insecure: InsecureOpt = False,
+        resume: Annotated[Path | None, typer.Option(
+            "--resume", help="RUN_DIR of a run whose coordinator or nodes died: continue it from its checkpoint "
+            "(same run id and config; restart each party's `fedscore node` first); no --out, --config or --set")]
+        = None) -> None:
+    """The coordinator's operator: start a run on the SuperLink (or resume one), follow it, write RUN_DIR."""
     from fedscore.cli import _progress_bar, _report
-    from fedscore.deploy import read_nodes, run_on_superlink
+    from fedscore.deploy import read_nodes, resume_on_superlink, run_on_superlink
     from fedscore.shared.config import load_config
 
     ca = _tls_choice(ca, insecure)
+    if resume is not None:
+        given = [flag for flag, value in (("--out", out), ("--config", config), ("--set", set_)) if value]
+        if given:
+            fail(f"--resume continues the run in {resume} with its own config; drop {', '.join(given)}")
+    elif out is None:
+        fail("--out RUN_DIR is required (or --resume RUN_DIR)")
     with user_errors():
-        cfg = load_config(config, set_ or [])
         allowed = read_nodes(nodes) if nodes is not None else None
         with _progress_bar() as progress:
-            metrics = run_on_superlink(cfg, superlink, out, ca, allowed, progress)
-    _report(metrics, out)
+            if resume is not None:
+                metrics = resume_on_superlink(resume, superlink, ca, allowed, progress)
+            else:
+                metrics = run_on_superlink(load_config(config, set_ or []), superlink, out, ca, allowed, progress)
+    _report(metrics, resume or out)
 
 
 def keys_command(party: PartyOpt, party_home: HomeOpt = None) -> None:

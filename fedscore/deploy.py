@@ -111,6 +111,37 @@ def run_on_superlink(config: FedConfig, superlink: str, run_dir: Path, ca: Path 
         refuse_insecure_off_loopback(host, "the SuperLink address")
     run_dir = run_dir.resolve()
     prepare_run_dir(run_dir, config, shared_secret=False)  # the coordinator never holds the parties' secret
+    return _run_and_finish(config, superlink, run_dir, ca, nodes, progress, timeout_s)
+
+
+def resume_on_superlink(run_dir: Path, superlink: str, ca: Path | None, nodes: dict[str, int] | None = None,
+                        progress: Callable[[str, int, int], None] | None = None,
+                        timeout_s: float = 1800.0) -> dict[str, Any]:
+    """`fedscore run --resume RUN_DIR`: the coordinator's side of a resume. The ServerApp continues the same run
+    (same run id and config) from RUN_DIR/checkpoint.json; each party's node must be up again (`fedscore node` with
+    the same party home and state folder: its worker reloads its state, and a step whose reply already left is
+    answered from the saved copy, never drawn or charged again)."""
+    from fedscore.runs import run_lock, set_aside_outcome
+    from fedscore.server.coordinator import CHECKPOINT_FILE
+
+    run_dir = run_dir.resolve()
+    for needed in ("config.json", CHECKPOINT_FILE):
+        if not (run_dir / needed).exists():
+            raise RunError(f"{run_dir}: no {needed}: nothing to resume (the run stopped before its coordinator "
+                           "started, or this is not a run folder)")
+    if (run_dir / "metrics.json").exists():
+        raise RunError(f"{run_dir}: the run already finished (metrics.json exists); nothing to resume")
+    config = FedConfig.model_validate_json((run_dir / "config.json").read_text())
+    with run_lock(run_dir):
+        set_aside_outcome(run_dir)
+        if (run_dir / "flower").exists():
+            attempts = len(list(run_dir.glob("flower-attempt-*"))) + 1
+            (run_dir / "flower").rename(run_dir / f"flower-attempt-{attempts}")
+        return _run_and_finish(config, superlink, run_dir, ca, nodes, progress, timeout_s)
+
+
+def _run_and_finish(config: FedConfig, superlink: str, run_dir: Path, ca: Path | None, nodes: dict[str, int] | None,
+                    progress: Callable[[str, int, int], None] | None, timeout_s: float) -> dict[str, Any]:
     progress = progress or (lambda stage, done, total: None)
     start = time.perf_counter()
     with Federation(run_dir / "flower") as runner:

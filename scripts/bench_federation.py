@@ -84,7 +84,7 @@ def main() -> None:
           f"{med['overhead_per_exchange_s']:.2f} | {med['startup_s']:.1f} | {med['auc_flower']:.4f} |")
     print(f"\nwhere the Flower run goes: start-up {med['startup_s']:.1f} s, protocol {med['flower_protocol_s']:.1f} s "
           f"(in-process {med['inprocess_protocol_s']:.1f} s), baselines {med['baselines_s']:.1f} s, "
-          f"teardown {med['teardown_s']:.1f} s, the rest (ServerApp start and discovery, report, bundle) {rest:.1f} s")
+          f"teardown {med['teardown_s']:.1f} s, the rest (ServerApp start, report, bundle) {rest:.1f} s")
     if args.json:
         args.json.write_text(json.dumps({"runs": rows, "median": med, "overrides": args.overrides}, indent=2))
 

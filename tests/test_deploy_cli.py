@@ -123,3 +123,23 @@ def test_the_serverapp_talks_to_the_registered_nodes_only(monkeypatch: pytest.Mo
     monkeypatch.setattr(wrong, "_round_trip", round_trip)
     with pytest.raises(RuntimeError, match="node 2 says it serves 'lender', but was not registered for it"):
         wrong.exchange(setup)
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--resume", "{tmp}/run", "--config", "{tmp}/c.toml"], ["--resume", "drop --config"]),
+    (["--resume", "{tmp}/run", "--out", "{tmp}/other"], ["drop --out"]),
+    ([], ["--out RUN_DIR is required"]),
+    (["--resume", "{tmp}/run"], ["checkpoint.json", "nothing to resume"]),
+], ids=["resume with a config", "resume with an out", "neither out nor resume", "no checkpoint"])
+def test_run_resume_is_refused_when_it_cannot_continue(tmp_path: Path, args: list[str], words: list[str]) -> None:
+    """`fedscore run --resume RUN_DIR` takes the run's own config and needs the coordinator's checkpoint; each
+    refusal is one line and exit 2, and nothing is written to the run folder."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (tmp_path / "c.toml").write_text("")
+    done = _cli("run", "--superlink", "127.0.0.1:9093", "--insecure", *(a.format(tmp=tmp_path) for a in args))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert all(w in " ".join(done.stdout.split()) for w in words), done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
