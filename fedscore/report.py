@@ -164,6 +164,7 @@ def _audit_view(run_dir: Path, section: dict[str, Any] | None) -> dict[str, Any]
                     "red": bool(mem["above_ceiling"])})
     features = section["features_vs_lender"]
     recon = [{"exchange": r["exchange"], "regressor": r["regressor"], "pooled": _fmt(r["pooled_r2"]),
+              "best": _best_reconstructed(r["per_feature_r2"]), "count": len(r["per_feature_r2"]),
               "per_feature": ", ".join(f"{k} {_fmt(v, 2)}" for k, v in r["per_feature_r2"].items())}
              for r in features["results"]]
     audits = [{"guarantee": a["guarantee"], "claim": _fmt(a["claim"]), "status": a["claim_status"],
@@ -195,3 +196,9 @@ def write_reports(run_dir: Path) -> dict[str, Any]:
     write_json_atomic(run_dir / "privacy-report.json", report)
     write_text_atomic(run_dir / "report.html", render(run_dir))
     return report
+
+
+def _best_reconstructed(per_feature: dict[str, float | None], shown: int = 5) -> str:
+    """The columns the lender reconstructs best, first: what a reader of the report needs before the full list."""
+    ranked = sorted(((v, k) for k, v in per_feature.items() if v is not None), reverse=True)[:shown]
+    return ", ".join(f"{k} {_fmt(v, 2)}" for v, k in ranked)
