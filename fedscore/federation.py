@@ -273,7 +273,11 @@ class Federation:
         """Party -> the node id the SuperLink registered for its key."""
         nodes: dict[str, int] = {}
         for party, proc in procs.items():
-            output = proc.communicate(timeout=timeout_s)[0]
+            try:
+                output = proc.communicate(timeout=timeout_s)[0]
+            except subprocess.TimeoutExpired:  # a registration that hangs is killed and reported
+                proc.kill()
+                output = proc.communicate()[0] + f"\n(no answer within {timeout_s:.0f} s)"
             try:
                 reply = json.loads(output[output.index("{"):])
             except ValueError:
