@@ -238,10 +238,11 @@ class Federation:
 
     def wait_healthy(self, tls: SuperLinkTls | None = None, timeout_s: float = 60.0) -> None:
         url = self.health_url
+        wildcard = self.host in ("0.0.0.0", "::", "")
 
         def healthy() -> bool:
             self.check_alive()
-            return superlink_healthy(url, tls.ca if tls else None)
+            return superlink_healthy(url, tls.ca if tls else None, check_hostname=not wildcard)
 
         wait_until(healthy, timeout_s, 0.3, f"SuperLink not healthy at {url}", RunError)
 

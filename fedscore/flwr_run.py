@@ -18,9 +18,12 @@ import urllib.request
 from pathlib import Path
 
 
-def superlink_healthy(url: str, ca: Path | None = None) -> bool:
-    """The SuperLink answers 200 on its health URL (over TLS verified against `ca` for https)."""
+def superlink_healthy(url: str, ca: Path | None = None, check_hostname: bool = True) -> bool:
+    """The SuperLink answers 200 on its health URL (over TLS verified against `ca` for https; `check_hostname`
+    False for a wildcard bind reached at 127.0.0.1, which the certificate need not name: the CA is still checked)."""
     context = ssl.create_default_context(cafile=str(ca)) if ca is not None else None
+    if context is not None:
+        context.check_hostname = check_hostname
     try:
         with urllib.request.urlopen(url, timeout=1, context=context) as reply:
             return bool(reply.status == 200)
