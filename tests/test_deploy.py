@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FAST, SECRET
+from tests.test_federation import _alive
 
 pytestmark = pytest.mark.federation
 BIN = Path(sys.executable).parent
@@ -125,15 +126,6 @@ def _stop(proc: subprocess.Popen) -> str:
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.communicate()[0]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().split()[2] == "Z")
 
 
 def test_two_parties_at_their_own_addresses_and_an_unregistered_node_refused(
