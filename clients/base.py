@@ -221,10 +221,29 @@ class PartyBase:
                       note=f"round {round_}: the {self.name} part's DP-SGD steps")
         if also_charge is not None:
             also_charge(plan, ledger)
+        canaries = self._gradient_canaries(model)
         self.state["opt"], losses = dp_sgd_round(model, batch_loss, n, plan, self.state.get("opt"),
                                                  self.config.training.weight_decay,
-                                                 self.noise_source("dpsgd", str(round_)))
+                                                 self.noise_source("dpsgd", str(round_)), canaries,
+                                                 self.noise_source("gradient-canary-sampling", str(round_)))
+        if canaries is not None:
+            shapes = [list(p.shape) for p in model.parameters() if p.requires_grad]  # the optimizer's order
+            self.state["gradient_canaries"] = {**canaries.to_state(), "n": n, "plan": plan.to_dict(), "shapes": shapes,
+                                               "rounds": [*self.state.get("gradient_canaries", {}).get("rounds", []),
+                                                          round_]}
         return losses
+
+    def _gradient_canaries(self, model: nn.Module):
+        """The audit run's Dirac gradient canaries on this part (drawn at the first DP-SGD round), or None."""
+        m = self.config.audit.gradient_canaries
+        if not m:
+            return None
+        from fedscore.shared.privacy.gradient_canaries import GradientCanaries
+
+        if "gradient_canaries" in self.state:
+            return GradientCanaries.from_state(self.state["gradient_canaries"])
+        n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return GradientCanaries.draw(m, n_parameters, self.noise_source("gradient-canaries"))
 
     # -- dispatch ------------------------------------------------------------------------------------------------
     def reply(self, request: Envelope, payload: bytes = b"", payload_kind: str = "",

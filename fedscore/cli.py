@@ -350,6 +350,7 @@ def experiment(grid: Annotated[Path, typer.Option("--grid", help="GRID.toml: dat
 
 
 AUDIT_CANARIES = 4000  # about 2000 train: the label bound then reaches 1.2 under randomized response at eps 2
+AUDIT_GRADIENT_CANARIES = 1000  # per DP-SGD part (capped at its parameter count)
 
 
 @app.command()
@@ -358,9 +359,12 @@ def audit(run_dir: Annotated[Path | None, typer.Argument(help="a finished run re
           out: Annotated[Path | None, typer.Option(help="with --data: the run folder to create")] = None,
           config: ConfigOpt = None, set_: SetOpt = None, budget: BudgetOpt = None, party_home: HomeOpt = None,
           canaries: Annotated[int, typer.Option(min=0, help="with --data: canary users for the one-run audit")]
-          = AUDIT_CANARIES) -> None:
-    """Attack what each party saw and audit the label guarantee in one run; adds "Attacks and audit" to
-    privacy-report.json and report.html. Exits 1 when an audit's lower bound exceeds a claimed epsilon.
+          = AUDIT_CANARIES,
+          gradient_canaries: Annotated[int, typer.Option(min=0, help="with --data: Dirac gradient canaries per "
+                                                         "DP-SGD part (white-box audit)")] = AUDIT_GRADIENT_CANARIES,
+          ) -> None:
+    """Attack what each party saw and audit the label guarantee and each DP-SGD part in one run; adds "Attacks and
+    audit" to privacy-report.json and report.html. Exits 1 when an audit's lower bound exceeds a claimed epsilon.
 
     `fedscore audit RUN_DIR` audits a run made with --set audit.record_transcripts=true; `fedscore audit --data DIR
     --out RUN_DIR [--set ...]` trains that run first (in process, transcripts and canaries on, baselines off unless
@@ -378,7 +382,7 @@ def audit(run_dir: Annotated[Path | None, typer.Argument(help="a finished run re
 
             # baselines off unless --set turns them on: an audit run is there to be attacked
             cfg = _load(config, ["baselines.enabled=false", *(set_ or []), "audit.record_transcripts=true",
-                                 f"audit.canaries={canaries}"])
+                                 f"audit.canaries={canaries}", f"audit.gradient_canaries={gradient_canaries}"])
             homes = ({p: target / "party-homes" / p for p in ("payment", "lender")} if not party_home
                      else _homes(party_home))
             with _progress_bar() as progress:

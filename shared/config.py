@@ -136,6 +136,9 @@ class AuditConfig(_Strict):
         "(clients/transcript.py); the run copies them to RUN_DIR/transcripts/")
     canaries: int = Field(0, ge=0, le=100_000, description="synthetic canary users added to both parties' tables "
                           "(clients/canaries.py), each with a label drawn uniformly at random by the lender")
+    gradient_canaries: int = Field(0, ge=0, le=100_000, description="Dirac gradient canaries in each party's "
+                                   "DP-SGD, for the white-box one-run audit of each released part "
+                                   "(shared/privacy/gradient_canaries.py); they change the part like extra users")
 
 
 class FedConfig(_Strict):

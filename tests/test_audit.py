@@ -176,13 +176,15 @@ def test_audit_catches_randomized_response_with_its_noise_off(data: Path, tmp_pa
 def test_audit_catches_replayable_noise_and_the_command_exits_non_zero(data: Path, tmp_path: Path) -> None:
     """Negative control: in the VOID replayable mode the payment holder replays the flips; `fedscore audit` says
     VIOLATION in its output and in red in report.html, and exits 1."""
-    run_dir = _run(data, tmp_path, "privacy.label_epsilon=2", "privacy.replayable_noise=true")
+    run_dir = _run(data, tmp_path, *DP_SGD, "privacy.replayable_noise=true")
     result = CliRunner().invoke(app, ["audit", str(run_dir)])
     assert result.exit_code == 1, result.output
     assert "VIOLATION" in result.output
     report = json.loads((run_dir / "privacy-report.json").read_text())
     section = report["attacks_and_audit"]
     assert section["violations"] and section["one_run_audits"][0]["policy"].startswith("replay")
+    payment = _white_box(section)["payment"]  # the DP-SGD noise is replayed from the seed too
+    assert payment["violation"] and payment["policy"].startswith("replay")
     html = (run_dir / "report.html").read_text()
     assert "Attacks and audit" in html and 'class="red"' in html and "VIOLATION" in html
 
@@ -215,8 +217,7 @@ def test_feature_protection_stops_reconstruction_and_dp_sgd_bounds_membership(da
     """The lender's reconstruction, which reads clean embeddings well (test_attacks_work_when_nothing_protects),
     learns nothing it could not guess from the auxiliary means once the embeddings are noised for feature eps 8;
     the released model, under DP-SGD, stays under the membership ceiling its outsider claim allows."""
-    run_dir = _run(data, tmp_path, "privacy.label_epsilon=2", "privacy.outsider_epsilon=3",
-                   "privacy.feature_epsilon=8", "privacy.dpsgd_batch_size=256", "privacy.dpsgd_local_epochs=1")
+    run_dir = _run(data, tmp_path, *DP_SGD, "privacy.feature_epsilon=8")
     section = audit_section(run_dir)
     features = section["features_vs_lender"]
     assert features["claim"] is not None
@@ -225,3 +226,69 @@ def test_feature_protection_stops_reconstruction_and_dp_sgd_bounds_membership(da
     assert membership["claim"] == pytest.approx(3.0, abs=0.01)
     assert membership["ceiling"] < 1 and membership["value"] <= membership["ceiling"]
     assert not section["violations"]
+    white_box = _white_box(section)
+    assert set(white_box) == {"payment", "lender"}
+    for row in white_box.values():  # each part's DP-SGD alone, below the composed outsider claim of 3
+        assert 0 < row["claim"] < 3 and row["steps"] > 0 and row["guesses"] > 0
+        assert row["epsilon_lower_bound"] <= row["claim"] and not row["violation"]
+
+
+DP_SGD = ["privacy.label_epsilon=2", "privacy.outsider_epsilon=3", "privacy.dpsgd_batch_size=256",
+          "privacy.dpsgd_local_epochs=1", "audit.gradient_canaries=500"]
+
+
+def _white_box(section: dict) -> dict[str, dict]:
+    return {row["guarantee"].split("(")[1].split()[0]: row for row in section["one_run_audits"]
+            if "white box" in row["guarantee"]}
+
+
+def test_white_box_audit_catches_dp_sgd_with_its_noise_off(data: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control: DP-SGD adds no noise while the ledger charges (and the report claims) the planned noise;
+    the payment part's gradient canaries are then read without noise and its white-box bound exceeds its claim."""
+    import fedscore.shared.privacy.dp_sgd as dp_sgd
+
+    secure = dp_sgd._secure_optimizer
+
+    def noiseless(*args, **kwargs):
+        optimizer = secure(*args, **kwargs)
+        optimizer.noise_multiplier = 0.0
+        return optimizer
+
+    monkeypatch.setattr(dp_sgd, "_secure_optimizer", noiseless)
+    section = audit_section(_run(data, tmp_path, *DP_SGD))
+    payment = _white_box(section)["payment"]
+    # an included canary never sampled (rate ~0.06 over ~30 steps: ~15%) scores 0 too, so not every guess is right
+    assert payment["violation"] and payment["accuracy"] >= 0.85
+    assert payment["epsilon_lower_bound"] > payment["claim"], payment
+    assert any("payment part" in v for v in section["violations"])
+
+
+def test_gradient_canaries_add_clip_at_their_coordinate_and_score_noise_plus_term() -> None:
+    """A part with noise drawn as zeros: an included canary scores clip per step it was sampled in (rate 1: every
+    step), an excluded one 0; the canary's coordinate of p.grad carries the term; the users' sampling and noise
+    are the same draws with or without canaries (they have their own source)."""
+    from fedscore.shared.privacy.dp_sgd import DpSgdPlan, dp_sgd_round
+    from fedscore.shared.privacy.gradient_canaries import GradientCanaries, flat_split
+    from fedscore.shared.privacy.secure_random import NoiseSource
+
+    class Silent(NoiseSource):
+        def normal(self, shape, std, dtype=torch.float32):  # type: ignore[override]
+            return torch.zeros(tuple(shape), dtype=dtype)
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.randn(20, 3), torch.randn(20)
+
+    def batch_loss(module: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return ((module(x[batch]).squeeze(1) - y[batch]) ** 2).sum()
+
+    plan = DpSgdPlan(noise_multiplier=1.0, sample_rate=1.0, steps_per_round=3, clip=0.5, lr=0.0)
+    canaries = GradientCanaries.draw(4, 4, NoiseSource())
+    canaries.included = torch.tensor([True, False, True, False])
+    dp_sgd_round(model, batch_loss, 20, plan, None, 0.0, Silent(), canaries, NoiseSource())
+    assert canaries.steps == 3
+    assert torch.allclose(canaries.score, canaries.included.double() * 0.5 * 3, atol=1e-5)
+    assert canaries.midpoint(1.0, 0.5) == pytest.approx(0.75)
+    split = flat_split([torch.Size([1, 3]), torch.Size([1])], torch.tensor([0, 3, 2]))
+    assert [w.tolist() for w, _ in split] == [[0, 2], [1]] and [i.tolist() for _, i in split] == [[0, 2], [0]]

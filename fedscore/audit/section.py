@@ -23,8 +23,8 @@ from fedscore.shared.atomic import write_json_atomic
 
 AUDIT_FILE = "audit.json"
 PLOT_FILE = "audit.png"
-NOT_DONE = ("white-box one-run audit of the DP-SGD release with gradient (Dirac) canaries: not implemented; the "
-            "release's one-run audit here is black box (the loss of input canaries), which has less power")
+NOT_DONE = ("white-box audit of the composed outsider guarantee (both parts and the DP scaler together): each part's "
+            "DP-SGD is audited on its own, against its own share of the claim")
 
 
 def _claim(views: RunViews, key: str) -> tuple[float | None, str]:
@@ -81,6 +81,11 @@ def _audit_section(run_dir: Path) -> dict[str, Any]:
                        "canary_design": "each canary trains with probability 1/2 (keyed hash under the parties' "
                        "secret); the auditor guesses from the released model's loss on it (black box: no gradient "
                        "canaries)"})
+    if views.config.audit.gradient_canaries:
+        from fedscore.audit.gradient_audit import gradient_canary_audits
+
+        audits += gradient_canary_audits({"payment": views.payment_state, "lender": views.lender_state},
+                                         views.config.seed, views.config.privacy.replayable_noise, delta)
     violations = [f"{a['guarantee']}: lower bound {a['epsilon_lower_bound']:.3f} > claimed {a['claim']:.3f}"
                   for a in audits if a["violation"]]
     return {

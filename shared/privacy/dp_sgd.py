@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fedscore.shared.config import PrivacyConfig
+from fedscore.shared.privacy.gradient_canaries import GradientCanaries, flat_split
 from fedscore.shared.privacy.secure_random import NoiseSource
 
 if TYPE_CHECKING:
@@ -88,28 +89,50 @@ def part_release(plan: DpSgdPlan, steps: int, protects: str = "joint.records",
 
 
 class _SecureNoiseOptimizer:
-    """Mixin for Opacus' DPOptimizer: the Gaussian noise from a NoiseSource instead of a torch generator."""
+    """Mixin for Opacus' DPOptimizer: the Gaussian noise from a NoiseSource instead of a torch generator, and, in
+    audit runs, the Dirac gradient canaries added to the clipped sum before the noise (gradient_canaries.py)."""
 
     noise_source: NoiseSource
+    canaries: GradientCanaries | None = None
+    canary_source: NoiseSource | None = None
+    sample_rate: float = 0.0
 
     def add_noise(self) -> None:
         from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
         std = self.noise_multiplier * self.max_grad_norm  # type: ignore[attr-defined]
-        for p in self.params:  # type: ignore[attr-defined]
+        params = self.params  # type: ignore[attr-defined]
+        canaries, terms, split = self.canaries, None, None
+        if canaries is not None:
+            assert self.canary_source is not None
+            terms = canaries.step_terms(self.sample_rate, self.max_grad_norm,  # type: ignore[attr-defined]
+                                        self.canary_source)
+            split = flat_split([p.summed_grad.shape for p in params], canaries.coordinates)
+        for i, p in enumerate(params):
             _check_processed_flag(p.summed_grad)
             noise = self.noise_source.normal(p.summed_grad.shape, std, p.summed_grad.dtype)
-            p.grad = (p.summed_grad + noise).view_as(p)
+            noisy = p.summed_grad + noise
+            if canaries is not None and split is not None and terms is not None and len(split[i][0]):
+                which, where = split[i]
+                flat = noisy.view(-1)
+                flat[where] += terms[which].to(flat.dtype)
+                # what the auditor scores: the noisy sum minus the real users' clipped sum, at the canary's coordinate
+                canaries.score[which] += flat[where].double() - p.summed_grad.reshape(-1)[where].double()
+            p.grad = noisy.view_as(p)
             _mark_as_processed(p.summed_grad)
+        if canaries is not None:
+            canaries.steps += 1
 
 
-def _secure_optimizer(inner: torch.optim.Optimizer, plan: DpSgdPlan, n: int, source: NoiseSource):
+def _secure_optimizer(inner: torch.optim.Optimizer, plan: DpSgdPlan, n: int, source: NoiseSource,
+                      canaries: GradientCanaries | None = None, canary_source: NoiseSource | None = None):
     from opacus.optimizers import DPOptimizer
 
     cls = type("SecureDPOptimizer", (_SecureNoiseOptimizer, DPOptimizer), {})
     optimizer = cls(inner, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.clip,
                     expected_batch_size=max(1, round(plan.sample_rate * n)), loss_reduction="sum")
     optimizer.noise_source = source
+    optimizer.canaries, optimizer.canary_source, optimizer.sample_rate = canaries, canary_source, plan.sample_rate
     return optimizer
 
 
@@ -118,18 +141,20 @@ BatchLoss = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
 def dp_sgd_round(model: nn.Module, batch_loss: BatchLoss, n: int, plan: DpSgdPlan, optimizer_state: dict | None,
-                 weight_decay: float, source: NoiseSource) -> tuple[dict, list[float]]:
+                 weight_decay: float, source: NoiseSource, canaries: GradientCanaries | None = None,
+                 canary_source: NoiseSource | None = None) -> tuple[dict, list[float]]:
     """One round of DP-SGD on `model` in place; returns the inner optimizer's state and the batch losses.
 
     Poisson sampling and noise both draw from `source` (secure_random): nobody can replay which users were in a
-    batch or what noise was added."""
+    batch or what noise was added. `canaries` (audit runs only) are updated in place; their own sampling draws from
+    `canary_source`, so the users' sampling and noise are the same draws with or without them."""
     from opacus import GradSampleModule
 
     inner = torch.optim.Adam(model.parameters(), lr=plan.lr, weight_decay=weight_decay)
     if optimizer_state:
         inner.load_state_dict(optimizer_state)
     wrapped = GradSampleModule(model, loss_reduction="sum")
-    optimizer = _secure_optimizer(inner, plan, n, source)
+    optimizer = _secure_optimizer(inner, plan, n, source, canaries, canary_source)
     losses = []
     wrapped.train()
     # Opacus' hooks warn that no *input* needs a gradient; only the parameters do, which is what we want
