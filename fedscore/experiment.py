@@ -43,6 +43,9 @@ class GridFile(BaseModel):
     splits: int | list[str] = Field(1, description="how many keyed splits, or the parties' hex secrets")
     grid: dict[str, list[Scalar | list[Scalar]]] = Field(default_factory=dict)
     fixed: dict[str, Scalar | list[Scalar]] = Field(default_factory=dict, alias="set")
+    attacks: bool = Field(False, description="run `fedscore audit` on every run and add the pooled attack figures "
+                          "(and the one-run audit bounds, with audit.canaries / audit.gradient_canaries set) to "
+                          "results.csv")
 
 
 def _override(key: str, value: Any) -> str:
@@ -66,6 +69,7 @@ class RunSpec:
     data: Path
     transport: str
     run_dir: Path
+    attacks: bool = False
 
 
 def split_secrets(splits: int | list[str]) -> list[str]:
@@ -121,7 +125,7 @@ def load_grid(path: Path, out: Path) -> list[RunSpec]:
         for seed, (k, secret) in itertools.product(grid.seeds, enumerate(secrets)):
             name = f"{cell}-s{seed}-p{k}"
             runs.append(RunSpec(name, cell, settings, [*overrides, f"seed={seed}"], seed, k, secret, data.resolve(),
-                                grid.transport, (out / "runs" / name).resolve()))
+                                grid.transport, (out / "runs" / name).resolve(), grid.attacks))
     return runs
 
 
@@ -135,8 +139,37 @@ def result_row(spec: RunSpec, metrics: dict[str, Any], wall_s: float) -> dict[st
     row.update({f"test.{k}": metrics["test"][k] for k in METRIC_KEYS})
     for base in ("lender_only", "centralized"):
         row[f"{base}.auc"] = (metrics["baselines"].get(base) or {}).get("auc")
+    if spec.attacks:
+        row.update(attack_columns(spec.run_dir))
     row["wall_s"] = round(wall_s, 2)
     row["error"] = ""
+    return row
+
+
+ATTACK_COLUMNS = {"norm attack AUC": "attack.norm_auc", "cosine attack AUC": "attack.cosine_auc",
+                  "label inference (cosine > 0) accuracy": "attack.label_inference_acc"}
+
+
+def attack_columns(run_dir: Path) -> dict[str, Any]:
+    """`fedscore audit RUN` on the finished run (audit.json, the report section): the payment holder's attacks
+    pooled over exchanges, their ceiling, membership AUC and each one-run audit's lower bound."""
+    from fedscore.audit.section import run_audit
+
+    section = run_audit(run_dir)
+    row: dict[str, Any] = {}
+    for attack in section["labels_vs_payment"]["attacks"]:  # pooled, and the worst of pooled and each exchange
+        column = ATTACK_COLUMNS.get(attack["attack"])
+        if column is None:
+            continue
+        if attack["exchange"] == "pooled over exchanges":
+            row[column] = attack["value"]
+            row["attack.label_ceiling"] = attack["ceiling"]
+        row[f"{column}.max"] = max(row.get(f"{column}.max", attack["value"]), attack["value"])
+    row["attack.membership_auc"] = section["membership_vs_outsider"]["value"]
+    for audit in section["one_run_audits"]:
+        if audit.get("epsilon_lower_bound") is not None:
+            row[f"audit.{audit['guarantee']}"] = audit["epsilon_lower_bound"]
+    row["audit.violations"] = len(section["violations"])
     return row
 
 
@@ -228,7 +261,8 @@ def _ok(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def summary(frame: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
-    """Per cell, over seeds and splits: AUC mean / std / min / median, the baselines' means, failures."""
+    """Per cell, over seeds and splits: AUC mean / std / min / median, the baselines' means, failures, and (with
+    attacks) each label attack's median (pooled over exchanges) and its worst value over runs and exchanges."""
     ok = _ok(frame)
     out = []
     for cell, group in frame.groupby("cell", sort=False):
@@ -239,6 +273,10 @@ def summary(frame: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
                  "auc_min": auc.min(), "auc_median": auc.median()}
         for base in ("lender_only", "centralized"):
             entry[f"{base}_auc"] = _numeric(good, f"{base}.auc").mean()
+        for column in ATTACK_COLUMNS.values():  # with `attacks = true`: the median and the worst run's worst
+            if column in good:
+                entry[f"{column.removeprefix('attack.')}_median"] = _numeric(good, column).median()
+                entry[f"{column.removeprefix('attack.')}_max"] = _numeric(good, f"{column}.max").max()
         out.append(entry)
     return pd.DataFrame(out)
 

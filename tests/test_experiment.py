@@ -73,3 +73,23 @@ def test_bad_grid_is_one_line_error(tmp_path: Path) -> None:
         assert word in result.output and str(tmp_path / name) in result.output.replace("\n", "")
         assert "Traceback" not in result.output
         assert not (tmp_path / "o").exists()
+
+
+def test_experiment_with_attacks_adds_the_attack_columns(tmp_path: Path) -> None:
+    """`attacks = true`: every run is audited; the label attacks track the label eps (near the ceiling at eps 8,
+    near chance at eps 0.2), and results.md carries their median and worst value."""
+    make_party_data(tmp_path / "data", population=3000)
+    grid = GRID.replace("[1.0, 4.0]", "[0.2, 8.0]").replace('"training.rounds" = 1', '"training.rounds" = 2')
+    (tmp_path / "grid.toml").write_text("attacks = true\n" + grid)
+    out = tmp_path / "exp"
+    result = CliRunner().invoke(app, ["experiment", "--grid", str(tmp_path / "grid.toml"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(out / "results.csv").set_index("privacy.label_epsilon")
+    for column in ("attack.norm_auc", "attack.cosine_auc", "attack.label_inference_acc", "attack.cosine_auc.max",
+                   "attack.membership_auc", "attack.label_ceiling"):
+        assert frame[column].notna().all(), column
+    assert frame.loc[8.0, "attack.cosine_auc"] > 0.9 > 0.65 > frame.loc[0.2, "attack.cosine_auc"]
+    assert (frame["attack.cosine_auc"] <= frame["attack.label_ceiling"] + 0.05).all()
+    assert (frame["attack.cosine_auc.max"] >= frame["attack.cosine_auc"]).all()
+    assert "cosine_auc_max" in (out / "results.md").read_text()
+    assert (out / "runs" / frame["run"].iloc[0] / "audit.json").exists()
