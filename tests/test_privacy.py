@@ -92,6 +92,17 @@ def test_noise_is_unpredictable_unless_replayable() -> None:
     assert not NoiseSource().replayable and NoiseSource.replayable_from(5).replayable
 
 
+def test_a_source_never_runs_out_whatever_its_random_nonce(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: the ChaCha20 block counter started at a random value (all 16 nonce bytes were random), so a
+    source failed at random ("counter would overflow") after drawing more blocks than were left before 2^32; a UCI
+    sweep hit it. With the random bytes at their worst (all 0xff) a source must still draw freely."""
+    import fedscore.shared.privacy.secure_random as secure_random
+
+    monkeypatch.setattr(secure_random.os, "urandom", lambda n: b"\xff" * n)
+    source = NoiseSource()
+    assert source.uniform((200_000,)).shape == (200_000,)  # 25,000 blocks
+
+
 def test_secure_normal_and_uniform_distributions() -> None:
     """The sum-of-four Box-Muller draw is N(0, std^2) (moments and tails), uniforms cover [0, 1) evenly."""
     source = NoiseSource()

@@ -33,8 +33,8 @@ _FLOAT_ATTACK_DRAWS = 4  # sum of 4 draws / 2, as Opacus' secure mode (2n draws,
 class NoiseSource:
     """A cryptographically secure stream of uniform, Bernoulli and Gaussian draws (ChaCha20 keystream).
 
-    One source per mechanism and round is fine; the keystream is never reused (a 64-bit block counter plus a random
-    nonce per instance), and the key never leaves this object.
+    One source per mechanism and round is fine; the keystream is never reused (a 32-bit block counter from 0 plus a
+    random 96-bit nonce per instance), and the key never leaves this object.
     """
 
     def __init__(self, key: bytes | None = None, *, replayable: bool = False) -> None:
@@ -42,8 +42,11 @@ class NoiseSource:
             key = os.urandom(32)
         if len(key) != 32:
             raise ValueError("NoiseSource needs a 32-byte key")
-        nonce = hashlib.sha256(b"fedscore-nonce" + key).digest()[:16] if replayable else os.urandom(16)
-        self._encryptor = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+        # cryptography's 16-byte ChaCha20 "nonce" is a 32-bit block counter (first 4 bytes) and a 96-bit nonce: the
+        # counter starts at 0, so one source can draw 2^32 blocks (256 GiB). A random counter start made a run fail
+        # at random ("counter would overflow") once a source drew more blocks than were left before 2^32.
+        nonce = hashlib.sha256(b"fedscore-nonce" + key).digest()[:12] if replayable else os.urandom(12)
+        self._encryptor = Cipher(algorithms.ChaCha20(key, bytes(4) + nonce), mode=None).encryptor()
         self.replayable = replayable
 
     @classmethod
