@@ -101,6 +101,16 @@ def _unprotected(config: FedConfig) -> list[dict[str, str]]:
     return out
 
 
+def _gradient_noise(privacy) -> str:
+    """The gradients' extra Gaussian noise, named where it runs: defence in depth on top of randomized response,
+    which is what the claim counts (the noise's own Gaussian bound would need the lender's model independent of the
+    labels, and it is not: it trains on the randomized-response labels)."""
+    if not (privacy.labels_protected and privacy.label_epsilon is not None and privacy.gradient_noise_multiplier):
+        return ""
+    return (f", plus clipped Gaussian noise (noise multiplier {privacy.gradient_noise_multiplier:g}): defence in "
+            "depth against label-leakage attacks, not counted in the claim")
+
+
 def _guarded(on: bool, guarantee: str) -> str:
     return guarantee if on else "unprotected"
 
@@ -135,8 +145,8 @@ def releases(config: FedConfig) -> dict[str, list[dict[str, str]]]:
              "covered_by": "unprotected: set size disclosed by design"},
             {"what": "sorted HMAC tokens of the intersection", "to": "payment",
              "covered_by": "unprotected: intersection membership disclosed by design"},
-            {"what": "per-user gradients, each round (from randomized-response labels)", "to": "payment",
-             "covered_by": labels},
+            {"what": "per-user gradients, each round (from randomized-response labels)" + _gradient_noise(p),
+             "to": "payment", "covered_by": labels},
             {"what": "lender model part (ONNX weights) in model/", "to": "outsider", "covered_by": model},
             {"what": "reason-code references in model/", "to": "outsider",
              "covered_by": "public: declared in the lender's schema"},

@@ -51,7 +51,9 @@ def unprotected(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def protected(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _run(data, tmp_path_factory.mktemp("protected"), "privacy.label_epsilon=2")
+    """Randomized response alone (the default gradient noise off): the attacks read the released labels."""
+    return _run(data, tmp_path_factory.mktemp("protected"), "privacy.label_epsilon=2",
+                "privacy.gradient_noise_multiplier=none")
 
 
 # -- the bound ------------------------------------------------------------------------------------------------------
@@ -160,13 +162,27 @@ def test_attacks_stay_under_randomized_response(protected: Path) -> None:
     assert 0.0 <= membership["value"] <= membership["ceiling"]
 
 
+def test_default_gradient_noise_hides_the_released_labels(data: Path, tmp_path: Path, protected: Path) -> None:
+    """The default clipped Gaussian on the gradients (defence in depth on top of randomized response): the attacks
+    that read the released labels under randomized response alone fall towards chance, and every exchange's
+    attack stays below the default-privacy bar of issue #9 (0.60) with a little room for this small data."""
+    section = audit_section(_run(data, tmp_path, "privacy.label_epsilon=2"))
+    rr_alone = audit_section(protected)
+    for attack in ("norm attack AUC", "cosine attack AUC"):
+        worst = max(r["value"] for r in section["labels_vs_payment"]["attacks"] if r["attack"] == attack)
+        assert worst <= 0.62, (attack, worst)
+        assert _pooled(section, attack) < _pooled(rr_alone, attack) - 0.1
+    assert not section["violations"]
+
+
 def test_audit_catches_randomized_response_with_its_noise_off(data: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """Negative control: the flips are skipped but the ledger still charges (and the report claims) eps 2."""
+    """Negative control: the flips are skipped (and no gradient noise) but the ledger still charges (and the report
+    claims) eps 2."""
     import fedscore.shared.privacy as privacy
 
     monkeypatch.setattr(privacy, "randomized_response", lambda labels, epsilon, source: labels.clone())
-    section = audit_section(_run(data, tmp_path, "privacy.label_epsilon=2"))
+    section = audit_section(_run(data, tmp_path, "privacy.label_epsilon=2", "privacy.gradient_noise_multiplier=none"))
     label_audit = section["one_run_audits"][0]
     assert label_audit["claim"] == pytest.approx(2.0, abs=0.01)
     assert label_audit["violation"] and label_audit["epsilon_lower_bound"] > 3
@@ -182,7 +198,8 @@ def test_audit_catches_replayable_noise_and_the_command_exits_non_zero(data: Pat
     assert "VIOLATION" in result.output
     report = json.loads((run_dir / "privacy-report.json").read_text())
     section = report["attacks_and_audit"]
-    assert section["violations"] and section["one_run_audits"][0]["policy"].startswith("replay")
+    label_audit = section["one_run_audits"][0]  # the flips and the default gradient noise are both replayed
+    assert label_audit["violation"] and label_audit["policy"].startswith("replay (replayable stream)")
     payment = _white_box(section)["payment"]  # the DP-SGD noise is replayed from the seed too
     assert payment["violation"] and payment["policy"].startswith("replay")
     html = (run_dir / "report.html").read_text()

@@ -80,6 +80,7 @@ def test_experiment_with_attacks_adds_the_attack_columns(tmp_path: Path) -> None
     near chance at eps 0.2), and results.md carries their median and worst value."""
     make_party_data(tmp_path / "data", population=3000)
     grid = GRID.replace("[1.0, 4.0]", "[0.2, 8.0]").replace('"training.rounds" = 1', '"training.rounds" = 2')
+    grid += '"privacy.gradient_noise_multiplier" = "none"  # randomized response alone: the attacks read its labels\n'
     (tmp_path / "grid.toml").write_text("attacks = true\n" + grid)
     out = tmp_path / "exp"
     result = CliRunner().invoke(app, ["experiment", "--grid", str(tmp_path / "grid.toml"), "--out", str(out)])

@@ -28,9 +28,11 @@ from tests.conftest import SECRET, fresh_homes, make_party_data
 
 LABEL_EPS = 2.0
 CEILING = math.exp(LABEL_EPS) / (1 + math.exp(LABEL_EPS))  # randomized response's best possible accuracy, 0.881
-# labels only (fast): RR at eps 2 and nothing else; the attack reads the gradients, which carry the released labels
+# labels only (fast): RR at eps 2 and nothing else (not the default gradient noise either); the attack reads the
+# gradients, which carry the released labels
 LABELS_ONLY = ["training.rounds=2", "training.local_epochs=1", "training.batch_size=512", "baselines.enabled=false",
-               "privacy.outsider_epsilon=none", f"privacy.label_epsilon={LABEL_EPS}"]
+               "privacy.outsider_epsilon=none", f"privacy.label_epsilon={LABEL_EPS}",
+               "privacy.gradient_noise_multiplier=none"]
 # both label RR and DP-SGD on both parts: everything a released part rests on
 PRIVATE = ["training.rounds=2", "training.local_epochs=1", "training.batch_size=64", "baselines.enabled=false",
            "privacy.dpsgd_batch_size=256", "privacy.dpsgd_local_epochs=1"]

@@ -11,7 +11,7 @@ holds its own bottom model and features. It never sees the lender's state.
   difference keeps the orientation when randomized response has flipped some of the known users' labels);
 - label inference: guess "default" when that cosine is positive (accuracy against the clean labels);
 - replay: recompute the randomized-response flips from the public seed, as a regression to a seeded generator (or
-  the VOID replayable test mode) would allow, and undo them;
+  the VOID replayable test mode) would allow, and undo them (in the replayable mode the gradient noise too);
 - model completion (Fu et al., USENIX Security 2022): a logistic head on the payment holder's own final bottom model,
   fitted on the known labels, applied to the other training users and to held-out users (features alone predict
   defaults, so the leak is the gap between the two).
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ from sklearn.metrics import roc_auc_score
 
 from fedscore.audit.views import RunViews
 from fedscore.shared.model.parts import seeded
+from fedscore.shared.privacy.secure_random import NoiseSource
 
 KNOWN_LABELS = 40
 THREAT = ("the payment holder: every gradient it received (after all noise), the public run config and seed, its "
@@ -46,7 +48,6 @@ def replayed_flip_masks(seed: int, n_train: int, epsilon: float) -> dict[str, np
     """Every way the flip mask could be recomputed from public values: the torch generator seeded from `seed` (the
     defect an audit found once) and the VOID replayable stream. Under the CSPRNG both are unrelated to the real
     flips."""
-    from fedscore.shared.privacy import NoiseSource
 
     flip_p = 1 / (1 + math.exp(epsilon))
     seeded_torch = torch.rand(n_train, generator=torch.Generator().manual_seed(
@@ -70,15 +71,34 @@ def known_users(views: RunViews, n: int = KNOWN_LABELS) -> np.ndarray:
     raise ValueError("too few training users of each class for the attacker's known labels")
 
 
-def exchanges(views: RunViews) -> list[tuple[int, np.ndarray, np.ndarray]]:
+Denoise = Callable[[int, np.ndarray], np.ndarray]  # (round, gradients as received) -> gradients an attacker uses
+
+
+def exchanges(views: RunViews, denoise: Denoise | None = None) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """(round, aligned positions, gradients) per exchange the payment holder received."""
     index = {i: k for k, i in enumerate(views.aligned_ids)}
     view = views.payment_view
     out = []
     for r in np.unique(view["round"]):
         rows = view["round"] == r
-        out.append((int(r), np.array([index[str(i)] for i in view["id"][rows]]), view["gradient"][rows]))
+        g = view["gradient"][rows] if denoise is None else denoise(int(r), view["gradient"][rows])
+        out.append((int(r), np.array([index[str(i)] for i in view["id"][rows]]), g))
     return out
+
+
+def replayed_gradient_noise(views: RunViews) -> Denoise | None:
+    """In the VOID replayable mode: subtract the lender's gradient noise, recomputed from the public seed exactly as
+    the lender drew it (one draw per exchange, training users in the order received); None when no noise was added."""
+    privacy = views.config.privacy
+    if not (privacy.labels_protected and privacy.gradient_noise_multiplier):
+        return None
+    std = float(privacy.gradient_noise_multiplier) * privacy.gradient_clip
+
+    def denoise(round_: int, g: np.ndarray) -> np.ndarray:
+        source = NoiseSource.replayable_from(views.config.seed, "lender", "grad-noise", str(round_))
+        return g - source.normal(g.shape, std, torch.float32).numpy()
+
+    return denoise
 
 
 def _cosines(g: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -86,12 +106,13 @@ def _cosines(g: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return (g @ reference) / np.maximum(norms, 1e-12)
 
 
-def gradient_scores(views: RunViews, known: np.ndarray) -> dict[int | str, dict[str, np.ndarray]]:
+def gradient_scores(views: RunViews, known: np.ndarray,
+                    denoise: Denoise | None = None) -> dict[int | str, dict[str, np.ndarray]]:
     """Per exchange and pooled: norm and cosine scores for every aligned user (NaN where a user got no gradient)."""
     n = len(views.aligned_ids)
     per: dict[int | str, dict[str, np.ndarray]] = {}
     positives, negatives = known[views.clean[known] == 1], known[views.clean[known] == 0]
-    for round_, pos, g in exchanges(views):
+    for round_, pos, g in exchanges(views, denoise):
         norm, cos = np.full(n, np.nan), np.full(n, np.nan)
         norm[pos] = np.linalg.norm(g, axis=1)
         where = {p: k for k, p in enumerate(pos)}
@@ -155,7 +176,11 @@ def label_attacks(views: RunViews, epsilon: float | None) -> dict[str, Any]:
         for name, mask in replayed_flip_masks(views.config.seed, len(train_positions), flips_epsilon).items():
             sign = np.ones(len(views.aligned_ids))
             sign[train_positions[mask]] = -1.0  # undo the replayed flip
-            guess = pooled * sign
+            scores = pooled
+            denoise = replayed_gradient_noise(views) if name == "replayable stream" else None
+            if denoise is not None:  # the gradient noise replays from the same stream: take it off first
+                scores = gradient_scores(views, known, denoise)["pooled"]["cosine"]
+            guess = scores * sign
             rows.append({"attack": f"replay ({name}) + label inference accuracy", "exchange": "pooled over exchanges",
                          "metric": "accuracy", "value": float(((guess[evaluate] > 0) == (y == 1)).mean()),
                          "chance": float(max(y.mean(), 1 - y.mean())), "ceiling": ceiling})
