@@ -147,6 +147,7 @@ def result_row(spec: RunSpec, metrics: dict[str, Any], wall_s: float) -> dict[st
 
 
 ATTACK_COLUMNS = {"norm attack AUC": "attack.norm_auc", "cosine attack AUC": "attack.cosine_auc",
+                  "principal-direction attack AUC": "attack.principal_auc",
                   "label inference (cosine > 0) accuracy": "attack.label_inference_acc"}
 
 
