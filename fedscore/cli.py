@@ -235,10 +235,8 @@ def federate(data: Annotated[Path | None, typer.Option(help="DIR with payment/ a
     _run(run_federated, data, out, config, set_, secret_file, budget, party_home, insecure=insecure, **extra)
 
 
-# the synthetic data has a rarer default (7.5%) than UCI (22%): DP-SGD needs more steps there, and the noisy
-# gradients (privacy.gradient_noise_multiplier) a smaller scale before the payment part's clip (BENCHMARKS.md;
-# on UCI that scale costs AUC, so it is the demo's setting, not a default)
-DEMO_SETTINGS = ["privacy.dpsgd_local_epochs=6", "privacy.feature_gradient_scale=0.25"]
+# the synthetic data has a rarer default (7.5%) than UCI (22%): DP-SGD needs more steps there (BENCHMARKS.md)
+DEMO_SETTINGS = ["privacy.dpsgd_local_epochs=6"]
 
 
 @app.command()

@@ -107,7 +107,9 @@ def _gradient_noise(privacy) -> str:
     labels, and it is not: it trains on the randomized-response labels)."""
     if not (privacy.labels_protected and privacy.label_epsilon is not None and privacy.gradient_noise_multiplier):
         return ""
-    return (f", plus clipped Gaussian noise (noise multiplier {privacy.gradient_noise_multiplier:g}): defence in "
+    where = ("on each residual p - y, along its Jacobian row" if privacy.gradient_noise_shape == "residual"
+             else "in every coordinate")
+    return (f", plus Gaussian noise {where} (noise multiplier {privacy.gradient_noise_multiplier:g}): defence in "
             "depth against label-leakage attacks, not counted in the claim")
 
 

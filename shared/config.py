@@ -48,7 +48,7 @@ class BaselineConfig(_Strict):
     epochs: int = Field(30, ge=1, description="MLP epochs at most (early-stopped on validation AUC)")
 
 
-GRADIENT_NOISE_DEFAULT = 1.75
+GRADIENT_NOISE_DEFAULT = 3.0
 
 
 class PrivacyConfig(_Strict):
@@ -71,6 +71,9 @@ class PrivacyConfig(_Strict):
         GRADIENT_NOISE_DEFAULT, ge=0, description="clipped Gaussian on the returned gradients, per round, on top of "
         "randomized response (defence in depth against label-leakage attacks; not counted in the claim)")
     gradient_clip: float = Field(1.0, gt=0, description="clip of the label Jacobian rows J_i")
+    gradient_noise_shape: Literal["residual", "isotropic"] = Field(
+        "residual", description="where the gradient noise goes: on each residual p_i - y_i, along J_i (the line a "
+        "label moves g_i on), or in every coordinate; the same Gaussian guarantee either way")
     # payment.features against the lender
     feature_epsilon: float | None = Field(None, gt=0, description="Gaussian embedding noise target; None = off")
     feature_noise_multiplier: float | None = Field(None, gt=0)

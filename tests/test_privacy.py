@@ -153,6 +153,30 @@ def test_label_gradients_noise_and_sensitivity() -> None:
         clipped_label_gradients(p * 2, y, jac, clip, sigma, NoiseSource())
 
 
+def test_residual_shaped_label_gradient_noise() -> None:
+    """The "residual" shape: all noise lies along each user's clipped J_i, its component there has std
+    sigma |J_i| (noise multiplier sigma in residual units), flipping a label moves g_i by at most clip along J_i,
+    and the privacy loss is the same 1-D Gaussian as the isotropic shape's (shift <= 1/sigma in noise units)."""
+    n, d, clip, sigma = N_NOISE, 4, 0.5, 3.0
+    p = torch.rand(n, generator=_gen(19))
+    y = (torch.rand(n, generator=_gen(20)) < 0.3).float()
+    rows = clip_rows(torch.randn(n, d, generator=_gen(21)) * 2, clip)
+    g = clipped_label_gradients(p, y, rows, clip, sigma, NoiseSource.replayable_from(22), "residual")
+    exact = (p - y).unsqueeze(1) * rows
+    norms = torch.linalg.vector_norm(rows, dim=1)
+    along = ((g - exact) * rows).sum(1) / norms  # the noise's component along J_i
+    across = (g - exact) - along.unsqueeze(1) * rows / norms.unsqueeze(1)
+    assert across.abs().max().item() < 1e-4  # nothing off the line
+    _check_noise(along / norms, sigma)  # N(0, sigma^2) in residual units
+    flipped = clipped_label_gradients(p, 1 - y, rows, clip, sigma, NoiseSource.replayable_from(22), "residual")
+    moved = torch.linalg.vector_norm(flipped - g, dim=1)
+    assert moved.max().item() <= clip * (1 + 1e-5) and moved.max().item() > 0.9 * clip
+    shift_in_noise_units = moved / (sigma * norms)  # what the privacy loss depends on
+    assert shift_in_noise_units.max().item() <= 1 / sigma * (1 + 1e-5)
+    with pytest.raises(ValueError, match="noise shape"):
+        clipped_label_gradients(p, y, rows, clip, sigma, NoiseSource(), "diagonal")
+
+
 # -- accounting -------------------------------------------------------------------------------------------------
 
 def _gaussian(sigma: float, count: int, sensitivity: float = 1.0, **kw: object) -> GaussianRelease:

@@ -269,7 +269,7 @@ class LenderParty(PartyBase):
             # written as p - y with p = y + residual (in [0, 1], since |residual| <= 1 with the sign of p - y)
             grad = clipped_label_gradients((y + residual).clamp(0, 1), y, jacobian, privacy.gradient_clip,
                                            privacy.gradient_noise_multiplier,
-                                           self.noise_source("grad-noise", str(round_)))
+                                           self.noise_source("grad-noise", str(round_)), privacy.gradient_noise_shape)
         else:
             grad = residual[:, None] * jacobian
         return grad.numpy().astype(np.float32)

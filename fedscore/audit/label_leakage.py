@@ -90,16 +90,27 @@ def exchanges(views: RunViews, denoise: Denoise | None = None) -> list[tuple[int
 
 
 def replayed_gradient_noise(views: RunViews) -> Denoise | None:
-    """In the VOID replayable mode: subtract the lender's gradient noise, recomputed from the public seed exactly as
-    the lender drew it (one draw per exchange, training users in the order received); None when no noise was added."""
+    """In the VOID replayable mode: take off the lender's gradient noise, recomputed from the public seed exactly as
+    the lender drew it (one draw per exchange, training users in the order received); None when no noise was added.
+
+    Isotropic noise is subtracted. Residual-shaped noise, g_i = (r_i + n_i) J_i with n_i replayed, is undone along
+    the gradients' principal line u: t_i = g_i . u = (r_i + n_i) |J_i|; with a linear top (the default) |J_i| is
+    one constant, which the regression of t on the replayed n recovers (n is independent of r), so
+    r_i = t_i / slope - n_i and the noise-free gradient is r_i |J| u."""
     privacy = views.config.privacy
     if not (privacy.labels_protected and privacy.gradient_noise_multiplier):
         return None
-    std = float(privacy.gradient_noise_multiplier) * privacy.gradient_clip
+    sigma = float(privacy.gradient_noise_multiplier)
 
     def denoise(round_: int, g: np.ndarray) -> np.ndarray:
         source = NoiseSource.replayable_from(views.config.seed, "lender", "grad-noise", str(round_))
-        return g - source.normal(g.shape, std, torch.float32).numpy()
+        if privacy.gradient_noise_shape == "isotropic":
+            return g - source.normal(g.shape, sigma * privacy.gradient_clip, torch.float32).numpy()
+        noise = source.normal((len(g), 1), sigma, torch.float32).numpy()[:, 0].astype(np.float64)
+        u = np.linalg.svd(g.astype(np.float64), full_matrices=False)[2][0]
+        t = g @ u
+        slope = float(np.cov(t, noise)[0, 1] / np.var(noise, ddof=1))  # = |J| (signed by u's orientation)
+        return ((t / slope - noise) * slope)[:, None] * u[None, :]
 
     return denoise
 
