@@ -146,9 +146,12 @@ def result_row(spec: RunSpec, metrics: dict[str, Any], wall_s: float) -> dict[st
     return row
 
 
-ATTACK_COLUMNS = {"norm attack AUC": "attack.norm_auc", "cosine attack AUC": "attack.cosine_auc",
-                  "principal-direction attack AUC": "attack.principal_auc",
-                  "label inference (cosine > 0) accuracy": "attack.label_inference_acc"}
+def attack_column_names() -> dict[str, str]:
+    """Report row name -> results.csv column, from the attacks' own names (imported late: sklearn, torch)."""
+    from fedscore.audit.label_leakage import LABEL_INFERENCE, SCORE_ATTACKS
+
+    return {**{label: f"attack.{key}_auc" for key, label in SCORE_ATTACKS.items()},
+            LABEL_INFERENCE: "attack.label_inference_acc"}
 
 
 def attack_columns(run_dir: Path) -> dict[str, Any]:
@@ -157,9 +160,10 @@ def attack_columns(run_dir: Path) -> dict[str, Any]:
     from fedscore.audit.section import run_audit
 
     section = run_audit(run_dir)
+    columns = attack_column_names()
     row: dict[str, Any] = {}
     for attack in section["labels_vs_payment"]["attacks"]:  # pooled, and the worst of pooled and each exchange
-        column = ATTACK_COLUMNS.get(attack["attack"])
+        column = columns.get(attack["attack"])
         if column is None:
             continue
         if attack["exchange"] == "pooled over exchanges":
@@ -274,7 +278,7 @@ def summary(frame: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
                  "auc_min": auc.min(), "auc_median": auc.median()}
         for base in ("lender_only", "centralized"):
             entry[f"{base}_auc"] = _numeric(good, f"{base}.auc").mean()
-        for column in ATTACK_COLUMNS.values():  # with `attacks = true`: the median and the worst run's worst
+        for column in attack_column_names().values():  # with `attacks = true`: the median and the worst run's worst
             if column in good:
                 entry[f"{column.removeprefix('attack.')}_median"] = _numeric(good, column).median()
                 entry[f"{column.removeprefix('attack.')}_max"] = _numeric(good, f"{column}.max").max()

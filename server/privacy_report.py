@@ -105,7 +105,7 @@ def _gradient_noise(privacy) -> str:
     """The gradients' extra Gaussian noise, named where it runs: defence in depth on top of randomized response,
     which is what the claim counts (the noise's own Gaussian bound would need the lender's model independent of the
     labels, and it is not: it trains on the randomized-response labels)."""
-    if not (privacy.labels_protected and privacy.label_epsilon is not None and privacy.gradient_noise_multiplier):
+    if not privacy.gradient_noise_on:
         return ""
     where = ("on each residual p - y, along its Jacobian row" if privacy.gradient_noise_shape == "residual"
              else "in every coordinate")

@@ -125,6 +125,11 @@ class PrivacyConfig(_Strict):
         return self.enabled and (self.label_epsilon is not None or self.gradient_noise_multiplier is not None)
 
     @property
+    def gradient_noise_on(self) -> bool:
+        """The lender adds gradient noise (the validator ties it to randomized response, so it is on top of it)."""
+        return bool(self.enabled and self.gradient_noise_multiplier)
+
+    @property
     def features_protected(self) -> bool:
         return self.enabled and (self.feature_epsilon is not None or self.feature_noise_multiplier is not None)
 

@@ -263,7 +263,7 @@ class LenderParty(PartyBase):
         (jacobian,) = torch.autograd.grad(logit.sum(), h)  # row i is d logit_i / d h_i: rows do not interact
         residual = model.residual(logit.detach(), y)  # d loss_i / d logit_i, moved by <= 1 when y_i changes
         privacy = self.config.privacy
-        if privacy.enabled and privacy.gradient_noise_multiplier:
+        if privacy.gradient_noise_on:
             from fedscore.shared.privacy import clipped_label_gradients
 
             # written as p - y with p = y + residual (in [0, 1], since |residual| <= 1 with the sign of p - y)

@@ -38,6 +38,10 @@ from fedscore.shared.model.parts import seeded
 from fedscore.shared.privacy.secure_random import NoiseSource
 
 KNOWN_LABELS = 40
+# the report rows' names (experiment.py turns them into results.csv columns)
+SCORE_ATTACKS = {"norm": "norm attack AUC", "cosine": "cosine attack AUC",
+                 "principal": "principal-direction attack AUC"}
+LABEL_INFERENCE = "label inference (cosine > 0) accuracy"
 THREAT = ("the payment holder: every gradient it received (after all noise), the public run config and seed, its "
           f"own model and features, and the labels of {KNOWN_LABELS} training users")
 
@@ -98,7 +102,7 @@ def replayed_gradient_noise(views: RunViews) -> Denoise | None:
     one constant, which the regression of t on the replayed n recovers (n is independent of r), so
     r_i = t_i / slope - n_i and the noise-free gradient is r_i |J| u."""
     privacy = views.config.privacy
-    if not (privacy.labels_protected and privacy.gradient_noise_multiplier):
+    if not privacy.gradient_noise_on:
         return None
     sigma = float(privacy.gradient_noise_multiplier)
 
@@ -146,7 +150,7 @@ def gradient_scores(views: RunViews, known: np.ndarray,
         with warnings.catch_warnings():  # users who never got a gradient (not training) stay NaN
             warnings.simplefilter("ignore", RuntimeWarning)
             per["pooled"] = {key: np.nanmean(np.stack([p[key] for p in per.values()]), axis=0)
-                             for key in ("norm", "cosine", "principal")}
+                             for key in SCORE_ATTACKS}
     return per
 
 
@@ -183,11 +187,10 @@ def label_attacks(views: RunViews, epsilon: float | None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for exchange, scores in per.items():
         where = "pooled over exchanges" if exchange == "pooled" else f"exchange {exchange}"
-        for key, label in (("norm", "norm attack AUC"), ("cosine", "cosine attack AUC"),
-                           ("principal", "principal-direction attack AUC")):
+        for key, label in SCORE_ATTACKS.items():
             rows.append({"attack": label, "exchange": where, "metric": "AUC",
                          "value": _auc(y, scores[key][evaluate]), "chance": 0.5, "ceiling": ceiling})
-        rows.append({"attack": "label inference (cosine > 0) accuracy", "exchange": where, "metric": "accuracy",
+        rows.append({"attack": LABEL_INFERENCE, "exchange": where, "metric": "accuracy",
                      "value": float(((scores["cosine"][evaluate] > 0) == (y == 1)).mean()),
                      "chance": float(max(y.mean(), 1 - y.mean())), "ceiling": ceiling})
     pooled = per["pooled"]["cosine"]

@@ -95,6 +95,7 @@ class _SecureNoiseOptimizer:
     noise_source: NoiseSource
     canaries: GradientCanaries | None = None
     canary_source: NoiseSource | None = None
+    canary_split: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per parameter: which canaries, where
     sample_rate: float = 0.0
 
     def add_noise(self) -> None:
@@ -102,12 +103,11 @@ class _SecureNoiseOptimizer:
 
         std = self.noise_multiplier * self.max_grad_norm  # type: ignore[attr-defined]
         params = self.params  # type: ignore[attr-defined]
-        canaries, terms, split = self.canaries, None, None
+        canaries, terms, split = self.canaries, None, self.canary_split
         if canaries is not None:
             assert self.canary_source is not None
             terms = canaries.step_terms(self.sample_rate, self.max_grad_norm,  # type: ignore[attr-defined]
                                         self.canary_source)
-            split = flat_split([p.summed_grad.shape for p in params], canaries.coordinates)
         for i, p in enumerate(params):
             _check_processed_flag(p.summed_grad)
             noise = self.noise_source.normal(p.summed_grad.shape, std, p.summed_grad.dtype)
@@ -133,6 +133,8 @@ def _secure_optimizer(inner: torch.optim.Optimizer, plan: DpSgdPlan, n: int, sou
                     expected_batch_size=max(1, round(plan.sample_rate * n)), loss_reduction="sum")
     optimizer.noise_source = source
     optimizer.canaries, optimizer.canary_source, optimizer.sample_rate = canaries, canary_source, plan.sample_rate
+    if canaries is not None:
+        optimizer.canary_split = flat_split([p.shape for p in optimizer.params], canaries.coordinates)
     return optimizer
 
 
