@@ -503,6 +503,7 @@ def test_serve_payment_refuses_to_start_without_tls_or_a_served_record(tx_run: t
     assert lender.exit_code == 2 and "--payment-ca, --client-cert, --client-key" in lender.output
 
 
+@pytest.mark.slow
 def test_serve_payment_cli_serves_over_mutual_tls_and_records_disclosures(tx_run: tuple[Path, Path],
                                                                            pki: tuple[LocalPki, LocalPki],
                                                                            tmp_path: Path) -> None:
