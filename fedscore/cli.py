@@ -154,8 +154,12 @@ def _report(metrics: dict, run_dir: Path) -> None:
         status = "[bold red]VOID[/] " if g.get("status") == "VOID" else ""
         lifetime = (f"; this run {g['run_epsilon']:.3f}" if g.get("run_epsilon") is not None
                     and abs(g["run_epsilon"] - g["epsilon"]) > 1e-9 else "")
+        ceiling = g.get("attack_ceiling")
+        best = (f"; best attack AUC {ceiling['auc']:.3f}, accuracy {ceiling['balanced_accuracy']:.3f}"
+                if ceiling else "")
+        mixture = ", RR mixture" if g.get("composition") == "rr_mixture" else ""
         console.print(f"privacy: {status}{g['protects']} against {g['against']}: eps {g['epsilon']:.3f} over the "
-                      f"party's lifetime{lifetime} (delta {g['delta']:g}, {g['accountant']})")
+                      f"party's lifetime{lifetime} (delta {g['delta']:g}, {g['accountant']}{mixture}){best}")
     for u in privacy["unprotected"]:
         console.print(f"[yellow]not protected:[/] {u['protects']} against {u['against']}: {u['what']}")
     model = "model/" if (run_dir / "model").exists() else "(no model/: each party keeps its part; `fedscore bundle`)"

@@ -109,8 +109,17 @@ def _guarantee_row(g: dict[str, Any]) -> dict[str, Any]:
         "epsilon": g["epsilon"], "run_epsilon": "-" if g.get("run_epsilon") is None else f"{g['run_epsilon']:.3f}",
         "delta": g["delta"], "neighbouring": g["neighbouring"], "accountant": g["accountant"],
         "budget": ", ".join(f"{party} {'-' if b is None else f'{b:g}'}" for party, b in g["budget"].items()),
-        "mechanisms": _mechanisms_summary(g["mechanisms"]), "view": g["view"],
+        "mechanisms": _mechanisms_summary(g["mechanisms"]), "view": g["view"], "ceiling": ceiling_text(g),
     }
+
+
+def ceiling_text(g: dict[str, Any]) -> str:
+    """The attack ceiling a guarantee's privacy profile implies, e.g. "AUC 0.62 / accuracy 0.59" ("-" if absent)."""
+    ceiling = g.get("attack_ceiling")
+    if not ceiling:
+        return "-"
+    mixture = " (RR mixture)" if g.get("composition") == "rr_mixture" else ""
+    return f"AUC {ceiling['auc']:.3f} / accuracy {ceiling['balanced_accuracy']:.3f}{mixture}"
 
 
 @functools.cache

@@ -76,6 +76,8 @@ def default_budgets(config: FedConfig) -> Budgets:
     if not privacy.enabled:
         return budgets
     if privacy.label_epsilon is not None:
+        # the composed label claim (RR mixture of randomized response, the lender's DP-SGD and every gradient
+        # exchange) never exceeds randomized response's own epsilon: that is the cap
         budgets["lender"]["lender.labels@payment"] = with_slack(privacy.label_epsilon)
         budgets["lender"]["lender.labels@outsider"] = with_slack(privacy.label_epsilon)
     if privacy.feature_epsilon is not None and privacy.feature_noise_multiplier is None:

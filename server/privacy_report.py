@@ -82,6 +82,12 @@ def build_privacy_report(config: FedConfig, ledgers: dict[str, Any], refusal: di
             "validation/test labels are used only for the aggregate metrics the lender shares; metrics.json is "
             "evaluation-only and never ships in model/",
             "the lender's own features are not protected against the payment holder (out of scope)",
+            "lender.labels@payment composes everything the payment holder receives that depends on the training "
+            "labels: randomized response, then (computed from its output) the lender's DP-SGD steps (Poisson "
+            "batches it never sees) and every gradient exchange (a Gaussian on the residual); composition "
+            "'rr_mixture' is the tight bound of that post-processing, never above randomized response's epsilon",
+            "attack_ceiling: the best AUC and balanced accuracy any attack can reach at telling a user's two "
+            "neighbouring inputs apart (e.g. a training label 0 or 1), implied by the guarantee's privacy profile",
         ],
     }
 
@@ -102,15 +108,16 @@ def _unprotected(config: FedConfig) -> list[dict[str, str]]:
 
 
 def _gradient_noise(privacy) -> str:
-    """The gradients' extra Gaussian noise, named where it runs: defence in depth on top of randomized response,
-    which is what the claim counts (the noise's own Gaussian bound would need the lender's model independent of the
-    labels, and it is not: it trains on the randomized-response labels)."""
+    """The gradients' Gaussian noise, named where it runs. It is counted: the lender's model is trained with
+    DP-SGD (charged to lender.labels@payment too), so each exchange is a Gaussian on the residual with sensitivity
+    1, composed with those steps and mixed behind randomized response (shared/privacy/accounting.py)."""
     if not privacy.gradient_noise_on:
-        return ""
+        return ", without Gaussian noise (the exchanges are not DP: the claim is randomized response's alone)"
     where = ("on each residual p - y, along its Jacobian row" if privacy.gradient_noise_shape == "residual"
              else "in every coordinate")
-    return (f", plus Gaussian noise {where} (noise multiplier {privacy.gradient_noise_multiplier:g}): defence in "
-            "depth against label-leakage attacks, not counted in the claim")
+    counted = ("counted in the claim with the lender's DP-SGD steps, behind randomized response (RR mixture)"
+               if privacy.dp_sgd else "not counted: without DP-SGD the lender's model carries the labels past it")
+    return f", plus Gaussian noise {where} (noise multiplier {privacy.gradient_noise_multiplier:g}): {counted}"
 
 
 def _guarded(on: bool, guarantee: str) -> str:

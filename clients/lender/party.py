@@ -7,6 +7,8 @@ training users. It shares only metrics (AUC etc. on validation and test users) w
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
@@ -20,6 +22,10 @@ from fedscore.shared.model.preprocessing import Scaler
 from fedscore.shared.protocol.bodies import AlignmentSizes, Curves, LenderOnly, SetupRequest, TableSize, Trained
 from fedscore.shared.protocol.messages import Envelope, MessageKind, pack_arrays, unpack_arrays
 from fedscore.shared.protocol.splits import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, assign_splits
+
+if TYPE_CHECKING:
+    from fedscore.shared.privacy import Ledger
+    from fedscore.shared.privacy.dp_sgd import DpSgdPlan
 
 
 class LenderParty(PartyBase):
@@ -141,7 +147,10 @@ class LenderParty(PartyBase):
         from fedscore.shared.privacy import RandomizedResponse, randomized_response
 
         assert privacy.label_epsilon is not None
-        release = RandomizedResponse(epsilon=privacy.label_epsilon, protects="lender.labels", seen_by="outsider")
+        # the draw is named so that what the lender later computes from these labels (its DP-SGD steps, each
+        # gradient exchange) is charged as downstream of it: the guarantee is then the RR mixture (accounting.py)
+        release = RandomizedResponse(epsilon=privacy.label_epsilon, protects="lender.labels", seen_by="outsider",
+                                     draw=self._label_draw)
         ledger = self.ledger
         for against in ("payment", "outsider"):
             ledger.charge([release], f"lender.labels@{against}", note="randomized response on training labels, once")
@@ -150,6 +159,11 @@ class LenderParty(PartyBase):
         released[mask] = randomized_response(y[mask], privacy.label_epsilon,
                                              self.noise_source("randomized-response")).to(y.dtype)
         return released
+
+    @property
+    def _label_draw(self) -> str:
+        """The name of this run's randomized-response draw in the ledger (RandomizedResponse.draw)."""
+        return f"randomized-response:{self.run_id or 'unnamed run'}"
 
     def _new_model(self, embedding_dim: int) -> LenderTop:
         return lender_model(self.state["x"].shape[1], embedding_dim, self.config)
@@ -239,7 +253,18 @@ class LenderParty(PartyBase):
         def batch_loss(module: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
             return model.loss(module(x[batch], h[batch]), y[batch], reduction="sum")
 
-        return self.train_dp_sgd(model, batch_loss, len(y), round_)
+        def charge_labels(plan: DpSgdPlan, ledger: Ledger) -> None:
+            """The same steps, seen by the payment holder through every gradient computed from this model."""
+            if not self.config.privacy.labels_protected:
+                return
+            from fedscore.shared.privacy.dp_sgd import label_training_release
+
+            ledger.charge([label_training_release(plan, plan.steps_per_round, self._label_draw)],
+                          "lender.labels@payment",
+                          note=f"round {round_}: the lender's DP-SGD steps on the randomized-response labels "
+                               "(Poisson batches the payment holder never sees)")
+
+        return self.train_dp_sgd(model, batch_loss, len(y), round_, also_charge=charge_labels)
 
     def _export(self, model: LenderTop) -> str:
         """Write the lender part (its preprocessing inside the graph) and the declared references reason codes need.
@@ -256,7 +281,9 @@ class LenderParty(PartyBase):
                              round_: int) -> np.ndarray:
         """d loss_i / d h_i = (p_i - y_i) J_i with J_i = d logit_i / d h_i, per user (per-sample loss, so no 1/B
         scale to match on the other side). y are the released (randomized-response) labels when protected; the
-        optional clipped Gaussian on top bounds what one label moves a gradient by (defence in depth)."""
+        clipped Gaussian on top bounds what one label moves a gradient by, and this exchange is charged to
+        lender.labels@payment before it is computed (`_charge_exchange`)."""
+        self._charge_exchange(round_)
         model.eval()
         h = h.clone().requires_grad_(True)
         logit = model(x, h)
@@ -273,3 +300,21 @@ class LenderParty(PartyBase):
         else:
             grad = residual[:, None] * jacobian
         return grad.numpy().astype(np.float32)
+
+    def _charge_exchange(self, round_: int) -> None:
+        """One gradient exchange to lender.labels@payment, charged when (and only when) gradients are sent: a
+        Gaussian on each residual p_i - y_i, sensitivity 1 in units of the Jacobian clip, not subsampled. That bound
+        needs p_i and J_i free of the labels, i.e. a lender model trained with DP-SGD (charged each round); without
+        DP-SGD or without gradient noise the exchange is charged as not DP (noise 0), so the guarantee falls back
+        to randomized response's own epsilon."""
+        privacy = self.config.privacy
+        if not privacy.labels_protected:
+            return
+        from fedscore.shared.privacy import label_gradient_release
+
+        dp = privacy.gradient_noise_on and "dpsgd" in self.state
+        sigma = float(privacy.gradient_noise_multiplier or 0.0) if dp else 0.0
+        self.ledger.charge([label_gradient_release(sigma, privacy.gradient_clip, 1, self._label_draw)],
+                           "lender.labels@payment",
+                           note=f"round {round_}: per-user gradients to the payment holder"
+                                + ("" if dp else " (not DP: the labels' bound rests on randomized response alone)"))

@@ -88,6 +88,21 @@ def part_release(plan: DpSgdPlan, steps: int, protects: str = "joint.records",
                         protects=protects, clip=plan.clip, neighbouring=neighbouring)  # type: ignore[arg-type]
 
 
+def label_training_release(plan: DpSgdPlan, steps: int, computed_from: str = "") -> DpSgdRelease:
+    """The lender's DP-SGD steps on its top model, as the payment holder sees them (lender.labels@payment).
+
+    Everything the lender later sends is computed from this model, so the labels' guarantee against the payment
+    holder composes these steps. Replace-one of a label moves one clipped per-sample gradient by at most 2C
+    (sensitivity 2). The Poisson batches are drawn by the lender's CSPRNG and never leave it (`sampling_hidden`),
+    so amplification by subsampling holds against the payment holder for this component, unlike for anything the
+    parties exchange. `computed_from` names the randomized-response draw the model trains on."""
+    from fedscore.shared.privacy import DpSgdRelease
+
+    return DpSgdRelease(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=steps,
+                        protects="lender.labels", seen_by="payment", sampling_hidden=True, clip=plan.clip,
+                        neighbouring="replace_one", computed_from=computed_from)
+
+
 class _SecureNoiseOptimizer:
     """Mixin for Opacus' DPOptimizer: the Gaussian noise from a NoiseSource instead of a torch generator, and, in
     audit runs, the Dirac gradient canaries added to the clipped sum before the noise (gradient_canaries.py)."""
