@@ -124,6 +124,18 @@ def composition_of(entries: Sequence[Entry]) -> str:
     return COMPOSITION_RR_MIXTURE if rr_blocks(entries)[0] else COMPOSITION_PLAIN
 
 
+def _merged(entries: Sequence[Entry]) -> list[Entry]:
+    """Entries equal but for their count, as one entry with the counts added: the same composition (k then m
+    releases of one mechanism are k + m), built by dp-accounting once instead of once per round (seconds each
+    for a subsampled Gaussian)."""
+    totals: dict[str, tuple[Entry, int]] = {}
+    for e in entries:
+        key = repr(sorted((k, v) for k, v in e.items() if k != "count"))
+        first, count = totals.get(key, (e, 0))
+        totals[key] = (first, count + int(e.get("count", 1)))
+    return [{**first, "count": count} for first, count in totals.values()]
+
+
 def _event_pld(event: dp_accounting.DpEvent, relation: Neighbouring,
                discretization: float) -> pld_lib.PrivacyLossDistribution | None:
     """The PLD dp-accounting's accountant builds for `event`, or None if the event is not DP (a zero noise)."""
@@ -206,9 +218,9 @@ def entries_pld(entries: Sequence[Entry], relation: Neighbouring,
     blocks, rest = rr_blocks(entries)
     parts: list[pld_lib.PrivacyLossDistribution | None] = []
     if rest or not blocks:
-        parts.append(_event_pld(guarantee_event(rest, relation), relation, discretization))
+        parts.append(_event_pld(guarantee_event(_merged(rest), relation), relation, discretization))
     for head, items in blocks:
-        downstream = _event_pld(guarantee_event(items, relation), relation, discretization)
+        downstream = _event_pld(guarantee_event(_merged(items), relation), relation, discretization)
         parts.append(rr_mixture_pld(float(head["epsilon"]), downstream, discretization))
     if any(p is None for p in parts):
         return None
@@ -228,8 +240,8 @@ def entries_epsilon(entries: Sequence[Entry], relation: Neighbouring, delta: flo
         return _event_epsilon(guarantee_event(entries, relation), relation, delta, discretization)
     pld = entries_pld(entries, relation, discretization)
     mixed = math.inf if pld is None else float(pld.get_epsilon_for_delta(delta))
-    plain = _event_epsilon(guarantee_event([head for head, _ in blocks] + rest, relation), relation, delta,
-                           discretization)
+    plain = _event_epsilon(guarantee_event(_merged([head for head, _ in blocks] + rest), relation), relation,
+                           delta, discretization)
     return min(mixed, plain)
 
 
