@@ -7,7 +7,8 @@ number of training users), one DP-SGD record per round, one gradient record per 
 records and prints each setting's epsilon and attack ceiling.
 
     .venv/bin/python scripts/label_budget_table.py --n-train 24000
-    .venv/bin/python scripts/label_budget_table.py --set privacy.label_epsilon=3 --set privacy.gradient_noise_multiplier=4
+    .venv/bin/python scripts/label_budget_table.py --set privacy.label_epsilon=3 \
+        --set privacy.gradient_noise_multiplier=4
 """
 
 from __future__ import annotations

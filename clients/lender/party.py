@@ -147,13 +147,15 @@ class LenderParty(PartyBase):
         from fedscore.shared.privacy import RandomizedResponse, randomized_response
 
         assert privacy.label_epsilon is not None
-        # the draw is named so that what the lender later computes from these labels (its DP-SGD steps, each
-        # gradient exchange) is charged as downstream of it: the guarantee is then the RR mixture (accounting.py)
-        release = RandomizedResponse(epsilon=privacy.label_epsilon, protects="lender.labels", seen_by="outsider",
-                                     draw=self._label_draw)
+        # against the payment holder the draw is named: everything the lender sends it that is computed from these
+        # labels (its DP-SGD steps, each gradient exchange) is charged as downstream of it, and the guarantee is the
+        # RR mixture (accounting.py). The outsider's record names none (arbitrary post-processing: the released
+        # model's own DP-SGD is charged to joint.records@outsider, not here)
+        release = RandomizedResponse(epsilon=privacy.label_epsilon, protects="lender.labels", seen_by="outsider")
         ledger = self.ledger
-        for against in ("payment", "outsider"):
-            ledger.charge([release], f"lender.labels@{against}", note="randomized response on training labels, once")
+        ledger.charge([release.model_copy(update={"draw": self._label_draw})], "lender.labels@payment",
+                      note="randomized response on training labels, once; what is computed from it is charged below")
+        ledger.charge([release], "lender.labels@outsider", note="randomized response on training labels, once")
         released = y.clone()
         mask = torch.from_numpy(train)
         released[mask] = randomized_response(y[mask], privacy.label_epsilon,

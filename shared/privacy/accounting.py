@@ -101,11 +101,13 @@ Entry = dict[str, Any]
 def rr_blocks(entries: Sequence[Entry]) -> tuple[list[tuple[Entry, list[Entry]]], list[Entry]]:
     """([(randomized-response entry, the entries computed from its draw)], every other entry).
 
-    A block needs one RR entry with a `draw` name no other RR entry uses, count 1 (a label randomized afresh is
-    not post-processing of one draw), and at least one entry naming that draw in `computed_from`. An RR entry with
-    nothing downstream stays plain: its epsilon is randomized response's own (arbitrary post-processing). Entries
-    naming a draw that is not such a block compose plainly: still a valid bound (each is DP for the clean label
-    on its own, since one clean label moves at most one released label).
+    A block is one RR entry with a `draw` name no other RR entry uses and count 1 (a label randomized afresh is
+    not post-processing of one draw), with every entry naming that draw in `computed_from`. Naming the draw claims
+    that those entries are all the observer receives from the randomized labels (the lender charges each before it
+    leaves), so a block with nothing downstream yet costs nothing: the released labels themselves never leave. An
+    RR entry without a draw name stands for arbitrary post-processing (randomized response's own epsilon). Entries
+    naming a draw that is not such a block compose plainly: still a valid bound (each is DP for the clean label on
+    its own, since one clean label moves at most one released label).
     """
     names = [e.get("draw", "") for e in entries if e.get("kind") == "randomized_response"]
     heads = {e["draw"]: e for e in entries if e.get("kind") == "randomized_response" and e.get("draw")
@@ -114,7 +116,7 @@ def rr_blocks(entries: Sequence[Entry]) -> tuple[list[tuple[Entry, list[Entry]]]
     for e in entries:
         if e.get("computed_from") in heads:
             downstream[e["computed_from"]].append(e)
-    blocks = [(heads[name], items) for name, items in downstream.items() if items]
+    blocks = [(heads[name], items) for name, items in downstream.items()]
     inside = {id(e) for head, items in blocks for e in (head, *items)}
     return blocks, [e for e in entries if id(e) not in inside]
 
@@ -136,9 +138,25 @@ def _merged(entries: Sequence[Entry]) -> list[Entry]:
     return [{**first, "count": count} for first, count in totals.values()]
 
 
+_PLD_CACHE: dict[str, pld_lib.PrivacyLossDistribution | None] = {}
+_PLD_CACHE_SIZE = 64
+
+
 def _event_pld(event: dp_accounting.DpEvent, relation: Neighbouring,
                discretization: float) -> pld_lib.PrivacyLossDistribution | None:
-    """The PLD dp-accounting's accountant builds for `event`, or None if the event is not DP (a zero noise)."""
+    """The PLD dp-accounting's accountant builds for `event`, or None if the event is not DP (a zero noise).
+    Remembered by the event's repr (events hold lists, so they do not hash): a ledger and a report ask for the
+    same downstream repeatedly, and a subsampled Gaussian takes seconds to build."""
+    key = f"{event!r}|{relation}|{discretization!r}"
+    if key not in _PLD_CACHE:
+        if len(_PLD_CACHE) >= _PLD_CACHE_SIZE:
+            _PLD_CACHE.pop(next(iter(_PLD_CACHE)))
+        _PLD_CACHE[key] = _build_event_pld(event, relation, discretization)
+    return _PLD_CACHE[key]
+
+
+def _build_event_pld(event: dp_accounting.DpEvent, relation: Neighbouring,
+                     discretization: float) -> pld_lib.PrivacyLossDistribution | None:
     accountant = PLDAccountant(_RELATIONS[relation], value_discretization_interval=discretization)
     if not accountant.supports(event):
         raise ValueError(f"dp-accounting's PLD accountant cannot account {event}")

@@ -128,8 +128,9 @@ class RandomizedResponse(_Record):
     count: int = Field(1, ge=1, description="fresh randomizations of the same label (normally 1: reuse it)")
     neighbouring: Literal["replace_one"] = "replace_one"
     draw: str = Field("", description="names this randomization (e.g. the run that drew it) so the releases "
-                      "computed from its output can say so (`computed_from`); with such releases charged, the "
-                      "guarantee is the RR mixture of them (accounting.py), never more than this record's epsilon")
+                      "computed from its output can say so (`computed_from`); naming it claims those releases are "
+                      "all the observer gets from the randomized labels, and the guarantee is their RR mixture "
+                      "(accounting.py), never more than this record's epsilon; '' = arbitrary post-processing")
     computed_from: str = Field("", description="another draw whose released labels this randomizes again (a "
                                "downstream release like any other; '' = the clean labels)")
 
