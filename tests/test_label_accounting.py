@@ -20,6 +20,7 @@ from scipy.stats import norm
 
 from fedscore.runs import run_inprocess
 from fedscore.shared.config import load_config
+from fedscore.shared.party_home import LEDGER_FILE
 from fedscore.shared.privacy import (
     DpSgdRelease,
     GaussianRelease,
@@ -214,7 +215,7 @@ def test_the_lender_charges_rr_dp_sgd_and_every_exchange(party_data: tuple[Path,
     config = load_config(None, LABEL_RUN)
     homes = fresh_homes(tmp_path)
     run_inprocess(config, data, run_dir, secret=SECRET, homes=homes)
-    ledger = json.loads((homes["lender"] / "ledger.json").read_text())
+    ledger = json.loads((homes["lender"] / LEDGER_FILE).read_text())
     records = [m for e in ledger["entries"] if e["guarantee"] == LABELS for m in e["mechanisms"]]
     kinds = [m["kind"] for m in records]
     rounds = config.training.rounds

@@ -317,8 +317,8 @@ def test_reported_epsilon_matches_third_party_pld(tmp_path: Path) -> None:
         assert reported - pld <= max(0.02, 0.01 * pld), guarantee
         assert pld == pytest.approx(_independent_pld(guarantee), rel=0.01, abs=0.01), guarantee
         assert set(guarantee) == {"protects", "against", "epsilon", "delta", "accountant", "neighbouring",
-                                  "mechanisms", "dp_event", "status", "view", "scope", "run_epsilon", "runs",
-                                  "held_by", "budget", "per_release"}
+                                  "composition", "attack_ceiling", "mechanisms", "dp_event", "status", "view",
+                                  "scope", "run_epsilon", "runs", "held_by", "budget", "per_release"}
     assert accountants <= {"dp_accounting.pld", "opacus.prv"}
     assert "opacus.prv" in accountants  # DP-SGD guarantees went through Opacus' accountant
 

@@ -263,16 +263,19 @@ def entries_epsilon(entries: Sequence[Entry], relation: Neighbouring, delta: flo
     return min(mixed, plain)
 
 
-def attack_ceiling(pld: pld_lib.PrivacyLossDistribution | None) -> dict[str, float]:
+def attack_ceiling(pld: pld_lib.PrivacyLossDistribution | None) -> dict[str, float] | None:
     """The best any attack can do at telling a user's two neighbouring inputs apart, from the privacy profile:
     AUC of the likelihood-ratio test (optimal by Neyman-Pearson: its ROC lies above every test's), P(L_A > L_B) +
     P(L_A = L_B)/2 on the pair `_symmetric_pair` reads from the PLD, and balanced accuracy (1 + TV)/2, TV =
-    delta(0); worst direction. Not DP (None), or a PLD that is no pair's, gives 1 and 1."""
+    delta(0). Not DP (None), or a PLD that is no pair's, gives 1 and 1. Symmetric PLDs only (replace-one, the
+    relation of every guarantee against a party): an add/remove PLD's two directions would need their pointwise
+    maximum first, so it gets None (no ceiling reported) rather than a figure that could be too low."""
     if pld is None:
         return {"auc": 1.0, "balanced_accuracy": 1.0}
-    pmfs = [pld._pmf_remove] if pld._symmetric else [pld._pmf_remove, pld._pmf_add]
+    if not pld._symmetric:
+        return None
     auc = 0.0
-    for pmf in pmfs:
+    for pmf in [pld._pmf_remove]:
         pair = _symmetric_pair(pmf)
         if pair is None:
             return {"auc": 1.0, "balanced_accuracy": 1.0}
@@ -406,10 +409,10 @@ def account_guarantee(protects: str, against: Observer, mechanisms: Sequence[Mec
     epsilon, accountant = account(mechanisms, delta)
     relation = common_neighbouring(mechanisms)
     entries = [m.report_entry() for m in mechanisms]
-    ceiling: dict[str, Any] = {
-        **attack_ceiling(entries_pld(entries, relation)),
-        "note": "the best any attack can reach at telling one user's two neighbouring inputs apart, from the PLD "
-                "privacy profile: ROC AUC of the likelihood-ratio test, balanced accuracy (1 + TV)/2"}
+    best = attack_ceiling(entries_pld(entries, relation))
+    ceiling: dict[str, Any] | None = None if best is None else {
+        **best, "note": "the best any attack can reach at telling one user's two neighbouring inputs apart, from "
+                        "the PLD privacy profile: ROC AUC of the likelihood-ratio test, balanced accuracy (1 + TV)/2"}
     return Guarantee(protects=protects, against=against, neighbouring=relation, mechanisms=mechanisms,
                      epsilon=epsilon, delta=delta, accountant=accountant, composition=composition_of(entries),
                      attack_ceiling=ceiling)
