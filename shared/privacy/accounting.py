@@ -23,12 +23,15 @@ names its draw and releases computed from that draw's output (`computed_from`), 
 post-processing of randomized response. If (A, B) dominates the downstream releases for one changed released label,
 RR (flip probability q) turns it into ((1-q)A + qB, qA + (1-q)B) for one changed clean label: (A, B) is a garbling
 of any real pair it dominates (Blackwell), and garbling commutes with the label-level mixture. We compose the
-downstream events with dp-accounting's PLD accountant, read each direction's pair back from its probability mass
-function (under A: pmf(l); under B: e^-l pmf(l), the rest at -inf; A's infinity mass where B has none), mix, and
-rebuild the PLD with dp-accounting's `from_two_probability_mass_functions`. The mixture is capped by the plain
-composition of randomized response itself (post-processing never costs more); a non-DP downstream gives exactly
-that. The report's `dp_event` stays the plain composition of all entries (dp-accounting has no mixture event);
-`composition: "rr_mixture"` tells `recompute_from_report` to mix, from the same entries, with the same code.
+downstream events with dp-accounting's PLD accountant (replace-one PLDs are symmetric), read a pair back from its
+probability mass function (`_symmetric_pair`: each loss l > 0 as A: pmf(l), B: e^-l pmf(l), with its mirror; A's
+infinity mass where B has none, and its mirror; the rest where A = B), mix, and rebuild the PLD with the rounding of
+dp-accounting's `from_two_probability_mass_functions` (`_pld_from_pair`, in numpy; a test checks they agree). The
+mixture is capped by the plain composition of randomized response itself (post-processing never costs more); a
+non-DP downstream gives exactly that. With a named draw and nothing computed from it yet, nothing is spent: the
+randomized labels themselves never leave the lender. The report's `dp_event` stays the plain composition of all
+entries (dp-accounting has no mixture event); `composition: "rr_mixture"` tells `recompute_from_report` to mix,
+from the same entries, with the same code.
 
 Attack ceiling (`attack_ceiling`): the composed pair bounds every test between a user's two labels. The
 likelihood-ratio test is the most powerful (Neyman-Pearson), so its ROC AUC, P(L_A > L_B) + P(tie)/2 over the
