@@ -23,25 +23,15 @@ SETTINGS = ((2.0, 3.0), (3.0, 4.0), (3.0, 3.0))  # (label_epsilon, gradient_nois
 
 
 def label_records(config: FedConfig, n_train: int, exchanges: int) -> list:
-    """The records a run with this config charges to lender.labels@payment: randomized response, the lender's
-    DP-SGD steps of every round, and `exchanges` gradient exchanges (as clients/lender/party.py charges them)."""
-    from fedscore.shared.privacy import RandomizedResponse, label_gradient_release
-    from fedscore.shared.privacy.dp_sgd import dp_sgd_rounds, label_training_release, plan_dp_sgd
+    """The records a run with this config charges to lender.labels@payment (`planned_label_records`, the lender's
+    own plan): randomized response, the lender's DP-SGD steps of every round, `exchanges` gradient exchanges."""
+    from fedscore.shared.privacy.dp_sgd import plan_dp_sgd, planned_label_records
 
     privacy = config.privacy
     if privacy.label_epsilon is None:
         raise SystemExit("privacy.label_epsilon is unset: the labels are unprotected, there is nothing to compose")
-    draw = "randomized-response:table"
-    records: list = [RandomizedResponse(epsilon=privacy.label_epsilon, protects="lender.labels",
-                                        seen_by="outsider", draw=draw)]
-    dp = privacy.dp_sgd
-    if dp:
-        plan = plan_dp_sgd(privacy, n_train, config.training.rounds)
-        records += [label_training_release(plan, plan.steps_per_round, draw)] * dp_sgd_rounds(
-            config.training.rounds)["lender"]
-    sigma = float(privacy.gradient_noise_multiplier or 0.0) if dp and privacy.gradient_noise_on else 0.0
-    records += [label_gradient_release(sigma, privacy.gradient_clip, 1, draw)] * exchanges
-    return records
+    plan = plan_dp_sgd(privacy, n_train, config.training.rounds) if privacy.dp_sgd else None
+    return planned_label_records(privacy, plan, config.training.rounds, exchanges, "randomized-response:table")
 
 
 def main() -> None:

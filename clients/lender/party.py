@@ -114,12 +114,12 @@ class LenderParty(PartyBase):
                                     "too few aligned users to train and evaluate")
         self.state["rows"] = torch.from_numpy(rows)
         self.state["split"] = torch.from_numpy(split)
-        self.state["y_release"] = self._protect_labels(y, split == SPLIT_TRAIN)
         if config.privacy.dp_sgd:
             from fedscore.shared.privacy.dp_sgd import plan_dp_sgd
 
             self.state["dpsgd"] = plan_dp_sgd(config.privacy, int((split == SPLIT_TRAIN).sum()),
                                               config.training.rounds).to_dict()
+        self.state["y_release"] = self._protect_labels(y, split == SPLIT_TRAIN)
         model = init_module(self._new_model(config.model.embedding_dim), seeded(config.seed, "lender", "init"))
         self.state["model"] = model.state_dict()
         self.state["opt"] = None
@@ -153,6 +153,7 @@ class LenderParty(PartyBase):
         # model's own DP-SGD is charged to joint.records@outsider, not here)
         release = RandomizedResponse(epsilon=privacy.label_epsilon, protects="lender.labels", seen_by="outsider")
         ledger = self.ledger
+        ledger.check(self._planned_label_records(), "lender.labels@payment")  # refuse now, not mid-run
         ledger.charge([release.model_copy(update={"draw": self._label_draw})], "lender.labels@payment",
                       note="randomized response on training labels, once; what is computed from it is charged below")
         ledger.charge([release], "lender.labels@outsider", note="randomized response on training labels, once")
@@ -161,6 +162,15 @@ class LenderParty(PartyBase):
         released[mask] = randomized_response(y[mask], privacy.label_epsilon,
                                              self.noise_source("randomized-response")).to(y.dtype)
         return released
+
+    def _planned_label_records(self) -> list:
+        """All this run will charge to lender.labels@payment: one gradient exchange per round is the most it can
+        send (the last round's gradients count as long as they are computed)."""
+        from fedscore.shared.privacy.dp_sgd import DpSgdPlan, planned_label_records
+
+        rounds = self.config.training.rounds
+        plan = DpSgdPlan(**self.state["dpsgd"]) if "dpsgd" in self.state else None
+        return planned_label_records(self.config.privacy, plan, rounds, rounds, self._label_draw)
 
     @property
     def _label_draw(self) -> str:

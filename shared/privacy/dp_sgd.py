@@ -103,6 +103,24 @@ def label_training_release(plan: DpSgdPlan, steps: int, computed_from: str = "")
                         neighbouring="replace_one", computed_from=computed_from)
 
 
+def planned_label_records(privacy: PrivacyConfig, plan: DpSgdPlan | None, rounds: int, exchanges: int,
+                          draw: str) -> list:
+    """Every record a run charges to lender.labels@payment, known before it starts: randomized response (its draw
+    named), the lender's DP-SGD steps in each of its rounds, and `exchanges` gradient exchanges, charged as not DP
+    (noise 0) without DP-SGD or without gradient noise (clients/lender/party.py charges exactly these, one by one).
+    """
+    from fedscore.shared.privacy import RandomizedResponse, label_gradient_release
+
+    if privacy.label_epsilon is None:
+        raise ValueError("privacy.label_epsilon is unset: the labels are unprotected, there is nothing to plan")
+    records: list = [RandomizedResponse(epsilon=privacy.label_epsilon, protects="lender.labels", seen_by="outsider",
+                                        draw=draw)]
+    if plan is not None:
+        records += [label_training_release(plan, plan.steps_per_round, draw)] * dp_sgd_rounds(rounds)["lender"]
+    sigma = float(privacy.gradient_noise_multiplier or 0.0) if plan is not None and privacy.gradient_noise_on else 0.0
+    return records + [label_gradient_release(sigma, privacy.gradient_clip, 1, draw)] * exchanges
+
+
 class _SecureNoiseOptimizer:
     """Mixin for Opacus' DPOptimizer: the Gaussian noise from a NoiseSource instead of a torch generator, and, in
     audit runs, the Dirac gradient canaries added to the clipped sum before the noise (gradient_canaries.py)."""
