@@ -314,19 +314,15 @@ class LenderParty(PartyBase):
         return grad.numpy().astype(np.float32)
 
     def _charge_exchange(self, round_: int) -> None:
-        """One gradient exchange to lender.labels@payment, charged when (and only when) gradients are sent: a
-        Gaussian on each residual p_i - y_i, sensitivity 1 in units of the Jacobian clip, not subsampled. That bound
-        needs p_i and J_i free of the labels, i.e. a lender model trained with DP-SGD (charged each round); without
-        DP-SGD or without gradient noise the exchange is charged as not DP (noise 0), so the guarantee falls back
-        to randomized response's own epsilon."""
+        """One gradient exchange to lender.labels@payment, charged when (and only when) gradients are computed to
+        be sent (`label_exchange_release`: a Gaussian on the residual, or not DP without DP-SGD or noise)."""
         privacy = self.config.privacy
         if not privacy.labels_protected:
             return
-        from fedscore.shared.privacy import label_gradient_release
+        from fedscore.shared.privacy.dp_sgd import label_exchange_release
 
-        dp = privacy.gradient_noise_on and "dpsgd" in self.state
-        sigma = float(privacy.gradient_noise_multiplier or 0.0) if dp else 0.0
-        self.ledger.charge([label_gradient_release(sigma, privacy.gradient_clip, 1, self._label_draw)],
-                           "lender.labels@payment",
+        release = label_exchange_release(privacy, "dpsgd" in self.state, self._label_draw)
+        self.ledger.charge([release], "lender.labels@payment",
                            note=f"round {round_}: per-user gradients to the payment holder"
-                                + ("" if dp else " (not DP: the labels' bound rests on randomized response alone)"))
+                                + ("" if release.noise_multiplier else
+                                   " (not DP: the labels' bound rests on randomized response alone)"))

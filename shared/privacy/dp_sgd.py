@@ -27,7 +27,7 @@ from fedscore.shared.privacy.gradient_canaries import GradientCanaries, flat_spl
 from fedscore.shared.privacy.secure_random import NoiseSource
 
 if TYPE_CHECKING:
-    from fedscore.shared.privacy import DpSgdRelease
+    from fedscore.shared.privacy import DpSgdRelease, GaussianRelease
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def planned_label_records(privacy: PrivacyConfig, plan: DpSgdPlan | None, rounds
     named), the lender's DP-SGD steps in each of its rounds, and `exchanges` gradient exchanges, charged as not DP
     (noise 0) without DP-SGD or without gradient noise (clients/lender/party.py charges exactly these, one by one).
     """
-    from fedscore.shared.privacy import RandomizedResponse, label_gradient_release
+    from fedscore.shared.privacy import RandomizedResponse
 
     if privacy.label_epsilon is None:
         raise ValueError("privacy.label_epsilon is unset: the labels are unprotected, there is nothing to plan")
@@ -117,8 +117,18 @@ def planned_label_records(privacy: PrivacyConfig, plan: DpSgdPlan | None, rounds
                                         draw=draw)]
     if plan is not None:
         records += [label_training_release(plan, plan.steps_per_round, draw)] * dp_sgd_rounds(rounds)["lender"]
-    sigma = float(privacy.gradient_noise_multiplier or 0.0) if plan is not None and privacy.gradient_noise_on else 0.0
-    return records + [label_gradient_release(sigma, privacy.gradient_clip, 1, draw)] * exchanges
+    return records + [label_exchange_release(privacy, plan is not None, draw)] * exchanges
+
+
+def label_exchange_release(privacy: PrivacyConfig, lender_dp_sgd: bool, draw: str) -> GaussianRelease:
+    """One gradient exchange as lender.labels@payment records it: a Gaussian on each residual p_i - y_i
+    (sensitivity 1 in units of the Jacobian clip, not subsampled). The bound needs p_i and J_i free of the labels,
+    i.e. a lender model trained with DP-SGD (`lender_dp_sgd`, its steps charged too); without it, or without
+    gradient noise, the exchange is recorded as not DP (noise 0): the guarantee is then randomized response's own."""
+    from fedscore.shared.privacy import label_gradient_release
+
+    sigma = float(privacy.gradient_noise_multiplier or 0.0) if lender_dp_sgd and privacy.gradient_noise_on else 0.0
+    return label_gradient_release(sigma, privacy.gradient_clip, 1, draw)
 
 
 class _SecureNoiseOptimizer:
