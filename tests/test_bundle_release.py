@@ -218,7 +218,8 @@ def test_everything_in_model_is_public_or_ledger_recorded(private_run: tuple[Pat
 def test_metrics_stay_in_metrics_json_marked_evaluation_only(private_run: tuple[Path, Path]) -> None:
     _, run = private_run
     metrics = json.loads((run / "metrics.json").read_text())
-    assert "clean labels" in metrics["evaluation_only"] and "never ship in model/" in metrics["evaluation_only"]
+    assert "clean validation/test labels" in metrics["evaluation_only"]
+    assert "never ship in model/" in metrics["evaluation_only"]
     assert "baselines" not in metrics  # in parties/ (tests/test_run_dir_release.py), never at the top level
     assert str(metrics["test"]["auc"]) not in (run / "model" / MANIFEST_NAME).read_text()
 
