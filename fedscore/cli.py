@@ -137,11 +137,13 @@ def _report(metrics: dict, run_dir: Path) -> None:
 
     local = local_evaluation(run_dir)
     if local.get("lender_only"):
-        row(f"lender only ({local['lender_only'].get('model', 'mlp')}; the lender's own evaluation)",
-            local["lender_only"])
+        row(f"lender only ({local['lender_only'].get('model', 'mlp')})", local["lender_only"])
     if local.get("centralized"):
-        row(f"centralized, no privacy ({local['centralized']['model']}; simulation only)", local["centralized"])
+        row(f"centralized, no privacy ({local['centralized']['model']})", local["centralized"])
     console.print(table)
+    if local.get("lender_only") or local.get("centralized"):
+        console.print("references from parties/ (the lender's own evaluation; the centralized one needs both "
+                      "parties' data: local simulation only), not in RUN_DIR's shared files")
     a = metrics["alignment"]
     console.print(f"aligned {int(a['intersection'])} of {int(a['lender_rows'])} applicants; "
                   f"{metrics['traffic']['messages']} messages, {metrics['traffic']['payload_bytes'] / 1e6:.1f} MB "
