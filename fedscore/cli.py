@@ -131,12 +131,19 @@ def _report(metrics: dict, run_dir: Path) -> None:
         table.add_row(name, *(f"{m[k]:.4f}" for k in METRIC_KEYS))
 
     row("federated (payment + lender)", metrics["test"])
-    baselines = metrics["baselines"]
-    if baselines.get("lender_only"):
-        row(f"lender only ({baselines['lender_only'].get('model', 'mlp')})", baselines["lender_only"])
-    if "centralized" in baselines:
-        row(f"centralized, no privacy ({baselines['centralized']['model']})", baselines["centralized"])
+    # the references are not in RUN_DIR's shared files: read from the lender's own folder and the local operator's
+    # (present only where one operator holds everything, as here)
+    from fedscore.baselines import local_evaluation
+
+    local = local_evaluation(run_dir)
+    if local.get("lender_only"):
+        row(f"lender only ({local['lender_only'].get('model', 'mlp')})", local["lender_only"])
+    if local.get("centralized"):
+        row(f"centralized, no privacy ({local['centralized']['model']})", local["centralized"])
     console.print(table)
+    if local.get("lender_only") or local.get("centralized"):
+        console.print("references from parties/ (the lender's own evaluation; the centralized one needs both "
+                      "parties' data: local simulation only), not in RUN_DIR's shared files")
     a = metrics["alignment"]
     console.print(f"aligned {int(a['intersection'])} of {int(a['lender_rows'])} applicants; "
                   f"{metrics['traffic']['messages']} messages, {metrics['traffic']['payload_bytes'] / 1e6:.1f} MB "
@@ -163,7 +170,8 @@ def _report(metrics: dict, run_dir: Path) -> None:
     for u in privacy["unprotected"]:
         console.print(f"[yellow]not protected:[/] {u['protects']} against {u['against']}: {u['what']}")
     model = "model/" if (run_dir / "model").exists() else "(no model/: each party keeps its part; `fedscore bundle`)"
-    console.print(f"artefacts: {run_dir}/report.html, metrics.json, privacy-report.json, {model}, parties/")
+    console.print(f"artefacts: {run_dir}/report.html, metrics.json, privacy-report.json, {model}, parties/ (each "
+                  "party's own folder; the lender's own evaluation in parties/lender/evaluation.json)")
 
 
 ResumeOpt = Annotated[Path | None, typer.Option(

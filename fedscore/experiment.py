@@ -137,8 +137,11 @@ def result_row(spec: RunSpec, metrics: dict[str, Any], wall_s: float) -> dict[st
     for g in privacy.get("guarantees", []):
         row[f"eps.{g['protects']}@{g['against']}"] = g["epsilon"]
     row.update({f"test.{k}": metrics["test"][k] for k in METRIC_KEYS})
+    from fedscore.baselines import local_evaluation
+
+    local = local_evaluation(spec.run_dir)  # the lender's own evaluation and the operator's reference (local runs)
     for base in ("lender_only", "centralized"):
-        row[f"{base}.auc"] = (metrics["baselines"].get(base) or {}).get("auc")
+        row[f"{base}.auc"] = (local.get(base) or {}).get("auc")
     if spec.attacks:
         row.update(attack_columns(spec.run_dir))
     row["wall_s"] = round(wall_s, 2)

@@ -1,7 +1,9 @@
 """RUN_DIR/report.html: one self-contained page (plots embedded as PNG) a risk team can open and file.
 
 Built only from the run's own JSON files (metrics.json, outcome.json, privacy-report.json), so
-`fedscore report RUN_DIR` can rebuild it at any time. This module turns those files into a view model (numbers
+`fedscore report RUN_DIR` can rebuild it at any time. Like them it shows only what reached the coordinator: the
+validation/test metrics the lender shared (the lender-only baseline and the centralized reference stay in
+RUN_DIR/parties/; the CLI prints them in local runs). This module turns those files into a view model (numbers
 formatted, nothing escaped); the markup is fedscore/templates/report.html.j2, rendered by jinja2 with autoescape on.
 """
 
@@ -30,7 +32,7 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _plots(metrics: dict | None, outcome: dict, privacy: dict) -> list[tuple[str, str]]:
+def _plots(outcome: dict, privacy: dict) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,10 +64,6 @@ def _plots(metrics: dict | None, outcome: dict, privacy: dict) -> list[tuple[str
         for key, label in (("test_auc", "federated, test"), ("val_auc", "federated, validation")):
             if all(key in r for r in rounds):
                 ax.plot(x, [r[key] for r in rounds], marker="o", label=label)
-        for name, style in (("lender_only", "--"), ("centralized", ":")):
-            value = ((metrics or {}).get("baselines", {}).get(name) or {}).get("auc")
-            if value is not None:
-                ax.axhline(value, ls=style, color="grey", label=f"{name.replace('_', ' ')} (test)")
         ax.set_xlabel("round")
         ax.set_ylabel("AUC")
         ax.set_title("test AUC per round")
@@ -142,16 +140,14 @@ def render(run_dir: Path) -> str:
     metric_rows: list[dict[str, Any]] = []
     if metrics:
         # "scores", not "values": jinja's `row.values` would find the dict method first
-        models = {"federated (payment + lender)": metrics["test"],
-                  **{name.replace("_", " "): values for name, values in metrics["baselines"].items() if values}}
-        metric_rows = [{"model": name, "scores": [values[k] for k in METRIC_KEYS]} for name, values in models.items()]
+        metric_rows = [{"model": "federated (payment + lender)", "scores": [metrics["test"][k] for k in METRIC_KEYS]}]
     return _template().render(
         run_dir=str(run_dir), transport=outcome.get("transport", "?"), stopped=stopped,
         metrics=metric_rows, metric_labels=[METRIC_LABELS[k] for k in METRIC_KEYS], void=privacy.get("void"),
         guarantees=[_guarantee_row(g) for g in privacy.get("guarantees", [])],
         releases=[{"party": party, **r} for party, items in (privacy.get("releases") or {}).items() for r in items],
         unprotected=privacy.get("unprotected") or [],
-        plots=[{"title": title, "png_base64": png} for title, png in _plots(metrics, outcome, privacy)],
+        plots=[{"title": title, "png_base64": png} for title, png in _plots(outcome, privacy)],
         audit=_audit_view(run_dir, privacy.get("attacks_and_audit")))
 
 

@@ -45,6 +45,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from fedscore.shared.privacy.accounting import account, attack_ceiling, entries_pld, pld_epsilon
+    from fedscore.shared.privacy.dp_sgd import gradient_exchanges
     from fedscore.shared.privacy.mechanisms import flip_probability
 
     settings = [None] if args.set else list(SETTINGS)
@@ -58,7 +59,7 @@ def main() -> None:
             overrides += [f"privacy.label_epsilon={setting[0]}", f"privacy.gradient_noise_multiplier={setting[1]}"]
         config = load_config(args.config, overrides)
         rounds = config.training.rounds
-        exchanges = rounds - 1 if args.exchanges is None else args.exchanges
+        exchanges = gradient_exchanges(rounds) if args.exchanges is None else args.exchanges
         records = label_records(config, args.n_train, exchanges)
         delta = config.privacy.delta
         epsilon, _ = account(records, delta)

@@ -103,6 +103,8 @@ CRASHES: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "reply of embed round 2 lost": lambda mp: _crash_on(mp, after=_is(MessageKind.EMBED, 2)),
     "lender dies mid-train round 1 after charging": _lender_dies_mid_training,
     "during setup": lambda mp: _crash_on(mp, after=_is(MessageKind.SETUP, -1)),
+    # the lender served the last train (exported, no gradients: its reply carries no payload), the reply was lost
+    "reply of the last train lost": lambda mp: _crash_on(mp, after=_is(MessageKind.TRAIN, 3)),
 }
 
 
@@ -140,6 +142,9 @@ def test_a_resumed_run_equals_an_uninterrupted_one(data: Path, uninterrupted: tu
     assert report["run_id"] == checkpoint["run_id"]  # the same run continued, not a second one
     assert all(g["runs"] == [checkpoint["run_id"]] for g in report["guarantees"]), report["guarantees"]
     assert json.loads((run_dir / "checkpoint.json").read_text())["resumes"] == 1
+    # after the last step the coordinator keeps no payload: the last train reply carries none, nothing is relayed
+    assert list(run_dir.glob("checkpoint-*.payload")) == []
+    assert json.loads((run_dir / "checkpoint.json").read_text())["carry_file"] == ""
 
 
 def test_a_reply_is_resent_only_when_asked_and_only_for_the_same_request(data: Path, tmp_path: Path,

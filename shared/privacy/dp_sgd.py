@@ -48,6 +48,12 @@ def dp_sgd_rounds(rounds: int) -> dict[str, int]:
     return {"lender": rounds, "payment": rounds - 1}
 
 
+def gradient_exchanges(rounds: int) -> int:
+    """Gradient payloads the payment holder receives in a run of `rounds`: one after each lender round but the last
+    (no embed follows the last round to deliver them, so they are never computed)."""
+    return rounds - 1
+
+
 def plan_dp_sgd(privacy: PrivacyConfig, n_train: int, rounds: int) -> DpSgdPlan:
     """Noise for both released parts, calibrated to the outsider target over the steps both parts will take.
 
