@@ -93,8 +93,10 @@ FILES: dict[str, list[tuple[tuple[str, ...], str]]] = {
         (("refusal", ONE), "report"), (("notes", "[]"), "report"),
         (("settings", ONE), "config"),  # checked by value: the config's privacy section
         *((("guarantees", "[]", k), "report") for k in (
-            "accountant", "against", "delta", "epsilon", "neighbouring", "protects", "run_epsilon", "scope",
-            "status", "view")),
+            "accountant", "against", "composition", "delta", "epsilon", "neighbouring", "protects", "run_epsilon",
+            "scope", "status", "view")),
+        # derived from the records' privacy profile (None where the guarantee has no labels to tell apart)
+        (("guarantees", "[]", "attack_ceiling"), "records"), (("guarantees", "[]", "attack_ceiling", REST), "records"),
         (("guarantees", "[]", "held_by", "[]"), "report"), (("guarantees", "[]", "runs", "[]"), "report"),
         (("guarantees", "[]", "budget", PARTY), "records"),
         (("guarantees", "[]", "mechanisms", "[]", REST), "records"),
