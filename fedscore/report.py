@@ -1,6 +1,7 @@
 """RUN_DIR/report.html: one self-contained page (plots embedded as PNG) a risk team can open and file.
 
-Built only from the run's own JSON files (metrics.json, outcome.json, privacy-report.json), so
+Built only from the run's own JSON files (metrics.json, outcome.json, privacy-report.json, and for a local
+simulation evaluation/references.json), so
 `fedscore report RUN_DIR` can rebuild it at any time. This module turns those files into a view model (numbers
 formatted, nothing escaped); the markup is fedscore/templates/report.html.j2, rendered by jinja2 with autoescape on.
 """
@@ -143,7 +144,30 @@ def render(run_dir: Path) -> str:
         releases=[{"party": party, **r} for party, items in (privacy.get("releases") or {}).items() for r in items],
         unprotected=privacy.get("unprotected") or [],
         plots=[{"title": title, "png_base64": png} for title, png in _plots(metrics, outcome, privacy)],
-        audit=_audit_view(run_dir, privacy.get("attacks_and_audit")))
+        audit=_audit_view(run_dir, privacy.get("attacks_and_audit")), lift=_lift_view(run_dir))
+
+
+def _lift_view(run_dir: Path) -> dict[str, Any] | None:
+    """The lift kept with both tuned references, when the local operator wrote RUN_DIR/evaluation/references.json
+    (only someone holding both parties' data can: a simulation, never a deployment's coordinator)."""
+    from fedscore.references import read_evaluation
+
+    record = read_evaluation(run_dir)
+    if record is None:
+        return None
+    refs = record["references"]
+
+    def setting(fit: dict[str, Any]) -> str:
+        s = fit["setting"]
+        return (f"learning rate {s['learning_rate']:g}, {s['max_leaf_nodes']} leaves, min leaf "
+                f"{s['min_samples_leaf']}, l2 {s['l2_regularization']:g}; validation AUC {_fmt(fit['val_auc'], 4)}")
+
+    kept = record["lift_kept"]
+    return {"scope": record["scope"], "federated": _fmt(record["federated_test_auc"], 4),
+            "lender_only": _fmt(record["lender_only_auc"], 4), "ceiling": _fmt(record["ceiling_auc"], 4),
+            "kept": f"{kept:.1%}" if kept is not None else f"n/a: {record['lift_kept_note']}",
+            "settings": len(refs["ceiling"]["sweep"]), "users": refs["users"], "test": refs["test"],
+            "lender_setting": setting(refs["lender_only"]), "ceiling_setting": setting(refs["ceiling"])}
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:

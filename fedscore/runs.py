@@ -9,6 +9,8 @@ RUN_DIR/parties/         each party's state directory, and the secret the two pa
 RUN_DIR/outcome.json     what the coordinator returned (rounds, sizes, timing, refusal)
 RUN_DIR/metrics.json     test metrics, baselines, per-round metrics, timing, transport (evaluation only: never in
                          model/)
+RUN_DIR/evaluation/      local runs only: the tuned lender-only and centralized references and the lift kept
+                         (fedscore/references.py), the local operator's simulation-only evaluation
 """
 
 from __future__ import annotations
@@ -323,6 +325,13 @@ def finish_run(run_dir: Path, data_dir: Path | None, config: FedConfig, secret: 
         "e2e": {"payloads": E2E, "fingerprints": key_fingerprints(homes) if fingerprints is None else fingerprints},
     }
     write_json_atomic(run_dir / "metrics.json", metrics)
+    if config.baselines.enabled and config.baselines.references and data_dir is not None and secret:
+        # the lift kept between tuned references: the local operator's own evaluation, in RUN_DIR/evaluation/ only
+        from fedscore.references import write_evaluation
+
+        t1 = time.perf_counter()
+        write_evaluation(run_dir, data_dir, config, secret, metrics["test"]["auc"])
+        metrics["timing"]["references_s"] = time.perf_counter() - t1
     write_json_atomic(run_dir / "alignment.json", {  # sizes only, never IDs
         k: outcome["alignment"][k] for k in ("method", "payment_rows", "lender_rows", "intersection", "train",
                                              "val", "test") if k in outcome["alignment"]})
