@@ -22,6 +22,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -170,26 +171,47 @@ def fit_gbdt(setting: GbdtSetting, x: np.ndarray, y: np.ndarray, train: np.ndarr
     return model.fit(x[train], y[train]).predict_proba(x)[:, 1]
 
 
-def sweep(x: np.ndarray, y: np.ndarray, split: np.ndarray, columns: str, fit: Fit = fit_gbdt) -> ReferenceFit:
-    """Every grid setting's validation and test AUC; the reference is the setting with the best VALIDATION AUC
-    (the first on ties), reported at its test AUC. Choosing on test would be optimistic by the grid's spread."""
+def _score(setting: GbdtSetting, x: np.ndarray, y: np.ndarray, split: np.ndarray, fit: Fit) -> SettingScore:
+    """One setting's validation and test AUC. One OpenMP thread per fit: the same references on any machine
+    (histogram sums do not depend on the core count), and on a busy machine several times faster than threads
+    spinning against other jobs (measured 6x); `jobs` parallelizes over settings instead."""
     from threadpoolctl import threadpool_limits
 
     from fedscore.shared.metrics import auc
 
+    with threadpool_limits(1):
+        p = fit(setting, x, y, split == 0)
+    val, test = split == 1, split == 2
+    return SettingScore(setting=setting, val_auc=auc(y[val], p[val]), test_auc=auc(y[test], p[test]))
+
+
+def reference_jobs() -> int:
+    """Settings fitted in parallel: FEDSCORE_REFERENCE_JOBS, else every core (each fit is single-threaded)."""
+    value = os.environ.get("FEDSCORE_REFERENCE_JOBS")
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            raise ValueError(f"FEDSCORE_REFERENCE_JOBS={value!r}: expected a whole number of processes") from None
+    return max(1, min(len(GRID), os.cpu_count() or 1))
+
+
+def sweep(x: np.ndarray, y: np.ndarray, split: np.ndarray, columns: str, fit: Fit = fit_gbdt,
+          jobs: int = 1) -> ReferenceFit:
+    """Every grid setting's validation and test AUC; the reference is the setting with the best VALIDATION AUC
+    (the first on ties), reported at its test AUC. Choosing on test would be optimistic by the grid's spread."""
     train, val, test = split == 0, split == 1, split == 2
     if not (train.any() and val.any() and test.any()):
         raise ValueError(f"the split has {int(train.sum())} train, {int(val.sum())} validation and "
                          f"{int(test.sum())} test users: references need all three (split.val_fraction > 0)")
-    scores = []
-    for lr, leaves, min_leaf, l2 in GRID:
-        setting = GbdtSetting(learning_rate=lr, max_leaf_nodes=leaves, min_samples_leaf=min_leaf,
-                              l2_regularization=l2)
-        # one OpenMP thread: the same references on any machine (histogram sums do not depend on the core count),
-        # and on a shared machine several times faster than threads spinning against other jobs (measured 6x)
-        with threadpool_limits(1):
-            p = fit(setting, x, y, train)
-        scores.append(SettingScore(setting=setting, val_auc=auc(y[val], p[val]), test_auc=auc(y[test], p[test])))
+    settings = [GbdtSetting(learning_rate=lr, max_leaf_nodes=leaves, min_samples_leaf=min_leaf,
+                            l2_regularization=l2) for lr, leaves, min_leaf, l2 in GRID]
+    if jobs > 1:
+        from joblib import Parallel, delayed
+
+        scores = Parallel(n_jobs=jobs)(delayed(_score)(s, x, y, split, fit) for s in settings)
+    else:
+        scores = [_score(s, x, y, split, fit) for s in settings]
     best = max(range(len(scores)), key=lambda i: (-math.inf if math.isnan(scores[i].val_auc)
                                                   else scores[i].val_auc, -i))
     chosen = scores[best]
@@ -230,9 +252,10 @@ def tuned_references(data_dir: Path, config: FedConfig, secret: bytes | str, cac
         except ValueError:
             pass  # a damaged or older entry: recompute and overwrite
     lender_x, payment_x, y, split = aligned_features(Path(data_dir), config, secret_bytes)
+    jobs = reference_jobs() if fit is fit_gbdt else 1
     refs = References(
-        lender_only=sweep(lender_x, y, split, "lender", fit), ceiling=sweep(np.hstack([lender_x, payment_x]), y, split,
-                                                                         "all", fit),
+        lender_only=sweep(lender_x, y, split, "lender", fit, jobs),
+        ceiling=sweep(np.hstack([lender_x, payment_x]), y, split, "all", fit, jobs),
         users=len(y), train=int((split == 0).sum()), val=int((split == 1).sum()), test=int((split == 2).sum()),
         test_fraction=config.split.test_fraction, val_fraction=config.split.val_fraction, data_hash=content,
         cache_key=key)

@@ -88,6 +88,7 @@ def test_the_reference_is_chosen_on_validation_not_on_test() -> None:
     assert fit.test_auc < 0.7  # the val winner is noise on test
     assert max(s.test_auc for s in fit.sweep) == pytest.approx(1.0)  # the test winner was there, and not chosen
     assert len(fit.sweep) == len(GRID)
+    assert sweep(x, y, split, "all", fake_fit, jobs=2) == fit  # settings fitted in parallel: the same choice
 
 
 def test_tuned_references_on_data_cache_hit_and_miss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
