@@ -144,6 +144,7 @@ def _report(metrics: dict, run_dir: Path) -> None:
     if local.get("lender_only") or local.get("centralized"):
         console.print("references from parties/ (the lender's own evaluation; the centralized one needs both "
                       "parties' data: local simulation only), not in RUN_DIR's shared files")
+    _lift_summary(run_dir)
     a = metrics["alignment"]
     console.print(f"aligned {int(a['intersection'])} of {int(a['lender_rows'])} applicants; "
                   f"{metrics['traffic']['messages']} messages, {metrics['traffic']['payload_bytes'] / 1e6:.1f} MB "
@@ -172,6 +173,23 @@ def _report(metrics: dict, run_dir: Path) -> None:
     model = "model/" if (run_dir / "model").exists() else "(no model/: each party keeps its part; `fedscore bundle`)"
     console.print(f"artefacts: {run_dir}/report.html, metrics.json, privacy-report.json, {model}, parties/ (each "
                   "party's own folder; the lender's own evaluation in parties/lender/evaluation.json)")
+
+
+def _lift_summary(run_dir: Path) -> None:
+    """The lift kept beside the AUCs, from RUN_DIR/parties/evaluation/ (local runs: the operator holds both
+    parties' data)."""
+    from fedscore.references import read_evaluation
+
+    record = read_evaluation(run_dir)
+    if record is None:
+        return
+    lift = record["lift_kept"]
+    kept = f"[bold]{lift:.0%}[/bold] of the lift" if lift is not None else f"n/a ({record['lift_kept_note']})"
+    refs = record["references"]
+    console.print(f"lift kept: {kept} (federated AUC {record['federated_test_auc']:.4f}; tuned GBDT references "
+                  f"chosen on validation: lender only {record['lender_only_auc']:.4f}, ceiling (all columns) "
+                  f"{record['ceiling_auc']:.4f}; {refs['test']} test users) - {record['scope']}, "
+                  f"{run_dir}/evaluation/")
 
 
 ResumeOpt = Annotated[Path | None, typer.Option(
@@ -344,7 +362,7 @@ def experiment(grid: Annotated[Path, typer.Option("--grid", help="GRID.toml: dat
                ) -> None:
     """Run every grid cell x seed x keyed split (fresh party homes per run) and tabulate the privacy/utility
     frontier: OUT/results.csv (one row per run), OUT/results.md (per cell), OUT/frontier.png."""
-    from fedscore.experiment import load_grid, plot_frontier, run_experiment, summary, write_markdown
+    from fedscore.experiment import lift_frontier, load_grid, plot_frontier, run_experiment, summary, write_markdown
 
     with user_errors():
         runs = load_grid(grid, out)
@@ -354,7 +372,7 @@ def experiment(grid: Annotated[Path, typer.Option("--grid", help="GRID.toml: dat
             frame, ran = run_experiment(runs, out, jobs=jobs, resume=resume, progress=progress)
         axes = [k for k in runs[0].settings] if runs else []
         table = summary(frame, axes)
-        write_markdown(table, out / "results.md")
+        write_markdown(table, out / "results.md", lift_frontier(frame, axes))
         plot_frontier(frame, axes, out / "frontier.png")
     failed = int((frame["error"].fillna("") != "").sum()) if "error" in frame else 0
     console.print(f"ran {ran} of {len(runs)} runs ({len(runs) - ran} already done, {failed} failed); wrote "

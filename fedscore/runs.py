@@ -7,8 +7,9 @@ RUN_DIR/checkpoint.json  the coordinator's checkpoint after every exchange (serv
                          reply payload the next step carries (checkpoint-<step>.payload)
 RUN_DIR/parties/         each party's OWN state directory (parties/<party>/: on its own machine in a deployment),
                          and, in local runs only, the secret the two parties share and the operator's centralized
-                         reference (parties/centralized.json); the lender's own evaluation (lender-only baseline,
-                         training loss, default rate) is parties/lender/evaluation.json
+                         reference (parties/centralized.json) and the tuned references with the lift kept
+                         (parties/evaluation/, fedscore/references.py); the lender's own evaluation (lender-only
+                         baseline, training loss, default rate) is parties/lender/evaluation.json
 RUN_DIR/outcome.json     what the coordinator returned (validation/test metrics per round, sizes, timing, refusal)
 RUN_DIR/metrics.json     test and validation metrics the lender shared, per-round metrics, counts, timing, transport
                          (evaluation only: never in model/)
@@ -337,6 +338,13 @@ def finish_run(run_dir: Path, data_dir: Path | None, config: FedConfig, secret: 
         "e2e": {"payloads": E2E, "fingerprints": key_fingerprints(homes) if fingerprints is None else fingerprints},
     }
     write_json_atomic(run_dir / "metrics.json", metrics)
+    if config.baselines.enabled and config.baselines.references and data_dir is not None and secret:
+        # the lift kept between tuned references: the local operator's own evaluation, in RUN_DIR/evaluation/ only
+        from fedscore.references import write_evaluation
+
+        t1 = time.perf_counter()
+        write_evaluation(run_dir, data_dir, config, secret, metrics["test"]["auc"])
+        metrics["timing"]["references_s"] = time.perf_counter() - t1
     write_json_atomic(run_dir / "alignment.json", {  # sizes only, never IDs
         k: outcome["alignment"][k] for k in ("method", "payment_rows", "lender_rows", "intersection", "train",
                                              "val", "test") if k in outcome["alignment"]})

@@ -46,6 +46,10 @@ class SplitConfig(_Strict):
 class BaselineConfig(_Strict):
     enabled: bool = True
     epochs: int = Field(30, ge=1, description="MLP epochs at most (early-stopped on validation AUC)")
+    references: bool = Field(True, description="with enabled, a local run also tunes the lender-only and centralized "
+                             "GBDT references and writes the lift kept to RUN_DIR/parties/evaluation/ "
+                             "(fedscore/references.py;"
+                             " cached per data folder and secret)")
 
 
 GRADIENT_NOISE_DEFAULT = 3.0

@@ -115,7 +115,7 @@ OTHER = {
     "parties": "each party's OWN state folder (on its own machine in a deployment) and, in local runs, the shared "
                "secret and the operator's centralized reference",
 }
-PARTIES = {"payment", "lender", "shared-secret.hex", CENTRALIZED_FILE}
+PARTIES = {"payment", "lender", "shared-secret.hex", CENTRALIZED_FILE, "evaluation"}
 FORBIDDEN_KEYS = ("train_loss", "lender_only", "default_rate", "baselines", "centralized")
 METRIC_NAME = re.compile(rf"^(val|test)_({'|'.join(METRIC_KEYS)})$")
 
