@@ -236,3 +236,14 @@ def test_the_lender_charges_rr_dp_sgd_and_every_exchange(party_data: tuple[Path,
     assert 0.5 < labels["attack_ceiling"]["auc"] < 1 and 0.5 < labels["attack_ceiling"]["balanced_accuracy"] < 1
     recomputed = recompute_from_report(report)
     assert recomputed[report["guarantees"].index(labels)] == pytest.approx(labels["epsilon"], abs=1e-9)
+
+
+def test_a_plan_over_budget_is_refused_before_anything_is_recorded(tmp_path: Path) -> None:
+    records = _label_records(3.0, 3)
+    tight = account(records, DELTA)[0]
+    ledger = Ledger(tmp_path / "ledger.json", {LABELS: tight - 0.05}, DELTA, party="lender")
+    with pytest.raises(BudgetExceeded):
+        ledger.check(records, LABELS)
+    assert ledger.entries == []
+    assert Ledger(tmp_path / "other.json", {LABELS: tight + 1e-6}, DELTA, party="lender").check(
+        records, LABELS) == pytest.approx(tight)
