@@ -189,7 +189,7 @@ def _lift_summary(run_dir: Path) -> None:
     console.print(f"lift kept: {kept} (federated AUC {record['federated_test_auc']:.4f}; tuned GBDT references "
                   f"chosen on validation: lender only {record['lender_only_auc']:.4f}, ceiling (all columns) "
                   f"{record['ceiling_auc']:.4f}; {refs['test']} test users) - {record['scope']}, "
-                  f"{run_dir}/evaluation/")
+                  f"{run_dir}/parties/evaluation/")
 
 
 ResumeOpt = Annotated[Path | None, typer.Option(

@@ -275,10 +275,51 @@ def evaluation_record(auc_fed: float | None, refs: References) -> dict[str, Any]
             "lift_kept_note": reason, "references": refs.model_dump()}
 
 
+_PREFETCHES: dict[tuple[str, str], Any] = {}  # (data folder, secret) -> the process tuning them in the background
+
+
+def _prefetch(data_dir: str, config_json: str, secret: str) -> None:
+    os.nice(10)  # below the federation's own processes: it only fills the cache
+    tuned_references(Path(data_dir), FedConfig.model_validate_json(config_json), secret)
+
+
+def prefetch_references(data_dir: Path, config: FedConfig, secret: str) -> None:
+    """Start tuning the references in a background process (one fit at a time, low priority), so a Flower
+    federation, which spends most of its wall time waiting on messages, hides their cost; `write_evaluation` waits
+    for it and then reads the cache. Any prefetch still running when the process exits is stopped."""
+    import atexit
+    import multiprocessing
+
+    key = (str(Path(data_dir).resolve()), secret)
+    if key in _PREFETCHES:
+        return
+    process = multiprocessing.get_context("spawn").Process(
+        target=_prefetch, args=(key[0], config.model_dump_json(), secret), name="fedscore-references")
+    previous = os.environ.get("FEDSCORE_REFERENCE_JOBS")
+    os.environ["FEDSCORE_REFERENCE_JOBS"] = "1"  # the spawned child reads it at start
+    try:
+        process.start()
+    finally:
+        if previous is None:
+            os.environ.pop("FEDSCORE_REFERENCE_JOBS")
+        else:
+            os.environ["FEDSCORE_REFERENCE_JOBS"] = previous
+    _PREFETCHES[key] = process
+    atexit.register(lambda: process.is_alive() and process.terminate())
+
+
+def _await_prefetch(data_dir: Path, secret: str) -> None:
+    process = _PREFETCHES.pop((str(Path(data_dir).resolve()), secret), None)
+    if process is not None:
+        process.join()
+
+
 def write_evaluation(run_dir: Path, data_dir: Path, config: FedConfig, secret: str, auc_fed: float | None,
                      cache_dir: Path | None = None) -> dict[str, Any]:
     """Tune (or read from the cache) the references for a local run and write RUN_DIR/parties/evaluation/references.json
     with a README saying it is the local operator's simulation-only evaluation. Returns the record."""
+    if cache_dir is None:
+        _await_prefetch(data_dir, secret)  # a background tuning of the same references (Flower runs) fills the cache
     refs = tuned_references(data_dir, config, secret, cache_dir)
     record = evaluation_record(auc_fed, refs)
     folder = Path(run_dir) / EVALUATION_DIR
