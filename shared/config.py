@@ -19,12 +19,33 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    embedding_dim: int = Field(8, ge=1, le=256, description="width of the payment holder's embedding")
+    """What crosses between the parts (issue 18): with `payment_output="partial_logit"` the payment holder owns the
+    projection w_P . h(x) of its embedding and sends ONE number per user, its partial logit, which the lender's top
+    adds to the logit of its own columns (z = f_L(x_L) + c s); with "embedding" it sends the `embedding_dim`-wide
+    h(x) and the lender's top combines it (needed only for a top that is not additive in the payment side)."""
+
+    payment_output: Literal["partial_logit", "embedding"] = Field(
+        "partial_logit", description="what the payment holder sends per user: one partial logit, or its embedding")
+    embedding_dim: int = Field(8, ge=1, le=256, description="width of the payment holder's embedding h(x) (what "
+                               "crosses in 'embedding' mode; projected to one number first in 'partial_logit')")
+    partial_logit_weight: Literal["fixed", "learned"] = Field(
+        "fixed", description="the lender's coefficient c on the partial logit: fixed at 1 (the payment holder's "
+        "head sets the scale; d logit / d s = 1, so the residual reaches it at full strength), or learned from 1")
+    payment_head_init: Literal["zero", "random"] = Field(
+        "zero", description="the payment holder's projection head starts at zero (its first release is the "
+        "constant 0: the lender's round 0 is lender-only and the first real release is already fitted to its "
+        "residuals) or random, like the other layers")
     payment_hidden: list[int] = Field(default_factory=lambda: [128, 64])
     # issue #13 (BENCHMARKS.md): a hidden layer of 16 tied the linear top over 3 seeds x 2 splits on UCI, with and
     # without privacy, so the simpler, additive top stays
     lender_hidden: list[int] = Field(default_factory=list, description="[] = a linear top (logistic) on the "
                                      "lender's features + the embedding: few parameters is what DP-SGD favours")
+
+
+    @property
+    def sent_dim(self) -> int:
+        """Numbers per user the payment holder sends (each round, each online answer)."""
+        return 1 if self.payment_output == "partial_logit" else self.embedding_dim
 
 
 class TrainingConfig(_Strict):
