@@ -163,6 +163,11 @@ class PaymentParty(PartyBase):
 
         privacy = self.config.privacy
         sigma = feature_noise_schedule(self.config, self.state["feature_sigma"])[round_]
+        if sigma is None:  # round 0 of a zero-initialised head: the constant 0, whoever the users are
+            if not bool((embeddings == 0).all()):
+                raise ProtocolError(f"payment: round {round_} was planned as the constant release 0, but the "
+                                    "part's output is not 0; nothing sent")
+            return embeddings
         record = embedding_release(sigma, privacy.embedding_clip, 1, privacy.feature_neighbouring)
         self.ledger.charge([record], "payment.features@lender", note=f"round {round_}: embeddings to the lender")
         return gaussian_release(embeddings, privacy.embedding_clip, sigma, self.noise_source("noise", str(round_)))
