@@ -21,6 +21,8 @@ from fedscore.shared.model.manifest import LENDER_FILE, PAYMENT_FILE
 from fedscore.shared.model.parts import init_module, lender_model, payment_model
 from fedscore.shared.model.preprocessing import Scaler
 
+PARTIAL = "model.payment_output=partial_logit"
+
 
 def _x(n: int, d: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32))
@@ -28,7 +30,7 @@ def _x(n: int, d: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("weight", ["fixed", "learned"])
 def test_the_top_adds_the_partial_logit(weight: str) -> None:
-    config = load_config(None, [f"model.partial_logit_weight={weight}"])
+    config = load_config(None, [PARTIAL, f"model.partial_logit_weight={weight}"])
     top = init_module(lender_model(5, config.model.sent_dim, config), 3)
     x, s = _x(50, 5, 1), _x(50, 1, 2)
     with torch.no_grad():
@@ -49,7 +51,7 @@ def test_the_embedding_option_keeps_the_wide_top() -> None:
 
 
 def test_a_zero_head_releases_a_constant_first() -> None:
-    config = load_config(None, [])
+    config = load_config(None, [PARTIAL])
     bottom = init_module(payment_model(4, config), 1, zero_head=config.model.payment_head_init == "zero")
     out = bottom(_x(100, 4, 0))
     assert out.shape == (100, 1) and bool((out == 0).all())
@@ -58,7 +60,7 @@ def test_a_zero_head_releases_a_constant_first() -> None:
 
 
 def test_partial_logit_parts_export_and_bundle_one_number(tmp_path: Path) -> None:
-    config = load_config(None, ["privacy.feature_epsilon=8"])  # squashed to the public bound |s| <= clip
+    config = load_config(None, [PARTIAL, "privacy.feature_epsilon=8"])  # squashed to the public bound |s| <= clip
     rng = np.random.default_rng(0)
     raw_p, raw_l = rng.normal(size=(300, 4)).astype(np.float32), rng.normal(size=(300, 3)).astype(np.float32)
     scaler_p, scaler_l = Scaler.fit(["a", "b", "c", "d"], raw_p, []), Scaler.fit(["e", "f", "g"], raw_l, [])

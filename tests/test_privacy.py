@@ -521,7 +521,7 @@ def test_feature_noise_schedule_spends_its_share_on_the_last_release_and_meets_t
     def planned(share: str | None, head: str = "random") -> tuple[list[float | None], float]:
         config = load_config(None, ["privacy.feature_epsilon=8", "training.rounds=4",
                                     "privacy.dpsgd_noise_multiplier=3.5",  # given: no DP-SGD calibration here
-                                    f"model.payment_head_init={head}",
+                                    "model.payment_output=partial_logit", f"model.payment_head_init={head}",
                                     *([f"privacy.feature_final_share={share}"] if share else [])])
         plan = plan_dp_sgd(config.privacy, 20000, 4)
         final = plan_feature_noise(config, plan.to_dict())
