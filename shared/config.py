@@ -26,7 +26,7 @@ class ModelConfig(_Strict):
 
     # issue 18 (BENCHMARKS.md), 3 seeds x 2 splits, privacy defaults: the partial logit (learned c, 4 rounds) median
     # 0.7323 / min 0.7188 against the 8-wide embedding's 0.7315 / 0.7151, with 4 numbers per user reaching the
-    # lender instead of 32 (reconstruction excess over the final score 0.16-0.27 instead of ~0.50)
+    # lender instead of 32 (reconstruction excess over the final score 0.13-0.27 instead of ~0.50)
     payment_output: Literal["partial_logit", "embedding"] = Field(
         "partial_logit", description="what the payment holder sends per user: one partial logit, or its embedding")
     embedding_dim: int = Field(8, ge=1, le=256, description="width of the payment holder's embedding h(x) (what "
