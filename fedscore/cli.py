@@ -454,6 +454,12 @@ def _audit_summary(section: dict, run_dir: Path) -> None:
                   style="red" if mem["above_ceiling"] else None)
     for r in section["features_vs_lender"]["results"][-1:]:
         table.add_row("lender", f"feature reconstruction R^2 ({r['exchange']})", fmt(r["pooled_r2"]), "0.000", "-")
+    excess = section["features_vs_lender"].get("excess_over_score")
+    if excess:
+        for name, row in excess["inputs"].items():
+            table.add_row("lender", f"feature reconstruction R^2 ({name})", fmt(row["pooled_r2"]), "0.000", "-")
+        table.add_row("lender", "excess: everything received over the final score", fmt(excess["excess"]), "0.000",
+                      fmt(excess["bar"]), style=None if excess["within_bar"] else "red")
     console.print(table)
     for a in section["one_run_audits"]:
         if a.get("epsilon_lower_bound") is None:

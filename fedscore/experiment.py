@@ -179,6 +179,11 @@ def attack_columns(run_dir: Path) -> dict[str, Any]:
             row["attack.label_ceiling"] = attack["ceiling"]
         row[f"{column}.max"] = max(row.get(f"{column}.max", attack["value"]), attack["value"])
     row["attack.membership_auc"] = section["membership_vs_outsider"]["value"]
+    excess = section["features_vs_lender"].get("excess_over_score")
+    if excess:  # the lender's reconstruction of the payment columns: with everything received, with the score
+        row["attack.recon_received_r2"] = excess["inputs"]["own columns + everything received"]["pooled_r2"]
+        row["attack.recon_score_r2"] = excess["inputs"]["own columns + final score"]["pooled_r2"]
+        row["attack.recon_excess"] = excess["excess"]
     for audit in section["one_run_audits"]:
         if audit.get("epsilon_lower_bound") is not None:
             row[f"audit.{audit['guarantee']}"] = audit["epsilon_lower_bound"]
@@ -343,6 +348,10 @@ def summary(frame: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
             if column in good:
                 entry[f"{column.removeprefix('attack.')}_median"] = _numeric(good, column).median()
                 entry[f"{column.removeprefix('attack.')}_max"] = _numeric(good, f"{column}.max").max()
+        for column in ("attack.recon_received_r2", "attack.recon_score_r2", "attack.recon_excess"):
+            if column in good:
+                entry[f"{column.removeprefix('attack.')}_median"] = _numeric(good, column).median()
+                entry[f"{column.removeprefix('attack.')}_max"] = _numeric(good, column).max()
         out.append(entry)
     return pd.DataFrame(out)
 

@@ -130,7 +130,7 @@ class LenderParty(PartyBase):
             self.state["dpsgd"] = plan_dp_sgd(config.privacy, int((split == SPLIT_TRAIN).sum()),
                                               config.training.rounds).to_dict()
         self.state["y_release"] = self._protect_labels(y, split == SPLIT_TRAIN)
-        model = init_module(self._new_model(config.model.embedding_dim), seeded(config.seed, "lender", "init"))
+        model = init_module(self._new_model(config.model.sent_dim), seeded(config.seed, "lender", "init"))
         self.state["model"] = model.state_dict()
         self.state["opt"] = None
         if config.baselines.enabled:  # the lender's own evaluation: written here, not sent
@@ -232,11 +232,11 @@ class LenderParty(PartyBase):
         config = self.config
         x, y, split = self._aligned()
         h = torch.from_numpy(np.asarray(unpack_arrays(message.payload)["embeddings"], dtype=np.float32))
-        if h.shape != (len(y), config.model.embedding_dim):
-            raise ProtocolError(f"lender: embeddings of shape {tuple(h.shape)}, expected "
-                                f"({len(y)}, {config.model.embedding_dim})")
+        if h.shape != (len(y), config.model.sent_dim):
+            raise ProtocolError(f"lender: payment outputs of shape {tuple(h.shape)}, expected "
+                                f"({len(y)}, {config.model.sent_dim})")
         self.record_received(message.header.round, self.state["rows"], h)
-        model = self._new_model(config.model.embedding_dim)
+        model = self._new_model(config.model.sent_dim)
         model.load_state_dict(self.state["model"])
         y_release = self.state["y_release"]  # randomized-response labels on training users when protected
         train = (split == SPLIT_TRAIN).nonzero().squeeze(1)
