@@ -22,13 +22,18 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# all tests, including one real multi-process Flower federation
-test: $(STAMP) lint
-	$(BIN)/python -m pytest -q
+# Tests run in parallel (pytest-xdist), one test module per worker at a time so that a module's shared training
+# (its module-scoped fixtures) runs once; the 15 slowest tests are listed at the end. TEST_WORKERS=1 runs serially.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=15
 
-# in-process tests only
+# everything, as CI runs it: lint, units, in-process runs, real Flower federations (`federation`), `slow` tests
+test: $(STAMP) lint
+	$(PYTEST)
+
+# what a developer runs while working: units and in-process runs on small data (no federation, nothing `slow`)
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not federation"
+	$(PYTEST) -m "not federation and not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

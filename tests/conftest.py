@@ -11,8 +11,12 @@ import pandas as pd
 import pytest
 
 from fedscore.shared.data.schema import ColumnSchema, DataSchema, LabelSchema, write_schema
+from fedscore.shared.model.parts import configure_torch
 
 os.environ.setdefault("FEDSCORE_TORCH_THREADS", "1")
+# from the start, not from the first training on: a test that uses torch directly before any training would otherwise
+# spin two intra-op threads against the other xdist worker (measured: a 3 s test took 144 s under `-n 2`)
+configure_torch()
 # never the user's ~/.fedscore: a session-wide default, replaced per test by `party_homes_in_tmp` below
 os.environ["FEDSCORE_HOME"] = tempfile.mkdtemp(prefix="fedscore-test-home-")
 

@@ -97,6 +97,7 @@ def test_ceilings() -> None:
 
 
 # -- transcripts ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_transcripts_hold_what_each_party_received(unprotected: Path, data: Path) -> None:
     payment = dict(np.load(unprotected / "transcripts" / "payment_view.npz", allow_pickle=False))
     lender = dict(np.load(unprotected / "transcripts" / "lender_view.npz", allow_pickle=False))
@@ -134,6 +135,7 @@ def _pooled(section: dict, attack: str) -> float:
                 if r["attack"] == attack and r["exchange"] == "pooled over exchanges")
 
 
+@pytest.mark.slow
 def test_attacks_work_when_nothing_protects(unprotected: Path) -> None:
     section = audit_section(unprotected)
     assert _pooled(section, "cosine attack AUC") >= 0.95
@@ -146,6 +148,7 @@ def test_attacks_work_when_nothing_protects(unprotected: Path) -> None:
     assert label_audit["epsilon_lower_bound"] > 3  # ... and the audit sees the labels leak
 
 
+@pytest.mark.slow
 def test_attacks_stay_under_randomized_response(protected: Path) -> None:
     section = audit_section(protected)
     ceiling = rr_ceiling(2.0)
@@ -162,6 +165,7 @@ def test_attacks_stay_under_randomized_response(protected: Path) -> None:
     assert 0.0 <= membership["value"] <= membership["ceiling"]
 
 
+@pytest.mark.slow
 def test_default_gradient_noise_hides_the_released_labels(data: Path, tmp_path: Path, protected: Path) -> None:
     """The default clipped Gaussian on the gradients (defence in depth on top of randomized response): the attacks
     that read the released labels under randomized response alone fall towards chance, and every exchange's
@@ -175,6 +179,7 @@ def test_default_gradient_noise_hides_the_released_labels(data: Path, tmp_path: 
     assert not section["violations"]
 
 
+@pytest.mark.slow
 def test_audit_catches_randomized_response_with_its_noise_off(data: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Negative control: the flips are skipped (and no gradient noise) but the ledger still charges (and the report
@@ -189,6 +194,7 @@ def test_audit_catches_randomized_response_with_its_noise_off(data: Path, tmp_pa
     assert section["violations"]
 
 
+@pytest.mark.slow
 def test_audit_catches_replayable_noise_and_the_command_exits_non_zero(data: Path, tmp_path: Path) -> None:
     """Negative control: in the VOID replayable mode the payment holder replays the flips; `fedscore audit` says
     VIOLATION in its output and in red in report.html, and exits 1."""
@@ -206,6 +212,7 @@ def test_audit_catches_replayable_noise_and_the_command_exits_non_zero(data: Pat
     assert "Attacks and audit" in html and 'class="red"' in html and "VIOLATION" in html
 
 
+@pytest.mark.slow
 def test_the_command_exits_zero_when_the_claims_hold(protected: Path) -> None:
     result = CliRunner().invoke(app, ["audit", str(protected)])
     assert result.exit_code == 0, result.output
@@ -225,11 +232,13 @@ def test_audit_refuses_a_run_without_transcripts(tmp_path: Path) -> None:
     assert result.exit_code != 0 and "record_transcripts" in result.output
 
 
+@pytest.mark.slow
 def test_run_audit_writes_the_plot(protected: Path) -> None:
     run_audit(protected)
     assert (protected / "audit.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_feature_protection_stops_reconstruction_and_dp_sgd_bounds_membership(data: Path, tmp_path: Path) -> None:
     """The lender's reconstruction, which reads clean embeddings well (test_attacks_work_when_nothing_protects),
     learns nothing it could not guess from the auxiliary means once the embeddings are noised for feature eps 8;
@@ -259,6 +268,7 @@ def _white_box(section: dict) -> dict[str, dict]:
             if "white box" in row["guarantee"]}
 
 
+@pytest.mark.slow
 def test_white_box_audit_catches_dp_sgd_with_its_noise_off(data: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Negative control: DP-SGD adds no noise while the ledger charges (and the report claims) the planned noise;

@@ -199,6 +199,7 @@ def walk_bundle(model_dir: Path, run: Path, data: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------------------ tests
 
 
+@pytest.mark.slow
 def test_everything_in_model_is_public_or_ledger_recorded(private_run: tuple[Path, Path]) -> None:
     data, run = private_run
     seen = walk_bundle(run / "model", run, data)
@@ -220,6 +221,7 @@ def test_everything_in_model_is_public_or_ledger_recorded(private_run: tuple[Pat
         assert np.allclose(released.mean, exact, atol=0.2 * np.asarray(schema_scaler.std).max())  # ... and it is usable
 
 
+@pytest.mark.slow
 def test_metrics_stay_in_metrics_json_marked_evaluation_only(private_run: tuple[Path, Path]) -> None:
     _, run = private_run
     metrics = json.loads((run / "metrics.json").read_text())
@@ -229,6 +231,7 @@ def test_metrics_stay_in_metrics_json_marked_evaluation_only(private_run: tuple[
     assert str(metrics["test"]["auc"]) not in (run / "model" / MANIFEST_NAME).read_text()
 
 
+@pytest.mark.slow
 def test_the_walker_catches_a_fitted_scaler(private_run: tuple[Path, Path], tmp_path: Path) -> None:
     """What the old code shipped: the scaler's mean fitted over all rows. Planted into the graph, it is caught."""
     from fedscore.clients.lender.data import load_lender_table
@@ -255,6 +258,7 @@ def test_the_walker_catches_a_fitted_scaler(private_run: tuple[Path, Path], tmp_
                     _weights(run, "lender"), False, config, scaler)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key, value", [
     ("metrics", {"test": {"auc": 0.8}}),  # clean-label evaluation figures
     ("embedding_baseline", [0.1] * 8),  # a mean training embedding

@@ -22,6 +22,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           env={"COLUMNS": "300", "PATH": "/usr/bin:/bin"})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [
     ["superlink", "--dir", "{tmp}/sl", "--host", "192.0.2.7", "--insecure"],
     ["run", "--superlink", "192.0.2.7:9093", "--out", "{tmp}/run", "--insecure"],
@@ -37,6 +38,7 @@ def test_plaintext_is_refused_off_loopback(tmp_path: Path, args: list[str]) -> N
     assert not (tmp_path / "run" / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_tls_is_the_default_and_needs_its_files(tmp_path: Path) -> None:
     done = _cli("superlink", "--dir", str(tmp_path / "sl"), "--host", "192.0.2.7")
     assert done.returncode == 2 and "TLS is the default: pass --ca, --tls-cert, --tls-key" in done.stdout
@@ -125,6 +127,7 @@ def test_the_serverapp_talks_to_the_registered_nodes_only(monkeypatch: pytest.Mo
         wrong.exchange(setup)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "words"), [
     (["--resume", "{tmp}/run", "--config", "{tmp}/c.toml"], ["--resume", "drop --config"]),
     (["--resume", "{tmp}/run", "--out", "{tmp}/other"], ["drop --out"]),

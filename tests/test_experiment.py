@@ -87,6 +87,7 @@ def test_bad_grid_is_one_line_error(tmp_path: Path) -> None:
         assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_experiment_with_attacks_adds_the_attack_columns(tmp_path: Path) -> None:
     """`attacks = true`: every run is audited; the label attacks track the label eps (near the ceiling at eps 8,
     near chance at eps 0.2), and results.md carries their median and worst value."""

@@ -7,6 +7,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 MAPPED = {"fedscore": "fedscore", "server": "fedscore.server", "clients": "fedscore.clients",
           "shared": "fedscore.shared", "proto": "fedscore.proto"}
@@ -23,6 +25,7 @@ def test_every_package_folder_is_listed_under_fedscore() -> None:
     assert {v: k for k, v in setuptools["package-dir"].items()} == MAPPED
 
 
+@pytest.mark.slow
 def test_only_fedscore_imports_from_outside_the_checkout(tmp_path: Path) -> None:
     """From another folder (no checkout on sys.path): server/clients/shared fail, fedscore and its parts load."""
     probe = ("import importlib\n"

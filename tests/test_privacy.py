@@ -303,6 +303,7 @@ def _independent_pld(guarantee: dict) -> float:
     return float(total.get_epsilon_for_delta(guarantee["delta"]))
 
 
+@pytest.mark.slow
 def test_reported_epsilon_matches_third_party_pld(tmp_path: Path) -> None:
     guarantees = [g for i, group in enumerate(MECHANISM_LISTS.values())
                   for g in _report(tmp_path / str(i), [group])["guarantees"]]
@@ -379,6 +380,7 @@ def test_calibrate_gaussian_round_trip(target: float, count: int, sensitivity: f
         assert sigma == pytest.approx(2.0, rel=0.01)
 
 
+@pytest.mark.slow
 def test_calibrate_dp_sgd_round_trip() -> None:
     sigma = calibrate_dp_sgd(2.0, DELTA, sample_rate=0.02, steps=300)
     release = DpSgdRelease(noise_multiplier=sigma, sample_rate=0.02, steps=300, protects="lender.records")
@@ -508,6 +510,7 @@ def test_forward_corrected_loss_learns_the_clean_probability_and_keeps_the_label
     assert torch.allclose(plain.residual(z, torch.ones_like(z)), torch.sigmoid(z) - 1)
 
 
+@pytest.mark.slow
 def test_feature_noise_schedule_spends_its_share_on_the_last_release_and_meets_the_target() -> None:
     from fedscore.clients.payment.feature_privacy import (
         feature_noise_schedule,

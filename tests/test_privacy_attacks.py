@@ -110,6 +110,7 @@ def big_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_payment_holder_cannot_beat_randomized_response(big_data: Path, tmp_path: Path) -> None:
     config = load_config(None, LABELS_ONLY)
     transport, parties = _run_recorded(config, big_data, tmp_path / "run")
@@ -118,6 +119,7 @@ def test_payment_holder_cannot_beat_randomized_response(big_data: Path, tmp_path
     assert best <= CEILING + 0.01, (best, CEILING)  # ... and still cannot see past randomized response
 
 
+@pytest.mark.slow
 def test_the_same_attack_breaks_the_void_replayable_mode(big_data: Path, tmp_path: Path) -> None:
     """Negative control: with draws derived from the seed, the replay recovers the clean labels."""
     config = load_config(None, [*LABELS_ONLY, "privacy.replayable_noise=true"])
@@ -134,6 +136,7 @@ def _released_labels(run_dir: Path) -> torch.Tensor:
     return torch.load(run_dir / "parties" / "lender" / "state.pt", weights_only=True)["y_release"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("replayable", [False, True])
 def test_identical_runs_differ_unless_replayable(party_data: tuple[Path, dict], tmp_path: Path,
                                                  replayable: bool) -> None:

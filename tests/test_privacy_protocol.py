@@ -28,6 +28,7 @@ def private_run(party_data: tuple[Path, dict], tmp_path_factory: pytest.TempPath
     return run_dir
 
 
+@pytest.mark.slow
 def test_every_reported_epsilon_recomputes_from_the_report(private_run: Path) -> None:
     report = json.loads((private_run / "privacy-report.json").read_text())
     keys = {f"{g['protects']}@{g['against']}" for g in report["guarantees"]}
@@ -65,6 +66,7 @@ def test_every_reported_epsilon_recomputes_from_the_report(private_run: Path) ->
     assert any(c.startswith("unprotected") for c in covered) and any(c.startswith("public") for c in covered)
 
 
+@pytest.mark.slow
 def test_randomized_response_flips_at_the_configured_rate(private_run: Path) -> None:
     state = torch.load(private_run / "parties" / "lender" / "state.pt", weights_only=True)
     train = state["split"] == 0
@@ -77,6 +79,7 @@ def test_randomized_response_flips_at_the_configured_rate(private_run: Path) -> 
     assert torch.equal(state["y_release"][untouched], state["y"][state["rows"]][untouched])
 
 
+@pytest.mark.slow
 def test_report_html_has_the_plots(private_run: Path) -> None:
     page = (private_run / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4
@@ -97,6 +100,7 @@ def test_lender_refuses_a_label_release_over_its_own_budget(party_data: tuple[Pa
     assert {g["protects"] for g in report["guarantees"]} <= {"joint.records", "payment.features"}
 
 
+@pytest.mark.slow
 def test_payment_stops_mid_run_and_what_was_released_is_still_counted(party_data: tuple[Path, dict],
                                                                        tmp_path: Path) -> None:
     data, _ = party_data
@@ -124,6 +128,7 @@ def test_a_party_with_a_budget_refuses_an_unprotected_run(party_data: tuple[Path
                       budgets={"payment": {}, "lender": {"lender.labels@payment": 2.0}})
 
 
+@pytest.mark.slow
 def test_online_answers_are_charged_per_user_worst_case_and_refused_past_the_budget(private_run: Path) -> None:
     import numpy as np
 

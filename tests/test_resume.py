@@ -108,6 +108,7 @@ CRASHES: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crash", list(CRASHES))
 def test_a_resumed_run_equals_an_uninterrupted_one(data: Path, uninterrupted: tuple[dict, Path], tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch, crash: str) -> None:
@@ -147,6 +148,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(data: Path, uninterrupted: tu
     assert json.loads((run_dir / "checkpoint.json").read_text())["carry_file"] == ""
 
 
+@pytest.mark.slow
 def test_a_reply_is_resent_only_when_asked_and_only_for_the_same_request(data: Path, tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The cached reply answers exactly the last request marked `resend`; a plain replay is still refused, and a
@@ -187,6 +189,7 @@ def test_a_reply_is_resent_only_when_asked_and_only_for_the_same_request(data: P
     assert len(_releases(homes["payment"])) == charges
 
 
+@pytest.mark.slow
 def test_resume_refuses_what_it_cannot_continue(data: Path, uninterrupted: tuple[dict, Path], tmp_path: Path) -> None:
     _, root = uninterrupted
     with pytest.raises(RunError, match="already finished"):

@@ -374,7 +374,9 @@ def payment_service(tx_run: tuple[Path, Path], payment_users,
 def _call(port: int, user_id: str, credentials: grpc.ChannelCredentials | None = None) -> pb2.EmbeddingReply:
     target = f"127.0.0.1:{port}"
     with (grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)) as channel:
-        return pb2_grpc.PaymentScoringStub(channel).GetEmbedding(pb2.EmbeddingRequest(user_id=user_id), timeout=5)
+        # a generous deadline: a charged answer runs the accountant, seconds of CPU on a loaded 2-core machine
+        # (5 s timed out under `make test -n 2`); a refusal or a down server still answers at once
+        return pb2_grpc.PaymentScoringStub(channel).GetEmbedding(pb2.EmbeddingRequest(user_id=user_id), timeout=60)
 
 
 def _refusal(port: int, user_id: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.RpcError:
@@ -506,6 +508,7 @@ def test_serve_payment_refuses_to_start_without_tls_or_a_served_record(tx_run: t
     assert lender.exit_code == 2 and "--payment-ca, --client-cert, --client-key" in lender.output
 
 
+@pytest.mark.slow
 def test_serve_payment_cli_serves_over_mutual_tls_and_records_disclosures(tx_run: tuple[Path, Path],
                                                                            pki: tuple[LocalPki, LocalPki],
                                                                            tmp_path: Path) -> None:

@@ -142,6 +142,7 @@ class CountingTransport(InProcessTransport):
         return replies
 
 
+@pytest.mark.slow
 def test_the_config_is_parsed_once_per_handled_message(party_data: tuple[Path, dict], tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     data, _ = party_data
