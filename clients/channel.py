@@ -46,8 +46,12 @@ def expected_payload(party: str, kind: MessageKind, round_: int) -> str:
     return EXPECTED_PAYLOAD.get((party, kind), "")
 
 
-def delivered_as(sender: str, kind: MessageKind, round_: int) -> tuple[MessageKind, int]:
-    """The request a reply's payload reaches the peer in (server/coordinator.py moves it there)."""
+def delivered_as(sender: str, kind: MessageKind, round_: int, rounds: int | None = None) -> tuple[MessageKind, int]:
+    """The request a reply's payload reaches the peer in (server/coordinator.py moves it there). With the run's
+    `rounds`: the lender's last `train` reply has no such request (no embed follows it), so it may carry nothing."""
+    if rounds is not None and (sender, kind) == ("lender", K.TRAIN) and round_ >= rounds - 1:
+        raise SealError(f"{sender}: the last round's {kind} reply carries no payload (no embed follows to deliver "
+                        "it; the payment holder receives R-1 gradient exchanges)")
     nxt = {("lender", K.SETUP): (K.ALIGN_RESPOND, -1), ("payment", K.ALIGN_RESPOND): (K.ALIGN_MATCH, -1),
            ("lender", K.ALIGN_MATCH): (K.EMBED, 0), ("payment", K.EMBED): (K.TRAIN, round_),
            ("lender", K.TRAIN): (K.EMBED, round_ + 1), ("lender", K.BLACKLIST_REQUEST): (K.BLACKLIST_RESPOND, -1),
@@ -207,7 +211,8 @@ class PartyChannel:
             state["next"] = list(_after(self.name, kind, round_))
         if not reply.payload:
             return reply
-        to_kind, to_round = delivered_as(self.name, kind, round_)
+        rounds = self.party.config.training.rounds if kind is K.TRAIN else None  # a blacklist session has no config
+        to_kind, to_round = delivered_as(self.name, kind, round_, rounds)
         peer = "lender" if self.name == "payment" else "payment"
         delivery = Delivery(state["run"], self.name, peer, str(to_kind), to_round, reply.header.payload_kind,
                             state["sent"])

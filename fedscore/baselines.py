@@ -5,10 +5,20 @@ The best of logistic regression, GBDT and an MLP on validation (shared/model/ref
 This is the local operator's evaluation harness, not part of the protocol: it reads both parties' folders, which
 only someone holding both (a demo, a backtest) can do. It uses the same aligned users and the same keyed split as
 the federation, and the same preprocessing (each party's schema-derived scaler; clipped raw values for the GBDT), so
-the numbers compare like for like on identical test users. Its figures go to metrics.json only, never into model/.
+the numbers compare like for like on identical test users.
+
+Where the references live (never in RUN_DIR's top-level files, which hold only what the lender shares with the
+coordinator, nor in model/): the centralized reference in RUN_DIR/parties/CENTRALIZED_FILE (simulation only: it
+needs both parties' data), the lender-only baseline, training loss and default rate in the lender's own evaluation
+file (RUN_DIR/parties/lender/evaluation.json, clients/lender/party.py). `local_evaluation` reads both, for the CLI's
+table and `fedscore experiment` in local runs, where one operator holds everything.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,3 +54,44 @@ def centralized_baselines(data_dir, config: FedConfig, secret: bytes) -> dict[st
     best = best_reference(scaled, raw, labels[l_rows], split, hidden=hidden, epochs=config.baselines.epochs,
                           lr=config.training.lr, batch_size=config.training.batch_size, seed=config.seed)
     return {"centralized": best}
+
+
+CENTRALIZED_FILE = "centralized.json"  # in RUN_DIR/parties/: the local operator's, beside both parties' folders
+CENTRALIZED_NOTE = ("the local operator's centralized reference: both parties' data pooled, clean labels, no privacy; "
+                    "a simulation-only figure that no deployment can compute")
+
+
+def write_centralized(run_dir: Path, reference: dict[str, Any]) -> Path:
+    """The centralized reference, beside the parties' own folders (RUN_DIR/parties/), never at RUN_DIR's top level."""
+    from fedscore.shared.atomic import write_json_atomic
+
+    path = run_dir / "parties" / CENTRALIZED_FILE
+    write_json_atomic(path, {"note": CENTRALIZED_NOTE, **reference})
+    return path
+
+
+def local_evaluation(run_dir: Path) -> dict[str, Any]:
+    """What one operator holding both parties' folders can show beside the run's shared metrics: `lender_only`,
+    `default_rate` and the per-round `train_loss` from the lender's own evaluation, `centralized` from the operator's
+    reference; each key absent when its file or figure is (a deployment's coordinator has neither). The files are
+    named in the error when they are not JSON."""
+    from fedscore.clients.lender.party import EVALUATION_FILE
+
+    out: dict[str, Any] = {}
+    lender = run_dir / "parties" / "lender" / EVALUATION_FILE
+    centralized = run_dir / "parties" / CENTRALIZED_FILE
+    for path in (lender, centralized):
+        if not path.exists():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        if path == centralized:
+            out["centralized"] = data.get("centralized")
+            continue
+        for key in ("lender_only", "default_rate"):
+            if data.get(key) is not None:
+                out[key] = data[key]
+        out["train_loss"] = [r.get("train_loss") for r in data.get("rounds", [])]
+    return out

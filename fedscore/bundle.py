@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedscore.shared.model.export_onnx import LENDER_FILE, PAYMENT_FILE, ModelManifest, describe_part, write_manifest
+from fedscore.shared.model.manifest import EMBEDDING
 from fedscore.shared.model.preprocessing import Scaler
 from fedscore.shared.scoring.scorecard import ScorecardParams
 
@@ -35,8 +36,12 @@ def assemble_bundle(run_dir: Path, config: dict[str, Any], privacy: list[dict[st
         shutil.copy2(source / file, out / file)
         sidecars[party] = json.loads((source / f"{party}_part.json").read_text())
         parts[party] = describe_part(out / file, Scaler(**sidecars[party]["scaler"]))
+    # what crosses per applicant (1 for a partial logit), read from the lender graph's input, not from the config
+    width = parts["lender"].input_shapes[EMBEDDING][1]
+    if not isinstance(width, int) or width < 1:
+        raise ValueError(f"{out / LENDER_FILE}: input {EMBEDDING!r} has no fixed width ({width!r})")
     manifest = ModelManifest(
-        parts=parts, embedding_dim=config["model"]["embedding_dim"], training_config=config,
+        parts=parts, embedding_dim=width, training_config=config,
         privacy=privacy or [], scorecard=ScorecardParams(),
         payment_feature_definition=sidecars["payment"]["feature_definition"],
         lender_reference=sidecars["lender"]["reference"],

@@ -131,12 +131,20 @@ def _report(metrics: dict, run_dir: Path) -> None:
         table.add_row(name, *(f"{m[k]:.4f}" for k in METRIC_KEYS))
 
     row("federated (payment + lender)", metrics["test"])
-    baselines = metrics["baselines"]
-    if baselines.get("lender_only"):
-        row(f"lender only ({baselines['lender_only'].get('model', 'mlp')})", baselines["lender_only"])
-    if "centralized" in baselines:
-        row(f"centralized, no privacy ({baselines['centralized']['model']})", baselines["centralized"])
+    # the references are not in RUN_DIR's shared files: read from the lender's own folder and the local operator's
+    # (present only where one operator holds everything, as here)
+    from fedscore.baselines import local_evaluation
+
+    local = local_evaluation(run_dir)
+    if local.get("lender_only"):
+        row(f"lender only ({local['lender_only'].get('model', 'mlp')})", local["lender_only"])
+    if local.get("centralized"):
+        row(f"centralized, no privacy ({local['centralized']['model']})", local["centralized"])
     console.print(table)
+    if local.get("lender_only") or local.get("centralized"):
+        console.print("references from parties/ (the lender's own evaluation; the centralized one needs both "
+                      "parties' data: local simulation only), not in RUN_DIR's shared files")
+    _lift_summary(run_dir)
     a = metrics["alignment"]
     console.print(f"aligned {int(a['intersection'])} of {int(a['lender_rows'])} applicants; "
                   f"{metrics['traffic']['messages']} messages, {metrics['traffic']['payload_bytes'] / 1e6:.1f} MB "
@@ -154,12 +162,34 @@ def _report(metrics: dict, run_dir: Path) -> None:
         status = "[bold red]VOID[/] " if g.get("status") == "VOID" else ""
         lifetime = (f"; this run {g['run_epsilon']:.3f}" if g.get("run_epsilon") is not None
                     and abs(g["run_epsilon"] - g["epsilon"]) > 1e-9 else "")
+        ceiling = g.get("attack_ceiling")
+        best = (f"; best attack AUC {ceiling['auc']:.3f}, accuracy {ceiling['balanced_accuracy']:.3f}"
+                if ceiling else "")
+        mixture = ", RR mixture" if g.get("composition") == "rr_mixture" else ""
         console.print(f"privacy: {status}{g['protects']} against {g['against']}: eps {g['epsilon']:.3f} over the "
-                      f"party's lifetime{lifetime} (delta {g['delta']:g}, {g['accountant']})")
+                      f"party's lifetime{lifetime} (delta {g['delta']:g}, {g['accountant']}{mixture}){best}")
     for u in privacy["unprotected"]:
         console.print(f"[yellow]not protected:[/] {u['protects']} against {u['against']}: {u['what']}")
     model = "model/" if (run_dir / "model").exists() else "(no model/: each party keeps its part; `fedscore bundle`)"
-    console.print(f"artefacts: {run_dir}/report.html, metrics.json, privacy-report.json, {model}, parties/")
+    console.print(f"artefacts: {run_dir}/report.html, metrics.json, privacy-report.json, {model}, parties/ (each "
+                  "party's own folder; the lender's own evaluation in parties/lender/evaluation.json)")
+
+
+def _lift_summary(run_dir: Path) -> None:
+    """The lift kept beside the AUCs, from RUN_DIR/parties/evaluation/ (local runs: the operator holds both
+    parties' data)."""
+    from fedscore.references import read_evaluation
+
+    record = read_evaluation(run_dir)
+    if record is None:
+        return
+    lift = record["lift_kept"]
+    kept = f"[bold]{lift:.0%}[/bold] of the lift" if lift is not None else f"n/a ({record['lift_kept_note']})"
+    refs = record["references"]
+    console.print(f"lift kept: {kept} (federated AUC {record['federated_test_auc']:.4f}; tuned GBDT references "
+                  f"chosen on validation: lender only {record['lender_only_auc']:.4f}, ceiling (all columns) "
+                  f"{record['ceiling_auc']:.4f}; {refs['test']} test users) - {record['scope']}, "
+                  f"{run_dir}/parties/evaluation/")
 
 
 ResumeOpt = Annotated[Path | None, typer.Option(
@@ -332,7 +362,7 @@ def experiment(grid: Annotated[Path, typer.Option("--grid", help="GRID.toml: dat
                ) -> None:
     """Run every grid cell x seed x keyed split (fresh party homes per run) and tabulate the privacy/utility
     frontier: OUT/results.csv (one row per run), OUT/results.md (per cell), OUT/frontier.png."""
-    from fedscore.experiment import load_grid, plot_frontier, run_experiment, summary, write_markdown
+    from fedscore.experiment import lift_frontier, load_grid, plot_frontier, run_experiment, summary, write_markdown
 
     with user_errors():
         runs = load_grid(grid, out)
@@ -342,7 +372,7 @@ def experiment(grid: Annotated[Path, typer.Option("--grid", help="GRID.toml: dat
             frame, ran = run_experiment(runs, out, jobs=jobs, resume=resume, progress=progress)
         axes = [k for k in runs[0].settings] if runs else []
         table = summary(frame, axes)
-        write_markdown(table, out / "results.md")
+        write_markdown(table, out / "results.md", lift_frontier(frame, axes))
         plot_frontier(frame, axes, out / "frontier.png")
     failed = int((frame["error"].fillna("") != "").sum()) if "error" in frame else 0
     console.print(f"ran {ran} of {len(runs)} runs ({len(runs) - ran} already done, {failed} failed); wrote "
@@ -424,6 +454,12 @@ def _audit_summary(section: dict, run_dir: Path) -> None:
                   style="red" if mem["above_ceiling"] else None)
     for r in section["features_vs_lender"]["results"][-1:]:
         table.add_row("lender", f"feature reconstruction R^2 ({r['exchange']})", fmt(r["pooled_r2"]), "0.000", "-")
+    excess = section["features_vs_lender"].get("excess_over_score")
+    if excess:
+        for name, row in excess["inputs"].items():
+            table.add_row("lender", f"feature reconstruction R^2 ({name})", fmt(row["pooled_r2"]), "0.000", "-")
+        table.add_row("lender", "excess: everything received over the final score", fmt(excess["excess"]), "0.000",
+                      fmt(excess["bar"]), style=None if excess["within_bar"] else "red")
     console.print(table)
     for a in section["one_run_audits"]:
         if a.get("epsilon_lower_bound") is None:

@@ -101,9 +101,9 @@ def serve_node(settings: PartySettings, superlink: str, ca: Path | None, auth_ke
 def run_on_superlink(config: FedConfig, superlink: str, run_dir: Path, ca: Path | None,
                      nodes: dict[str, int] | None = None, progress: Callable[[str, int, int], None] | None = None,
                      timeout_s: float = 1800.0) -> dict[str, Any]:
-    """Start a run on a SuperLink on this host, follow it, and write RUN_DIR (outcome, metrics without the
-    centralized baseline, privacy report, model). `nodes` (party -> node id, from the SuperLink's nodes.json)
-    restricts the ServerApp to the registered SuperNodes."""
+    """Start a run on a SuperLink on this host, follow it, and write RUN_DIR (outcome, the metrics the lender
+    shared: no baselines, which stay with the lender and the parties' data; privacy report). `nodes` (party -> node
+    id, from the SuperLink's nodes.json) restricts the ServerApp to the registered SuperNodes."""
     host, _ = split_address(superlink)
     if ca is None:
         from fedscore.federation import refuse_insecure_off_loopback

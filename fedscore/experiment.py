@@ -5,6 +5,11 @@ lifetime privacy ledger, so a second run on the same people in the same homes wo
 measures what one run would cost; it is not a deployment spending one party's budget many times.
 
 DIR/results.csv is rewritten atomically after every run, so `--resume` can skip what already finished.
+
+Utility is the share of the lift kept (fedscore/references.py): before any run, the grid's data folder is tuned
+once per keyed split (the lender-only and centralized GBDT references, chosen on validation, cached on disk), and
+every row gets `ref_lender_only_auc`, `ref_ceiling_auc` and `lift_kept`. They come from the data folder and the
+secret, not from anything the run wrote.
 """
 
 from __future__ import annotations
@@ -137,8 +142,11 @@ def result_row(spec: RunSpec, metrics: dict[str, Any], wall_s: float) -> dict[st
     for g in privacy.get("guarantees", []):
         row[f"eps.{g['protects']}@{g['against']}"] = g["epsilon"]
     row.update({f"test.{k}": metrics["test"][k] for k in METRIC_KEYS})
+    from fedscore.baselines import local_evaluation
+
+    local = local_evaluation(spec.run_dir)  # the lender's own evaluation and the operator's reference (local runs)
     for base in ("lender_only", "centralized"):
-        row[f"{base}.auc"] = (metrics["baselines"].get(base) or {}).get("auc")
+        row[f"{base}.auc"] = (local.get(base) or {}).get("auc")
     if spec.attacks:
         row.update(attack_columns(spec.run_dir))
     row["wall_s"] = round(wall_s, 2)
@@ -171,11 +179,56 @@ def attack_columns(run_dir: Path) -> dict[str, Any]:
             row["attack.label_ceiling"] = attack["ceiling"]
         row[f"{column}.max"] = max(row.get(f"{column}.max", attack["value"]), attack["value"])
     row["attack.membership_auc"] = section["membership_vs_outsider"]["value"]
+    excess = section["features_vs_lender"].get("excess_over_score")
+    if excess:  # the lender's reconstruction of the payment columns: with everything received, with the score
+        row["attack.recon_received_r2"] = excess["inputs"]["own columns + everything received"]["pooled_r2"]
+        row["attack.recon_score_r2"] = excess["inputs"]["own columns + final score"]["pooled_r2"]
+        row["attack.recon_excess"] = excess["excess"]
     for audit in section["one_run_audits"]:
         if audit.get("epsilon_lower_bound") is not None:
             row[f"audit.{audit['guarantee']}"] = audit["epsilon_lower_bound"]
     row["audit.violations"] = len(section["violations"])
     return row
+
+
+REF_COLUMNS = ("ref_lender_only_auc", "ref_ceiling_auc", "lift_kept", "lift_kept_note")
+
+
+def _reference_key(spec: RunSpec) -> tuple[str, str, float, float]:
+    """What a split's references depend on: the data folder, the secret and the run's split fractions."""
+    split = load_config(None, spec.overrides).split
+    return str(spec.data), spec.secret, split.test_fraction, split.val_fraction
+
+
+def split_references(runs: list[RunSpec], progress: Callable[[str, int, int], None] | None = None,
+                     cache_dir: Path | None = None) -> dict[tuple[str, str, float, float], Any]:
+    """The tuned references of every distinct (data, secret, split fractions) in the grid, each tuned once (and
+    read from the on-disk cache on a later experiment)."""
+    from fedscore.references import tuned_references
+
+    refs: dict[tuple[str, str, float, float], Any] = {}
+    keys = list(dict.fromkeys(_reference_key(spec) for spec in runs))
+    for i, key in enumerate(keys):
+        if progress:
+            progress(f"tuning the lender-only and ceiling references, split {i + 1} of {len(keys)}", i, len(keys))
+        data, secret, test_fraction, val_fraction = key
+        config = load_config(None, [f"split.test_fraction={test_fraction}", f"split.val_fraction={val_fraction}"])
+        refs[key] = tuned_references(Path(data), config, secret, cache_dir)
+    return refs
+
+
+def reference_columns(row: dict[str, Any], refs: Any) -> dict[str, Any]:
+    """The row with both references and the lift kept (NaN, with the reason in lift_kept_note, when the run failed
+    or the ceiling does not beat the lender-only reference)."""
+    from fedscore.references import lift_kept_or_nan
+
+    auc_fed = pd.to_numeric(pd.Series([row.get("test.auc")]), errors="coerce").iloc[0]
+    if row.get("error") or pd.isna(auc_fed):
+        lift, note = float("nan"), "the run failed" if row.get("error") else "no federated test AUC"
+    else:
+        lift, note = lift_kept_or_nan(float(auc_fed), refs)
+    return {**row, "ref_lender_only_auc": refs.lender_only_auc, "ref_ceiling_auc": refs.ceiling_auc,
+            "lift_kept": lift, "lift_kept_note": note}
 
 
 def run_one(spec: RunSpec) -> dict[str, Any]:
@@ -206,12 +259,16 @@ def _worker_init() -> None:
 
 def run_experiment(runs: list[RunSpec], out: Path, jobs: int = 1, resume: bool = False,
                    progress: Callable[[str, int, int], None] | None = None) -> tuple[pd.DataFrame, int]:
-    """Run what is not finished yet; returns all rows (in grid order) and how many runs actually ran."""
+    """Run what is not finished yet; returns all rows (in grid order, each with its split's references and lift
+    kept) and how many runs actually ran."""
     csv = out / "results.csv"
+    refs = split_references(runs, progress)
+    ref_of = {spec.name: refs[_reference_key(spec)] for spec in runs}
     rows: dict[str, dict[str, Any]] = {}
     if resume and csv.exists():
         done = pd.read_csv(csv, keep_default_na=False)
-        rows = {r["run"]: r for r in done.to_dict("records") if not r.get("error")}
+        rows = {r["run"]: reference_columns(r, ref_of[r["run"]]) for r in done.to_dict("records")
+                if not r.get("error") and r["run"] in ref_of}
     todo = []
     for spec in runs:
         metrics_file = spec.run_dir / "metrics.json"
@@ -219,7 +276,8 @@ def run_experiment(runs: list[RunSpec], out: Path, jobs: int = 1, resume: bool =
             continue
         if resume and metrics_file.exists() and (spec.run_dir / "privacy-report.json").exists():
             metrics = json.loads(metrics_file.read_text())  # finished, but its row was never written
-            rows[spec.name] = result_row(spec, metrics, metrics["timing"].get("total_s", 0.0))
+            rows[spec.name] = reference_columns(result_row(spec, metrics, metrics["timing"].get("total_s", 0.0)),
+                                                ref_of[spec.name])
         else:
             todo.append(spec)
     order = [spec.name for spec in runs]
@@ -242,12 +300,14 @@ def run_experiment(runs: list[RunSpec], out: Path, jobs: int = 1, resume: bool =
         results = (f.result() for f in as_completed([pool.submit(run_one, spec) for spec in todo]))
     try:
         for row in results:
-            rows[row["run"]] = row
+            rows[row["run"]] = reference_columns(row, ref_of[row["run"]])
             frame = save()
             count += 1
             if progress:
-                progress(f"{row['run']}: " + ("FAILED" if row["error"] else f"AUC {row['test.auc']:.4f}"), count,
-                         total)
+                kept = rows[row["run"]]["lift_kept"]
+                progress(f"{row['run']}: " + ("FAILED" if row["error"] else f"AUC {row['test.auc']:.4f}, lift kept "
+                                              f"{kept:.0%}" if pd.notna(kept) else f"AUC {row['test.auc']:.4f}"),
+                         count, total)
     finally:
         if jobs > 1:
             pool.shutdown(cancel_futures=True)
@@ -266,7 +326,8 @@ def _ok(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def summary(frame: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
-    """Per cell, over seeds and splits: AUC mean / std / min / median, the baselines' means, failures, and (with
+    """Per cell, over seeds and splits: AUC mean / std / min / median, the lift kept's median and min (with the
+    tuned references' means), the run's own baselines' means where present, failures, and (with
     attacks) each label attack's median (pooled over exchanges) and its worst value over runs and exchanges."""
     ok = _ok(frame)
     out = []
@@ -276,27 +337,64 @@ def summary(frame: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
         entry = {"cell": cell, **{a: group[a].iloc[0] for a in axes}, "n": len(good),
                  "failed": len(group) - len(good), "auc_mean": auc.mean(), "auc_std": auc.std(ddof=0),
                  "auc_min": auc.min(), "auc_median": auc.median()}
+        lift = _numeric(good, "lift_kept")
+        entry.update({"lift_kept_median": lift.median(), "lift_kept_min": lift.min(),
+                      "ref_lender_only_auc": _numeric(good, "ref_lender_only_auc").mean(),
+                      "ref_ceiling_auc": _numeric(good, "ref_ceiling_auc").mean()})
         for base in ("lender_only", "centralized"):
-            entry[f"{base}_auc"] = _numeric(good, f"{base}.auc").mean()
+            if f"{base}.auc" in good and _numeric(good, f"{base}.auc").notna().any():
+                entry[f"{base}_auc"] = _numeric(good, f"{base}.auc").mean()
         for column in attack_column_names().values():  # with `attacks = true`: the median and the worst run's worst
             if column in good:
                 entry[f"{column.removeprefix('attack.')}_median"] = _numeric(good, column).median()
                 entry[f"{column.removeprefix('attack.')}_max"] = _numeric(good, f"{column}.max").max()
+        for column in ("attack.recon_received_r2", "attack.recon_score_r2", "attack.recon_excess"):
+            if column in good:
+                entry[f"{column.removeprefix('attack.')}_median"] = _numeric(good, column).median()
+                entry[f"{column.removeprefix('attack.')}_max"] = _numeric(good, column).max()
         out.append(entry)
     return pd.DataFrame(out)
 
 
-def write_markdown(table: pd.DataFrame, path: Path) -> None:
+def _markdown_table(table: pd.DataFrame) -> list[str]:
     def cell(value: Any) -> str:
         return f"{value:.4f}" if isinstance(value, float) else str(value)
 
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    write_text_atomic(path, "# fedscore experiment: test AUC over seeds and splits\n\n" + "\n".join(lines) + "\n")
+    return lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+
+
+LIFT_NOTE = ("lift kept = (AUC_fed - AUC_lender_only) / (AUC_ceiling - AUC_lender_only), both references tuned "
+             "GBDTs chosen on validation on the same users and keyed split (fedscore/references.py); local "
+             "simulation only: the operator holds both parties' data")
+
+
+def lift_frontier(frame: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    """The frontier as lift kept: per label eps (and outsider eps), or per cell when the label eps is not an axis,
+    the median and min of the lift kept and the median AUC over seeds and splits."""
+    ok = _ok(frame).copy()
+    if ok.empty:
+        return pd.DataFrame()
+    ok["_lift"], ok["_auc"] = _numeric(ok, "lift_kept"), _numeric(ok, "test.auc")
+    keys = [a for a in (OUTSIDER_EPS, LABEL_EPS) if a in axes] or ["cell"]
+    out = ok.groupby(keys, sort=False).agg(n=("_lift", "size"), lift_kept_median=("_lift", "median"),
+                                           lift_kept_min=("_lift", "min"), auc_median=("_auc", "median"))
+    return out.reset_index()
+
+
+def write_markdown(table: pd.DataFrame, path: Path, frontier: pd.DataFrame | None = None) -> None:
+    """results.md: the per-cell summary and, below it, the frontier as lift kept."""
+    text = "# fedscore experiment: test AUC and lift kept over seeds and splits\n\n" + "\n".join(
+        _markdown_table(table)) + "\n"
+    if frontier is not None and not frontier.empty:
+        text += ("\n## Frontier: lift kept\n\n" + LIFT_NOTE + ".\n\n" + "\n".join(_markdown_table(frontier))
+                 + "\n")
+    write_text_atomic(path, text)
 
 
 def plot_frontier(frame: pd.DataFrame, axes: list[str], path: Path) -> None:
-    """Test AUC against label eps, one line per outsider eps (median, min-max band), with the baselines."""
+    """Test AUC against label eps, one line per outsider eps (median, min-max band), with the tuned references
+    (their means over splits); the lift kept is tabulated in results.md."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -321,10 +419,11 @@ def plot_frontier(frame: pd.DataFrame, axes: list[str], path: Path) -> None:
         ax.fill_between(range(len(cells)), stats["min"], stats["max"], alpha=0.2)
         ax.set_xticks(range(len(cells)), cells, rotation=30, fontsize=7)
         ax.set_xlabel("cell")
-    for base, style in (("lender_only", "--"), ("centralized", ":")):
-        mean = _numeric(ok, f"{base}.auc").mean()
+    for column, name, style in (("ref_lender_only_auc", "lender-only, tuned GBDT", "--"),
+                                ("ref_ceiling_auc", "ceiling, tuned GBDT", ":")):
+        mean = _numeric(ok, column).mean()
         if pd.notna(mean):
-            ax.axhline(mean, ls=style, color="grey", label=f"{base.replace('_', '-')} (mean {mean:.3f})")
+            ax.axhline(mean, ls=style, color="grey", label=f"{name} (mean {mean:.3f})")
     ax.set_ylabel("test AUC (median; band: min-max)")
     ax.set_title("privacy / utility frontier")
     ax.legend(fontsize=8)

@@ -403,6 +403,10 @@ def run_federated(config: FedConfig, data_dir: Path, run_dir: Path,
     secret = prepare_run_dir(run_dir, config, secret)
     budgets = default_budgets(config) if budgets is None else budgets
     record_launch(run_dir, data_dir, "flower", budgets, homes, party_timeout_s, insecure=insecure)
+    if config.baselines.enabled and config.baselines.references:
+        from fedscore.references import prefetch_references
+
+        prefetch_references(data_dir, config, secret)  # tuned while the federation waits on its messages
     with run_lock(run_dir):
         return _federate(config, data_dir, run_dir, secret, budgets, homes, progress, timeout_s, insecure, capture)
 

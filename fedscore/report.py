@@ -1,9 +1,12 @@
 """RUN_DIR/report.html: one self-contained page (plots embedded as PNG) a risk team can open and file.
 
-Built only from the run's own JSON files (metrics.json, outcome.json, privacy-report.json), so
-`fedscore report RUN_DIR` can rebuild it at any time. This module turns those files into a view model (numbers
-formatted, nothing escaped); the markup is fedscore/templates/report.html.j2, rendered by jinja2 with autoescape on.
-"""
+Built only from the run's own JSON files (metrics.json, outcome.json, privacy-report.json, and for a local
+simulation parties/evaluation/references.json), so `fedscore report RUN_DIR` can rebuild it at any time. Like
+them it shows only what reached the coordinator: the validation/test metrics the lender shared (the lender-only
+baseline and the centralized reference stay in RUN_DIR/parties/; the CLI prints them in local runs), plus, in a
+local simulation, the lift kept between the operator's tuned references. This module turns those files into a
+view model (numbers formatted, nothing escaped); the markup is fedscore/templates/report.html.j2, rendered by jinja2
+with autoescape on."""
 
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _plots(metrics: dict | None, outcome: dict, privacy: dict) -> list[tuple[str, str]]:
+def _plots(outcome: dict, privacy: dict) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,10 +65,6 @@ def _plots(metrics: dict | None, outcome: dict, privacy: dict) -> list[tuple[str
         for key, label in (("test_auc", "federated, test"), ("val_auc", "federated, validation")):
             if all(key in r for r in rounds):
                 ax.plot(x, [r[key] for r in rounds], marker="o", label=label)
-        for name, style in (("lender_only", "--"), ("centralized", ":")):
-            value = ((metrics or {}).get("baselines", {}).get(name) or {}).get("auc")
-            if value is not None:
-                ax.axhline(value, ls=style, color="grey", label=f"{name.replace('_', ' ')} (test)")
         ax.set_xlabel("round")
         ax.set_ylabel("AUC")
         ax.set_title("test AUC per round")
@@ -109,8 +108,17 @@ def _guarantee_row(g: dict[str, Any]) -> dict[str, Any]:
         "epsilon": g["epsilon"], "run_epsilon": "-" if g.get("run_epsilon") is None else f"{g['run_epsilon']:.3f}",
         "delta": g["delta"], "neighbouring": g["neighbouring"], "accountant": g["accountant"],
         "budget": ", ".join(f"{party} {'-' if b is None else f'{b:g}'}" for party, b in g["budget"].items()),
-        "mechanisms": _mechanisms_summary(g["mechanisms"]), "view": g["view"],
+        "mechanisms": _mechanisms_summary(g["mechanisms"]), "view": g["view"], "ceiling": ceiling_text(g),
     }
+
+
+def ceiling_text(g: dict[str, Any]) -> str:
+    """The attack ceiling a guarantee's privacy profile implies, e.g. "AUC 0.62 / accuracy 0.59" ("-" if absent)."""
+    ceiling = g.get("attack_ceiling")
+    if not ceiling:
+        return "-"
+    mixture = " (RR mixture)" if g.get("composition") == "rr_mixture" else ""
+    return f"AUC {ceiling['auc']:.3f} / accuracy {ceiling['balanced_accuracy']:.3f}{mixture}"
 
 
 @functools.cache
@@ -122,8 +130,10 @@ def _template() -> jinja2.Template:
     return env.get_template("report.html.j2")
 
 
-def render(run_dir: Path) -> str:
-    """The page for this run directory, from its metrics.json (optional), outcome.json and privacy-report.json."""
+def render(run_dir: Path, with_lift: bool = False) -> str:
+    """The page for this run directory, from its metrics.json (optional), outcome.json and privacy-report.json;
+    `with_lift` adds the lift kept from parties/evaluation/ (the local operator's copy, never RUN_DIR's top level:
+    its references are fitted on clean training labels)."""
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else None
     outcome = json.loads((run_dir / "outcome.json").read_text())
     privacy = json.loads((run_dir / "privacy-report.json").read_text())
@@ -133,17 +143,40 @@ def render(run_dir: Path) -> str:
     metric_rows: list[dict[str, Any]] = []
     if metrics:
         # "scores", not "values": jinja's `row.values` would find the dict method first
-        models = {"federated (payment + lender)": metrics["test"],
-                  **{name.replace("_", " "): values for name, values in metrics["baselines"].items() if values}}
-        metric_rows = [{"model": name, "scores": [values[k] for k in METRIC_KEYS]} for name, values in models.items()]
+        metric_rows = [{"model": "federated (payment + lender)", "scores": [metrics["test"][k] for k in METRIC_KEYS]}]
     return _template().render(
         run_dir=str(run_dir), transport=outcome.get("transport", "?"), stopped=stopped,
         metrics=metric_rows, metric_labels=[METRIC_LABELS[k] for k in METRIC_KEYS], void=privacy.get("void"),
         guarantees=[_guarantee_row(g) for g in privacy.get("guarantees", [])],
         releases=[{"party": party, **r} for party, items in (privacy.get("releases") or {}).items() for r in items],
         unprotected=privacy.get("unprotected") or [],
-        plots=[{"title": title, "png_base64": png} for title, png in _plots(metrics, outcome, privacy)],
-        audit=_audit_view(run_dir, privacy.get("attacks_and_audit")))
+        plots=[{"title": title, "png_base64": png} for title, png in _plots(outcome, privacy)],
+        audit=_audit_view(run_dir, privacy.get("attacks_and_audit")),
+        lift=_lift_view(run_dir) if with_lift else None)
+
+
+def _lift_view(run_dir: Path) -> dict[str, Any] | None:
+    """The lift kept with both tuned references, when the local operator wrote
+    RUN_DIR/parties/evaluation/references.json (only someone holding both parties' data can: a simulation, never a
+    deployment's coordinator)."""
+    from fedscore.references import read_evaluation
+
+    record = read_evaluation(run_dir)
+    if record is None:
+        return None
+    refs = record["references"]
+
+    def setting(fit: dict[str, Any]) -> str:
+        s = fit["setting"]
+        return (f"learning rate {s['learning_rate']:g}, {s['max_leaf_nodes']} leaves, min leaf "
+                f"{s['min_samples_leaf']}, l2 {s['l2_regularization']:g}; validation AUC {_fmt(fit['val_auc'], 4)}")
+
+    kept = record["lift_kept"]
+    return {"scope": record["scope"], "federated": _fmt(record["federated_test_auc"], 4),
+            "lender_only": _fmt(record["lender_only_auc"], 4), "ceiling": _fmt(record["ceiling_auc"], 4),
+            "kept": f"{kept:.1%}" if kept is not None else f"n/a: {record['lift_kept_note']}",
+            "settings": len(refs["ceiling"]["sweep"]), "users": refs["users"], "test": refs["test"],
+            "lender_setting": setting(refs["lender_only"]), "ceiling_setting": setting(refs["ceiling"])}
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -195,6 +228,10 @@ def write_reports(run_dir: Path) -> dict[str, Any]:
         report["attacks_and_audit"] = json.loads((run_dir / "audit.json").read_text())
     write_json_atomic(run_dir / "privacy-report.json", report)
     write_text_atomic(run_dir / "report.html", render(run_dir))
+    from fedscore.references import EVALUATION_DIR, read_evaluation
+
+    if read_evaluation(run_dir) is not None:  # a local simulation: the operator's copy with the lift kept
+        write_text_atomic(run_dir / EVALUATION_DIR / "report.html", render(run_dir, with_lift=True))
     return report
 
 

@@ -5,10 +5,17 @@ RUN_DIR/launch.json      what `--resume` needs to start the same run again: data
                          transport, party timeout (no secret: that stays in parties/shared-secret.hex, 0600)
 RUN_DIR/checkpoint.json  the coordinator's checkpoint after every exchange (server/coordinator.py), with the one
                          reply payload the next step carries (checkpoint-<step>.payload)
-RUN_DIR/parties/         each party's state directory, and the secret the two parties share (local runs only)
-RUN_DIR/outcome.json     what the coordinator returned (rounds, sizes, timing, refusal)
-RUN_DIR/metrics.json     test metrics, baselines, per-round metrics, timing, transport (evaluation only: never in
-                         model/)
+RUN_DIR/parties/         each party's OWN state directory (parties/<party>/: on its own machine in a deployment),
+                         and, in local runs only, the secret the two parties share and the operator's centralized
+                         reference (parties/centralized.json) and the tuned references with the lift kept
+                         (parties/evaluation/, fedscore/references.py); the lender's own evaluation (lender-only
+                         baseline, training loss, default rate) is parties/lender/evaluation.json
+RUN_DIR/outcome.json     what the coordinator returned (validation/test metrics per round, sizes, timing, refusal)
+RUN_DIR/metrics.json     test and validation metrics the lender shared, per-round metrics, counts, timing, transport
+                         (evaluation only: never in model/)
+
+RUN_DIR's top level holds only what reaches the coordinator (privacy-report.json `releases` names each item) and
+what is derived from it; tests/test_run_dir_release.py walks it against an allow-list.
 """
 
 from __future__ import annotations
@@ -27,8 +34,11 @@ from fedscore.shared.data.tables import DataError
 from fedscore.shared.metrics import METRIC_KEYS
 from fedscore.shared.privacy.budgets import parse_budget
 
-EVALUATION_ONLY = ("evaluation figures computed by the operator with clean labels (test metrics and the lender-only "
-                   "and centralized baselines); no privacy guarantee covers them, and they never ship in model/")
+EVALUATION_ONLY = ("validation/test-user metrics the lender chose to share, computed with its clean validation/test "
+                   "labels (no training label enters them); no privacy guarantee covers them, and they never ship in "
+                   "model/. The baselines, training loss and default rate are not here: they are the lender's own "
+                   "evaluation (parties/lender/evaluation.json) and, in local runs, the operator's centralized "
+                   "reference (parties/centralized.json)")
 
 
 class RunError(RuntimeError):
@@ -76,6 +86,8 @@ def default_budgets(config: FedConfig) -> Budgets:
     if not privacy.enabled:
         return budgets
     if privacy.label_epsilon is not None:
+        # the composed label claim (RR mixture of randomized response, the lender's DP-SGD and every gradient
+        # exchange) never exceeds randomized response's own epsilon: that is the cap
         budgets["lender"]["lender.labels@payment"] = with_slack(privacy.label_epsilon)
         budgets["lender"]["lender.labels@outsider"] = with_slack(privacy.label_epsilon)
     if privacy.feature_epsilon is not None and privacy.feature_noise_multiplier is None:
@@ -284,12 +296,15 @@ E2E = "X25519 + HKDF-SHA256 + ChaCha20-Poly1305, keys pinned in each party's set
 def finish_run(run_dir: Path, data_dir: Path | None, config: FedConfig, secret: str | None,
                homes: Homes | None = None, fingerprints: dict[str, str] | None = None,
                bundle: bool = True) -> dict[str, Any]:
-    """Add the baselines to the coordinator's outcome and write metrics.json; raise if the run was refused.
+    """Write metrics.json from the coordinator's outcome (what the lender shared), the report and the bundle; raise
+    if the run was refused.
 
-    The centralized baseline needs both parties' data and their secret: a local operator playing both has them;
-    the coordinator of a deployment (`fedscore run`) has neither (data_dir None) and reports the lender-only
-    baseline the lender shared. The key fingerprints come from the homes, or are given. `bundle`: gather the two
-    exported parts into RUN_DIR/model (a deployment's parts stay on the parties' machines: `fedscore bundle`)."""
+    The centralized reference needs both parties' data and their secret: a local operator playing both has them and
+    writes it to RUN_DIR/parties/centralized.json (fedscore/baselines.py), never into the top-level files; the
+    coordinator of a deployment (`fedscore run`) has neither (data_dir None). The lender-only baseline is the
+    lender's own evaluation, in its own folder. The key fingerprints come from the homes, or are given. `bundle`:
+    gather the two exported parts into RUN_DIR/model (a deployment's parts stay on the parties' machines: `fedscore
+    bundle`)."""
     from fedscore.clients.transcript import copy_transcripts
     from fedscore.report import write_reports
 
@@ -303,9 +318,10 @@ def finish_run(run_dir: Path, data_dir: Path | None, config: FedConfig, secret: 
         raise RunError(f"run stopped: the coordinator failed: {err['reason']}{resume_hint(run_dir)}")
     final = outcome["rounds"][-1]
     t0 = time.perf_counter()
-    baselines: dict[str, Any] = {"lender_only": outcome["lender_only"]}
     if config.baselines.enabled and data_dir is not None and secret:
-        baselines.update(_centralized(data_dir, config, secret))
+        from fedscore.baselines import write_centralized
+
+        write_centralized(run_dir, _centralized(data_dir, config, secret))
     timing = {**outcome["timing"], "baselines_s": time.perf_counter() - t0}
     timing["total_s"] = timing.get("federation_s", 0.0) + timing["baselines_s"]
     metrics = {
@@ -313,7 +329,6 @@ def finish_run(run_dir: Path, data_dir: Path | None, config: FedConfig, secret: 
         "transport": outcome["transport"],
         "test": {k: final[f"test_{k}"] for k in METRIC_KEYS},
         "val": {k: final[f"val_{k}"] for k in METRIC_KEYS if f"val_{k}" in final},
-        "baselines": baselines,
         "rounds": outcome["rounds"],
         "alignment": outcome["alignment"],
         "timing": timing,
@@ -323,6 +338,13 @@ def finish_run(run_dir: Path, data_dir: Path | None, config: FedConfig, secret: 
         "e2e": {"payloads": E2E, "fingerprints": key_fingerprints(homes) if fingerprints is None else fingerprints},
     }
     write_json_atomic(run_dir / "metrics.json", metrics)
+    if config.baselines.enabled and config.baselines.references and data_dir is not None and secret:
+        # the lift kept between tuned references: the local operator's own evaluation, in RUN_DIR/evaluation/ only
+        from fedscore.references import write_evaluation
+
+        t1 = time.perf_counter()
+        write_evaluation(run_dir, data_dir, config, secret, metrics["test"]["auc"])
+        metrics["timing"]["references_s"] = time.perf_counter() - t1
     write_json_atomic(run_dir / "alignment.json", {  # sizes only, never IDs
         k: outcome["alignment"][k] for k in ("method", "payment_rows", "lender_rows", "intersection", "train",
                                              "val", "test") if k in outcome["alignment"]})

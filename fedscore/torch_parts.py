@@ -37,7 +37,7 @@ def load_torch_parts(run_dir: Path) -> TorchParts:
     lender = torch.load(run_dir / "parties" / "lender" / "state.pt", weights_only=False)
     scaler_p, scaler_l = Scaler(**payment["scaler"]), Scaler(**lender["scaler"])
     model_p = payment_model(len(scaler_p.output_names), config)
-    model_l = lender_model(len(scaler_l.output_names), config.model.embedding_dim, config)
+    model_l = lender_model(len(scaler_l.output_names), config.model.sent_dim, config)
     model_p.load_state_dict(payment["model"])
     model_l.load_state_dict(lender["model"])
     model_p.eval()

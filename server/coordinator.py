@@ -6,6 +6,8 @@
    which reach the payment holder with round 0's embed request. The coordinator relays opaque payloads, sees sizes.
 3. rounds r = 0..R-1: payment `embed` (applying the previous round's gradients first) -> embeddings relayed to the
    lender; lender `train` -> gradients relayed to payment, validation/test metrics shared with the coordinator.
+   The last round's `train` reply carries no gradients (no embed follows to deliver them to), so R rounds make R-1
+   gradient exchanges; the coordinator keeps no payload it does not relay.
 4. export: in its last step each party writes its own part of the model (ONNX, preprocessing inside) to its own
    state directory (the payment part is final after its last embed, the lender's after its last train).
 
@@ -74,7 +76,6 @@ class RunResult:
     run_id: str = ""
     rounds: list[dict[str, Any]] = field(default_factory=list)
     alignment: dict[str, float] = field(default_factory=dict)
-    lender_only: dict[str, Any] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
     traffic: list[dict[str, Any]] = field(default_factory=list)  # what the coordinator saw: kinds and sizes
     ledgers: dict[str, Any] = field(default_factory=dict)  # each party's latest privacy ledger (records, no data)
@@ -231,8 +232,6 @@ class Coordinator:
                 "method": "ecdh-psi", "payment_rows": self.result.alignment["payment_rows"],
                 **{k: float(getattr(sizes, k)) for k in ("lender_rows", "intersection", "train", "val", "test")},
             }
-            if sizes.lender_only is not None:
-                self.result.lender_only = {**sizes.lender_only.metrics, "model": sizes.lender_only.model}
         elif step % 2 == 1:  # rounds: embeddings to the lender; round 0 carries the alignment tokens instead
             round_ = (step - 3) // 2
             self.progress(f"round {round_ + 1}/{rounds}: payment embeds", step - 1, total)
@@ -244,7 +243,9 @@ class Coordinator:
             (reply,) = self._exchange(request(MessageKind.TRAIN, "lender", round_, payload=payload,
                                               payload_kind=payload_kind))
             self.result.rounds.append({"round": round_, **reply.header.metrics})
-        self.carry = (reply.payload, reply.header.payload_kind)
+        # a payload is kept (and checkpointed) only for the step that delivers it: after the last step there is none
+        # (the lender's last `train` reply carries nothing; were it to, it would be dropped here, never written)
+        self.carry = (reply.payload, reply.header.payload_kind) if step < total - 1 else (b"", "")
 
 
 def check_blacklist(transport: Transport) -> dict[str, int]:

@@ -9,7 +9,9 @@ amplification: both parties see who is in each exchange. Only the "outsider" vie
 uses Poisson-sampled DP-SGD accounting.
 
 `releases` lists, per party, everything that leaves it and under which guarantee, with what is deliberately
-disclosed without DP named "unprotected" and what is derived from public declarations named "public".
+disclosed without DP named "unprotected" and what is derived from public declarations named "public". Everything in
+RUN_DIR's top-level files is one of these items (tests/test_run_dir_release.py walks it); what the lender computes
+from its labels for itself (default rate, lender-only baseline, training loss) stays in its own folder.
 """
 
 from __future__ import annotations
@@ -81,7 +83,16 @@ def build_privacy_report(config: FedConfig, ledgers: dict[str, Any], refusal: di
             "never from the seed" if not void else "VOID: draws were derived from the seed (test mode)",
             "validation/test labels are used only for the aggregate metrics the lender shares; metrics.json is "
             "evaluation-only and never ships in model/",
+            "the lender's own evaluation (default rate, lender-only baseline, training loss over its training "
+            "labels) stays in its own folder (parties/lender/evaluation.json) and is not released",
+            "the last round's gradients are never computed: R rounds give the payment holder R-1 gradient exchanges",
             "the lender's own features are not protected against the payment holder (out of scope)",
+            "lender.labels@payment composes everything the payment holder receives that depends on the training "
+            "labels: randomized response, then (computed from its output) the lender's DP-SGD steps (Poisson "
+            "batches it never sees) and every gradient exchange (a Gaussian on the residual); composition "
+            "'rr_mixture' is the tight bound of that post-processing, never above randomized response's epsilon",
+            "attack_ceiling: the best AUC and balanced accuracy any attack can reach at telling a user's two "
+            "neighbouring inputs apart (e.g. a training label 0 or 1), implied by the guarantee's privacy profile",
         ],
     }
 
@@ -102,15 +113,16 @@ def _unprotected(config: FedConfig) -> list[dict[str, str]]:
 
 
 def _gradient_noise(privacy) -> str:
-    """The gradients' extra Gaussian noise, named where it runs: defence in depth on top of randomized response,
-    which is what the claim counts (the noise's own Gaussian bound would need the lender's model independent of the
-    labels, and it is not: it trains on the randomized-response labels)."""
+    """The gradients' Gaussian noise, named where it runs. It is counted: the lender's model is trained with
+    DP-SGD (charged to lender.labels@payment too), so each exchange is a Gaussian on the residual with sensitivity
+    1, composed with those steps and mixed behind randomized response (shared/privacy/accounting.py)."""
     if not privacy.gradient_noise_on:
-        return ""
+        return ", without Gaussian noise (the exchanges are not DP: the claim is randomized response's alone)"
     where = ("on each residual p - y, along its Jacobian row" if privacy.gradient_noise_shape == "residual"
              else "in every coordinate")
-    return (f", plus Gaussian noise {where} (noise multiplier {privacy.gradient_noise_multiplier:g}): defence in "
-            "depth against label-leakage attacks, not counted in the claim")
+    counted = ("counted in the claim with the lender's DP-SGD steps, behind randomized response (RR mixture)"
+               if privacy.dp_sgd else "not counted: without DP-SGD the lender's model carries the labels past it")
+    return f", plus Gaussian noise {where} (noise multiplier {privacy.gradient_noise_multiplier:g}): {counted}"
 
 
 def _guarded(on: bool, guarantee: str) -> str:
@@ -140,21 +152,34 @@ def releases(config: FedConfig) -> dict[str, list[dict[str, str]]]:
              "covered_by": "payment.features@lender, charged per answer in the party's lifetime ledger"},
             {"what": "coarse spend signals online", "to": "lender",
              "covered_by": "withheld unless the payment holder serves with --disclose-signals (then unprotected)"},
+            {"what": "the size of its user set and its column count (setup reply)", "to": "coordinator",
+             "covered_by": "unprotected: released counts"},
             {"what": "payload sizes and message timing", "to": "coordinator", "covered_by": "unprotected: sizes"},
+            {"what": "its privacy ledger's records (mechanisms, budgets, notes; no data)", "to": "coordinator",
+             "covered_by": "public: mechanism records"},
         ],
         "lender": [
             {"what": "blinded IDs (ECDH PSI request) and the size of its applicant set", "to": "payment",
              "covered_by": "unprotected: set size disclosed by design"},
             {"what": "sorted HMAC tokens of the intersection", "to": "payment",
              "covered_by": "unprotected: intersection membership disclosed by design"},
-            {"what": "per-user gradients, each round (from randomized-response labels)" + _gradient_noise(p),
+            {"what": "per-user gradients for the training users in every round but the last (R-1 exchanges; the "
+                     "last round's are never computed), from randomized-response labels" + _gradient_noise(p),
              "to": "payment", "covered_by": labels},
             {"what": "lender model part (ONNX weights) in model/", "to": "outsider", "covered_by": model},
             {"what": "reason-code references in model/", "to": "outsider",
              "covered_by": "public: declared in the lender's schema"},
             {"what": "preprocessing constants in model/", "to": "outsider", "covered_by": scaling},
-            {"what": "validation/test AUC, KS, Gini, log loss, Brier; ROC/KS curves", "to": "coordinator",
-             "covered_by": "unprotected: aggregate evaluation metrics the lender chooses to share"},
+            {"what": "validation/test-user metrics per round (AUC, KS, Gini, log loss, Brier) and the thinned test "
+                     "ROC/KS curves (outcome.json, metrics.json, report.html)", "to": "coordinator",
+             "covered_by": "unprotected: validation/test-user metrics the lender chooses to share (computed on "
+                           "validation/test users only: no training label enters them)"},
+            {"what": "counts: its applicant set, the intersection, the train/validation/test split sizes and its "
+                     "column count (alignment.json, outcome.json)", "to": "coordinator",
+             "covered_by": "unprotected: released counts"},
+            {"what": "payload sizes and message timing", "to": "coordinator", "covered_by": "unprotected: sizes"},
+            {"what": "its privacy ledger's records (mechanisms, budgets, notes; no data)", "to": "coordinator",
+             "covered_by": "public: mechanism records"},
             {"what": "its own features, through the gradients", "to": "payment",
              "covered_by": "unprotected: out of scope"},
         ],

@@ -75,9 +75,10 @@ def party_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
 
 
 SECRET = "5e" * 16
-# the protocol's mechanics, no privacy (tests/test_privacy_protocol.py covers the private runs)
+# the protocol's mechanics, no privacy (tests/test_privacy_protocol.py covers the private runs); the tuned GBDT
+# references (24 settings x 2, ~20 s) only where a test asks for them (tests/test_references.py)
 FAST = ["training.rounds=3", "training.local_epochs=3", "training.batch_size=64", "training.lr=0.005",
-        "baselines.epochs=8", "privacy.enabled=false"]
+        "baselines.epochs=8", "baselines.references=false", "privacy.enabled=false"]
 
 
 @pytest.fixture(autouse=True)

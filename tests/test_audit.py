@@ -195,6 +195,33 @@ def test_audit_catches_randomized_response_with_its_noise_off(data: Path, tmp_pa
 
 
 @pytest.mark.slow
+def test_audit_catches_gradient_noise_switched_off_while_it_is_charged(data: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control for the composed label claim (issue 18): randomized response at a loose eps 8 behind a noisy
+    lender (DP-SGD at outsider eps 0.5) and one gradient exchange with noise 3 claims a small eps, since the payment
+    holder sees the flipped labels only through those Gaussians; the audit holds it. Switch the gradient noise off
+    while the ledger still charges it: the gradients carry the eps-8 labels, and the audit's lower bound lands above
+    the claim."""
+    import fedscore.shared.privacy as privacy
+
+    honest = privacy.clipped_label_gradients
+
+    def noiseless(p, y, jacobian, clip, noise_multiplier, source, shape="isotropic"):  # type: ignore[no-untyped-def]
+        return honest(p, y, jacobian, clip, 0.0, source, shape)
+
+    settings = ("privacy.label_epsilon=8", "privacy.gradient_noise_multiplier=3", "privacy.outsider_epsilon=0.5",
+                "training.rounds=2")
+    honest_audit = audit_section(_run(data, tmp_path / "honest", *settings))["one_run_audits"][0]
+    assert honest_audit["claim"] < 3 and not honest_audit["violation"]  # the composed claim, far below RR's own 8
+    monkeypatch.setattr(privacy, "clipped_label_gradients", noiseless)
+    section = audit_section(_run(data, tmp_path / "noise-off", *settings))
+    label_audit = section["one_run_audits"][0]
+    assert label_audit["claim"] == pytest.approx(honest_audit["claim"])  # still charged
+    assert label_audit["violation"] and label_audit["epsilon_lower_bound"] > label_audit["claim"]
+    assert section["violations"]
+
+
+@pytest.mark.slow
 def test_audit_catches_replayable_noise_and_the_command_exits_non_zero(data: Path, tmp_path: Path) -> None:
     """Negative control: in the VOID replayable mode the payment holder replays the flips; `fedscore audit` says
     VIOLATION in its output and in red in report.html, and exits 1."""

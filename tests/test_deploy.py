@@ -194,7 +194,7 @@ def test_two_parties_at_their_own_addresses_and_an_unregistered_node_refused(
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert len(metrics["rounds"]) == 2 and metrics["transport"] == "flower"
     assert metrics["alignment"]["intersection"] == len(ids["payment"] & ids["lender"])
-    assert "centralized" not in metrics["baselines"]  # the coordinator has neither party's data
+    assert "baselines" not in metrics  # the coordinator has neither party's data nor the lender's own evaluation
     assert not (tmp_path / "run" / "parties" / "shared-secret.hex").exists()  # nor their secret
     # each party's model part stays on its machine; whoever is handed both parts assembles the bundle
     assert not (tmp_path / "run" / "model").exists()

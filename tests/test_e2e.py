@@ -7,6 +7,7 @@ fingerprints named.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -64,8 +65,9 @@ def test_the_coordinator_relays_only_ciphertext(small_data: tuple[Path, dict], t
     blob = b"".join(m.payload + m.header.model_dump_json().encode() for m in transport.seen)
     kinds = {k for k, _ in plaintexts}
     assert {"psi_request", "psi_response", "alignment_tokens", "embeddings", "gradients"} <= kinds
-    # each sealed payload is seen twice (a reply, then the request it is moved into), but the last gradients
+    # each sealed payload is seen twice: a reply, then the request it is moved into (nothing sealed goes unrelayed)
     assert len(set(payloads)) == len(plaintexts) and all(p.startswith(e2e.MAGIC) for p in payloads)
+    assert all(payloads.count(p) == 2 for p in set(payloads))
     for payload in payloads:  # nothing the coordinator holds decodes as the parties' array format
         with pytest.raises(Exception):  # noqa: B017 - any failure to parse will do
             unpack_arrays(payload)
@@ -82,6 +84,63 @@ def test_the_coordinator_relays_only_ciphertext(small_data: tuple[Path, dict], t
     aligned = lender.state["y"][lender.state["rows"]].numpy()
     assert_learns_nothing(blob, data, ids, aligned)
     assert _leaks(plain_blob + blob, [aligned[:48].astype(np.float32).tobytes()]) == 0  # labels never cross
+
+
+def test_the_last_round_sends_no_gradients(small_data: tuple[Path, dict], tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """R rounds, R-1 gradient exchanges: the lender's last `train` reply carries no payload and computes none, the
+    payment holder opens R-1 gradient payloads in order, and after the last step the coordinator's checkpoint keeps
+    no payload."""
+    from fedscore.clients.lender.party import LenderParty
+
+    data, _ = small_data
+    rounds = 3
+    sealed: list[tuple[str, str, int]] = []  # (payload kind, kind it is delivered in, round)
+    opened: list[tuple[str, int]] = []
+    seal, open_ = e2e.Channel.seal, e2e.Channel.open
+
+    def recording_seal(self: e2e.Channel, plaintext: bytes, delivery: e2e.Delivery) -> bytes:
+        sealed.append((delivery.payload_kind, delivery.kind, delivery.round))
+        return seal(self, plaintext, delivery)
+
+    def recording_open(self: e2e.Channel, frame: bytes, delivery: e2e.Delivery) -> bytes:
+        opened.append((delivery.payload_kind, delivery.round))
+        return open_(self, frame, delivery)
+
+    computed: list[int] = []
+    gradients = LenderParty._embedding_gradients
+
+    def counting(self: LenderParty, *args: object) -> np.ndarray:
+        computed.append(int(args[-1]))  # type: ignore[call-overload]
+        return gradients(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(e2e.Channel, "seal", recording_seal)
+    monkeypatch.setattr(e2e.Channel, "open", recording_open)
+    monkeypatch.setattr(LenderParty, "_embedding_gradients", counting)
+    parties = _parties(tmp_path, data)
+    transport = RecordingTransport(parties)
+    checkpoints = tmp_path / "coordinator"
+    checkpoints.mkdir()
+    Coordinator(load_config(None, [*FAST, f"training.rounds={rounds}", "baselines.enabled=false"]), transport,
+                checkpoint_dir=checkpoints).run()
+
+    assert computed == list(range(rounds - 1))  # the last round computes (and so charges) no gradients
+    assert [s for s in sealed if s[0] == "gradients"] == [("gradients", "embed", r) for r in range(1, rounds)]
+    assert [o for o in opened if o[0] == "gradients"] == [("gradients", r) for r in range(1, rounds)]
+    replies = [m for m in transport.seen if m.header.sender == "lender" and m.header.kind is MessageKind.TRAIN]
+    assert len(replies) == rounds and all(r.payload for r in replies[:-1])
+    assert replies[-1].payload == b"" and replies[-1].header.payload_kind == "" and not replies[-1].header.error
+    checkpoint = json.loads((checkpoints / "checkpoint.json").read_text())
+    assert checkpoint["next_step"] == checkpoint["total_steps"] and checkpoint["carry_file"] == ""
+    assert list(checkpoints.glob("checkpoint-*.payload")) == []
+
+
+def test_the_lenders_channel_refuses_to_seal_a_last_round_payload() -> None:
+    from fedscore.clients.channel import delivered_as
+
+    assert delivered_as("lender", MessageKind.TRAIN, 1, rounds=3) == (MessageKind.EMBED, 2)
+    with pytest.raises(e2e.SealError, match="no payload"):
+        delivered_as("lender", MessageKind.TRAIN, 2, rounds=3)
 
 
 def assert_learns_nothing(blob: bytes, data: Path, ids: dict[str, set[str]], aligned_labels: np.ndarray) -> None:

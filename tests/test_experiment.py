@@ -43,8 +43,20 @@ def test_experiment_grid_outputs_and_resume(tmp_path: Path) -> None:
             "wall_s", "seed", "split"} <= set(frame.columns)
     eps = frame.sort_values("privacy.label_epsilon")["eps.lender.labels@payment"].tolist()
     assert eps == pytest.approx([1.0, 4.0], rel=1e-3)
+    # the lift kept between the split's tuned references, computed from the grid's data folder and secret (the
+    # runs had baselines off: nothing in RUN_DIR feeds these)
+    assert {"ref_lender_only_auc", "ref_ceiling_auc", "lift_kept"} <= set(frame.columns)
+    assert frame["ref_ceiling_auc"].nunique() == 1 and frame["ref_lender_only_auc"].nunique() == 1  # one split
+    assert (frame["ref_ceiling_auc"] > frame["ref_lender_only_auc"]).all()
+    expected = (frame["test.auc"] - frame["ref_lender_only_auc"]) / (frame["ref_ceiling_auc"]
+                                                                     - frame["ref_lender_only_auc"])
+    assert frame["lift_kept"].tolist() == pytest.approx(expected.tolist())
+    assert not any((out / "runs" / name / "parties" / "evaluation").exists() for name in frame["run"])
     markdown = (out / "results.md").read_text()
     assert sum(line.startswith("| c0") for line in markdown.splitlines()) == 2
+    assert "lift_kept_median" in markdown and "lift_kept_min" in markdown and "## Frontier: lift kept" in markdown
+    frontier = markdown.split("## Frontier: lift kept")[1]
+    assert sum(line.startswith("| 1.0") or line.startswith("| 4.0") for line in frontier.splitlines()) == 2
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     csv_before = (out / "results.csv").read_text()

@@ -318,8 +318,8 @@ def test_reported_epsilon_matches_third_party_pld(tmp_path: Path) -> None:
         assert reported - pld <= max(0.02, 0.01 * pld), guarantee
         assert pld == pytest.approx(_independent_pld(guarantee), rel=0.01, abs=0.01), guarantee
         assert set(guarantee) == {"protects", "against", "epsilon", "delta", "accountant", "neighbouring",
-                                  "mechanisms", "dp_event", "status", "view", "scope", "run_epsilon", "runs",
-                                  "held_by", "budget", "per_release"}
+                                  "composition", "attack_ceiling", "mechanisms", "dp_event", "status", "view",
+                                  "scope", "run_epsilon", "runs", "held_by", "budget", "per_release"}
     assert accountants <= {"dp_accounting.pld", "opacus.prv"}
     assert "opacus.prv" in accountants  # DP-SGD guarantees went through Opacus' accountant
 
@@ -521,9 +521,10 @@ def test_feature_noise_schedule_spends_its_share_on_the_last_release_and_meets_t
     from fedscore.shared.privacy import scaler_statistics_release
     from fedscore.shared.privacy.dp_sgd import dp_sgd_rounds, plan_dp_sgd
 
-    def planned(share: str | None) -> tuple[list[float], float]:
+    def planned(share: str | None, head: str = "random") -> tuple[list[float | None], float]:
         config = load_config(None, ["privacy.feature_epsilon=8", "training.rounds=4",
                                     "privacy.dpsgd_noise_multiplier=3.5",  # given: no DP-SGD calibration here
+                                    "model.payment_output=partial_logit", f"model.payment_head_init={head}",
                                     *([f"privacy.feature_final_share={share}"] if share else [])])
         plan = plan_dp_sgd(config.privacy, 20000, 4)
         final = plan_feature_noise(config, plan.to_dict())
@@ -539,3 +540,11 @@ def test_feature_noise_schedule_spends_its_share_on_the_last_release_and_meets_t
     early, final = skewed[0], skewed[-1]
     assert skewed[:-1] == [early] * 3 and final < equal[0] < early
     assert (1 / final**2) / (3 / early**2 + 1 / final**2) == pytest.approx(0.9)
+    # a zero-initialised partial-logit head releases the constant 0 in round 0: no noise, no charge, so the
+    # budget is spread over the 3 releases that carry data, each less noisy than when 4 did
+    constant, eps_constant = planned(None, head="zero")
+    assert constant[0] is None and len(set(constant[1:])) == 1 and 7.9 <= eps_constant <= 8.0
+    assert constant[1] < equal[0]
+    skewed0, _ = planned("0.9", head="zero")
+    assert skewed0[0] is None and skewed0[1] == skewed0[2] > skewed0[3]
+    assert (1 / skewed0[3]**2) / (2 / skewed0[1]**2 + 1 / skewed0[3]**2) == pytest.approx(0.9)

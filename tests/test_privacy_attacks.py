@@ -187,5 +187,7 @@ def test_a_second_training_composes_with_the_first_or_is_refused(party_data: tup
     assert len(labels["runs"]) == 2 and report["run_id"] in labels["runs"]
     assert labels["epsilon"] == pytest.approx(4.0, abs=0.01)  # two randomized responses at eps 2: pure eps adds
     assert labels["run_epsilon"] == pytest.approx(2.0, abs=0.01)
+    # no DP-SGD, no gradient noise: the exchanges are charged as not DP, each run's mixture is its RR's eps
+    assert labels["composition"] == "rr_mixture"
     ledger = json.loads((homes["lender"] / "privacy-ledger.json").read_text())
     assert len({e["run"] for e in ledger["entries"]}) == 2

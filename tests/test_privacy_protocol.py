@@ -43,7 +43,11 @@ def test_every_reported_epsilon_recomputes_from_the_report(private_run: Path) ->
         assert guarantee["status"] == "holds" and guarantee["run_epsilon"] == pytest.approx(guarantee["epsilon"])
     assert report["void"] is None
     by_key = {f"{g['protects']}@{g['against']}": g for g in report["guarantees"]}
-    assert by_key["lender.labels@payment"]["mechanisms"] == [{"kind": "randomized_response", "epsilon": 2.0}]
+    labels = by_key["lender.labels@payment"]
+    # randomized response, then computed from it: the lender's DP-SGD in each of its 3 rounds and its gradients
+    assert labels["mechanisms"][0]["kind"] == "randomized_response" and labels["mechanisms"][0]["epsilon"] == 2.0
+    assert [m["sampling"] for m in labels["mechanisms"][1:]].count("poisson") == 3
+    assert labels["composition"] == "rr_mixture" and labels["epsilon"] < 2.0 and labels["attack_ceiling"]
     features = by_key["payment.features@lender"]
     # the embeddings: 3 rounds, no amplification between parties; the payment model the lender sees through them:
     # its DP standardisation statistics (once) and its DP-SGD in the 2 rounds it actually trained (round 0 has no

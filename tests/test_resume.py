@@ -48,9 +48,15 @@ def uninterrupted(data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
 
 
 def _releases(home: Path) -> list[tuple[str, str, str]]:
-    """What a ledger holds, without what differs between runs (run id, time, step key)."""
+    """What a ledger holds, without what differs between runs (run id, time, step key, and the randomized-response
+    draw's name, which carries the run id)."""
     entries = json.loads((home / LEDGER_FILE).read_text())["entries"]
-    return sorted((e["guarantee"], json.dumps(e["mechanisms"], sort_keys=True), e["note"]) for e in entries)
+
+    def same_across_runs(m: dict) -> dict:
+        return {k: (bool(v) if k in ("draw", "computed_from") else v) for k, v in m.items()}
+
+    return sorted((e["guarantee"], json.dumps([same_across_runs(m) for m in e["mechanisms"]], sort_keys=True),
+                   e["note"]) for e in entries)
 
 
 def _crash_on(monkeypatch: pytest.MonkeyPatch, after: Callable[[Envelope], bool] | None = None,
@@ -97,6 +103,8 @@ CRASHES: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "reply of embed round 2 lost": lambda mp: _crash_on(mp, after=_is(MessageKind.EMBED, 2)),
     "lender dies mid-train round 1 after charging": _lender_dies_mid_training,
     "during setup": lambda mp: _crash_on(mp, after=_is(MessageKind.SETUP, -1)),
+    # the lender served the last train (exported, no gradients: its reply carries no payload), the reply was lost
+    "reply of the last train lost": lambda mp: _crash_on(mp, after=_is(MessageKind.TRAIN, 3)),
 }
 
 
@@ -135,6 +143,9 @@ def test_a_resumed_run_equals_an_uninterrupted_one(data: Path, uninterrupted: tu
     assert report["run_id"] == checkpoint["run_id"]  # the same run continued, not a second one
     assert all(g["runs"] == [checkpoint["run_id"]] for g in report["guarantees"]), report["guarantees"]
     assert json.loads((run_dir / "checkpoint.json").read_text())["resumes"] == 1
+    # after the last step the coordinator keeps no payload: the last train reply carries none, nothing is relayed
+    assert list(run_dir.glob("checkpoint-*.payload")) == []
+    assert json.loads((run_dir / "checkpoint.json").read_text())["carry_file"] == ""
 
 
 @pytest.mark.slow

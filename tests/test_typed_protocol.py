@@ -19,7 +19,6 @@ from fedscore.shared.protocol.bodies import (
     Curves,
     LedgerEntry,
     LedgerReport,
-    LenderOnly,
     SetupRequest,
     TableSize,
     Trained,
@@ -92,8 +91,7 @@ def test_typed_bodies_round_trip_through_the_flower_codec() -> None:
     ledger = LedgerReport(budgets={"lender.labels@payment": 2.0}, entries=[LedgerEntry(
         guarantee="lender.labels@payment", mechanisms=[{"kind": "randomized_response", "epsilon": 2.0}],
         epsilon_after=2.0, note="randomized response", run="r-1")])
-    sizes = AlignmentSizes(lender_rows=10, intersection=7, train=5, val=1, test=1,
-                           lender_only=LenderOnly(model="logistic", metrics={"auc": 0.71}))
+    sizes = AlignmentSizes(lender_rows=10, intersection=7, train=5, val=1, test=1)
     trained = Trained(curves=Curves(fpr=[0.0, 0.5, 1.0], tpr=[0.0, 0.75, 1.0], population=[0.0, 0.4, 1.0]))
     setup = SetupRequest(config=load_config(None, PRIVATE), run_id="r-1")
     cases = [
@@ -109,10 +107,21 @@ def test_typed_bodies_round_trip_through_the_flower_codec() -> None:
         back = decode(encode(envelope))
         assert back.header == envelope.header and back.payload == envelope.payload
         assert type(back.header.body) is type(envelope.header.body)
-    assert decode(encode(cases[0])).header.expect(AlignmentSizes).lender_only == sizes.lender_only
+    assert decode(encode(cases[0])).header.expect(AlignmentSizes) == sizes
     assert decode(encode(cases[2])).header.expect(SetupRequest).config == setup.config
     with pytest.raises(UnexpectedBody, match=r"'train' carries Trained, expected AlignmentSizes"):
         cases[1].header.expect(AlignmentSizes)
+
+
+def test_the_bodies_have_no_room_for_label_derived_numbers() -> None:
+    """The lender-only baseline and the default rate are the lender's own evaluation: a reply cannot carry them."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="lender_only"):
+        AlignmentSizes(lender_rows=10, intersection=7, train=5, val=1, test=1,
+                       lender_only={"model": "logistic", "metrics": {"auc": 0.71}})  # type: ignore[call-arg]
+    with pytest.raises(ValidationError, match="default_rate"):
+        TableSize(rows=3, features=2, default_rate=0.2)  # type: ignore[call-arg]
 
 
 # -- the config, once per message --------------------------------------------------------------------------------------

@@ -2,10 +2,18 @@
 
 It keeps its applicants' features and default labels. It matches alignment tokens, trains the top model on its
 features plus the payment embeddings, and returns per-user gradients with respect to those embeddings for the
-training users. It shares only metrics (AUC etc. on validation and test users) with the coordinator.
+training users (in every round but the last: nobody would receive the last round's). It shares only metrics on
+validation and test users (AUC etc., the thinned test ROC/KS curves) and counts (table, intersection, split sizes)
+with the coordinator.
+
+Everything else computed from its labels stays here: the training loss (over its Poisson batches of training
+labels), the lender-only baseline (fitted on clean training labels) and the default rate of its applicants are its
+own evaluation, written to its own state folder (`evaluation.json`, EVALUATION_FILE), never in a reply.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,9 +25,17 @@ from fedscore.shared.data.party_data import batches
 from fedscore.shared.metrics import all_metrics, curves
 from fedscore.shared.model.parts import LenderTop, init_module, lender_model, seeded
 from fedscore.shared.model.preprocessing import Scaler
-from fedscore.shared.protocol.bodies import AlignmentSizes, Curves, LenderOnly, SetupRequest, TableSize, Trained
+from fedscore.shared.protocol.bodies import AlignmentSizes, Curves, SetupRequest, TableSize, Trained
 from fedscore.shared.protocol.messages import Envelope, MessageKind, pack_arrays, unpack_arrays
 from fedscore.shared.protocol.splits import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, assign_splits
+
+if TYPE_CHECKING:
+    from fedscore.shared.privacy import Ledger
+    from fedscore.shared.privacy.dp_sgd import DpSgdPlan
+
+EVALUATION_FILE = "evaluation.json"  # in the lender's own state folder (RUN_DIR/parties/lender in a local run)
+EVALUATION_NOTE = ("the lender's own evaluation, computed with its clean labels (default rate, lender-only baseline, "
+                   "training loss per round): it never leaves the lender and no privacy guarantee covers it")
 
 
 class LenderParty(PartyBase):
@@ -37,7 +53,7 @@ class LenderParty(PartyBase):
 
     def on_setup(self, message: Envelope) -> Envelope:
         table, labels = load_lender_table(self.settings.data_path)
-        default_rate = float(labels.mean())  # of the real applicants
+        default_rate = float(labels.mean())  # of the real applicants: the lender's own evaluation, kept here
         canaries = message.header.expect(SetupRequest).config.audit.canaries
         if canaries:  # the audit's canary rows, each with a label drawn uniformly by our CSPRNG
             from fedscore.clients.canaries import canary_labels
@@ -59,9 +75,9 @@ class LenderParty(PartyBase):
         from fedscore.shared.alignment.psi import lender_request
 
         psi_request, self.state["psi_state"] = lender_request(self.state["ids"])
+        self._evaluation(fresh=True, default_rate=default_rate)
         return self.reply(message, payload=psi_request, payload_kind="psi_request",
-                          body=TableSize(rows=len(table.ids), features=len(table.columns),
-                                         default_rate=default_rate))
+                          body=TableSize(rows=len(table.ids), features=len(table.columns)))
 
     # -- blacklist check: the lender learns which applicants are on the payment holder's fraud list ------------------
     def on_blacklist_request(self, message: Envelope) -> Envelope:
@@ -108,23 +124,21 @@ class LenderParty(PartyBase):
                                     "too few aligned users to train and evaluate")
         self.state["rows"] = torch.from_numpy(rows)
         self.state["split"] = torch.from_numpy(split)
-        self.state["y_release"] = self._protect_labels(y, split == SPLIT_TRAIN)
         if config.privacy.dp_sgd:
             from fedscore.shared.privacy.dp_sgd import plan_dp_sgd
 
             self.state["dpsgd"] = plan_dp_sgd(config.privacy, int((split == SPLIT_TRAIN).sum()),
                                               config.training.rounds).to_dict()
-        model = init_module(self._new_model(config.model.embedding_dim), seeded(config.seed, "lender", "init"))
+        self.state["y_release"] = self._protect_labels(y, split == SPLIT_TRAIN)
+        model = init_module(self._new_model(config.model.sent_dim), seeded(config.seed, "lender", "init"))
         self.state["model"] = model.state_dict()
         self.state["opt"] = None
-        lender_only = None
-        if config.baselines.enabled:
+        if config.baselines.enabled:  # the lender's own evaluation: written here, not sent
             baseline = self._lender_only_baseline()
-            lender_only = LenderOnly(model=str(baseline["model"]),
-                                     metrics={k: float(v) for k, v in baseline.items() if k != "model"})
+            self._evaluation(lender_only={k: v if k == "model" else float(v) for k, v in baseline.items()})
         sizes = AlignmentSizes(lender_rows=len(mine), intersection=len(common),
                                train=int((split == SPLIT_TRAIN).sum()), val=int((split == SPLIT_VAL).sum()),
-                               test=int((split == SPLIT_TEST).sum()), lender_only=lender_only)
+                               test=int((split == SPLIT_TEST).sum()))
         return self.reply(message, payload=tokens_payload(common), payload_kind="alignment_tokens", body=sizes)
 
     def _protect_labels(self, y: torch.Tensor, train: np.ndarray) -> torch.Tensor:
@@ -141,22 +155,42 @@ class LenderParty(PartyBase):
         from fedscore.shared.privacy import RandomizedResponse, randomized_response
 
         assert privacy.label_epsilon is not None
+        # against the payment holder the draw is named: everything the lender sends it that is computed from these
+        # labels (its DP-SGD steps, each gradient exchange) is charged as downstream of it, and the guarantee is the
+        # RR mixture (accounting.py). The outsider's record names none (arbitrary post-processing: the released
+        # model's own DP-SGD is charged to joint.records@outsider, not here)
         release = RandomizedResponse(epsilon=privacy.label_epsilon, protects="lender.labels", seen_by="outsider")
         ledger = self.ledger
-        for against in ("payment", "outsider"):
-            ledger.charge([release], f"lender.labels@{against}", note="randomized response on training labels, once")
+        ledger.check(self._planned_label_records(), "lender.labels@payment")  # refuse now, not mid-run
+        ledger.charge([release.model_copy(update={"draw": self._label_draw})], "lender.labels@payment",
+                      note="randomized response on training labels, once; what is computed from it is charged below")
+        ledger.charge([release], "lender.labels@outsider", note="randomized response on training labels, once")
         released = y.clone()
         mask = torch.from_numpy(train)
         released[mask] = randomized_response(y[mask], privacy.label_epsilon,
                                              self.noise_source("randomized-response")).to(y.dtype)
         return released
 
+    def _planned_label_records(self) -> list:
+        """All this run will charge to lender.labels@payment: one gradient exchange per round but the last."""
+        from fedscore.shared.privacy.dp_sgd import DpSgdPlan, gradient_exchanges, planned_label_records
+
+        rounds = self.config.training.rounds
+        plan = DpSgdPlan(**self.state["dpsgd"]) if "dpsgd" in self.state else None
+        return planned_label_records(self.config.privacy, plan, rounds, gradient_exchanges(rounds), self._label_draw)
+
+    @property
+    def _label_draw(self) -> str:
+        """The name of this run's randomized-response draw in the ledger (RandomizedResponse.draw)."""
+        return f"randomized-response:{self.run_id or 'unnamed run'}"
+
     def _new_model(self, embedding_dim: int) -> LenderTop:
         return lender_model(self.state["x"].shape[1], embedding_dim, self.config)
 
     def _lender_only_baseline(self) -> dict[str, float | str]:
-        """What the lender reaches alone on the same users and split, with clean labels (its own data; only the
-        test metrics leave): the best of logistic regression, GBDT and an MLP, chosen on validation."""
+        """What the lender reaches alone on the same users and split, with clean labels (its own evaluation, kept in
+        its own folder: nothing of it leaves): the best of logistic regression, GBDT and an MLP, chosen on
+        validation."""
         from fedscore.shared.model.reference_models import best_reference
 
         config = self.config
@@ -171,6 +205,23 @@ class LenderParty(PartyBase):
                               hidden=config.model.lender_hidden, epochs=config.baselines.epochs,
                               lr=config.training.lr, batch_size=config.training.batch_size, seed=config.seed)
 
+    def _evaluation(self, fresh: bool = False, round_: int | None = None, **items: Any) -> None:
+        """Add `items` to the lender's own evaluation (EVALUATION_FILE in its state folder), per round when `round_`
+        is given (a round redone after a crash replaces its entry). Written whole (atomic), never sent: the
+        coordinator's folder gets none of it; the local operator's harness reads it (fedscore/baselines.py)."""
+        import json
+
+        path = self.settings.state_dir / EVALUATION_FILE
+        current: dict[str, Any] = {"note": EVALUATION_NOTE, "rounds": []}
+        if path.exists() and not fresh:
+            current = json.loads(path.read_text())
+        if round_ is None:
+            current.update(items)
+        else:
+            rounds = [r for r in current.get("rounds", []) if r["round"] != round_]
+            current["rounds"] = sorted([*rounds, {"round": round_, **items}], key=lambda r: r["round"])
+        write_json_atomic(path, current)
+
     def _aligned(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows = self.state["rows"]
         return self.state["x"][rows], self.state["y"][rows], self.state["split"]
@@ -181,11 +232,11 @@ class LenderParty(PartyBase):
         config = self.config
         x, y, split = self._aligned()
         h = torch.from_numpy(np.asarray(unpack_arrays(message.payload)["embeddings"], dtype=np.float32))
-        if h.shape != (len(y), config.model.embedding_dim):
-            raise ProtocolError(f"lender: embeddings of shape {tuple(h.shape)}, expected "
-                                f"({len(y)}, {config.model.embedding_dim})")
+        if h.shape != (len(y), config.model.sent_dim):
+            raise ProtocolError(f"lender: payment outputs of shape {tuple(h.shape)}, expected "
+                                f"({len(y)}, {config.model.sent_dim})")
         self.record_received(message.header.round, self.state["rows"], h)
-        model = self._new_model(config.model.embedding_dim)
+        model = self._new_model(config.model.sent_dim)
         model.load_state_dict(self.state["model"])
         y_release = self.state["y_release"]  # randomized-response labels on training users when protected
         train = (split == SPLIT_TRAIN).nonzero().squeeze(1)
@@ -195,8 +246,14 @@ class LenderParty(PartyBase):
         else:
             losses = self._train_plain(model, x[train], h[train], y_release[train], round_)
         self.state["model"] = model.state_dict()
-        gradients = self._embedding_gradients(model, x[train], h[train], y_release[train], round_)
-        metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan")}
+        last = round_ == config.training.rounds - 1
+        # gradients only for a round the payment holder will train on: after the last round nobody receives them,
+        # so they are not computed (nor charged), and the reply carries no payload for the coordinator to keep
+        payload = b"" if last else pack_arrays(
+            gradients=self._embedding_gradients(model, x[train], h[train], y_release[train], round_))
+        # the training loss is over the lender's secret Poisson batches of training labels: its own evaluation
+        self._evaluation(round_=round_, train_loss=float(np.mean(losses)) if losses else None)
+        metrics: dict[str, float] = {}  # validation and test users only: what the lender shares
         model.eval()
         with torch.no_grad():
             p = model.probability(x, h).numpy()
@@ -205,12 +262,12 @@ class LenderParty(PartyBase):
             if mask.sum() and 0 < y[mask].sum() < mask.sum():
                 metrics.update({f"{label}_{k}": v for k, v in all_metrics(y[mask].numpy(), p[mask]).items()})
         test = (split == SPLIT_TEST).numpy()
-        if round_ < config.training.rounds - 1:
+        if not last:
             body = Trained()
         else:  # the last round: the part is final, so it is exported now (no message of its own)
             body = Trained(curves=Curves(**curves(y[test].numpy(), p[test])), exported=self._export(model))
-        return self.reply(message, payload=pack_arrays(gradients=gradients), payload_kind="gradients",
-                          metrics=metrics, body=body)
+        return self.reply(message, payload=payload, payload_kind="gradients" if payload else "", metrics=metrics,
+                          body=body)
 
     def _train_plain(self, model: LenderTop, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor,
                      round_: int) -> list[float]:
@@ -239,7 +296,18 @@ class LenderParty(PartyBase):
         def batch_loss(module: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
             return model.loss(module(x[batch], h[batch]), y[batch], reduction="sum")
 
-        return self.train_dp_sgd(model, batch_loss, len(y), round_)
+        def charge_labels(plan: DpSgdPlan, ledger: Ledger) -> None:
+            """The same steps, seen by the payment holder through every gradient computed from this model."""
+            if not self.config.privacy.labels_protected:
+                return
+            from fedscore.shared.privacy.dp_sgd import label_training_release
+
+            ledger.charge([label_training_release(plan, plan.steps_per_round, self._label_draw)],
+                          "lender.labels@payment",
+                          note=f"round {round_}: the lender's DP-SGD steps on the randomized-response labels "
+                               "(Poisson batches the payment holder never sees)")
+
+        return self.train_dp_sgd(model, batch_loss, len(y), round_, also_charge=charge_labels)
 
     def _export(self, model: LenderTop) -> str:
         """Write the lender part (its preprocessing inside the graph) and the declared references reason codes need.
@@ -256,7 +324,9 @@ class LenderParty(PartyBase):
                              round_: int) -> np.ndarray:
         """d loss_i / d h_i = (p_i - y_i) J_i with J_i = d logit_i / d h_i, per user (per-sample loss, so no 1/B
         scale to match on the other side). y are the released (randomized-response) labels when protected; the
-        optional clipped Gaussian on top bounds what one label moves a gradient by (defence in depth)."""
+        clipped Gaussian on top bounds what one label moves a gradient by, and this exchange is charged to
+        lender.labels@payment before it is computed (`_charge_exchange`)."""
+        self._charge_exchange(round_)
         model.eval()
         h = h.clone().requires_grad_(True)
         logit = model(x, h)
@@ -273,3 +343,17 @@ class LenderParty(PartyBase):
         else:
             grad = residual[:, None] * jacobian
         return grad.numpy().astype(np.float32)
+
+    def _charge_exchange(self, round_: int) -> None:
+        """One gradient exchange to lender.labels@payment, charged when (and only when) gradients are computed to
+        be sent (`label_exchange_release`: a Gaussian on the residual, or not DP without DP-SGD or noise)."""
+        privacy = self.config.privacy
+        if not privacy.labels_protected:
+            return
+        from fedscore.shared.privacy.dp_sgd import label_exchange_release
+
+        release = label_exchange_release(privacy, "dpsgd" in self.state, self._label_draw)
+        self.ledger.charge([release], "lender.labels@payment",
+                           note=f"round {round_}: per-user gradients to the payment holder"
+                                + ("" if release.noise_multiplier else
+                                   " (not DP: the labels' bound rests on randomized response alone)"))

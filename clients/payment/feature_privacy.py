@@ -37,22 +37,31 @@ def model_exposure(plan: DpSgdPlan, privacy: PrivacyConfig) -> DpSgdRelease:
                         neighbouring=privacy.feature_neighbouring)
 
 
-def feature_noise_schedule(config: FedConfig, final_sigma: float) -> list[float]:
-    """The embedding noise multiplier of every round, from the last round's: the same every round, or (with
-    `feature_final_share` s) the earlier R-1 releases noisier so that the last one holds s of the Gaussian
-    budget: (R-1)/a^2 : 1/b^2 = (1-s) : s, i.e. a = b sqrt((R-1) s / (1-s))."""
+def constant_first_release(config: FedConfig) -> bool:
+    """Round 0's release is the constant 0 for every user (a partial logit whose head starts at zero): it depends
+    on no one's data, so it needs no noise and costs nothing; the budget goes to the releases that do."""
+    return config.model.payment_output == "partial_logit" and config.model.payment_head_init == "zero"
+
+
+def feature_noise_schedule(config: FedConfig, final_sigma: float) -> list[float | None]:
+    """The noise multiplier of every round's release (None: round 0's constant release, see
+    `constant_first_release`), from the last round's: the same for every data-dependent release, or (with
+    `feature_final_share` s) the earlier k of them noisier so that the last one holds s of the Gaussian budget:
+    k/a^2 : 1/b^2 = (1-s) : s, i.e. a = b sqrt(k s / (1-s))."""
     rounds, share = config.training.rounds, config.privacy.feature_final_share
-    if share is None or rounds == 1:
-        return [final_sigma] * rounds
-    early = final_sigma * math.sqrt((rounds - 1) * share / (1 - share))
-    return [early] * (rounds - 1) + [final_sigma]
+    first: list[float | None] = [None] if constant_first_release(config) else []
+    k = rounds - len(first) - 1  # data-dependent releases before the last
+    if share is None or k == 0:
+        return [*first, *[final_sigma] * (k + 1)]
+    early = final_sigma * math.sqrt(k * share / (1 - share))
+    return [*first, *[early] * k, final_sigma]
 
 
 def schedule_releases(config: FedConfig, final_sigma: float) -> list[GaussianRelease]:
-    """The embedding releases every planned round makes, as records (what the rounds will charge)."""
+    """The releases every planned round makes that carry users' data, as records (what the rounds will charge)."""
     privacy = config.privacy
     return [embedding_release(sigma, privacy.embedding_clip, 1, privacy.feature_neighbouring)
-            for sigma in feature_noise_schedule(config, final_sigma)]
+            for sigma in feature_noise_schedule(config, final_sigma) if sigma is not None]
 
 
 def plan_feature_noise(config: FedConfig, dpsgd: dict[str, Any] | None) -> float:
@@ -69,11 +78,11 @@ def plan_feature_noise(config: FedConfig, dpsgd: dict[str, Any] | None) -> float
         exposure.append(scaler_statistics_release(float(privacy.scaler_noise_multiplier), 1.0, "payment.features",
                                                   "outsider", privacy.feature_neighbouring))
     try:
-        if privacy.feature_final_share is not None and config.training.rounds > 1:
+        releases = len(schedule_releases(config, 1.0))
+        if privacy.feature_final_share is not None and releases > 1:
             return float(calibrate_noise_scale(lambda t: schedule_releases(config, t), privacy.feature_epsilon,
                                                privacy.delta, already=exposure))
-        template = embedding_release(1.0, privacy.embedding_clip, config.training.rounds,
-                                     privacy.feature_neighbouring)
+        template = embedding_release(1.0, privacy.embedding_clip, releases, privacy.feature_neighbouring)
         return float(calibrate_noise_multiplier(template, privacy.feature_epsilon, privacy.delta, already=exposure))
     except CalibrationError as exc:
         raise CalibrationError(

@@ -89,7 +89,8 @@ class PaymentParty(PartyBase):
         self.state["rows"] = torch.from_numpy(rows)
         self.state["split"] = torch.from_numpy(split)
         self._plan_privacy(int((split == SPLIT_TRAIN).sum()))
-        model = init_module(self._new_model(), seeded(config.seed, "payment", "init"))
+        model = init_module(self._new_model(), seeded(config.seed, "payment", "init"),
+                            zero_head=config.model.payment_head_init == "zero")
         self.state["model"] = model.state_dict()
         self.state["opt"] = None
         return len(rows)
@@ -162,6 +163,11 @@ class PaymentParty(PartyBase):
 
         privacy = self.config.privacy
         sigma = feature_noise_schedule(self.config, self.state["feature_sigma"])[round_]
+        if sigma is None:  # round 0 of a zero-initialised head: the constant 0, whoever the users are
+            if not bool((embeddings == 0).all()):
+                raise ProtocolError(f"payment: round {round_} was planned as the constant release 0, but the "
+                                    "part's output is not 0; nothing sent")
+            return embeddings
         record = embedding_release(sigma, privacy.embedding_clip, 1, privacy.feature_neighbouring)
         self.ledger.charge([record], "payment.features@lender", note=f"round {round_}: embeddings to the lender")
         return gaussian_release(embeddings, privacy.embedding_clip, sigma, self.noise_source("noise", str(round_)))
@@ -216,9 +222,9 @@ class PaymentParty(PartyBase):
         config = self.config
         train = (self.state["split"] == SPLIT_TRAIN).nonzero().squeeze(1)
         g = torch.from_numpy(np.asarray(gradients, dtype=np.float32))
-        if g.shape != (len(train), config.model.embedding_dim):
+        if g.shape != (len(train), config.model.sent_dim):
             raise ProtocolError(f"payment: gradients of shape {tuple(g.shape)}, expected "
-                                f"({len(train)}, {config.model.embedding_dim})")
+                                f"({len(train)}, {config.model.sent_dim})")
         g = g * config.privacy.feature_gradient_scale  # a public constant, never a statistic over users
         x_train, anchor = x[train], self.state["released"][train]
         eta = config.training.proximal_eta

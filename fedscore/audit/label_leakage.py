@@ -20,6 +20,8 @@ holds its own bottom model and features. It never sees the lender's state.
   defaults, so the leak is the gap between the two).
 
 Each is scored per exchange and pooled over exchanges, on real training users (canaries and known users excluded).
+R rounds make R-1 exchanges (rounds 0..R-2): the lender computes no gradients in the last round (nobody would receive
+them), so the payment holder's transcript holds every gradient that exists; none sits unaudited elsewhere.
 """
 
 from __future__ import annotations

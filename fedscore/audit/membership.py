@@ -40,7 +40,7 @@ def losses(views: RunViews) -> np.ndarray:
     xl = lend["x"][lend["rows"]]
     bottom = payment_model(xp.shape[1], config)
     bottom.load_state_dict(pay["model"])
-    top = lender_model(xl.shape[1], config.model.embedding_dim, config)
+    top = lender_model(xl.shape[1], config.model.sent_dim, config)
     top.load_state_dict(lend["model"])
     bottom.eval()
     top.eval()

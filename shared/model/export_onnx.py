@@ -73,7 +73,8 @@ class LenderScoring(nn.Module):
         if model.embedding_dim < 1:
             raise ValueError("lender model has embedding_dim=0 (lender-only baseline): there is no payment part "
                              "to pair it with, so it cannot be exported as a federated lender part")
-        _check_width(model, len(scaler.output_names) + model.embedding_dim, "lender")
+        # an additive top (partial logit) takes the lender's columns only; the embedding joins after its net
+        _check_width(model, len(scaler.output_names) + (0 if model.partial_logit else model.embedding_dim), "lender")
         self.scale = scaler.as_module()
         self.model = model
 

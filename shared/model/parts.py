@@ -30,17 +30,24 @@ def mlp(sizes: list[int], out_activation: nn.Module | None = None) -> nn.Sequent
 
 
 class PaymentBottom(nn.Module):
-    """`squash_to`: when embeddings get Gaussian noise, outputs are squashed into the clip ball
-    (C * tanh(u) / sqrt(d)) so clipping never cuts signal and the noise sees a full-norm signal."""
+    """Payment features -> what crosses: the embedding h(x) (`embedding_dim` wide), or, with `partial_logit`, its
+    projection s = w_P . h(x) by the payment holder's own bias-free head (one number; the lender's bias is the
+    intercept). `squash_to`: when outputs get Gaussian noise, they are squashed into the clip ball
+    (C * tanh(u) / sqrt(d)) so clipping never cuts signal and the noise sees a full-norm signal; for one number
+    that is |s| <= C, the public bound its noise is calibrated to."""
 
     def __init__(self, n_features: int, hidden: list[int], embedding_dim: int,
-                 squash_to: float | None = None) -> None:
+                 squash_to: float | None = None, partial_logit: bool = False) -> None:
         super().__init__()
         self.net = mlp([n_features, *hidden, embedding_dim])
-        self.squash_scale = None if squash_to is None else squash_to / embedding_dim ** 0.5
+        self.head = nn.Linear(embedding_dim, 1, bias=False) if partial_logit else None
+        self.output_dim = 1 if partial_logit else embedding_dim
+        self.squash_scale = None if squash_to is None else squash_to / self.output_dim ** 0.5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net(x)
+        if self.head is not None:
+            out = self.head(out)
         return out if self.squash_scale is None else self.squash_scale * torch.tanh(out)
 
 
@@ -58,10 +65,25 @@ class LenderTop(nn.Module):
     """
 
     def __init__(self, n_features: int, embedding_dim: int, hidden: list[int], label_flip: float = 0.0,
-                 rr_loss: str = "plain") -> None:
+                 rr_loss: str = "plain", partial_logit: str | None = None) -> None:
+        """`partial_logit` ("fixed" or "learned", with embedding_dim=1): the payment side arrives as one partial
+        logit s and the top is additive, z = net(x) + c s, with c fixed at 1 (a buffer) or a learned weight
+        starting at 1 (a bias-free Linear, so Opacus computes its per-sample gradients like any layer's)."""
         super().__init__()
         self.embedding_dim = embedding_dim
-        self.net = mlp([n_features + embedding_dim, *hidden, 1])
+        self.partial_logit = partial_logit
+        if partial_logit is not None:
+            if embedding_dim != 1 or partial_logit not in ("fixed", "learned"):
+                raise ValueError(f"a partial-logit top takes one number per user and a 'fixed' or 'learned' "
+                                 f"weight, got width {embedding_dim} and {partial_logit!r}")
+            self.net = mlp([n_features, *hidden, 1])
+            if partial_logit == "learned":
+                self.payment_weight = nn.Linear(1, 1, bias=False)
+                self.payment_weight.init_value = 1.0  # type: ignore[assignment]  # read by init_module
+            else:
+                self.register_buffer("payment_weight_fixed", torch.tensor(1.0))
+        else:
+            self.net = mlp([n_features + embedding_dim, *hidden, 1])
         # the training labels' flip rate, for the loss; a constant of the config, not a parameter
         self.loss_flip = float(label_flip) if rr_loss == "forward" else 0.0
         self.register_buffer("label_flip", torch.tensor(0.0 if self.loss_flip else float(label_flip)))
@@ -90,9 +112,21 @@ class LenderTop(nn.Module):
 
     def forward(self, x: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
         """The logit of the labels it was trained on (randomized ones when protected): what training uses."""
-        if embedding is not None:
-            x = torch.cat([x, embedding], dim=1)
-        return self.net(x).squeeze(1)
+        if self.partial_logit is None:
+            if embedding is not None:
+                x = torch.cat([x, embedding], dim=1)
+            return self.net(x).squeeze(1)
+        z = self.net(x).squeeze(1)
+        if embedding is None:
+            return z
+        if self.partial_logit == "learned":
+            return z + self.payment_weight(embedding).squeeze(1)
+        return z + self.payment_weight_fixed * embedding[:, 0]
+
+    @property
+    def input_width(self) -> int:
+        """Columns its first layer takes: the lender's features (+ the embedding, when it is not additive)."""
+        return self.net[0].in_features
 
     def probability(self, x: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
         """P(default) with the randomized-response flip undone. A model learnt from flipped labels can still
@@ -107,7 +141,8 @@ def payment_model(n_features: int, config: FedConfig) -> PaymentBottom:
     """The payment part exactly as the payment party builds it: squashed into the embedding clip ball when its
     embeddings are noised (the squash is not a parameter, so a state dict alone cannot restore it)."""
     squash = config.privacy.embedding_clip if config.privacy.features_protected else None
-    return PaymentBottom(n_features, config.model.payment_hidden, config.model.embedding_dim, squash_to=squash)
+    return PaymentBottom(n_features, config.model.payment_hidden, config.model.embedding_dim, squash_to=squash,
+                         partial_logit=config.model.payment_output == "partial_logit")
 
 
 def lender_model(n_features: int, embedding_dim: int, config: FedConfig) -> LenderTop:
@@ -120,8 +155,10 @@ def lender_model(n_features: int, embedding_dim: int, config: FedConfig) -> Lend
         from fedscore.shared.privacy import flip_probability
 
         flip = flip_probability(privacy.label_epsilon)
+    partial = (config.model.partial_logit_weight
+               if embedding_dim and config.model.payment_output == "partial_logit" else None)
     return LenderTop(n_features, embedding_dim, config.model.lender_hidden, label_flip=flip,
-                     rr_loss=privacy.rr_loss)
+                     rr_loss=privacy.rr_loss, partial_logit=partial)
 
 
 def configure_torch() -> None:
@@ -140,12 +177,22 @@ def seeded(seed: int, *parts: str) -> int:
     return int.from_bytes(digest[:4], "big")
 
 
-def init_module(module: nn.Module, seed: int) -> nn.Module:
+def init_module(module: nn.Module, seed: int, zero_head: bool = False) -> nn.Module:
+    """Seeded uniform weights, zero biases; a layer with an `init_value` (the lender's learned coefficient on the
+    partial logit) starts there. `zero_head`: the payment holder's projection head starts at 0, so its first output
+    is the constant 0 whatever the data (the other layers still get random weights: the head's first gradient,
+    sum_i g_i h(x_i), needs a non-zero h)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in module.modules():
             if isinstance(layer, nn.Linear):
                 bound = 1.0 / layer.in_features ** 0.5
                 layer.weight.copy_((torch.rand(layer.weight.shape, generator=gen) * 2 - 1) * bound * 3**0.5)
-                layer.bias.zero_()
+                if layer.bias is not None:
+                    layer.bias.zero_()
+                if hasattr(layer, "init_value"):
+                    layer.weight.fill_(float(layer.init_value))
+        head = getattr(module, "head", None)
+        if zero_head and isinstance(head, nn.Linear):
+            head.weight.zero_()
     return module

@@ -17,6 +17,25 @@ the named tuple <-> JSON glue and a class allowlist are ours). `recompute_from_r
 accounts it with dp-accounting's PLD accountant: what a third party with only the report and dp-accounting would
 do. It recomputes the PLD epsilon; the reported one is the larger of PLD and PRV, so never below it. The check
 that our entry -> event translation is right (scaling, sampling) is an independent PLD construction in the tests.
+
+Randomized response in front (composition "rr_mixture"): when a guarantee holds a RandomizedResponse record that
+names its draw and releases computed from that draw's output (`computed_from`), everything those releases show is
+post-processing of randomized response. If (A, B) dominates the downstream releases for one changed released label,
+RR (flip probability q) turns it into ((1-q)A + qB, qA + (1-q)B) for one changed clean label: (A, B) is a garbling
+of any real pair it dominates (Blackwell), and garbling commutes with the label-level mixture. We compose the
+downstream events with dp-accounting's PLD accountant (replace-one PLDs are symmetric), read a pair back from its
+probability mass function (`_symmetric_pair`: each loss l > 0 as A: pmf(l), B: e^-l pmf(l), with its mirror; A's
+infinity mass where B has none, and its mirror; the rest where A = B), mix, and rebuild the PLD with the rounding of
+dp-accounting's `from_two_probability_mass_functions` (`_pld_from_pair`, in numpy; a test checks they agree). The
+mixture is capped by the plain composition of randomized response itself (post-processing never costs more); a
+non-DP downstream gives exactly that. With a named draw and nothing computed from it yet, nothing is spent: the
+randomized labels themselves never leave the lender. The report's `dp_event` stays the plain composition of all
+entries (dp-accounting has no mixture event); `composition: "rr_mixture"` tells `recompute_from_report` to mix,
+from the same entries, with the same code.
+
+Attack ceiling (`attack_ceiling`): the composed pair bounds every test between a user's two labels. The
+likelihood-ratio test is the most powerful (Neyman-Pearson), so its ROC AUC, P(L_A > L_B) + P(tie)/2 over the
+privacy loss L, is the best AUC any attack reaches; the best balanced accuracy is (1 + TV)/2 with TV = delta(0).
 """
 
 from __future__ import annotations
@@ -29,9 +48,10 @@ from typing import Any
 import dp_accounting
 import numpy as np
 from dp_accounting.pld import PLDAccountant
+from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from pydantic import BaseModel, ConfigDict
 
-from fedscore.shared.privacy.dp_events import event_from_json, event_to_json, guarantee_event
+from fedscore.shared.privacy.dp_events import event_from_json, event_to_json, guarantee_event, rr_noise_parameter
 from fedscore.shared.privacy.mechanisms import (
     OBSERVERS,
     DpSgdRelease,
@@ -40,6 +60,7 @@ from fedscore.shared.privacy.mechanisms import (
     Neighbouring,
     Observer,
     RandomizedResponse,
+    flip_probability,
     guarantee_key,
 )
 
@@ -64,12 +85,212 @@ def common_neighbouring(mechanisms: Sequence[Mechanism]) -> Neighbouring:
 
 def pld_epsilon(mechanisms: Sequence[Mechanism], delta: float, *,
                 discretization: float = PLD_DISCRETIZATION) -> float:
-    """Epsilon of the composition of all records at `delta`, by dp-accounting's PLD accountant (pessimistic)."""
+    """Epsilon of all records at `delta` by dp-accounting's PLD (pessimistic): their composition, with the RR
+    mixture where randomized response is in front of releases computed from its output (see the module doc)."""
     if not mechanisms:
         return 0.0
     relation = common_neighbouring(mechanisms)
-    return _event_epsilon(guarantee_event([m.report_entry() for m in mechanisms], relation), relation, delta,
-                          discretization)
+    return entries_epsilon([m.report_entry() for m in mechanisms], relation, delta, discretization)
+
+
+# -- randomized response in front: the mixture ------------------------------------------------------------------
+
+COMPOSITION_PLAIN = "plain"
+COMPOSITION_RR_MIXTURE = "rr_mixture"
+
+Entry = dict[str, Any]
+
+
+def rr_blocks(entries: Sequence[Entry]) -> tuple[list[tuple[Entry, list[Entry]]], list[Entry]]:
+    """([(randomized-response entry, the entries computed from its draw)], every other entry).
+
+    A block is one RR entry with a `draw` name no other RR entry uses and count 1 (a label randomized afresh is
+    not post-processing of one draw), with every entry naming that draw in `computed_from`. Naming the draw claims
+    that those entries are all the observer receives from the randomized labels (the lender charges each before it
+    leaves), so a block with nothing downstream yet costs nothing: the released labels themselves never leave. An
+    RR entry without a draw name stands for arbitrary post-processing (randomized response's own epsilon). Entries
+    naming a draw that is not such a block compose plainly: still a valid bound (each is DP for the clean label on
+    its own, since one clean label moves at most one released label).
+    """
+    names = [e.get("draw", "") for e in entries if e.get("kind") == "randomized_response"]
+    heads = {e["draw"]: e for e in entries if e.get("kind") == "randomized_response" and e.get("draw")
+             and names.count(e["draw"]) == 1 and int(e.get("count", 1)) == 1 and not e.get("computed_from")}
+    downstream: dict[str, list[Entry]] = {name: [] for name in heads}
+    for e in entries:
+        if e.get("computed_from") in heads:
+            downstream[e["computed_from"]].append(e)
+    blocks = [(heads[name], items) for name, items in downstream.items()]
+    inside = {id(e) for head, items in blocks for e in (head, *items)}
+    return blocks, [e for e in entries if id(e) not in inside]
+
+
+def composition_of(entries: Sequence[Entry]) -> str:
+    """How a guarantee's entries compose: "rr_mixture" if any randomized response has releases computed from it."""
+    return COMPOSITION_RR_MIXTURE if rr_blocks(entries)[0] else COMPOSITION_PLAIN
+
+
+def _merged(entries: Sequence[Entry]) -> list[Entry]:
+    """Entries equal but for their count, as one entry with the counts added: the same composition (k then m
+    releases of one mechanism are k + m), built by dp-accounting once instead of once per round (seconds each
+    for a subsampled Gaussian)."""
+    totals: dict[str, tuple[Entry, int]] = {}
+    for e in entries:
+        key = repr(sorted((k, v) for k, v in e.items() if k != "count"))
+        first, count = totals.get(key, (e, 0))
+        totals[key] = (first, count + int(e.get("count", 1)))
+    return [{**first, "count": count} for first, count in totals.values()]
+
+
+_PLD_CACHE: dict[str, pld_lib.PrivacyLossDistribution | None] = {}
+_PLD_CACHE_SIZE = 64
+
+
+def _event_pld(event: dp_accounting.DpEvent, relation: Neighbouring,
+               discretization: float) -> pld_lib.PrivacyLossDistribution | None:
+    """The PLD dp-accounting's accountant builds for `event`, or None if the event is not DP (a zero noise).
+    Remembered by the event's repr (events hold lists, so they do not hash): a ledger and a report ask for the
+    same downstream repeatedly, and a subsampled Gaussian takes seconds to build."""
+    key = f"{event!r}|{relation}|{discretization!r}"
+    if key not in _PLD_CACHE:
+        if len(_PLD_CACHE) >= _PLD_CACHE_SIZE:
+            _PLD_CACHE.pop(next(iter(_PLD_CACHE)))
+        _PLD_CACHE[key] = _build_event_pld(event, relation, discretization)
+    return _PLD_CACHE[key]
+
+
+def _build_event_pld(event: dp_accounting.DpEvent, relation: Neighbouring,
+                     discretization: float) -> pld_lib.PrivacyLossDistribution | None:
+    accountant = PLDAccountant(_RELATIONS[relation], value_discretization_interval=discretization)
+    if not accountant.supports(event):
+        raise ValueError(f"dp-accounting's PLD accountant cannot account {event}")
+    accountant.compose(event)
+    # dp-accounting 0.6.0 has no public getter for the composed PLD or the non-DP flag (pinned in pyproject)
+    if accountant._contains_non_dp_event:
+        return None
+    return accountant._pld
+
+
+def _symmetric_pair(pmf: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """A pair of distributions (A, B) whose hockey-stick curves, both directions, equal those of one symmetric PLD
+    mass function for every eps >= 0, as (A, B, privacy loss) per atom; None if the masses do not fit in one
+    distribution (then the caller falls back to a plain bound).
+
+    Why not B = e^-l pmf(l) over the whole mass function: dp-accounting's pessimistic PLDs move truncated and
+    rounded mass up, so their negative-loss part is not a distribution's (e^-l pmf(l) can sum far above 1). Only
+    losses l > 0 enter delta(eps) for eps >= 0, so each is kept (A: pmf(l), B: e^-l pmf(l)) with its mirror (A and
+    B swapped); the infinity mass likewise; the mass left over sits where A = B (loss 0). By symmetry this pair's
+    curve for eps < 0 follows from its curve for eps >= 0, as the mechanism's does: it dominates every pair the PLD
+    bounds (Blackwell), so mixing it and composing its PLD is sound.
+    """
+    dense = pmf.to_dense_pmf()
+    losses = (np.arange(dense.size) + dense._lower_loss) * dense._discretization
+    probs = np.asarray(dense._probs, dtype=np.float64)
+    infinity = float(dense._infinity_mass)
+    positive = (losses > 0) & (probs > 0)
+    p, loss = probs[positive], losses[positive]
+    mirrored = p * np.exp(-loss)
+    rest = 1.0 - float(p.sum() + mirrored.sum()) - 2.0 * infinity
+    if rest < -1e-9:
+        return None
+    upper = np.concatenate([p, mirrored, [infinity, 0.0, max(rest, 0.0)]])
+    lower = np.concatenate([mirrored, p, [0.0, infinity, max(rest, 0.0)]])
+    privacy_loss = np.concatenate([loss, -loss, [math.inf, -math.inf, 0.0]])
+    return upper, lower, privacy_loss
+
+
+def _pld_from_pair(upper: np.ndarray, lower: np.ndarray,
+                   discretization: float) -> pld_lib.PrivacyLossDistribution:
+    """dp-accounting's `from_two_probability_mass_functions` (symmetric, pessimistic: each atom's loss rounded up,
+    A's mass there; A's mass where B has none is infinity mass) done with numpy over up to millions of atoms, then
+    dp-accounting's own `create_from_rounded_probability`. A test checks both give the same PLD."""
+    keep = upper > 0
+    upper, lower = upper[keep], lower[keep]
+    infinity = float(upper[lower <= 0].sum())
+    finite = lower > 0
+    loss = np.log(upper[finite]) - np.log(lower[finite])
+    index = np.ceil(loss / discretization).astype(np.int64)
+    offset = int(index.min()) if len(index) else 0
+    masses = np.bincount(index - offset, weights=upper[finite])
+    rounded = {int(k) + offset: float(m) for k, m in enumerate(masses) if m > 0}
+    return pld_lib.PrivacyLossDistribution.create_from_rounded_probability(rounded, infinity, discretization)
+
+
+def rr_mixture_pld(epsilon: float, downstream: pld_lib.PrivacyLossDistribution | None,
+                   discretization: float = PLD_DISCRETIZATION) -> pld_lib.PrivacyLossDistribution:
+    """The PLD of randomized response (eps) followed by releases whose PLD (for one changed released label) is
+    `downstream`, both directions mixed; None downstream (not DP) gives randomized response's own PLD."""
+    rr = pld_lib.from_randomized_response(rr_noise_parameter(epsilon), 2,
+                                          value_discretization_interval=discretization)
+    if downstream is None:
+        return rr
+    if not downstream._symmetric:  # dp-accounting's replace-one events are all symmetric
+        return rr
+    pair = _symmetric_pair(downstream._pmf_remove)
+    if pair is None:
+        return rr
+    q = flip_probability(epsilon)
+    upper, lower, _ = pair
+    return _pld_from_pair((1 - q) * upper + q * lower, q * upper + (1 - q) * lower, discretization)
+
+
+def entries_pld(entries: Sequence[Entry], relation: Neighbouring,
+                discretization: float = PLD_DISCRETIZATION) -> pld_lib.PrivacyLossDistribution | None:
+    """The PLD of a guarantee's report entries (RR mixtures where they apply, the rest composed), None if not DP."""
+    blocks, rest = rr_blocks(entries)
+    parts: list[pld_lib.PrivacyLossDistribution | None] = []
+    if rest or not blocks:
+        parts.append(_event_pld(guarantee_event(_merged(rest), relation), relation, discretization))
+    for head, items in blocks:
+        downstream = _event_pld(guarantee_event(_merged(items), relation), relation, discretization)
+        parts.append(rr_mixture_pld(float(head["epsilon"]), downstream, discretization))
+    if any(p is None for p in parts):
+        return None
+    composed = parts[0]
+    for p in parts[1:]:
+        composed = composed.compose(p)  # type: ignore[union-attr]
+    return composed
+
+
+def entries_epsilon(entries: Sequence[Entry], relation: Neighbouring, delta: float,
+                    discretization: float = PLD_DISCRETIZATION) -> float:
+    """Epsilon at `delta` of a guarantee's report entries: the reported path and `recompute_from_report` both end
+    here. With RR mixtures, never above the plain composition of the randomized responses and the other entries
+    (everything downstream is post-processing of its randomized response)."""
+    blocks, rest = rr_blocks(entries)
+    if not blocks:
+        return _event_epsilon(guarantee_event(entries, relation), relation, delta, discretization)
+    pld = entries_pld(entries, relation, discretization)
+    mixed = math.inf if pld is None else float(pld.get_epsilon_for_delta(delta))
+    plain = _event_epsilon(guarantee_event(_merged([head for head, _ in blocks] + rest), relation), relation,
+                           delta, discretization)
+    return min(mixed, plain)
+
+
+def attack_ceiling(pld: pld_lib.PrivacyLossDistribution | None) -> dict[str, float] | None:
+    """The best any attack can do at telling a user's two neighbouring inputs apart, from the privacy profile:
+    AUC of the likelihood-ratio test (optimal by Neyman-Pearson: its ROC lies above every test's), P(L_A > L_B) +
+    P(L_A = L_B)/2 on the pair `_symmetric_pair` reads from the PLD, and balanced accuracy (1 + TV)/2, TV =
+    delta(0). Not DP (None), or a PLD that is no pair's, gives 1 and 1. Symmetric PLDs only (replace-one, the
+    relation of every guarantee against a party): an add/remove PLD's two directions would need their pointwise
+    maximum first, so it gets None (no ceiling reported) rather than a figure that could be too low."""
+    if pld is None:
+        return {"auc": 1.0, "balanced_accuracy": 1.0}
+    if not pld._symmetric:
+        return None
+    auc = 0.0
+    for pmf in [pld._pmf_remove]:
+        pair = _symmetric_pair(pmf)
+        if pair is None:
+            return {"auc": 1.0, "balanced_accuracy": 1.0}
+        upper, lower, loss = pair
+        order = np.argsort(loss, kind="stable")
+        values, a, b = loss[order], upper[order], lower[order]
+        starts = np.flatnonzero(np.concatenate([[True], values[1:] != values[:-1]]))
+        a_tied, b_tied = np.add.reduceat(a, starts), np.add.reduceat(b, starts)
+        below = np.concatenate([[0.0], np.cumsum(b_tied)[:-1]])  # B's mass at strictly smaller loss
+        auc = max(auc, float(np.sum(a_tied * (below + 0.5 * b_tied))))
+    tv = float(pld.get_delta_for_epsilon(0.0))
+    return {"auc": min(1.0, auc), "balanced_accuracy": min(1.0, (1.0 + tv) / 2.0)}
 
 
 def _event_epsilon(event: dp_accounting.DpEvent, relation: Neighbouring, delta: float,
@@ -152,18 +373,21 @@ class Guarantee(BaseModel):
     epsilon: float
     delta: float
     accountant: str
+    composition: str = COMPOSITION_PLAIN
+    attack_ceiling: dict[str, Any] | None = None
 
     @property
     def key(self) -> str:
         return guarantee_key(self.protects, self.against)
 
     def to_dict(self) -> dict[str, Any]:
-        """The report's schema: mechanisms readable (no party-internal fields) and as dp-accounting's DpEvent."""
+        """The report's schema: mechanisms readable (no party-internal fields) and as dp-accounting's DpEvent (the
+        plain composition of the entries; `composition` says whether the epsilon is that of an RR mixture)."""
+        entries = [m.report_entry() for m in self.mechanisms]
         return {"protects": self.protects, "against": self.against, "epsilon": self.epsilon, "delta": self.delta,
-                "accountant": self.accountant, "neighbouring": self.neighbouring,
-                "mechanisms": [m.report_entry() for m in self.mechanisms],
-                "dp_event": event_to_json(guarantee_event([m.report_entry() for m in self.mechanisms],
-                                                          self.neighbouring))}
+                "accountant": self.accountant, "neighbouring": self.neighbouring, "composition": self.composition,
+                "attack_ceiling": self.attack_ceiling, "mechanisms": entries,
+                "dp_event": event_to_json(guarantee_event(entries, self.neighbouring))}
 
 
 def check_guarantee_records(protects: str, against: str, mechanisms: Iterable[Mechanism]) -> None:
@@ -186,8 +410,15 @@ def account_guarantee(protects: str, against: Observer, mechanisms: Sequence[Mec
     if not mechanisms:
         raise ValueError(f"no releases for {guarantee_key(protects, against)}")
     epsilon, accountant = account(mechanisms, delta)
-    return Guarantee(protects=protects, against=against, neighbouring=common_neighbouring(mechanisms),
-                     mechanisms=mechanisms, epsilon=epsilon, delta=delta, accountant=accountant)
+    relation = common_neighbouring(mechanisms)
+    entries = [m.report_entry() for m in mechanisms]
+    best = attack_ceiling(entries_pld(entries, relation))
+    ceiling: dict[str, Any] | None = None if best is None else {
+        **best, "note": "the best any attack can reach at telling one user's two neighbouring inputs apart, from "
+                        "the PLD privacy profile: ROC AUC of the likelihood-ratio test, balanced accuracy (1 + TV)/2"}
+    return Guarantee(protects=protects, against=against, neighbouring=relation, mechanisms=mechanisms,
+                     epsilon=epsilon, delta=delta, accountant=accountant, composition=composition_of(entries),
+                     attack_ceiling=ceiling)
 
 
 # -- third-party recomputation ----------------------------------------------------------------------------------
@@ -206,5 +437,13 @@ def recompute_from_report(report: dict[str, Any]) -> list[float]:
         if event != guarantee_event(guarantee["mechanisms"], relation):
             raise ValueError(f"{guarantee['protects']} against {guarantee['against']}: dp_event does not match "
                              "the listed mechanisms")
-        epsilons.append(_event_epsilon(event, relation, float(guarantee.get("delta", report["delta"]))))
+        composition = guarantee.get("composition", COMPOSITION_PLAIN)
+        if composition != composition_of(guarantee["mechanisms"]):
+            raise ValueError(f"{guarantee['protects']} against {guarantee['against']}: composition "
+                             f"{composition!r} does not match the listed mechanisms")
+        delta = float(guarantee.get("delta", report["delta"]))
+        if composition == COMPOSITION_RR_MIXTURE:  # the same entries, mixed (the event is their plain composition)
+            epsilons.append(entries_epsilon(guarantee["mechanisms"], relation, delta))
+        else:
+            epsilons.append(_event_epsilon(event, relation, delta))
     return epsilons

@@ -27,7 +27,7 @@ from fedscore.shared.privacy.gradient_canaries import GradientCanaries, flat_spl
 from fedscore.shared.privacy.secure_random import NoiseSource
 
 if TYPE_CHECKING:
-    from fedscore.shared.privacy import DpSgdRelease
+    from fedscore.shared.privacy import DpSgdRelease, GaussianRelease
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,12 @@ def dp_sgd_rounds(rounds: int) -> dict[str, int]:
     """How many rounds of DP-SGD each part actually takes: the lender trains in every round; the payment holder
     applies gradients from round 1 on (round 0 has none, the last round's gradients are never applied)."""
     return {"lender": rounds, "payment": rounds - 1}
+
+
+def gradient_exchanges(rounds: int) -> int:
+    """Gradient payloads the payment holder receives in a run of `rounds`: one after each lender round but the last
+    (no embed follows the last round to deliver them, so they are never computed)."""
+    return rounds - 1
 
 
 def plan_dp_sgd(privacy: PrivacyConfig, n_train: int, rounds: int) -> DpSgdPlan:
@@ -86,6 +92,49 @@ def part_release(plan: DpSgdPlan, steps: int, protects: str = "joint.records",
 
     return DpSgdRelease(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=steps,
                         protects=protects, clip=plan.clip, neighbouring=neighbouring)  # type: ignore[arg-type]
+
+
+def label_training_release(plan: DpSgdPlan, steps: int, computed_from: str = "") -> DpSgdRelease:
+    """The lender's DP-SGD steps on its top model, as the payment holder sees them (lender.labels@payment).
+
+    Everything the lender later sends is computed from this model, so the labels' guarantee against the payment
+    holder composes these steps. Replace-one of a label moves one clipped per-sample gradient by at most 2C
+    (sensitivity 2). The Poisson batches are drawn by the lender's CSPRNG and never leave it (`sampling_hidden`),
+    so amplification by subsampling holds against the payment holder for this component, unlike for anything the
+    parties exchange. `computed_from` names the randomized-response draw the model trains on."""
+    from fedscore.shared.privacy import DpSgdRelease
+
+    return DpSgdRelease(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=steps,
+                        protects="lender.labels", seen_by="payment", sampling_hidden=True, clip=plan.clip,
+                        neighbouring="replace_one", computed_from=computed_from)
+
+
+def planned_label_records(privacy: PrivacyConfig, plan: DpSgdPlan | None, rounds: int, exchanges: int,
+                          draw: str) -> list:
+    """Every record a run charges to lender.labels@payment, known before it starts: randomized response (its draw
+    named), the lender's DP-SGD steps in each of its rounds, and `exchanges` gradient exchanges, charged as not DP
+    (noise 0) without DP-SGD or without gradient noise (clients/lender/party.py charges exactly these, one by one).
+    """
+    from fedscore.shared.privacy import RandomizedResponse
+
+    if privacy.label_epsilon is None:
+        raise ValueError("privacy.label_epsilon is unset: the labels are unprotected, there is nothing to plan")
+    records: list = [RandomizedResponse(epsilon=privacy.label_epsilon, protects="lender.labels", seen_by="outsider",
+                                        draw=draw)]
+    if plan is not None:
+        records += [label_training_release(plan, plan.steps_per_round, draw)] * dp_sgd_rounds(rounds)["lender"]
+    return records + [label_exchange_release(privacy, plan is not None, draw)] * exchanges
+
+
+def label_exchange_release(privacy: PrivacyConfig, lender_dp_sgd: bool, draw: str) -> GaussianRelease:
+    """One gradient exchange as lender.labels@payment records it: a Gaussian on each residual p_i - y_i
+    (sensitivity 1 in units of the Jacobian clip, not subsampled). The bound needs p_i and J_i free of the labels,
+    i.e. a lender model trained with DP-SGD (`lender_dp_sgd`, its steps charged too); without it, or without
+    gradient noise, the exchange is recorded as not DP (noise 0): the guarantee is then randomized response's own."""
+    from fedscore.shared.privacy import label_gradient_release
+
+    sigma = float(privacy.gradient_noise_multiplier or 0.0) if lender_dp_sgd and privacy.gradient_noise_on else 0.0
+    return label_gradient_release(sigma, privacy.gradient_clip, 1, draw)
 
 
 class _SecureNoiseOptimizer:

@@ -127,6 +127,19 @@ class Ledger:
         return ledger_report(self.path, self.budget, self.party)
 
     # -- charging --------------------------------------------------------------------------------------------------
+    def check(self, mechanisms: Sequence[Mechanism], guarantee: str) -> float:
+        """What `guarantee` would reach if these releases were charged on top of the ledger, or BudgetExceeded;
+        records nothing. For a party that knows its whole plan up front and would rather refuse before its first
+        release than mid-run (the lender's label releases: clients/lender/party.py)."""
+        protects, against = split_guarantee_key(guarantee)
+        check_guarantee_records(protects, against, mechanisms)
+        before = self.mechanisms(guarantee)
+        would_be = account([*before, *mechanisms], self.delta)[0]
+        limit = self.budget.get(guarantee)
+        if limit is None or not math.isfinite(would_be) or would_be > limit:
+            raise BudgetExceeded(self.party, guarantee, account(before, self.delta)[0], would_be, limit)
+        return would_be
+
     def charge(self, mechanisms: Sequence[Mechanism], guarantee: str, *, note: str = "") -> float:
         """Record these releases under `guarantee` and return its new epsilon, or raise BudgetExceeded.
 

@@ -8,6 +8,13 @@ relation, and the parameters an accountant needs. Every count is per user and mu
 Units: `noise_multiplier` sigma is the noise std in units of the clip norm C (std = sigma * C); `sensitivity` is
 the largest L2 distance between the outputs on two neighbouring datasets, also in units of C (1.0 for add/remove
 of a record clipped to C, or for the label-gradient trick; 2.0 for replace-one of a record clipped to C).
+
+Randomized response and what is computed from its output (`draw` / `computed_from`): a release computed only from
+randomized-response labels (and data-independent randomness) is post-processing of them, and the tight bound for
+the pair is a mixture, not a composition (accounting.py `rr_mixture_pld`). A RandomizedResponse record names its
+draw; every release computed from that draw's output names it in `computed_from`. Naming a draw is a claim: every
+release to the observer computed from it is charged with `computed_from` set, so the downstream records are the
+whole of what the observer receives from those labels.
 """
 
 from __future__ import annotations
@@ -83,6 +90,8 @@ class GaussianRelease(_Record):
     sampling: Literal["none", "poisson"] = "none"
     sample_rate: float = Field(1.0, gt=0, le=1)
     neighbouring: Neighbouring = "add_remove"
+    computed_from: str = Field("", description="the randomized-response draw (RandomizedResponse.draw) whose "
+                               "released labels this is computed from; '' = computed from the data itself")
 
     @model_validator(mode="after")
     def _consistent(self) -> GaussianRelease:
@@ -100,8 +109,12 @@ class GaussianRelease(_Record):
         return self.noise_multiplier / self.sensitivity
 
     def report_entry(self) -> dict[str, Any]:
-        return {"kind": "gaussian", "noise_multiplier": self.noise_multiplier, "sensitivity": self.sensitivity,
-                "count": self.count, "sampling": self.sampling, "sample_rate": self.sample_rate}
+        entry: dict[str, Any] = {"kind": "gaussian", "noise_multiplier": self.noise_multiplier,
+                                 "sensitivity": self.sensitivity, "count": self.count, "sampling": self.sampling,
+                                 "sample_rate": self.sample_rate}
+        if self.computed_from:
+            entry["computed_from"] = self.computed_from
+        return entry
 
 
 class RandomizedResponse(_Record):
@@ -114,6 +127,12 @@ class RandomizedResponse(_Record):
     epsilon: float = Field(gt=0)
     count: int = Field(1, ge=1, description="fresh randomizations of the same label (normally 1: reuse it)")
     neighbouring: Literal["replace_one"] = "replace_one"
+    draw: str = Field("", description="names this randomization (e.g. the run that drew it) so the releases "
+                      "computed from its output can say so (`computed_from`); naming it claims those releases are "
+                      "all the observer gets from the randomized labels, and the guarantee is their RR mixture "
+                      "(accounting.py), never more than this record's epsilon; '' = arbitrary post-processing")
+    computed_from: str = Field("", description="another draw whose released labels this randomizes again (a "
+                               "downstream release like any other; '' = the clean labels)")
 
     @model_validator(mode="after")
     def _consistent(self) -> RandomizedResponse:
@@ -128,24 +147,47 @@ class RandomizedResponse(_Record):
         entry: dict[str, Any] = {"kind": "randomized_response", "epsilon": self.epsilon}
         if self.count != 1:
             entry["count"] = self.count
+        if self.draw:
+            entry["draw"] = self.draw
+        if self.computed_from:
+            entry["computed_from"] = self.computed_from
         return entry
 
 
 class DpSgdRelease(_Record):
     """Parameters trained with Opacus DP-SGD (per-sample clip C, noise sigma*C, Poisson batches) then released.
 
-    Only an outsider view: the noise protects what the parameters reveal, not the per-user messages of the
+    Normally an outsider view: the noise protects what the parameters reveal, not the per-user messages of the
     protocol. Under add/remove one record moves the clipped gradient sum by C (sensitivity 1); under replace-one
     by 2C (sensitivity 2).
+
+    Against a party (seen_by "payment" or "lender") only with `sampling_hidden`: the trainer's Poisson batches are
+    drawn by its own CSPRNG and never leave it, so the observer does not know who was in each step and the
+    subsampled Gaussian's amplification holds against it. The lender's top model is such a case: the payment holder
+    sees it only through the gradients computed from it, and the lender's DP-SGD on its own machine samples users
+    the payment holder never learns (its labels guarantee composes these steps, replace-one of a label: 2C).
     """
 
     kind: Literal["dp_sgd"] = "dp_sgd"
     noise_multiplier: float = Field(ge=0)
     sample_rate: float = Field(gt=0, le=1)
     steps: int = Field(ge=1)
-    seen_by: Literal["outsider"] = "outsider"  # type: ignore[assignment]  # narrower than the base on purpose
+    seen_by: Observer = "outsider"
     neighbouring: Neighbouring = "add_remove"
     clip: float | None = Field(None, gt=0, description="max_grad_norm, for the record only")
+    sampling_hidden: bool = Field(
+        False, description="the observer never learns which users each Poisson batch held (drawn by the trainer's "
+        "CSPRNG, never sent): required for a record seen by a party, whose amplification rests on it")
+    computed_from: str = Field("", description="the randomized-response draw whose released labels this trains on "
+                               "(see GaussianRelease.computed_from); '' = the data itself")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DpSgdRelease:
+        self._check_observer()
+        if self.seen_by != "outsider" and not self.sampling_hidden:
+            raise ValueError(f"DP-SGD seen by {self.seen_by}: Poisson amplification holds against a party only if "
+                             "it never learns the batches; set sampling_hidden=True only when that is so")
+        return self
 
     @property
     def sensitivity(self) -> float:
@@ -161,8 +203,14 @@ class DpSgdRelease(_Record):
 
     def report_entry(self) -> dict[str, Any]:
         """DP-SGD is exactly `steps` Poisson-sampled Gaussian releases: reported in that recomputable form."""
-        return {"kind": "gaussian", "noise_multiplier": self.noise_multiplier, "sensitivity": self.sensitivity,
-                "count": self.steps, "sampling": "poisson", "sample_rate": self.sample_rate}
+        entry: dict[str, Any] = {"kind": "gaussian", "noise_multiplier": self.noise_multiplier,
+                                 "sensitivity": self.sensitivity, "count": self.steps, "sampling": "poisson",
+                                 "sample_rate": self.sample_rate}
+        if self.seen_by != "outsider":
+            entry["sampling_hidden_from"] = self.seen_by
+        if self.computed_from:
+            entry["computed_from"] = self.computed_from
+        return entry
 
 
 Mechanism = Annotated[GaussianRelease | RandomizedResponse | DpSgdRelease, Field(discriminator="kind")]
@@ -178,13 +226,18 @@ def mechanism_from_dict(item: dict[str, Any]) -> Mechanism:
     return mechanisms_from_dicts([item])[0]
 
 
-def label_gradient_release(noise_multiplier: float, clip: float, count: int) -> GaussianRelease:
+def label_gradient_release(noise_multiplier: float, clip: float, count: int,
+                           computed_from: str = "") -> GaussianRelease:
     """The lender's per-user gradients g_i = (p_i - y_i) J_i + noise (see noise.clipped_label_gradients).
 
-    Changing y_i moves g_i by at most clip (|delta(p - y)| <= 1, |J_i| <= clip): sensitivity 1, replace-one.
+    Changing y_i moves g_i by at most clip (|delta(p - y)| <= 1, |J_i| <= clip): sensitivity 1, replace-one. This
+    holds only if p_i and J_i do not depend on the label (a model trained with DP-SGD, whose steps are charged as
+    well); otherwise, or without noise, charge it with noise_multiplier 0: not DP, so an RR mixture falls back to
+    randomized response's own epsilon. `computed_from` names the randomized-response draw the labels come from.
     """
     return GaussianRelease(noise_multiplier=noise_multiplier, sensitivity=1.0, clip=clip, count=count,
-                           protects="lender.labels", seen_by="payment", neighbouring="replace_one")
+                           protects="lender.labels", seen_by="payment", neighbouring="replace_one",
+                           computed_from=computed_from)
 
 
 def embedding_release(noise_multiplier: float, clip: float, count: int,

@@ -61,7 +61,8 @@ def clipped_label_gradients(p: torch.Tensor, y: torch.Tensor, jacobian_rows: tor
     For one logit z_i = f(x_i, h_i) the exact gradient is dL_i/dh_i = (p_i - y_i) * J_i with J_i = dz_i/dh_i.
     We clip J_i to `clip` (C_J). Changing y_i alone moves the residual (p_i - y_i) by at most 1 (p in [0, 1], y in
     {0, 1}), so g_i moves by at most C_J, along J_i. Two noise shapes, with the same Gaussian guarantee
-    (noise multiplier sigma, sensitivity 1, replace-one; record `label_gradient_release(sigma, clip, count=rounds)`):
+    (noise multiplier sigma, sensitivity 1, replace-one; record `label_gradient_release(sigma, clip, count)` with
+    count = rounds - 1 gradient exchanges: the last round sends none):
 
     - "isotropic": g_i = (p_i - y_i) J_i + N(0, (sigma C_J)^2 I), noise in every coordinate;
     - "residual": g_i = (p_i - y_i + sigma * xi_i) J_i, xi_i ~ N(0, 1): the noise sits on the one scalar the label

@@ -31,23 +31,17 @@ class SetupRequest(_Record):
 
 # -- replies -------------------------------------------------------------------------------------------------------
 class TableSize(_Record):
-    """setup reply: the size of the party's table (disclosed by design; the report shows it)."""
+    """setup reply: the size of the party's table (disclosed by design; the report shows it). Nothing computed from
+    labels: the lender's default rate is its own evaluation and stays in its folder (clients/lender/party.py)."""
 
     type: Literal["table"] = "table"
     rows: int
     features: int
-    default_rate: float | None = Field(None, description="lender only: the base rate of its own labels")
-
-
-class LenderOnly(_Record):
-    """The lender's best model on its own features, same users and split, clean labels: test metrics only."""
-
-    model: str
-    metrics: dict[str, float]
 
 
 class AlignmentSizes(_Record):
-    """align.match reply (lender): sizes of its set, of the intersection and of the keyed split."""
+    """align.match reply (lender): sizes of its set, of the intersection and of the keyed split (released counts;
+    the lender-only baseline it may fit is its own evaluation, never in this reply)."""
 
     type: Literal["alignment"] = "alignment"
     lender_rows: int
@@ -55,7 +49,6 @@ class AlignmentSizes(_Record):
     train: int
     val: int
     test: int
-    lender_only: LenderOnly | None = Field(None, description="when the run config enables baselines")
 
 
 class Embedded(_Record):
