@@ -209,6 +209,7 @@ LABEL_RUN = ["training.rounds=3", "training.local_epochs=1", "training.batch_siz
              "privacy.dpsgd_batch_size=256", "privacy.dpsgd_local_epochs=1", "audit.record_transcripts=true"]
 
 
+@pytest.mark.slow
 def test_the_lender_charges_rr_dp_sgd_and_every_exchange(party_data: tuple[Path, dict], tmp_path: Path) -> None:
     data, _ = party_data
     run_dir = tmp_path / "run"

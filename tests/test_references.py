@@ -126,6 +126,7 @@ def test_tuned_references_on_data_cache_hit_and_miss(tmp_path: Path, monkeypatch
     assert references.data_hash(changed) != references.data_hash(data)  # changed data: a different key
 
 
+@pytest.mark.slow
 def test_local_run_prints_and_writes_the_lift_kept(party_data: tuple[Path, dict], tmp_path: Path) -> None:
     """`fedscore train` prints the lift kept beside the AUCs; the figures land in RUN_DIR/parties/evaluation/ only
     (with a README saying it is a local simulation) and in the operator's copy of report.html there, labelled as

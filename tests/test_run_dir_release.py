@@ -221,6 +221,7 @@ def private_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "run"
 
 
+@pytest.mark.slow
 def test_the_run_dir_holds_only_named_releases(private_run: Path) -> None:
     run = private_run
     seen = walk_run_dir(run)
@@ -237,6 +238,7 @@ def test_the_run_dir_holds_only_named_releases(private_run: Path) -> None:
     assert settings == json.loads(config.privacy.model_dump_json())
 
 
+@pytest.mark.slow
 def test_label_derived_numbers_stay_in_the_lenders_folder(private_run: Path) -> None:
     run = private_run
     evaluation = json.loads((run / "parties" / "lender" / EVALUATION_FILE).read_text())
@@ -259,6 +261,7 @@ def test_label_derived_numbers_stay_in_the_lenders_folder(private_run: Path) -> 
     assert all(set(r) - {"round"} and all(METRIC_NAME.match(k) for k in set(r) - {"round"}) for r in outcome["rounds"])
 
 
+@pytest.mark.slow
 def test_the_report_is_built_from_the_top_level_files_alone(private_run: Path, tmp_path: Path) -> None:
     """report.html shows nothing beyond the top-level JSON files: rebuilt without parties/, it is the same page."""
     from fedscore.report import render
@@ -279,6 +282,7 @@ def test_the_report_is_built_from_the_top_level_files_alone(private_run: Path, t
     ("outcome.json", lambda d: d["rounds"][0].update(train_auc=0.9), "train_auc"),
     ("privacy-report.json", lambda d: d.update(label_mean=0.2), "label_mean"),
 ])
+@pytest.mark.slow
 def test_the_walker_catches_planted_items(private_run: Path, name: str, plant: Any, match: str) -> None:
     data = json.loads((private_run / name).read_text())
     plant(data)
@@ -286,6 +290,7 @@ def test_the_walker_catches_planted_items(private_run: Path, name: str, plant: A
         check_json(name, data)
 
 
+@pytest.mark.slow
 def test_the_walker_catches_a_new_file(private_run: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(private_run, copy, ignore=shutil.ignore_patterns("model"))
