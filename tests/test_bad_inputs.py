@@ -163,7 +163,8 @@ def test_a_spent_budget_is_refused_through_the_cli(bases: dict[str, Path], tmp_p
     assert first[0] == 0, first[1]
     code, output = _run(bases["features"], tmp_path / "second", [], homes=tmp_path / "homes")
     assert code != 0 and "Traceback" not in output
-    assert "lender.labels@payment" in " ".join(output.split())
+    text = " ".join(output.split())
+    assert "lender.labels@payment exceeded" in text and "nothing was recorded" in text
     assert not (tmp_path / "second" / "metrics.json").exists()
 
 

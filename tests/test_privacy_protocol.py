@@ -49,10 +49,11 @@ def test_every_reported_epsilon_recomputes_from_the_report(private_run: Path) ->
     assert [m["sampling"] for m in labels["mechanisms"][1:]].count("poisson") == 3
     assert labels["composition"] == "rr_mixture" and labels["epsilon"] < 2.0 and labels["attack_ceiling"]
     features = by_key["payment.features@lender"]
-    # the embeddings: 3 rounds, no amplification between parties; the payment model the lender sees through them:
-    # its DP standardisation statistics (once) and its DP-SGD in the 2 rounds it actually trained (round 0 has no
-    # gradients to apply)
-    assert sorted(m["sampling"] for m in features["mechanisms"]) == ["none"] * 4 + ["poisson"] * 2
+    # the partial logits: 3 rounds, of which round 0's is the constant 0 of a head that starts at zero (released
+    # without noise or charge), so 2 charged releases, no amplification between parties; the payment model the lender
+    # sees through them: its DP standardisation statistics (once) and its DP-SGD in the 2 rounds it actually trained
+    # (round 0 has no gradients to apply)
+    assert sorted(m["sampling"] for m in features["mechanisms"]) == ["none"] * 3 + ["poisson"] * 2
     assert features["neighbouring"] == "replace_one"
     assert features["epsilon"] == pytest.approx(8.0, abs=0.05)
     joint = by_key["joint.records@outsider"]

@@ -20,19 +20,14 @@ import pytest
 from fedscore.runs import run_inprocess
 from fedscore.server.flower_server import FlowerTransport, PartyDown
 from fedscore.shared.config import load_config
-from fedscore.shared.party_home import LEDGER_FILE
 from fedscore.shared.protocol.messages import MessageKind, request
 from tests.conftest import FAST, SECRET, fresh_homes
 from tests.test_federation import _alive, _served, _wait_for
+from tests.test_resume import _releases  # a ledger without what differs between runs (ids, the draw's name)
 
 SETTINGS = [*FAST, "training.rounds=4", "baselines.enabled=false", "privacy.enabled=true",
             "privacy.dpsgd_batch_size=256", "privacy.replayable_noise=true"]
 FEDSCORE = str(Path(sys.executable).parent / "fedscore")
-
-
-def _releases(home: Path) -> list[tuple[str, str, str]]:
-    entries = json.loads((home / LEDGER_FILE).read_text())["entries"]
-    return sorted((e["guarantee"], json.dumps(e["mechanisms"], sort_keys=True), e["note"]) for e in entries)
 
 
 @pytest.mark.federation

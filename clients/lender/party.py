@@ -315,6 +315,13 @@ class LenderParty(PartyBase):
         from fedscore.shared.model.export_onnx import LENDER_FILE, export_lender_part
 
         out = self.settings.state_dir / "export"
+        privacy = self.config.privacy
+        if privacy.labels_protected and "dpsgd" not in self.state:  # charged before the part is written
+            from fedscore.shared.privacy.dp_sgd import released_lender_part
+
+            self.ledger.charge([released_lender_part(privacy, self._label_draw)], "lender.labels@payment",
+                               note="the lender's part, trained without DP-SGD on the randomized labels, released "
+                                    "with the model (not DP: the labels' bound rests on randomized response alone)")
         export_lender_part(model, Scaler(**self.state["scaler"]), out / LENDER_FILE)
         write_json_atomic(out / "lender_part.json", {"scaler": self.state["scaler"],
                                                      "reference": self.state["reference"]})

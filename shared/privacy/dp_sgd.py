@@ -123,7 +123,18 @@ def planned_label_records(privacy: PrivacyConfig, plan: DpSgdPlan | None, rounds
                                         draw=draw)]
     if plan is not None:
         records += [label_training_release(plan, plan.steps_per_round, draw)] * dp_sgd_rounds(rounds)["lender"]
+    else:
+        records += [released_lender_part(privacy, draw)]
     return records + [label_exchange_release(privacy, plan is not None, draw)] * exchanges
+
+
+def released_lender_part(privacy: PrivacyConfig, draw: str) -> GaussianRelease:
+    """The lender's part trained WITHOUT DP-SGD on the randomized labels, released with the model (whoever holds the
+    bundle, the payment holder included, sees it): not DP (noise 0), so the guarantee is randomized response's own.
+    With DP-SGD its steps (`label_training_release`) already cover the released part."""
+    from fedscore.shared.privacy import label_gradient_release
+
+    return label_gradient_release(0.0, privacy.gradient_clip, 1, draw)
 
 
 def label_exchange_release(privacy: PrivacyConfig, lender_dp_sgd: bool, draw: str) -> GaussianRelease:
