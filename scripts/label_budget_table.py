@@ -30,7 +30,7 @@ def label_records(config: FedConfig, n_train: int, exchanges: int) -> list:
     privacy = config.privacy
     if privacy.label_epsilon is None:
         raise SystemExit("privacy.label_epsilon is unset: the labels are unprotected, there is nothing to compose")
-    plan = plan_dp_sgd(privacy, n_train, config.training.rounds) if privacy.dp_sgd else None
+    plan = plan_dp_sgd(privacy, n_train, config.training.rounds, "lender") if privacy.dp_sgd else None
     return planned_label_records(privacy, plan, config.training.rounds, exchanges, "randomized-response:table")
 
 

@@ -130,6 +130,10 @@ class PrivacyConfig(_Strict):
     outsider_epsilon: float | None = Field(3.0, gt=0, description="DP-SGD target for each released part")
     dpsgd_noise_multiplier: float | None = Field(
         None, ge=0.3, description="below ~0.3 the eps is meaningless (hundreds) and the PRV accountant crawls")
+    lender_dpsgd_noise_multiplier: float | None = Field(
+        None, ge=0.3, description="the lender's top's own DP-SGD noise; the payment part is then calibrated to what "
+        "is left of outsider_epsilon. A noisier top (it has a handful of parameters) costs the labels' guarantee "
+        "against the payment holder far less. None = both parts take the same noise")
     # tuned on UCI (BENCHMARKS.md): per-sample gradient norms are heavy-tailed (median ~0.4, p90 2-5), so a clip
     # of 1 cut the hard, mostly-default examples; at 3 the noise costs ~0.005 AUC
     dpsgd_clip: float = Field(3.0, gt=0, description="per-sample gradient clip (max_grad_norm)")

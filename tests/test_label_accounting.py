@@ -248,3 +248,21 @@ def test_a_plan_over_budget_is_refused_before_anything_is_recorded(tmp_path: Pat
     assert ledger.entries == []
     assert Ledger(tmp_path / "other.json", {LABELS: tight + 1e-6}, DELTA, party="lender").check(
         records, LABELS) == pytest.approx(tight)
+
+
+def test_a_noisier_lender_top_leaves_the_rest_of_the_outsider_budget_to_the_payment_part() -> None:
+    """`privacy.lender_dpsgd_noise_multiplier`: the lender's plan takes that noise, the payment part is calibrated so
+    both parts' steps and both scalers still compose to the outsider target, and less noise than a shared split."""
+    from fedscore.shared.config import load_config
+    from fedscore.shared.privacy.accounting import epsilon_for
+    from fedscore.shared.privacy.dp_sgd import dp_sgd_rounds, part_release, plan_dp_sgd, scaler_releases
+
+    shared = load_config(None, []).privacy
+    split = load_config(None, ["privacy.lender_dpsgd_noise_multiplier=10"]).privacy
+    lender, payment = plan_dp_sgd(split, 20000, 4, "lender"), plan_dp_sgd(split, 20000, 4, "payment")
+    assert lender.noise_multiplier == 10.0
+    assert payment.noise_multiplier < plan_dp_sgd(shared, 20000, 4, "payment").noise_multiplier
+    rounds = dp_sgd_rounds(4)
+    records = [*scaler_releases(split), part_release(lender, lender.steps_per_round * rounds["lender"]),
+               part_release(payment, payment.steps_per_round * rounds["payment"])]
+    assert epsilon_for(records, split.delta) <= 3.0 * 1.002

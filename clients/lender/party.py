@@ -128,7 +128,7 @@ class LenderParty(PartyBase):
             from fedscore.shared.privacy.dp_sgd import plan_dp_sgd
 
             self.state["dpsgd"] = plan_dp_sgd(config.privacy, int((split == SPLIT_TRAIN).sum()),
-                                              config.training.rounds).to_dict()
+                                              config.training.rounds, "lender").to_dict()
         self.state["y_release"] = self._protect_labels(y, split == SPLIT_TRAIN)
         model = init_module(self._new_model(config.model.sent_dim), seeded(config.seed, "lender", "init"))
         self.state["model"] = model.state_dict()

@@ -103,7 +103,7 @@ class PaymentParty(PartyBase):
         if privacy.dp_sgd:
             from fedscore.shared.privacy.dp_sgd import plan_dp_sgd
 
-            self.state["dpsgd"] = plan_dp_sgd(privacy, n_train, config.training.rounds).to_dict()
+            self.state["dpsgd"] = plan_dp_sgd(privacy, n_train, config.training.rounds, "payment").to_dict()
         if privacy.features_protected:
             from fedscore.clients.payment.feature_privacy import plan_feature_noise
 

@@ -54,23 +54,35 @@ def gradient_exchanges(rounds: int) -> int:
     return rounds - 1
 
 
-def plan_dp_sgd(privacy: PrivacyConfig, n_train: int, rounds: int) -> DpSgdPlan:
-    """Noise for both released parts, calibrated to the outsider target over the steps both parts will take.
+def plan_dp_sgd(privacy: PrivacyConfig, n_train: int, rounds: int, party: str = "") -> DpSgdPlan:
+    """Noise for `party`'s released part ("lender" or "payment"; "" when both take the same), calibrated to the
+    outsider target over the steps both parts will take.
 
     Both parts are released, and each part's training touches both parties' rows of a user (the payment part
     through the gradients it receives, the lender part through the embeddings), so the outsider's guarantee for a
     user is the composition of BOTH parts' DP-SGD steps. Each party charges the steps it takes to its own ledger;
-    the report composes the two ledgers.
+    the report composes the two ledgers. With `lender_dpsgd_noise_multiplier` the lender's top (a handful of
+    parameters) takes that noise and the payment part is calibrated to what is left of the outsider target: a noisier
+    lender top costs the labels' guarantee against the payment holder far less (its DP-SGD is composed there).
     """
-    from fedscore.shared.privacy import calibrate_dp_sgd
+    from fedscore.shared.privacy import DpSgdRelease, calibrate_dp_sgd
 
     q = min(1.0, privacy.dpsgd_batch_size / max(n_train, 1))
     steps = privacy.dpsgd_local_epochs * math.ceil(1 / q)
     sigma = privacy.dpsgd_noise_multiplier
-    if sigma is None:
+    lender_sigma = privacy.lender_dpsgd_noise_multiplier
+    rounds_of = dp_sgd_rounds(rounds)
+    if party == "lender" and lender_sigma is not None:
+        sigma = lender_sigma
+    elif sigma is None:
         assert privacy.outsider_epsilon is not None
-        sigma = calibrate_dp_sgd(privacy.outsider_epsilon, privacy.delta, sample_rate=q,
-                                 steps=steps * sum(dp_sgd_rounds(rounds).values()), already=scaler_releases(privacy))
+        already, planned = scaler_releases(privacy), steps * sum(rounds_of.values())
+        if lender_sigma is not None:  # the lender's part at its own noise, the payment part takes the rest
+            already = [*already, DpSgdRelease(noise_multiplier=lender_sigma, sample_rate=q,
+                                              steps=steps * rounds_of["lender"], protects="joint.records")]
+            planned = max(1, steps * rounds_of["payment"])
+        sigma = calibrate_dp_sgd(privacy.outsider_epsilon, privacy.delta, sample_rate=q, steps=planned,
+                                 already=already)
     return DpSgdPlan(noise_multiplier=sigma, sample_rate=q, steps_per_round=steps, clip=privacy.dpsgd_clip,
                      lr=privacy.dpsgd_lr)
 
