@@ -105,7 +105,8 @@ def _unprotected(config: FedConfig) -> list[dict[str, str]]:
                     "what": "gradients computed from clean labels are sent to the payment holder"})
     if not privacy.features_protected:
         out.append({"protects": "payment.features", "against": "lender",
-                    "what": "embeddings are sent to the lender without noise"})
+                    "what": ("the payment holder's partial logits are" if config.model.payment_output == "partial_logit"
+                             else "embeddings are") + " sent to the lender without noise"})
     if not privacy.dp_sgd:
         out.append({"protects": "joint.records", "against": "outsider",
                     "what": "the released model parts are trained without DP-SGD"})
