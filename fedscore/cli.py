@@ -266,9 +266,7 @@ def federate(data: Annotated[Path | None, typer.Option(help="DIR with payment/ a
 
 
 # the synthetic data has a rarer default (7.5%) than UCI (22%): DP-SGD needs more steps there (BENCHMARKS.md)
-# issue 18 (BENCHMARKS.md "Synthetic default data"): with one partial logit per user the payment holder's update is
-# weak on this data; a fixed, public gradient scale of 4 kept 61% of the lift against 23% at 1 (same split)
-DEMO_SETTINGS = ["privacy.dpsgd_local_epochs=6", "privacy.feature_gradient_scale=4"]
+DEMO_SETTINGS = ["privacy.dpsgd_local_epochs=6"]
 
 
 @app.command()
