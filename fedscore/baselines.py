@@ -17,6 +17,7 @@ table and `fedscore experiment` in local runs, where one operator holds everythi
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,19 +40,37 @@ def _preprocessed(table: PartyTable) -> tuple[np.ndarray, np.ndarray]:
     return scaler.transform(table.values), scaler.clip(table.values)
 
 
+@dataclass(frozen=True)
+class AlignedTables:
+    """Both parties' tables with the users they share, aligned and split exactly as the federation does (keyed
+    tokens, keyed split): what every operator-side reference is fitted on."""
+
+    lender: PartyTable
+    payment: PartyTable
+    labels: np.ndarray  # the aligned users' labels
+    lender_rows: np.ndarray
+    payment_rows: np.ndarray
+    split: np.ndarray
+
+
+def aligned_tables(data_dir: Path, config: FedConfig, secret: bytes) -> AlignedTables:
+    payment = load_payment_table(Path(data_dir) / "payment")
+    lender, labels = load_lender_table(Path(data_dir) / "lender")
+    common, l_rows, p_rows = np.intersect1d(keyed_tokens(lender.ids, secret), keyed_tokens(payment.ids, secret),
+                                            return_indices=True)
+    split = assign_splits(common, config.split.test_fraction, config.split.val_fraction, secret)
+    return AlignedTables(lender, payment, np.asarray(labels)[l_rows], l_rows, p_rows, np.asarray(split))
+
+
 def centralized_baselines(data_dir, config: FedConfig, secret: bytes) -> dict[str, dict[str, float]]:
     configure_torch()
-    payment = load_payment_table(data_dir / "payment")
-    lender, labels = load_lender_table(data_dir / "lender")
-    p_tokens = keyed_tokens(payment.ids, secret)
-    l_tokens = keyed_tokens(lender.ids, secret)
-    common, l_rows, p_rows = np.intersect1d(l_tokens, p_tokens, return_indices=True)
-    split = assign_splits(common, config.split.test_fraction, config.split.val_fraction, secret)
-    (l_scaled, l_raw), (p_scaled, p_raw) = _preprocessed(lender), _preprocessed(payment)
+    aligned = aligned_tables(data_dir, config, secret)
+    l_rows, p_rows, split = aligned.lender_rows, aligned.payment_rows, aligned.split
+    (l_scaled, l_raw), (p_scaled, p_raw) = _preprocessed(aligned.lender), _preprocessed(aligned.payment)
     scaled = np.hstack([l_scaled[l_rows], p_scaled[p_rows]])
     raw = np.hstack([l_raw[l_rows], p_raw[p_rows]])
     hidden = [*config.model.payment_hidden, *config.model.lender_hidden]
-    best = best_reference(scaled, raw, labels[l_rows], split, hidden=hidden, epochs=config.baselines.epochs,
+    best = best_reference(scaled, raw, aligned.labels, split, hidden=hidden, epochs=config.baselines.epochs,
                           lr=config.training.lr, batch_size=config.training.batch_size, seed=config.seed)
     return {"centralized": best}
 

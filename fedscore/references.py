@@ -224,18 +224,11 @@ def aligned_features(data_dir: Path, config: FedConfig, secret: bytes
     """(lender columns, payment columns, labels, split) of the users both parties hold, aligned and split exactly as
     the federation does (keyed tokens, keyed split); each party's schema-clipped raw values, as the GBDT baseline
     sees them."""
-    from fedscore.baselines import _preprocessed
-    from fedscore.clients.lender.data import load_lender_table
-    from fedscore.clients.payment.data import load_payment_table
-    from fedscore.shared.protocol.splits import assign_splits, keyed_tokens
+    from fedscore.baselines import _preprocessed, aligned_tables
 
-    payment = load_payment_table(Path(data_dir) / "payment")
-    lender, labels = load_lender_table(Path(data_dir) / "lender")
-    common, l_rows, p_rows = np.intersect1d(keyed_tokens(lender.ids, secret), keyed_tokens(payment.ids, secret),
-                                            return_indices=True)
-    split = assign_splits(common, config.split.test_fraction, config.split.val_fraction, secret)
-    return (_preprocessed(lender)[1][l_rows], _preprocessed(payment)[1][p_rows], np.asarray(labels)[l_rows],
-            np.asarray(split))
+    aligned = aligned_tables(Path(data_dir), config, secret)
+    return (_preprocessed(aligned.lender)[1][aligned.lender_rows],
+            _preprocessed(aligned.payment)[1][aligned.payment_rows], aligned.labels, aligned.split)
 
 
 def tuned_references(data_dir: Path, config: FedConfig, secret: bytes | str, cache_dir: Path | None = None,
