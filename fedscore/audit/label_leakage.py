@@ -19,6 +19,9 @@ holds its own bottom model and features. It never sees the lender's state.
   fitted on the known labels, applied to the other training users and to held-out users (features alone predict
   defaults, so the leak is the gap between the two).
 
+Each score attack is reported at its better orientation, max(AUC, 1 - AUC): which way a score points is one bit,
+and an attacker who orients by the known users' few labels can get it wrong where one who orients by the base rate
+(defaulters are the minority) would not; an AUC of 0.40 is a leak of 0.60, never "below chance".
 Each is scored per exchange and pooled over exchanges, on real training users (canaries and known users excluded).
 R rounds make R-1 exchanges (rounds 0..R-2): the lender computes no gradients in the last round (nobody would receive
 them), so the payment holder's transcript holds every gradient that exists; none sits unaudited elsewhere.
@@ -190,8 +193,10 @@ def label_attacks(views: RunViews, epsilon: float | None) -> dict[str, Any]:
     for exchange, scores in per.items():
         where = "pooled over exchanges" if exchange == "pooled" else f"exchange {exchange}"
         for key, label in SCORE_ATTACKS.items():
+            value = _auc(y, scores[key][evaluate])
             rows.append({"attack": label, "exchange": where, "metric": "AUC",
-                         "value": _auc(y, scores[key][evaluate]), "chance": 0.5, "ceiling": ceiling})
+                         "value": max(value, 1.0 - value), "chance": 0.5, "ceiling": ceiling,
+                         "as_oriented": value})
         rows.append({"attack": LABEL_INFERENCE, "exchange": where, "metric": "accuracy",
                      "value": float(((scores["cosine"][evaluate] > 0) == (y == 1)).mean()),
                      "chance": float(max(y.mean(), 1 - y.mean())), "ceiling": ceiling})
