@@ -19,6 +19,8 @@ os.environ.setdefault("FEDSCORE_TORCH_THREADS", "1")
 configure_torch()
 # never the user's ~/.fedscore: a session-wide default, replaced per test by `party_homes_in_tmp` below
 os.environ["FEDSCORE_HOME"] = tempfile.mkdtemp(prefix="fedscore-test-home-")
+# accountant answers shared by this test process and the processes it starts, never by another test run
+os.environ["FEDSCORE_ACCOUNTING_CACHE"] = tempfile.mkdtemp(prefix="fedscore-test-accounting-")
 
 
 # the parties' public declarations for make_party_data's columns (chosen by hand, not from the generated rows)

@@ -347,7 +347,16 @@ def account(mechanisms: Sequence[Mechanism], delta: float) -> tuple[float, str]:
 
 @functools.lru_cache(maxsize=256)
 def _account(mechanisms: tuple[Mechanism, ...], delta: float) -> tuple[float, str]:
-    """Records are frozen, so the same list always has the same epsilon: a report or ledger asks repeatedly."""
+    """Records are frozen, so the same list always has the same epsilon: a report or ledger asks repeatedly, and
+    so does every other process (the disk cache, accounting_cache.py)."""
+    from fedscore.shared.privacy.accounting_cache import cached
+
+    epsilon, name = cached("account", {"records": [m.model_dump(mode="json") for m in mechanisms], "delta": delta},
+                           lambda: _account_uncached(mechanisms, delta), encode=list, decode=tuple)
+    return float(epsilon), str(name)
+
+
+def _account_uncached(mechanisms: tuple[Mechanism, ...], delta: float) -> tuple[float, str]:
     pld = pld_epsilon(mechanisms, delta)
     if prv_applies(mechanisms):
         prv = prv_epsilon(mechanisms, delta)  # type: ignore[arg-type]  # prv_applies excludes RR

@@ -60,10 +60,20 @@ def _smallest_meeting(eps_of: Callable[[float], float], target: float, rtol: flo
 
 def calibrate_noise_multiplier(template: GaussianRelease | DpSgdRelease, target_epsilon: float, delta: float, *,
                                already: Sequence[Mechanism] = (), rtol: float = 1e-3) -> float:
-    """Noise multiplier for `template` (its own value ignored) so the guarantee with `already` is <= target."""
+    """Noise multiplier for `template` (its own value ignored) so the guarantee with `already` is <= target.
+    Answers are kept in the accountant's disk cache (accounting_cache.py): the search costs seconds per process."""
     if not target_epsilon > 0:
         raise CalibrationError(f"target epsilon must be > 0, got {target_epsilon}")
-    already = list(already)
+    from fedscore.shared.privacy.accounting_cache import cached
+
+    question = {"template": template.model_dump(mode="json"), "target": target_epsilon, "delta": delta,
+                "already": [m.model_dump(mode="json") for m in already], "rtol": rtol}
+    return float(cached("calibrate", question,
+                        lambda: _calibrate(template, target_epsilon, delta, list(already), rtol)))
+
+
+def _calibrate(template: GaussianRelease | DpSgdRelease, target_epsilon: float, delta: float,
+               already: list[Mechanism], rtol: float) -> float:
 
     def with_noise(sigma: float) -> list[Mechanism]:
         return [*already, template.model_copy(update={"noise_multiplier": sigma})]

@@ -54,9 +54,13 @@ def entry_event(entry: dict[str, Any], relation: Neighbouring) -> dp_accounting.
         raise ValueError(f"report entry of unknown kind {kind!r}")
     scale = 2.0 if relation == "replace_one" else 1.0
     sigma = float(entry["noise_multiplier"]) / float(entry["sensitivity"])
-    event: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(scale * sigma)
-    if entry.get("sampling", "none") == "poisson":
-        event = dp_accounting.PoissonSampledDpEvent(float(entry["sample_rate"]), event)
+    if entry.get("sampling", "none") != "poisson":
+        # k Gaussians of multiplier s on one user are exactly one Gaussian of s / sqrt(k) (the privacy loss of a
+        # Gaussian pair is Gaussian, and k of them add up to one): one event, instead of a k-fold self-composition
+        # whose cost grows with k (an online service's k-th answer) and whose discretisation error adds up
+        return dp_accounting.GaussianDpEvent(scale * sigma / math.sqrt(count))
+    event = dp_accounting.PoissonSampledDpEvent(float(entry["sample_rate"]), dp_accounting.GaussianDpEvent(
+        scale * sigma))
     return dp_accounting.SelfComposedDpEvent(event, count)
 
 
