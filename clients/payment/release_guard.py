@@ -1,16 +1,19 @@
 """The payment holder's guard for online scoring: every answer is a release of one user's embedding to the lender.
 
-It charges the party's lifetime ledger (`home/privacy-ledger.json`, the same one training charges) and adds the
+It charges the party's lifetime ledger (`home/privacy-ledger.sqlite`, the same one training charges) and adds the
 same noise training assumed (`served/S.json`: sigma, clip, neighbouring), drawn from a `NoiseSource` keyed from the
 OS, so no seed, bundle or counterparty can replay it.
 
-Accounting is per user, worst case over users, per model version: `home/online-releases.json` counts each user's
-online releases under each payment part sha256, and the ledger is charged one release when some user's count for
-that version passes the version's previous maximum (another user's first answer adds nothing to the worst case).
-Per version, because versions may differ in sigma: a user's lifetime total is the sum of its per-version counts,
-each bounded by that version's charged maximum. Both files are written before the answer leaves (write-ahead). A
-service holds `home/online-releases.lock` for its lifetime: the counts live in its memory, so two services on one
-home would undercount.
+Accounting is per user, worst case over users, per model version: every answer is appended to the `releases`
+table of the party's ledger (`home/privacy-ledger.sqlite`: model version, user, this user's n-th answer under it),
+and the ledger is charged one release when some user's count for that version passes the version's previous maximum
+(another user's first answer adds nothing to the worst case). Per version, because versions may differ in sigma: a
+user's lifetime total is the sum of its per-version counts, each bounded by that version's charged maximum. The answer
+row and the charge are written in one transaction that is durable (fsynced) before the answer leaves; concurrent
+answers share that transaction (group commit, `shared/privacy/ledger_store.py`), so `before_release` may be called
+from many threads at once (`thread_safe`). A service holds `home/online-releases.lock` for its lifetime: the counts
+live in its memory, so two services on one home would undercount. The old `home/online-releases.json` (counts
+rewritten whole per answer) is migrated into the ledger on first start and kept as `.json.migrated`.
 
 When training ran without feature protection (`feature_sigma` null) there is no feature guarantee to charge. The
 guard then refuses to be built unless the operator passes `allow_unprotected` (`--allow-unprotected`), which records
@@ -21,7 +24,11 @@ budget for payment.features@lender, since that budget would promise a protection
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
+import sqlite3
+import threading
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -106,17 +113,28 @@ class LedgerGuard:
         if self.source.replayable:
             raise GuardRefused("online noise must come from an OS-keyed NoiseSource, not a replayable one")
         self.home = Path(home)
+        from fedscore.shared.privacy.ledger_store import LedgerDamaged, LedgerUnavailable
+
         try:
             self.ledger = Ledger(self.home / LEDGER_FILE, self.budgets, meta.delta, party="payment")
         except ValueError as exc:  # unreadable or another party's ledger, a malformed budget: do not guess
             raise GuardRefused(str(exc)) from None
         self._lock = _LifetimeLock(self.home / COUNTS_LOCK)
-        self.counts_file = self.home / COUNTS_FILE
-        self.all_counts: dict[str, dict[str, int]] = self._read_counts()
-        self.counts = self.all_counts.setdefault(served.sha256, {})
+        try:
+            self._store = self.ledger._store
+            self._store.ensure_created()
+            self._migrate_counts()
+            self.model_id, self.counts = self._store.submit(self._load_counts)
+        except (LedgerDamaged, LedgerUnavailable, GuardRefused) as exc:
+            self._lock.release()
+            raise GuardRefused(str(exc)) from None
         self.worst = max(self.counts.values(), default=0)
+        self._prepare_next_charge()
+        self._noise_lock = threading.Lock()  # the noise source's keystream is not shared between threads
         if self.sigma is None:
             record_disclosure(self.home, "payment.features", EMBEDDINGS_DISCLOSURE)
+
+    thread_safe = True  # before_release and noise may be called from many threads at once (group commit)
 
     def _check_protection(self, home: Path, allow_unprotected: bool) -> None:
         if self.sigma is None:
@@ -131,33 +149,98 @@ class LedgerGuard:
         elif GUARANTEE not in self.budgets:
             raise GuardRefused(f"no budget for {GUARANTEE}: pass --budget {GUARANTEE}=EPS")
 
-    def _read_counts(self) -> dict[str, dict[str, int]]:
-        if not self.counts_file.exists():
-            return {}
+    def _migrate_counts(self) -> None:
+        """Move the old `online-releases.json` (version 1, rewritten whole per answer) into the ledger's releases
+        table, once, then keep it renamed `.json.migrated`. A crash between the two leaves the JSON and a
+        `migrated:` mark holding its sha256 in the ledger: the next start only renames it."""
+        from fedscore.shared.privacy.ledger_store import _retire
+
+        path = self.home / COUNTS_FILE
+        if not path.exists():
+            return
+        raw = path.read_bytes()
+        digest = hashlib.sha256(raw).hexdigest()
         try:
-            data = json.loads(self.counts_file.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise GuardRefused(f"{self.counts_file}: unreadable ({exc}); refusing to guess what was released") from None
-        if not isinstance(data, dict) or data.get("version") != 1 or not isinstance(data.get("by_model"), dict):
-            raise GuardRefused(f"{self.counts_file}: not a per-model release count file (version 1); refusing to "
-                               "guess what was released")
-        return data["by_model"]
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise GuardRefused(f"{path}: unreadable ({exc}); refusing to guess what was released. It was not "
+                               "changed: restore it from a backup") from None
+        if not isinstance(data, dict) or data.get("version") != 1 or not isinstance(data.get("by_model"), dict) \
+                or not all(isinstance(c, dict) and all(isinstance(n, int) and n >= 0 for n in c.values())
+                           for c in data["by_model"].values()):
+            raise GuardRefused(f"{path}: not a per-model release count file (version 1); refusing to guess what "
+                               "was released")
+        mark = f"migrated:{COUNTS_FILE}"
+
+        def migrate(conn: sqlite3.Connection) -> None:
+            done = conn.execute("SELECT value FROM meta WHERE key = ?", (mark,)).fetchone()
+            if done is not None:
+                if done[0] != digest:
+                    raise GuardRefused(f"{path}: release counts beside a ledger that already migrated other counts "
+                                       f"({self._store.path}); refusing to guess which are right")
+                return
+            for sha, counts in data["by_model"].items():
+                model = _model_id(conn, sha)
+                conn.executemany("INSERT INTO releases (model, user_id, n, released_at) VALUES (?, ?, ?, NULL)",
+                                 [(model, user, n) for user, n in counts.items() if n > 0])
+            conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (mark, digest))
+
+        self._store.submit(migrate)
+        _retire(path)
+
+    def _load_counts(self, conn: sqlite3.Connection) -> tuple[int, dict[str, int]]:
+        """This version's id in the ledger and each user's answers so far (max n per user)."""
+        model = _model_id(conn, self.served.sha256)
+        rows = conn.execute("SELECT user_id, MAX(n) FROM releases WHERE model = ? GROUP BY user_id", (model,))
+        return model, dict(rows.fetchall())
 
     def before_release(self, user_id: str) -> None:
-        """Count the release (and charge the ledger if it raises the worst case), write-ahead; or refuse."""
+        """Count the release (and charge the ledger if it raises the worst case), durably, before the answer
+        leaves; or refuse. Thread-safe: concurrent calls share one commit."""
+        self._store.submit(lambda conn: self._record(conn, user_id))
+
+    def _record(self, conn: sqlite3.Connection, user_id: str) -> None:
+        """Inside the ledger's write transaction (one writer thread: the counts need no lock of their own). The
+        in-memory counts change only after the rows are written; a commit that then fails leaves them one higher
+        than the ledger, which over-counts (safe), never under-counts."""
         from fedscore.shared.privacy import BudgetExceeded, embedding_release
 
         count = self.counts.get(user_id, 0) + 1
+        entry = None
         if self.sigma is not None and count > self.worst:
             record = embedding_release(self.sigma, self.clip, 1, self.neighbouring)
+            note = f"online scoring of model {self.served.sha256[:12]}: a user's {count}th online release"
             try:
-                self.ledger.charge([record], GUARANTEE, note=f"online scoring of model {self.served.sha256[:12]}: "
-                                                             f"a user's {count}th online release")
+                _, entry = self.ledger.charge_in(conn, [record.to_dict()], GUARANTEE, note=note)
             except BudgetExceeded as exc:
                 raise ReleaseRefused(str(exc)) from exc
+        conn.execute("INSERT INTO releases (model, user_id, n, released_at, entry) VALUES (?, ?, ?, ?, ?)",
+                     (self.model_id, user_id, count, time.time(), entry))
         self.counts[user_id] = count
         self.worst = max(self.worst, count)
-        write_json_atomic(self.counts_file, {"version": 1, "by_model": self.all_counts})
+        if entry is not None:
+            self._prepare_next_charge(conn)
+
+    def _prepare_next_charge(self, conn: sqlite3.Connection | None = None) -> None:
+        """Compose, in the background, what the next raise of the worst case would cost, so that the charge made
+        while answers wait on the ledger's commit finds it in the accountant's cache (`account` is memoised on the
+        records): a PLD composition takes ~0.3 s, far longer than an answer may. If another process charges
+        meanwhile the records differ and the charge composes afresh: slower, never wrong."""
+        if self.sigma is None:
+            return
+        from fedscore.shared.privacy import embedding_release
+        from fedscore.shared.privacy.accounting import account
+        from fedscore.shared.privacy.ledger import _mechanisms
+        from fedscore.shared.privacy.ledger_store import select_entries
+
+        if conn is None:
+            with self._store.reading() as reader:
+                entries = select_entries(reader, GUARANTEE)
+        else:
+            entries = select_entries(conn, GUARANTEE)
+        planned = [*_mechanisms(entries), embedding_release(self.sigma, self.clip, 1, self.neighbouring)]
+        delta = self.ledger.delta
+        threading.Thread(target=lambda: account(planned, delta), name="ledger-precompose", daemon=True).start()
 
     def noise(self, embedding: np.ndarray) -> np.ndarray:
         """Clip to the training clip, add N(0, (sigma * clip)^2) per coordinate; clean if unprotected (recorded)."""
@@ -166,8 +249,35 @@ class LedgerGuard:
         from fedscore.shared.privacy import clip_rows
 
         row = clip_rows(torch.from_numpy(np.asarray(embedding, dtype=np.float32))[None], self.clip)
-        return (row + self.source.normal(row.shape, std=self.sigma * self.clip))[0].numpy()
+        with self._noise_lock:
+            noise = self.source.normal(row.shape, std=self.sigma * self.clip)
+        return (row + noise)[0].numpy()
 
     def close(self) -> None:
         """Let another service use this home (the files stay)."""
         self._lock.release()
+
+
+def _model_id(conn: sqlite3.Connection, sha256: str) -> int:
+    """The ledger's id for a model version (payment part sha256), added on first use."""
+    row = conn.execute("SELECT id FROM models WHERE sha256 = ?", (sha256,)).fetchone()
+    if row is None:
+        return int(conn.execute("INSERT INTO models (sha256) VALUES (?)", (sha256,)).lastrowid or 0)
+    return int(row[0])
+
+
+def release_counts(home: Path) -> dict[str, dict[str, int]]:
+    """Per model version (payment part sha256), each user's online answers recorded in the party's ledger: what
+    `online-releases.json` used to hold (auditors, tests)."""
+    from fedscore.shared.privacy.ledger_store import open_store
+
+    store = open_store(Path(home) / LEDGER_FILE, "payment")
+    if not store.ready():
+        return {}
+    with store.reading() as conn:
+        rows = conn.execute("SELECT m.sha256, r.user_id, MAX(r.n) FROM releases r JOIN models m ON m.id = r.model "
+                            "GROUP BY r.model, r.user_id").fetchall()
+    out: dict[str, dict[str, int]] = {}
+    for sha, user, n in rows:
+        out.setdefault(sha, {})[user] = n
+    return out
