@@ -149,7 +149,7 @@ def test_online_answers_are_charged_per_user_worst_case_and_refused_past_the_bud
     report = json.loads((private_run / "privacy-report.json").read_text())
     spent = next(g["epsilon"] for g in report["guarantees"] if g["protects"] == "payment.features")
     budget = {"payment.features@lender": spent + 2.0, "joint.records@outsider": 3.0}  # room for one more
-    guard = LedgerGuard(home, load_served(home, sha), budget)
+    guard = LedgerGuard(home, load_served(home, sha), budget, ahead=0)  # charged exactly at each raise
     assert guard.sigma == sigma > 0
 
     guard.before_release("u1")  # the worst case goes from 0 to 1 online release: charged

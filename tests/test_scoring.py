@@ -600,7 +600,7 @@ def test_protected_answers_are_charged_noised_afresh_and_refused_past_the_budget
     for name in ("a", "b"):
         served = write_served(tmp_path / name, run / "model", ids, sigma=sigma, clip=clip)
         services.append(PaymentScoringService(payment_users, served,
-                                              LedgerGuard(tmp_path / name, served, {GUARANTEE: budget})))
+                                              LedgerGuard(tmp_path / name, served, {GUARANTEE: budget}, ahead=0)))
         server, port = build_payment_server(services[-1], port=0)
         servers.append(server)
         ports.append(port)

@@ -6,14 +6,21 @@ OS, so no seed, bundle or counterparty can replay it.
 
 Accounting is per user, worst case over users, per model version: every answer is appended to the `releases`
 table of the party's ledger (`home/privacy-ledger.sqlite`: model version, user, this user's n-th answer under it),
-and the ledger is charged one release when some user's count for that version passes the version's previous maximum
-(another user's first answer adds nothing to the worst case). Per version, because versions may differ in sigma: a
-user's lifetime total is the sum of its per-version counts, each bounded by that version's charged maximum. The answer
-row and the charge are written in one transaction that is durable (fsynced) before the answer leaves; concurrent
-answers share that transaction (group commit, `shared/privacy/ledger_store.py`), so `before_release` may be called
-from many threads at once (`thread_safe`). A service holds `home/online-releases.lock` for its lifetime: the counts
-live in its memory, so two services on one home would undercount. The old `home/online-releases.json` (counts
-rewritten whole per answer) is migrated into the ledger on first start and kept as `.json.migrated`.
+and the ledger's charges for that version cover a worst case (`online_charged.upto`): an answer whose count would
+pass it is charged first (another user's first answer adds nothing to the worst case). Per version, because versions
+may differ in sigma: a user's lifetime total is the sum of its per-version counts, each bounded by that version's
+charged worst case. The answer row (and any charge it needs) is written in one transaction that is durable before the
+answer leaves; concurrent answers share that transaction (group commit, `shared/privacy/ledger_store.py`), so
+`before_release` may be called from many threads at once (`thread_safe`).
+
+Charging ahead: composing a guarantee (dp-accounting PLD) takes seconds once the online releases pile up, far longer
+than an answer may wait, so a background thread keeps the charged worst case `ahead` releases above the actual one,
+`reserve` releases per charge, composing off the commit path; an answer charges inline (and waits) only if the
+background has not kept up. What this costs: the ledger may count up to `ahead + reserve - 1` releases more than the
+worst case actually answered (an over-count, never an under-count); `reserve=1, ahead=0` charges exactly at each
+raise, as before. A service holds `home/online-releases.lock` for its lifetime: the counts live in its memory, so
+two services on one home would undercount. The old `home/online-releases.json` (counts rewritten whole per answer)
+is migrated into the ledger on first start and kept as `.json.migrated`.
 
 When training ran without feature protection (`feature_sigma` null) there is no feature guarantee to charge. The
 guard then refuses to be built unless the operator passes `allow_unprotected` (`--allow-unprotected`), which records
@@ -26,6 +33,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -42,6 +50,8 @@ from fedscore.clients.payment.service import ReleaseRefused
 from fedscore.shared.atomic import write_json_atomic
 from fedscore.shared.party_home import LEDGER_FILE
 from fedscore.shared.privacy.secure_random import NoiseSource
+
+log = logging.getLogger(__name__)
 
 GUARANTEE = "payment.features@lender"
 COUNTS_FILE = "online-releases.json"
@@ -101,8 +111,13 @@ class LedgerGuard:
     """Charges the party's ledger per release (worst case over users) and noises what leaves."""
 
     def __init__(self, home: Path, served: ServedVersion, budgets: Mapping[str, float], *,
-                 allow_unprotected: bool = False, source: NoiseSource | None = None) -> None:
+                 allow_unprotected: bool = False, source: NoiseSource | None = None, reserve: int = 1,
+                 ahead: int = 1) -> None:
         from fedscore.shared.privacy import Ledger
+
+        if reserve < 1 or ahead < 0:
+            raise GuardRefused(f"reserve must be >= 1 and ahead >= 0, got {reserve} and {ahead}")
+        self.reserve, self.ahead = reserve, ahead
 
         meta = served.meta
         self.sigma, self.clip, self.neighbouring = meta.feature_sigma, meta.embedding_clip, meta.feature_neighbouring
@@ -124,13 +139,20 @@ class LedgerGuard:
             self._store = self.ledger._store
             self._store.ensure_created()
             self._migrate_counts()
-            self.model_id, self.counts = self._store.submit(self._load_counts)
+            self.model_id, self.counts, charged = self._store.submit(self._load_counts)
         except (LedgerDamaged, LedgerUnavailable, GuardRefused) as exc:
             self._lock.release()
             raise GuardRefused(str(exc)) from None
         self.worst = max(self.counts.values(), default=0)
-        self._prepare_next_charge()
+        self.charged = max(charged, self.worst)  # older ledgers charged exactly at each raise
+        self.inline_charges = 0  # answers that had to wait for a charge (the background did not keep up)
         self._noise_lock = threading.Lock()  # the noise source's keystream is not shared between threads
+        self._wake = threading.Condition()
+        self._closed = False
+        self._reserver: threading.Thread | None = None
+        if self.sigma is not None:
+            self._reserver = threading.Thread(target=self._reserve_loop, name="ledger-reserve", daemon=True)
+            self._reserver.start()
         if self.sigma is None:
             record_disclosure(self.home, "payment.features", EMBEDDINGS_DISCLOSURE)
 
@@ -188,59 +210,85 @@ class LedgerGuard:
         self._store.submit(migrate)
         _retire(path)
 
-    def _load_counts(self, conn: sqlite3.Connection) -> tuple[int, dict[str, int]]:
-        """This version's id in the ledger and each user's answers so far (max n per user)."""
+    def _load_counts(self, conn: sqlite3.Connection) -> tuple[int, dict[str, int], int]:
+        """This version's id in the ledger, each user's answers so far (max n per user), the charged worst case."""
         model = _model_id(conn, self.served.sha256)
         rows = conn.execute("SELECT user_id, MAX(n) FROM releases WHERE model = ? GROUP BY user_id", (model,))
-        return model, dict(rows.fetchall())
+        counts = dict(rows.fetchall())
+        charged = conn.execute("SELECT MAX(upto) FROM online_charged WHERE model = ?", (model,)).fetchone()[0]
+        return model, counts, int(charged or 0)
 
     def before_release(self, user_id: str) -> None:
-        """Count the release (and charge the ledger if it raises the worst case), durably, before the answer
-        leaves; or refuse. Thread-safe: concurrent calls share one commit."""
+        """Count the release (and charge the ledger if it passes the charged worst case), durably, before the
+        answer leaves; or refuse. Thread-safe: concurrent calls share one commit."""
         self._store.submit(lambda conn: self._record(conn, user_id))
 
     def _record(self, conn: sqlite3.Connection, user_id: str) -> None:
         """Inside the ledger's write transaction (one writer thread: the counts need no lock of their own). The
         in-memory counts change only after the rows are written; a commit that then fails leaves them one higher
         than the ledger, which over-counts (safe), never under-counts."""
-        from fedscore.shared.privacy import BudgetExceeded, embedding_release
+        from fedscore.shared.privacy import BudgetExceeded
 
         count = self.counts.get(user_id, 0) + 1
         entry = None
-        if self.sigma is not None and count > self.worst:
-            record = embedding_release(self.sigma, self.clip, 1, self.neighbouring)
-            note = f"online scoring of model {self.served.sha256[:12]}: a user's {count}th online release"
+        if self.sigma is not None and count > self.charged:
             try:
-                _, entry = self.ledger.charge_in(conn, [record.to_dict()], GUARANTEE, note=note)
+                entry = self._charge(conn, count)  # the background did not keep up: charge now, the answer waits
             except BudgetExceeded as exc:
                 raise ReleaseRefused(str(exc)) from exc
+            self.inline_charges += 1
         conn.execute("INSERT INTO releases (model, user_id, n, released_at, entry) VALUES (?, ?, ?, ?, ?)",
                      (self.model_id, user_id, count, time.time(), entry))
         self.counts[user_id] = count
         self.worst = max(self.worst, count)
-        if entry is not None:
-            self._prepare_next_charge(conn)
+        if self.sigma is not None and self.worst + self.ahead > self.charged:
+            with self._wake:
+                self._wake.notify()
 
-    def _prepare_next_charge(self, conn: sqlite3.Connection | None = None) -> None:
-        """Compose, in the background, what the next raise of the worst case would cost, so that the charge made
-        while answers wait on the ledger's commit finds it in the accountant's cache (`account` is memoised on the
-        records): a PLD composition takes ~0.3 s, far longer than an answer may. If another process charges
-        meanwhile the records differ and the charge composes afresh: slower, never wrong."""
-        if self.sigma is None:
-            return
+    def _charge(self, conn: sqlite3.Connection, upto: int) -> int | None:
+        """Charge the releases that take the charged worst case to `upto` (in the writer's transaction)."""
         from fedscore.shared.privacy import embedding_release
+
+        block = upto - self.charged
+        record = embedding_release(self.sigma, self.clip, block, self.neighbouring)  # type: ignore[arg-type]
+        note = (f"online scoring of model {self.served.sha256[:12]}: worst case {self.charged + 1}"
+                f"{f'..{upto}' if block > 1 else ''} online release(s) per user")
+        _, entry = self.ledger.charge_in(conn, [record.to_dict()], GUARANTEE, note=note)
+        conn.execute("INSERT INTO online_charged (model, upto, entry) VALUES (?, ?, ?)", (self.model_id, upto, entry))
+        self.charged = upto
+        return entry
+
+    def _reserve_loop(self) -> None:
+        """Keep the charged worst case `ahead` above the actual one, composing off the commit path (see the module
+        docstring). Stops for good once the budget refuses: answers past it are then refused inline."""
+        from fedscore.shared.privacy import BudgetExceeded, embedding_release
         from fedscore.shared.privacy.accounting import account
         from fedscore.shared.privacy.ledger import _mechanisms
         from fedscore.shared.privacy.ledger_store import select_entries
 
-        if conn is None:
-            with self._store.reading() as reader:
-                entries = select_entries(reader, GUARANTEE)
-        else:
-            entries = select_entries(conn, GUARANTEE)
-        planned = [*_mechanisms(entries), embedding_release(self.sigma, self.clip, 1, self.neighbouring)]
-        delta = self.ledger.delta
-        threading.Thread(target=lambda: account(planned, delta), name="ledger-precompose", daemon=True).start()
+        block = self.reserve
+        while True:
+            with self._wake:
+                while not self._closed and self.worst + self.ahead <= self.charged:
+                    self._wake.wait(1.0)
+                if self._closed:
+                    return
+            target = self.charged + block
+            try:
+                with self._store.reading() as conn:
+                    entries = select_entries(conn, GUARANTEE)
+                record = embedding_release(self.sigma, self.clip, block, self.neighbouring)  # type: ignore[arg-type]
+                account([*_mechanisms(entries), record], self.ledger.delta)  # memoised: the charge finds it
+                self._store.submit(lambda conn, upto=target: None if upto <= self.charged else self._charge(conn, upto))
+            except BudgetExceeded:
+                if block > 1:
+                    block = 1  # near the budget: one release at a time
+                    continue
+                log.info("online charging ahead stopped: the budget for %s is spent", GUARANTEE)
+                return
+            except Exception:  # the next answer charges inline and reports a real problem
+                log.exception("charging ahead failed; answers will charge inline")
+                time.sleep(1.0)
 
     def noise(self, embedding: np.ndarray) -> np.ndarray:
         """Clip to the training clip, add N(0, (sigma * clip)^2) per coordinate; clean if unprotected (recorded)."""
@@ -255,6 +303,9 @@ class LedgerGuard:
 
     def close(self) -> None:
         """Let another service use this home (the files stay)."""
+        self._closed = True
+        with self._wake:
+            self._wake.notify_all()
         self._lock.release()
 
 

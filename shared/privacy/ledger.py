@@ -155,6 +155,8 @@ class Ledger:
         check_guarantee_records(protects, against, mechanisms)
         step = self.step() if self.step is not None and self.run else ""
         records = json.loads(json.dumps([m.to_dict() for m in mechanisms]))  # as the file holds them
+        if not self._store.ready():
+            self.check(mechanisms, guarantee)  # a first charge that is refused leaves no ledger behind
         return self._store.submit(lambda conn: self.charge_in(conn, records, guarantee, note=note, step=step)[0])
 
     def charge_in(self, conn: sqlite3.Connection, records: list[dict[str, Any]], guarantee: str, *, note: str,

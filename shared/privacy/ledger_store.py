@@ -10,15 +10,18 @@ What is stored (`privacy-ledger.sqlite` in the party home):
   entries   one row per charge (the old JSON entry's fields; `mechanisms` is the records' JSON)
   models    the payment part sha256 of each model version answered online
   releases  one row per online answer: model, user, this user's n-th answer under that model, time, and the ledger
-            entry it made when it raised the worst case (else NULL)
+            entry it made when it raised the worst case past what was charged (else NULL)
+  online_charged  per model version, the worst case per user the ledger's charges cover (`upto`), and the entry
+            that raised it (the online guard charges ahead of need: clients/payment/release_guard.py)
 Every table refuses UPDATE and DELETE (triggers): nothing ever leaves the ledger.
 
 Durability (what a returned `submit` guarantees): the transaction is committed with `synchronous=FULL`, i.e. the
 WAL is fsynced before `submit` returns, so a charge or answer recorded before a release leaves survives a SIGKILL of
 the process (the data is already in the OS), a kernel crash and a power loss (as far as the disk honours fsync).
-`synchronous=NORMAL` would survive SIGKILL but not a power loss; we pay the fsync and share it instead: all
-requests that arrive while one commit is in flight are written by the next transaction together (group commit),
-so under load one fsync serves many answers, and no caller returns before the fsync that covers it.
+`synchronous=NORMAL` (opt-in: FEDSCORE_LEDGER_SYNC=normal) survives SIGKILL but not a power loss; by default we pay
+the fsync and share it instead: all requests that arrive while one commit is in flight are written by the next
+transaction together (group commit), so under load one fsync serves many answers, and no caller returns before
+the fsync that covers it.
 
 Several processes may write one ledger (a training run and a live service): SQLite's write lock
 (`BEGIN IMMEDIATE`, waited on up to `BUSY_TIMEOUT_S`) serialises their transactions, and each check-and-charge reads
@@ -78,12 +81,18 @@ CREATE TABLE releases (
     released_at REAL,
     entry INTEGER REFERENCES entries (id)
 );
+CREATE TABLE online_charged (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    model INTEGER NOT NULL REFERENCES models (id),
+    upto INTEGER NOT NULL,
+    entry INTEGER NOT NULL REFERENCES entries (id)
+);
 """ + "".join(f"""
 CREATE TRIGGER {table}_no_update BEFORE UPDATE ON {table} BEGIN
     SELECT RAISE(ABORT, 'the privacy ledger is append-only: {table} rows are never changed'); END;
 CREATE TRIGGER {table}_no_delete BEFORE DELETE ON {table} BEGIN
     SELECT RAISE(ABORT, 'the privacy ledger is append-only: {table} rows are never removed'); END;
-""" for table in ("meta", "entries", "models", "releases"))
+""" for table in ("meta", "entries", "models", "releases", "online_charged"))
 
 
 class LedgerDamaged(ValueError):
@@ -178,9 +187,19 @@ def entry_dict(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
 ENTRY_COLUMNS = "id, guarantee, mechanisms, epsilon_after, accountant, delta, recorded_at, run, step, note"
 
 
+def synchronous() -> str:
+    """FULL (default): every commit fsyncs the WAL. NORMAL (FEDSCORE_LEDGER_SYNC=normal): commits reach the OS but
+    are fsynced only at checkpoints, which survives a SIGKILL of the process but not a power loss or kernel crash
+    (the last answers' records could be lost after they left): for machines whose fsync is too slow, knowingly."""
+    value = os.environ.get("FEDSCORE_LEDGER_SYNC", "full").strip().upper()
+    if value not in ("FULL", "NORMAL"):
+        raise LedgerUnavailable(f"FEDSCORE_LEDGER_SYNC must be 'full' or 'normal', got {value.lower()!r}")
+    return value
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(f"PRAGMA synchronous={synchronous()}")
     return conn
 
 
@@ -236,6 +255,7 @@ class LedgerStore:
         self.commits = 0  # transactions committed by this process (group commit: <= operations)
         self.operations = 0
         self._checked = False  # the file was checked (once per process) or created by this store
+        self._signature: tuple[int, int, int] | None = None  # (inode, size, mtime) when last checked
         self.ready()
 
     def ready(self) -> bool:
@@ -246,6 +266,8 @@ class LedgerStore:
                 if not self._checked:
                     self._open_existing()
                     self._checked = True
+                elif self._signature != self._stat():  # replaced or rewritten behind our back (or checkpointed)
+                    self.check(thorough=False)
                 return True
             if self._checked:
                 raise LedgerDamaged(f"privacy ledger {self.path} disappeared while in use; refusing to start a new "
@@ -270,14 +292,24 @@ class LedgerStore:
                                     f"was spent. Move the one that is not the party's ledger away")
             _retire(legacy)  # a migration that crashed before renaming the old file
 
-    def check(self) -> None:
-        """The file is a ledger of this schema, this party's, and SQLite's quick_check passes."""
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def check(self, thorough: bool = True) -> None:
+        """The file is a ledger of this schema, this party's, and (thorough: on first open in a process) SQLite's
+        quick_check passes. Later opens in the same process re-read the header and meta only when the file changed
+        (quick_check reads every page: too slow to repeat for a ledger of a million answers)."""
+        signature = self._stat()
         if self.path.stat().st_size == 0:
             raise LedgerDamaged(f"privacy ledger {self.path} is empty (truncated?); refusing to start from zero. "
                                 "It was not changed: restore it from a backup")
         try:
             conn = self.reader()
-            status = [row[0] for row in conn.execute("PRAGMA quick_check")]
+            status = [row[0] for row in conn.execute("PRAGMA quick_check")] if thorough else ["ok"]
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.DatabaseError as exc:
             raise LedgerDamaged(f"privacy ledger {self.path} is damaged ({exc}); refusing to guess what was spent. "
@@ -289,6 +321,7 @@ class LedgerStore:
             raise LedgerDamaged(f"privacy ledger {self.path}: unknown version {meta.get('version')!r}")
         if meta.get("party") != self.party:
             raise LedgerDamaged(f"privacy ledger {self.path} belongs to {meta.get('party')!r}, not {self.party!r}")
+        self._signature = signature
 
     def ensure_created(self) -> None:
         """Create the ledger file on the first write (a party that never charged has no ledger)."""
@@ -299,6 +332,7 @@ class LedgerStore:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 _create(self.path, self.party)
                 self._checked = True
+                self._signature = self._stat()
 
     # -- reading ---------------------------------------------------------------------------------------------------
     def reader(self) -> sqlite3.Connection:
