@@ -291,10 +291,19 @@ def _online_charges(home: Path) -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process has used (its threads included): per-request CPU cost is what a shared
-    machine cannot distort, unlike latency."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds a process and its live children (the payment service's composing worker) have
+    used, threads included: per-request CPU cost is what a shared machine cannot distort, unlike latency."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            total += sum(cpu_seconds(int(child)) for child in children.read_text().split())
+        except OSError:
+            continue
+    return total
 
 
 def run_rates(label: str, model: Path, data: Path, home: Path, pki: Path, scratch: Path, rates: list[float],

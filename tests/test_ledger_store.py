@@ -299,3 +299,28 @@ def test_the_cli_shows_and_exports_a_ledger(tmp_path: Path) -> None:
     assert again.exit_code == 2 and "exists" in again.output
     table = runner.invoke(app, ["ledger", "show", "--party-home", str(home)])
     assert table.exit_code == 0 and "charges per guarantee" in table.output and "online answers" in table.output
+
+
+def test_online_charges_are_made_ahead_and_cover_every_answer(tmp_path: Path) -> None:
+    """With --charge-ahead 1 the background keeps the charged worst case one above the answered one (composed in a
+    worker process); an over-count of at most ahead + reserve - 1, never an under-count."""
+    meta = ServedMeta(feature_sigma=2.0, embedding_clip=1.0, feature_neighbouring="add_remove", delta=DELTA,
+                      replayable_noise=False)
+    served = ServedVersion(sha256="ef" * 32, ids=frozenset({"u1", "u2"}), meta=meta, ids_file=Path("served.ids"))
+    guard = LedgerGuard(tmp_path, served, {KEY: 1e6}, ahead=1, reserve=1)
+    try:
+        for user in ("u1", "u2", "u1"):
+            guard.before_release(user)
+            assert guard.charged >= guard.worst  # every answer that left was covered by a charge first
+        deadline = time.monotonic() + 120
+        while guard.charged < guard.worst + 1:
+            assert time.monotonic() < deadline, "the background charge did not happen"
+            time.sleep(0.1)
+        assert guard.charged - guard.worst == 1
+    finally:
+        guard.close()
+    record = embedding_release(2.0, 1.0, 1)
+    entries = ledger_entries(tmp_path / LEDGER_FILE, "payment")
+    assert len(entries) == guard.charged == 3
+    assert entries[-1]["epsilon_after"] == pytest.approx(account([record] * 3, DELTA)[0])
+    assert release_counts(tmp_path) == {"ef" * 32: {"u1": 2, "u2": 1}}

@@ -34,6 +34,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -262,11 +263,11 @@ class LedgerGuard:
         """Keep the charged worst case `ahead` above the actual one, composing off the commit path (see the module
         docstring). Stops for good once the budget refuses: answers past it are then refused inline."""
         from fedscore.shared.privacy import BudgetExceeded, embedding_release
-        from fedscore.shared.privacy.accounting import account
-        from fedscore.shared.privacy.ledger import _mechanisms
+        from fedscore.shared.privacy.ledger import _mechanisms, compose_records, remember_composition
         from fedscore.shared.privacy.ledger_store import select_entries
 
         block = self.reserve
+        composer = _composer()
         while True:
             with self._wake:
                 while not self._closed and self.worst + self.ahead <= self.charged:
@@ -278,7 +279,10 @@ class LedgerGuard:
                 with self._store.reading() as conn:
                     entries = select_entries(conn, GUARANTEE)
                 record = embedding_release(self.sigma, self.clip, block, self.neighbouring)  # type: ignore[arg-type]
-                account([*_mechanisms(entries), record], self.ledger.delta)  # memoised: the charge finds it
+                planned = [*_mechanisms(entries), record]
+                records = [m.to_dict() for m in planned]
+                result = composer.submit(compose_records, records, self.ledger.delta).result()
+                remember_composition(planned, self.ledger.delta, result)  # the charge below finds it
                 self._store.submit(lambda conn, upto=target: None if upto <= self.charged else self._charge(conn, upto))
             except BudgetExceeded:
                 if block > 1:
@@ -332,3 +336,13 @@ def release_counts(home: Path) -> dict[str, dict[str, int]]:
     for sha, user, n in rows:
         out.setdefault(sha, {})[user] = n
     return out
+
+
+def _composer() -> Any:
+    """One worker process (nice 10) that composes guarantees for the background charges: a PLD composition holds
+    the GIL for seconds, which would stall every answer of a serving process. Spawned, so it inherits no threads."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=os.nice, initargs=(10,))

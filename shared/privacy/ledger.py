@@ -169,7 +169,8 @@ class Ledger:
             # this step's earlier attempt released nothing: its charge covers this one
             return account(_mechanisms(entries), self.delta)[0], None
         before = _mechanisms(entries)
-        would_be, accountant = account([*before, *mechanisms_from_dicts(records)], self.delta)
+        planned = [*before, *mechanisms_from_dicts(records)]
+        would_be, accountant = _PRECOMPOSED.get((tuple(planned), self.delta)) or account(planned, self.delta)
         limit = self.budget.get(guarantee)
         if limit is None or not math.isfinite(would_be) or would_be > limit:
             raise BudgetExceeded(self.party, guarantee, account(before, self.delta)[0], would_be, limit)
@@ -178,6 +179,23 @@ class Ledger:
                  "run": self.run, "step": step, "note": note}
         cursor = conn.execute(INSERT_ENTRY, entry_row(entry))
         return would_be, cursor.lastrowid
+
+
+# (records, delta) -> (epsilon, accountant) composed elsewhere (another process: composing holds the GIL for
+# seconds, which a serving process cannot afford); `charge_in` uses it instead of composing again
+_PRECOMPOSED: dict[tuple[tuple[Mechanism, ...], float], tuple[float, str]] = {}
+
+
+def compose_records(records: list[dict[str, Any]], delta: float) -> tuple[float, str]:
+    """`account` of these records (as the ledger stores them): what a composing worker process runs."""
+    return account(mechanisms_from_dicts(records), delta)
+
+
+def remember_composition(mechanisms: Sequence[Mechanism], delta: float, result: tuple[float, str]) -> None:
+    """Record a composition made elsewhere, so that the charge of exactly these records at this delta uses it."""
+    if len(_PRECOMPOSED) > 64:
+        _PRECOMPOSED.clear()
+    _PRECOMPOSED[(tuple(mechanisms), delta)] = result
 
 
 def _mechanisms(entries: list[dict[str, Any]]) -> list[Mechanism]:
