@@ -61,6 +61,7 @@ from fedscore.shared.scoring.bundle import load_scoring_bundle  # noqa: E402
 
 FEDSCORE = [sys.executable, "-m", "fedscore.cli"]
 BUDGET = 1e9  # the benchmark measures latency, not privacy: a budget that never refuses
+PAYMENT_OPTIONS: tuple[str, ...] = ()  # extra `serve payment` options (--charge-ahead, --reserve)
 
 
 def free_port() -> int:
@@ -124,7 +125,8 @@ class Services:
 
 
 @contextmanager
-def services(model: Path, data: Path, home: Path, pki: Path, scratch: Path, name: str) -> Iterator[Services]:
+def services(model: Path, data: Path, home: Path, pki: Path, scratch: Path, name: str,
+             payment_options: tuple[str, ...] = ()) -> Iterator[Services]:
     """Both services as separate processes, mutual TLS between them, bearer token in front; yields once ready."""
     grpc_port, http_port = free_port(), free_port()
     env = {**os.environ, "FEDSCORE_HOME": str(scratch / f"fedscore-home-{name}"), "OMP_NUM_THREADS": "1"}
@@ -133,7 +135,7 @@ def services(model: Path, data: Path, home: Path, pki: Path, scratch: Path, name
     payment = subprocess.Popen(
         [*FEDSCORE, "serve", "payment", *common, "--port", str(grpc_port), "--party-home", str(home),
          "--budget", f"{GUARANTEE}={BUDGET}", "--tls-cert", str(pki / "server.pem"), "--tls-key",
-         str(pki / "server.key"), "--client-ca", str(pki / "ca.pem")],
+         str(pki / "server.key"), "--client-ca", str(pki / "ca.pem"), *payment_options],
         env=env, cwd=ROOT, stdout=logs[0].open("w"), stderr=subprocess.STDOUT)
     token = secrets.token_urlsafe(32)
     token_file = scratch / f"{name}-api-token"
@@ -310,7 +312,7 @@ def run_rates(label: str, model: Path, data: Path, home: Path, pki: Path, scratc
               duration: float, warmup: float, seed: int) -> list[dict]:
     ids = served_applicants(model, data, home)
     rows = []
-    with services(model, data, home, pki, scratch, label) as running:
+    with services(model, data, home, pki, scratch, label, PAYMENT_OPTIONS) as running:
         for k, rate in enumerate(rates):
             if warmup > 0:
                 load(running.http_port, running.token, ids, rate, warmup, seed + 1000 + k)
@@ -333,7 +335,7 @@ def kill_test(model: Path, data: Path, home: Path, pki: Path, scratch: Path, rat
     ids = served_applicants(model, data, home)
     sha = load_scoring_bundle(model).part_sha256("payment")
     before = release_counts(home).get(sha, {})
-    with services(model, data, home, pki, scratch, "kill") as running:
+    with services(model, data, home, pki, scratch, "kill", PAYMENT_OPTIONS) as running:
 
         async def both() -> PhaseResult:
             async def killer() -> None:
@@ -393,7 +395,11 @@ def main() -> None:
     parser.add_argument("--kill-after", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--payment-option", action="append", default=[],
+                        help="extra `serve payment` option, e.g. --payment-option=--reserve=8 (repeat)")
     args = parser.parse_args()
+    global PAYMENT_OPTIONS
+    PAYMENT_OPTIONS = tuple(args.payment_option)
     rates = [float(r) for r in args.rates.split(",") if r]
     with tempfile.TemporaryDirectory(prefix="bench-online-") as tmp:
         scratch = Path(tmp)

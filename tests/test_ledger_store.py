@@ -324,3 +324,20 @@ def test_online_charges_are_made_ahead_and_cover_every_answer(tmp_path: Path) ->
     assert len(entries) == guard.charged == 3
     assert entries[-1]["epsilon_after"] == pytest.approx(account([record] * 3, DELTA)[0])
     assert release_counts(tmp_path) == {"ef" * 32: {"u1": 2, "u2": 1}}
+
+
+def test_a_run_on_a_half_truncated_json_ledger_stops_with_one_line_naming_it(party_homes_in_tmp: Path,
+                                                                            tmp_path: Path) -> None:
+    """Issue 20: this used to end in a Python traceback; the refusal stays, its form is one line and exit 2."""
+    from tests.conftest import make_party_data
+
+    make_party_data(tmp_path / "data", population=600)
+    ledger = party_homes_in_tmp / "parties" / "payment" / LEGACY_LEDGER_FILE
+    _old_ledger(ledger)
+    text = ledger.read_text()
+    ledger.write_text(text[: len(text) // 2])
+    result = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                                      "--set", "training.rounds=1", "--set", "baselines.enabled=false"])
+    assert result.exit_code == 2, result.output
+    assert str(ledger) in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert ledger.read_text() == text[: len(text) // 2]

@@ -114,7 +114,7 @@ class LedgerGuard:
     def __init__(self, home: Path, served: ServedVersion, budgets: Mapping[str, float], *,
                  allow_unprotected: bool = False, source: NoiseSource | None = None, reserve: int = 1,
                  ahead: int = 1) -> None:
-        from fedscore.shared.privacy import Ledger
+        from fedscore.shared.privacy import BudgetExceeded, Ledger
 
         if reserve < 1 or ahead < 0:
             raise GuardRefused(f"reserve must be >= 1 and ahead >= 0, got {reserve} and {ahead}")
@@ -152,6 +152,14 @@ class LedgerGuard:
         self._closed = False
         self._reserver: threading.Thread | None = None
         if self.sigma is not None:
+            if self.worst + self.ahead > self.charged:  # before serving: no first answer waits for a composition
+                try:
+                    self._store.submit(lambda conn: self._charge(conn, self.worst + max(self.ahead, 1)))
+                except BudgetExceeded:
+                    pass  # nothing can be charged ahead; answers are then charged (or refused) one by one
+                except (LedgerDamaged, LedgerUnavailable) as exc:
+                    self._lock.release()
+                    raise GuardRefused(str(exc)) from None
             self._reserver = threading.Thread(target=self._reserve_loop, name="ledger-reserve", daemon=True)
             self._reserver.start()
         if self.sigma is None:

@@ -32,6 +32,7 @@ only to a loopback address.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import signal
 import threading
@@ -173,6 +174,7 @@ def run_payment_service(service: PaymentScoringService, host: str, port: int,
                         credentials: grpc.ServerCredentials | None,
                         on_ready: Callable[[str], None] | None = None) -> None:
     """Serve until Ctrl-C or SIGTERM, which stop it with a one-second grace period."""
+    gc.freeze()  # the users loaded at startup are never garbage: keep them out of every later collection
     server, bound = build_payment_server(service, host, port, credentials=credentials)
     log.info("payment service listening on %s:%d", host, bound)
     if threading.current_thread() is threading.main_thread():
