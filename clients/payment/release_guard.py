@@ -151,6 +151,7 @@ class LedgerGuard:
         self._wake = threading.Condition()
         self._closed = False
         self._reserver: threading.Thread | None = None
+        self._composer: Any = None
         if self.sigma is not None:
             if self.worst + self.ahead > self.charged:  # before serving: no first answer waits for a composition
                 try:
@@ -160,6 +161,10 @@ class LedgerGuard:
                 except (LedgerDamaged, LedgerUnavailable) as exc:
                     self._lock.release()
                     raise GuardRefused(str(exc)) from None
+            from fedscore.shared.privacy.ledger import compose_records
+
+            self._composer = _composer()
+            self._composer.submit(compose_records, [], meta.delta)  # start it and import now, not at the first need
             self._reserver = threading.Thread(target=self._reserve_loop, name="ledger-reserve", daemon=True)
             self._reserver.start()
         if self.sigma is None:
@@ -275,7 +280,7 @@ class LedgerGuard:
         from fedscore.shared.privacy.ledger_store import select_entries
 
         block = self.reserve
-        composer = _composer()
+        composer = self._composer
         while True:
             with self._wake:
                 while not self._closed and self.worst + self.ahead <= self.charged:
@@ -318,6 +323,8 @@ class LedgerGuard:
         self._closed = True
         with self._wake:
             self._wake.notify_all()
+        if self._composer is not None:
+            self._composer.shutdown(wait=False, cancel_futures=True)
         self._lock.release()
 
 
