@@ -43,7 +43,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -233,11 +232,6 @@ def _now_iso() -> str:
     from datetime import UTC, datetime
 
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-@dataclass
-class _Batch:
-    ops: list[tuple[Callable[[sqlite3.Connection], Any], Future[Any]]] = field(default_factory=list)
 
 
 class LedgerStore:
