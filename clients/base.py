@@ -201,10 +201,11 @@ class PartyBase:
     def _ledger_report(self) -> LedgerReport | None:
         """What this party has released over its lifetime (mechanism records, no data), shared so the report can
         list it; each entry names the run that made it. None until this party has charged anything."""
+        from fedscore.shared.privacy.ledger import ledger_exists, ledger_report
+
         path = self.settings.home / LEDGER_FILE
-        if not path.exists():
+        if not ledger_exists(path):
             return None
-        from fedscore.shared.privacy.ledger import ledger_report
 
         return ledger_report(path, self.settings.budgets, self.name)
 

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from fedscore.cli_common import console, fail, user_errors
 from fedscore.cli_deploy import bundle_command, keys_command, node_command, run_command, superlink_command
+from fedscore.cli_ledger import ledger_app
 from fedscore.cli_scoring import score_command, serve_app
 from fedscore.shared.metrics import METRIC_KEYS, METRIC_LABELS
 
@@ -28,6 +29,7 @@ app.command("node")(node_command)
 app.command("run")(run_command)
 app.command("keys")(keys_command)
 app.command("bundle")(bundle_command)
+app.add_typer(ledger_app, name="ledger")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML run config")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. training.rounds=5")]

@@ -1,7 +1,8 @@
 """What every fedscore command shares: one console, and one way to show an error the user can fix.
 
 Such an error (bad data or config, a bad model folder, a missing file, a port in use, bad TLS material, a party
-home that does not allow serving this model, a refused run) is one red line and exit code 2, never a traceback.
+home that does not allow serving this model, a refused run, a damaged privacy ledger) is one red line and exit
+code 2, never a traceback.
 The exception types are imported only when something fails, so `fedscore --help` loads none of their modules.
 """
 
@@ -33,9 +34,10 @@ def _fixable() -> tuple[type[BaseException], ...]:
     from fedscore.runs import RunError
     from fedscore.shared.config import ConfigError
     from fedscore.shared.data.tables import DataError
+    from fedscore.shared.privacy.ledger_store import LedgerDamaged
     from fedscore.shared.tls import TlsError
 
-    return DataError, ConfigError, RunError, OSError, TlsError, ServedError, GuardRefused
+    return DataError, ConfigError, RunError, OSError, TlsError, ServedError, GuardRefused, LedgerDamaged
 
 
 @contextmanager

@@ -111,7 +111,13 @@ def serve_payment_command(
         disclose_signals: Annotated[bool, typer.Option(
             "--disclose-signals", help="send spend_level, stability, recent_spend_anomaly exactly (unprotected, "
             "recorded); default: withheld")] = False,
-        threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads")] = 1) -> None:
+        threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads")] = 1,
+        charge_ahead: Annotated[int, typer.Option(
+            "--charge-ahead", min=0, help="keep the ledger's charged worst case this many releases above the "
+            "answered one, composed in the background (0: charge exactly at each raise, the answer waits)")] = 1,
+        reserve: Annotated[int, typer.Option(
+            "--reserve", min=1, help="releases per background charge (over-count <= charge-ahead + reserve - 1)")]
+        = 1) -> None:
     """The payment holder: answer GetEmbedding over gRPC for the intersection recorded for this model version only,
     every answer charged to the party's ledger and noised as in training."""
     from fedscore.clients.payment.service import run_payment_service
@@ -120,7 +126,8 @@ def serve_payment_command(
     with user_errors():
         credentials = _server_credentials(host, tls_cert, tls_key, client_ca, insecure_local)
         service, guard = prepare_payment_service(model, data, party_home or default_party_home("payment"), budget,
-                                                 allow_unprotected, disclose_signals, threads)
+                                                 allow_unprotected, disclose_signals, threads, ahead=charge_ahead,
+                                                 reserve=reserve)
         try:
             run_payment_service(service, host, port, credentials, on_ready=console.print)
         finally:
@@ -129,7 +136,8 @@ def serve_payment_command(
 
 def prepare_payment_service(model: Path, data: Path, home: Path, budget: list[str] | None = None,
                             allow_unprotected: bool = False, disclose_signals: bool = False,
-                            threads: int = 1) -> tuple[PaymentScoringService, LedgerGuard]:
+                            threads: int = 1, *, ahead: int = 1,
+                            reserve: int = 1) -> tuple[PaymentScoringService, LedgerGuard]:
     """Everything `serve payment` checks and loads before listening: the bundle, the served record for its payment
     part, the ledger guard, the disclosures. The guard holds the party home until closed."""
     from fedscore.clients.payment.release_guard import (
@@ -148,7 +156,7 @@ def prepare_payment_service(model: Path, data: Path, home: Path, budget: list[st
     served = load_served(home, bundle.part_sha256("payment"))
     check_not_replayable(served, bundle.manifest.training_config)
     guard = LedgerGuard(home, served, _payment_budgets(bundle.manifest.training_config, budget),
-                        allow_unprotected=allow_unprotected)
+                        allow_unprotected=allow_unprotected, ahead=ahead, reserve=reserve)
     try:
         if guard.sigma is None:
             warn("embeddings leave WITHOUT noise (feature protection was off in training); recorded as "

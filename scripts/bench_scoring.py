@@ -14,6 +14,11 @@ POST /score over one keep-alive connection after a warm-up.
 
     python scripts/bench_scoring.py                        # builds synthetic data + a model in a temp folder
     python scripts/bench_scoring.py --model RUN/model --run RUN --data DIR --json bench.json
+    python scripts/bench_scoring.py --model RUN/model --run RUN --data DIR --batch-only --reference 11549d7
+
+--reference REV: the batch "+ reasons" figure for the code at git revision REV and for this tree, measured in
+alternating worker processes (REV, this, REV, this, ...) on the same rows, so a shared machine's load hits both
+alike; prints each pair and the median ratio.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if not os.environ.get("FEDSCORE_BENCH_REFERENCE"):  # a reference worker imports the old tree from PYTHONPATH
+    sys.path.insert(0, str(ROOT))
 
 from fedscore.clients.lender.scoring import LenderScorer, load_applicant_features  # noqa: E402
 from fedscore.clients.payment.data import load_payment_table  # noqa: E402
@@ -209,6 +215,55 @@ def bench_online(model: Path, data: Path, requests: int, repeats: int) -> dict[s
             "p99_ms_min": min(p99), "p99_ms_max": max(p99), "requests": requests, "repeats": repeats}
 
 
+def reasons_rate(model: Path, data: Path, rows: int, repeats: int) -> dict[str, float]:
+    """Rows/s of the batch path with reasons (payment embed + lender score), the one figure --reference compares."""
+    torch.set_num_threads(1)
+    from fedscore.shared.scoring.bundle import ordered_matrix
+
+    bundle = load_scoring_bundle(model)
+    applicants = load_applicant_features(bundle, data)
+    raw_p_all = ordered_matrix(load_payment_table(data / "payment"), bundle.payment_features, "payment")
+    raw_l = np.tile(applicants.features, (-(-rows // len(applicants.ids)), 1))[:rows]
+    raw_p = np.tile(raw_p_all, (-(-rows // len(raw_p_all)), 1))[:rows]
+    payment, lender = PaymentPart(bundle, threads=1), LenderScorer(bundle, threads=1)
+    signals, has_payment = PaymentSignals.neutral(rows), np.ones(rows, dtype=bool)
+    return rows_per_s(rows, timed(lambda: lender.score(raw_l, payment.embed(raw_p), has_payment, signals), repeats))
+
+
+def reference_tree(revision: str, scratch: Path) -> Path:
+    """An importable `fedscore` package of the code at `revision` (git archive, laid out as pyproject maps it)."""
+    source, package = scratch / "reference-src", scratch / "reference-pkg"
+    source.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+    shutil.copytree(source / "fedscore", package / "fedscore")
+    for name in ("server", "clients", "shared", "proto"):
+        shutil.copytree(source / name, package / "fedscore" / name)
+    return package
+
+
+def compare_with_reference(revision: str, model: Path, data: Path, rows: int, repeats: int, rounds: int,
+                           scratch: Path) -> dict:
+    package = reference_tree(revision, scratch)
+    pairs = []
+    for _ in range(rounds):
+        pair = {}
+        for name, env in (("reference", {"PYTHONPATH": str(package), "FEDSCORE_BENCH_REFERENCE": "1"}),
+                          ("current", {})):
+            done = subprocess.run([sys.executable, __file__, "--reasons-worker", "--model", str(model), "--data",
+                                   str(data), "--rows", str(rows), "--repeats", str(repeats)],
+                                  env={**os.environ, **env}, capture_output=True, text=True, check=True)
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            if name == "reference" and not result["fedscore"].startswith(str(package)):
+                raise SystemExit(f"the reference worker imported {result['fedscore']}, not {package}")
+            pair[name] = result["rows_per_s"]["median"]
+        pairs.append(pair)
+    ratios = [p["current"] / p["reference"] for p in pairs]
+    return {"revision": revision, "rows": rows, "pairs": pairs, "median_ratio": statistics.median(ratios),
+            "reference_median": statistics.median(p["reference"] for p in pairs),
+            "current_median": statistics.median(p["current"] for p in pairs)}
+
+
 def markdown(batch: dict[str, dict[str, float]], online: dict[str, float], rows: int) -> str:
     lines = [f"| batch, 1 core, {rows} rows | rows/s (median) | min .. max |", "|---|---:|---:|"]
     lines += [f"| {name} | {r['median']:,.0f} | {r['min']:,.0f} .. {r['max']:,.0f} |" for name, r in batch.items()]
@@ -230,15 +285,35 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--batch-only", action="store_true", help="skip the online part")
+    parser.add_argument("--reference", help="git revision to compare the batch + reasons rate with, side by side")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating worker pairs for --reference")
+    parser.add_argument("--reasons-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.reasons_worker:
+        import fedscore
+
+        print(json.dumps({"rows_per_s": reasons_rate(args.model, args.data, args.rows, args.repeats),
+                          "fedscore": str(Path(fedscore.__file__).resolve())}))
+        return
     with tempfile.TemporaryDirectory(prefix="bench-scoring-") as scratch:
         model, run, data = prepare(args, Path(scratch))
         batch = bench_batch(model, run, data, args.rows, args.repeats)
-        online = bench_online(model, data, args.requests, args.repeats)
-    print(markdown(batch, online, args.rows))
+        online = None if args.batch_only else bench_online(model, data, args.requests, args.repeats)
+        compared = None if not args.reference else compare_with_reference(
+            args.reference, model, data, args.rows, args.repeats, args.rounds, Path(scratch))
+    if online is not None:
+        print(markdown(batch, online, args.rows))
+    else:
+        print("\n".join(f"| {name} | {r['median']:,.0f} | {r['min']:,.0f} .. {r['max']:,.0f} |"
+                        for name, r in batch.items()))
+    if compared is not None:
+        print(f"\nbatch + reasons, {args.rows} rows, 1 core, alternating workers: {compared['revision']} "
+              f"{compared['reference_median']:,.0f} rows/s, this tree {compared['current_median']:,.0f} rows/s, "
+              f"median ratio {compared['median_ratio']:.2f}x; pairs {compared['pairs']}")
     if args.json:
         args.json.write_text(json.dumps({"batch_rows_per_s": batch, "online": online, "rows": args.rows,
-                                         "cpu_count": os.cpu_count()}, indent=2))
+                                         "reference": compared, "cpu_count": os.cpu_count()}, indent=2))
 
 
 if __name__ == "__main__":

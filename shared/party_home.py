@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-LEDGER_FILE = "privacy-ledger.json"  # the party's lifetime ledger, in its home
-LEDGER_LOCK = "privacy-ledger.lock"  # flock'd by every writer (training runs and services alike)
+LEDGER_FILE = "privacy-ledger.sqlite"  # the party's lifetime ledger, in its home (shared/privacy/ledger_store.py)
+LEGACY_LEDGER_FILE = "privacy-ledger.json"  # the old whole-file ledger, migrated on first open, kept as .migrated
 SERVED_DIR = "served"  # payment: served/<payment part sha256>.ids, the intersection a model version may answer
 
 

@@ -34,6 +34,8 @@ from fedscore.shared.config import FedConfig, load_config
 from fedscore.shared.data.schema import load_schema
 from fedscore.shared.model.manifest import LENDER_FILE, MANIFEST_NAME, PAYMENT_FILE, sha256_file
 from fedscore.shared.model.preprocessing import Scaler, ScalerModule
+from fedscore.shared.party_home import LEDGER_FILE
+from fedscore.shared.privacy.ledger import ledger_entries
 from fedscore.shared.scoring.scorecard import ScorecardParams
 from tests.conftest import SECRET, fresh_homes, make_party_data
 
@@ -71,9 +73,8 @@ def _schema_constants(data: Path, party: str, run: Path | None = None) -> dict[s
 
 
 def _dp_statistics_recorded(run: Path, party: str) -> bool:
-    ledger = json.loads((run.parent / "homes" / party / "privacy-ledger.json").read_text())
-    return any(e["guarantee"] == "joint.records@outsider" and "standardisation" in e["note"]
-               for e in ledger["entries"])
+    entries = ledger_entries(run.parent / "homes" / party / LEDGER_FILE, party)
+    return any(e["guarantee"] == "joint.records@outsider" and "standardisation" in e["note"] for e in entries)
 
 
 def _weights(run: Path, party: str) -> list[np.ndarray]:
@@ -86,8 +87,8 @@ def _trained_under_dp_sgd(run: Path, party: str) -> bool:
     releases as joint.records@outsider. (The payment part takes its first update once gradients arrive, so it
     records one round fewer than the lender.)"""
     state = torch.load(run / "parties" / party / "state.pt", weights_only=True)
-    ledger = json.loads((run.parent / "homes" / party / "privacy-ledger.json").read_text())
-    return "dpsgd" in state and any(e["guarantee"] == "joint.records@outsider" for e in ledger["entries"])
+    entries = ledger_entries(run.parent / "homes" / party / LEDGER_FILE, party)
+    return "dpsgd" in state and any(e["guarantee"] == "joint.records@outsider" for e in entries)
 
 
 def _sent_dim(config: dict[str, Any]) -> int:

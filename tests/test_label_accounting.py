@@ -37,7 +37,7 @@ from fedscore.shared.privacy.accounting import (
     entries_epsilon,
     entries_pld,
 )
-from fedscore.shared.privacy.ledger import BudgetExceeded
+from fedscore.shared.privacy.ledger import BudgetExceeded, ledger_entries
 from fedscore.shared.privacy.mechanisms import flip_probability
 from tests.conftest import SECRET, fresh_homes
 
@@ -216,8 +216,8 @@ def test_the_lender_charges_rr_dp_sgd_and_every_exchange(party_data: tuple[Path,
     config = load_config(None, LABEL_RUN)
     homes = fresh_homes(tmp_path)
     run_inprocess(config, data, run_dir, secret=SECRET, homes=homes)
-    ledger = json.loads((homes["lender"] / LEDGER_FILE).read_text())
-    records = [m for e in ledger["entries"] if e["guarantee"] == LABELS for m in e["mechanisms"]]
+    entries = ledger_entries(homes["lender"] / LEDGER_FILE, "lender")
+    records = [m for e in entries if e["guarantee"] == LABELS for m in e["mechanisms"]]
     kinds = [m["kind"] for m in records]
     rounds = config.training.rounds
     assert kinds.count("randomized_response") == 1 and kinds[0] == "randomized_response"

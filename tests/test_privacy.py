@@ -40,6 +40,7 @@ from fedscore.shared.privacy import (
     resolve_noise_multiplier,
 )
 from fedscore.shared.privacy.dp_events import event_to_json, guarantee_event, rr_noise_parameter
+from fedscore.shared.privacy.ledger import ledger_db_path, ledger_exists
 from fedscore.shared.privacy.mechanisms import OBSERVERS, Mechanism
 
 DELTA = 1e-5
@@ -425,10 +426,13 @@ def _ledger(path: Path, budget: float = 5.0) -> Ledger:
 
 
 def _assert_valid_file(path: Path) -> dict:
-    data = json.loads(path.read_text())
-    assert data["party"] == "lender" and data["delta"] == DELTA
-    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]  # no temporary file left behind
-    return data
+    """The ledger as a new process reads it (a fresh store: the file is checked again)."""
+    from fedscore.shared.privacy.ledger_store import LedgerStore
+
+    store = LedgerStore(path, "lender")
+    assert store.meta()["party"] == "lender"
+    assert not [p for p in path.parent.iterdir() if ".creating" in p.name]  # no temporary file left behind
+    return {"entries": store.entries()}
 
 
 def test_ledger_composes_persists_and_refuses(tmp_path: Path) -> None:
@@ -439,12 +443,12 @@ def test_ledger_composes_persists_and_refuses(tmp_path: Path) -> None:
         assert eps == pytest.approx(epsilon_for([label_gradient_release(2.0, 1.0, rounds)], DELTA), abs=1e-6)
         assert len(_assert_valid_file(path)["entries"]) == rounds
     assert eps == pytest.approx(4.98, abs=0.02)
-    before = path.read_bytes()
+    before = _assert_valid_file(path)
     with pytest.raises(BudgetExceeded) as refused:
         _ledger(path).charge(one_round, LABELS)
     assert refused.value.would_be > 5.0 and refused.value.spent == pytest.approx(eps)
     assert "lender" in str(refused.value) and LABELS in str(refused.value) and "budget" in str(refused.value)
-    assert path.read_bytes() == before  # nothing recorded on refusal
+    assert _assert_valid_file(path) == before  # nothing recorded on refusal
     summary = _ledger(path).spent()[LABELS]
     assert summary["epsilon"] == pytest.approx(eps) and summary["charges"] == 5
     assert summary["remaining"] == pytest.approx(5.0 - eps)
@@ -464,7 +468,7 @@ def test_ledger_refuses_unbudgeted_and_mismatched_charges(tmp_path: Path) -> Non
         Ledger(path, {"labels": 1.0}, DELTA, party="lender")
     with pytest.raises(BudgetExceeded):
         _ledger(path, budget=1.0).charge([label_gradient_release(2.0, 1.0, 1)], LABELS)  # 1.99 > 1.0 at once
-    assert not path.exists()  # nothing was ever written
+    assert not ledger_exists(path)  # nothing was ever written
 
 
 def test_ledger_refuses_a_corrupt_or_foreign_file(tmp_path: Path) -> None:
@@ -472,8 +476,8 @@ def test_ledger_refuses_a_corrupt_or_foreign_file(tmp_path: Path) -> None:
     _ledger(path).charge([label_gradient_release(4.0, 1.0, 1)], LABELS)
     with pytest.raises(ValueError, match="belongs to"):
         Ledger(path, {LABELS: 5.0}, DELTA, party="payment")
-    path.write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    ledger_db_path(path).write_text("{not a database")
+    with pytest.raises(ValueError, match=rf"{ledger_db_path(path)} is damaged"):
         _ledger(path)
 
 

@@ -22,6 +22,8 @@ from fedscore.clients.parties import make_party
 from fedscore.runs import RunError, default_budgets, party_settings, prepare_run_dir, run_inprocess
 from fedscore.server.coordinator import Coordinator
 from fedscore.shared.config import FedConfig, load_config
+from fedscore.shared.party_home import LEDGER_FILE
+from fedscore.shared.privacy.ledger import ledger_entries
 from fedscore.shared.protocol.messages import Envelope, unpack_arrays
 from fedscore.shared.protocol.transport import InProcessTransport
 from tests.conftest import SECRET, fresh_homes, make_party_data
@@ -189,5 +191,4 @@ def test_a_second_training_composes_with_the_first_or_is_refused(party_data: tup
     assert labels["run_epsilon"] == pytest.approx(2.0, abs=0.01)
     # no DP-SGD, no gradient noise: the exchanges are charged as not DP, each run's mixture is its RR's eps
     assert labels["composition"] == "rr_mixture"
-    ledger = json.loads((homes["lender"] / "privacy-ledger.json").read_text())
-    assert len({e["run"] for e in ledger["entries"]}) == 2
+    assert len({e["run"] for e in ledger_entries(homes["lender"] / LEDGER_FILE, "lender")}) == 2

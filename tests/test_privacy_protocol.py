@@ -11,7 +11,9 @@ import torch
 
 from fedscore.runs import RunError, default_budgets, run_inprocess
 from fedscore.shared.config import load_config
+from fedscore.shared.party_home import LEDGER_FILE
 from fedscore.shared.privacy import recompute_from_report
+from fedscore.shared.privacy.ledger import ledger_entries
 from tests.conftest import SECRET, fresh_homes
 
 PRIVATE = ["training.rounds=3", "training.local_epochs=2", "training.batch_size=64", "training.lr=0.005",
@@ -116,8 +118,8 @@ def test_payment_stops_mid_run_and_what_was_released_is_still_counted(party_data
     features = next(g for g in report["guarantees"] if g["protects"] == "payment.features")
     assert 1 <= len([r for r in features["per_release"] if "embeddings to the lender" in r["note"]]) < 3
     assert features["epsilon"] <= 6.0
-    ledger = json.loads((tmp_path / "payment-home" / "privacy-ledger.json").read_text())
-    assert len([e for e in ledger["entries"] if e["guarantee"] == "payment.features@lender"]) == \
+    entries = ledger_entries(tmp_path / "payment-home" / LEDGER_FILE, "payment")
+    assert len([e for e in entries if e["guarantee"] == "payment.features@lender"]) == \
         len(features["per_release"])
 
 
@@ -140,24 +142,24 @@ def test_online_answers_are_charged_per_user_worst_case_and_refused_past_the_bud
 
     config = load_config(None, PRIVATE)
     home = private_run.parent / "homes" / "payment"  # the payment party's home: its export recorded what it serves
-    ledger_file = home / "privacy-ledger.json"
+    ledger_file = home / LEDGER_FILE
     sigma = float(torch.load(private_run / "parties" / "payment" / "state.pt", weights_only=True)["feature_sigma"])
     sha = load_manifest(private_run / "model").parts["payment"].sha256
-    before = len(json.loads(ledger_file.read_text())["entries"])
+    before = len(ledger_entries(ledger_file, "payment"))
     report = json.loads((private_run / "privacy-report.json").read_text())
     spent = next(g["epsilon"] for g in report["guarantees"] if g["protects"] == "payment.features")
     budget = {"payment.features@lender": spent + 2.0, "joint.records@outsider": 3.0}  # room for one more
-    guard = LedgerGuard(home, load_served(home, sha), budget)
+    guard = LedgerGuard(home, load_served(home, sha), budget, ahead=0)  # charged exactly at each raise
     assert guard.sigma == sigma > 0
 
     guard.before_release("u1")  # the worst case goes from 0 to 1 online release: charged
     guard.before_release("u2")  # another user's first answer: the worst case is unchanged, nothing charged
-    entries = json.loads(ledger_file.read_text())["entries"]
+    entries = ledger_entries(ledger_file, "payment")
     assert len(entries) == before + 1 and "online" in entries[-1]["note"]
     with pytest.raises(ReleaseRefused, match=r"payment\.features@lender"):
         for _ in range(50):
             guard.before_release("u1")
-    assert json.loads(ledger_file.read_text())["entries"][-1]["epsilon_after"] <= spent + 2.0
+    assert ledger_entries(ledger_file, "payment")[-1]["epsilon_after"] <= spent + 2.0
 
     clean = np.full(8, 0.05, dtype=np.float32)
     draws = np.stack([guard.noise(clean) for _ in range(4000)])

@@ -18,6 +18,7 @@ from fedscore.clients.payment.party import PaymentParty
 from fedscore.runs import RunError, resume_inprocess, run_inprocess
 from fedscore.shared.config import load_config
 from fedscore.shared.party_home import LEDGER_FILE
+from fedscore.shared.privacy.ledger import ledger_entries, ledger_exists
 from fedscore.shared.protocol.messages import Envelope, MessageKind
 from fedscore.shared.protocol.transport import InProcessTransport
 from tests.conftest import SECRET, fresh_homes, make_party_data
@@ -50,7 +51,7 @@ def uninterrupted(data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
 def _releases(home: Path) -> list[tuple[str, str, str]]:
     """What a ledger holds, without what differs between runs (run id, time, step key, and the randomized-response
     draw's name, which carries the run id)."""
-    entries = json.loads((home / LEDGER_FILE).read_text())["entries"]
+    entries = ledger_entries(home / LEDGER_FILE, home.name)
 
     def same_across_runs(m: dict) -> dict:
         return {k: (bool(v) if k in ("draw", "computed_from") else v) for k, v in m.items()}
@@ -120,7 +121,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(data: Path, uninterrupted: tu
             run_inprocess(load_config(None, PRIVATE), data, run_dir, secret=SECRET, homes=homes)
     assert not (run_dir / "metrics.json").exists()
     checkpoint = json.loads((run_dir / "checkpoint.json").read_text())
-    charged_at_crash = {p: _releases(homes[p]) for p in homes if (homes[p] / LEDGER_FILE).exists()}
+    charged_at_crash = {p: _releases(homes[p]) for p in homes if ledger_exists(homes[p] / LEDGER_FILE)}
     if crash == "lender dies mid-train round 1 after charging":
         # write-ahead: the charge of the round that did not finish is on disk, and the lender's saved state still
         # expects that step (its reply never left), so the charge covers the redo

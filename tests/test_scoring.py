@@ -25,7 +25,13 @@ from typer.testing import CliRunner
 from fedscore.clients.lender.scoring import NO_PAYMENT_REASON, LenderScorer
 from fedscore.clients.lender.service import LenderThread, create_app
 from fedscore.clients.payment.data import load_payment_table
-from fedscore.clients.payment.release_guard import GUARANTEE, GuardRefused, LedgerGuard, check_not_replayable
+from fedscore.clients.payment.release_guard import (
+    GUARANTEE,
+    GuardRefused,
+    LedgerGuard,
+    check_not_replayable,
+    release_counts,
+)
 from fedscore.clients.payment.scoring import load_payment_users
 from fedscore.clients.payment.served import ServedError, ServedVersion, load_served
 from fedscore.clients.payment.service import NOT_SERVED, PaymentScoringService, ReleaseRefused, build_payment_server
@@ -46,6 +52,7 @@ from fedscore.shared.model.export_onnx import (
 )
 from fedscore.shared.party_home import LEDGER_FILE
 from fedscore.shared.privacy import account, embedding_release
+from fedscore.shared.privacy.ledger import ledger_entries
 from fedscore.shared.scoring.bundle import BundleError, load_scoring_bundle, ort_session
 from fedscore.shared.scoring.scorecard import (
     PAYMENT_FACTOR,
@@ -550,8 +557,7 @@ def test_serve_payment_cli_serves_over_mutual_tls_and_records_disclosures(tx_run
     disclosed = json.loads((home / "disclosures.json").read_text())["unprotected"]
     assert sorted(d["protects"] for d in disclosed) == ["payment.features", "payment.signals"]
     assert all(d["against"] == "lender" and d["since"] for d in disclosed)
-    counts = json.loads((home / "online-releases.json").read_text())["by_model"]
-    assert list(counts.values()) == [{ids[0]: 1}]
+    assert list(release_counts(home).values()) == [{ids[0]: 1}]
 
 
 def test_guard_refuses_void_unprotected_or_unbudgeted_versions(tx_run: tuple[Path, Path], tmp_path: Path) -> None:
@@ -594,7 +600,7 @@ def test_protected_answers_are_charged_noised_afresh_and_refused_past_the_budget
     for name in ("a", "b"):
         served = write_served(tmp_path / name, run / "model", ids, sigma=sigma, clip=clip)
         services.append(PaymentScoringService(payment_users, served,
-                                              LedgerGuard(tmp_path / name, served, {GUARANTEE: budget})))
+                                              LedgerGuard(tmp_path / name, served, {GUARANTEE: budget}, ahead=0)))
         server, port = build_payment_server(services[-1], port=0)
         servers.append(server)
         ports.append(port)
@@ -605,11 +611,10 @@ def test_protected_answers_are_charged_noised_afresh_and_refused_past_the_budget
         again = np.asarray(_call(a, ids[0]).embedding)
         refused = _refusal(a, ids[0])  # a third release would raise the worst case past the budget
         assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and GUARANTEE in refused.details()
-        entries = json.loads((tmp_path / "a" / LEDGER_FILE).read_text())["entries"]
+        entries = ledger_entries(tmp_path / "a" / LEDGER_FILE, "payment")
         assert len(entries) == 2 and {e["guarantee"] for e in entries} == {GUARANTEE}
         assert entries[-1]["epsilon_after"] == pytest.approx(account([record] * 2, 1e-6)[0])
-        counts = json.loads((tmp_path / "a" / "online-releases.json").read_text())["by_model"]
-        assert counts == {services[0].payment_part_sha256: {ids[0]: 2, ids[1]: 1}}
+        assert release_counts(tmp_path / "a") == {services[0].payment_part_sha256: {ids[0]: 2, ids[1]: 1}}
 
         other = np.asarray(_call(b, ids[0]).embedding)
         clean = services[0].users.embeddings[services[0].users.row(ids[0])]

@@ -28,7 +28,7 @@ from fedscore.clients.lender.data import load_applicants
 from fedscore.shared.model.manifest import EMBEDDING, LENDER_INPUT, LOGIT, PROBABILITY
 from fedscore.shared.scoring.bundle import ScoringBundle, ordered_matrix, ort_session
 from fedscore.shared.scoring.payment_signals import PaymentSignals
-from fedscore.shared.scoring.scorecard import PAYMENT_FACTOR, decisions, reason_codes, reason_text
+from fedscore.shared.scoring.scorecard import PAYMENT_FACTOR, decision_arrays, reason_codes, reason_text
 
 NO_PAYMENT_REASON = "no payment history with the partner"
 TOP_K = 3
@@ -187,12 +187,11 @@ class LenderScorer:
             raise ValueError(f"{len(features)} applicants but {len(has_payment)} payment flags and {len(signals)} "
                              "signal rows")
         probability, values, direction = self.contributions(features, embedding)
-        table = decisions(probability, signals.spend_level, signals.stability, signals.recent_spend_anomaly,
-                          blacklisted, self.params)
+        table = decision_arrays(probability, signals.spend_level, signals.stability, signals.recent_spend_anomaly,
+                                blacklisted, self.params)
         reason_sets, reason_index = self.reasons(values, direction, has_payment)
-        return Decisions(probability=probability.astype(np.float64), score=table["points"].to_numpy(),
-                         tier=table["tier"].to_numpy(dtype=object), credit_limit=table["limit"].to_numpy(),
-                         review_flag=table["review"].to_numpy(dtype=bool) | ~has_payment,
+        return Decisions(probability=probability.astype(np.float64), score=table.points, tier=table.tier,
+                         credit_limit=table.limit, review_flag=table.review | ~has_payment,
                          reason_sets=reason_sets, reason_index=reason_index)
 
     def embeddings_or_baseline(self, embeddings: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -1,16 +1,26 @@
 """The payment holder's guard for online scoring: every answer is a release of one user's embedding to the lender.
 
-It charges the party's lifetime ledger (`home/privacy-ledger.json`, the same one training charges) and adds the
+It charges the party's lifetime ledger (`home/privacy-ledger.sqlite`, the same one training charges) and adds the
 same noise training assumed (`served/S.json`: sigma, clip, neighbouring), drawn from a `NoiseSource` keyed from the
 OS, so no seed, bundle or counterparty can replay it.
 
-Accounting is per user, worst case over users, per model version: `home/online-releases.json` counts each user's
-online releases under each payment part sha256, and the ledger is charged one release when some user's count for
-that version passes the version's previous maximum (another user's first answer adds nothing to the worst case).
-Per version, because versions may differ in sigma: a user's lifetime total is the sum of its per-version counts,
-each bounded by that version's charged maximum. Both files are written before the answer leaves (write-ahead). A
-service holds `home/online-releases.lock` for its lifetime: the counts live in its memory, so two services on one
-home would undercount.
+Accounting is per user, worst case over users, per model version: every answer is appended to the `releases`
+table of the party's ledger (`home/privacy-ledger.sqlite`: model version, user, this user's n-th answer under it),
+and the ledger's charges for that version cover a worst case (`online_charged.upto`): an answer whose count would
+pass it is charged first (another user's first answer adds nothing to the worst case). Per version, because versions
+may differ in sigma: a user's lifetime total is the sum of its per-version counts, each bounded by that version's
+charged worst case. The answer row (and any charge it needs) is written in one transaction that is durable before the
+answer leaves; concurrent answers share that transaction (group commit, `shared/privacy/ledger_store.py`), so
+`before_release` may be called from many threads at once (`thread_safe`).
+
+Charging ahead: composing a guarantee (dp-accounting PLD) takes seconds once the online releases pile up, far longer
+than an answer may wait, so a background thread keeps the charged worst case `ahead` releases above the actual one,
+`reserve` releases per charge, composing off the commit path; an answer charges inline (and waits) only if the
+background has not kept up. What this costs: the ledger may count up to `ahead + reserve - 1` releases more than the
+worst case actually answered (an over-count, never an under-count); `reserve=1, ahead=0` charges exactly at each
+raise, as before. A service holds `home/online-releases.lock` for its lifetime: the counts live in its memory, so
+two services on one home would undercount. The old `home/online-releases.json` (counts rewritten whole per answer)
+is migrated into the ledger on first start and kept as `.json.migrated`.
 
 When training ran without feature protection (`feature_sigma` null) there is no feature guarantee to charge. The
 guard then refuses to be built unless the operator passes `allow_unprotected` (`--allow-unprotected`), which records
@@ -21,7 +31,13 @@ budget for payment.features@lender, since that budget would promise a protection
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
+import logging
+import os
+import sqlite3
+import threading
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +51,8 @@ from fedscore.clients.payment.service import ReleaseRefused
 from fedscore.shared.atomic import write_json_atomic
 from fedscore.shared.party_home import LEDGER_FILE
 from fedscore.shared.privacy.secure_random import NoiseSource
+
+log = logging.getLogger(__name__)
 
 GUARANTEE = "payment.features@lender"
 COUNTS_FILE = "online-releases.json"
@@ -94,8 +112,13 @@ class LedgerGuard:
     """Charges the party's ledger per release (worst case over users) and noises what leaves."""
 
     def __init__(self, home: Path, served: ServedVersion, budgets: Mapping[str, float], *,
-                 allow_unprotected: bool = False, source: NoiseSource | None = None) -> None:
-        from fedscore.shared.privacy import Ledger
+                 allow_unprotected: bool = False, source: NoiseSource | None = None, reserve: int = 1,
+                 ahead: int = 1) -> None:
+        from fedscore.shared.privacy import BudgetExceeded, Ledger
+
+        if reserve < 1 or ahead < 0:
+            raise GuardRefused(f"reserve must be >= 1 and ahead >= 0, got {reserve} and {ahead}")
+        self.reserve, self.ahead = reserve, ahead
 
         meta = served.meta
         self.sigma, self.clip, self.neighbouring = meta.feature_sigma, meta.embedding_clip, meta.feature_neighbouring
@@ -106,17 +129,48 @@ class LedgerGuard:
         if self.source.replayable:
             raise GuardRefused("online noise must come from an OS-keyed NoiseSource, not a replayable one")
         self.home = Path(home)
+        from fedscore.shared.privacy.ledger_store import LedgerDamaged, LedgerUnavailable
+
         try:
             self.ledger = Ledger(self.home / LEDGER_FILE, self.budgets, meta.delta, party="payment")
         except ValueError as exc:  # unreadable or another party's ledger, a malformed budget: do not guess
             raise GuardRefused(str(exc)) from None
         self._lock = _LifetimeLock(self.home / COUNTS_LOCK)
-        self.counts_file = self.home / COUNTS_FILE
-        self.all_counts: dict[str, dict[str, int]] = self._read_counts()
-        self.counts = self.all_counts.setdefault(served.sha256, {})
+        try:
+            self._store = self.ledger._store
+            self._store.ensure_created()
+            self._migrate_counts()
+            self.model_id, self.counts, charged = self._store.submit(self._load_counts)
+        except (LedgerDamaged, LedgerUnavailable, GuardRefused) as exc:
+            self._lock.release()
+            raise GuardRefused(str(exc)) from None
         self.worst = max(self.counts.values(), default=0)
+        self.charged = max(charged, self.worst)  # older ledgers charged exactly at each raise
+        self.inline_charges = 0  # answers that had to wait for a charge (the background did not keep up)
+        self._noise_lock = threading.Lock()  # the noise source's keystream is not shared between threads
+        self._wake = threading.Condition()
+        self._closed = False
+        self._reserver: threading.Thread | None = None
+        self._composer: Any = None
+        if self.sigma is not None:
+            if self.worst + self.ahead > self.charged:  # before serving: no first answer waits for a composition
+                try:
+                    self._store.submit(lambda conn: self._charge(conn, self.worst + max(self.ahead, 1)))
+                except BudgetExceeded:
+                    pass  # nothing can be charged ahead; answers are then charged (or refused) one by one
+                except (LedgerDamaged, LedgerUnavailable) as exc:
+                    self._lock.release()
+                    raise GuardRefused(str(exc)) from None
+            from fedscore.shared.privacy.ledger import compose_records
+
+            self._composer = _composer()
+            self._composer.submit(compose_records, [], meta.delta)  # start it and import now, not at the first need
+            self._reserver = threading.Thread(target=self._reserve_loop, name="ledger-reserve", daemon=True)
+            self._reserver.start()
         if self.sigma is None:
             record_disclosure(self.home, "payment.features", EMBEDDINGS_DISCLOSURE)
+
+    thread_safe = True  # before_release and noise may be called from many threads at once (group commit)
 
     def _check_protection(self, home: Path, allow_unprotected: bool) -> None:
         if self.sigma is None:
@@ -131,33 +185,127 @@ class LedgerGuard:
         elif GUARANTEE not in self.budgets:
             raise GuardRefused(f"no budget for {GUARANTEE}: pass --budget {GUARANTEE}=EPS")
 
-    def _read_counts(self) -> dict[str, dict[str, int]]:
-        if not self.counts_file.exists():
-            return {}
+    def _migrate_counts(self) -> None:
+        """Move the old `online-releases.json` (version 1, rewritten whole per answer) into the ledger's releases
+        table, once, then keep it renamed `.json.migrated`. A crash between the two leaves the JSON and a
+        `migrated:` mark holding its sha256 in the ledger: the next start only renames it."""
+        from fedscore.shared.privacy.ledger_store import _retire
+
+        path = self.home / COUNTS_FILE
+        if not path.exists():
+            return
+        raw = path.read_bytes()
+        digest = hashlib.sha256(raw).hexdigest()
         try:
-            data = json.loads(self.counts_file.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise GuardRefused(f"{self.counts_file}: unreadable ({exc}); refusing to guess what was released") from None
-        if not isinstance(data, dict) or data.get("version") != 1 or not isinstance(data.get("by_model"), dict):
-            raise GuardRefused(f"{self.counts_file}: not a per-model release count file (version 1); refusing to "
-                               "guess what was released")
-        return data["by_model"]
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise GuardRefused(f"{path}: unreadable ({exc}); refusing to guess what was released. It was not "
+                               "changed: restore it from a backup") from None
+        if not isinstance(data, dict) or data.get("version") != 1 or not isinstance(data.get("by_model"), dict) \
+                or not all(isinstance(c, dict) and all(isinstance(n, int) and n >= 0 for n in c.values())
+                           for c in data["by_model"].values()):
+            raise GuardRefused(f"{path}: not a per-model release count file (version 1); refusing to guess what "
+                               "was released")
+        mark = f"migrated:{COUNTS_FILE}"
+
+        def migrate(conn: sqlite3.Connection) -> None:
+            done = conn.execute("SELECT value FROM meta WHERE key = ?", (mark,)).fetchone()
+            if done is not None:
+                if done[0] != digest:
+                    raise GuardRefused(f"{path}: release counts beside a ledger that already migrated other counts "
+                                       f"({self._store.path}); refusing to guess which are right")
+                return
+            for sha, counts in data["by_model"].items():
+                model = _model_id(conn, sha)
+                conn.executemany("INSERT INTO releases (model, user_id, n, released_at) VALUES (?, ?, ?, NULL)",
+                                 [(model, user, n) for user, n in counts.items() if n > 0])
+            conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (mark, digest))
+
+        self._store.submit(migrate)
+        _retire(path)
+
+    def _load_counts(self, conn: sqlite3.Connection) -> tuple[int, dict[str, int], int]:
+        """This version's id in the ledger, each user's answers so far (max n per user), the charged worst case."""
+        model = _model_id(conn, self.served.sha256)
+        rows = conn.execute("SELECT user_id, MAX(n) FROM releases WHERE model = ? GROUP BY user_id", (model,))
+        counts = dict(rows.fetchall())
+        charged = conn.execute("SELECT MAX(upto) FROM online_charged WHERE model = ?", (model,)).fetchone()[0]
+        return model, counts, int(charged or 0)
 
     def before_release(self, user_id: str) -> None:
-        """Count the release (and charge the ledger if it raises the worst case), write-ahead; or refuse."""
-        from fedscore.shared.privacy import BudgetExceeded, embedding_release
+        """Count the release (and charge the ledger if it passes the charged worst case), durably, before the
+        answer leaves; or refuse. Thread-safe: concurrent calls share one commit."""
+        self._store.submit(lambda conn: self._record(conn, user_id))
+
+    def _record(self, conn: sqlite3.Connection, user_id: str) -> None:
+        """Inside the ledger's write transaction (one writer thread: the counts need no lock of their own). The
+        in-memory counts change only after the rows are written; a commit that then fails leaves them one higher
+        than the ledger, which over-counts (safe), never under-counts."""
+        from fedscore.shared.privacy import BudgetExceeded
 
         count = self.counts.get(user_id, 0) + 1
-        if self.sigma is not None and count > self.worst:
-            record = embedding_release(self.sigma, self.clip, 1, self.neighbouring)
+        entry = None
+        if self.sigma is not None and count > self.charged:
             try:
-                self.ledger.charge([record], GUARANTEE, note=f"online scoring of model {self.served.sha256[:12]}: "
-                                                             f"a user's {count}th online release")
+                entry = self._charge(conn, count)  # the background did not keep up: charge now, the answer waits
             except BudgetExceeded as exc:
                 raise ReleaseRefused(str(exc)) from exc
+            self.inline_charges += 1
+        conn.execute("INSERT INTO releases (model, user_id, n, released_at, entry) VALUES (?, ?, ?, ?, ?)",
+                     (self.model_id, user_id, count, time.time(), entry))
         self.counts[user_id] = count
         self.worst = max(self.worst, count)
-        write_json_atomic(self.counts_file, {"version": 1, "by_model": self.all_counts})
+        if self.sigma is not None and self.worst + self.ahead > self.charged:
+            with self._wake:
+                self._wake.notify()
+
+    def _charge(self, conn: sqlite3.Connection, upto: int) -> int | None:
+        """Charge the releases that take the charged worst case to `upto` (in the writer's transaction)."""
+        from fedscore.shared.privacy import embedding_release
+
+        block = upto - self.charged
+        record = embedding_release(self.sigma, self.clip, block, self.neighbouring)  # type: ignore[arg-type]
+        note = (f"online scoring of model {self.served.sha256[:12]}: worst case {self.charged + 1}"
+                f"{f'..{upto}' if block > 1 else ''} online release(s) per user")
+        _, entry = self.ledger.charge_in(conn, [record.to_dict()], GUARANTEE, note=note)
+        conn.execute("INSERT INTO online_charged (model, upto, entry) VALUES (?, ?, ?)", (self.model_id, upto, entry))
+        self.charged = upto
+        return entry
+
+    def _reserve_loop(self) -> None:
+        """Keep the charged worst case `ahead` above the actual one, composing off the commit path (see the module
+        docstring). Stops for good once the budget refuses: answers past it are then refused inline."""
+        from fedscore.shared.privacy import BudgetExceeded, embedding_release
+        from fedscore.shared.privacy.ledger import _mechanisms, compose_records, remember_composition
+        from fedscore.shared.privacy.ledger_store import select_entries
+
+        block = self.reserve
+        composer = self._composer
+        while True:
+            with self._wake:
+                while not self._closed and self.worst + self.ahead <= self.charged:
+                    self._wake.wait(1.0)
+                if self._closed:
+                    return
+            target = self.charged + block
+            try:
+                with self._store.reading() as conn:
+                    entries = select_entries(conn, GUARANTEE)
+                record = embedding_release(self.sigma, self.clip, block, self.neighbouring)  # type: ignore[arg-type]
+                planned = [*_mechanisms(entries), record]
+                records = [m.to_dict() for m in planned]
+                result = composer.submit(compose_records, records, self.ledger.delta).result()
+                remember_composition(planned, self.ledger.delta, result)  # the charge below finds it
+                self._store.submit(lambda conn, upto=target: None if upto <= self.charged else self._charge(conn, upto))
+            except BudgetExceeded:
+                if block > 1:
+                    block = 1  # near the budget: one release at a time
+                    continue
+                log.info("online charging ahead stopped: the budget for %s is spent", GUARANTEE)
+                return
+            except Exception:  # the next answer charges inline and reports a real problem
+                log.exception("charging ahead failed; answers will charge inline")
+                time.sleep(1.0)
 
     def noise(self, embedding: np.ndarray) -> np.ndarray:
         """Clip to the training clip, add N(0, (sigma * clip)^2) per coordinate; clean if unprotected (recorded)."""
@@ -166,8 +314,50 @@ class LedgerGuard:
         from fedscore.shared.privacy import clip_rows
 
         row = clip_rows(torch.from_numpy(np.asarray(embedding, dtype=np.float32))[None], self.clip)
-        return (row + self.source.normal(row.shape, std=self.sigma * self.clip))[0].numpy()
+        with self._noise_lock:
+            noise = self.source.normal(row.shape, std=self.sigma * self.clip)
+        return (row + noise)[0].numpy()
 
     def close(self) -> None:
         """Let another service use this home (the files stay)."""
+        self._closed = True
+        with self._wake:
+            self._wake.notify_all()
+        if self._composer is not None:
+            self._composer.shutdown(wait=False, cancel_futures=True)
         self._lock.release()
+
+
+def _model_id(conn: sqlite3.Connection, sha256: str) -> int:
+    """The ledger's id for a model version (payment part sha256), added on first use."""
+    row = conn.execute("SELECT id FROM models WHERE sha256 = ?", (sha256,)).fetchone()
+    if row is None:
+        return int(conn.execute("INSERT INTO models (sha256) VALUES (?)", (sha256,)).lastrowid or 0)
+    return int(row[0])
+
+
+def release_counts(home: Path) -> dict[str, dict[str, int]]:
+    """Per model version (payment part sha256), each user's online answers recorded in the party's ledger: what
+    `online-releases.json` used to hold (auditors, tests)."""
+    from fedscore.shared.privacy.ledger_store import open_store
+
+    store = open_store(Path(home) / LEDGER_FILE, "payment")
+    if not store.ready():
+        return {}
+    with store.reading() as conn:
+        rows = conn.execute("SELECT m.sha256, r.user_id, MAX(r.n) FROM releases r JOIN models m ON m.id = r.model "
+                            "GROUP BY r.model, r.user_id").fetchall()
+    out: dict[str, dict[str, int]] = {}
+    for sha, user, n in rows:
+        out.setdefault(sha, {})[user] = n
+    return out
+
+
+def _composer() -> Any:
+    """One worker process (nice 10) that composes guarantees for the background charges: a PLD composition holds
+    the GIL for seconds, which would stall every answer of a serving process. Spawned, so it inherits no threads."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=os.nice, initargs=(10,))

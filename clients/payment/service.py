@@ -17,8 +17,10 @@ Every answer is a release of information about one user, so each one passes a ma
   write-ahead. Any other exception also refuses (INTERNAL): fail closed.
 * `noise(embedding) -> embedding` is applied to what is sent: where the embedding noise goes.
 
-Guard calls are serialised by a lock, so a guard backed by files needs no locking of its own. The production guard
-is `fedscore.clients.payment.release_guard.LedgerGuard`; there is no guard-less service.
+Guard calls are serialised by a lock, so a guard backed by files needs no locking of its own, unless the guard says
+it is `thread_safe` (then concurrent requests reach it together: the production guard,
+`fedscore.clients.payment.release_guard.LedgerGuard`, shares one ledger commit among them). There is no guard-less
+service.
 
 Coarse signals (spend_level, stability, recent_spend_anomaly) are withheld by default (empty strings and False: the
 lender scores with neutral ones); `disclose_signals=True` sends them exactly, which the CLI records as unprotected.
@@ -29,6 +31,8 @@ only to a loopback address.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import signal
 import threading
@@ -86,6 +90,7 @@ class PaymentScoringService(pb2_grpc.PaymentScoringServicer):
         self._served: dict[str, int] = {uid: int(r) for uid, r in zip(sorted(served.ids), rows, strict=True) if r >= 0}
         self.unavailable = len(served.ids) - len(self._served)
         self._lock = threading.Lock()
+        self._serialise = not getattr(guard, "thread_safe", False)
 
     @property
     def served_count(self) -> int:
@@ -106,7 +111,7 @@ class PaymentScoringService(pb2_grpc.PaymentScoringServicer):
 
     def _release(self, user_id: str, row: int) -> tuple[np.ndarray | None, grpc.StatusCode, str]:
         """(embedding, OK, "") or (None, status, reason); never raises, so the caller can abort cleanly."""
-        with self._lock:
+        with self._lock if self._serialise else contextlib.nullcontext():
             try:
                 self.guard.before_release(user_id)
             except ReleaseRefused as exc:
@@ -169,6 +174,7 @@ def run_payment_service(service: PaymentScoringService, host: str, port: int,
                         credentials: grpc.ServerCredentials | None,
                         on_ready: Callable[[str], None] | None = None) -> None:
     """Serve until Ctrl-C or SIGTERM, which stop it with a one-second grace period."""
+    gc.freeze()  # the users loaded at startup are never garbage: keep them out of every later collection
     server, bound = build_payment_server(service, host, port, credentials=credentials)
     log.info("payment service listening on %s:%d", host, bound)
     if threading.current_thread() is threading.main_thread():

@@ -5,10 +5,14 @@ its own home (shared/party_home.py), outside any run folder; the coordinator can
 Why lifetime: a second run, a retraining or an online service on the same people composes with everything the
 party released before (worst case over users), so one ledger per party holds all of it, each entry tagged with the
 run that made it. Why write-ahead: a release is recorded before it leaves, so a round that fails or is interrupted
-after the charge still counts (we may over-count, never under-count). Writers may be several processes (a training
-run and a live service): each charge holds an exclusive flock on a lock file beside the ledger while it re-reads,
-checks and rewrites; writes are atomic (temporary file, fsync, os.replace), so a crash leaves the old or the new
-ledger, never half of one.
+after the charge still counts (we may over-count, never under-count).
+
+Storage (`ledger_store.py`): one SQLite file in WAL mode in the home (`privacy-ledger.sqlite`), append-only, each
+charge checked and written inside one write transaction that is fsynced before `charge` returns; concurrent charges
+and online answers in one process share commits (group commit). Writers may be several processes (a training run
+and a live service): SQLite's write lock serialises their check-and-charge transactions. A JSON ledger of the old
+format (`privacy-ledger.json`, rewritten whole per charge) is migrated on first open and kept as `.json.migrated`; a
+damaged ledger is refused (`LedgerDamaged`, naming the file), never reset.
 
 Why a step key (resume after a crash, README "Resume"): a party tags each charge a protocol step makes with the run,
 the step and the charge's place in it. A party runs a step again only when its saved state still expects that step,
@@ -19,23 +23,35 @@ made twice. Every charge ever made stays in the ledger: nothing is removed, a re
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+import sqlite3
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedscore.shared.atomic import write_text_atomic
 from fedscore.shared.privacy.accounting import account, check_guarantee_records
+from fedscore.shared.privacy.ledger_store import (
+    INSERT_ENTRY,
+    LedgerDamaged,
+    LedgerStore,
+    LedgerUnavailable,
+    entry_row,
+    ledger_db_path,
+    ledger_exists,
+    open_store,
+    select_entries,
+)
 from fedscore.shared.privacy.mechanisms import Mechanism, mechanisms_from_dicts, split_guarantee_key
 
 if TYPE_CHECKING:
     from fedscore.shared.protocol.bodies import LedgerReport
 
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2  # SQLite; version 1 was the JSON file
+
+__all__ = ["BudgetExceeded", "Ledger", "LedgerDamaged", "LedgerUnavailable", "ledger_db_path", "ledger_entries",
+           "ledger_exists", "ledger_report"]
 
 
 class BudgetExceeded(RuntimeError):
@@ -71,28 +87,15 @@ class Ledger:
         self.party = party or self.path.parent.name
         self.run = run  # tags each entry, so a lifetime ledger says which run released what
         self.step = step  # the key of the next charge within the run's current protocol step (see the docstring)
-        self._load()  # fail now, not at the first charge, if the file is unreadable or another party's
+        self._store: LedgerStore = open_store(self.path, self.party)  # migrates and checks the file now
 
-    # -- file ------------------------------------------------------------------------------------------------------
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """An exclusive lock shared by every process that writes this ledger (flock on `<ledger>.lock`)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    @property
+    def store_path(self) -> Path:
+        """The SQLite file that holds this ledger (`path` may name the old JSON ledger it was migrated from)."""
+        return self._store.path
 
     def _load(self) -> list[dict[str, Any]]:
-        return _read_entries(self.path, self.party)
-
-    def _save(self, entries: list[dict[str, Any]]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({"version": LEDGER_VERSION, "party": self.party, "delta": self.delta,
-                           "entries": entries}, indent=1, allow_nan=False)
-        write_text_atomic(self.path, text)
+        return self._store.entries()
 
     # -- queries ---------------------------------------------------------------------------------------------------
     @property
@@ -101,8 +104,7 @@ class Ledger:
 
     def mechanisms(self, guarantee: str) -> list[Mechanism]:
         """Every release recorded under this guarantee, oldest first."""
-        items = [item for entry in self._load() if entry["guarantee"] == guarantee for item in entry["mechanisms"]]
-        return mechanisms_from_dicts(items)
+        return _mechanisms(self._store.entries(guarantee))
 
     def epsilon(self, guarantee: str) -> float:
         """What this guarantee has spent so far, recomputed from the records at this ledger's delta."""
@@ -114,7 +116,7 @@ class Ledger:
         keys = list(dict.fromkeys([*self.budget, *(entry["guarantee"] for entry in entries)]))
         summary = {}
         for key in keys:
-            spent = self.epsilon(key)
+            spent = account(_mechanisms([e for e in entries if e["guarantee"] == key]), self.delta)[0]
             limit = self.budget.get(key)
             summary[key] = {"epsilon": spent, "budget": limit, "delta": self.delta,
                             "remaining": None if limit is None else max(0.0, limit - spent),
@@ -143,7 +145,8 @@ class Ledger:
     def charge(self, mechanisms: Sequence[Mechanism], guarantee: str, *, note: str = "") -> float:
         """Record these releases under `guarantee` and return its new epsilon, or raise BudgetExceeded.
 
-        Call before the data leaves. The new epsilon composes everything recorded so far with these records.
+        Call before the data leaves: it returns once the charge is durable (fsynced). The new epsilon composes
+        everything recorded so far with these records. Thread-safe; concurrent charges share one commit.
         """
         protects, against = split_guarantee_key(guarantee)
         mechanisms = list(mechanisms)
@@ -152,25 +155,51 @@ class Ledger:
         check_guarantee_records(protects, against, mechanisms)
         step = self.step() if self.step is not None and self.run else ""
         records = json.loads(json.dumps([m.to_dict() for m in mechanisms]))  # as the file holds them
-        with self._locked():
-            entries = self._load()
-            earlier = _same_step(entries, self.run, step, guarantee, records)
-            if earlier is not None:  # this step's earlier attempt released nothing: its charge covers this one
-                return self.epsilon(guarantee)
-            before = mechanisms_from_dicts([item for entry in entries if entry["guarantee"] == guarantee
-                                            for item in entry["mechanisms"]])
-            would_be, accountant = account([*before, *mechanisms], self.delta)
-            limit = self.budget.get(guarantee)
-            if limit is None or not math.isfinite(would_be) or would_be > limit:
-                raise BudgetExceeded(self.party, guarantee, account(before, self.delta)[0], would_be, limit)
-            entry = {"guarantee": guarantee, "mechanisms": records, "epsilon_after": would_be,
-                     "accountant": accountant, "delta": self.delta,
-                     "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"), "run": self.run, "note": note}
-            if step:
-                entry["step"] = step
-            entries.append(entry)
-            self._save(entries)
-        return would_be
+        if not self._store.ready():
+            self.check(mechanisms, guarantee)  # a first charge that is refused leaves no ledger behind
+        return self._store.submit(lambda conn: self.charge_in(conn, records, guarantee, note=note, step=step)[0])
+
+    def charge_in(self, conn: sqlite3.Connection, records: list[dict[str, Any]], guarantee: str, *, note: str,
+                  step: str = "") -> tuple[float, int | None]:
+        """The charge inside the store's write transaction (the ledger is re-read under the write lock, so no
+        other writer can spend the same budget meanwhile): (new epsilon, entry id or None if a resumed step's
+        earlier charge covers it). For callers that record more in the same transaction (the online guard)."""
+        entries = select_entries(conn, guarantee)
+        if _same_step(entries, self.run, step, guarantee, records) is not None:
+            # this step's earlier attempt released nothing: its charge covers this one
+            return account(_mechanisms(entries), self.delta)[0], None
+        before = _mechanisms(entries)
+        planned = [*before, *mechanisms_from_dicts(records)]
+        would_be, accountant = _PRECOMPOSED.get((tuple(planned), self.delta)) or account(planned, self.delta)
+        limit = self.budget.get(guarantee)
+        if limit is None or not math.isfinite(would_be) or would_be > limit:
+            raise BudgetExceeded(self.party, guarantee, account(before, self.delta)[0], would_be, limit)
+        entry = {"guarantee": guarantee, "mechanisms": records, "epsilon_after": would_be, "accountant": accountant,
+                 "delta": self.delta, "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                 "run": self.run, "step": step, "note": note}
+        cursor = conn.execute(INSERT_ENTRY, entry_row(entry))
+        return would_be, cursor.lastrowid
+
+
+# (records, delta) -> (epsilon, accountant) composed elsewhere (another process: composing holds the GIL for
+# seconds, which a serving process cannot afford); `charge_in` uses it instead of composing again
+_PRECOMPOSED: dict[tuple[tuple[Mechanism, ...], float], tuple[float, str]] = {}
+
+
+def compose_records(records: list[dict[str, Any]], delta: float) -> tuple[float, str]:
+    """`account` of these records (as the ledger stores them): what a composing worker process runs."""
+    return account(mechanisms_from_dicts(records), delta)
+
+
+def remember_composition(mechanisms: Sequence[Mechanism], delta: float, result: tuple[float, str]) -> None:
+    """Record a composition made elsewhere, so that the charge of exactly these records at this delta uses it."""
+    if len(_PRECOMPOSED) > 64:
+        _PRECOMPOSED.clear()
+    _PRECOMPOSED[(tuple(mechanisms), delta)] = result
+
+
+def _mechanisms(entries: list[dict[str, Any]]) -> list[Mechanism]:
+    return mechanisms_from_dicts([item for entry in entries for item in entry["mechanisms"]])
 
 
 def _same_step(entries: list[dict[str, Any]], run: str, step: str, guarantee: str,
@@ -185,20 +214,10 @@ def _same_step(entries: list[dict[str, Any]], run: str, step: str, guarantee: st
     return None
 
 
-def _read_entries(path: Path, party: str) -> list[dict[str, Any]]:
-    """A ledger file's entries, after checking it is readable, of this version and this party's."""
-    if not path.exists():
-        return []
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"privacy ledger {path} is not valid JSON ({exc}); refusing to guess what was spent") from exc
-    if data.get("version") != LEDGER_VERSION:
-        raise ValueError(f"privacy ledger {path}: unknown version {data.get('version')!r}")
-    if data.get("party") != party:
-        raise ValueError(f"privacy ledger {path} belongs to {data.get('party')!r}, not {party!r}")
-    entries: list[dict[str, Any]] = data["entries"]
-    return entries
+def ledger_entries(path: Path, party: str) -> list[dict[str, Any]]:
+    """A party's ledger entries (old JSON entry form), oldest first; [] if it has none. Migrates an old JSON ledger
+    on first read; LedgerDamaged if the file cannot be trusted."""
+    return open_store(Path(path), party).entries()
 
 
 def ledger_report(path: Path, budget: Mapping[str, float], party: str) -> LedgerReport:
@@ -207,5 +226,5 @@ def ledger_report(path: Path, budget: Mapping[str, float], party: str) -> Ledger
     from fedscore.shared.protocol.bodies import LedgerEntry, LedgerReport
 
     entries = [LedgerEntry(guarantee=e["guarantee"], mechanisms=e["mechanisms"], epsilon_after=e["epsilon_after"],
-                           note=e.get("note", ""), run=e.get("run", "")) for e in _read_entries(Path(path), party)]
+                           note=e.get("note", ""), run=e.get("run", "")) for e in ledger_entries(Path(path), party)]
     return LedgerReport(budgets=dict(budget), entries=entries)

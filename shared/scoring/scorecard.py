@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -101,20 +102,37 @@ def points(probability: np.ndarray, params: ScorecardParams | None = None) -> np
     return np.rint(params.offset + params.factor * (np.log1p(-p) - np.log(p))).astype(np.int64)
 
 
-def tier(score: np.ndarray, params: ScorecardParams | None = None) -> np.ndarray:
-    """Tier name per score: the best tier whose minimum the score reaches, else `lowest_tier`."""
+def tier_index(score: np.ndarray, params: ScorecardParams | None = None) -> np.ndarray:
+    """Per score, the index of its tier in `params.tier_names` (best first, lowest tier last)."""
     params = params or _DEFAULT
     ascending = np.array([m for _, m in params.tiers][::-1], dtype=np.float64)
     reached = np.searchsorted(ascending, np.asarray(score, dtype=np.float64), side="right")
-    names = np.array(params.tier_names, dtype=object)
-    return names[len(params.tiers) - reached]
+    return len(params.tiers) - reached
+
+
+def tier(score: np.ndarray, params: ScorecardParams | None = None) -> np.ndarray:
+    """Tier name per score: the best tier whose minimum the score reaches, else `lowest_tier`."""
+    params = params or _DEFAULT
+    return np.array(params.tier_names, dtype=object)[tier_index(score, params)]
 
 
 def _lookup(values: np.ndarray, table: dict[str, float], what: str) -> np.ndarray:
-    """Vectorised dict lookup (one pass over the distinct values), with a clear error for unknown ones."""
+    """Vectorised dict lookup, with a clear error for unknown values.
+
+    Fast path: one vectorised comparison per key (the tables have 2-5 keys; sorting a million strings to find the
+    distinct ones cost more than the whole scorecard); only when some value equals no key verbatim does it fall back
+    to comparing str() forms (and naming the unknown ones)."""
     values = np.asarray(values, dtype=object)
     if values.size == 0:
         return np.zeros(values.shape, dtype=np.float64)
+    out = np.empty(values.shape, dtype=np.float64)
+    matched = np.zeros(values.shape, dtype=bool)
+    for key, value in table.items():
+        hit = np.asarray(values == key, dtype=bool)
+        out[hit] = value
+        matched |= hit
+    if matched.all():
+        return out
     uniques, inverse = np.unique(values.astype(str), return_inverse=True)
     unknown = [u for u in uniques if u not in table]
     if unknown:
@@ -133,17 +151,27 @@ def credit_limit(tier_name: np.ndarray, spend_level: np.ndarray, stability: np.n
     A blacklist hit overrides everything: limit 0 and review. Tiers in `review_tiers` are always reviewed.
     """
     params = params or _DEFAULT
+    return _credit_limit(_lookup(np.asarray(tier_name, dtype=object), params.base_limits, "tier"),
+                         np.isin(np.asarray(tier_name, dtype=object).astype(str), params.review_tiers), spend_level,
+                         stability, recent_spend_anomaly, blacklisted, params)
+
+
+def _credit_limit(base: np.ndarray, review_tier: np.ndarray, spend_level: np.ndarray, stability: np.ndarray,
+                  recent_spend_anomaly: np.ndarray, blacklisted: np.ndarray | None,
+                  params: ScorecardParams) -> tuple[np.ndarray, np.ndarray]:
+    """`credit_limit` from each applicant's tier already looked up: its base limit, and whether it is a review tier
+    (the same arithmetic, in the same order)."""
     if blacklisted is None:
-        blacklisted = np.zeros(np.shape(tier_name), dtype=bool)
-    t, s, st, anomaly, black = np.broadcast_arrays(
-        np.asarray(tier_name, dtype=object), np.asarray(spend_level, dtype=object),
+        blacklisted = np.zeros(np.shape(base), dtype=bool)
+    b, rt, s, st, anomaly, black = np.broadcast_arrays(
+        np.asarray(base, dtype=np.float64), np.asarray(review_tier, dtype=bool), np.asarray(spend_level, dtype=object),
         np.asarray(stability, dtype=object), np.asarray(recent_spend_anomaly, dtype=bool),
         np.asarray(blacklisted, dtype=bool))
-    limit = (_lookup(t, params.base_limits, "tier") * _lookup(s, params.spend_multipliers, "spend level")
+    limit = (b * _lookup(s, params.spend_multipliers, "spend level")
              * _lookup(st, params.stability_multipliers, "stability"))
     limit = np.where(anomaly, limit * params.anomaly_multiplier, limit)
     limit = np.where(black, 0.0, np.floor(limit / params.limit_step + 1e-9) * params.limit_step)
-    review = black | np.isin(t.astype(str), params.review_tiers)
+    review = black | rt
     if params.review_on_anomaly:
         review = review | anomaly
     return limit, review
@@ -154,11 +182,34 @@ def decisions(probability: np.ndarray, spend_level: np.ndarray, stability: np.nd
               params: ScorecardParams | None = None) -> pd.DataFrame:
     """points, tier, limit, review for each applicant: the whole product in one call."""
     params = params or _DEFAULT
+    d = decision_arrays(probability, spend_level, stability, recent_spend_anomaly, blacklisted, params)
+    return pd.DataFrame({"probability": np.asarray(probability, dtype=np.float64), "points": d.points,
+                         "tier": d.tier, "limit": d.limit, "review": d.review})
+
+
+@dataclass(frozen=True)
+class DecisionArrays:
+    """`decisions` as plain arrays (no DataFrame: scoring one applicant online, the frame cost more than the rest)."""
+
+    points: np.ndarray  # int64
+    tier: np.ndarray  # object (str)
+    limit: np.ndarray  # float64
+    review: np.ndarray  # bool
+
+
+def decision_arrays(probability: np.ndarray, spend_level: np.ndarray, stability: np.ndarray,
+                    recent_spend_anomaly: np.ndarray, blacklisted: np.ndarray | None = None,
+                    params: ScorecardParams | None = None) -> DecisionArrays:
+    """points, tier, limit, review: the same values as `decisions`, tiers looked up by index, not by name."""
+    params = params or _DEFAULT
     score = points(probability, params)
-    tiers = tier(score, params)
-    limit, review = credit_limit(tiers, spend_level, stability, recent_spend_anomaly, blacklisted, params)
-    return pd.DataFrame({"probability": np.asarray(probability, dtype=np.float64), "points": score, "tier": tiers,
-                         "limit": limit, "review": review})
+    index = tier_index(score, params)
+    names = params.tier_names
+    base = np.array([params.base_limits[name] for name in names], dtype=np.float64)[index]
+    review_tier = np.array([name in params.review_tiers for name in names], dtype=bool)[index]
+    limit, review = _credit_limit(base, review_tier, spend_level, stability, recent_spend_anomaly, blacklisted,
+                                  params)
+    return DecisionArrays(points=score, tier=np.array(names, dtype=object)[index], limit=limit, review=review)
 
 
 # -------------------------------------------------------------------------------------- coarse payment signals
