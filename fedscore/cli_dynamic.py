@@ -149,7 +149,7 @@ def retrain_command(from_: Annotated[Path, typer.Option("--from", help="RUN_DIR 
         try:
             preflight(from_, budgets, homes, config.privacy.delta)
         except RetrainRefused as exc:
-            console.print(f"[bold red]{exc}[/]", soft_wrap=True, markup=False, style="bold red")
+            console.print(str(exc), soft_wrap=True, markup=False, style="bold red")
             raise typer.Exit(3) from None
         window = out.parent / f"{out.name}-data"
         try:
