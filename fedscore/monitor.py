@@ -23,6 +23,7 @@ Traffic lights: PSI < 0.1 stable, 0.1-0.25 watch, > 0.25 act (the industry's thr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -189,10 +190,17 @@ def payment_release(folder: Path, home: Path, budget: float, noise_multiplier: f
 # ------------------------------------------------------------------------------------------------ the lender
 
 
-def _score(model_dir: Path, data_dir: Path):
+@functools.lru_cache(maxsize=4)
+def _score_cached(model_dir: str, data_dir: str, stamp: float) -> Any:
     from fedscore.scoring import score_batch
 
-    return score_batch(model_dir, data_dir)
+    return score_batch(Path(model_dir), Path(data_dir))
+
+
+def _score(model_dir: Path, data_dir: Path):
+    """score_batch, kept for the process (the reference is scored once for all the months of one call)."""
+    stamp = max(p.stat().st_mtime for p in Path(model_dir).iterdir())
+    return _score_cached(str(Path(model_dir).resolve()), str(Path(data_dir).resolve()), stamp).copy()
 
 
 def _lender_table(folder: Path) -> tuple[PartyTable, DataSchema, np.ndarray]:

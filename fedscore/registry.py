@@ -82,6 +82,7 @@ def save(home: Path, registry: Registry) -> None:
 
 def _point_champion(home: Path, model_dir: Path) -> None:
     """LENDER_HOME/champion -> model_dir, swapped atomically (rename of a fresh link over the old one)."""
+    Path(home).mkdir(parents=True, exist_ok=True)
     link = Path(home) / CHAMPION_LINK
     tmp = Path(home) / f".{CHAMPION_LINK}.tmp-{os.getpid()}"
     if tmp.is_symlink() or tmp.exists():
