@@ -22,7 +22,7 @@ from typing import Any
 
 from fedscore.runs import Budgets, Homes, RunError
 
-MAX_PROJECTED = 20  # retrains projected at most (20 means "20 or more")
+MAX_PROJECTED = 10  # retrains projected at most (10 means "10 or more"): each probe is a full PLD composition
 
 
 @dataclass
