@@ -7,9 +7,11 @@ coarse signals. Both months (this one and the previous) are scored with the same
 (shared/scoring/scorecard.py: points, tiers, limits, review, reason codes), and the proposal is:
 - cut    to the policy limit when recent spending turned anomalous (recent_spend_anomaly) or the tier fell;
 - raise  to the policy limit when spending is stable this month and last, with no anomaly, and the tier held or
-         rose (never more than RAISE_CAP times the current limit in one month);
+         rose (never more than RAISE_CAP times the current limit in one month; a limit of 0 is never raised
+         automatically: it is held and flagged for review);
 - hold   otherwise.
-A manual-review flag follows the policy (tiers in review_tiers, anomalies) and any cut of more than half the limit.
+A manual-review flag follows the policy (tiers in review_tiers, anomalies), any cut of more than half the limit and
+any closed line the policy would reopen.
 Each row carries its reason codes: the policy's reason for the action, then the model's reasons for the score.
 """
 
@@ -90,13 +92,13 @@ def propose(model_dir: Path, root: Path, month: int) -> pd.DataFrame:
     current = before["limit"].to_numpy(float)  # the limit the book holds: last month's policy limit
     policy = now["limit"].to_numpy(float)
     cut = (anomaly | fell) & (policy < current)
-    raise_ = ~cut & stable & ~anomaly & rose_or_held & (policy > current)
+    raise_ = ~cut & stable & ~anomaly & rose_or_held & (policy > current) & (current > 0)
+    reinstate = ~cut & (current == 0) & (policy > 0)  # a closed line is never reopened automatically
     proposed = np.where(cut, policy, np.where(raise_, np.minimum(policy, np.floor(current * RAISE_CAP / 100) * 100),
                                               current))
-    proposed = np.where(raise_ & (current == 0), policy, proposed)
     action = np.where(cut, "cut", np.where(raise_, "raise", "hold"))
     big_cut = cut & (proposed < 0.5 * current)
-    review = now["review"].to_numpy(bool) | big_cut
+    review = now["review"].to_numpy(bool) | big_cut | reinstate
     codes = []
     for i in range(len(now)):
         why = []
@@ -108,6 +110,8 @@ def propose(model_dir: Path, root: Path, month: int) -> pd.DataFrame:
             why.append("STABLE: spending stable two months, tier held")
         if big_cut[i]:
             why.append("BIG_CUT: more than half the limit, manual review")
+        if reinstate[i]:
+            why.append(f"REINSTATE: limit 0, policy now {policy[i]:.0f}, manual review")
         model = now["reasons"].iat[i]
         codes.append("; ".join([*why, *([model] if model else [])]))
     return pd.DataFrame({"id": now["id"], "previous_tier": before["tier"], "tier": now["tier"],
