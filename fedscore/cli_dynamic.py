@@ -188,6 +188,8 @@ def _flatten(config: dict, prefix: str = "") -> list[str]:
 
 
 def _print_account(accounts) -> None:  # type: ignore[no-untyped-def]
+    from fedscore.retrain import MAX_PROJECTED
+
     table = Table(title="privacy account per guarantee (lifetime, per user, worst case over users)")
     for column in ("party", "guarantee", "run", "eps of the run", "cumulative eps", "budget", "retrains left"):
         table.add_column(column)
@@ -197,7 +199,8 @@ def _print_account(accounts) -> None:  # type: ignore[no-untyped-def]
                 last = i == len(g.runs) - 1
                 table.add_row(party, g.guarantee, r.run, f"{r.epsilon_alone:.3f}", f"{r.cumulative:.3f}",
                               "-" if g.budget is None else f"{g.budget:.3f}",
-                              str(g.retrains_left) if last and g.retrains_left is not None else "")
+                              (f"{g.retrains_left}+" if g.retrains_left == MAX_PROJECTED else str(g.retrains_left))
+                              if last and g.retrains_left is not None else "")
     console.print(table)
 
 

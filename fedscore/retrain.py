@@ -22,7 +22,7 @@ from typing import Any
 
 from fedscore.runs import Budgets, Homes, RunError
 
-MAX_PROJECTED = 10  # retrains projected at most (10 means "10 or more"): each probe is a full PLD composition
+MAX_PROJECTED = 5  # retrains projected at most (5 means "5 or more"): each probe is a full PLD composition
 
 
 @dataclass
@@ -69,8 +69,9 @@ def _renamed(items: list[dict[str, Any]], tag: str) -> list[dict[str, Any]]:
 
 
 def account(home: Path, party: str, budgets: dict[str, float], delta: float,
-            template_run: str | None = None) -> list[GuaranteeAccount]:
-    """The party's account per guarantee, and with `template_run` the projection of more runs like it."""
+            template_run: str | None = None, max_k: int | None = None) -> list[GuaranteeAccount]:
+    """The party's account per guarantee, and with `template_run` the projection of up to `max_k` (default
+    MAX_PROJECTED) more runs like it: `retrains_left == max_k` reads "max_k or more"."""
     from fedscore.shared.privacy.accounting import account as compose
     from fedscore.shared.privacy.mechanisms import mechanisms_from_dicts
 
@@ -90,14 +91,15 @@ def account(home: Path, party: str, budgets: dict[str, float], delta: float,
                                 budgets.get(guarantee), charges)
         template = [m for e in runs.get(template_run or "", []) for m in e["mechanisms"]]
         if template:
-            item.retrains_left, item.next_would_be = _project(ledger, guarantee, template)
+            item.retrains_left, item.next_would_be = _project(ledger, guarantee, template, max_k or MAX_PROJECTED)
         result.append(item)
     return result
 
 
-def _project(ledger: Any, guarantee: str, template: list[dict[str, Any]]) -> tuple[int, float]:
-    """(how many more runs like `template` the budget takes, capped at MAX_PROJECTED; eps after one more): doubling,
-    then bisection, each probe one Ledger.check (nothing recorded)."""
+def _project(ledger: Any, guarantee: str, template: list[dict[str, Any]], cap: int) -> tuple[int, float]:
+    """(how many more runs like `template` the budget takes, capped at `cap`; eps after one more): doubling, then
+    bisection, each probe one Ledger.check (nothing recorded). A probe of k runs composes k more randomized-response
+    draws, so its cost grows with k: the preflight asks for one, the report for a few."""
     from fedscore.shared.privacy.ledger import BudgetExceeded
     from fedscore.shared.privacy.mechanisms import mechanisms_from_dicts
 
@@ -112,8 +114,8 @@ def _project(ledger: Any, guarantee: str, template: list[dict[str, Any]]) -> tup
     if not ok:
         return 0, next_eps
     good, bad = 1, None
-    while bad is None and good < MAX_PROJECTED:
-        k = min(2 * good, MAX_PROJECTED)
+    while bad is None and good < cap:
+        k = min(2 * good, cap)
         if fits(k)[0]:
             good = k
         else:
@@ -171,7 +173,7 @@ def preflight(from_run: Path, budgets: Budgets, homes: Homes, delta: float) -> d
     """Each party's account with the previous version as the template; RetrainRefused if any guarantee cannot
     take one more version."""
     template = run_id_of(from_run)
-    accounts = {party: account(homes[party], party, budgets.get(party, {}), delta, template)
+    accounts = {party: account(homes[party], party, budgets.get(party, {}), delta, template, max_k=1)
                 for party in ("payment", "lender")}
     for party, items in accounts.items():
         if budgets.get(party) and not any(r.run == template for g in items for r in g.runs):
