@@ -81,8 +81,9 @@ def account(home: Path, party: str, budgets: dict[str, float], delta: float,
     for guarantee in dict.fromkeys([*budgets, *(e["guarantee"] for e in entries)]):
         mine = [e for e in entries if e["guarantee"] == guarantee]
         runs: dict[str, list[dict[str, Any]]] = {}
-        for e in mine:
-            runs.setdefault(e.get("run", ""), []).append(e)
+        for e in mine:  # the monitor's releases (run "monitor:<data>") are one line: monitoring
+            run = e.get("run", "")
+            runs.setdefault("monitoring" if run.startswith("monitor:") else run, []).append(e)
         charges = [RunCharge(run=run or "(untagged)", charges=len(es),
                              epsilon_alone=compose(mechanisms_from_dicts([m for e in es for m in e["mechanisms"]]),
                                                    delta)[0],
