@@ -255,3 +255,17 @@ def test_meta_round_trips(months: Path) -> None:
     assert meta.month(4).shocked and meta.shock == 4
     with pytest.raises(ValueError):
         meta.month(7)
+
+
+def test_cli_synth_months_and_window(tmp_path: Path) -> None:
+    from fedscore.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["data", "synth", "--months", "3", "--users", "200", "--shock", "2", "--out",
+                                 str(tmp_path / "m")], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert read_meta(tmp_path / "m").shock == 2
+    late = runner.invoke(app, ["data", "window", "--data", str(tmp_path / "m"), "--months", "1..2", "--out",
+                               str(tmp_path / "w")], terminal_width=200)
+    assert late.exit_code == 2 and "mature" in late.output  # 6-month performance window, 3 months generated
+    assert not (tmp_path / "w").exists()
