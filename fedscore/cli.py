@@ -14,8 +14,10 @@ from rich.table import Table
 
 from fedscore.cli_common import console, fail, user_errors
 from fedscore.cli_deploy import bundle_command, keys_command, node_command, run_command, superlink_command
+from fedscore.cli_dynamic import register as register_dynamic
+from fedscore.cli_dynamic import score_command
 from fedscore.cli_ledger import ledger_app
-from fedscore.cli_scoring import score_command, serve_app
+from fedscore.cli_scoring import serve_app
 from fedscore.shared.metrics import METRIC_KEYS, METRIC_LABELS
 
 app = typer.Typer(help="Privacy-preserving vertical federated credit scoring.", no_args_is_help=True,
@@ -30,6 +32,7 @@ app.command("run")(run_command)
 app.command("keys")(keys_command)
 app.command("bundle")(bundle_command)
 app.add_typer(ledger_app, name="ledger")
+register_dynamic(app, data_app)  # monitor, retrain, account, registry, data window (issue 21)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML run config")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. training.rounds=5")]
@@ -85,9 +88,18 @@ def _budgets(config, overrides: list[str] | None):
 
 @data_app.command("synth")
 def data_synth(users: Annotated[int, typer.Option(min=100)] = 20000, seed: int = 0,
-               out: Annotated[Path, typer.Option(help="folder to create")] = Path("data/synth")) -> None:
+               out: Annotated[Path, typer.Option(help="folder to create")] = Path("data/synth"),
+               months: Annotated[int | None, typer.Option(help="monthly snapshots (users = applicants a month)")]
+               = None, shock: Annotated[int | None, typer.Option(help="with --months: the shock's month")] = None,
+               ) -> None:
     """Generate the embedded default data: payment transactions and lender applicants with partial overlap."""
     from fedscore.synth import synthesize
+
+    if months is not None or shock is not None:
+        from fedscore.cli_dynamic import synth_months
+
+        synth_months(months or 24, users, seed, out, shock)
+        return
 
     with user_errors():
         try:
