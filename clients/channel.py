@@ -1,7 +1,7 @@
 """A party's end of the encrypted channel to its peer, and the protocol order it accepts messages in.
 
 Why here and not in the coordinator: the coordinator is only half trusted, so each party checks for itself that a
-request is the next step of the run it set up (setup -> align.respond / align.match -> embed / train rounds in order),
+request is the next step of the run it set up (its next row in shared/protocol/steps.py `plan`),
 that its payload comes from the peer for exactly this step (shared/protocol/e2e.py: the associated data binds run,
 kind, round, direction and a per-direction sequence number), and never serves a step twice. A bad message gets a
 ProtocolError reply naming what is wrong; nothing is decoded before it authenticates.
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from fedscore.shared.protocol.bodies import SetupRequest
 from fedscore.shared.protocol.e2e import Channel, Delivery, SealError, load_identity, parse_public_key, read_frame
 from fedscore.shared.protocol.messages import Envelope, MessageKind
+from fedscore.shared.protocol.steps import BLACKLIST_KINDS, PayloadKind, find, next_for, phase
 
 if TYPE_CHECKING:
     from fedscore.clients.base import PartyBase
@@ -33,43 +34,27 @@ if TYPE_CHECKING:
 RUNS_FILE = "e2e-runs.txt"
 RUNS_LOCK = "e2e-runs.lock"  # flock'd while a run id is checked and appended
 K = MessageKind
-# the payload kind a request must carry, per (party, kind); round 0's embed carries the alignment tokens instead
-EXPECTED_PAYLOAD = {("payment", K.ALIGN_RESPOND): "psi_request", ("payment", K.EMBED): "gradients",
-                    ("payment", K.BLACKLIST_RESPOND): "psi_request", ("lender", K.ALIGN_MATCH): "psi_response",
-                    ("lender", K.TRAIN): "embeddings", ("lender", K.BLACKLIST_MATCH): "psi_response"}
-BLACKLIST = (K.BLACKLIST_REQUEST, K.BLACKLIST_RESPOND, K.BLACKLIST_MATCH)
+BLACKLIST = BLACKLIST_KINDS
 
 
-def expected_payload(party: str, kind: MessageKind, round_: int) -> str:
-    if (party, kind, round_) == ("payment", K.EMBED, 0):
-        return "alignment_tokens"
-    return EXPECTED_PAYLOAD.get((party, kind), "")
+def expected_payload(party: str, kind: MessageKind, round_: int) -> PayloadKind:
+    """The payload kind a request to `party` must carry (the plan's `expects`); round 0's embed carries the alignment
+    tokens instead of gradients."""
+    step = find(party, kind, round_)
+    return step.expects if step is not None else PayloadKind.NONE
 
 
 def delivered_as(sender: str, kind: MessageKind, round_: int, rounds: int | None = None) -> tuple[MessageKind, int]:
-    """The request a reply's payload reaches the peer in (server/coordinator.py moves it there). With the run's
-    `rounds`: the lender's last `train` reply has no such request (no embed follows it), so it may carry nothing."""
-    if rounds is not None and (sender, kind) == ("lender", K.TRAIN) and round_ >= rounds - 1:
-        raise SealError(f"{sender}: the last round's {kind} reply carries no payload (no embed follows to deliver "
-                        "it; the payment holder receives R-1 gradient exchanges)")
-    nxt = {("lender", K.SETUP): (K.ALIGN_RESPOND, -1), ("payment", K.ALIGN_RESPOND): (K.ALIGN_MATCH, -1),
-           ("lender", K.ALIGN_MATCH): (K.EMBED, 0), ("payment", K.EMBED): (K.TRAIN, round_),
-           ("lender", K.TRAIN): (K.EMBED, round_ + 1), ("lender", K.BLACKLIST_REQUEST): (K.BLACKLIST_RESPOND, -1),
-           ("payment", K.BLACKLIST_RESPOND): (K.BLACKLIST_MATCH, -1)}
-    if (sender, kind) not in nxt:
+    """The request a reply's payload reaches the peer in (server/coordinator.py moves it there; the plan's
+    `delivered_as`). With the run's `rounds`: the lender's last `train` reply has no such request (no embed follows
+    it), so it may carry nothing."""
+    step = find(sender, kind, round_, rounds)
+    if step is None or step.delivered_as is None:
+        if rounds is not None and kind is K.TRAIN:
+            raise SealError(f"{sender}: the last round's {kind} reply carries no payload (no embed follows to "
+                            "deliver it; the payment holder receives R-1 gradient exchanges)")
         raise SealError(f"{sender}: a {kind} reply carries no payload for the peer")
-    return nxt[(sender, kind)]
-
-
-def _position(kind: MessageKind, round_: int) -> int:
-    """Where a training step sits in the run: setup 0, alignment 1, round r at 2 + r."""
-    return {K.SETUP: 0, K.ALIGN_RESPOND: 1, K.ALIGN_MATCH: 1}.get(kind, 2 + round_)
-
-
-def _after(party: str, kind: MessageKind, round_: int) -> tuple[str, int]:
-    step = {K.SETUP: (K.ALIGN_RESPOND if party == "payment" else K.ALIGN_MATCH, -1),
-            K.ALIGN_RESPOND: (K.EMBED, 0), K.ALIGN_MATCH: (K.TRAIN, 0)}.get(kind, (kind, round_ + 1))
-    return str(step[0]), step[1]
+    return step.delivered_as
 
 
 class PartyChannel:
@@ -142,7 +127,7 @@ class PartyChannel:
             raise SealError(f"{self.name}: {kind} round {round_} before setup")
         expected = (state["next"][0], state["next"][1])
         if (str(kind), round_) != expected:
-            late = _position(kind, round_) < _position(K(expected[0]), expected[1])
+            late = phase(kind, round_) < phase(K(expected[0]), expected[1])
             what = "replayed message: already served" if late else "out of protocol order"
             raise SealError(f"{self.name} refused: {what}: got {kind} round {round_}, expected {expected[0]} round "
                             f"{expected[1]} in run {state['run']!r}")
@@ -208,7 +193,8 @@ class PartyChannel:
             if kind is K.SETUP:  # remembered in the home once the state is saved (`saved`)
                 self.party.state["e2e"] = {"run": self.party.run_id, "received": 0, "sent": 0}
             state = self.party.state["e2e"]
-            state["next"] = list(_after(self.name, kind, round_))
+            next_kind, next_round = next_for(self.name, kind, round_, self.party.config.training.rounds)
+            state["next"] = [str(next_kind), next_round]
         if not reply.payload:
             return reply
         rounds = self.party.config.training.rounds if kind is K.TRAIN else None  # a blacklist session has no config
