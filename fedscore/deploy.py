@@ -14,13 +14,13 @@ the run folder and metrics), split by who runs them:
 from __future__ import annotations
 
 import json
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedscore.federation import Federation, record_timing, split_address, start_run
+from fedscore.flower.patches import REFUSED_MARKERS
 from fedscore.runs import RunError, finish_run, prepare_run_dir
 from fedscore.shared.config import FedConfig
 from fedscore.shared.tls import SuperLinkTls, node_key_fingerprint
@@ -29,12 +29,6 @@ if TYPE_CHECKING:
     from fedscore.clients.base import PartySettings
 
 NODES_FILE = "nodes.json"  # in the SuperLink's folder: party -> registered node id and key fingerprint
-REFUSED_MARKERS = ("Failed to activate SuperNode", "must be registered")  # flwr 1.42's SuperNode log, when refused
-
-
-def _stop_on_sigterm() -> None:
-    """SIGTERM ends the command like Ctrl-C: the `with Federation` block then stops every process it started."""
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
 
 
 def serve_superlink(folder: Path, host: str, port: int, tls: SuperLinkTls | None, keys: dict[str, Path],
@@ -51,7 +45,6 @@ def serve_superlink(folder: Path, host: str, port: int, tls: SuperLinkTls | None
         raise RunError("--register needs TLS: Flower authenticates SuperNodes over TLS only (drop --insecure)")
     prints = {party: node_key_fingerprint(path) for party, path in keys.items()}
     folder = folder.resolve()
-    _stop_on_sigterm()
     with Federation(folder / "flower", host=host, port=port) as link:
         link.start_superlink(tls)
         link.wait_healthy(tls)
@@ -76,7 +69,6 @@ def serve_node(settings: PartySettings, superlink: str, ca: Path | None, auth_ke
 
         refuse_insecure_off_loopback(host, "the SuperLink address")
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    _stop_on_sigterm()
     with Federation(folder.resolve()) as node:
         worker = node.start_worker(settings)
         node.start_supernode(settings.party, {"party": settings.party, **worker}, superlink=superlink, root_cert=ca,

@@ -12,20 +12,19 @@ import ipaddress
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from contextlib import closing, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedscore.flwr_run import superlink_healthy
-from fedscore.process_tie import tied_preexec
+from fedscore.flower.flwr_run import superlink_healthy
+from fedscore.flower.processes import ProcessGroup, stop_on_sigterm, survivors, tied_preexec
+from fedscore.flower.supernode import FORKSERVER_ENV, LAUNCHER_SCRIPTS
 from fedscore.runs import (
     DEFAULT_PARTY_TIMEOUT_S,
     Budgets,
@@ -46,7 +45,6 @@ from fedscore.shared.atomic import write_text_atomic
 from fedscore.shared.config import FedConfig
 from fedscore.shared.tls import SuperLinkTls, make_local_pki, node_auth_key
 from fedscore.shared.waiting import wait_until
-from fedscore.supernode import FORKSERVER_ENV
 
 if TYPE_CHECKING:
     from fedscore.clients.base import PartySettings
@@ -135,25 +133,27 @@ def _quote(value: str) -> str:
     return f'"{value}"'
 
 
-class Federation:
-    """The processes of one local federation; a context manager that always stops them."""
+class Federation(ProcessGroup):
+    """The processes of one local federation (fedscore/flower/processes.py); a context manager that always stops
+    them, a SIGTERM included."""
 
     def __init__(self, flower_dir: Path, host: str = "127.0.0.1", port: int | None = None) -> None:
         self.flower_dir = flower_dir
-        self.logs = flower_dir / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
         self.home = flower_dir / "home"
         self.home.mkdir(parents=True, exist_ok=True)
-        self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0",
-                    "PYTHONWARNINGS": "ignore::UserWarning:google.protobuf.runtime_version",
-                    "PYTHONUNBUFFERED": "1",
-                    # the SuperExec asks for new tasks every second by default: a message waits ~0.5 s less
-                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05",
-                    # Flower starts helpers (flower-superexec, flwr-clientapp) by name: our faster flwr-clientapp
-                    # first (fedscore/supernode.py), then this venv
-                    "PATH": os.pathsep.join([str(self._clientapp_shim()), str(Path(sys.executable).parent),
-                                             os.environ.get("PATH", "")])}
-        self.processes: list[tuple[str, subprocess.Popen]] = []
+        env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0",
+               "PYTHONWARNINGS": "ignore::UserWarning:google.protobuf.runtime_version",
+               "PYTHONUNBUFFERED": "1",
+               # the SuperExec asks for new tasks every second by default: a message waits ~0.5 s less
+               "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05",
+               # Flower starts helpers (flower-superexec, flwr-clientapp) by name: our faster flwr-clientapp
+               # first (fedscore/flower/supernode.py), then this venv
+               "PATH": os.pathsep.join([str(self._clientapp_shim()), str(Path(sys.executable).parent),
+                                        os.environ.get("PATH", "")])}
+        # every process Flower starts inherits FLWR_HOME: the teardown finds the detached ones by it
+        super().__init__(flower_dir, env, ("FLWR_HOME", str(self.home)), RunError)
+        # SuperNodes first, then the workers, then the SuperLink
+        self.stop_rank = lambda name: {"superlink": 2}.get(name, 1 if name.startswith("worker-") else 0)
         self.sockets: list[Path] = []
         self.host = host  # the SuperLink's bind address (`start_superlink`)
         self.port = port or free_port()
@@ -162,9 +162,7 @@ class Federation:
     def _clientapp_shim(self) -> Path:
         """A folder holding Flower's `flwr-clientapp`, `flwr-serverapp` and `flower-superexec` as fedscore launches
         them: the same code, started faster (lighter imports; app processes forked from a warm fork server,
-        fedscore/supernode.py and fedscore/forkserver.py)."""
-        from fedscore.supernode import LAUNCHER_SCRIPTS
-
+        fedscore/flower/supernode.py and fedscore/flower/forkserver.py)."""
         folder = self.flower_dir / "bin"
         folder.mkdir(parents=True, exist_ok=True)
         for name, text in LAUNCHER_SCRIPTS.items():
@@ -172,20 +170,6 @@ class Federation:
             script.write_text(text.format(python=sys.executable))
             script.chmod(0o755)
         return folder
-
-    def start(self, name: str, args: list[str], stdin: bytes | None = None,
-              env: dict[str, str] | None = None) -> subprocess.Popen:
-        log = (self.logs / f"{name}.log").open("wb")
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
-                                cwd=self.flower_dir, preexec_fn=tied_preexec(), start_new_session=True,
-                                stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE)
-        if stdin is not None:
-            assert proc.stdin is not None
-            proc.stdin.write(stdin)
-            proc.stdin.close()
-        self.processes.append((name, proc))
-        (self.flower_dir / "pids.json").write_text(json.dumps({n: p.pid for n, p in self.processes}))
-        return proc
 
     def start_worker(self, settings: PartySettings) -> dict[str, str]:
         """The party's long-lived worker (clients/worker.py): settings and a fresh token on its stdin, never on a
@@ -205,11 +189,8 @@ class Federation:
 
         wait_until(ready, timeout_s, 0.1, "the party workers did not start", RunError)
 
-    def check_alive(self) -> None:
-        for name, proc in self.processes:
-            if proc.poll() is not None and name != "flwr-run":
-                tail = (self.logs / f"{name}.log").read_text(errors="replace")[-2000:]
-                raise RunError(f"{name} exited with code {proc.returncode}; its log ends:\n{tail}")
+    def check_alive(self, allowed_to_exit: tuple[str, ...] = ("flwr-run",)) -> None:
+        super().check_alive(allowed_to_exit)
 
     def start_superlink(self, tls: SuperLinkTls | None, auth: bool = True) -> None:
         """Start it and return at once: the workers start meanwhile (`wait_healthy` waits). TLS with `tls`, and then
@@ -248,10 +229,10 @@ class Federation:
 
     def flwr_when_ready(self, args: list[str], after: Path | None = None) -> list[str]:
         """Command line of `flwr ARGS` imported at once and run as soon as the SuperLink answers (and `after`
-        exists): fedscore/flwr_run.py."""
+        exists): fedscore/flower/flwr_run.py."""
         ready = ["--health", self.health_url, *(["--ca", str(self.tls_ca)] if self.tls_ca else []),
                  *(["--after", str(after)] if after else [])]
-        return [sys.executable, "-m", "fedscore.flwr_run", *ready, "--", *args]
+        return [sys.executable, "-m", "fedscore.flower.flwr_run", *ready, "--", *args]
 
     def write_connection(self, address: str, ca: Path | None) -> None:
         """$FLWR_HOME/config.toml: the `local` connection `flwr run` and `flwr supernode register` use, trusting
@@ -307,7 +288,7 @@ class Federation:
         if auth_key is not None:
             security += ["--auth-supernode-private-key", str(auth_key)]
         config = " ".join(f"{k}={_quote(v)}" for k, v in node_config.items())
-        self.start(f"supernode-{party}", [sys.executable, "-m", "fedscore.supernode", *security, "--superlink",
+        self.start(f"supernode-{party}", [sys.executable, "-m", "fedscore.flower.supernode", *security, "--superlink",
                                           superlink, "--port", str(free_port()), "--node-config", config],
                    env={FORKSERVER_ENV: "flwr-clientapp"})
 
@@ -316,76 +297,29 @@ class Federation:
         nodes; `capture` (tests only) makes it record every reply it receives in RUN_DIR/capture."""
         app = self.flower_dir / "app"
         app.mkdir(exist_ok=True)
-        # atomic: a `flwr run` waiting for this file (fedscore/flwr_run.py --after) never reads half of it
+        # atomic: a `flwr run` waiting for this file (fedscore/flower/flwr_run.py --after) never reads half of it
         write_text_atomic(app / "pyproject.toml", APP_PYPROJECT.format(
             run_dir=json.dumps(str(run_dir)), nodes=json.dumps(json.dumps(nodes or {})),
             capture=json.dumps(capture)))
         return app
 
-    def _stop_order(self) -> list[tuple[str, subprocess.Popen]]:
-        rank = {"superlink": 2}
-        return sorted(self.processes, key=lambda item: rank.get(item[0], 1 if item[0].startswith("worker-") else 0))
-
-    def begin_stop(self) -> None:
-        """SIGTERM to every process group (SuperNodes first, then the workers, then the SuperLink) without waiting:
-        the run's own finishing work (baselines, report) overlaps their shutdown; `stop` then waits."""
-        for _, proc in self._stop_order():
-            if proc.poll() is None:
-                with suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-
-    def stop(self) -> None:
-        """Stop everything: SIGTERM (if `begin_stop` has not sent it), SIGKILL after a grace period; the workers'
-        sockets are removed."""
-        self.begin_stop()
-        deadline = time.monotonic() + 10
-        for _, proc in self._stop_order():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        for _, proc in self.processes:  # stragglers Flower started in one of our groups (a ClientApp)
-            with suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        for pid in processes_with_env("FLWR_HOME", str(self.home)):  # and in its own sessions (the ServerApp)
-            with suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop every process (`ProcessGroup.stop`); the workers' sockets are removed."""
+        super().stop(grace_s)
         for path in self.sockets:
             path.unlink(missing_ok=True)
 
     def __enter__(self) -> Federation:
-        # a SIGTERM (a service manager, a CI timeout, `kill`) stops the federation like Ctrl-C does, instead of
-        # ending this process at once and leaving its children behind
-        self._previous_sigterm = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
+        # a SIGTERM (a service manager, a CI timeout, `kill`) stops the federation like Ctrl-C does
+        self._sigterm = stop_on_sigterm()
+        self._sigterm.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         try:
             self.stop()
         finally:
-            if self._previous_sigterm is not None:
-                signal.signal(signal.SIGTERM, self._previous_sigterm)
-
-
-def processes_with_env(name: str, value: str) -> list[int]:
-    """Live processes whose environment has name=value (Linux /proc; elsewhere none). Flower starts some helpers
-    detached in their own sessions (the SuperLink's SuperExec and its ServerApp): they escape a process-group
-    signal, but they all inherit the federation's FLWR_HOME."""
-    marker = f"{name}={value}".encode() + b"\0"
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        with suppress(OSError):
-            if marker in (entry / "environ").read_bytes() and int(entry.name) != os.getpid():
-                found.append(int(entry.name))
-    return found
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+            self._sigterm.__exit__(None, None, None)
 
 
 def run_federated(config: FedConfig, data_dir: Path, run_dir: Path,
@@ -447,15 +381,7 @@ def _refuse_survivors(flower_dir: Path) -> None:
     pids_file = flower_dir / "pids.json"
     if not pids_file.exists():
         return
-    alive = []
-    for name, pid in json.loads(pids_file.read_text()).items():
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            status = Path(f"/proc/{pid}/stat").read_text().split()[2]
-        except OSError:
-            continue
-        if status != "Z" and (b"fedscore" in cmdline or b"flwr" in cmdline or b"flower" in cmdline):
-            alive.append(f"{name} (pid {pid})")
+    alive = survivors(json.loads(pids_file.read_text()))
     if alive:
         raise RunError(f"the crashed attempt's processes still run: {', '.join(alive)}; stop them before resuming")
 
@@ -467,10 +393,10 @@ def _federate(config: FedConfig, data_dir: Path, run_dir: Path, secret: str, bud
     progress = progress or (lambda stage, done, total: None)
     with Federation(run_dir / "flower") as federation:
         # everything starts at once: the SuperLink; `flwr supernode register` and `flwr run`, which do their imports
-        # meanwhile and act as soon as the SuperLink answers (fedscore/flwr_run.py; the run also waits for the app,
-        # written once the keys are registered); the workers, which load torch and opacus; then the SuperNodes,
-        # once their keys are registered (an unregistered SuperNode is refused). A ClientApp that arrives before
-        # its worker is ready waits for the worker's socket (clients/worker.py forward).
+        # meanwhile and act as soon as the SuperLink answers (fedscore/flower/flwr_run.py; the run also waits for the
+        # app, written once the keys are registered); the workers, which load torch and opacus; then the
+        # SuperNodes, once their keys are registered (an unregistered SuperNode is refused). A ClientApp that
+        # arrives before its worker is ready waits for the worker's socket (clients/worker.py forward).
         progress("starting SuperLink, party workers, SuperNodes and the run", 0, 1)
         t0 = time.perf_counter()
         tls = None if insecure else local_superlink_tls(federation.flower_dir / "pki")

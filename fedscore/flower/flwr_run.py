@@ -1,4 +1,4 @@
-"""`python -m fedscore.flwr_run --health URL [--ca FILE] [--after FILE] -- ARGS...`: Flower's own `flwr ARGS...`
+"""`python -m fedscore.flower.flwr_run --health URL [--ca FILE] [--after FILE] -- ARGS...`: Flower's own `flwr ARGS...`
 (e.g. `run APP local --stream`, `supernode register KEY local`), its imports done at once, run as soon as the
 SuperLink answers on URL (verified against the CA FILE when it serves TLS) and FILE exists.
 
@@ -32,7 +32,7 @@ def superlink_healthy(url: str, ca: Path | None = None, check_hostname: bool = T
 
 
 def main(argv: list[str], wait_s: float = 120.0) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedscore.flwr_run")
+    parser = argparse.ArgumentParser(prog="python -m fedscore.flower.flwr_run")
     parser.add_argument("--health", required=True)
     parser.add_argument("--ca", type=Path)
     parser.add_argument("--after", type=Path)
