@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from fedscore.federation import Federation, record_timing, split_address, start_run
 from fedscore.flower.patches import REFUSED_MARKERS
 from fedscore.runs import RunError, finish_run, prepare_run_dir
+from fedscore.shared.atomic import write_json_atomic
 from fedscore.shared.config import FedConfig
 from fedscore.shared.tls import SuperLinkTls, node_key_fingerprint
 
@@ -52,7 +53,7 @@ def serve_superlink(folder: Path, host: str, port: int, tls: SuperLinkTls | None
         nodes = link.register_nodes(keys) if keys else {}
         info = {"address": f"{host}:{port}", "tls": tls is not None, "node_auth": bool(keys),
                 "nodes": {p: {"node_id": nodes[p], "key_fingerprint": prints[p]} for p in nodes}}
-        (folder / NODES_FILE).write_text(json.dumps(info, indent=2))
+        write_json_atomic(folder / NODES_FILE, info)
         on_ready(info)
         while not until():
             link.check_alive()

@@ -41,7 +41,7 @@ from fedscore.runs import (
     run_lock,
     set_aside_outcome,
 )
-from fedscore.shared.atomic import write_text_atomic
+from fedscore.shared.atomic import write_json_atomic, write_text_atomic
 from fedscore.shared.config import FedConfig
 from fedscore.shared.tls import SuperLinkTls, make_local_pki, node_auth_key
 from fedscore.shared.waiting import wait_until
@@ -453,7 +453,7 @@ def record_timing(run_dir: Path, start: float, startup_s: float, teardown_s: flo
         raise RunError(f"the ServerApp wrote no outcome; `flwr run` log ends:\n{log}{resume_hint(run_dir)}")
     outcome = json.loads((run_dir / "outcome.json").read_text())
     outcome["timing"].update(federation_s=time.perf_counter() - start, startup_s=startup_s, teardown_s=teardown_s)
-    (run_dir / "outcome.json").write_text(json.dumps(outcome, indent=2))
+    write_json_atomic(run_dir / "outcome.json", outcome)
 
 
 def _follow(run_dir: Path, federation: Federation, runner: subprocess.Popen,

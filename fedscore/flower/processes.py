@@ -24,6 +24,8 @@ from typing import Any
 
 import psutil
 
+from fedscore.shared.atomic import write_text_atomic
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -122,7 +124,7 @@ class ProcessGroup:
             proc.stdin.write(stdin)
             proc.stdin.close()
         self.processes.append((name, proc))
-        (self.folder / "pids.json").write_text(json.dumps({n: p.pid for n, p in self.processes}))
+        write_text_atomic(self.folder / "pids.json", json.dumps({n: p.pid for n, p in self.processes}))
         return proc
 
     def check_alive(self, allowed_to_exit: tuple[str, ...] = ()) -> None:
