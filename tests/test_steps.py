@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedscore.clients import channel
 from fedscore.clients.parties import make_party
+from fedscore.clients.state import STATE_TYPES, ChannelState, load_party_state
 from fedscore.runs import party_settings
 from fedscore.server.coordinator import Coordinator
 from fedscore.shared.config import load_config
@@ -17,7 +19,7 @@ from fedscore.shared.protocol import steps
 from fedscore.shared.protocol.messages import MessageKind
 from fedscore.shared.protocol.steps import PayloadKind, Step
 from fedscore.shared.protocol.transport import InProcessTransport
-from tests.conftest import FAST, SECRET, make_party_data
+from tests.conftest import FAST, SECRET, fresh_homes, make_party_data
 from tests.test_protocol import RecordingTransport
 
 K = MessageKind
@@ -45,16 +47,27 @@ def test_the_table_is_consistent(rounds: int) -> None:
     assert PayloadKind.NONE == "" and PayloadKind.ALIGNMENT_TOKENS == "alignment_tokens"  # the wire strings
 
 
-def test_the_coordinator_sends_the_plan(tmp_path: Path) -> None:
-    """An in-process run on tiny data: the requests the coordinator sends, in order, are the plan's rows (kind,
-    recipient, round, payload kind), each reply returns what its row says, and each returned payload is the one
-    the request it is delivered in carries."""
-    data = tmp_path / "data"
-    make_party_data(data, population=600, seed=3)
-    parties = {n: make_party(s) for n, s in party_settings(tmp_path / "run", data, SECRET).items()}
+ROUNDS = 3
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RecordingTransport]:
+    """An in-process run on tiny data, every envelope recorded; its run folder."""
+    root = tmp_path_factory.mktemp("steps")
+    make_party_data(root / "data", population=600, seed=3)
+    parties = {n: make_party(s) for n, s in party_settings(root / "run", root / "data", SECRET,
+                                                          homes=fresh_homes(root)).items()}
     transport = RecordingTransport(parties)
-    rounds = 3
-    Coordinator(load_config(None, [*FAST, f"training.rounds={rounds}", "baselines.enabled=false"]), transport).run()
+    Coordinator(load_config(None, [*FAST, f"training.rounds={ROUNDS}", "baselines.enabled=false"]), transport).run()
+    return root / "run", transport
+
+
+def test_the_coordinator_sends_the_plan(tiny_run: tuple[Path, RecordingTransport]) -> None:
+    """The requests the coordinator sends, in order, are the plan's rows (kind, recipient, round, payload kind),
+    each reply returns what its row says, and each returned payload is the one the request it is delivered in
+    carries."""
+    _, transport = tiny_run
+    rounds = ROUNDS
 
     sent = [m for m in transport.seen if m.header.sender == "server"]
     replies = {(m.header.kind, m.header.round, m.header.sender): m for m in transport.seen
@@ -90,3 +103,28 @@ def test_a_new_step_is_one_row(monkeypatch: pytest.MonkeyPatch) -> None:
     transport = InProcessTransport({})
     assert Coordinator(load_config(None, [*FAST, f"training.rounds={rounds}"]), transport).total_steps == \
         3 + 2 * rounds + 1
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
+@pytest.mark.parametrize("party", ["payment", "lender"])
+def test_party_state_types_read_and_write_the_same_file(tiny_run: tuple[Path, RecordingTransport],
+                                                        party: str) -> None:
+    """A party's state.pt read as its type (clients/state.py) gives back exactly the dict the party saved: same
+    keys in the same order, same values and types, the channel's counters included."""
+    run_dir, _ = tiny_run
+    path = run_dir / "parties" / party / "state.pt"
+    raw = torch.load(path, weights_only=True)
+    typed = load_party_state(path, party)
+    assert isinstance(typed, STATE_TYPES[party]) and typed.extra == {}  # every key the party writes is a field
+    assert typed.e2e is not None and typed.e2e.run == typed.run_id and typed.e2e.sent > 0
+    assert _same(typed.to_dict(), raw)
+    assert typed.e2e.to_dict() == raw["e2e"] and ChannelState.from_dict(raw["e2e"]) == typed.e2e

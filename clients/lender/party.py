@@ -20,6 +20,7 @@ import torch
 
 from fedscore.clients.base import PartyBase, PartySettings, ProtocolError
 from fedscore.clients.lender.data import load_applicants, load_lender_table
+from fedscore.clients.state import NoiseLabel
 from fedscore.shared.atomic import write_json_atomic, write_text_atomic
 from fedscore.shared.data.party_data import batches
 from fedscore.shared.metrics import all_metrics, curves
@@ -170,7 +171,7 @@ class LenderParty(PartyBase):
         released = y.clone()
         mask = torch.from_numpy(train)
         released[mask] = randomized_response(y[mask], privacy.label_epsilon,
-                                             self.noise_source("randomized-response")).to(y.dtype)
+                                             self.noise_source(NoiseLabel.RANDOMIZED_RESPONSE)).to(y.dtype)
         return released
 
     def _planned_label_records(self) -> list:
@@ -348,7 +349,8 @@ class LenderParty(PartyBase):
             # written as p - y with p = y + residual (in [0, 1], since |residual| <= 1 with the sign of p - y)
             grad = clipped_label_gradients((y + residual).clamp(0, 1), y, jacobian, privacy.gradient_clip,
                                            privacy.gradient_noise_multiplier,
-                                           self.noise_source("grad-noise", str(round_)), privacy.gradient_noise_shape)
+                                           self.noise_source(NoiseLabel.GRADIENT_NOISE, str(round_)),
+                                           privacy.gradient_noise_shape)
         else:
             grad = residual[:, None] * jacobian
         return grad.numpy().astype(np.float32)

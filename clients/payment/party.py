@@ -17,6 +17,7 @@ import torch
 
 from fedscore.clients.base import PartyBase, PartySettings, ProtocolError
 from fedscore.clients.payment.data import load_payment_table
+from fedscore.clients.state import NoiseLabel
 from fedscore.shared.atomic import write_json_atomic
 from fedscore.shared.data.party_data import batches
 from fedscore.shared.model.parts import PaymentBottom, init_module, payment_model, seeded
@@ -173,7 +174,8 @@ class PaymentParty(PartyBase):
             return embeddings
         record = embedding_release(sigma, privacy.embedding_clip, 1, privacy.feature_neighbouring)
         self.ledger.charge([record], "payment.features@lender", note=f"round {round_}: embeddings to the lender")
-        return gaussian_release(embeddings, privacy.embedding_clip, sigma, self.noise_source("noise", str(round_)))
+        return gaussian_release(embeddings, privacy.embedding_clip, sigma,
+                                self.noise_source(NoiseLabel.EMBEDDING_NOISE, str(round_)))
 
     def _export(self, model: PaymentBottom) -> str:
         """Write this party's part (its preprocessing inside the graph) and, when it featurised transactions, the
