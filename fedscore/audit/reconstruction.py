@@ -130,5 +130,5 @@ def reconstruction_attack(views: RunViews) -> dict[str, Any]:
     return {"threat_model": THREAT, "auxiliary_users": len(aux), "evaluated_users": len(rest),
             "results": results, "chance": 0.0,
             "excess_over_score": excess_over_score(
-                lender["x"][lender["rows"]].numpy().astype(np.float64), final_scores(views, per_round[max(per_round)]),
+                lender.x[lender.rows].numpy().astype(np.float64), final_scores(views, per_round[max(per_round)]),
                 np.concatenate(list(per_round.values()), axis=1), x, aux, rest, views.config.seed)}
