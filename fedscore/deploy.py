@@ -1,6 +1,6 @@
 """Two institutions, two machines: what `fedscore superlink`, `fedscore node` and `fedscore run` do.
 
-The same pieces as the one-host `fedscore federate` (fedscore/federation.py: the process group, the SuperLink's
+The same pieces as the one-host `fedscore federate` (fedscore/flower/launch.py: the process group, the SuperLink's
 TLS and SuperNode registration, the party worker beside its SuperNode, `flwr run` and following it; fedscore/runs.py:
 the run folder and metrics), split by who runs them:
 
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedscore.federation import Federation, record_timing, split_address, start_run
+from fedscore.flower.launch import Federation, record_timing, split_address, start_run
 from fedscore.flower.patches import REFUSED_MARKERS
 from fedscore.runs import RunError, finish_run, prepare_run_dir
 from fedscore.shared.atomic import write_json_atomic
@@ -66,7 +66,7 @@ def serve_node(settings: PartySettings, superlink: str, ca: Path | None, auth_ke
     up until Ctrl-C / SIGTERM (or `until()`); a SuperNode the SuperLink refuses ends the command with the reason."""
     host, _ = split_address(superlink)
     if ca is None:
-        from fedscore.federation import refuse_insecure_off_loopback
+        from fedscore.flower.launch import refuse_insecure_off_loopback
 
         refuse_insecure_off_loopback(host, "the SuperLink address")
     settings.state_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +99,7 @@ def run_on_superlink(config: FedConfig, superlink: str, run_dir: Path, ca: Path 
     id, from the SuperLink's nodes.json) restricts the ServerApp to the registered SuperNodes."""
     host, _ = split_address(superlink)
     if ca is None:
-        from fedscore.federation import refuse_insecure_off_loopback
+        from fedscore.flower.launch import refuse_insecure_off_loopback
 
         refuse_insecure_off_loopback(host, "the SuperLink address")
     run_dir = run_dir.resolve()

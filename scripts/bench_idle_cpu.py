@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 
-from fedscore.federation import Federation, local_superlink_tls
+from fedscore.flower.launch import Federation, local_superlink_tls
 from fedscore.shared.tls import node_auth_key
 
 
