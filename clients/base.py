@@ -25,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from fedscore.clients.state import NoiseLabel
 from fedscore.shared.atomic import atomic_write, write_json_atomic
 from fedscore.shared.config import FedConfig
 from fedscore.shared.data.party_data import PartyTable
@@ -146,7 +147,7 @@ class PartyBase:
 
         sigma = float(privacy.scaler_noise_multiplier)  # type: ignore[arg-type]  # dp_scaler says it is set
         # computed here, charged below, released only with later replies and the export (still write-ahead)
-        standardised, clip = dp_standardised(scaler, table.values, sigma, self.noise_source("scaler"))
+        standardised, clip = dp_standardised(scaler, table.values, sigma, self.noise_source(NoiseLabel.SCALER))
         ledger = self.ledger
         ledger.charge([scaler_statistics_release(sigma, clip)], "joint.records@outsider",
                       note="DP standardisation statistics of this party's features (ship in its model part)")
@@ -225,8 +226,9 @@ class PartyBase:
         canaries = self._gradient_canaries(model)
         self.state["opt"], losses = dp_sgd_round(model, batch_loss, n, plan, self.state.get("opt"),
                                                  self.config.training.weight_decay,
-                                                 self.noise_source("dpsgd", str(round_)), canaries,
-                                                 self.noise_source("gradient-canary-sampling", str(round_)))
+                                                 self.noise_source(NoiseLabel.DPSGD, str(round_)), canaries,
+                                                 self.noise_source(NoiseLabel.GRADIENT_CANARY_SAMPLING,
+                                                                   str(round_)))
         if canaries is not None:
             shapes = [list(p.shape) for p in model.parameters() if p.requires_grad]  # the optimizer's order
             self.state["gradient_canaries"] = {**canaries.to_state(), "n": n, "plan": plan.to_dict(), "shapes": shapes,
@@ -244,7 +246,7 @@ class PartyBase:
         if "gradient_canaries" in self.state:
             return GradientCanaries.from_state(self.state["gradient_canaries"])
         n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        return GradientCanaries.draw(m, n_parameters, self.noise_source("gradient-canaries"))
+        return GradientCanaries.draw(m, n_parameters, self.noise_source(NoiseLabel.GRADIENT_CANARIES))
 
     # -- dispatch ------------------------------------------------------------------------------------------------
     def reply(self, request: Envelope, payload: bytes = b"", payload_kind: str = "",

@@ -1,75 +1,63 @@
 """A party's end of the encrypted channel to its peer, and the protocol order it accepts messages in.
 
 Why here and not in the coordinator: the coordinator is only half trusted, so each party checks for itself that a
-request is the next step of the run it set up (setup -> align.respond / align.match -> embed / train rounds in order),
-that its payload comes from the peer for exactly this step (shared/protocol/e2e.py: the associated data binds run,
-kind, round, direction and a per-direction sequence number), and never serves a step twice. A bad message gets a
-ProtocolError reply naming what is wrong; nothing is decoded before it authenticates.
+request is the next step of the run it set up (its next row in shared/protocol/steps.py `plan`), that its payload
+comes from the peer for exactly this step (shared/protocol/e2e.py: the associated data binds run, kind, round,
+direction and a per-direction sequence number), and never serves a step twice. A bad message gets a ProtocolError
+reply naming what is wrong; nothing is decoded before it authenticates.
 
-State (in the party's run state, `state["e2e"]`): the run id, the next step expected, and the next sequence number
-in each direction. Run ids this home has set up are kept in `home/e2e-runs.txt` (checked and appended under an
-flock once the setup's state is saved, before its reply leaves, so a setup whose reply never left may be served
-again after a crash, and two processes on one home never both serve one), and a setup for the run the state
-already holds is refused too, so a replayed setup cannot rewind the counters. A resumed run continues these counters
-from the saved state (the same run id, the same keys): nothing is reset, and a re-sent request is answered from the
-state's copy of the sealed reply (clients/base.py), never sealed again. The blacklist check is its own session:
-the lender picks a fresh session id, the payment holder serves each session once (recorded in the same file).
+State (in the party's run state, `state["e2e"]`, a `ChannelState` of clients/state.py): the run id, the next step
+expected, and the next sequence number in each direction. Run ids this home has set up are kept in
+`home/e2e-runs.txt` (checked and appended under a file lock once the setup's state is saved, before its reply
+leaves, so a setup whose reply never left may be served again after a crash, and two processes on one home never
+both serve one), and a setup for the run the state already holds is refused too, so a replayed setup cannot rewind
+the counters. A resumed run continues these counters from the saved state (the same run id, the same keys): nothing
+is reset, and a re-sent request is answered from the state's copy of the sealed reply (clients/base.py), never
+sealed again. The blacklist check is its own session: the lender picks a fresh session id, the payment holder
+serves each session once (recorded in the same file).
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import secrets
 from typing import TYPE_CHECKING
 
+from filelock import FileLock
+
+from fedscore.clients.state import ChannelState
 from fedscore.shared.protocol.bodies import SetupRequest
 from fedscore.shared.protocol.e2e import Channel, Delivery, SealError, load_identity, parse_public_key, read_frame
 from fedscore.shared.protocol.messages import Envelope, MessageKind
+from fedscore.shared.protocol.steps import BLACKLIST_KINDS, PayloadKind, find, next_for, phase
 
 if TYPE_CHECKING:
     from fedscore.clients.base import PartyBase
 
 RUNS_FILE = "e2e-runs.txt"
-RUNS_LOCK = "e2e-runs.lock"  # flock'd while a run id is checked and appended
+RUNS_LOCK = "e2e-runs.lock"  # locked (filelock) while a run id is checked and appended
 K = MessageKind
-# the payload kind a request must carry, per (party, kind); round 0's embed carries the alignment tokens instead
-EXPECTED_PAYLOAD = {("payment", K.ALIGN_RESPOND): "psi_request", ("payment", K.EMBED): "gradients",
-                    ("payment", K.BLACKLIST_RESPOND): "psi_request", ("lender", K.ALIGN_MATCH): "psi_response",
-                    ("lender", K.TRAIN): "embeddings", ("lender", K.BLACKLIST_MATCH): "psi_response"}
-BLACKLIST = (K.BLACKLIST_REQUEST, K.BLACKLIST_RESPOND, K.BLACKLIST_MATCH)
+BLACKLIST = BLACKLIST_KINDS
 
 
-def expected_payload(party: str, kind: MessageKind, round_: int) -> str:
-    if (party, kind, round_) == ("payment", K.EMBED, 0):
-        return "alignment_tokens"
-    return EXPECTED_PAYLOAD.get((party, kind), "")
+def expected_payload(party: str, kind: MessageKind, round_: int) -> PayloadKind:
+    """The payload kind a request to `party` must carry (the plan's `expects`); round 0's embed carries the alignment
+    tokens instead of gradients."""
+    step = find(party, kind, round_)
+    return step.expects if step is not None else PayloadKind.NONE
 
 
 def delivered_as(sender: str, kind: MessageKind, round_: int, rounds: int | None = None) -> tuple[MessageKind, int]:
-    """The request a reply's payload reaches the peer in (server/coordinator.py moves it there). With the run's
-    `rounds`: the lender's last `train` reply has no such request (no embed follows it), so it may carry nothing."""
-    if rounds is not None and (sender, kind) == ("lender", K.TRAIN) and round_ >= rounds - 1:
-        raise SealError(f"{sender}: the last round's {kind} reply carries no payload (no embed follows to deliver "
-                        "it; the payment holder receives R-1 gradient exchanges)")
-    nxt = {("lender", K.SETUP): (K.ALIGN_RESPOND, -1), ("payment", K.ALIGN_RESPOND): (K.ALIGN_MATCH, -1),
-           ("lender", K.ALIGN_MATCH): (K.EMBED, 0), ("payment", K.EMBED): (K.TRAIN, round_),
-           ("lender", K.TRAIN): (K.EMBED, round_ + 1), ("lender", K.BLACKLIST_REQUEST): (K.BLACKLIST_RESPOND, -1),
-           ("payment", K.BLACKLIST_RESPOND): (K.BLACKLIST_MATCH, -1)}
-    if (sender, kind) not in nxt:
+    """The request a reply's payload reaches the peer in (server/coordinator.py moves it there; the plan's
+    `delivered_as`). With the run's `rounds`: the lender's last `train` reply has no such request (no embed follows
+    it), so it may carry nothing."""
+    step = find(sender, kind, round_, rounds)
+    if step is None or step.delivered_as is None:
+        if rounds is not None and kind is K.TRAIN:
+            raise SealError(f"{sender}: the last round's {kind} reply carries no payload (no embed follows to "
+                            "deliver it; the payment holder receives R-1 gradient exchanges)")
         raise SealError(f"{sender}: a {kind} reply carries no payload for the peer")
-    return nxt[(sender, kind)]
-
-
-def _position(kind: MessageKind, round_: int) -> int:
-    """Where a training step sits in the run: setup 0, alignment 1, round r at 2 + r."""
-    return {K.SETUP: 0, K.ALIGN_RESPOND: 1, K.ALIGN_MATCH: 1}.get(kind, 2 + round_)
-
-
-def _after(party: str, kind: MessageKind, round_: int) -> tuple[str, int]:
-    step = {K.SETUP: (K.ALIGN_RESPOND if party == "payment" else K.ALIGN_MATCH, -1),
-            K.ALIGN_RESPOND: (K.EMBED, 0), K.ALIGN_MATCH: (K.TRAIN, 0)}.get(kind, (kind, round_ + 1))
-    return str(step[0]), step[1]
+    return step.delivered_as
 
 
 class PartyChannel:
@@ -100,23 +88,19 @@ class PartyChannel:
 
     def _claim(self, run_id: str) -> bool:
         """Record `run_id` as set up in this home; False if it already was. Check and append happen under one
-        exclusive flock (`e2e-runs.lock`, as the ledger does), so two processes on the same home (a training worker
-        and a service, or two workers) can never both claim one id; the line is fsync'd before anything is served."""
+        exclusive file lock (`e2e-runs.lock`, filelock), so two processes on the same home (a training worker and a
+        service, or two workers) can never both claim one id; the line is fsync'd before anything is served."""
         home = self.party.settings.home
         home.mkdir(parents=True, exist_ok=True)
-        with open(home / RUNS_LOCK, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                path = home / RUNS_FILE
-                if path.exists() and run_id in path.read_text().split():
-                    return False
-                with path.open("a") as handle:
-                    handle.write(run_id + "\n")
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                return True
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with FileLock(home / RUNS_LOCK):
+            path = home / RUNS_FILE
+            if path.exists() and run_id in path.read_text().split():
+                return False
+            with path.open("a") as handle:
+                handle.write(run_id + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            return True
 
     # -- receiving -------------------------------------------------------------------------------------------------
     def receive(self, message: Envelope) -> Envelope:
@@ -137,18 +121,24 @@ class PartyChannel:
                 raise SealError(f"{self.name} refused: replayed message: run {run_id!r} was already set up with this "
                                 "party home")
             return message
-        state = self.party.state.get("e2e")
-        if state is None:
+        raw = self.party.state.get("e2e")
+        if raw is None:
             raise SealError(f"{self.name}: {kind} round {round_} before setup")
-        expected = (state["next"][0], state["next"][1])
+        state = ChannelState.from_dict(raw)
+        expected = state.next
+        assert expected is not None  # set with the setup's reply (`send`)
         if (str(kind), round_) != expected:
-            late = _position(kind, round_) < _position(K(expected[0]), expected[1])
+            late = phase(kind, round_) < phase(K(expected[0]), expected[1])
             what = "replayed message: already served" if late else "out of protocol order"
             raise SealError(f"{self.name} refused: {what}: got {kind} round {round_}, expected {expected[0]} round "
-                            f"{expected[1]} in run {state['run']!r}")
-        return self._open(message, state["run"], state, "received")
+                            f"{expected[1]} in run {state.run!r}")
+        opened = self._open(message, state)
+        self.party.state["e2e"] = state.to_dict()
+        return opened
 
-    def _open(self, message: Envelope, run_id: str, state: dict, counter: str) -> Envelope:
+    def _open(self, message: Envelope, state: ChannelState | None) -> Envelope:
+        """The payload opened if the request must carry one (from the peer, this run, the next sequence number:
+        `state.received` moves on); `state` None for a request that opens a session and so carries none."""
         header = message.header
         want = expected_payload(self.name, header.kind, header.round)
         if header.payload_kind != want:
@@ -159,23 +149,25 @@ class PartyChannel:
                 raise SealError(f"{self.name} refused: {header.kind} carries no payload, got {len(message.payload)} "
                                 "bytes")
             return message
+        assert state is not None  # every request that carries a payload belongs to a session
+        run_id = state.run
         frame_run, seq, _, _ = read_frame(message.payload)
         if frame_run != run_id:
             raise SealError(f"{self.name} refused: message for another run ({frame_run!r}); this party is in run "
                             f"{run_id!r}")
-        if seq != state[counter]:
-            what = "replayed message" if seq < state[counter] else "out of order message"
-            raise SealError(f"{self.name} refused: {what}: sequence {seq} from the peer, expected {state[counter]}")
+        if seq != state.received:
+            what = "replayed message" if seq < state.received else "out of order message"
+            raise SealError(f"{self.name} refused: {what}: sequence {seq} from the peer, expected {state.received}")
         peer = "lender" if self.name == "payment" else "payment"
         plain = self.channel(run_id).open(message.payload, Delivery(run_id, peer, self.name, str(header.kind),
                                                                     header.round, header.payload_kind, seq))
-        state[counter] = seq + 1
+        state.received = seq + 1
         return Envelope(header=header.model_copy(), payload=plain)
 
     def _receive_blacklist(self, message: Envelope) -> Envelope:
         kind = message.header.kind
         if kind is K.BLACKLIST_REQUEST:
-            return self._open(message, "", {}, "")
+            return self._open(message, None)
         if kind is K.BLACKLIST_RESPOND:
             session = read_frame(message.payload)[0] if message.payload else ""
             if not session.startswith("blacklist-"):
@@ -183,11 +175,14 @@ class PartyChannel:
             if not self._claim(session):
                 raise SealError(f"{self.name} refused: replayed message: blacklist session {session!r} was already "
                                 "served")
-            self.party.state["e2e_blacklist"] = {"run": session, "received": 0, "sent": 0}
-        state = self.party.state.get("e2e_blacklist")
-        if state is None:
+            self.party.state["e2e_blacklist"] = ChannelState(run=session).to_dict()
+        raw = self.party.state.get("e2e_blacklist")
+        if raw is None:
             raise SealError(f"{self.name}: {kind} without a blacklist session")
-        return self._open(message, state["run"], state, "received")
+        state = ChannelState.from_dict(raw)
+        opened = self._open(message, state)
+        self.party.state["e2e_blacklist"] = state.to_dict()
+        return opened
 
     def saved(self, request: Envelope) -> None:
         """After the party saved its state for this request, before its reply leaves: a setup's run id joins the
@@ -201,20 +196,26 @@ class PartyChannel:
         """Seal the reply's payload for the peer and move this party's run to its next step."""
         kind, round_ = request.header.kind, request.header.round
         if kind is K.BLACKLIST_REQUEST:
-            self.party.state["e2e_blacklist"] = {"run": f"blacklist-{secrets.token_hex(8)}", "received": 0, "sent": 0}
+            self.party.state["e2e_blacklist"] = ChannelState(run=f"blacklist-{secrets.token_hex(8)}").to_dict()
         if kind in BLACKLIST:
-            state = self.party.state["e2e_blacklist"]
+            key = "e2e_blacklist"
+            state = ChannelState.from_dict(self.party.state[key])
         else:
+            key = "e2e"
             if kind is K.SETUP:  # remembered in the home once the state is saved (`saved`)
-                self.party.state["e2e"] = {"run": self.party.run_id, "received": 0, "sent": 0}
-            state = self.party.state["e2e"]
-            state["next"] = list(_after(self.name, kind, round_))
+                state = ChannelState(run=self.party.run_id)
+            else:
+                state = ChannelState.from_dict(self.party.state[key])
+            next_kind, next_round = next_for(self.name, kind, round_, self.party.config.training.rounds)
+            state.next = (str(next_kind), next_round)
+        self.party.state[key] = state.to_dict()
         if not reply.payload:
             return reply
         rounds = self.party.config.training.rounds if kind is K.TRAIN else None  # a blacklist session has no config
         to_kind, to_round = delivered_as(self.name, kind, round_, rounds)
         peer = "lender" if self.name == "payment" else "payment"
-        delivery = Delivery(state["run"], self.name, peer, str(to_kind), to_round, reply.header.payload_kind,
-                            state["sent"])
-        state["sent"] += 1
-        return Envelope(header=reply.header, payload=self.channel(state["run"]).seal(reply.payload, delivery))
+        delivery = Delivery(state.run, self.name, peer, str(to_kind), to_round, reply.header.payload_kind,
+                            state.sent)
+        state.sent += 1
+        self.party.state[key] = state.to_dict()
+        return Envelope(header=reply.header, payload=self.channel(state.run).seal(reply.payload, delivery))

@@ -6,59 +6,41 @@ once beside the party's SuperNode (`fedscore federate`), imports everything once
 becomes a thin forwarder (clients/flower_client.py) importing only flwr and the standard library.
 
 Every payload still travels through Flower: the worker is the party's compute, not a side channel. It listens on a
-Unix socket in the party's run state directory (mode 0600) and answers only a ClientApp that presents this run's
-token (compared in constant time). One request per connection, served one at a time (a SuperNode handles one
-message at a time anyway). The party checkpoints its state after every message, as before; it loads it only once.
+Unix socket in the party's run state directory (mode 0600) with `multiprocessing.connection`, whose authkey
+handshake (HMAC challenge-response on this run's token) admits only a ClientApp that holds the token. One request
+per connection, served one at a time (a SuperNode handles one message at a time anyway). The party checkpoints its
+state after every message, as before; it loads it only once.
 
-Wire format (both directions): a 4-byte big-endian length and a UTF-8 JSON object, then an 8-byte big-endian length
-and the raw payload bytes. Request JSON: {"token", "header"} (header = the Envelope header's JSON); reply JSON:
-{"header"} or {"error"}.
+Messages on a connection, each one `send_bytes` record: the request's JSON {"header"} (the Envelope header's JSON),
+then its raw payload bytes; the reply's JSON {"header"} or {"error"}, then its payload.
 """
 
 from __future__ import annotations
 
 import argparse
-import hmac
 import json
 import os
 import signal
-import socket
-import struct
 import sys
 import time
+from collections.abc import Callable
+from contextlib import suppress
+from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any
 
-_META = struct.Struct(">I")
-_PAYLOAD = struct.Struct(">Q")
 MAX_META_BYTES = 64 << 20
+FAMILY = "AF_UNIX"
 
 
-def _read_exact(conn: socket.socket, n: int) -> bytes:
-    chunks, remaining = [], n
-    while remaining:
-        chunk = conn.recv(min(remaining, 1 << 20))
-        if not chunk:
-            raise ConnectionError("connection closed mid-frame")
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
+def send_message(conn: Connection, meta: dict[str, Any], payload: bytes) -> None:
+    conn.send_bytes(json.dumps(meta).encode())
+    conn.send_bytes(payload)
 
 
-def send_frame(conn: socket.socket, meta: dict[str, Any], payload: bytes) -> None:
-    data = json.dumps(meta).encode()
-    conn.sendall(_META.pack(len(data)) + data + _PAYLOAD.pack(len(payload)))
-    if payload:
-        conn.sendall(payload)
-
-
-def read_frame(conn: socket.socket) -> tuple[dict[str, Any], bytes]:
-    (size,) = _META.unpack(_read_exact(conn, _META.size))
-    if size > MAX_META_BYTES:
-        raise ConnectionError(f"frame header of {size} bytes refused")
-    meta = json.loads(_read_exact(conn, size))
-    (length,) = _PAYLOAD.unpack(_read_exact(conn, _PAYLOAD.size))
-    return meta, _read_exact(conn, length)
+def read_message(conn: Connection) -> tuple[dict[str, Any], bytes]:
+    meta = json.loads(conn.recv_bytes(MAX_META_BYTES))
+    return meta, conn.recv_bytes()
 
 
 def forward(socket_path: str, token: str, header_json: str, payload: bytes,
@@ -69,27 +51,58 @@ def forward(socket_path: str, token: str, header_json: str, payload: bytes,
     load) is waited for up to `start_wait_s`; whoever started it watches that it stays alive."""
     deadline = time.monotonic() + start_wait_s
     while True:
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn.settimeout(timeout_s)
         try:
-            conn.connect(socket_path)
+            conn = Client(socket_path, family=FAMILY, authkey=token.encode())
             break
         except (FileNotFoundError, ConnectionRefusedError) as exc:
-            conn.close()
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the party worker at {socket_path} is not running ({exc}): the party's compute "
                                    "died or never started; see its log in RUN_DIR/flower/logs") from None
             time.sleep(0.05)
-        except OSError as exc:
-            conn.close()
-            raise RuntimeError(f"the party worker at {socket_path} is not reachable ({exc}); see its log in "
-                               "RUN_DIR/flower/logs") from None
+        except Exception as exc:  # AuthenticationError (wrong token) or another OSError
+            raise RuntimeError(f"the party worker at {socket_path} refused or is not reachable ({exc!r}); see its "
+                               "log in RUN_DIR/flower/logs") from None
     with conn:
-        send_frame(conn, {"token": token, "header": header_json}, payload)
-        meta, reply = read_frame(conn)
+        send_message(conn, {"header": header_json}, payload)
+        if not conn.poll(timeout_s):
+            raise RuntimeError(f"the party worker at {socket_path} did not answer within {timeout_s:.0f} s")
+        meta, reply = read_message(conn)
     if "error" in meta:
         raise RuntimeError(f"party worker refused the request: {meta['error']}")
     return str(meta["header"]), reply
+
+
+def serve(socket_path: Path, token: str, handle: Callable[[str, bytes], tuple[str, bytes]],
+          on_ready: Callable[[], None] = lambda: None, log: Callable[[str], None] = print) -> None:
+    """Answer requests on `socket_path` (created 0600) from clients that hold `token`, one at a time, with
+    `handle(header_json, payload) -> (reply header JSON, reply payload)`, until the process is stopped."""
+    socket_path.parent.mkdir(parents=True, exist_ok=True)
+    socket_path.unlink(missing_ok=True)
+    old_umask = os.umask(0o177)  # the socket is created 0600: only this user's processes may connect
+    try:
+        listener = Listener(str(socket_path), family=FAMILY, backlog=4, authkey=token.encode())
+    finally:
+        os.umask(old_umask)
+    on_ready()
+    try:
+        while True:
+            try:
+                conn = listener.accept()  # the authkey handshake runs here
+            except Exception as exc:  # AuthenticationError, or a client gone mid-handshake
+                log(f"refused a connection: {exc!r}")
+                continue
+            with conn:
+                try:
+                    meta, payload = read_message(conn)
+                except (EOFError, OSError, ValueError) as exc:
+                    log(f"dropped a malformed request: {exc!r}")
+                    continue
+                header, reply = handle(str(meta["header"]), payload)
+                send_message(conn, {"header": header}, reply)
+    finally:
+        with suppress(FileNotFoundError):  # the launcher may have removed the socket already
+            listener.close()
+        socket_path.unlink(missing_ok=True)
 
 
 class PartyWorker:
@@ -111,42 +124,18 @@ class PartyWorker:
         return reply.header.model_dump_json(), reply.payload
 
     def serve_forever(self) -> None:
-        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        self.socket_path.unlink(missing_ok=True)
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)  # the socket is created 0600: only this user's processes may connect
-        try:
-            server.bind(str(self.socket_path))
-        finally:
-            os.umask(old_umask)
-        server.listen(4)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SystemExit(0)))
-        print(f"worker for {self.party.name} ready on {self.socket_path}", flush=True)
-        try:
-            while True:
-                conn, _ = server.accept()
-                with conn:
-                    self._serve_one(conn)
-        finally:
-            server.close()
-            self.socket_path.unlink(missing_ok=True)
+        serve(self.socket_path, self.token, self._serve_one, lambda: print(
+            f"worker for {self.party.name} ready on {self.socket_path}", flush=True),
+            lambda line: print(line, flush=True))
 
-    def _serve_one(self, conn: socket.socket) -> None:
-        try:
-            meta, payload = read_frame(conn)
-        except (ConnectionError, ValueError) as exc:
-            print(f"dropped a malformed request: {exc}", flush=True)
-            return
-        if not hmac.compare_digest(str(meta.get("token", "")), self.token):
-            print("refused a request with a wrong token", flush=True)
-            send_frame(conn, {"error": "wrong worker token"}, b"")
-            return
+    def _serve_one(self, header_json: str, payload: bytes) -> tuple[str, bytes]:
         started = time.perf_counter()
-        header, reply = self.handle_bytes(str(meta["header"]), payload)
-        send_frame(conn, {"header": header}, reply)
+        header, reply = self.handle_bytes(header_json, payload)
         kind = json.loads(header).get("kind", "?")
         print(f"served {kind} in {time.perf_counter() - started:.2f} s; messages {self.served}, "
               f"state loads {self.party.state_loads}", flush=True)
+        return header, reply
 
 
 def main(argv: list[str] | None = None) -> None:

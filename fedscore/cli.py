@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fedscore.cli_common import console, fail, user_errors
+from fedscore.cli_common import progress_bar as _progress_bar
+from fedscore.cli_common import read_secret as _secret
+from fedscore.cli_common import report_run as _report
 from fedscore.cli_deploy import bundle_command, keys_command, node_command, run_command, superlink_command
 from fedscore.cli_dynamic import register as register_dynamic
 from fedscore.cli_dynamic import score_command
 from fedscore.cli_ledger import ledger_app
 from fedscore.cli_scoring import serve_app
-from fedscore.shared.metrics import METRIC_KEYS, METRIC_LABELS
 
 app = typer.Typer(help="Privacy-preserving vertical federated credit scoring.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -45,39 +43,10 @@ HomeOpt = Annotated[list[str] | None, typer.Option(
     "(default: $FEDSCORE_HOME/parties/<party>, FEDSCORE_HOME defaulting to ~/.fedscore)")]
 
 
-
-
-
-
-@contextmanager
-def _progress_bar() -> Iterator[Callable[[str, int, int], None]]:
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=False) as bar:
-        task = bar.add_task("starting", total=1)
-
-        def update(stage: str, done: int, total: int) -> None:
-            bar.update(task, description=stage, completed=done, total=max(total, 1))
-
-        yield update
-
-
 def _load(config: Path | None, overrides: list[str] | None):
     from fedscore.shared.config import load_config
 
     return load_config(config, overrides or [])
-
-
-def _secret(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        text = path.read_text().strip()
-        bytes.fromhex(text)
-    except (OSError, ValueError) as exc:
-        fail(f"{path}: not a readable hex secret ({exc})")
-    if len(text) < 32:
-        fail(f"{path}: secret too short (need at least 16 bytes as hex)")
-    return text
 
 
 def _budgets(config, overrides: list[str] | None):
@@ -134,76 +103,6 @@ def data_schema(table: Annotated[Path, typer.Option(help="the party's table: app
         schema = write_draft(table, out)
     console.print(f"wrote a draft {out} with {len(schema.columns)} columns")
     console.print(f"[yellow]{REVIEW_NOTE}[/yellow]")
-
-
-def _report(metrics: dict, run_dir: Path) -> None:
-    table = Table(title=f"test split ({metrics['transport']} transport)")
-    for column in ("model", *(METRIC_LABELS[k] for k in METRIC_KEYS)):
-        table.add_column(column, justify="right" if column != "model" else "left")
-
-    def row(name: str, m: dict) -> None:
-        table.add_row(name, *(f"{m[k]:.4f}" for k in METRIC_KEYS))
-
-    row("federated (payment + lender)", metrics["test"])
-    # the references are not in RUN_DIR's shared files: read from the lender's own folder and the local operator's
-    # (present only where one operator holds everything, as here)
-    from fedscore.baselines import local_evaluation
-
-    local = local_evaluation(run_dir)
-    if local.get("lender_only"):
-        row(f"lender only ({local['lender_only'].get('model', 'mlp')})", local["lender_only"])
-    if local.get("centralized"):
-        row(f"centralized, no privacy ({local['centralized']['model']})", local["centralized"])
-    console.print(table)
-    if local.get("lender_only") or local.get("centralized"):
-        console.print("references from parties/ (the lender's own evaluation; the centralized one needs both "
-                      "parties' data: local simulation only), not in RUN_DIR's shared files")
-    _lift_summary(run_dir)
-    a = metrics["alignment"]
-    console.print(f"aligned {int(a['intersection'])} of {int(a['lender_rows'])} applicants; "
-                  f"{metrics['traffic']['messages']} messages, {metrics['traffic']['payload_bytes'] / 1e6:.1f} MB "
-                  f"of payloads; {metrics['timing']['total_s']:.1f} s")
-    if "e2e" in metrics:
-        prints = metrics["e2e"]["fingerprints"]
-        console.print(f"payloads end-to-end encrypted; key fingerprints (compare out of band): payment "
-                      f"{prints['payment']}, lender {prints['lender']}" if prints else
-                      "payloads end-to-end encrypted between the parties (they compare their key fingerprints "
-                      "between them; the coordinator holds neither key)")
-    privacy = json.loads((run_dir / "privacy-report.json").read_text())
-    if privacy.get("void"):
-        console.print(f"[bold red]VOID:[/] {privacy['void']}")
-    for g in privacy["guarantees"]:
-        status = "[bold red]VOID[/] " if g.get("status") == "VOID" else ""
-        lifetime = (f"; this run {g['run_epsilon']:.3f}" if g.get("run_epsilon") is not None
-                    and abs(g["run_epsilon"] - g["epsilon"]) > 1e-9 else "")
-        ceiling = g.get("attack_ceiling")
-        best = (f"; best attack AUC {ceiling['auc']:.3f}, accuracy {ceiling['balanced_accuracy']:.3f}"
-                if ceiling else "")
-        mixture = ", RR mixture" if g.get("composition") == "rr_mixture" else ""
-        console.print(f"privacy: {status}{g['protects']} against {g['against']}: eps {g['epsilon']:.3f} over the "
-                      f"party's lifetime{lifetime} (delta {g['delta']:g}, {g['accountant']}{mixture}){best}")
-    for u in privacy["unprotected"]:
-        console.print(f"[yellow]not protected:[/] {u['protects']} against {u['against']}: {u['what']}")
-    model = "model/" if (run_dir / "model").exists() else "(no model/: each party keeps its part; `fedscore bundle`)"
-    console.print(f"artefacts: {run_dir}/report.html, metrics.json, privacy-report.json, {model}, parties/ (each "
-                  "party's own folder; the lender's own evaluation in parties/lender/evaluation.json)")
-
-
-def _lift_summary(run_dir: Path) -> None:
-    """The lift kept beside the AUCs, from RUN_DIR/parties/evaluation/ (local runs: the operator holds both
-    parties' data)."""
-    from fedscore.references import read_evaluation
-
-    record = read_evaluation(run_dir)
-    if record is None:
-        return
-    lift = record["lift_kept"]
-    kept = f"[bold]{lift:.0%}[/bold] of the lift" if lift is not None else f"n/a ({record['lift_kept_note']})"
-    refs = record["references"]
-    console.print(f"lift kept: {kept} (federated AUC {record['federated_test_auc']:.4f}; tuned GBDT references "
-                  f"chosen on validation: lender only {record['lender_only_auc']:.4f}, ceiling (all columns) "
-                  f"{record['ceiling_auc']:.4f}; {refs['test']} test users) - {record['scope']}, "
-                  f"{run_dir}/parties/evaluation/")
 
 
 ResumeOpt = Annotated[Path | None, typer.Option(

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from fedscore.cli_common import console, fail, user_errors
+from fedscore.cli_common import console, fail, progress_bar, read_secret, report_run, user_errors
 
 PartyOpt = Annotated[str, typer.Option("--party", help="payment or lender")]
 CaOpt = Annotated[Path | None, typer.Option(
@@ -108,7 +108,6 @@ def node_command(
             "--state", help="this party's run state and logs (default PARTY_HOME/node)")] = None,
         insecure: InsecureOpt = False) -> None:
     """A party's operator: run this party's worker and SuperNode, on its own machine, until Ctrl-C."""
-    from fedscore.cli import _secret
     from fedscore.clients.base import PartySettings
     from fedscore.deploy import serve_node
     from fedscore.runs import default_budgets
@@ -121,7 +120,7 @@ def node_command(
     party = _party(party)
     ca = _tls_choice(ca, insecure)
     with user_errors():
-        secret = _secret(secret_file)
+        secret = read_secret(secret_file)
         home = ensure_party_home(party_home or default_party_home(party))
         peer_text = Path(peer_key).read_text().strip() if Path(peer_key).is_file() else peer_key
         try:
@@ -168,7 +167,6 @@ def run_command(
             "(same run id and config; restart each party's `fedscore node` first); no --out, --config or --set")]
         = None) -> None:
     """The coordinator's operator: start a run on the SuperLink (or resume one), follow it, write RUN_DIR."""
-    from fedscore.cli import _progress_bar, _report
     from fedscore.deploy import read_nodes, resume_on_superlink, run_on_superlink
     from fedscore.shared.config import load_config
 
@@ -181,12 +179,12 @@ def run_command(
         fail("--out RUN_DIR is required (or --resume RUN_DIR)")
     with user_errors():
         allowed = read_nodes(nodes) if nodes is not None else None
-        with _progress_bar() as progress:
+        with progress_bar() as progress:
             if resume is not None:
                 metrics = resume_on_superlink(resume, superlink, ca, allowed, progress)
             else:
                 metrics = run_on_superlink(load_config(config, set_ or []), superlink, out, ca, allowed, progress)
-    _report(metrics, resume or out)
+    report_run(metrics, resume or out)
 
 
 def keys_command(party: PartyOpt, party_home: HomeOpt = None) -> None:

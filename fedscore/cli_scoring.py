@@ -6,7 +6,6 @@ Kept apart from fedscore/cli.py so the training CLI does not grow; imports stay 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -236,9 +235,9 @@ def api_token(path: Path) -> str:
     import secrets
 
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
-            handle.write(secrets.token_urlsafe(32) + "\n")
+        from fedscore.shared.atomic import write_private
+
+        write_private(path, secrets.token_urlsafe(32) + "\n", exclusive=True)
     if path.stat().st_mode & 0o077:
         fail(f"{path}: readable by other users; chmod 600 it (it holds the lender API's bearer token)")
     token = path.read_text().strip()

@@ -1,6 +1,6 @@
 """Two institutions, two machines: what `fedscore superlink`, `fedscore node` and `fedscore run` do.
 
-The same pieces as the one-host `fedscore federate` (fedscore/federation.py: the process group, the SuperLink's
+The same pieces as the one-host `fedscore federate` (fedscore/flower/launch.py: the process group, the SuperLink's
 TLS and SuperNode registration, the party worker beside its SuperNode, `flwr run` and following it; fedscore/runs.py:
 the run folder and metrics), split by who runs them:
 
@@ -14,14 +14,15 @@ the run folder and metrics), split by who runs them:
 from __future__ import annotations
 
 import json
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedscore.federation import Federation, record_timing, split_address, start_run
+from fedscore.flower.launch import Federation, record_timing, split_address, start_run
+from fedscore.flower.patches import REFUSED_MARKERS
 from fedscore.runs import RunError, finish_run, prepare_run_dir
+from fedscore.shared.atomic import write_json_atomic
 from fedscore.shared.config import FedConfig
 from fedscore.shared.tls import SuperLinkTls, node_key_fingerprint
 
@@ -29,12 +30,6 @@ if TYPE_CHECKING:
     from fedscore.clients.base import PartySettings
 
 NODES_FILE = "nodes.json"  # in the SuperLink's folder: party -> registered node id and key fingerprint
-REFUSED_MARKERS = ("Failed to activate SuperNode", "must be registered")  # flwr 1.42's SuperNode log, when refused
-
-
-def _stop_on_sigterm() -> None:
-    """SIGTERM ends the command like Ctrl-C: the `with Federation` block then stops every process it started."""
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
 
 
 def serve_superlink(folder: Path, host: str, port: int, tls: SuperLinkTls | None, keys: dict[str, Path],
@@ -51,7 +46,6 @@ def serve_superlink(folder: Path, host: str, port: int, tls: SuperLinkTls | None
         raise RunError("--register needs TLS: Flower authenticates SuperNodes over TLS only (drop --insecure)")
     prints = {party: node_key_fingerprint(path) for party, path in keys.items()}
     folder = folder.resolve()
-    _stop_on_sigterm()
     with Federation(folder / "flower", host=host, port=port) as link:
         link.start_superlink(tls)
         link.wait_healthy(tls)
@@ -59,7 +53,7 @@ def serve_superlink(folder: Path, host: str, port: int, tls: SuperLinkTls | None
         nodes = link.register_nodes(keys) if keys else {}
         info = {"address": f"{host}:{port}", "tls": tls is not None, "node_auth": bool(keys),
                 "nodes": {p: {"node_id": nodes[p], "key_fingerprint": prints[p]} for p in nodes}}
-        (folder / NODES_FILE).write_text(json.dumps(info, indent=2))
+        write_json_atomic(folder / NODES_FILE, info)
         on_ready(info)
         while not until():
             link.check_alive()
@@ -72,11 +66,10 @@ def serve_node(settings: PartySettings, superlink: str, ca: Path | None, auth_ke
     up until Ctrl-C / SIGTERM (or `until()`); a SuperNode the SuperLink refuses ends the command with the reason."""
     host, _ = split_address(superlink)
     if ca is None:
-        from fedscore.federation import refuse_insecure_off_loopback
+        from fedscore.flower.launch import refuse_insecure_off_loopback
 
         refuse_insecure_off_loopback(host, "the SuperLink address")
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    _stop_on_sigterm()
     with Federation(folder.resolve()) as node:
         worker = node.start_worker(settings)
         node.start_supernode(settings.party, {"party": settings.party, **worker}, superlink=superlink, root_cert=ca,
@@ -106,7 +99,7 @@ def run_on_superlink(config: FedConfig, superlink: str, run_dir: Path, ca: Path 
     id, from the SuperLink's nodes.json) restricts the ServerApp to the registered SuperNodes."""
     host, _ = split_address(superlink)
     if ca is None:
-        from fedscore.federation import refuse_insecure_off_loopback
+        from fedscore.flower.launch import refuse_insecure_off_loopback
 
         refuse_insecure_off_loopback(host, "the SuperLink address")
     run_dir = run_dir.resolve()

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fedscore.server.outcome import read_outcome, write_outcome
-from fedscore.shared.atomic import write_json_atomic
+from fedscore.shared.atomic import write_json_atomic, write_private, write_text_atomic
 from fedscore.shared.config import FedConfig
 from fedscore.shared.data.tables import DataError
 from fedscore.shared.metrics import METRIC_KEYS
@@ -61,13 +61,12 @@ def prepare_run_dir(run_dir: Path, config: FedConfig, secret: str | None = None,
     if run_dir.exists() and any(p.name != "flower" for p in run_dir.iterdir()):
         raise RunError(f"{run_dir}: exists and is not empty; choose a new --out folder")
     (run_dir / "parties").mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
+    write_text_atomic(run_dir / "config.json", config.model_dump_json(indent=2))
     if not shared_secret:
         return ""
     secret = secret or secrets.token_hex(16)
     secret_file = run_dir / "parties" / "shared-secret.hex"
-    secret_file.write_text(secret)
-    secret_file.chmod(0o600)
+    write_private(secret_file, secret)
     return secret
 
 
@@ -210,18 +209,18 @@ def set_aside_outcome(run_dir: Path) -> None:
 def run_lock(run_dir: Path) -> Iterator[None]:
     """One fedscore process at a time per run folder: a resume while the run (or another resume) still runs would
     have two workers of one party writing the same state."""
-    import fcntl
+    from filelock import FileLock, Timeout
 
-    with open(run_dir / "run.lock", "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunError(f"{run_dir} is in use by another fedscore process (a run or a resume still running); "
-                           "stop it first") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    lock = FileLock(run_dir / "run.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunError(f"{run_dir} is in use by another fedscore process (a run or a resume still running); "
+                       "stop it first") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def resume_hint(run_dir: Path) -> str:

@@ -12,8 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from fedscore.clients.state import LenderState, PaymentState
 from fedscore.shared.config import FedConfig
 from fedscore.shared.model.parts import LenderTop, PaymentBottom, lender_model, payment_model
 from fedscore.shared.model.preprocessing import Scaler
@@ -33,14 +32,14 @@ def load_torch_parts(run_dir: Path) -> TorchParts:
     """RUN_DIR/parties/{payment,lender}/state.pt ("model" state dicts, "scaler" dicts) + RUN_DIR/config.json."""
     run_dir = Path(run_dir)
     config = FedConfig.model_validate_json((run_dir / "config.json").read_text())
-    payment = torch.load(run_dir / "parties" / "payment" / "state.pt", weights_only=False)
-    lender = torch.load(run_dir / "parties" / "lender" / "state.pt", weights_only=False)
-    scaler_p, scaler_l = Scaler(**payment["scaler"]), Scaler(**lender["scaler"])
+    payment = PaymentState.load(run_dir / "parties" / "payment" / "state.pt")
+    lender = LenderState.load(run_dir / "parties" / "lender" / "state.pt")
+    scaler_p, scaler_l = Scaler(**payment.scaler), Scaler(**lender.scaler)
     model_p = payment_model(len(scaler_p.output_names), config)
     model_l = lender_model(len(scaler_l.output_names), config.model.sent_dim, config)
-    model_p.load_state_dict(payment["model"])
-    model_l.load_state_dict(lender["model"])
+    model_p.load_state_dict(payment.model)
+    model_l.load_state_dict(lender.model)
     model_p.eval()
     model_l.eval()
-    rows = lender["rows"].numpy()[lender["split"].numpy() == SPLIT_TEST]
-    return TorchParts(model_p, scaler_p, model_l, scaler_l, [lender["ids"][r] for r in rows])
+    rows = lender.rows.numpy()[lender.split.numpy() == SPLIT_TEST]
+    return TorchParts(model_p, scaler_p, model_l, scaler_l, [lender.ids[r] for r in rows])

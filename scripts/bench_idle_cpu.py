@@ -12,21 +12,23 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedscore.federation import Federation, local_superlink_tls
+import psutil
+
+from fedscore.flower.launch import Federation, local_superlink_tls
 from fedscore.shared.tls import node_auth_key
 
 
 def cpu_seconds(groups: set[int]) -> float:
-    """utime + stime (with reaped children's) of every process in these process groups."""
-    ticks = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    """user + system CPU seconds (with reaped children's) of every process in these process groups."""
+    total = 0.0
+    for proc in psutil.process_iter(["pid"]):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            if os.getpgid(proc.pid) in groups:
+                times = proc.cpu_times()
+                total += times.user + times.system + times.children_user + times.children_system
+        except (psutil.Error, ProcessLookupError):
             continue
-        if int(fields[2]) in groups:
-            ticks += sum(int(f) for f in fields[11:15])
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def measure(mode: str, settle_s: float = 20.0, window_s: float = 30.0) -> float:

@@ -30,6 +30,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedscore.shared.protocol import e2e
+from fedscore.shared.protocol.steps import PayloadKind
 
 BIN = Path(sys.executable).parent
 
@@ -83,7 +84,7 @@ def e2e_cost(run_dir: Path, repeats: int = 5) -> dict:
         sender = e2e.Channel(a, b.public_key().public_bytes_raw(), "payment", "lender", run_id)
         receiver = e2e.Channel(b, a.public_key().public_bytes_raw(), "lender", "payment", run_id)
         for seq, payload in enumerate(payloads):
-            delivery = e2e.Delivery(run_id, "payment", "lender", "train", 0, "embeddings", seq)
+            delivery = e2e.Delivery(run_id, "payment", "lender", "train", 0, PayloadKind.EMBEDDINGS, seq)
             assert receiver.open(sender.seal(payload, delivery), delivery) == payload
         times.append(time.perf_counter() - t0)
     return {"payloads": len(payloads), "plaintext_bytes": sum(plain_sizes), "frame_bytes_added": frame * len(payloads),

@@ -34,8 +34,10 @@ from pydantic import BaseModel, ConfigDict
 
 from fedscore.shared.atomic import atomic_write, write_text_atomic
 from fedscore.shared.config import FedConfig
+from fedscore.shared.protocol import steps
 from fedscore.shared.protocol.bodies import AlignmentSizes, SetupRequest, TableSize, Trained
 from fedscore.shared.protocol.messages import Envelope, MessageKind, request
+from fedscore.shared.protocol.steps import PayloadKind
 from fedscore.shared.protocol.transport import Transport
 
 
@@ -101,7 +103,7 @@ class Checkpoint(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     run_id: str
-    next_step: int  # 0 setup, 1 align.respond, 2 align.match, 3 + 2r embed round r, 4 + 2r train round r
+    next_step: int  # index into exchanges(plan(R)) (shared/protocol/steps.py): 0 setup, 1 align.respond, ...
     total_steps: int
     carry_kind: str = ""  # payload kind of the reply the next step moves on
     carry_file: str = ""  # its bytes, checkpoint-<step>.payload
@@ -123,6 +125,7 @@ class Coordinator:
         self.carry: tuple[bytes, str] = (b"", "")  # the last reply's payload and kind, moved into the next step
         self.resend = False  # the next exchange re-sends a step whose reply may have been lost (resume)
         self.resumes = 0
+        self.plan = steps.exchanges(steps.plan(config.training.rounds))  # the protocol's table, one entry per exchange
 
     @classmethod
     def resume(cls, config: FedConfig, transport: Transport, checkpoint_dir: Path,
@@ -133,7 +136,7 @@ class Coordinator:
         if not path.exists():
             raise CheckpointError(f"{path}: no coordinator checkpoint: this run never started, nothing to resume")
         checkpoint = Checkpoint.model_validate_json(path.read_text())
-        total = 3 + 2 * config.training.rounds
+        total = steps.total_exchanges(config.training.rounds)
         if checkpoint.total_steps != total:
             raise CheckpointError(f"{path}: checkpoint of a run with {checkpoint.total_steps} steps, the config "
                                   f"plans {total}")
@@ -167,7 +170,8 @@ class Coordinator:
 
     @property
     def total_steps(self) -> int:
-        return 3 + 2 * self.config.training.rounds
+        """3 + 2R sequential exchanges: the plan's rows grouped into what is sent at once."""
+        return len(self.plan)
 
     def _exchange(self, *messages: Envelope) -> list[Envelope]:
         if self.resend:
@@ -197,7 +201,9 @@ class Coordinator:
         if self.step == 0:
             self._save_checkpoint()  # the run id is on disk before any party hears of it
         while self.step < self.total_steps:
-            stage = ("setup_s" if self.step == 0 else "alignment_s" if self.step < 3 else "rounds_s")
+            kind = self.plan[self.step][0].kind
+            stage = ("setup_s" if kind is MessageKind.SETUP else "rounds_s" if kind in (MessageKind.EMBED,
+                     MessageKind.TRAIN) else "alignment_s")
             t0 = time.perf_counter()
             self._run_step(self.step)
             timing = self.result.timing
@@ -209,43 +215,41 @@ class Coordinator:
         return self.result
 
     def _run_step(self, step: int) -> None:
+        """Send exchange `step` of the plan (shared/protocol/steps.py): each row's request carries the payload the
+        previous exchange's reply moved on (if the row expects one), and the reply whose payload the plan delivers
+        onward becomes the next carry."""
         total, rounds = self.total_steps, self.config.training.rounds
         payload, payload_kind = self.carry
-        if step == 0:
+        rows = self.plan[step]
+        kind, round_ = rows[0].exchange
+        if kind is MessageKind.SETUP:
             self.progress("setup", 0, total)
-            setup = SetupRequest(config=self.config, run_id=self.run_id)
-            payment_setup, lender_setup = self._exchange(request(MessageKind.SETUP, "payment", body=setup),
-                                                         request(MessageKind.SETUP, "lender", body=setup))
-            self.result.alignment = {"payment_rows": float(payment_setup.header.expect(TableSize).rows)}
-            reply = lender_setup
-        elif step == 1:
-            # alignment, ECDH PSI: lender's blinded IDs (from its setup reply) -> payment -> lender, who learns the
-            # intersection and returns the sorted HMAC tokens of it (delivered to payment with round 0's embed)
+        elif kind is MessageKind.ALIGN_RESPOND:
             self.progress("alignment", 1, total)
-            (reply,) = self._exchange(request(MessageKind.ALIGN_RESPOND, "payment", payload=payload,
-                                              payload_kind=payload_kind))
-        elif step == 2:
-            (reply,) = self._exchange(request(MessageKind.ALIGN_MATCH, "lender", payload=payload,
-                                              payload_kind=payload_kind))
-            sizes = reply.header.expect(AlignmentSizes)
+        elif kind is MessageKind.EMBED:
+            self.progress(f"round {round_ + 1}/{rounds}: payment embeds", step - 1, total)
+        elif kind is MessageKind.TRAIN:
+            self.progress(f"round {round_ + 1}/{rounds}: lender trains", step - 1, total)
+        setup = SetupRequest(config=self.config, run_id=self.run_id) if kind is MessageKind.SETUP else None
+        replies = self._exchange(*(
+            request(row.kind, row.recipient, row.round, body=setup) if row.expects is PayloadKind.NONE else
+            request(row.kind, row.recipient, row.round, payload=payload, payload_kind=payload_kind, body=setup)
+            for row in rows))
+        by_party = {row.recipient: reply for row, reply in zip(rows, replies, strict=True)}
+        if kind is MessageKind.SETUP:
+            self.result.alignment = {"payment_rows": float(by_party["payment"].header.expect(TableSize).rows)}
+        elif kind is MessageKind.ALIGN_MATCH:
+            sizes = by_party["lender"].header.expect(AlignmentSizes)
             self.result.alignment = {
                 "method": "ecdh-psi", "payment_rows": self.result.alignment["payment_rows"],
                 **{k: float(getattr(sizes, k)) for k in ("lender_rows", "intersection", "train", "val", "test")},
             }
-        elif step % 2 == 1:  # rounds: embeddings to the lender; round 0 carries the alignment tokens instead
-            round_ = (step - 3) // 2
-            self.progress(f"round {round_ + 1}/{rounds}: payment embeds", step - 1, total)
-            (reply,) = self._exchange(request(MessageKind.EMBED, "payment", round_, payload=payload,
-                                              payload_kind=payload_kind))
-        else:  # gradients back to the payment holder, metrics to us
-            round_ = (step - 4) // 2
-            self.progress(f"round {round_ + 1}/{rounds}: lender trains", step - 1, total)
-            (reply,) = self._exchange(request(MessageKind.TRAIN, "lender", round_, payload=payload,
-                                              payload_kind=payload_kind))
-            self.result.rounds.append({"round": round_, **reply.header.metrics})
+        elif kind is MessageKind.TRAIN:  # gradients back to the payment holder (moved on below), metrics to us
+            self.result.rounds.append({"round": round_, **by_party["lender"].header.metrics})
         # a payload is kept (and checkpointed) only for the step that delivers it: after the last step there is none
         # (the lender's last `train` reply carries nothing; were it to, it would be dropped here, never written)
-        self.carry = (reply.payload, reply.header.payload_kind) if step < total - 1 else (b"", "")
+        onward = [reply for row, reply in zip(rows, replies, strict=True) if row.delivered_as is not None]
+        self.carry = (onward[0].payload, onward[0].header.payload_kind) if onward else (b"", "")
 
 
 def check_blacklist(transport: Transport) -> dict[str, int]:
@@ -255,9 +259,11 @@ def check_blacklist(transport: Transport) -> dict[str, int]:
     def ask(message: Envelope) -> Envelope:
         return raise_refusals([message], transport.exchange([message]))[0]
 
-    psi_request = ask(request(MessageKind.BLACKLIST_REQUEST, "lender"))
-    psi_response = ask(request(MessageKind.BLACKLIST_RESPOND, "payment", payload=psi_request.payload,
-                               payload_kind=psi_request.header.payload_kind))
-    ask(request(MessageKind.BLACKLIST_MATCH, "lender", payload=psi_response.payload,
-                payload_kind=psi_response.header.payload_kind))
-    return {"request_bytes": len(psi_request.payload), "response_bytes": len(psi_response.payload)}
+    carry, sizes = (b"", ""), []
+    for row in steps.blacklist_plan():
+        payload, payload_kind = carry if row.expects is not PayloadKind.NONE else (b"", "")
+        reply = ask(request(row.kind, row.recipient, payload=payload, payload_kind=payload_kind))
+        if row.delivered_as is not None:
+            carry = (reply.payload, reply.header.payload_kind)
+            sizes.append(len(reply.payload))
+    return {"request_bytes": sizes[0], "response_bytes": sizes[1]}

@@ -28,6 +28,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
+from fedscore.flower.patches import node_unavailable
 from fedscore.shared.protocol.flower_codec import MESSAGE_TYPE, decode, encode, encode_addressed, identity
 from fedscore.shared.protocol.messages import PARTIES, Envelope
 from fedscore.shared.waiting import wait_until
@@ -39,7 +40,7 @@ class PartyDown(RuntimeError):
     """A party's SuperNode stayed disconnected for the party timeout: the run stops (and can be resumed)."""
 
 
-NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE: the node missed its heartbeats
+NODE_UNAVAILABLE = node_unavailable()  # flwr's ErrorCode.NODE_UNAVAILABLE: the node missed its heartbeats
 
 
 class FlowerTransport:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedscore.shared.atomic import write_private
 
 CA_FILE = "ca.pem"
 VALIDITY = dt.timedelta(days=30)  # throwaway material: short enough that a forgotten copy expires
@@ -79,11 +80,8 @@ def _issue(subject: str, key: ec.EllipticCurvePrivateKey, ca_key: ec.EllipticCur
 
 def _write(path: Path, data: bytes, mode: int) -> Path:
     """Create the file with its final mode from the start, so a key is never readable by others, even briefly."""
-    if path.exists():
+    if not write_private(path, data, mode, exclusive=True):
         raise TlsError(f"{path}: already exists; choose an empty folder (nothing was overwritten)")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
     return path
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from fedscore.federation import is_loopback, refuse_insecure_off_loopback, split_address
+from fedscore.flower.launch import is_loopback, refuse_insecure_off_loopback, split_address
 from fedscore.runs import RunError
 from fedscore.shared.tls import TlsError, node_auth_key, node_key_fingerprint
 

@@ -20,6 +20,7 @@ import torch
 
 from fedscore.clients.base import PartyBase, PartySettings, ProtocolError
 from fedscore.clients.lender.data import load_applicants, load_lender_table
+from fedscore.clients.state import NoiseLabel
 from fedscore.shared.atomic import write_json_atomic, write_text_atomic
 from fedscore.shared.data.party_data import batches
 from fedscore.shared.metrics import all_metrics, curves
@@ -28,6 +29,7 @@ from fedscore.shared.model.preprocessing import Scaler
 from fedscore.shared.protocol.bodies import AlignmentSizes, Curves, SetupRequest, TableSize, Trained
 from fedscore.shared.protocol.messages import Envelope, MessageKind, pack_arrays, unpack_arrays
 from fedscore.shared.protocol.splits import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, assign_splits
+from fedscore.shared.protocol.steps import PayloadKind
 
 if TYPE_CHECKING:
     from fedscore.shared.privacy import Ledger
@@ -76,7 +78,7 @@ class LenderParty(PartyBase):
 
         psi_request, self.state["psi_state"] = lender_request(self.state["ids"])
         self._evaluation(fresh=True, default_rate=default_rate)
-        return self.reply(message, payload=psi_request, payload_kind="psi_request",
+        return self.reply(message, payload=psi_request, payload_kind=PayloadKind.PSI_REQUEST,
                           body=TableSize(rows=len(table.ids), features=len(table.columns)))
 
     # -- blacklist check: the lender learns which applicants are on the payment holder's fraud list ------------------
@@ -84,7 +86,7 @@ class LenderParty(PartyBase):
         from fedscore.shared.alignment.psi import lender_request
 
         request, self.state["blacklist_state"] = lender_request(load_applicants(self.settings.data_path).ids)
-        return self.reply(message, payload=request, payload_kind="psi_request")
+        return self.reply(message, payload=request, payload_kind=PayloadKind.PSI_REQUEST)
 
     def on_blacklist_match(self, message: Envelope) -> Envelope:
         """The hits stay here (state_dir/blacklist-hits.csv, for manual review); the reply carries nothing about
@@ -139,7 +141,8 @@ class LenderParty(PartyBase):
         sizes = AlignmentSizes(lender_rows=len(mine), intersection=len(common),
                                train=int((split == SPLIT_TRAIN).sum()), val=int((split == SPLIT_VAL).sum()),
                                test=int((split == SPLIT_TEST).sum()))
-        return self.reply(message, payload=tokens_payload(common), payload_kind="alignment_tokens", body=sizes)
+        return self.reply(message, payload=tokens_payload(common), payload_kind=PayloadKind.ALIGNMENT_TOKENS,
+                          body=sizes)
 
     def _protect_labels(self, y: torch.Tensor, train: np.ndarray) -> torch.Tensor:
         """The labels everything that leaves is computed from: randomized response on the training users, drawn
@@ -168,7 +171,7 @@ class LenderParty(PartyBase):
         released = y.clone()
         mask = torch.from_numpy(train)
         released[mask] = randomized_response(y[mask], privacy.label_epsilon,
-                                             self.noise_source("randomized-response")).to(y.dtype)
+                                             self.noise_source(NoiseLabel.RANDOMIZED_RESPONSE)).to(y.dtype)
         return released
 
     def _planned_label_records(self) -> list:
@@ -266,8 +269,8 @@ class LenderParty(PartyBase):
             body = Trained()
         else:  # the last round: the part is final, so it is exported now (no message of its own)
             body = Trained(curves=Curves(**curves(y[test].numpy(), p[test])), exported=self._export(model))
-        return self.reply(message, payload=payload, payload_kind="gradients" if payload else "", metrics=metrics,
-                          body=body)
+        return self.reply(message, payload=payload, metrics=metrics, body=body,
+                          payload_kind=PayloadKind.GRADIENTS if payload else PayloadKind.NONE)
 
     def _train_plain(self, model: LenderTop, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor,
                      round_: int) -> list[float]:
@@ -346,7 +349,8 @@ class LenderParty(PartyBase):
             # written as p - y with p = y + residual (in [0, 1], since |residual| <= 1 with the sign of p - y)
             grad = clipped_label_gradients((y + residual).clamp(0, 1), y, jacobian, privacy.gradient_clip,
                                            privacy.gradient_noise_multiplier,
-                                           self.noise_source("grad-noise", str(round_)), privacy.gradient_noise_shape)
+                                           self.noise_source(NoiseLabel.GRADIENT_NOISE, str(round_)),
+                                           privacy.gradient_noise_shape)
         else:
             grad = residual[:, None] * jacobian
         return grad.numpy().astype(np.float32)

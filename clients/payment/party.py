@@ -17,6 +17,7 @@ import torch
 
 from fedscore.clients.base import PartyBase, PartySettings, ProtocolError
 from fedscore.clients.payment.data import load_payment_table
+from fedscore.clients.state import NoiseLabel
 from fedscore.shared.atomic import write_json_atomic
 from fedscore.shared.data.party_data import batches
 from fedscore.shared.model.parts import PaymentBottom, init_module, payment_model, seeded
@@ -24,6 +25,7 @@ from fedscore.shared.model.preprocessing import Scaler
 from fedscore.shared.protocol.bodies import Embedded, TableSize
 from fedscore.shared.protocol.messages import Envelope, MessageKind, pack_arrays, unpack_arrays
 from fedscore.shared.protocol.splits import SPLIT_TRAIN, assign_splits
+from fedscore.shared.protocol.steps import PayloadKind
 
 if TYPE_CHECKING:
     from fedscore.shared.privacy import Ledger
@@ -57,7 +59,7 @@ class PaymentParty(PartyBase):
         from fedscore.shared.alignment.psi import payment_respond
 
         return self.reply(message, payload=payment_respond(message.payload, self.state["ids"]),
-                          payload_kind="psi_response")
+                          payload_kind=PayloadKind.PSI_RESPONSE)
 
     def on_blacklist_respond(self, message: Envelope) -> Envelope:
         """PSI server step against our fraud list (DIR/payment/fraud_list.*): we learn only how many applicants
@@ -70,7 +72,8 @@ class PaymentParty(PartyBase):
         frame = read_table(path, ["id"])
         frame["listed"] = 1.0  # table_from_frame wants one value column; the IDs are what matters
         fraud = table_from_frame(frame, path)
-        return self.reply(message, payload=payment_respond(message.payload, fraud.ids), payload_kind="psi_response")
+        return self.reply(message, payload=payment_respond(message.payload, fraud.ids),
+                          payload_kind=PayloadKind.PSI_RESPONSE)
 
     def _accept_alignment(self, payload: bytes) -> int:
         """The lender's sorted intersection tokens (HMAC under the parties' secret) -> our rows in that order. They
@@ -129,7 +132,7 @@ class PaymentParty(PartyBase):
         tokens instead), embed every aligned user, and in the last round export the part, which is final then."""
         round_ = message.header.round
         aligned = None
-        if message.header.payload_kind == "alignment_tokens":
+        if message.header.payload_kind == PayloadKind.ALIGNMENT_TOKENS:
             if round_ != 0:
                 raise ProtocolError(f"payment: alignment tokens in round {round_}; they belong to round 0")
             aligned = self._accept_alignment(message.payload)
@@ -138,7 +141,7 @@ class PaymentParty(PartyBase):
         model = self._new_model()
         model.load_state_dict(self.state["model"])
         x = self.state["x"][self.state["rows"]]
-        if message.header.payload_kind == "gradients":
+        if message.header.payload_kind == PayloadKind.GRADIENTS:
             received = unpack_arrays(message.payload)["gradients"]
             train = (self.state["split"] == SPLIT_TRAIN).nonzero().squeeze(1)
             if len(received) == len(train):  # else _local_update refuses it with the shapes
@@ -151,7 +154,8 @@ class PaymentParty(PartyBase):
         self.state["model"] = model.state_dict()
         released = self._protect(clean, round_)
         exported = self._export(model) if round_ == self.config.training.rounds - 1 else None
-        return self.reply(message, payload=pack_arrays(embeddings=released.numpy()), payload_kind="embeddings",
+        return self.reply(message, payload=pack_arrays(embeddings=released.numpy()),
+                          payload_kind=PayloadKind.EMBEDDINGS,
                           body=Embedded(users=int(x.shape[0]), aligned=aligned, exported=exported))
 
     def _protect(self, embeddings: torch.Tensor, round_: int) -> torch.Tensor:
@@ -170,7 +174,8 @@ class PaymentParty(PartyBase):
             return embeddings
         record = embedding_release(sigma, privacy.embedding_clip, 1, privacy.feature_neighbouring)
         self.ledger.charge([record], "payment.features@lender", note=f"round {round_}: embeddings to the lender")
-        return gaussian_release(embeddings, privacy.embedding_clip, sigma, self.noise_source("noise", str(round_)))
+        return gaussian_release(embeddings, privacy.embedding_clip, sigma,
+                                self.noise_source(NoiseLabel.EMBEDDING_NOISE, str(round_)))
 
     def _export(self, model: PaymentBottom) -> str:
         """Write this party's part (its preprocessing inside the graph) and, when it featurised transactions, the

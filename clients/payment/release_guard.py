@@ -30,7 +30,6 @@ budget for payment.features@lender, since that budget would promise a protection
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -41,7 +40,7 @@ import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,21 +90,22 @@ def check_not_replayable(served: ServedVersion, training_config: Mapping[str, An
 
 
 class _LifetimeLock:
-    """An exclusive flock on `home/online-releases.lock`, held while the service runs."""
+    """An exclusive lock (filelock) on `home/online-releases.lock`, held while the service runs."""
 
     def __init__(self, path: Path) -> None:
-        self.handle: IO[str] | None = open(path, "a")  # noqa: SIM115 - held for the guard's lifetime
+        from filelock import FileLock, Timeout
+
+        self.lock: FileLock | None = FileLock(path)
         try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.handle.close()
-            self.handle = None
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            self.lock = None
             raise GuardRefused(f"{path}: another payment service is serving from this party home") from None
 
     def release(self) -> None:
-        if self.handle is not None:
-            self.handle.close()
-            self.handle = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 class LedgerGuard:

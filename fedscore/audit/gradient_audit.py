@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from fedscore.audit.one_run import audit
+from fedscore.clients.state import PartyState
 from fedscore.shared.privacy.gradient_canaries import GradientCanaries, flat_split
 
 DESIGN = ("m Dirac canaries per part, each a user whose clipped gradient is clip * e_j on its own parameter "
@@ -55,12 +56,12 @@ def part_claim(record: dict[str, Any], delta: float) -> float:
     return float(epsilon_for([part_release(plan, plan.steps_per_round * len(record["rounds"]))], delta))
 
 
-def gradient_canary_audits(party_states: dict[str, dict[str, Any]], seed: int, replayable: bool,
+def gradient_canary_audits(party_states: dict[str, PartyState], seed: int, replayable: bool,
                            delta: float) -> list[dict[str, Any]]:
     """One audit row per part that ran gradient canaries."""
     rows = []
     for party, state in party_states.items():
-        record = state.get("gradient_canaries")
+        record = state.gradient_canaries
         if not record:
             continue
         canaries = GradientCanaries.from_state(record)

@@ -39,6 +39,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from fedscore.audit.views import RunViews
+from fedscore.clients.state import NoiseLabel
 from fedscore.shared.model.parts import seeded
 from fedscore.shared.privacy.secure_random import NoiseSource
 
@@ -63,8 +64,9 @@ def replayed_flip_masks(seed: int, n_train: int, epsilon: float) -> dict[str, np
 
     flip_p = 1 / (1 + math.exp(epsilon))
     seeded_torch = torch.rand(n_train, generator=torch.Generator().manual_seed(
-        seeded(seed, "lender", "randomized-response")), dtype=torch.float64) < flip_p
-    replay = NoiseSource.replayable_from(seed, "lender", "randomized-response").bernoulli((n_train,), flip_p)
+        seeded(seed, "lender", NoiseLabel.RANDOMIZED_RESPONSE)), dtype=torch.float64) < flip_p
+    replay = NoiseSource.replayable_from(seed, "lender", NoiseLabel.RANDOMIZED_RESPONSE).bernoulli((n_train,),
+                                                                                               flip_p)
     return {"seeded torch generator": seeded_torch.numpy(), "replayable stream": replay.numpy()}
 
 
@@ -165,9 +167,9 @@ def _completion(views: RunViews, known: np.ndarray, evaluate: np.ndarray) -> dic
     from fedscore.shared.model.parts import payment_model
 
     state = views.payment_state
-    x = state["x"][state["rows"]]
+    x = state.x[state.rows]
     model = payment_model(x.shape[1], views.config)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state.model)
     model.eval()
     with torch.no_grad():
         h = model(x).numpy()

@@ -36,12 +36,12 @@ def losses(views: RunViews) -> np.ndarray:
 
     config = views.config
     pay, lend = views.payment_state, views.lender_state
-    xp = pay["x"][pay["rows"]]
-    xl = lend["x"][lend["rows"]]
+    xp = pay.x[pay.rows]
+    xl = lend.x[lend.rows]
     bottom = payment_model(xp.shape[1], config)
-    bottom.load_state_dict(pay["model"])
+    bottom.load_state_dict(pay.model)
     top = lender_model(xl.shape[1], config.model.sent_dim, config)
-    top.load_state_dict(lend["model"])
+    top.load_state_dict(lend.model)
     bottom.eval()
     top.eval()
     with torch.no_grad():

@@ -64,9 +64,9 @@ def final_scores(views: RunViews, last_received: np.ndarray) -> np.ndarray:
     from fedscore.shared.model.parts import lender_model
 
     state = views.lender_state
-    xl = state["x"][state["rows"]]
+    xl = state.x[state.rows]
     top = lender_model(xl.shape[1], last_received.shape[1], views.config)
-    top.load_state_dict(state["model"])
+    top.load_state_dict(state.model)
     top.eval()
     with torch.no_grad():
         return top(xl, torch.from_numpy(last_received.astype(np.float32))).numpy().astype(np.float64)
@@ -100,8 +100,8 @@ def excess_over_score(own: np.ndarray, score: np.ndarray, received: np.ndarray, 
 
 def reconstruction_attack(views: RunViews) -> dict[str, Any]:
     state, lender = views.payment_state, views.lender_state
-    names = Scaler(**state["scaler"]).columns  # each declared column once (its one-hot indicators derive from it)
-    x = state["x"][state["rows"]].numpy().astype(np.float64)[:, :len(names)]
+    names = Scaler(**state.scaler).columns  # each declared column once (its one-hot indicators derive from it)
+    x = state.x[state.rows].numpy().astype(np.float64)[:, :len(names)]
     real = np.flatnonzero(~views.canary)
     rng = np.random.default_rng(seeded(views.config.seed, "attacker", "aux-features"))
     aux = rng.choice(real, size=min(int(AUX_FRACTION * len(real)), MAX_AUX), replace=False)
@@ -130,5 +130,5 @@ def reconstruction_attack(views: RunViews) -> dict[str, Any]:
     return {"threat_model": THREAT, "auxiliary_users": len(aux), "evaluated_users": len(rest),
             "results": results, "chance": 0.0,
             "excess_over_score": excess_over_score(
-                lender["x"][lender["rows"]].numpy().astype(np.float64), final_scores(views, per_round[max(per_round)]),
+                lender.x[lender.rows].numpy().astype(np.float64), final_scores(views, per_round[max(per_round)]),
                 np.concatenate(list(per_round.values()), axis=1), x, aux, rest, views.config.seed)}

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from fedscore.clients.canaries import is_canary
+from fedscore.clients.state import LenderState, PartyState, PaymentState, load_party_state
 from fedscore.clients.transcript import VIEWS, load_view
 from fedscore.shared.config import FedConfig
 from fedscore.shared.protocol.splits import SPLIT_TEST, SPLIT_TRAIN
@@ -27,8 +27,8 @@ class RunViews:
     privacy: dict[str, Any]
     payment_view: dict[str, np.ndarray]  # round, id, gradient: what the payment holder received
     lender_view: dict[str, np.ndarray]  # round, id, embedding: what the lender received
-    payment_state: dict[str, Any]
-    lender_state: dict[str, Any]
+    payment_state: PaymentState
+    lender_state: LenderState
     aligned_ids: np.ndarray  # aligned users in the parties' common order (both order them the same way)
     split: np.ndarray  # 0 train / 1 validation / 2 test, aligned order
     clean: np.ndarray  # the lender's clean labels, aligned order (auditor only)
@@ -51,11 +51,11 @@ class RunViews:
         return self.split == SPLIT_TEST
 
 
-def _state(run_dir: Path, party: str) -> dict[str, Any]:
+def _state(run_dir: Path, party: str) -> PartyState:
     path = run_dir / "parties" / party / "state.pt"
     if not path.exists():
         raise AuditError(f"{path}: missing (the audit needs the run's party state)")
-    return torch.load(path, weights_only=True)
+    return load_party_state(path, party)
 
 
 def load_run(run_dir: Path) -> RunViews:
@@ -71,13 +71,14 @@ def load_run(run_dir: Path) -> RunViews:
                              "does) to record what each party received")
         views[party] = load_view(path)
     payment, lender = _state(run_dir, "payment"), _state(run_dir, "lender")
-    rows = lender["rows"].numpy()
-    ids = np.asarray([str(lender["ids"][int(r)]) for r in rows])
-    pay_ids = np.asarray([str(payment["ids"][int(r)]) for r in payment["rows"].numpy()])
+    assert isinstance(payment, PaymentState) and isinstance(lender, LenderState)
+    rows = lender.rows.numpy()
+    ids = np.asarray([str(lender.ids[int(r)]) for r in rows])
+    pay_ids = np.asarray([str(payment.ids[int(r)]) for r in payment.rows.numpy()])
     if not np.array_equal(ids, pay_ids):
         raise AuditError(f"{run_dir}: the two parties' aligned orders differ")
     return RunViews(run_dir=run_dir, config=config, privacy=json.loads((run_dir / "privacy-report.json").read_text()),
                     payment_view=views["payment"], lender_view=views["lender"], payment_state=payment,
-                    lender_state=lender, aligned_ids=ids, split=lender["split"].numpy(),
-                    clean=lender["y"][lender["rows"]].numpy(), released=lender["y_release"].numpy(),
+                    lender_state=lender, aligned_ids=ids, split=lender.split.numpy(),
+                    clean=lender.y[lender.rows].numpy(), released=lender.y_release.numpy(),
                     canary=is_canary(ids))

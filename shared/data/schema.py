@@ -143,9 +143,6 @@ class DataSchema(BaseModel):
     def references(self) -> list[float]:
         return [c.reference_value for c in self.columns]
 
-    def to_toml(self) -> str:
-        return schema_to_toml(self)
-
 
 def _error_location(exc: ValidationError, raw: dict) -> str:
     """'column NAME' for the first error, when it is inside columns[i]; else the field path."""

@@ -141,22 +141,6 @@ def heavy_tailed_columns(columns: list[str], values: np.ndarray, ratio: float = 
     return out
 
 
-def small_integer_levels(columns: list[str], values: np.ndarray, max_levels: int = 12,
-                         min_share: float = 0.005) -> dict[str, list[float]]:
-    """Integer columns with 3..max_levels values (status codes, bands) get indicators for their common levels:
-    an MLP reads 'paid duly' vs 'revolving' far better as separate flags than as one ordinal number. Looks at the data:
-    for drafting a schema the owner then reviews, never for training."""
-    out: dict[str, list[float]] = {}
-    for j, column in enumerate(columns):
-        col = values[:, j]
-        if not np.all(np.isfinite(col)) or not np.all(col == np.round(col)):
-            continue
-        levels, counts = np.unique(col, return_counts=True)
-        if 3 <= len(levels) <= max_levels:
-            out[column] = [float(v) for v, n in zip(levels, counts, strict=True) if n >= min_share * len(col)]
-    return out
-
-
 def dp_standardised(scaler: Scaler, values: np.ndarray, noise_multiplier: float,
                     source: NoiseSource) -> tuple[Scaler, float]:
     """The schema scaler, re-centred and re-scaled by differentially private per-column means and stds.

@@ -34,7 +34,6 @@ from fedscore.shared.privacy.mechanisms import (
     flip_probability,
     guarantee_key,
     label_gradient_release,
-    mechanism_from_dict,
     mechanisms_from_dicts,
     scaler_statistics_release,
 )
@@ -66,7 +65,6 @@ __all__ = [
     "gaussian_release",
     "guarantee_key",
     "label_gradient_release",
-    "mechanism_from_dict",
     "mechanisms_from_dicts",
     "noise_source",
     "randomized_response",

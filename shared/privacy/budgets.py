@@ -36,8 +36,3 @@ def parse_budgets(text: str | Iterable[str]) -> dict[str, float]:
             raise ValueError(f"budget {item!r}: {exc}") from None
         budgets[key] = epsilon
     return budgets
-
-
-def format_budgets(budgets: dict[str, float]) -> str:
-    """The inverse of `parse_budgets` (for a node config)."""
-    return ";".join(f"{k}={v:g}" for k, v in budgets.items())

@@ -25,6 +25,7 @@ from torch import nn
 from fedscore.shared.config import PrivacyConfig
 from fedscore.shared.privacy.gradient_canaries import GradientCanaries, flat_split
 from fedscore.shared.privacy.secure_random import NoiseSource
+from fedscore.shared.protocol import steps
 
 if TYPE_CHECKING:
     from fedscore.shared.privacy import DpSgdRelease, GaussianRelease
@@ -43,15 +44,16 @@ class DpSgdPlan:
 
 
 def dp_sgd_rounds(rounds: int) -> dict[str, int]:
-    """How many rounds of DP-SGD each part actually takes: the lender trains in every round; the payment holder
-    applies gradients from round 1 on (round 0 has none, the last round's gradients are never applied)."""
-    return {"lender": rounds, "payment": rounds - 1}
+    """How many rounds of DP-SGD each part actually takes, counted on the protocol's table: the lender trains in
+    every round; the payment holder applies gradients from round 1 on (round 0 has none, the last round's gradients
+    are never computed)."""
+    return steps.dp_sgd_rounds(rounds)
 
 
 def gradient_exchanges(rounds: int) -> int:
-    """Gradient payloads the payment holder receives in a run of `rounds`: one after each lender round but the last
-    (no embed follows the last round to deliver them, so they are never computed)."""
-    return rounds - 1
+    """Gradient payloads the payment holder receives in a run of `rounds`, counted on the protocol's table: one
+    after each lender round but the last (no embed follows the last round to deliver them)."""
+    return steps.gradient_exchanges(rounds)
 
 
 def plan_dp_sgd(privacy: PrivacyConfig, n_train: int, rounds: int, party: str = "") -> DpSgdPlan:

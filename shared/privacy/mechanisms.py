@@ -63,7 +63,7 @@ class _Record(BaseModel):
         return self.protects.split(".", 1)[0]
 
     def to_dict(self) -> dict[str, Any]:
-        """The full record (round-trips through `mechanism_from_dict`); what the ledger stores."""
+        """The full record (round-trips through `mechanisms_from_dicts`); what the ledger stores."""
         return self.model_dump(mode="json")
 
     def visible_to(self, observer: str) -> bool:
@@ -220,10 +220,6 @@ _MECHANISMS: TypeAdapter[list[Mechanism]] = TypeAdapter(list[Mechanism])
 def mechanisms_from_dicts(items: Sequence[dict[str, Any]]) -> list[Mechanism]:
     """Parse full records (as written by `to_dict`), e.g. from a ledger file."""
     return _MECHANISMS.validate_python(list(items))
-
-
-def mechanism_from_dict(item: dict[str, Any]) -> Mechanism:
-    return mechanisms_from_dicts([item])[0]
 
 
 def label_gradient_release(noise_multiplier: float, clip: float, count: int,

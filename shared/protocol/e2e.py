@@ -32,6 +32,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from fedscore.shared.atomic import write_private
+
 MAGIC = b"FSE1"
 PRIVATE_KEY_FILE = "identity.key"  # in the party home, mode 0600: 64 hex characters (raw X25519 private key)
 PUBLIC_KEY_FILE = "identity.pub"  # in the party home: 64 hex characters (raw X25519 public key), safe to share
@@ -52,12 +54,9 @@ def load_identity(home: Path) -> X25519PrivateKey:
     if not private_path.exists():
         home.mkdir(parents=True, exist_ok=True)
         key = X25519PrivateKey.generate()
-        try:  # O_EXCL: two processes starting at once never overwrite each other's key
-            fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
+        # exclusive: two processes starting at once never overwrite each other's key
+        if not write_private(private_path, key.private_bytes_raw().hex() + "\n", exclusive=True):
             return load_identity(home)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(key.private_bytes_raw().hex() + "\n")
         public_path.write_text(key.public_key().public_bytes_raw().hex() + "\n")
         return key
     if private_path.stat().st_mode & 0o077:

@@ -1,6 +1,7 @@
-"""`python -m fedscore.flwr_run --health URL [--ca FILE] [--after FILE] -- ARGS...`: Flower's own `flwr ARGS...`
-(e.g. `run APP local --stream`, `supernode register KEY local`), its imports done at once, run as soon as the
-SuperLink answers on URL (verified against the CA FILE when it serves TLS) and FILE exists.
+"""`python -m fedscore.flower.flwr_run [--health URL [--ca FILE]] [--after FILE] -- ARGS...`: Flower's own
+`flwr ARGS...` (e.g. `run APP local --stream`, `supernode register KEY local`), its imports done at once, run as soon
+as the SuperLink answers on URL (verified against the CA FILE when it serves TLS; not checked without --health) and
+FILE exists.
 
 Why: the `flwr` CLI spends ~1.5 s (5 s on a loaded machine) importing before it does anything. Started after the
 SuperLink is healthy, that is on the critical path of every federation, twice (registering the SuperNode keys,
@@ -32,8 +33,8 @@ def superlink_healthy(url: str, ca: Path | None = None, check_hostname: bool = T
 
 
 def main(argv: list[str], wait_s: float = 120.0) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedscore.flwr_run")
-    parser.add_argument("--health", required=True)
+    parser = argparse.ArgumentParser(prog="python -m fedscore.flower.flwr_run")
+    parser.add_argument("--health", help="wait until the SuperLink answers here (default: do not check)")
     parser.add_argument("--ca", type=Path)
     parser.add_argument("--after", type=Path)
     parser.add_argument("args", nargs=argparse.REMAINDER)
@@ -42,10 +43,12 @@ def main(argv: list[str], wait_s: float = 120.0) -> int:
     from flwr.cli.app import app
 
     deadline = time.monotonic() + wait_s
-    while not (superlink_healthy(options.health, options.ca) and (options.after is None or options.after.exists())):
+    while not ((options.health is None or superlink_healthy(options.health, options.ca))
+               and (options.after is None or options.after.exists())):
         if time.monotonic() > deadline:
-            waited = f" and {options.after}" if options.after else ""
-            print(f"fedscore: no SuperLink at {options.health}{waited} within {wait_s:.0f} s", file=sys.stderr)
+            waited = [*([f"a SuperLink at {options.health}"] if options.health else []),
+                      *([str(options.after)] if options.after else [])]
+            print(f"fedscore: no {' and '.join(waited)} within {wait_s:.0f} s", file=sys.stderr)
             return 1
         time.sleep(0.05)
     sys.argv = ["flwr", *args]

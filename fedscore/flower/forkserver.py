@@ -12,7 +12,7 @@ changes: only how it starts. Each message is still its own process with its own 
 
 Other task types (the ServerApp on the SuperLink's side) and any failure of the fork server fall back to plain
 processes (`TiedSubprocessExecutor`: Flower's command lines, each process killed if its SuperExec dies). The
-patch applies only to the flwr version it was written against (fedscore/supernode.py).
+patch applies only to the flwr version it was written against (fedscore/flower/patches.py).
 
 Wire between executor and fork server (its stdin/stdout pipes): one JSON line `{"argv": [...]}` per task, answered
 by one line `{"pid": N}`. The fork server exits when its stdin closes (its SuperExec is gone).
@@ -28,7 +28,8 @@ import sys
 import threading
 from typing import Any
 
-from fedscore.process_tie import tie_to_parent, tied_preexec
+from fedscore.flower.patches import light_entry, task_argv
+from fedscore.flower.processes import tie_to_parent, tied_preexec
 
 # what each forked command imports before its first task: Flower's entry point and the app Flower will load
 WARM_MODULES = {
@@ -41,8 +42,6 @@ WARM_MODULES = {
 
 def _warm_up(command: str) -> None:
     import importlib
-
-    from fedscore.supernode import light_entry
 
     light_entry(command)
     for module in WARM_MODULES[command]:
@@ -58,8 +57,6 @@ def _run_child(command: str, argv: list[str], parent_pid: int) -> None:
         # stdout is the pipe to the executor: the child's output goes to the node's log instead. The child stays
         # in the node's process group, so the federation's teardown reaches it.
         os.dup2(2, 1)
-        from fedscore.supernode import light_entry
-
         sys.argv = [command, *argv]
         light_entry(command)()
         code = 0
@@ -93,26 +90,9 @@ def serve(command: str) -> None:
         out.flush()
 
 
-def task_argv(spec: Any) -> list[str]:
-    """The command line Flower's SubprocessExecutor.launch builds for a task (flwr 1.42)."""
-    from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG, TASK_TYPE_TO_COMMAND
-
-    argv = [TASK_TYPE_TO_COMMAND[spec.task_type], TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type],
-            spec.runtime_api_address, "--token", spec.token]
-    if spec.insecure:
-        argv.append("--insecure")
-    elif spec.root_certificates_path is not None:
-        argv += ["--root-certificates", spec.root_certificates_path]
-    if spec.parent_pid is not None:
-        argv += ["--parent-pid", str(spec.parent_pid)]
-    if spec.runtime_dependency_install:
-        argv.append("--allow-runtime-dependency-installation")
-    return argv
-
-
 class TiedSubprocessExecutor:
     """Flower's SubprocessExecutor, but each task process is killed when its SuperExec dies
-    (fedscore/process_tie.py): the SuperLink starts its SuperExec detached, so a ServerApp would otherwise outlive
+    (fedscore/flower/processes.py): the SuperLink starts its SuperExec detached, so a ServerApp would otherwise outlive
     a killed federation."""
 
     def __init__(self) -> None:
@@ -149,8 +129,8 @@ class ForkServerExecutor(TiedSubprocessExecutor):
         self.command = command
         self.lock = threading.Lock()
         self.server: subprocess.Popen[str] | None = subprocess.Popen(
-            [sys.executable, "-m", "fedscore.forkserver", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True, preexec_fn=tied_preexec(signal.SIGTERM))
+            [sys.executable, "-m", "fedscore.flower.forkserver", command], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True, preexec_fn=tied_preexec(signal.SIGTERM))
         assert self.server.stdout is not None
         if not self.server.stdout.readline():  # warm before the first task, or not at all
             self._give_up("it exited while warming up")
