@@ -11,9 +11,16 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from fedscore.shared.party_home import LEDGER_FILE
+from fedscore.shared.privacy.ledger import ledger_entries
 from fedscore.synth_monthly import MonthlyMeta, assemble_window, month_folder, read_meta, synthesize_months
 
 SETTINGS = ["baselines.enabled=false", "training.rounds=2", "privacy.dpsgd_batch_size=256"]
+
+
+def _entries(home: Path, party: str) -> list[dict]:
+    """A party home's ledger entries (the SQLite ledger, read through its API)."""
+    return ledger_entries(home / LEDGER_FILE, party)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +104,7 @@ def _home_args(trained: dict[str, Path]) -> list[str]:
 def test_retrain_refused_with_the_account_and_the_ways_forward(trained: dict[str, Path], months: Path) -> None:
     from fedscore.cli import app
 
-    before = {p: (trained[p] / "privacy-ledger.json").read_text() for p in ("payment", "lender")}
+    before = {p: _entries(trained[p], p) for p in ("payment", "lender")}
     result = CliRunner().invoke(app, ["retrain", "--from", str(trained["run"]), "--data", str(months), "--months",
                                       "3..4", "--out", str(trained["base"] / "refused"), *_home_args(trained)],
                                 terminal_width=400)
@@ -109,7 +116,7 @@ def test_retrain_refused_with_the_account_and_the_ways_forward(trained: dict[str
                    "separate home"):
         assert needle in text, needle
     assert not (trained["base"] / "refused").exists()
-    assert {p: (trained[p] / "privacy-ledger.json").read_text() for p in ("payment", "lender")} == before
+    assert {p: _entries(trained[p], p) for p in ("payment", "lender")} == before
 
 
 def test_retrain_refused_when_the_homes_did_not_train_the_previous_version(trained: dict[str, Path],
@@ -150,14 +157,14 @@ def test_monitor_charges_the_payment_holder_once_per_release_and_refuses_past_bu
     assert entry["realised"]["cohort"] == 3 and 0 <= entry["realised"]["auc"] <= 1
     assert (tmp_path / "mon" / "monitor.html").read_text().count("data:image/png;base64,") == 3
     assert doc["months"]["5"]["payment_release"]["guarantee"] == "payment.features@lender"
-    ledger = json.loads((home / "privacy-ledger.json").read_text())["entries"]
+    ledger = _entries(home, "payment")
     assert len(ledger) == 2  # the reference and month 5
     monitor_month(inputs, home, budget=4.0)  # the same releases again: nothing new charged
-    assert len(json.loads((home / "privacy-ledger.json").read_text())["entries"]) == 2
+    assert len(_entries(home, "payment")) == 2
     spent = ledger[-1]["epsilon_after"]
     with pytest.raises(BudgetExceeded, match="exceeded"):
         monitor_month(resolve(trained["run"], months, 6), home, budget=spent + 0.01)
-    assert len(json.loads((home / "privacy-ledger.json").read_text())["entries"]) == 2
+    assert len(_entries(home, "payment")) == 2
 
 
 def test_registry_challenger_not_better_is_not_promoted(trained: dict[str, Path], months: Path,
