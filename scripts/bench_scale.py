@@ -55,8 +55,9 @@ class PhaseClock:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.stack: list[list[Any]] = []  # [label, started]
+        self.stack: list[list[Any]] = []  # [label, started, cpu started]
         self.seconds: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}  # CPU seconds of the whole process (all threads): less load-sensitive
         self.peak: dict[str, int] = {}
         threading.Thread(target=self._sample, daemon=True).start()
 
@@ -74,22 +75,24 @@ class PhaseClock:
 
     def enter(self, label: str) -> None:
         with self.lock:
-            now = time.perf_counter()
+            now, cpu = time.perf_counter(), time.process_time()
             if self.stack:
                 top = self.stack[-1]
                 self.seconds[top[0]] = self.seconds.get(top[0], 0.0) + now - top[1]
+                self.cpu[top[0]] = self.cpu.get(top[0], 0.0) + cpu - top[2]
                 self._note(top[0])
-            self.stack.append([label, now])
+            self.stack.append([label, now, cpu])
             self._note(label)
 
     def leave(self) -> None:
         with self.lock:
-            now = time.perf_counter()
-            label, started = self.stack.pop()
+            now, cpu = time.perf_counter(), time.process_time()
+            label, started, cpu_started = self.stack.pop()
             self.seconds[label] = self.seconds.get(label, 0.0) + now - started
+            self.cpu[label] = self.cpu.get(label, 0.0) + cpu - cpu_started
             self._note(label)
             if self.stack:
-                self.stack[-1][1] = now
+                self.stack[-1][1], self.stack[-1][2] = now, cpu
 
     def wrap(self, label: str, fn: Any) -> Any:
         @functools.wraps(fn)
@@ -136,7 +139,8 @@ def worker_main(socket_path: Path, out: Path) -> None:
             return handle(self, header_json, payload)
         finally:
             clock.leave()
-            out.write_text(json.dumps({"seconds": clock.seconds, "peak_rss": clock.peak, "vm_hwm": _hwm()}))
+            out.write_text(json.dumps({"seconds": clock.seconds, "cpu": clock.cpu, "peak_rss": clock.peak,
+                                        "vm_hwm": _hwm(), "cpu_total": time.process_time()}))
 
     worker.PartyWorker.handle_bytes = handle_bytes  # type: ignore[method-assign]
     config = json.loads(sys.stdin.read())
@@ -229,7 +233,7 @@ def run_size(size: int, work: Path, overrides: list[str], seed: int) -> dict[str
         proc.stdin.close()
         workers[party] = proc
     sampler = Sampler()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     try:
         coordinator = Coordinator(config, WorkerTransport(sockets, token), run_id=new_run_id(run_dir.name),
                                   checkpoint_dir=run_dir)
@@ -241,11 +245,12 @@ def run_size(size: int, work: Path, overrides: list[str], seed: int) -> dict[str
         for proc in workers.values():
             proc.wait(timeout=60)
         sampler.stop = True
-    end_to_end = time.perf_counter() - started
+    end_to_end, coordinator_cpu = time.perf_counter() - started, time.process_time() - cpu_started
     parties = {p: json.loads(f.read_text()) if f.exists() else {} for p, f in phases_files.items()}
     timing = metrics["timing"]
     return {"size": size, "data": summary, "run_dir": str(run_dir), "end_to_end_s": end_to_end,
-            "coordinator_timing": timing, "coordinator_peak_rss": sampler.peak, "parties": parties,
+            "coordinator_timing": timing, "coordinator_peak_rss": sampler.peak, "coordinator_cpu_s": coordinator_cpu,
+            "parties": parties,
             "test_auc": metrics["test"]["auc"], "intersection": metrics["alignment"]["intersection"],
             "load_average": os.getloadavg()}
 
@@ -255,8 +260,8 @@ def gib(n: float) -> str:
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
-    lines = ["| size (payment x applicants, aligned) | phase | payment s | payment peak GiB | lender s | "
-             "lender peak GiB |", "|---|---|---:|---:|---:|---:|"]
+    lines = ["| size (payment x applicants, aligned) | phase | payment s (CPU s) | payment peak GiB | "
+             "lender s (CPU s) | lender peak GiB |", "|---|---|---:|---:|---:|---:|"]
     for r in results:
         d = r["data"]
         label = f"{d['payment_users']:,} x {d['lender_rows']:,} ({int(r['intersection']):,})"
@@ -264,18 +269,23 @@ def markdown(results: list[dict[str, Any]]) -> str:
             cells = []
             for party in ("payment", "lender"):
                 p = r["parties"].get(party, {})
-                s, m = p.get("seconds", {}).get(phase), p.get("peak_rss", {}).get(phase)
-                cells += [f"{s:.1f}" if s is not None else "-", gib(m) if m else "-"]
+                s, m, c = (p.get(k, {}).get(phase) for k in ("seconds", "peak_rss", "cpu"))
+                cpu = f" ({c:.1f})" if c is not None else ""
+                cells += [f"{s:.1f}{cpu}" if s is not None else "-", gib(m) if m else "-"]
             lines.append(f"| {label} | {phase} | " + " | ".join(cells) + " |")
             label = ""
         hwm = [gib(r["parties"].get(p, {}).get("vm_hwm", 0)) for p in ("payment", "lender")]
         t = r["coordinator_timing"]
         ops = t.get("baselines_s", 0.0) + t.get("references_s", 0.0)
         lines.append(f"| | operator's baselines + references (coordinator process, peak "
-                     f"{gib(r['coordinator_peak_rss'])} GiB) | {ops:.1f} | | | |")
+                     f"{gib(r['coordinator_peak_rss'])} GiB, CPU {r.get('coordinator_cpu_s', 0):.0f} s) | "
+                     f"{ops:.1f} | | | |")
         lines.append(f"| | **process peak (VmHWM)** | | **{hwm[0]}** | | **{hwm[1]}** |")
-        lines.append(f"| | **end to end** (protocol {t.get('protocol_s', 0):.0f} s; test AUC {r['test_auc']:.4f}; "
-                     f"load avg {r['load_average'][0]:.1f}) | **{r['end_to_end_s']:.0f}** | | | |")
+        cpu = sum(r["parties"].get(p, {}).get("cpu_total", 0.0) for p in ("payment", "lender"))
+        cpu += r.get("coordinator_cpu_s", 0.0)
+        lines.append(f"| | **end to end** (protocol {t.get('protocol_s', 0):.0f} s; CPU of all three processes "
+                     f"{cpu:.0f} s; test AUC {r['test_auc']:.4f}; load avg {r['load_average'][0]:.1f}) | "
+                     f"**{r['end_to_end_s']:.0f}** | | | |")
     return "\n".join(lines)
 
 
