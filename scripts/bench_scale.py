@@ -11,7 +11,8 @@ its own worker process (clients/worker.py, Unix socket), as under `fedscore fede
 own. Inside a worker, the party's functions are wrapped to attribute wall time and resident memory (sampled every
 20 ms, plus the kernel's VmHWM for the whole process) to phases: featurise (payment's data loader), setup (the rest
 of the setup message), psi (the three PSI steps and the token alignment), baselines (the lender's own lender-only
-reference), rounds (embeddings, DP-SGD, gradients), export (ONNX parts), state save (the per-step checkpoint).
+reference), accounting (DP-SGD noise calibration, the ledger's checks and charges), rounds (embeddings, DP-SGD,
+gradients), export (ONNX parts), state save (the per-step checkpoint).
 Times are exclusive (a nested phase's time is not counted in its parent). The coordinator's process adds the
 operator's baselines (centralized and tuned references, which read both parties' data: local simulation only).
 """
@@ -31,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-PHASES = ("featurise", "setup", "psi", "baselines", "rounds", "export", "state save")
+PHASES = ("featurise", "setup", "psi", "accounting", "baselines", "rounds", "export", "state save")
 SAMPLE_S = 0.02
 PEOPLE_PER_SIZE = 1.43
 
@@ -130,6 +131,14 @@ def worker_main(socket_path: Path, out: Path) -> None:
     LenderParty._export = clock.wrap("export", LenderParty._export)
     payment_party.PaymentParty._export = clock.wrap("export", payment_party.PaymentParty._export)
     PartyBase.save_state = clock.wrap("state save", PartyBase.save_state)
+    # privacy planning and accounting (noise calibration, ledger checks and charges, randomized response)
+    from fedscore.shared.privacy import dp_sgd
+    from fedscore.shared.privacy.ledger import Ledger
+
+    dp_sgd.plan_dp_sgd = clock.wrap("accounting", dp_sgd.plan_dp_sgd)
+    Ledger.charge = clock.wrap("accounting", Ledger.charge)
+    Ledger.check = clock.wrap("accounting", Ledger.check)
+    payment_party.PaymentParty._plan_privacy = clock.wrap("accounting", payment_party.PaymentParty._plan_privacy)
 
     handle = worker.PartyWorker.handle_bytes
 
