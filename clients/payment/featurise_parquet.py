@@ -14,6 +14,7 @@ time zone) is read whole and featurised in memory as before, with its detailed c
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -39,8 +40,12 @@ from fedscore.clients.payment.features import (
 )
 from fedscore.shared.data.tables import DataError
 
-# DuckDB's cap for the GROUP BY (it spills to a temporary folder beyond it): the median needs each user's amounts
-MEMORY_LIMIT = os.environ.get("FEDSCORE_DUCKDB_MEMORY", "1GB")
+# DuckDB's cap for the GROUP BY. The median and the distinct counts hold each user's values until the group is done
+# and do not spill: at 1M payment users (137M transactions) one pass ran out of memory under a 1 GB cap. So the users
+# are cut into hash buckets of at most ROWS_PER_PASS transactions' worth, one GROUP BY per bucket: each pass scans
+# the log again (CPU) but holds only its bucket's values (memory).
+MEMORY_LIMIT = os.environ.get("FEDSCORE_DUCKDB_MEMORY", "1500MB")
+ROWS_PER_PASS = 30_000_000
 
 
 def parquet_files(path: Path) -> list[Path]:
@@ -86,9 +91,9 @@ def _sql_list(values: tuple[str, ...]) -> str:
     return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
 
 
-def _check(con, scan: str, source: str) -> int:
+def _check(con, scan: str, source: str) -> tuple[int, int]:
     """The checks the in-memory path makes, as counts over the whole log (messages name the column, a count and an
-    example value; a row number means little across parts). Returns the reference time (max timestamp, ns)."""
+    example value; a row number means little across parts). Returns (rows, the reference time: max timestamp ns)."""
     lo, hi = int(EARLIEST_TIMESTAMP.value), int(LATEST_TIMESTAMP.value)
     row = con.execute(f"""
         SELECT count(*),
@@ -123,18 +128,21 @@ def _check(con, scan: str, source: str) -> int:
         "LIMIT 5").fetchall()]
     if unknown:
         raise DataError(f"{source}: column category: unknown value(s) {unknown} (expected one of {list(CATEGORIES)})")
-    return int(ref)
+    return int(n), int(ref)
 
 
-def user_sums_duckdb(path: Path, source: str | None = None, threads: int | None = None) -> tuple[UserSums, int]:
-    """One GROUP BY over the Parquet log at `path` (a file or a directory of parts): the per-user sums and the
-    reference time. Raises DataError naming `source` and the column for the checks `_check` makes."""
+def user_sums_duckdb(path: Path, source: str | None = None, threads: int | None = None,
+                     rows_per_pass: int = ROWS_PER_PASS) -> tuple[UserSums, int]:
+    """GROUP BY user over the Parquet log at `path` (a file or a directory of parts), in hash buckets of users of at
+    most ~`rows_per_pass` transactions each: the per-user sums and the reference time. Raises DataError naming
+    `source` and the column for the checks `_check` makes."""
     source = source or str(path)
     files = [str(p) for p in parquet_files(path)]
     con = _connect(threads)
     try:
         con.register("tx", con.read_parquet(files))
-        ref = _check(con, "tx", source)
+        rows, ref = _check(con, "tx", source)
+        buckets = max(1, math.ceil(rows / rows_per_pass))
         age = f"(({ref} - epoch_ns(timestamp))::DOUBLE / 86400e9)"
         inside = f"{age} < {WINDOW_DAYS!r}"
         month = f"least(floor({age} / {MONTH_DAYS!r})::BIGINT, {N_MONTHS - 1})"
@@ -148,7 +156,7 @@ def user_sums_duckdb(path: Path, source: str | None = None, threads: int | None 
                        channel::VARCHAR = 'online' AS online, {inside} AS inside, {month} AS month,
                        {age} < {RECENT_DAYS!r} AS recent,
                        ({hour} >= {NIGHT_START_HOUR} OR {hour} < {NIGHT_END_HOUR}) AS night
-                FROM tx)
+                FROM tx WHERE {{bucket}})
             SELECT id, max(ts) AS last_ns,
                    count(*) FILTER (inside) AS count,
                    coalesce(sum(amount) FILTER (inside), 0) AS total,
@@ -164,7 +172,10 @@ def user_sums_duckdb(path: Path, source: str | None = None, threads: int | None 
                    count(*) FILTER (inside AND online) AS online,
                    coalesce(sum(amount) FILTER (inside AND recent), 0) AS recent_spend
             FROM t GROUP BY id"""
-        table = con.sql(query).to_arrow_table()
+        parts = [con.sql(query.format(bucket=f"hash(id::VARCHAR) % {buckets} = {k}" if buckets > 1 else "true"))
+                 .to_arrow_table() for k in range(buckets)]
+        table = pa.concat_tables(parts)
+        del parts
     finally:
         con.close()
     columns = [np.asarray(c.to_numpy(zero_copy_only=False)) for c in table.columns]
@@ -180,8 +191,9 @@ def user_sums_duckdb(path: Path, source: str | None = None, threads: int | None 
     return sums, ref
 
 
-def features_from_parquet(path: Path, source: str | None = None, threads: int | None = None) -> pd.DataFrame:
+def features_from_parquet(path: Path, source: str | None = None, threads: int | None = None,
+                          rows_per_pass: int = ROWS_PER_PASS) -> pd.DataFrame:
     """The same table as `features_from_transactions(pd.read_parquet(path))`, without reading the log whole.
     `path` must pass `fits_out_of_core`."""
-    sums, ref = user_sums_duckdb(path, source, threads)
+    sums, ref = user_sums_duckdb(path, source, threads, rows_per_pass)
     return features_from_sums(sums, ref)
