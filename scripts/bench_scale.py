@@ -306,7 +306,10 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
     sizes = [r["data"]["payment_users"] for r in results]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    ax1.plot(sizes, [r["end_to_end_s"] / 60 for r in results], "o-k", label="end to end")
+    ax1.plot(sizes, [r["end_to_end_s"] / 60 for r in results], "o-k", label="end to end (wall)")
+    cpu = [(sum(r["parties"].get(p, {}).get("cpu_total", 0.0) for p in ("payment", "lender"))
+            + r.get("coordinator_cpu_s", 0.0)) / 60 for r in results]
+    ax1.plot(sizes, cpu, "s:k", label="CPU of all processes (where recorded)")
     for phase in ("featurise", "psi", "rounds", "baselines"):
         ax1.plot(sizes, [sum(r["parties"].get(p, {}).get("seconds", {}).get(phase, 0.0)
                              for p in ("payment", "lender")) / 60 for r in results], "o--", label=f"{phase} (both)")
