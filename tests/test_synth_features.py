@@ -109,7 +109,7 @@ def test_out_of_core_features_equal_in_memory(tmp_path: Path) -> None:
     expected = features_from_transactions(tx)
     assert fits_out_of_core(folder)
     pd.testing.assert_frame_equal(features_from_parquet(folder), expected, rtol=1e-9, atol=1e-12)
-    # users cut into hash buckets, one GROUP BY each (what bounds DuckDB's memory on a large log)
+    # users cut into buckets, one GROUP BY each (what bounds DuckDB's memory on a large log): groups of parts here
     pd.testing.assert_frame_equal(features_from_parquet(folder, rows_per_pass=len(tx) // 3), expected,
                                   rtol=1e-9, atol=1e-12)
     loaded = load_payment_table(out / "payment")
@@ -122,6 +122,13 @@ def test_out_of_core_features_equal_in_memory(tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(features_from_parquet(single / "transactions.parquet"), expected,
                                   rtol=1e-9, atol=1e-12)
     assert load_payment_table(single).ids == expected["id"].tolist()
+    spanning = tmp_path / "spanning.parquet"  # parts cut by row, so users span parts: hash buckets of users
+    spanning.mkdir()
+    for i, rows in enumerate(np.array_split(np.arange(len(tx)), 3)):
+        tx.iloc[rows].to_parquet(spanning / f"part-{i}.parquet", index=False)
+    for path in (single / "transactions.parquet", spanning):
+        pd.testing.assert_frame_equal(features_from_parquet(path, rows_per_pass=len(tx) // 3), expected,
+                                      rtol=1e-9, atol=1e-12)
     as_text = single.parent / "text.parquet"  # timestamps as ISO text: read whole, in memory, same features
     tx.assign(timestamp=tx["timestamp"].dt.strftime("%Y-%m-%dT%H:%M:%S")).to_parquet(as_text, index=False)
     assert not fits_out_of_core(as_text)

@@ -42,8 +42,9 @@ from fedscore.shared.data.tables import DataError
 
 # DuckDB's cap for the GROUP BY. The median and the distinct counts hold each user's values until the group is done
 # and do not spill: at 1M payment users (137M transactions) one pass ran out of memory under a 1 GB cap. So the users
-# are cut into hash buckets of at most ROWS_PER_PASS transactions' worth, one GROUP BY per bucket: each pass scans
-# the log again (CPU) but holds only its bucket's values (memory).
+# are cut into buckets of at most ROWS_PER_PASS transactions' worth, one GROUP BY per bucket, which holds only its
+# bucket's values: groups of parts when no user spans two parts (each part read once), else hash buckets of users
+# (each pass scans the whole log again).
 MEMORY_LIMIT = os.environ.get("FEDSCORE_DUCKDB_MEMORY", "1500MB")
 ROWS_PER_PASS = 30_000_000
 
@@ -105,7 +106,7 @@ def _check(con, scan: str, source: str) -> tuple[int, int]:
                count(*) FILTER (category IS NULL), count(*) FILTER (city IS NULL),
                count(*) FILTER (device IS NULL), count(*) FILTER (channel IS NULL),
                max(epoch_ns(timestamp))
-        FROM {scan}""").fetchone()
+        FROM {scan}""").fetchall()[0]
     (n, no_id, no_ts, bad_amount, negative, lowest, outside, first, last, no_cat, no_city, no_device, no_channel,
      ref) = row
     if n == 0:
@@ -129,6 +130,31 @@ def _check(con, scan: str, source: str) -> tuple[int, int]:
     if unknown:
         raise DataError(f"{source}: column category: unknown value(s) {unknown} (expected one of {list(CATEGORIES)})")
     return int(n), int(ref)
+
+
+def _disjoint_file_groups(con, files: list[str], rows_per_pass: int) -> list[list[str]] | None:
+    """When no user's transactions span two parts (as `fedscore data synth` writes them: one part per chunk of
+    users), consecutive parts grouped up to ~`rows_per_pass` rows: each group is a bucket of its own, read once,
+    instead of every hash bucket scanning every part. None when some user spans parts (or there is one file)."""
+    if len(files) < 2:
+        return None
+    import pyarrow.parquet as pq
+
+    con.register("tagged", con.read_parquet(files, filename=True))
+    ((spanning,),) = con.execute("SELECT count(*) FROM (SELECT id FROM tagged GROUP BY id "
+                                 "HAVING min(filename) <> max(filename))").fetchall()
+    if spanning:
+        return None
+    groups: list[list[str]] = [[]]
+    rows = 0
+    for name in files:
+        n = pq.ParquetFile(name).metadata.num_rows
+        if groups[-1] and rows + n > rows_per_pass:
+            groups.append([])
+            rows = 0
+        groups[-1].append(name)
+        rows += n
+    return groups
 
 
 def user_sums_duckdb(path: Path, source: str | None = None, threads: int | None = None,
@@ -156,7 +182,7 @@ def user_sums_duckdb(path: Path, source: str | None = None, threads: int | None 
                        channel::VARCHAR = 'online' AS online, {inside} AS inside, {month} AS month,
                        {age} < {RECENT_DAYS!r} AS recent,
                        ({hour} >= {NIGHT_START_HOUR} OR {hour} < {NIGHT_END_HOUR}) AS night
-                FROM tx WHERE {{bucket}})
+                FROM {{source}} WHERE {{bucket}})
             SELECT id, max(ts) AS last_ns,
                    count(*) FILTER (inside) AS count,
                    coalesce(sum(amount) FILTER (inside), 0) AS total,
@@ -172,8 +198,15 @@ def user_sums_duckdb(path: Path, source: str | None = None, threads: int | None 
                    count(*) FILTER (inside AND online) AS online,
                    coalesce(sum(amount) FILTER (inside AND recent), 0) AS recent_spend
             FROM t GROUP BY id"""
-        parts = [con.sql(query.format(bucket=f"hash(id::VARCHAR) % {buckets} = {k}" if buckets > 1 else "true"))
-                 .to_arrow_table() for k in range(buckets)]
+        groups = _disjoint_file_groups(con, files, rows_per_pass) if buckets > 1 else None
+        if groups is not None:  # each user's rows lie in one part: aggregate groups of parts, each read once
+            parts = []
+            for group in groups:
+                con.register("part", con.read_parquet(group))
+                parts.append(con.sql(query.format(source="part", bucket="true")).to_arrow_table())
+        else:
+            parts = [con.sql(query.format(source="tx", bucket=f"hash(id::VARCHAR) % {buckets} = {k}"
+                                          if buckets > 1 else "true")).to_arrow_table() for k in range(buckets)]
         table = pa.concat_tables(parts)
         del parts
     finally:
