@@ -46,7 +46,7 @@ from fedscore.shared.data.tables import DataError
 # bucket's values: groups of parts when no user spans two parts (each part read once), else hash buckets of users
 # (each pass scans the whole log again).
 MEMORY_LIMIT = os.environ.get("FEDSCORE_DUCKDB_MEMORY", "1500MB")
-ROWS_PER_PASS = 30_000_000
+ROWS_PER_PASS = 10_000_000  # DuckDB needed > 1.3 GiB for one group of ~26M rows at 1M users
 
 
 def parquet_files(path: Path) -> list[Path]:
