@@ -181,13 +181,12 @@ def _dictionary(codes: np.ndarray, values: list[str]) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), pa.array(values, pa.string()))
 
 
-def _write(out: Path, ids: np.ndarray, lender_rows: np.ndarray, lender: dict, payment_rows: np.ndarray,
-           tx: dict, order: np.ndarray) -> None:
-    (out / "payment").mkdir(parents=True)
-    (out / "lender").mkdir(parents=True)
-    device_names = [f"dev-{i:07x}" for i in range(tx["n_devices"])]
+def _transaction_table(user_ids: np.ndarray, tx: dict, order: np.ndarray, device_base: int = 0) -> pa.Table:
+    """The transaction log of `user_ids` (tx["user"] indexes them) as an Arrow table in `order`; device names are
+    numbered from `device_base`, so chunks written one after another never share a device."""
+    device_names = [f"dev-{i:07x}" for i in range(device_base, device_base + tx["n_devices"])]
     table = pa.table({
-        "id": _dictionary(tx["user"][order], list(ids[payment_rows])).dictionary_decode(),
+        "id": _dictionary(tx["user"][order], list(user_ids)).dictionary_decode(),
         "timestamp": pa.array(tx["timestamp"][order].view(np.int64), pa.int64()).cast(pa.timestamp("ns")),
         "amount": pa.array(tx["amount"][order], pa.float64()),
         "category": _dictionary(tx["category"][order], list(CATEGORIES)),
@@ -197,10 +196,49 @@ def _write(out: Path, ids: np.ndarray, lender_rows: np.ndarray, lender: dict, pa
     })
     if table.column_names != TRANSACTION_COLUMNS:  # the features module defines the schema; keep them in step
         raise RuntimeError(f"transaction columns {table.column_names} != {TRANSACTION_COLUMNS}")
+    return table
+
+
+def _applicant_table(ids: np.ndarray, lender_rows: np.ndarray, lender: dict) -> pa.Table:
+    return pa.table({"id": pa.array(list(ids[lender_rows]), pa.string()),
+                     **{k: pa.array(v) for k, v in lender.items()}})
+
+
+def _write(out: Path, ids: np.ndarray, lender_rows: np.ndarray, lender: dict, payment_rows: np.ndarray,
+           tx: dict, order: np.ndarray) -> None:
+    """Both tables at once, the transactions as ONE file (out/payment/transactions.parquet): for a log that fits
+    in memory. `synthesize` writes the log in chunks instead (`_write_transactions_in_chunks`)."""
+    (out / "payment").mkdir(parents=True)
+    (out / "lender").mkdir(parents=True)
+    table = _transaction_table(ids[payment_rows], tx, order)
     pq.write_table(table, out / "payment" / "transactions.parquet", compression="zstd")
-    applicants = pa.table({"id": pa.array(list(ids[lender_rows]), pa.string()),
-                           **{k: pa.array(v) for k, v in lender.items()}})
-    pq.write_table(applicants, out / "lender" / "applicants.parquet", compression="zstd")
+    pq.write_table(_applicant_table(ids, lender_rows, lender), out / "lender" / "applicants.parquet",
+                   compression="zstd")
+
+
+# Payment users per transaction chunk: ~13M transactions, ~2 GB at the generator's peak. The demo's 75k payment
+# users fit in one chunk, so its data are the same rows as when the log was generated whole.
+CHUNK_PAYMENT_USERS = 100_000
+TRANSACTIONS_DIR = "transactions.parquet"  # a directory of part-NNNNN.parquet files (one per chunk of users)
+
+
+def _write_transactions_in_chunks(rng: np.random.Generator, people: dict[str, np.ndarray], ids: np.ndarray,
+                                  payment_rows: np.ndarray, folder: Path, chunk_users: int) -> int:
+    """Generate and write the transaction log chunk by chunk of payment users, one Parquet part per chunk (each
+    sorted by time, users disjoint between parts), so no more than one chunk is ever in memory. Returns the number
+    of transactions. Draws from `rng` in chunk order: with one chunk, exactly the draws of the whole-log generator."""
+    folder.mkdir(parents=True)
+    transactions, device_base = 0, 0
+    for part, start in enumerate(range(0, len(payment_rows), chunk_users)):
+        rows = payment_rows[start:start + chunk_users]
+        tx = _transactions(rng, people, rows)
+        order = np.lexsort((tx["user"], tx["timestamp"]))
+        table = _transaction_table(ids[rows], tx, order, device_base)
+        pq.write_table(table, folder / f"part-{part:05d}.parquet", compression="zstd")
+        transactions += len(tx["user"])
+        device_base += tx["n_devices"]
+        del tx, order, table
+    return transactions
 
 
 def _umask() -> int:
@@ -225,9 +263,10 @@ SCHEMA_HEADER = "Public declarations (domain bounds, not computed from the data)
 FRAUD_SHARE = 0.01
 
 
-def synthesize(users: int, seed: int, out: Path) -> SynthSummary:
-    """Generate `users` people and write out/payment/transactions.parquet and out/lender/applicants.parquet, each
-    with its party's schema.toml.
+def synthesize(users: int, seed: int, out: Path, *, chunk_users: int = CHUNK_PAYMENT_USERS) -> SynthSummary:
+    """Generate `users` people and write out/payment/transactions.parquet/ (a directory of Parquet parts, written
+    chunk by chunk of `chunk_users` payment users) and out/lender/applicants.parquet, each with its party's
+    schema.toml.
 
     Refuses (ValueError) if `out` exists and is not an empty directory. Files are built in a temporary directory
     beside `out` and renamed into place, so a failure leaves nothing half-written.
@@ -236,6 +275,8 @@ def synthesize(users: int, seed: int, out: Path) -> SynthSummary:
     out = Path(out)
     if users < 10:
         raise ValueError(f"users must be at least 10, got {users}")
+    if chunk_users < 1:
+        raise ValueError(f"chunk_users must be at least 1, got {chunk_users}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not empty; choose a new directory or remove it")
     rng = np.random.default_rng(seed)
@@ -248,15 +289,17 @@ def synthesize(users: int, seed: int, out: Path) -> SynthSummary:
     lender_rows = rng.permutation(np.flatnonzero(applicant))
     payment_rows = np.flatnonzero(payment)
     lender, label = _lender(rng, people, lender_rows)
-    tx = _transactions(rng, people, payment_rows)
-    order = np.lexsort((tx["user"], tx["timestamp"]))
-    fraud_rows = payment_rows[rng.random(len(payment_rows)) < FRAUD_SHARE]  # drawn last: earlier draws unchanged
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should be an ordinary directory
-        _write(tmp, ids, lender_rows, lender, payment_rows, tx, order)
+        (tmp / "lender").mkdir()
+        transactions = _write_transactions_in_chunks(rng, people, ids, payment_rows,
+                                                     tmp / "payment" / TRANSACTIONS_DIR, chunk_users)
+        fraud_rows = payment_rows[rng.random(len(payment_rows)) < FRAUD_SHARE]  # drawn last: earlier draws unchanged
+        pq.write_table(_applicant_table(ids, lender_rows, lender), tmp / "lender" / "applicants.parquet",
+                       compression="zstd")
         pq.write_table(pa.table({"id": pa.array(list(ids[fraud_rows]), pa.string())}),
                        tmp / "payment" / "fraud_list.parquet")
         write_schema(tmp / "lender" / "schema.toml", LENDER_SCHEMA, SCHEMA_HEADER)
@@ -269,5 +312,5 @@ def synthesize(users: int, seed: int, out: Path) -> SynthSummary:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return SynthSummary(users=users, payment_users=len(payment_rows), lender_rows=len(lender_rows),
-                        overlap=int((applicant & payment).sum()), transactions=len(tx["user"]),
+                        overlap=int((applicant & payment).sum()), transactions=transactions,
                         default_rate=float(label.mean()), seconds=round(time.perf_counter() - start, 3))

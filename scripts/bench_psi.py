@@ -1,10 +1,12 @@
 """Time the PSI alignment (shared/alignment/psi.py) step by step at a given size, as the two parties would run it.
 
     .venv/bin/python scripts/bench_psi.py --sizes 100000 1000000 --overlap 0.3 --repeats 3 [--json PATH]
+    .venv/bin/python scripts/bench_psi.py --sizes 1000000 --lender 500000 --overlap 0.82 --ds gcs raw --repeats 1
 
-Both parties hold N IDs, of which overlap*N are shared. Each step runs as the protocol runs it (the payloads are
-bytes between steps); the figures are medians over the repeats. Both parties share this machine's CPUs here, while
-in a deployment each runs on its own, so the wall-clock of a real run is lower than the total printed.
+The payment holder holds N IDs and the lender N (or --lender M), of which overlap*M are shared. Each step runs as the
+protocol runs it (the payloads are bytes between steps); the figures are medians over the repeats. Both parties share
+this machine's CPUs here, while in a deployment each runs on its own, so the wall-clock of a real run is lower
+than the total printed.
 """
 
 from __future__ import annotations
@@ -29,15 +31,16 @@ STEPS = ("lender_request_s", "payment_respond_s", "lender_intersection_s", "toke
 SIZES = ("request_bytes", "response_bytes", "tokens_bytes")
 
 
-def make_ids(n: int, overlap: float, seed: int) -> tuple[list[str], list[str], int]:
-    """Payment and lender ID lists of n each, `overlap * n` in common, both in a random order."""
-    common = round(overlap * n)
+def make_ids(n: int, overlap: float, seed: int, n_lender: int | None = None) -> tuple[list[str], list[str], int]:
+    """Payment IDs (n) and lender IDs (n_lender, default n), `overlap * n_lender` in common, in a random order."""
+    m = n_lender or n
+    common = round(overlap * m)
     rng = np.random.default_rng(seed)
-    numbers = rng.choice(10**12, size=2 * n - common, replace=False)
+    numbers = rng.choice(10**12, size=n + m - common, replace=False)
     ids = [f"U{x:012d}" for x in numbers.tolist()]
     payment = ids[:n]
     lender = ids[n - common:]
-    lender = [lender[i] for i in rng.permutation(n).tolist()]
+    lender = [lender[i] for i in rng.permutation(m).tolist()]
     return payment, lender, common
 
 
@@ -74,12 +77,13 @@ def run_once(payment: list[str], lender: list[str], expected: int, data_structur
 
 
 def markdown(results: list[dict]) -> str:
-    head = ("| N x N | ds | threads | repeats | lender request s | payment respond s | lender intersection s | "
-            "tokens s | total s | total CPU s | respond CPU s | request MB | response MB | tokens MB | intersection |")
+    head = ("| payment x lender | ds | threads | repeats | lender request s | payment respond s | "
+            "lender intersection s | tokens s | total s | total CPU s | respond CPU s | request MB | response MB | "
+            "tokens MB | intersection |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         m = r["median"]
-        lines.append(f"| {r['n']:,} | {r['data_structure']} | {r['workers']} | {r['repeats']} | "
+        lines.append(f"| {r['n']:,} x {r['n_lender']:,} | {r['data_structure']} | {r['workers']} | {r['repeats']} | "
                      + " | ".join(f"{m[k]:.2f}" for k in STEPS)
                      + f" | {m['total_cpu_s']:.1f} | {m['payment_respond_cpu_s']:.1f} | "
                      + " | ".join(f"{m[k] / 1e6:.2f}" for k in SIZES) + f" | {int(m['intersection']):,} |")
@@ -89,7 +93,9 @@ def markdown(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000])
-    parser.add_argument("--overlap", type=float, default=0.3)
+    parser.add_argument("--overlap", type=float, default=0.3, help="share of the lender's IDs the payment holder has")
+    parser.add_argument("--lender", type=int, default=None,
+                        help="the lender's set size (default: the same as the payment holder's, each --sizes)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ds", nargs="+", default=[psi.DEFAULT_DATA_STRUCTURE], choices=["gcs", "bloom", "raw"])
     parser.add_argument("--workers", type=int, default=None, help="threads per step (default: all usable CPUs)")
@@ -102,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{workers} thread(s) per step, load average at start {os.getloadavg()[0]:.2f}", file=sys.stderr)
     results = []
     for n in args.sizes:
-        payment, lender, common = make_ids(n, args.overlap, seed=n)
+        payment, lender, common = make_ids(n, args.overlap, seed=n, n_lender=args.lender)
         for ds in args.ds:
             runs = []
             for repeat in range(args.repeats):
@@ -110,8 +116,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  N={n:,} {ds} run {repeat + 1}/{args.repeats}: total {runs[-1]['total_s']:.1f} s",
                       file=sys.stderr, flush=True)
             median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-            results.append({"n": n, "overlap": args.overlap, "data_structure": ds, "workers": workers,
-                            "repeats": args.repeats, "median": median, "runs": runs,
+            results.append({"n": n, "n_lender": len(lender), "overlap": args.overlap, "data_structure": ds,
+                            "workers": workers, "repeats": args.repeats, "median": median, "runs": runs,
                             "load_average_end": os.getloadavg()[0]})
     print(markdown(results))
     if args.json:

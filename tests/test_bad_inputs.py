@@ -29,7 +29,10 @@ Mutation = Callable[[Path], None]
 def _edit(path: Path, change: Callable[[pd.DataFrame], pd.DataFrame]) -> None:
     """Apply `change`; a frame Parquet cannot hold (text in a number column) is written as CSV instead."""
     frame = change(pd.read_parquet(path))
-    path.unlink()
+    if path.is_dir():  # a directory of Parquet parts (synthetic transactions) becomes one file: both layouts load
+        shutil.rmtree(path)
+    else:
+        path.unlink()
     try:
         frame.to_parquet(path.with_suffix(".parquet"), index=False)
     except (ValueError, TypeError, ArrowException):

@@ -73,10 +73,89 @@ def test_overlap_is_partial(small: tuple[Path, SynthSummary]) -> None:
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
     for name, seed in [("a", 3), ("b", 3), ("c", 4)]:
-        synthesize(300, seed=seed, out=tmp_path / name)
-    for part in ["payment/transactions.parquet", "lender/applicants.parquet"]:
+        synthesize(300, seed=seed, out=tmp_path / name, chunk_users=100)
+    parts = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.parquet") if p.is_file())
+    assert len([p for p in parts if p.parent.name == "transactions.parquet"]) >= 2  # written in chunks
+    for part in parts:
         assert (tmp_path / "a" / part).read_bytes() == (tmp_path / "b" / part).read_bytes()
+    for part in [parts[0], Path("lender/applicants.parquet")]:
         assert (tmp_path / "a" / part).read_bytes() != (tmp_path / "c" / part).read_bytes()
+
+
+def test_chunks_hold_disjoint_users_and_devices(tmp_path: Path) -> None:
+    """Each part is one chunk of users (the log never sits whole in the generator's memory); a device belongs to one
+    user's chunk only, and the parts together are the whole log the summary counts."""
+    summary = synthesize(1200, seed=2, out=tmp_path / "d", chunk_users=250)
+    parts = sorted((tmp_path / "d" / "payment" / "transactions.parquet").iterdir())
+    frames = [pd.read_parquet(p) for p in parts]
+    assert len(parts) == -(-summary.payment_users // 250)
+    assert sum(len(f) for f in frames) == summary.transactions
+    for column in ["id", "device"]:
+        seen = [set(f[column].astype(str)) for f in frames]
+        assert sum(len(s) for s in seen) == len(set().union(*seen)), column
+    assert all(f["timestamp"].is_monotonic_increasing for f in frames)
+
+
+def test_out_of_core_features_equal_in_memory(tmp_path: Path) -> None:
+    """The DuckDB path over a directory of parts, and over today's single file, gives the features the in-memory
+    featurisation gives (up to float summation order), and the loader takes both layouts."""
+    from fedscore.clients.payment.data import load_payment_table
+    from fedscore.clients.payment.featurise_parquet import features_from_parquet, fits_out_of_core
+
+    out = tmp_path / "d"
+    synthesize(2500, seed=5, out=out, chunk_users=400)
+    folder = out / "payment" / "transactions.parquet"
+    tx = pd.read_parquet(folder)
+    expected = features_from_transactions(tx)
+    assert fits_out_of_core(folder)
+    pd.testing.assert_frame_equal(features_from_parquet(folder), expected, rtol=1e-9, atol=1e-12)
+    # users cut into buckets, one GROUP BY each (what bounds DuckDB's memory on a large log): groups of parts here
+    pd.testing.assert_frame_equal(features_from_parquet(folder, rows_per_pass=len(tx) // 3), expected,
+                                  rtol=1e-9, atol=1e-12)
+    loaded = load_payment_table(out / "payment")
+    np.testing.assert_allclose(loaded.values, expected[loaded.columns].to_numpy(), rtol=1e-9, atol=1e-12)
+    assert loaded.ids == expected["id"].tolist()
+
+    single = tmp_path / "single" / "payment"  # today's layout: one transactions.parquet file
+    single.mkdir(parents=True)
+    tx.to_parquet(single / "transactions.parquet", index=False)
+    pd.testing.assert_frame_equal(features_from_parquet(single / "transactions.parquet"), expected,
+                                  rtol=1e-9, atol=1e-12)
+    assert load_payment_table(single).ids == expected["id"].tolist()
+    spanning = tmp_path / "spanning.parquet"  # parts cut by row, so users span parts: hash buckets of users
+    spanning.mkdir()
+    for i, rows in enumerate(np.array_split(np.arange(len(tx)), 3)):
+        tx.iloc[rows].to_parquet(spanning / f"part-{i}.parquet", index=False)
+    for path in (single / "transactions.parquet", spanning):
+        pd.testing.assert_frame_equal(features_from_parquet(path, rows_per_pass=len(tx) // 3), expected,
+                                      rtol=1e-9, atol=1e-12)
+    as_text = single.parent / "text.parquet"  # timestamps as ISO text: read whole, in memory, same features
+    tx.assign(timestamp=tx["timestamp"].dt.strftime("%Y-%m-%dT%H:%M:%S")).to_parquet(as_text, index=False)
+    assert not fits_out_of_core(as_text)
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        ("amount", -5.0, "1 negative value"),
+        ("amount", np.nan, "missing or infinite"),
+        ("timestamp", pd.Timestamp("1850-01-01"), "outside the accepted range"),
+        ("category", "gambling", r"unknown value\(s\) \['gambling'\]"),
+        ("device", None, "1 missing value"),
+    ],
+)
+def test_out_of_core_bad_values_name_the_column(tmp_path: Path, small_tx: pd.DataFrame, column: str,
+                                                value: object, message: str) -> None:
+    from fedscore.clients.payment.featurise_parquet import features_from_parquet
+
+    bad = small_tx.head(50).copy()
+    if column in ("category", "device"):
+        bad[column] = bad[column].astype(str)
+    bad.loc[7, column] = value
+    path = tmp_path / "tx.parquet"
+    bad.to_parquet(path, index=False)
+    with pytest.raises(DataError, match=rf"bank\.parquet: column {column}: .*{message}"):
+        features_from_parquet(path, source="bank.parquet")
 
 
 def test_refuses_non_empty_out_and_leaves_no_temp(tmp_path: Path) -> None:

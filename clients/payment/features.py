@@ -9,6 +9,8 @@ codes + `np.bincount`), so 10M transactions featurise in seconds without per-use
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
@@ -209,52 +211,93 @@ def features_from_transactions(tx: pd.DataFrame, source: str = "transactions") -
     device, device_values = _codes(tx, "device", source)
 
     n = len(ids)
-    ref = ts.max()
+    ref = int(ts.max())
     age_days = (ref - ts) / 86_400e9
     last = pd.Series(ts).groupby(user).max().reindex(range(n)).to_numpy()
-    days_since_last = (ref - last) / 86_400e9
 
     inside = age_days < WINDOW_DAYS
     u, amt, age = user[inside], amount[inside], age_days[inside]
     month = np.minimum((age // MONTH_DAYS).astype(np.int64), N_MONTHS - 1)
     hour = (ts[inside] // 3_600_000_000_000) % 24
-
-    count = np.bincount(u, minlength=n).astype(np.float64)
-    total = np.bincount(u, weights=amt, minlength=n)
-    monthly = np.bincount(u * N_MONTHS + month, weights=amt, minlength=n * N_MONTHS).reshape(n, N_MONTHS)
-    mean_month = total / N_MONTHS
+    night = (hour >= NIGHT_START_HOUR) | (hour < NIGHT_END_HOUR)
     log_amt = np.log1p(amt)
-    log_mean = _ratio(np.bincount(u, weights=log_amt, minlength=n), count)
-    log_sq = _ratio(np.bincount(u, weights=log_amt**2, minlength=n), count)
-    by_cat = np.bincount(u * len(CATEGORIES) + category[inside], weights=amt,
-                         minlength=n * len(CATEGORIES)).reshape(n, len(CATEGORIES))
+    sums = UserSums(
+        ids=np.asarray(pd.Index(ids).astype(str), dtype=object), last_ns=last.astype(np.int64),
+        count=np.bincount(u, minlength=n).astype(np.float64),
+        total=np.bincount(u, weights=amt, minlength=n),
+        monthly=np.bincount(u * N_MONTHS + month, weights=amt, minlength=n * N_MONTHS).reshape(n, N_MONTHS),
+        log_sum=np.bincount(u, weights=log_amt, minlength=n),
+        log_sq_sum=np.bincount(u, weights=log_amt**2, minlength=n),
+        by_category=np.bincount(u * len(CATEGORIES) + category[inside], weights=amt,
+                                minlength=n * len(CATEGORIES)).reshape(n, len(CATEGORIES)),
+        median=pd.Series(amt).groupby(u).median().reindex(range(n), fill_value=0.0).to_numpy(),
+        night=np.bincount(u, weights=night, minlength=n),
+        large=np.bincount(u, weights=amt > LARGE_AMOUNT, minlength=n),
+        n_devices=_distinct_per_user(u, device[inside], len(device_values), n),
+        n_cities=_distinct_per_user(u, city[inside], len(city_values), n),
+        online=np.bincount(u, weights=online[inside], minlength=n),
+        recent_spend=np.bincount(u, weights=amt * (age < RECENT_DAYS), minlength=n))
+    return features_from_sums(sums, ref)
+
+
+@dataclass
+class UserSums:
+    """Per user, the sums over the window that every feature is a function of (one row per user, any order).
+
+    Why a separate step: these are what an out-of-core engine can compute in one GROUP BY over a partitioned log
+    (clients/payment/featurise_parquet.py); `features_from_sums` turns them into the features, the same way
+    whichever engine computed them. All but `ids` and `last_ns` count only transactions inside the window."""
+
+    ids: np.ndarray  # str (object)
+    last_ns: np.ndarray  # int64: the user's latest timestamp, any age
+    count: np.ndarray
+    total: np.ndarray
+    monthly: np.ndarray  # (n, N_MONTHS): spend per month bucket, bucket 0 the most recent
+    log_sum: np.ndarray  # sum of log1p(amount)
+    log_sq_sum: np.ndarray  # sum of log1p(amount)**2
+    by_category: np.ndarray  # (n, len(CATEGORIES)): spend per category
+    median: np.ndarray  # median amount (0 without a transaction in the window)
+    night: np.ndarray  # transactions at night
+    large: np.ndarray  # transactions above LARGE_AMOUNT
+    n_devices: np.ndarray
+    n_cities: np.ndarray
+    online: np.ndarray  # transactions with channel online
+    recent_spend: np.ndarray  # spend in the last RECENT_DAYS
+
+
+def features_from_sums(sums: UserSums, ref: int) -> pd.DataFrame:
+    """The features (column `id`, then FEATURE_NAMES, sorted by id) from per-user sums; `ref` is the reference time
+    in epoch nanoseconds (the maximum timestamp of the whole table)."""
+    count, total, monthly = sums.count, sums.total, sums.monthly
+    days_since_last = (ref - sums.last_ns) / 86_400e9
+    mean_month = total / N_MONTHS
+    log_mean = _ratio(sums.log_sum, count)
+    log_sq = _ratio(sums.log_sq_sum, count)
+    by_cat = sums.by_category
     time_axis = np.arange(N_MONTHS - 1, -1, -1, dtype=np.float64)  # bucket 0 (latest) is time 11
     centred = time_axis - time_axis.mean()
     slope = monthly @ centred / float(centred @ centred)
     recent_mean = monthly[:, :RECENT_MONTHS].mean(axis=1)
     earlier_mean = monthly[:, RECENT_MONTHS:].mean(axis=1)
-    median = pd.Series(amt).groupby(u).median().reindex(range(n), fill_value=0.0).to_numpy()
-    night = (hour >= NIGHT_START_HOUR) | (hour < NIGHT_END_HOUR)
 
     columns: dict[str, np.ndarray] = {
         "log_total_spend": np.log1p(total),
         "mean_ticket": _ratio(total, count),
-        "median_ticket": median,
+        "median_ticket": sums.median,
         "tx_per_month": count / N_MONTHS,
         "active_months": (monthly > 0).sum(axis=1).astype(np.float64),
         "monthly_spend_cv": _ratio(monthly.std(axis=1), mean_month),
         **{name: _ratio(by_cat[:, j], total) for j, name in enumerate(_SHARE_NAMES)},
-        "night_share": _ratio(np.bincount(u, weights=night, minlength=n), count),
-        "large_purchase_share": _ratio(np.bincount(u, weights=amt > LARGE_AMOUNT, minlength=n), count),
+        "night_share": _ratio(sums.night, count),
+        "large_purchase_share": _ratio(sums.large, count),
         "spend_trend_log_ratio": np.where(count > 0, np.log1p(recent_mean) - np.log1p(earlier_mean), 0.0),
         "monthly_spend_slope": _ratio(slope, mean_month),
         "amount_log_std": np.sqrt(np.maximum(log_sq - log_mean**2, 0.0)),
-        "n_devices": _distinct_per_user(u, device[inside], len(device_values), n),
-        "n_cities": _distinct_per_user(u, city[inside], len(city_values), n),
-        "online_share": _ratio(np.bincount(u, weights=online[inside], minlength=n), count),
-        "recent_30d_spend_ratio": _ratio(np.bincount(u, weights=amt * (age < RECENT_DAYS), minlength=n),
-                                         mean_month),
+        "n_devices": sums.n_devices,
+        "n_cities": sums.n_cities,
+        "online_share": _ratio(sums.online, count),
+        "recent_30d_spend_ratio": _ratio(sums.recent_spend, mean_month),
         "days_since_last": days_since_last.astype(np.float64),
     }
-    frame = pd.DataFrame({"id": pd.Index(ids).astype(str), **{k: columns[k].astype(np.float64) for k in FEATURE_NAMES}})
+    frame = pd.DataFrame({"id": sums.ids, **{k: columns[k].astype(np.float64) for k in FEATURE_NAMES}})
     return frame.sort_values("id", kind="stable").reset_index(drop=True)
