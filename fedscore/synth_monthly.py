@@ -36,6 +36,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -236,6 +238,24 @@ def _make_month(k: int, meta: MonthlyMeta, book_people: dict[str, np.ndarray] | 
     return info, book_people, book_ids
 
 
+
+@contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out`, renamed to `out` when the block finishes and removed if it fails: nothing
+    half-written is ever left at `out` (an empty `out` given by the caller is replaced)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def synthesize_months(months: int, users: int, seed: int, out: Path, shock: int | None = None,
                       performance_window: int = PERFORMANCE_WINDOW) -> MonthlyMeta:
     """Write out/month-01 .. out/month-MM (each a `fedscore data synth` folder), out/book.parquet and out/months.json.
@@ -256,10 +276,7 @@ def synthesize_months(months: int, users: int, seed: int, out: Path, shock: int 
     meta = MonthlyMeta(months=months, shock=shock, performance_window=performance_window, users_per_month=users,
                        seed=seed, shock_columns=SHOCKED_COLUMNS if shock else {},
                        untouched_columns=UNTOUCHED_COLUMNS if shock else {}, book=0, info=[])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())
+    with _staged(out) as tmp:
         book_people, book_ids = None, None
         for k in range(1, months + 1):
             info, book_people, book_ids = _make_month(k, meta, book_people, book_ids, tmp)
@@ -270,12 +287,6 @@ def synthesize_months(months: int, users: int, seed: int, out: Path, shock: int 
         meta.book = len(book_ids)
         meta.seconds = round(time.perf_counter() - start, 3)
         (tmp / META_FILE).write_text(meta.model_dump_json(indent=1))
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 
@@ -323,10 +334,7 @@ def assemble_window(root: Path, first: int, last: int, out: Path, as_of: int | N
         shift = pa.scalar(int((end - _month_end(k, meta.months)).astype(np.int64)), pa.duration("ns"))
         stamps = pa.compute.add(tx["timestamp"], shift)
         payments.append(tx.set_column(tx.column_names.index("timestamp"), "timestamp", stamps))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())
+    with _staged(out) as tmp:
         (tmp / "payment").mkdir()
         (tmp / "lender").mkdir()
         pq.write_table(pa.concat_tables(payments, promote_options="permissive").combine_chunks(),
@@ -336,10 +344,4 @@ def assemble_window(root: Path, first: int, last: int, out: Path, as_of: int | N
             shutil.copy(month_folder(root, first) / party / "schema.toml", tmp / party / "schema.toml")
         (tmp / "window.json").write_text(json.dumps({"root": str(root.resolve()), "months": [first, last],
                                                      "as_of": as_of}))
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
