@@ -60,10 +60,15 @@ def stop_on_sigterm() -> Iterator[None]:
         yield
         return
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C must stop the federation even when this process was started with SIGINT ignored (a parent that ignores
+    # it, such as a test runner's worker or a background job, passes that on through exec): the `with` blocks then
+    # stop the children, which an ignored SIGINT would leave running to the end
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def processes_with_env(name: str, value: str) -> list[int]:
