@@ -380,7 +380,8 @@ def _audit_summary(section: dict, run_dir: Path) -> None:
             continue
         claim = "no claim" if a["claim"] is None else f"claimed {a['claim']:.3f} ({a['claim_status']})"
         verdict = "[bold red]VIOLATION[/]" if a["violation"] else "consistent"
-        console.print(f"one-run audit {a['guarantee']}: 95% lower bound {a['epsilon_lower_bound']:.3f}, {claim}: "
+        console.print(f"one-run audit {a['guarantee']}: {a['confidence']:.1%} lower bound "
+                      f"{a['epsilon_lower_bound']:.3f}, {claim}: "
                       f"{verdict} ({a['correct']}/{a['guesses']} guesses right of {a['canaries']} canaries: "
                       f"{a['policy']})")
     console.print(f"audit took {section['seconds']:.1f} s; wrote {run_dir}/audit.json, audit.png, "

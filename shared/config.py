@@ -202,6 +202,10 @@ class AuditConfig(_Strict):
     gradient_canaries: int = Field(0, ge=0, le=100_000, description="Dirac gradient canaries in each party's "
                                    "DP-SGD, for the white-box one-run audit of each released part "
                                    "(shared/privacy/gradient_canaries.py); they change the part like extra users")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="the one-run audits' confidence: a reported lower "
+                              "bound holds with this probability, so a mechanism exactly as tight as its claim (such "
+                              "as randomized response read perfectly) is flagged with probability up to 1 - "
+                              "confidence; raise it to trade power for fewer false alarms")
 
 
 class FedConfig(_Strict):

@@ -57,7 +57,7 @@ def part_claim(record: dict[str, Any], delta: float) -> float:
 
 
 def gradient_canary_audits(party_states: dict[str, PartyState], seed: int, replayable: bool,
-                           delta: float) -> list[dict[str, Any]]:
+                           delta: float, confidence: float = 0.95) -> list[dict[str, Any]]:
     """One audit row per part that ran gradient canaries."""
     rows = []
     for party, state in party_states.items():
@@ -73,7 +73,7 @@ def gradient_canary_audits(party_states: dict[str, PartyState], seed: int, repla
             shapes = [torch.Size(shape) for shape in record["shapes"]]
             strategies["replay"] = score - replayed_noise(seed, party, record, shapes) - midpoint
         claim = part_claim(record, delta)
-        result = audit(strategies, canaries.included.numpy().astype(int), delta)
+        result = audit(strategies, canaries.included.numpy().astype(int), delta, confidence)
         rows.append({"guarantee": f"joint.records@outsider ({party} part's DP-SGD, white box)", "claim": claim,
                      "claim_status": "VOID (replayable noise)" if replayable else "holds",
                      **result.to_dict(), "violation": result.epsilon_lower_bound > claim,

@@ -61,7 +61,7 @@ def _audit_section(run_dir: Path) -> dict[str, Any]:
     m = int(views.canary.sum())
     if m and label_scores:
         secrets = views.clean[views.canary & views.train]
-        result = audit(label_scores, secrets, delta)
+        result = audit(label_scores, secrets, delta, views.config.audit.confidence)
         violation = label_eps is not None and result.epsilon_lower_bound > label_eps
         audits.append({"guarantee": "lender.labels@payment", "claim": label_eps, "claim_status": label_status,
                        **result.to_dict(), "violation": violation,
@@ -74,7 +74,7 @@ def _audit_section(run_dir: Path) -> dict[str, Any]:
                        "note": "no canaries in this run (audit.canaries=0) or no gradients received"})
     if m:
         scores, trained = canary_scores(views, loss)
-        result = audit({"loss": scores}, trained, delta)
+        result = audit({"loss": scores}, trained, delta, views.config.audit.confidence)
         violation = outsider_eps is not None and result.epsilon_lower_bound > outsider_eps
         audits.append({"guarantee": "joint.records@outsider", "claim": outsider_eps, "claim_status": outsider_status,
                        **result.to_dict(), "violation": violation,
@@ -85,7 +85,8 @@ def _audit_section(run_dir: Path) -> dict[str, Any]:
         from fedscore.audit.gradient_audit import gradient_canary_audits
 
         audits += gradient_canary_audits({"payment": views.payment_state, "lender": views.lender_state},
-                                         views.config.seed, views.config.privacy.replayable_noise, delta)
+                                         views.config.seed, views.config.privacy.replayable_noise, delta,
+                                         views.config.audit.confidence)
     violations = [f"{a['guarantee']}: lower bound {a['epsilon_lower_bound']:.3f} > claimed {a['claim']:.3f}"
                   for a in audits if a["violation"]]
     return {
@@ -133,7 +134,9 @@ def plot_section(section: dict[str, Any], out: Path) -> Path:
     audits = [a for a in section["one_run_audits"] if a.get("epsilon_lower_bound") is not None]
     ya = np.arange(len(audits))
     bounds = [min(a["epsilon_lower_bound"], 20.0) for a in audits]
-    right.barh(ya, bounds, color=["#c00" if a["violation"] else "#47a" for a in audits], label="95% lower bound")
+    confidence = f"{audits[0]['confidence']:.1%} " if audits else ""
+    right.barh(ya, bounds, color=["#c00" if a["violation"] else "#47a" for a in audits],
+               label=f"{confidence}lower bound")
     claims = [(i, a["claim"]) for i, a in enumerate(audits) if a["claim"] is not None]
     if claims:
         right.scatter([c for _, c in claims], [i for i, _ in claims], marker="|", s=400, color="black",
