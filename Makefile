@@ -6,12 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-fast lint clean
 
+# torch first, with pip and pinned exactly: pip finds the CPU build on this kind of machine's disk (a looser pin, or
+# uv, would download a multi-GB CUDA build). The rest with uv, which resolves the same versions as pip here (checked
+# with a diff of both freezes) in ~15 s against pip's 1-2 min; pip takes over if uv cannot.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	# the CPU build of torch first, pinned exactly (a looser pin can pull a multi-GB CUDA build)
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet torch==2.13.0 uv
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]' || $(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
