@@ -295,16 +295,20 @@ def _online_charges(home: Path) -> int:
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process and its live children (the payment service's composing worker) have
     used, threads included: per-request CPU cost is what a shared machine cannot distort, unlike latency."""
+    import psutil
+
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+        process = psutil.Process(pid)
+        processes = [process, *process.children(recursive=True)]
+    except psutil.NoSuchProcess:
         return 0.0
-    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+    total = 0.0
+    for each in processes:
         try:
-            total += sum(cpu_seconds(int(child)) for child in children.read_text().split())
-        except OSError:
+            times = each.cpu_times()
+        except psutil.NoSuchProcess:
             continue
+        total += times.user + times.system
     return total
 
 

@@ -39,8 +39,9 @@ PEOPLE_PER_SIZE = 1.43
 
 # -- inside a party worker --------------------------------------------------------------------------------------
 def _rss() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
 
 
 def _hwm() -> int:

@@ -17,6 +17,7 @@ from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from fedscore.federation import run_federated
@@ -33,11 +34,9 @@ SMALL = [*FAST, "training.rounds=2", "baselines.enabled=false", "privacy.enabled
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().split()[2] == "Z")
 
 
 def test_flower_matches_inprocess_and_cleans_up(party_data: tuple[Path, dict], tmp_path: Path) -> None:
@@ -151,17 +150,14 @@ def _wait_for(predicate, timeout_s: float = 240.0) -> None:
 def _processes_using(flwr_home: Path) -> list[int]:
     """PIDs of live processes started for the federation whose FLWR_HOME is `flwr_home` (read from their
     environment, which forked children and helpers Flower starts by name all inherit)."""
-    marker = f"FLWR_HOME={flwr_home.resolve()}".encode() + b"\0"
+    home = str(flwr_home.resolve())
     found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                environ = (entry / "environ").read_bytes()
-                state = (entry / "stat").read_text().split(")")[-1].split()[0]
-            except OSError:
-                continue
-            if marker in environ and state != "Z":
-                found.append(int(entry.name))
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("FLWR_HOME") == home and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
     return found
 
 
@@ -171,9 +167,8 @@ def _assert_none_left(flwr_home: Path, timeout_s: float = 30.0) -> None:
         time.sleep(0.5)
     described = []
     for pid in left:
-        with suppress(OSError):
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:150]
-            described.append(f"{pid}: {command!r}")
+        with suppress(psutil.Error):
+            described.append(f"{pid}: {' '.join(psutil.Process(pid).cmdline())[:150]}")
     assert not left, described
 
 
