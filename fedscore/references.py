@@ -150,10 +150,13 @@ def cache_key(content_hash: str, secret: bytes, test_fraction: float, val_fracti
 
 
 def default_cache_dir() -> Path:
-    """The operator's cache, beside the party homes in $FEDSCORE_HOME (never in a party's data folder)."""
+    """The operator's cache, beside the party homes in $FEDSCORE_HOME (never in a party's data folder), or the folder
+    FEDSCORE_REFERENCES_CACHE names: one cache for several homes (a test run, an operator's experiments). Entries are
+    keyed by the data's content, the split secret and fractions, so a shared folder never mixes up two settings."""
     from fedscore.shared.party_home import fedscore_home
 
-    return fedscore_home() / "cache" / "references"
+    shared = os.environ.get("FEDSCORE_REFERENCES_CACHE")
+    return Path(shared) if shared else fedscore_home() / "cache" / "references"
 
 
 Fit = Callable[[GbdtSetting, np.ndarray, np.ndarray, np.ndarray], np.ndarray]

@@ -19,8 +19,16 @@ os.environ.setdefault("FEDSCORE_TORCH_THREADS", "1")
 configure_torch()
 # never the user's ~/.fedscore: a session-wide default, replaced per test by `party_homes_in_tmp` below
 os.environ["FEDSCORE_HOME"] = tempfile.mkdtemp(prefix="fedscore-test-home-")
-# accountant answers shared by this test process and the processes it starts, never by another test run
-os.environ["FEDSCORE_ACCOUNTING_CACHE"] = tempfile.mkdtemp(prefix="fedscore-test-accounting-")
+# accountant answers shared by this test run (the xdist controller makes the folder, its workers inherit it) and the
+# processes it starts, never by another test run or the user's own cache: the same calibrations recur across modules
+_shared_cache = os.environ.get("FEDSCORE_TEST_RUN_ACCOUNTING_CACHE") if os.environ.get("PYTEST_XDIST_WORKER") else None
+if not _shared_cache:
+    _shared_cache = tempfile.mkdtemp(prefix="fedscore-test-accounting-")
+    os.environ["FEDSCORE_TEST_RUN_ACCOUNTING_CACHE"] = _shared_cache
+os.environ["FEDSCORE_ACCOUNTING_CACHE"] = _shared_cache
+# likewise the tuned GBDT references (keyed by the data's content and the split secret): many modules train on the
+# same make_party_data folder under the same SECRET, and each would otherwise tune them again in its fresh home
+os.environ["FEDSCORE_REFERENCES_CACHE"] = str(Path(_shared_cache) / "references")
 
 
 # the parties' public declarations for make_party_data's columns (chosen by hand, not from the generated rows)
