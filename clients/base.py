@@ -32,7 +32,7 @@ from fedscore.shared.data.party_data import PartyTable
 from fedscore.shared.data.tables import DataError
 from fedscore.shared.model.parts import configure_torch
 from fedscore.shared.model.preprocessing import Scaler
-from fedscore.shared.party_home import LEDGER_FILE
+from fedscore.shared.party_home import PartyHome
 from fedscore.shared.protocol.bodies import Body, LedgerReport, SetupRequest
 from fedscore.shared.protocol.messages import Envelope, Header, MessageKind, UnexpectedBody
 
@@ -190,7 +190,7 @@ class PartyBase:
         """This party's lifetime privacy ledger, in its own home, with the budgets from its own settings."""
         from fedscore.shared.privacy import Ledger
 
-        return Ledger(self.settings.home / LEDGER_FILE, self.settings.budgets, self.config.privacy.delta,
+        return Ledger(PartyHome(self.settings.home).ledger, self.settings.budgets, self.config.privacy.delta,
                       party=self.name, run=self.run_id, step=self._next_charge)
 
     def _next_charge(self) -> str:
@@ -204,7 +204,7 @@ class PartyBase:
         list it; each entry names the run that made it. None until this party has charged anything."""
         from fedscore.shared.privacy.ledger import ledger_exists, ledger_report
 
-        path = self.settings.home / LEDGER_FILE
+        path = PartyHome(self.settings.home).ledger
         if not ledger_exists(path):
             return None
 

@@ -23,9 +23,8 @@ import os
 import secrets
 from typing import TYPE_CHECKING
 
-from filelock import FileLock
-
 from fedscore.clients.state import ChannelState
+from fedscore.shared.party_home import PartyHome
 from fedscore.shared.protocol.bodies import SetupRequest
 from fedscore.shared.protocol.e2e import Channel, Delivery, SealError, load_identity, parse_public_key, read_frame
 from fedscore.shared.protocol.messages import Envelope, MessageKind
@@ -34,8 +33,6 @@ from fedscore.shared.protocol.steps import BLACKLIST_KINDS, PayloadKind, find, n
 if TYPE_CHECKING:
     from fedscore.clients.base import PartyBase
 
-RUNS_FILE = "e2e-runs.txt"
-RUNS_LOCK = "e2e-runs.lock"  # locked (filelock) while a run id is checked and appended
 K = MessageKind
 BLACKLIST = BLACKLIST_KINDS
 
@@ -83,17 +80,16 @@ class PartyChannel:
 
     # -- run ids this home has served -------------------------------------------------------------------------------
     def _seen(self) -> set[str]:
-        path = self.party.settings.home / RUNS_FILE
+        path = PartyHome(self.party.settings.home).e2e_runs
         return set(path.read_text().split()) if path.exists() else set()
 
     def _claim(self, run_id: str) -> bool:
         """Record `run_id` as set up in this home; False if it already was. Check and append happen under one
         exclusive file lock (`e2e-runs.lock`, filelock), so two processes on the same home (a training worker and a
         service, or two workers) can never both claim one id; the line is fsync'd before anything is served."""
-        home = self.party.settings.home
-        home.mkdir(parents=True, exist_ok=True)
-        with FileLock(home / RUNS_LOCK):
-            path = home / RUNS_FILE
+        home = PartyHome(self.party.settings.home)
+        with home.lock(home.E2E_RUNS_LOCK):
+            path = home.e2e_runs
             if path.exists() and run_id in path.read_text().split():
                 return False
             with path.open("a") as handle:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedscore.shared.run_folder import RunFolder
+
 VIEWS = {"payment": ("payment_view.npz", "gradient"), "lender": ("lender_view.npz", "embedding")}
 FOLDER = "transcript"
 
@@ -53,10 +55,11 @@ def collect(state_dir: Path, party: str) -> dict[str, np.ndarray] | None:
 
 def copy_transcripts(run_dir: Path) -> list[Path]:
     """RUN_DIR/parties/<party>/transcript/ -> RUN_DIR/transcripts/<party>_view.npz (for the parties that recorded)."""
-    out = run_dir / "transcripts"
+    folder = RunFolder(run_dir)
+    out = folder.transcripts
     written = []
     for party, (name, _) in VIEWS.items():
-        view = collect(run_dir / "parties" / party, party)
+        view = collect(folder.party_state(party), party)
         if view is None:
             continue
         out.mkdir(exist_ok=True)

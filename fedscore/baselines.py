@@ -31,6 +31,7 @@ from fedscore.shared.model.parts import configure_torch
 from fedscore.shared.model.preprocessing import Scaler
 from fedscore.shared.model.reference_models import best_reference
 from fedscore.shared.protocol.splits import assign_splits, keyed_tokens
+from fedscore.shared.run_folder import RunFolder
 
 
 def _preprocessed(table: PartyTable) -> tuple[np.ndarray, np.ndarray]:
@@ -84,7 +85,7 @@ def write_centralized(run_dir: Path, reference: dict[str, Any]) -> Path:
     """The centralized reference, beside the parties' own folders (RUN_DIR/parties/), never at RUN_DIR's top level."""
     from fedscore.shared.atomic import write_json_atomic
 
-    path = run_dir / "parties" / CENTRALIZED_FILE
+    path = RunFolder(run_dir).parties / CENTRALIZED_FILE
     write_json_atomic(path, {"note": CENTRALIZED_NOTE, **reference})
     return path
 
@@ -97,8 +98,9 @@ def local_evaluation(run_dir: Path) -> dict[str, Any]:
     from fedscore.clients.lender.party import EVALUATION_FILE
 
     out: dict[str, Any] = {}
-    lender = run_dir / "parties" / "lender" / EVALUATION_FILE
-    centralized = run_dir / "parties" / CENTRALIZED_FILE
+    folder = RunFolder(run_dir)
+    lender = folder.party_state("lender") / EVALUATION_FILE
+    centralized = folder.parties / CENTRALIZED_FILE
     for path in (lender, centralized):
         if not path.exists():
             continue

@@ -17,6 +17,7 @@ from typing import Any
 from fedscore.shared.model.export_onnx import LENDER_FILE, PAYMENT_FILE, ModelManifest, describe_part, write_manifest
 from fedscore.shared.model.manifest import EMBEDDING
 from fedscore.shared.model.preprocessing import Scaler
+from fedscore.shared.run_folder import RunFolder
 from fedscore.shared.scoring.scorecard import ScorecardParams
 
 
@@ -25,12 +26,13 @@ def assemble_bundle(run_dir: Path, config: dict[str, Any], privacy: list[dict[st
     """`exports` (party -> its export folder) for parts that are not in RUN_DIR/parties/<party>/export: after a
     deployment each party's part is in its own node state (`fedscore bundle`)."""
     exports = exports or {}
-    out = run_dir / "model"
+    folder = RunFolder(run_dir)
+    out = folder.model
     out.mkdir(parents=True, exist_ok=True)
     sidecars: dict[str, dict[str, Any]] = {}
     parts = {}
     for party, file in (("payment", PAYMENT_FILE), ("lender", LENDER_FILE)):
-        source = exports.get(party, run_dir / "parties" / party / "export")
+        source = exports.get(party, folder.party_state(party) / "export")
         if not (source / file).exists():
             raise FileNotFoundError(f"{source / file}: the {party} party exported no model part")
         shutil.copy2(source / file, out / file)

@@ -17,6 +17,7 @@ from fedscore.cli_dynamic import register as register_dynamic
 from fedscore.cli_dynamic import score_command
 from fedscore.cli_ledger import ledger_app
 from fedscore.cli_scoring import serve_app
+from fedscore.shared.run_folder import RunFolder
 
 app = typer.Typer(help="Privacy-preserving vertical federated credit scoring.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -50,7 +51,7 @@ def _load(config: Path | None, overrides: list[str] | None):
 
 
 def _budgets(config, overrides: list[str] | None):
-    from fedscore.runs import apply_budget_overrides, default_budgets
+    from fedscore.budgets import apply_budget_overrides, default_budgets
 
     return apply_budget_overrides(default_budgets(config), overrides or [])
 
@@ -117,7 +118,7 @@ def _run(runner, data: Path | None, out: Path | None, config: Path | None, set_:
          secret_file: Path | None, budget: list[str] | None, party_home: list[str] | None,
          **extra) -> None:
     """train and federate differ only in the transport: same config, secret, budgets, homes, progress, report."""
-    from fedscore.runs import party_homes
+    from fedscore.local_parties import party_homes
 
     if data is None or out is None:
         fail("give --data DIR and --out RUN_DIR for a new run, or --resume RUN_DIR to continue one")
@@ -134,7 +135,7 @@ def _resume(resumer, run_dir: Path, others: dict[str, object], **extra) -> None:
     """`--resume RUN_DIR`: everything else comes from the run folder, so other options would be ignored: refuse."""
     given = [f"--{name.rstrip('_').replace('_', '-')}" for name, value in others.items() if value]
     if given:
-        fail(f"--resume takes the run's own settings from {run_dir}/launch.json; drop {', '.join(given)}")
+        fail(f"--resume takes the run's own settings from {RunFolder(run_dir).launch}; drop {', '.join(given)}")
     with user_errors(), _progress_bar() as progress:
         metrics = resumer(run_dir.resolve(), progress=progress, **extra)
     _report(metrics, run_dir)
@@ -215,7 +216,8 @@ def blacklist(data: Annotated[Path, typer.Option(help="DIR with lender/applicant
               party_home: HomeOpt = None) -> None:
     """Private blacklist check (PSI): the lender learns which applicants are on the payment holder's fraud list;
     the payment holder learns only how many applicants were checked."""
-    from fedscore.runs import party_homes, run_blacklist
+    from fedscore.blacklist_check import run_blacklist
+    from fedscore.local_parties import party_homes
 
     with user_errors():
         hits = run_blacklist(data, out, homes=party_homes(party_home))
@@ -229,10 +231,11 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run folder made by tr
     """Rebuild RUN_DIR/privacy-report.json and RUN_DIR/report.html from the run's own files."""
     from fedscore.report import write_reports
 
-    if not (run_dir / "outcome.json").exists():
-        fail(f"{run_dir}: no outcome.json (not a finished run folder)")
+    folder = RunFolder(run_dir)
+    if not folder.outcome.exists():
+        fail(f"{run_dir}: no {folder.OUTCOME} (not a finished run folder)")
     write_reports(run_dir)
-    console.print(f"wrote {run_dir}/privacy-report.json and {run_dir}/report.html")
+    console.print(f"wrote {folder.privacy_report} and {folder.report_html}")
 
 
 @app.command()
@@ -344,7 +347,7 @@ def audit(run_dir: Annotated[Path | None, typer.Argument(help="a finished run re
 
 
 def _homes(overrides: list[str]):
-    from fedscore.runs import party_homes
+    from fedscore.local_parties import party_homes
 
     return party_homes(overrides)
 

@@ -10,7 +10,6 @@ The exception types are imported only when something fails, so `fedscore --help`
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fedscore.shared.metrics import METRIC_KEYS, METRIC_LABELS
+from fedscore.shared.run_folder import RunFolder
 
 console = Console()
 
@@ -39,10 +39,10 @@ def warn(message: str) -> None:
 def _fixable() -> tuple[type[BaseException], ...]:
     from fedscore.clients.payment.release_guard import GuardRefused
     from fedscore.clients.payment.served import ServedError
-    from fedscore.runs import RunError
     from fedscore.shared.config import ConfigError
     from fedscore.shared.data.tables import DataError
     from fedscore.shared.privacy.ledger_store import LedgerDamaged
+    from fedscore.shared.run_folder import RunError
     from fedscore.shared.tls import TlsError
 
     return DataError, ConfigError, RunError, OSError, TlsError, ServedError, GuardRefused, LedgerDamaged
@@ -120,7 +120,8 @@ def report_run(metrics: dict, run_dir: Path) -> None:
                       f"{prints['payment']}, lender {prints['lender']}" if prints else
                       "payloads end-to-end encrypted between the parties (they compare their key fingerprints "
                       "between them; the coordinator holds neither key)")
-    privacy = json.loads((run_dir / "privacy-report.json").read_text())
+    folder = RunFolder(run_dir)
+    privacy = folder.read_json(folder.privacy_report)
     if privacy.get("void"):
         console.print(f"[bold red]VOID:[/] {privacy['void']}")
     for g in privacy["guarantees"]:
@@ -135,7 +136,7 @@ def report_run(metrics: dict, run_dir: Path) -> None:
                       f"party's lifetime{lifetime} (delta {g['delta']:g}, {g['accountant']}{mixture}){best}")
     for u in privacy["unprotected"]:
         console.print(f"[yellow]not protected:[/] {u['protects']} against {u['against']}: {u['what']}")
-    model = "model/" if (run_dir / "model").exists() else "(no model/: each party keeps its part; `fedscore bundle`)"
+    model = "model/" if folder.model.exists() else "(no model/: each party keeps its part; `fedscore bundle`)"
     console.print(f"artefacts: {run_dir}/report.html, metrics.json, privacy-report.json, {model}, parties/ (each "
                   "party's own folder; the lender's own evaluation in parties/lender/evaluation.json)")
 

@@ -108,11 +108,11 @@ def node_command(
             "--state", help="this party's run state and logs (default PARTY_HOME/node)")] = None,
         insecure: InsecureOpt = False) -> None:
     """A party's operator: run this party's worker and SuperNode, on its own machine, until Ctrl-C."""
+    from fedscore.budgets import default_budgets
     from fedscore.clients.base import PartySettings
     from fedscore.deploy import serve_node
-    from fedscore.runs import default_budgets
     from fedscore.shared.config import load_config
-    from fedscore.shared.party_home import default_party_home, ensure_party_home
+    from fedscore.shared.party_home import PartyHome, default_party_home, ensure_party_home
     from fedscore.shared.privacy.budgets import parse_budgets
     from fedscore.shared.protocol.e2e import fingerprint, parse_public_key, public_key_hex
     from fedscore.shared.tls import node_auth_key, node_key_fingerprint
@@ -135,7 +135,7 @@ def node_command(
         if auth_key is None and not insecure:
             auth_key, auth_pub = node_auth_key(home)
             console.print(f"SuperNode key {auth_pub} (fingerprint {node_key_fingerprint(auth_pub)})")
-        folder = (state or home / "node").resolve()
+        folder = (state or PartyHome(home).node_state).resolve()
         settings = PartySettings(party=party, data_path=(data / party).resolve(), state_dir=folder / "state",
                                  home=home, secret=secret, budgets=budgets, peer_public_key=peer.hex())
         own = fingerprint(bytes.fromhex(public_key_hex(home)))
@@ -190,8 +190,8 @@ def run_command(
 def keys_command(party: PartyOpt, party_home: HomeOpt = None) -> None:
     """Show (creating on first use) this party's public keys and their fingerprints: identity.pub for the other
     party (payload encryption) and supernode-auth.pub for the coordinator (SuperNode authentication)."""
-    from fedscore.shared.party_home import default_party_home, ensure_party_home
-    from fedscore.shared.protocol.e2e import PUBLIC_KEY_FILE, fingerprint, public_key_hex
+    from fedscore.shared.party_home import PartyHome, default_party_home, ensure_party_home
+    from fedscore.shared.protocol.e2e import fingerprint, public_key_hex
     from fedscore.shared.tls import node_auth_key, node_key_fingerprint
 
     party = _party(party)
@@ -199,7 +199,7 @@ def keys_command(party: PartyOpt, party_home: HomeOpt = None) -> None:
         home = ensure_party_home(party_home or default_party_home(party))
         public = public_key_hex(home)
         _, auth_pub = node_auth_key(home)
-        console.print(f"{party} payload key (give to the other party): {home / PUBLIC_KEY_FILE}\n  {public}\n  "
+        console.print(f"{party} payload key (give to the other party): {PartyHome(home).identity_pub}\n  {public}\n  "
                       f"fingerprint {fingerprint(bytes.fromhex(public))}")
         console.print(f"{party} SuperNode key (give to the coordinator): {auth_pub}\n  fingerprint "
                       f"{node_key_fingerprint(auth_pub)}")
@@ -211,9 +211,9 @@ def bundle_command(
             "--export", help="PARTY=DIR: a party's export folder (its node's STATE/state/export, handed over by "
             "its operator); both payment and lender")]) -> None:
     """Gather the two parts of a deployed run into RUN_DIR/model with its manifest (what `fedscore serve` loads)."""
-    import json
 
     from fedscore.bundle import assemble_bundle
+    from fedscore.shared.run_folder import RunFolder
 
     exports: dict[str, Path] = {}
     for item in export:
@@ -225,9 +225,10 @@ def bundle_command(
         fail("--export: give both payment=DIR and lender=DIR")
     with user_errors():
         try:
-            config = json.loads((run_dir / "config.json").read_text())
-            privacy = json.loads((run_dir / "privacy-report.json").read_text())
+            folder = RunFolder(run_dir)
+            config = folder.read_json(folder.config)
+            privacy = folder.read_json(folder.privacy_report)
         except (OSError, ValueError) as exc:
             fail(f"{run_dir}: not a finished run folder ({exc})")
         assemble_bundle(run_dir, config, privacy["guarantees"], exports)
-    console.print(f"wrote {run_dir / 'model'} (both parts and the manifest)")
+    console.print(f"wrote {RunFolder(run_dir).model} (both parts and the manifest)")

@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from fedscore.cli_common import console, fail, user_errors
+from fedscore.shared.run_folder import RunFolder
 
 registry_app = typer.Typer(help="The lender's model registry: versions, champion, challenger, rollback.",
                            no_args_is_help=True)
@@ -79,6 +80,7 @@ def monitor_command(model: Annotated[Path, typer.Option("--model", help="RUN_DIR
                         help="noise multiplier of the payment holder's bin counts")] = None) -> None:
     """PSI and characteristic analysis per column against the training reference, score drift, and realised AUC,
     KS and bad rate per band once outcomes mature; writes monitor.json and monitor.html."""
+    from fedscore.local_parties import party_homes
     from fedscore.monitor import (
         DEFAULT_MONITOR_BUDGET,
         DEFAULT_NOISE_MULTIPLIER,
@@ -87,7 +89,6 @@ def monitor_command(model: Annotated[Path, typer.Option("--model", help="RUN_DIR
         record_month,
         resolve,
     )
-    from fedscore.runs import party_homes
     from fedscore.shared.privacy.ledger import BudgetExceeded
 
     wanted = [k for text in month for a, b in [_months(text)] for k in range(a, b + 1)]
@@ -133,16 +134,18 @@ def retrain_command(from_: Annotated[Path, typer.Option("--from", help="RUN_DIR 
                     ) -> None:
     """Warm-start from the previous version and train on the new window; the ledgers compose across versions.
     Refused before anything is charged when the budgets cannot cover it (the account and the ways forward)."""
+    from fedscore.budgets import apply_budget_overrides, default_budgets
+    from fedscore.local_parties import party_homes
     from fedscore.retrain import RetrainRefused, account, accounts_json, preflight, run_id_of, run_warm
-    from fedscore.runs import apply_budget_overrides, default_budgets, party_homes
     from fedscore.shared.config import load_config
     from fedscore.synth_monthly import assemble_window
 
     first, last = _months(months)
     with user_errors():
-        previous = json.loads((from_ / "config.json").read_text()) if (from_ / "config.json").exists() else None
+        folder = RunFolder(from_)
+        previous = folder.read_json(folder.config) if folder.config.exists() else None
         if previous is None:
-            fail(f"{from_}: no config.json (not a run folder)")
+            fail(f"{from_}: no {folder.CONFIG} (not a run folder)")
         config = load_config(None, [*_flatten(previous), *(set_ or [])])
         budgets = apply_budget_overrides(default_budgets(config), budget or [])
         homes = party_homes(party_home)
@@ -207,12 +210,12 @@ def _print_account(accounts) -> None:  # type: ignore[no-untyped-def]
 def account_command(from_: Annotated[Path, typer.Option("--from", help="RUN_DIR whose size to project")],
                     budget: BudgetOpt = None, party_home: HomeOpt = None) -> None:
     """Each party's lifetime account: eps per run, cumulative, and how many more retrains like FROM fit."""
+    from fedscore.budgets import apply_budget_overrides, default_budgets
+    from fedscore.local_parties import party_homes
     from fedscore.retrain import account, run_id_of
-    from fedscore.runs import apply_budget_overrides, default_budgets, party_homes
-    from fedscore.shared.config import FedConfig
 
     with user_errors():
-        config = FedConfig.model_validate_json((from_ / "config.json").read_text())
+        config = RunFolder(from_).read_config()
         budgets = apply_budget_overrides(default_budgets(config), budget or [])
         homes = party_homes(party_home)
         run = run_id_of(from_)
@@ -225,7 +228,7 @@ def account_command(from_: Annotated[Path, typer.Option("--from", help="RUN_DIR 
 def registry_show(party_home: HomeOpt = None) -> None:
     """The versions, the champion and the history."""
     from fedscore import registry
-    from fedscore.runs import party_homes
+    from fedscore.local_parties import party_homes
 
     with user_errors():
         home = party_homes(party_home)["lender"]
@@ -249,7 +252,7 @@ def registry_add(run: Annotated[Path, typer.Option("--run", help="a finished run
                  = None, party_home: HomeOpt = None) -> None:
     """Register a finished run as a new version (the first becomes the champion)."""
     from fedscore import registry
-    from fedscore.runs import party_homes
+    from fedscore.local_parties import party_homes
 
     with user_errors():
         v = registry.register(party_homes(party_home)["lender"], run, _months(months) if months else None)
@@ -267,7 +270,7 @@ def registry_challenge(version: Annotated[int, typer.Option("--version", help="t
     """Score the challenger beside the champion on the latest matured window; promote it only if AUC and KS are
     both better."""
     from fedscore import registry
-    from fedscore.runs import party_homes
+    from fedscore.local_parties import party_homes
 
     with user_errors():
         result = registry.challenge(party_homes(party_home)["lender"], version, data, as_of,
@@ -283,7 +286,7 @@ def registry_challenge(version: Annotated[int, typer.Option("--version", help="t
 def registry_rollback(party_home: HomeOpt = None) -> None:
     """Make the previous champion the champion again."""
     from fedscore import registry
-    from fedscore.runs import party_homes
+    from fedscore.local_parties import party_homes
 
     with user_errors():
         v = registry.rollback(party_homes(party_home)["lender"])

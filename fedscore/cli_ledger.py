@@ -40,7 +40,7 @@ class LedgerView:
 
 
 def _read(home: Path | None, party: str) -> LedgerView:
-    from fedscore.shared.party_home import LEDGER_FILE, default_party_home
+    from fedscore.shared.party_home import PartyHome
     from fedscore.shared.privacy.ledger_store import (
         LedgerDamaged,
         LedgerUnavailable,
@@ -50,13 +50,13 @@ def _read(home: Path | None, party: str) -> LedgerView:
         read_legacy_entries,
     )
 
-    home = Path(home) if home is not None else default_party_home(party)
-    path = ledger_db_path(home / LEDGER_FILE)
+    home = PartyHome(home) if home is not None else PartyHome.default(party)
+    path = ledger_db_path(home.ledger)
     try:
         if not path.exists():
             legacy = legacy_json_path(path)
             if not legacy.exists():
-                fail(f"no privacy ledger in {home} (no {path.name}, no {legacy.name})")
+                fail(f"no privacy ledger in {home.root} (no {path.name}, no {legacy.name})")
             return LedgerView(legacy, party, read_legacy_entries(legacy, party), {}, legacy=True)
         store = open_store(path, party)
         with store.reading() as conn:

@@ -73,8 +73,8 @@ def _server_credentials(host: str, tls_cert: Path | None, tls_key: Path | None, 
 
 def _payment_budgets(training_config: dict, budget: list[str] | None) -> dict[str, float]:
     """The run's targets for the payment party (what its node config would hold), then --budget overrides."""
+    from fedscore.budgets import default_budgets
     from fedscore.clients.payment.release_guard import GuardRefused
-    from fedscore.runs import default_budgets
     from fedscore.shared.config import FedConfig
     from fedscore.shared.privacy.budgets import parse_budgets
 
@@ -147,7 +147,7 @@ def prepare_payment_service(model: Path, data: Path, home: Path, budget: list[st
     )
     from fedscore.clients.payment.served import load_served
     from fedscore.clients.payment.service import PaymentScoringService
-    from fedscore.shared.party_home import ensure_party_home
+    from fedscore.shared.party_home import PartyHome, ensure_party_home
     from fedscore.shared.scoring.bundle import load_scoring_bundle
 
     bundle = load_scoring_bundle(model)
@@ -159,10 +159,10 @@ def prepare_payment_service(model: Path, data: Path, home: Path, budget: list[st
     try:
         if guard.sigma is None:
             warn("embeddings leave WITHOUT noise (feature protection was off in training); recorded as "
-                  f"unprotected in {home / 'disclosures.json'}")
+                  f"unprotected in {PartyHome(home).disclosures}")
         if disclose_signals:
             record_disclosure(home, "payment.signals", SIGNALS_DISCLOSURE)
-            warn(f"unprotected: {SIGNALS_DISCLOSURE}; recorded in {home / 'disclosures.json'}")
+            warn(f"unprotected: {SIGNALS_DISCLOSURE}; recorded in {PartyHome(home).disclosures}")
         console.print(f"loading {data / 'payment'} and the payment part from {model} ...")
         return PaymentScoringService.from_bundle(bundle, data, served, guard, disclose_signals, threads), guard
     except BaseException:
@@ -214,7 +214,7 @@ def serve_lender_command(
     """The lender: POST /score {"id": ...} over HTTP, asking the payment service for the embedding."""
     from fedscore.clients.lender.service import run_lender_service
     from fedscore.scoring import read_blacklist
-    from fedscore.shared.party_home import default_party_home
+    from fedscore.shared.party_home import PartyHome
 
     with user_errors():
         from fedscore.shared.scoring.bundle import load_scoring_bundle, refuse_void_bundle
@@ -222,7 +222,7 @@ def serve_lender_command(
         refuse_void_bundle(load_scoring_bundle(model))
         credentials = _payment_channel(payment_address, payment_ca, client_cert, client_key, insecure_payment)
         ids = read_blacklist(blacklist) if blacklist is not None else None
-        token_file = api_token_file or default_party_home("lender") / "api-token"
+        token_file = api_token_file or PartyHome.default("lender").api_token
         token = api_token(token_file)
         console.print(f"lender service on http://{host}:{port} (payment service at {payment_address}, "
                       f"{'mutual TLS' if credentials else 'plaintext, loopback'}); callers send "

@@ -1,8 +1,8 @@
 """Two institutions, two machines: what `fedscore superlink`, `fedscore node` and `fedscore run` do.
 
 The same pieces as the one-host `fedscore federate` (fedscore/flower/launch.py: the process group, the SuperLink's
-TLS and SuperNode registration, the party worker beside its SuperNode, `flwr run` and following it; fedscore/runs.py:
-the run folder and metrics), split by who runs them:
+TLS and SuperNode registration, the party worker beside its SuperNode, `flwr run` and following it;
+shared/run_folder.py and fedscore/finish.py: the run folder and metrics), split by who runs them:
 
 - the coordinator's operator: `fedscore superlink` (TLS with its certificate; only the SuperNode keys the parties
   handed over may join; writes DIR/nodes.json with the node id registered for each party) and `fedscore run` on the
@@ -19,11 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedscore.finish import finish_run
 from fedscore.flower.launch import Federation, record_timing, split_address, start_run
 from fedscore.flower.patches import REFUSED_MARKERS
-from fedscore.runs import RunError, finish_run, prepare_run_dir
 from fedscore.shared.atomic import write_json_atomic
 from fedscore.shared.config import FedConfig
+from fedscore.shared.run_folder import RunError, RunFolder
 from fedscore.shared.tls import SuperLinkTls, node_key_fingerprint
 
 if TYPE_CHECKING:
@@ -103,7 +104,7 @@ def run_on_superlink(config: FedConfig, superlink: str, run_dir: Path, ca: Path 
 
         refuse_insecure_off_loopback(host, "the SuperLink address")
     run_dir = run_dir.resolve()
-    prepare_run_dir(run_dir, config, shared_secret=False)  # the coordinator never holds the parties' secret
+    RunFolder(run_dir).create(config, shared_secret=False)  # the coordinator never holds the parties' secret
     return _run_and_finish(config, superlink, run_dir, ca, nodes, progress, timeout_s)
 
 
@@ -114,22 +115,12 @@ def resume_on_superlink(run_dir: Path, superlink: str, ca: Path | None, nodes: d
     (same run id and config) from RUN_DIR/checkpoint.json; each party's node must be up again (`fedscore node` with
     the same party home and state folder: its worker reloads its state, and a step whose reply already left is
     answered from the saved copy, never drawn or charged again)."""
-    from fedscore.runs import run_lock, set_aside_outcome
-    from fedscore.server.coordinator import CHECKPOINT_FILE
-
     run_dir = run_dir.resolve()
-    for needed in ("config.json", CHECKPOINT_FILE):
-        if not (run_dir / needed).exists():
-            raise RunError(f"{run_dir}: no {needed}: nothing to resume (the run stopped before its coordinator "
-                           "started, or this is not a run folder)")
-    if (run_dir / "metrics.json").exists():
-        raise RunError(f"{run_dir}: the run already finished (metrics.json exists); nothing to resume")
-    config = FedConfig.model_validate_json((run_dir / "config.json").read_text())
-    with run_lock(run_dir):
-        set_aside_outcome(run_dir)
-        if (run_dir / "flower").exists():
-            attempts = len(list(run_dir.glob("flower-attempt-*"))) + 1
-            (run_dir / "flower").rename(run_dir / f"flower-attempt-{attempts}")
+    folder = RunFolder(run_dir)
+    folder.check_resumable(local=False)
+    config = folder.read_config()
+    with folder.lock():
+        folder.new_attempt()
         return _run_and_finish(config, superlink, run_dir, ca, nodes, progress, timeout_s)
 
 
@@ -137,7 +128,7 @@ def _run_and_finish(config: FedConfig, superlink: str, run_dir: Path, ca: Path |
                     progress: Callable[[str, int, int], None] | None, timeout_s: float) -> dict[str, Any]:
     progress = progress or (lambda stage, done, total: None)
     start = time.perf_counter()
-    with Federation(run_dir / "flower") as runner:
+    with Federation(RunFolder(run_dir).flower) as runner:
         runner.write_connection(superlink, ca)
         startup_s, t_stop = start_run(runner, run_dir, progress, timeout_s, nodes, False, start)
     record_timing(run_dir, start, startup_s, time.perf_counter() - t_stop)

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fedscore.shared.atomic import write_text_atomic
 from fedscore.shared.config import ConfigError, load_config
 from fedscore.shared.metrics import METRIC_KEYS
+from fedscore.shared.run_folder import RunFolder
 
 LABEL_EPS, OUTSIDER_EPS = "privacy.label_epsilon", "privacy.outsider_epsilon"
 Scalar = bool | int | float | str
@@ -138,7 +139,8 @@ def result_row(spec: RunSpec, metrics: dict[str, Any], wall_s: float) -> dict[st
     """One results.csv row: the cell's settings, seed, split, every guarantee's eps, the test metrics, baselines."""
     row: dict[str, Any] = {"run": spec.name, "cell": spec.cell, **spec.settings, "seed": spec.seed,
                            "split": spec.split}
-    privacy = json.loads((spec.run_dir / "privacy-report.json").read_text())
+    folder = RunFolder(spec.run_dir)
+    privacy = folder.read_json(folder.privacy_report)
     for g in privacy.get("guarantees", []):
         row[f"eps.{g['protects']}@{g['against']}"] = g["epsilon"]
     row.update({f"test.{k}": metrics["test"][k] for k in METRIC_KEYS})
@@ -234,7 +236,7 @@ def reference_columns(row: dict[str, Any], refs: Any) -> dict[str, Any]:
 def run_one(spec: RunSpec) -> dict[str, Any]:
     """Run one grid point from scratch (a crashed earlier attempt's folder and homes are wiped: its ledgers may
     hold charges for releases that never finished). A refused run becomes a row with `error`, not a crash."""
-    from fedscore.runs import RunError
+    from fedscore.shared.run_folder import RunError
 
     homes_root = spec.run_dir.parent / f"{spec.name}-homes"
     for folder in (spec.run_dir, homes_root):
@@ -271,10 +273,11 @@ def run_experiment(runs: list[RunSpec], out: Path, jobs: int = 1, resume: bool =
                 if not r.get("error") and r["run"] in ref_of}
     todo = []
     for spec in runs:
-        metrics_file = spec.run_dir / "metrics.json"
+        folder = RunFolder(spec.run_dir)
+        metrics_file = folder.metrics
         if spec.name in rows:
             continue
-        if resume and metrics_file.exists() and (spec.run_dir / "privacy-report.json").exists():
+        if resume and metrics_file.exists() and folder.privacy_report.exists():
             metrics = json.loads(metrics_file.read_text())  # finished, but its row was never written
             rows[spec.name] = reference_columns(result_row(spec, metrics, metrics["timing"].get("total_s", 0.0)),
                                                 ref_of[spec.name])

@@ -14,25 +14,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from fedscore.budgets import Budgets, default_budgets
+from fedscore.finish import finish_run
 from fedscore.flower.launch import Federation, begin_run, follow, local_superlink_tls, record_timing
 from fedscore.flower.processes import survivors
-from fedscore.runs import (
-    DEFAULT_PARTY_TIMEOUT_S,
-    Budgets,
-    Homes,
-    RunError,
-    check_data_dir,
-    default_budgets,
-    finish_run,
-    party_settings,
-    prepare_run_dir,
-    read_launch,
-    record_launch,
-    resume_hint,
-    run_lock,
-    set_aside_outcome,
-)
+from fedscore.local_parties import Homes, check_data_dir, party_homes, party_settings
 from fedscore.shared.config import FedConfig
+from fedscore.shared.run_folder import DEFAULT_PARTY_TIMEOUT_S, Launch, RunError, RunFolder
 from fedscore.shared.tls import node_auth_key
 
 
@@ -48,14 +36,15 @@ def run_federated(config: FedConfig, data_dir: Path, run_dir: Path,
     before its SuperNode starts; `insecure` serves plaintext on 127.0.0.1 without node authentication."""
     check_data_dir(data_dir)
     run_dir = run_dir.resolve()
-    secret = prepare_run_dir(run_dir, config, secret)
+    folder = RunFolder(run_dir)
+    secret = folder.create(config, secret)
     budgets = default_budgets(config) if budgets is None else budgets
-    record_launch(run_dir, data_dir, "flower", budgets, homes, party_timeout_s, insecure=insecure)
+    folder.write_launch(Launch.of(data_dir, "flower", budgets, homes or party_homes(), party_timeout_s, insecure))
     if config.baselines.enabled and config.baselines.references:
         from fedscore.references import prefetch_references
 
         prefetch_references(data_dir, config, secret)  # tuned while the federation waits on its messages
-    with run_lock(run_dir):
+    with folder.lock():
         return _federate(config, data_dir, run_dir, secret, budgets, homes, progress, timeout_s, insecure, capture)
 
 
@@ -65,34 +54,25 @@ def resume_federated(run_dir: Path, progress: Callable[[str, int, int], None] | 
     worker reloads its state (model, optimizer, DP-SGD plan, alignment, channel counters) from its state directory
     and its ledger from its home; the ServerApp reloads the coordinator's checkpoint and continues the same run id.
     The crashed attempt's Flower logs are kept in RUN_DIR/flower-attempt-<n>."""
-    from fedscore.server.coordinator import CHECKPOINT_FILE, Checkpoint
-
     run_dir = run_dir.resolve()
-    config, data_dir, secret, budgets, homes, launch = read_launch(run_dir)
+    folder = RunFolder(run_dir)
+    folder.check_resumable(local=True)
+    config, launch, secret = folder.read_config(), folder.read_launch(), folder.read_secret()
+    data_dir, homes = Path(launch.data), launch.home_paths()
     check_data_dir(data_dir)
-    if not (run_dir / CHECKPOINT_FILE).exists():
-        raise RunError(f"{run_dir}: no {CHECKPOINT_FILE}: the run stopped before its coordinator started; start a "
-                       "new run (what the parties charged stays charged)")
-    checkpoint = Checkpoint.model_validate_json((run_dir / CHECKPOINT_FILE).read_text())
-    if checkpoint.next_step >= checkpoint.total_steps:
-        raise RunError(f"{run_dir}: run {checkpoint.run_id!r} already finished all its steps")
-    with run_lock(run_dir):
-        _refuse_survivors(run_dir / "flower")
-        if party_timeout_s is not None and party_timeout_s != launch.get("party_timeout_s"):
-            record_launch(run_dir, data_dir, "flower", budgets, homes, party_timeout_s,
-                          insecure=bool(launch.get("insecure", False)))
-        set_aside_outcome(run_dir)
-        if (run_dir / "flower").exists():
-            attempts = len(list(run_dir.glob("flower-attempt-*"))) + 1
-            (run_dir / "flower").rename(run_dir / f"flower-attempt-{attempts}")
-        return _federate(config, data_dir, run_dir, secret, budgets, homes, progress, timeout_s,
-                         bool(launch.get("insecure", False)), False)
+    with folder.lock():
+        _refuse_survivors(folder)
+        if party_timeout_s is not None and party_timeout_s != launch.party_timeout_s:
+            folder.write_launch(launch.model_copy(update={"party_timeout_s": party_timeout_s}))
+        folder.new_attempt()
+        return _federate(config, data_dir, run_dir, secret, launch.budgets, homes, progress, timeout_s,
+                         launch.insecure, False)
 
 
-def _refuse_survivors(flower_dir: Path) -> None:
+def _refuse_survivors(folder: RunFolder) -> None:
     """The crashed attempt's processes run in sessions of their own: if its launcher was killed outright they may
     still run, and a second worker of the same party must not write the same state. Refuse, naming them."""
-    pids_file = flower_dir / "pids.json"
+    pids_file = folder.pids
     if not pids_file.exists():
         return
     alive = survivors(json.loads(pids_file.read_text()))
@@ -105,7 +85,8 @@ def _federate(config: FedConfig, data_dir: Path, run_dir: Path, secret: str, bud
               capture: bool) -> dict:
     start = time.perf_counter()
     progress = progress or (lambda stage, done, total: None)
-    with Federation(run_dir / "flower") as federation:
+    folder = RunFolder(run_dir)
+    with Federation(folder.flower) as federation:
         # everything starts at once: the SuperLink; `flwr supernode register` and `flwr run`, which do their imports
         # meanwhile and act as soon as the SuperLink answers (fedscore/flower/flwr_run.py; the run also waits for the
         # app, written once the keys are registered); the workers, which load torch and opacus; then the
@@ -136,7 +117,7 @@ def _federate(config: FedConfig, data_dir: Path, run_dir: Path, secret: str, bud
         try:
             follow(run_dir, federation, runner, progress, timeout_s)
         except RunError as exc:
-            raise RunError(f"{exc}{resume_hint(run_dir)}") from None
+            raise RunError(f"{exc}{folder.resume_hint()}") from None
         federation.begin_stop()  # the processes shut down while the baselines and the report are computed
         record_timing(run_dir, start, startup_s, 0.0)
         metrics = finish_run(run_dir, data_dir, config, secret, homes)

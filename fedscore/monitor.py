@@ -37,6 +37,7 @@ from fedscore.shared.atomic import write_json_atomic, write_text_atomic
 from fedscore.shared.data.party_data import PartyTable
 from fedscore.shared.data.schema import ColumnSchema, DataSchema
 from fedscore.shared.data.tables import DataError
+from fedscore.shared.run_folder import RunFolder
 
 PSI_WATCH, PSI_ACT = 0.1, 0.25
 BINS = 20
@@ -153,7 +154,7 @@ def payment_release(folder: Path, home: Path, budget: float, noise_multiplier: f
 
     BudgetExceeded (from the ledger) when the budget would be overspent: nothing is drawn or released."""
     from fedscore.clients.payment.data import load_payment_table
-    from fedscore.shared.party_home import LEDGER_FILE, ensure_party_home
+    from fedscore.shared.party_home import PartyHome, ensure_party_home
     from fedscore.shared.privacy.ledger import Ledger
     from fedscore.shared.privacy.mechanisms import GaussianRelease
     from fedscore.shared.privacy.secure_random import NoiseSource
@@ -162,7 +163,7 @@ def payment_release(folder: Path, home: Path, budget: float, noise_multiplier: f
     key = _data_key(folder)
     if plan is not None:
         key = hashlib.sha256((key + json.dumps(plan, sort_keys=True)).encode()).hexdigest()[:24]
-    cache = home / "monitor" / f"release-{key}.json"
+    cache = PartyHome(home).monitor / f"release-{key}.json"
     if cache.exists():
         saved = json.loads(cache.read_text())
         return PaymentRelease(key, saved["counts"], saved["noise_multiplier"], saved.get("epsilon_after"), False)
@@ -174,7 +175,7 @@ def payment_release(folder: Path, home: Path, budget: float, noise_multiplier: f
     d = len(exact)
     record = GaussianRelease(noise_multiplier=noise_multiplier, sensitivity=math.sqrt(2.0), clip=math.sqrt(d),
                              count=1, protects="payment.features", seen_by="lender", neighbouring="replace_one")
-    ledger = Ledger(home / LEDGER_FILE, {MONITOR_GUARANTEE: budget}, delta, party="payment",
+    ledger = Ledger(PartyHome(home).ledger, {MONITOR_GUARANTEE: budget}, delta, party="payment",
                     run=f"monitor:{key[:12]}")
     eps = ledger.charge([record], MONITOR_GUARANTEE,
                         note=f"monitoring: noisy bin counts of {d} payment columns ({what or folder})")
@@ -261,10 +262,10 @@ def resolve(model: Path, data: Path, month: int) -> MonitorInputs:
 
     model = Path(model)
     run_dir = model.parent if model.name == "model" else model
-    model_dir = run_dir / "model"
+    model_dir = RunFolder(run_dir).model
     if not (model_dir / "manifest.json").exists():
         raise MonitorError(f"{model}: no model/manifest.json (give a finished run folder or its model/)")
-    launch = run_dir / "launch.json"
+    launch = RunFolder(run_dir).launch
     if not launch.exists():
         raise MonitorError(f"{run_dir}: no launch.json: the training data (the reference) is unknown")
     reference = Path(json.loads(launch.read_text())["data"])

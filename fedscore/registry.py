@@ -15,7 +15,6 @@ Every promotion and rollback is appended to the registry's history.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,11 +22,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from fedscore.runs import RunError
 from fedscore.shared.atomic import write_text_atomic
+from fedscore.shared.party_home import PartyHome
+from fedscore.shared.run_folder import RunError, RunFolder
 
-REGISTRY_FILE = "registry.json"
-CHAMPION_LINK = "champion"
+REGISTRY_FILE = PartyHome.REGISTRY
+CHAMPION_LINK = PartyHome.CHAMPION
 
 
 class Version(BaseModel):
@@ -93,7 +93,7 @@ def _point_champion(home: Path, model_dir: Path) -> None:
 
 def fingerprint(run_dir: Path) -> tuple[str, dict[str, str]]:
     """sha256 of model/manifest.json and of each file in model/ (what serving loads)."""
-    model = Path(run_dir) / "model"
+    model = RunFolder(run_dir).model
     manifest = model / "manifest.json"
     if not manifest.exists():
         raise RunError(f"{run_dir}: no model/manifest.json (not a finished run with a bundle)")
@@ -120,7 +120,8 @@ def register(home: Path, run_dir: Path, window: tuple[int, int] | None = None, w
         if Path(v.run_dir) == run_dir:
             raise RunError(f"{run_dir} is already version {v.version}")
     manifest, files = fingerprint(run_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text())["test"] if (run_dir / "metrics.json").exists() else {}
+    folder = RunFolder(run_dir)
+    metrics = folder.read_json(folder.metrics)["test"] if folder.finished else {}
     version = Version(version=max((v.version for v in registry.versions), default=0) + 1, run_dir=str(run_dir),
                       run_id=run_id_of(run_dir), manifest_sha256=manifest, files_sha256=files,
                       window=list(window) if window else None, warm_from=warm_from,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import functools
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import jinja2
 
 from fedscore.shared.atomic import write_text_atomic
 from fedscore.shared.metrics import METRIC_KEYS, METRIC_LABELS
+from fedscore.shared.run_folder import RunFolder
 
 
 def _png(fig: Any) -> str:
@@ -134,9 +134,10 @@ def render(run_dir: Path, with_lift: bool = False) -> str:
     """The page for this run directory, from its metrics.json (optional), outcome.json and privacy-report.json;
     `with_lift` adds the lift kept from parties/evaluation/ (the local operator's copy, never RUN_DIR's top level:
     its references are fitted on clean training labels)."""
-    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else None
-    outcome = json.loads((run_dir / "outcome.json").read_text())
-    privacy = json.loads((run_dir / "privacy-report.json").read_text())
+    folder = RunFolder(run_dir)
+    metrics = folder.read_json(folder.metrics) if folder.finished else None
+    outcome = folder.read_outcome()
+    privacy = folder.read_json(folder.privacy_report)
     err = privacy.get("refusal") or outcome.get("error")
     stopped = ({"party": err.get("party") or "-", "request": err.get("request") or "-",
                 "reason": err.get("reason", "")} if err else None)
@@ -205,7 +206,7 @@ def _audit_view(run_dir: Path, section: dict[str, Any] | None) -> dict[str, Any]
                "detail": (f"{a['correct']}/{a['guesses']} correct of {a['canaries']} canaries ({a['policy']}; "
                           f"{a['confidence']:.0%} confidence over {a['policies_tried']} guess policies)"
                           if a.get("guesses") else a.get("note", ""))} for a in section["one_run_audits"]]
-    png = run_dir / "audit.png"
+    png = RunFolder(run_dir).audit_plot
     return {"threats": {"labels": labels["threat_model"], "features": features["threat_model"],
                         "membership": mem["threat_model"]},
             "label_claim": _fmt(labels.get("claim")), "feature_claim": _fmt(features.get("claim")),
@@ -219,19 +220,18 @@ def write_reports(run_dir: Path) -> dict[str, Any]:
     privacy report."""
     from fedscore.server.privacy_report import build_privacy_report
     from fedscore.shared.atomic import write_json_atomic
-    from fedscore.shared.config import FedConfig
-
-    config = FedConfig.model_validate_json((run_dir / "config.json").read_text())
-    outcome = json.loads((run_dir / "outcome.json").read_text())
+    folder = RunFolder(run_dir)
+    config = folder.read_config()
+    outcome = folder.read_outcome()
     report = build_privacy_report(config, outcome.get("ledgers", {}), outcome.get("error"), outcome.get("run_id", ""))
-    if (run_dir / "audit.json").exists():  # written by `fedscore audit` (fedscore/audit/section.py)
-        report["attacks_and_audit"] = json.loads((run_dir / "audit.json").read_text())
-    write_json_atomic(run_dir / "privacy-report.json", report)
-    write_text_atomic(run_dir / "report.html", render(run_dir))
+    if folder.audit.exists():  # written by `fedscore audit` (fedscore/audit/section.py)
+        report["attacks_and_audit"] = folder.read_json(folder.audit)
+    write_json_atomic(folder.privacy_report, report)
+    write_text_atomic(folder.report_html, render(run_dir))
     from fedscore.references import EVALUATION_DIR, read_evaluation
 
     if read_evaluation(run_dir) is not None:  # a local simulation: the operator's copy with the lift kept
-        write_text_atomic(run_dir / EVALUATION_DIR / "report.html", render(run_dir, with_lift=True))
+        write_text_atomic(run_dir / EVALUATION_DIR / RunFolder.REPORT_HTML, render(run_dir, with_lift=True))
     return report
 
 

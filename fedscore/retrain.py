@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedscore.runs import Budgets, Homes, RunError
+from fedscore.budgets import Budgets
+from fedscore.local_parties import Homes
+from fedscore.shared.run_folder import RunError, RunFolder
 
 MAX_PROJECTED = 5  # retrains projected at most (5 means "5 or more"): each probe is a full PLD composition
 
@@ -49,10 +51,10 @@ class GuaranteeAccount:
 
 
 def _ledger(home: Path, party: str, budgets: dict[str, float], delta: float):
-    from fedscore.shared.party_home import LEDGER_FILE
+    from fedscore.shared.party_home import PartyHome
     from fedscore.shared.privacy.ledger import Ledger
 
-    return Ledger(Path(home) / LEDGER_FILE, budgets, delta, party=party)
+    return Ledger(PartyHome(home).ledger, budgets, delta, party=party)
 
 
 def _renamed(items: list[dict[str, Any]], tag: str) -> list[dict[str, Any]]:
@@ -129,9 +131,9 @@ def _project(ledger: Any, guarantee: str, template: list[dict[str, Any]], cap: i
 
 def run_id_of(run_dir: Path) -> str:
     """The id every ledger entry of that run is tagged with (RUN_DIR/outcome.json)."""
-    path = Path(run_dir) / "outcome.json"
+    path = RunFolder(run_dir).outcome
     if not path.exists():
-        raise RunError(f"{run_dir}: no outcome.json (not a finished run folder)")
+        raise RunError(f"{run_dir}: no {path.name} (not a finished run folder)")
     run_id = json.loads(path.read_text()).get("run_id", "")
     if not run_id:
         raise RunError(f"{path}: no run_id: cannot find this version's charges in the ledgers")
@@ -203,7 +205,7 @@ def previous_weights(from_run: Path) -> dict[str, dict[str, Any]]:
 
     weights = {}
     for party in ("payment", "lender"):
-        path = Path(from_run) / "parties" / party / "state.pt"
+        path = RunFolder(from_run).party_state(party) / "state.pt"
         if not path.exists():
             raise RunError(f"{path}: missing: the {party}'s part of the previous version is not here to warm-start "
                            "from (in a deployment each party warm-starts from its own state folder)")
@@ -251,28 +253,10 @@ def warm_parties(settings: dict[str, Any], weights: dict[str, dict[str, Any]]) -
 def run_warm(config: Any, data_dir: Path, run_dir: Path, from_run: Path | None, progress: Any = None,
              budgets: Budgets | None = None, homes: Homes | None = None) -> dict[str, Any]:
     """`runs.run_inprocess` with warm-started parties (from_run None: a fresh start, the from-scratch reference)."""
-    from fedscore.clients.parties import make_party
-    from fedscore.runs import (
-        _run_coordinator,
-        check_data_dir,
-        default_budgets,
-        party_settings,
-        prepare_run_dir,
-        record_launch,
-        run_lock,
-    )
-    from fedscore.server.coordinator import Coordinator, new_run_id
-    from fedscore.shared.protocol.transport import InProcessTransport
+    from fedscore.local_parties import check_data_dir
+    from fedscore.runs import run_inprocess
 
     check_data_dir(data_dir)
     weights = previous_weights(from_run) if from_run is not None else None
-    secret = prepare_run_dir(run_dir, config)
-    budgets = default_budgets(config) if budgets is None else budgets
-    record_launch(run_dir, data_dir, "inprocess", budgets, homes)
-    settings = party_settings(run_dir, data_dir, secret, budgets, homes)
-    parties = (warm_parties(settings, weights) if weights is not None
-               else {name: make_party(s) for name, s in settings.items()})
-    coordinator = Coordinator(config, InProcessTransport(parties), progress=progress,
-                              run_id=new_run_id(run_dir.name), checkpoint_dir=run_dir)
-    with run_lock(run_dir):
-        return _run_coordinator(coordinator, run_dir, data_dir, config, secret, homes)
+    warm = (lambda settings: warm_parties(settings, weights)) if weights is not None else None
+    return run_inprocess(config, data_dir, run_dir, progress, budgets=budgets, homes=homes, parties=warm)

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedscore.clients.state import LenderState, PaymentState
-from fedscore.shared.config import FedConfig
 from fedscore.shared.model.parts import LenderTop, PaymentBottom, lender_model, payment_model
 from fedscore.shared.model.preprocessing import Scaler
 from fedscore.shared.protocol.splits import SPLIT_TEST
+from fedscore.shared.run_folder import RunFolder
 
 
 @dataclass
@@ -30,10 +30,10 @@ class TorchParts:
 
 def load_torch_parts(run_dir: Path) -> TorchParts:
     """RUN_DIR/parties/{payment,lender}/state.pt ("model" state dicts, "scaler" dicts) + RUN_DIR/config.json."""
-    run_dir = Path(run_dir)
-    config = FedConfig.model_validate_json((run_dir / "config.json").read_text())
-    payment = PaymentState.load(run_dir / "parties" / "payment" / "state.pt")
-    lender = LenderState.load(run_dir / "parties" / "lender" / "state.pt")
+    folder = RunFolder(run_dir)
+    config = folder.read_config()
+    payment = PaymentState.load(folder.party_state("payment") / "state.pt")
+    lender = LenderState.load(folder.party_state("lender") / "state.pt")
     scaler_p, scaler_l = Scaler(**payment.scaler), Scaler(**lender.scaler)
     model_p = payment_model(len(scaler_p.output_names), config)
     model_l = lender_model(len(scaler_l.output_names), config.model.sent_dim, config)

@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 from fedscore.clients.lender.scoring import load_applicant_features  # noqa: E402
 from fedscore.clients.payment.release_guard import GUARANTEE, _model_id, release_counts  # noqa: E402
 from fedscore.clients.payment.served import load_served  # noqa: E402
-from fedscore.shared.party_home import LEDGER_FILE  # noqa: E402
+from fedscore.shared.party_home import PartyHome  # noqa: E402
 from fedscore.shared.scoring.bundle import load_scoring_bundle  # noqa: E402
 
 FEDSCORE = [sys.executable, "-m", "fedscore.cli"]
@@ -96,10 +96,10 @@ def prefill(home: Path, model: Path, answers: int, versions: int = 10) -> float:
     started = time.perf_counter()
     sha = load_scoring_bundle(model).part_sha256("payment")
     meta = load_served(home, sha).meta
-    store = open_store(home / LEDGER_FILE, "payment")
+    store = open_store(home / PartyHome.LEDGER, "payment")
     now = time.time()
     per_version = -(-answers // versions)
-    ledger = Ledger(home / LEDGER_FILE, {GUARANTEE: BUDGET}, meta.delta, party="payment")
+    ledger = Ledger(home / PartyHome.LEDGER, {GUARANTEE: BUDGET}, meta.delta, party="payment")
     for v in range(versions):
         old = f"{v:02d}" * 32  # an earlier payment part's sha256
 
@@ -289,7 +289,7 @@ def served_applicants(model: Path, data: Path, home: Path) -> list[str]:
 def _online_charges(home: Path) -> int:
     from fedscore.shared.privacy.ledger import ledger_entries
 
-    return sum(e["guarantee"] == GUARANTEE for e in ledger_entries(home / LEDGER_FILE, "payment"))
+    return sum(e["guarantee"] == GUARANTEE for e in ledger_entries(home / PartyHome.LEDGER, "payment"))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -355,7 +355,7 @@ def kill_test(model: Path, data: Path, home: Path, pki: Path, scratch: Path, rat
         running.payment.wait()
     from fedscore.shared.privacy.ledger_store import LedgerStore
 
-    LedgerStore(home / LEDGER_FILE, "payment")  # a new process's open: checks the file after the kill
+    LedgerStore(home / PartyHome.LEDGER, "payment")  # a new process's open: checks the file after the kill
     after_counts = release_counts(home).get(sha, {})
     missing = {user: n for user, n in result.received.items()
                if after_counts.get(user, 0) - before.get(user, 0) < n}

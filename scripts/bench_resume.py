@@ -36,10 +36,10 @@ def _run(args: list[str], home: Path) -> tuple[float, subprocess.CompletedProces
 def _summary(run_dir: Path, home: Path) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     report = json.loads((run_dir / "privacy-report.json").read_text())
-    from fedscore.shared.party_home import LEDGER_FILE
+    from fedscore.shared.party_home import PartyHome
     from fedscore.shared.privacy.ledger import ledger_entries
 
-    charges = {p: len(ledger_entries(home / "parties" / p / LEDGER_FILE, p))
+    charges = {p: len(ledger_entries(home / "parties" / p / PartyHome.LEDGER, p))
                for p in ("payment", "lender")}
     return {"auc": metrics["test"]["auc"], "rounds": len(metrics["rounds"]), "charges": charges,
             "epsilon": {f"{g['protects']}@{g['against']}": round(g["epsilon"], 4) for g in report["guarantees"]},

@@ -210,24 +210,21 @@ def data_for(size: int, work: Path, seed: int) -> tuple[Path, dict[str, Any]]:
 
 
 def run_size(size: int, work: Path, overrides: list[str], seed: int) -> dict[str, Any]:
-    from fedscore.runs import (
-        _run_coordinator,
-        default_budgets,
-        party_settings,
-        prepare_run_dir,
-        record_launch,
-        run_lock,
-    )
+    from fedscore.budgets import default_budgets
+    from fedscore.local_parties import party_settings
+    from fedscore.runs import run_coordinator
     from fedscore.server.coordinator import Coordinator, new_run_id
     from fedscore.shared.config import load_config
+    from fedscore.shared.run_folder import Launch, RunFolder
 
     data, summary = data_for(size, work, seed)
     run_dir = work / f"run-{size}-{int(time.time())}"
     config = load_config(None, overrides)
-    secret = prepare_run_dir(run_dir, config)
+    folder = RunFolder(run_dir)
+    secret = folder.create(config)
     budgets = default_budgets(config)
     homes = {p: work / f"homes-{run_dir.name}" / p for p in ("payment", "lender")}
-    record_launch(run_dir, data, "inprocess", budgets, homes)
+    folder.write_launch(Launch.of(data, "inprocess", budgets, homes))
     settings = party_settings(run_dir, data, secret, budgets, homes)
     token = secrets.token_hex(16)
     sockets = {p: Path(f"/tmp/fedscore-bench-{os.getpid()}-{p}.sock") for p in settings}
@@ -246,8 +243,8 @@ def run_size(size: int, work: Path, overrides: list[str], seed: int) -> dict[str
     try:
         coordinator = Coordinator(config, WorkerTransport(sockets, token), run_id=new_run_id(run_dir.name),
                                   checkpoint_dir=run_dir)
-        with run_lock(run_dir):
-            metrics = _run_coordinator(coordinator, run_dir, data, config, secret, homes)
+        with folder.lock():
+            metrics = run_coordinator(coordinator, run_dir, data, config, secret, homes)
     finally:
         for proc in workers.values():
             proc.terminate()

@@ -39,6 +39,7 @@ from fedscore.shared.protocol.bodies import AlignmentSizes, SetupRequest, TableS
 from fedscore.shared.protocol.messages import Envelope, MessageKind, request
 from fedscore.shared.protocol.steps import PayloadKind
 from fedscore.shared.protocol.transport import Transport
+from fedscore.shared.run_folder import RunFolder
 
 
 class PartyRefused(RuntimeError):
@@ -90,7 +91,7 @@ class RunResult:
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
-CHECKPOINT_FILE = "checkpoint.json"
+CHECKPOINT_FILE = RunFolder.CHECKPOINT
 
 
 class CheckpointError(RuntimeError):

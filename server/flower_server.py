@@ -173,7 +173,6 @@ class FlowerTransport:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     from fedscore.server.coordinator import (
-        CHECKPOINT_FILE,
         CheckpointError,
         Coordinator,
         PartyRefused,
@@ -181,34 +180,35 @@ def main(grid: Grid, context: Context) -> None:
         new_run_id,
     )
     from fedscore.server.outcome import write_outcome
-    from fedscore.shared.config import FedConfig
+    from fedscore.shared.run_folder import DEFAULT_PARTY_TIMEOUT_S, Refusal, RunFolder
 
     run_dir = Path(str(context.run_config["run-dir"]))
-    config = FedConfig.model_validate_json((run_dir / "config.json").read_text())
-    launch = json.loads((run_dir / "launch.json").read_text()) if (run_dir / "launch.json").exists() else {}
-    progress_file = run_dir / "progress.jsonl"
+    folder = RunFolder(run_dir)
+    config = folder.read_config()
+    # a deployment's coordinator (`fedscore run`) has no launch.json: the party timeout is then the default
+    party_timeout_s = folder.read_launch().party_timeout_s if folder.launch.exists() else DEFAULT_PARTY_TIMEOUT_S
+    progress_file = folder.progress
 
     def progress(stage: str, done: int, total: int) -> None:
         with progress_file.open("a") as handle:
             handle.write(json.dumps({"stage": stage, "done": done, "total": total, "t": time.time()}) + "\n")
 
     allowed = {party: int(node) for party, node in json.loads(str(context.run_config.get("nodes", "{}"))).items()}
-    capture = run_dir / "capture" / "serverapp-received.bin" if context.run_config.get("capture") else None
-    transport = FlowerTransport(grid, party_timeout_s=float(launch.get("party_timeout_s", 180.0)), allowed=allowed,
+    capture = folder.capture / "serverapp-received.bin" if context.run_config.get("capture") else None
+    transport = FlowerTransport(grid, party_timeout_s=party_timeout_s, allowed=allowed,
                                 capture=capture)
     try:
-        if (run_dir / CHECKPOINT_FILE).exists():  # only `--resume` reaches a run folder with one (new ones are empty)
+        if folder.checkpoint.exists():  # only `--resume` reaches a run folder with one (new ones are empty)
             coordinator = Coordinator.resume(config, transport, run_dir, progress)
         else:
             coordinator = Coordinator(config, transport, progress=progress, run_id=new_run_id(run_dir.name),
                                       checkpoint_dir=run_dir)
     except CheckpointError as exc:
-        write_outcome(run_dir, RunResult(transport=transport.name), error={"party": "", "request": "",
-                                                                           "reason": str(exc)})
+        write_outcome(run_dir, RunResult(transport=transport.name), error=Refusal.failure(str(exc)))
         return
     start = time.perf_counter()
 
-    def finish(error: dict[str, str] | None) -> None:
+    def finish(error: Refusal | None) -> None:
         coordinator.result.timing["serverapp_s"] = time.perf_counter() - start
         write_outcome(run_dir, coordinator.result, error=error)
 
@@ -216,9 +216,9 @@ def main(grid: Grid, context: Context) -> None:
         coordinator.run()
         finish(None)
     except PartyRefused as exc:
-        finish({"party": exc.party, "request": exc.kind, "reason": exc.reason})
+        finish(Refusal(party=exc.party, request=exc.kind, reason=exc.reason))
     except PartyDown as exc:  # the launcher says how to resume
-        finish({"party": "", "request": "", "reason": str(exc)})
+        finish(Refusal.failure(str(exc)))
     except Exception as exc:
-        finish({"party": "", "request": "", "reason": repr(exc)})
+        finish(Refusal.failure(repr(exc)))
         raise

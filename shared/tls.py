@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedscore.shared.atomic import write_private
+from fedscore.shared.party_home import PartyHome
 
 CA_FILE = "ca.pem"
 VALIDITY = dt.timedelta(days=30)  # throwaway material: short enough that a forgotten copy expires
@@ -185,30 +185,33 @@ def mutual_tls_channel_credentials(server_ca: Path, cert: Path | None = None, ke
 
 # ------------------------------------------------------------------------------------------------ SuperNode keys
 
-NODE_AUTH_KEY = "supernode-auth.key"  # in the party home, mode 0600: the SuperNode's OpenSSH EC (P-384) private key
-NODE_AUTH_PUB = "supernode-auth.pub"  # its OpenSSH public key: what the coordinator's operator registers
+def _node_auth_key_pair() -> tuple[bytes, bytes]:
+    """A fresh SuperNode authentication key pair (private, public) in the format Flower 1.42 reads
+    (`flower-supernode --auth-supernode-private-key`, `flwr supernode register PUB`): ECDSA P-384, OpenSSH encoding."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    return (key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                              serialization.NoEncryption()),
+            key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
 
 
 def write_node_auth_key(private_path: Path, public_path: Path) -> Path:
-    """A fresh SuperNode authentication key pair in the format Flower 1.42 reads (`flower-supernode
-    --auth-supernode-private-key`, `flwr supernode register PUB`): ECDSA P-384, OpenSSH encoding. Refuses to
-    overwrite. Returns the public key's path."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    _write(private_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                           serialization.NoEncryption()), 0o600)
-    return _write(public_path, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                             serialization.PublicFormat.OpenSSH) + b"\n", 0o644)
+    """A fresh SuperNode key pair in a PKI folder (`fedscore pki`), private key 0600. Refuses to overwrite. Returns
+    the public key's path. A party home's own key is `node_auth_key`'s."""
+    private, public = _node_auth_key_pair()
+    _write(private_path, private, 0o600)
+    return _write(public_path, public, 0o644)
 
 
 def node_auth_key(home: Path) -> tuple[Path, Path]:
     """(private, public) SuperNode key paths in a party home, created there on first use. The key identifies the
     party's SuperNode to the SuperLink (only registered keys may join); it is not the X25519 key that seals payloads."""
-    home = Path(home)
-    private, public = home / NODE_AUTH_KEY, home / NODE_AUTH_PUB
+    party_home = PartyHome(home)  # supernode-auth.key (0600) and supernode-auth.pub, what the coordinator registers
+    private, public = party_home.node_auth_key, party_home.node_auth_pub
     if not private.exists():
-        home.mkdir(parents=True, exist_ok=True)
-        with suppress(TlsError):  # another process created it meanwhile
-            write_node_auth_key(private, public)
+        private_bytes, public_bytes = _node_auth_key_pair()
+        # exclusive: if another process created the key meanwhile, both keep its pair
+        if party_home.write_private(private, private_bytes, exclusive=True):
+            party_home.write_private(public, public_bytes, 0o644)
     if private.stat().st_mode & 0o077:
         raise TlsError(f"{private}: readable by other users; chmod 600 it (the SuperNode's authentication key)")
     return private, public

@@ -10,12 +10,15 @@ import pandas as pd
 import pytest
 import torch
 
+from fedscore.blacklist_check import run_blacklist
 from fedscore.clients.parties import make_party
-from fedscore.runs import RunError, party_settings, run_blacklist, run_inprocess
+from fedscore.local_parties import party_settings
+from fedscore.runs import run_inprocess
 from fedscore.server.coordinator import Coordinator, check_blacklist
 from fedscore.shared.config import load_config
 from fedscore.shared.data.party_data import table_from_frame
 from fedscore.shared.data.tables import DataError, read_table
+from fedscore.shared.run_folder import RunError
 from tests.conftest import FAST, SECRET, make_party_data
 from tests.test_protocol import RecordingTransport
 

@@ -34,7 +34,7 @@ from fedscore.shared.config import FedConfig, load_config
 from fedscore.shared.data.schema import load_schema
 from fedscore.shared.model.manifest import LENDER_FILE, MANIFEST_NAME, PAYMENT_FILE, sha256_file
 from fedscore.shared.model.preprocessing import Scaler, ScalerModule
-from fedscore.shared.party_home import LEDGER_FILE
+from fedscore.shared.party_home import PartyHome
 from fedscore.shared.privacy.ledger import ledger_entries
 from fedscore.shared.scoring.scorecard import ScorecardParams
 from tests.conftest import SECRET, fresh_homes, make_party_data
@@ -73,7 +73,7 @@ def _schema_constants(data: Path, party: str, run: Path | None = None) -> dict[s
 
 
 def _dp_statistics_recorded(run: Path, party: str) -> bool:
-    entries = ledger_entries(run.parent / "homes" / party / LEDGER_FILE, party)
+    entries = ledger_entries(run.parent / "homes" / party / PartyHome.LEDGER, party)
     return any(e["guarantee"] == "joint.records@outsider" and "standardisation" in e["note"] for e in entries)
 
 
@@ -87,7 +87,7 @@ def _trained_under_dp_sgd(run: Path, party: str) -> bool:
     releases as joint.records@outsider. (The payment part takes its first update once gradients arrive, so it
     records one round fewer than the lender.)"""
     state = torch.load(run / "parties" / party / "state.pt", weights_only=True)
-    entries = ledger_entries(run.parent / "homes" / party / LEDGER_FILE, party)
+    entries = ledger_entries(run.parent / "homes" / party / PartyHome.LEDGER, party)
     return "dpsgd" in state and any(e["guarantee"] == "joint.records@outsider" for e in entries)
 
 

@@ -42,8 +42,9 @@ def test_bad_file_names_the_file(tmp_path: Path) -> None:
 
 def test_every_budget_form_goes_through_one_parser() -> None:
     """Node config, `serve payment --budget` and the runner's `--budget party:...` accept and refuse alike."""
-    from fedscore.runs import RunError, apply_budget_overrides
+    from fedscore.budgets import apply_budget_overrides
     from fedscore.shared.privacy.budgets import parse_budgets
+    from fedscore.shared.run_folder import RunError
 
     budgets = parse_budgets("lender.labels@payment=2; joint.records@outsider=3")
     assert budgets == {"lender.labels@payment": 2.0, "joint.records@outsider": 3.0}

@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from fedscore.flower.launch import is_loopback, refuse_insecure_off_loopback, split_address
-from fedscore.runs import RunError
+from fedscore.shared.run_folder import RunError
 from fedscore.shared.tls import TlsError, node_auth_key, node_key_fingerprint
 
 FEDSCORE = str(Path(sys.executable).parent / "fedscore")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fedscore.shared.party_home import LEDGER_FILE
+from fedscore.shared.party_home import PartyHome
 from fedscore.shared.privacy.ledger import ledger_entries
 from fedscore.synth_monthly import MonthlyMeta, assemble_window, month_folder, read_meta, synthesize_months
 
@@ -20,7 +20,7 @@ SETTINGS = ["baselines.enabled=false", "training.rounds=2", "privacy.dpsgd_batch
 
 def _entries(home: Path, party: str) -> list[dict]:
     """A party home's ledger entries (the SQLite ledger, read through its API)."""
-    return ledger_entries(home / LEDGER_FILE, party)
+    return ledger_entries(home / PartyHome.LEDGER, party)
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +85,8 @@ def test_window_is_a_training_folder_and_refuses_unmatured_months(months: Path, 
 @pytest.fixture(scope="module")
 def trained(months: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One small private run on months 1..2, in its own homes."""
+    from fedscore.budgets import default_budgets
     from fedscore.retrain import run_warm
-    from fedscore.runs import default_budgets
     from fedscore.shared.config import load_config
 
     base = tmp_path_factory.mktemp("dyn-run")
@@ -121,8 +121,8 @@ def test_retrain_refused_with_the_account_and_the_ways_forward(trained: dict[str
 
 def test_retrain_refused_when_the_homes_did_not_train_the_previous_version(trained: dict[str, Path],
                                                                            tmp_path: Path) -> None:
+    from fedscore.budgets import default_budgets
     from fedscore.retrain import RetrainRefused, preflight
-    from fedscore.runs import default_budgets
     from fedscore.shared.config import load_config
 
     config = load_config(None, SETTINGS)
@@ -196,7 +196,7 @@ def _fake_run(path: Path, run_id: str, payload: str) -> Path:
 
 def test_registry_rollback(tmp_path: Path) -> None:
     from fedscore import registry
-    from fedscore.runs import RunError
+    from fedscore.shared.run_folder import RunError
 
     home = tmp_path / "home"
     a = registry.register(home, _fake_run(tmp_path / "a", "a-1", "A"), (1, 6))

@@ -18,9 +18,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedscore.clients.parties import make_party
-from fedscore.runs import key_fingerprints, party_settings
+from fedscore.local_parties import key_fingerprints, party_settings
 from fedscore.server.coordinator import Coordinator, PartyRefused
 from fedscore.shared.config import load_config
+from fedscore.shared.party_home import PartyHome
 from fedscore.shared.protocol import e2e
 from fedscore.shared.protocol.messages import Envelope, MessageKind, unpack_arrays
 from fedscore.shared.protocol.transport import InProcessTransport
@@ -268,12 +269,12 @@ def test_a_wrong_pinned_key_fails_and_names_the_fingerprints(small_data: tuple[P
 def test_identity_keys_live_in_the_home_and_are_private(tmp_path: Path) -> None:
     home = tmp_path / "home"
     public = e2e.public_key_hex(home)
-    assert (home / e2e.PUBLIC_KEY_FILE).read_text().strip() == public and len(public) == 64
-    assert (home / e2e.PRIVATE_KEY_FILE).stat().st_mode & 0o777 == 0o600
+    assert (home / PartyHome.IDENTITY_PUB).read_text().strip() == public and len(public) == 64
+    assert (home / PartyHome.IDENTITY_KEY).stat().st_mode & 0o777 == 0o600
     assert e2e.public_key_hex(home) == public  # created once, then read
     assert e2e.parse_public_key(public) == e2e.parse_public_key(__import__("base64").b64encode(bytes.fromhex(public))
                                                                 .decode())
-    os.chmod(home / e2e.PRIVATE_KEY_FILE, 0o644)
+    os.chmod(home / PartyHome.IDENTITY_KEY, 0o644)
     with pytest.raises(e2e.SealError, match="readable by others"):
         e2e.load_identity(home)
 

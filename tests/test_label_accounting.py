@@ -20,7 +20,7 @@ from scipy.stats import norm
 
 from fedscore.runs import run_inprocess
 from fedscore.shared.config import load_config
-from fedscore.shared.party_home import LEDGER_FILE
+from fedscore.shared.party_home import PartyHome
 from fedscore.shared.privacy import (
     DpSgdRelease,
     GaussianRelease,
@@ -216,7 +216,7 @@ def test_the_lender_charges_rr_dp_sgd_and_every_exchange(party_data: tuple[Path,
     config = load_config(None, LABEL_RUN)
     homes = fresh_homes(tmp_path)
     run_inprocess(config, data, run_dir, secret=SECRET, homes=homes)
-    entries = ledger_entries(homes["lender"] / LEDGER_FILE, "lender")
+    entries = ledger_entries(homes["lender"] / PartyHome.LEDGER, "lender")
     records = [m for e in entries if e["guarantee"] == LABELS for m in e["mechanisms"]]
     kinds = [m["kind"] for m in records]
     rounds = config.training.rounds

@@ -19,9 +19,9 @@ import pytest
 from typer.testing import CliRunner
 
 from fedscore.cli import app
-from fedscore.clients.payment.release_guard import COUNTS_FILE, GuardRefused, LedgerGuard, release_counts
+from fedscore.clients.payment.release_guard import GuardRefused, LedgerGuard, release_counts
 from fedscore.clients.payment.served import ServedMeta, ServedVersion
-from fedscore.shared.party_home import LEDGER_FILE, LEGACY_LEDGER_FILE
+from fedscore.shared.party_home import PartyHome
 from fedscore.shared.privacy import BudgetExceeded, Ledger, account, embedding_release
 from fedscore.shared.privacy.ledger import ledger_entries, ledger_exists, ledger_report
 from fedscore.shared.privacy.ledger_store import LedgerDamaged, open_store
@@ -57,33 +57,33 @@ def test_the_public_api_keeps_its_names_and_signatures() -> None:
 
 
 def test_a_json_ledger_is_migrated_on_first_open_and_kept(tmp_path: Path) -> None:
-    old = _old_ledger(tmp_path / LEGACY_LEDGER_FILE)
-    text = (tmp_path / LEGACY_LEDGER_FILE).read_text()
-    ledger = Ledger(tmp_path / LEDGER_FILE, {KEY: 50.0}, DELTA, party="payment")
+    old = _old_ledger(tmp_path / PartyHome.LEGACY_LEDGER)
+    text = (tmp_path / PartyHome.LEGACY_LEDGER).read_text()
+    ledger = Ledger(tmp_path / PartyHome.LEDGER, {KEY: 50.0}, DELTA, party="payment")
     assert ledger.entries == old  # every field, the step key included
-    assert not (tmp_path / LEGACY_LEDGER_FILE).exists()
-    assert (tmp_path / f"{LEGACY_LEDGER_FILE}.migrated").read_text() == text  # kept, byte for byte
+    assert not (tmp_path / PartyHome.LEGACY_LEDGER).exists()
+    assert (tmp_path / f"{PartyHome.LEGACY_LEDGER}.migrated").read_text() == text  # kept, byte for byte
     after = ledger.charge([RELEASE], KEY, note="after migration")
     assert after == pytest.approx(account([RELEASE] * 3, DELTA)[0])  # composes with what was migrated
-    assert [e["note"] for e in ledger_entries(tmp_path / LEDGER_FILE, "payment")] == ["round 1", "round 2",
+    assert [e["note"] for e in ledger_entries(tmp_path / PartyHome.LEDGER, "payment")] == ["round 1", "round 2",
                                                                                      "after migration"]
     # the old name still reaches the same ledger (callers that pass privacy-ledger.json)
-    assert len(Ledger(tmp_path / LEGACY_LEDGER_FILE, {KEY: 50.0}, DELTA, party="payment").entries) == 3
+    assert len(Ledger(tmp_path / PartyHome.LEGACY_LEDGER, {KEY: 50.0}, DELTA, party="payment").entries) == 3
 
 
 def test_a_migration_interrupted_before_the_rename_is_finished_once(tmp_path: Path) -> None:
-    _old_ledger(tmp_path / LEGACY_LEDGER_FILE)
-    Ledger(tmp_path / LEDGER_FILE, {KEY: 50.0}, DELTA, party="payment")
+    _old_ledger(tmp_path / PartyHome.LEGACY_LEDGER)
+    Ledger(tmp_path / PartyHome.LEDGER, {KEY: 50.0}, DELTA, party="payment")
     # as if the process died after writing the database and before renaming the JSON
-    (tmp_path / f"{LEGACY_LEDGER_FILE}.migrated").rename(tmp_path / LEGACY_LEDGER_FILE)
+    (tmp_path / f"{PartyHome.LEGACY_LEDGER}.migrated").rename(tmp_path / PartyHome.LEGACY_LEDGER)
     from fedscore.shared.privacy.ledger_store import LedgerStore
 
-    LedgerStore(tmp_path / LEDGER_FILE, "payment")  # what a new process does on open
-    assert not (tmp_path / LEGACY_LEDGER_FILE).exists()
-    assert len(ledger_entries(tmp_path / LEDGER_FILE, "payment")) == 2  # not migrated twice
-    _old_ledger(tmp_path / LEGACY_LEDGER_FILE, charges=1)  # another JSON ledger beside it: ambiguous
+    LedgerStore(tmp_path / PartyHome.LEDGER, "payment")  # what a new process does on open
+    assert not (tmp_path / PartyHome.LEGACY_LEDGER).exists()
+    assert len(ledger_entries(tmp_path / PartyHome.LEDGER, "payment")) == 2  # not migrated twice
+    _old_ledger(tmp_path / PartyHome.LEGACY_LEDGER, charges=1)  # another JSON ledger beside it: ambiguous
     with pytest.raises(LedgerDamaged, match="two privacy ledgers"):
-        LedgerStore(tmp_path / LEDGER_FILE, "payment")
+        LedgerStore(tmp_path / PartyHome.LEDGER, "payment")
 
 
 @pytest.mark.parametrize("damage", ["half-truncated json", "empty json", "half-truncated sqlite", "empty sqlite",
@@ -91,16 +91,16 @@ def test_a_migration_interrupted_before_the_rename_is_finished_once(tmp_path: Pa
 def test_a_damaged_ledger_is_refused_naming_the_file_and_left_as_it_is(tmp_path: Path, damage: str) -> None:
     home = tmp_path / "payment"
     if "json" in damage:
-        _old_ledger(home / LEGACY_LEDGER_FILE)
-        victim = home / LEGACY_LEDGER_FILE
+        _old_ledger(home / PartyHome.LEGACY_LEDGER)
+        victim = home / PartyHome.LEGACY_LEDGER
         text = victim.read_bytes()
         if damage != "other party's json":
             victim.write_bytes(text[: len(text) // 2] if damage.startswith("half") else b"")
     else:
-        Ledger(home / LEDGER_FILE, {KEY: 50.0}, DELTA, party="payment").charge([RELEASE], KEY)
-        open_store(home / LEDGER_FILE, "payment").submit(lambda conn: conn.executemany(
+        Ledger(home / PartyHome.LEDGER, {KEY: 50.0}, DELTA, party="payment").charge([RELEASE], KEY)
+        open_store(home / PartyHome.LEDGER, "payment").submit(lambda conn: conn.executemany(
             "INSERT INTO releases (model, user_id, n) VALUES (0, ?, 1)", [(f"user{k}" * 20,) for k in range(2000)]))
-        victim = home / LEDGER_FILE
+        victim = home / PartyHome.LEDGER
         _checkpoint(victim)
         data = victim.read_bytes()
         if damage == "half-truncated sqlite":
@@ -114,11 +114,11 @@ def test_a_damaged_ledger_is_refused_naming_the_file_and_left_as_it_is(tmp_path:
     from fedscore.shared.privacy.ledger_store import LedgerStore
 
     with pytest.raises(LedgerDamaged, match=str(victim.name)) as refused:
-        LedgerStore(home / LEDGER_FILE, party)  # a fresh process's open
+        LedgerStore(home / PartyHome.LEDGER, party)  # a fresh process's open
     assert str(victim) in str(refused.value)
     assert victim.read_bytes() == before  # never reset or rewritten
     if "json" in damage:
-        assert not (home / LEDGER_FILE).exists()  # nothing half-migrated
+        assert not (home / PartyHome.LEDGER).exists()  # nothing half-migrated
     result = CliRunner().invoke(app, ["ledger", "show", "--party", party, "--party-home", str(home)])
     assert result.exit_code == 2 and str(victim) in " ".join(result.output.split())
     assert "Traceback" not in result.output
@@ -132,9 +132,9 @@ def _checkpoint(path: Path) -> None:
 
 
 def test_the_ledger_is_append_only(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / LEDGER_FILE, {KEY: 50.0}, DELTA, party="payment")
+    ledger = Ledger(tmp_path / PartyHome.LEDGER, {KEY: 50.0}, DELTA, party="payment")
     ledger.charge([RELEASE], KEY)
-    conn = sqlite3.connect(tmp_path / LEDGER_FILE, isolation_level=None)
+    conn = sqlite3.connect(tmp_path / PartyHome.LEDGER, isolation_level=None)
     conn.execute("INSERT INTO releases (model, user_id, n) VALUES (0, 'u1', 1)")  # appending is allowed
     for statement in ("UPDATE entries SET epsilon_after = 0", "DELETE FROM entries",
                       "UPDATE meta SET value = 'lender' WHERE key = 'party'", "DELETE FROM releases"):
@@ -146,7 +146,7 @@ def test_the_ledger_is_append_only(tmp_path: Path) -> None:
 
 def test_concurrent_charges_share_commits_and_never_overspend(tmp_path: Path) -> None:
     budget = account([RELEASE] * 3, DELTA)[0] * 1.0001  # room for exactly three releases
-    path = tmp_path / LEDGER_FILE
+    path = tmp_path / PartyHome.LEDGER
     results: list[object] = []
 
     def charge(k: int) -> None:
@@ -169,7 +169,7 @@ def test_concurrent_charges_share_commits_and_never_overspend(tmp_path: Path) ->
 
 def test_operations_waiting_on_a_commit_share_the_next_one(tmp_path: Path) -> None:
     """Group commit: while one transaction is open, everything submitted joins the next transaction (one fsync)."""
-    store = open_store(tmp_path / LEDGER_FILE, "payment")
+    store = open_store(tmp_path / PartyHome.LEDGER, "payment")
     gate, inside = threading.Event(), threading.Event()
 
     def slow(conn: sqlite3.Connection) -> int:
@@ -205,11 +205,12 @@ def _served(sha: str = "ab" * 32, ids: tuple[str, ...] = ("u1", "u2", "u3")) -> 
 
 def test_online_release_counts_are_migrated_and_appended(tmp_path: Path) -> None:
     sha = "ab" * 32
-    (tmp_path / COUNTS_FILE).write_text(json.dumps({"version": 1, "by_model": {sha: {"u1": 3, "u2": 1},
+    (tmp_path / PartyHome.ONLINE_RELEASES).write_text(json.dumps({"version": 1, "by_model": {sha: {"u1": 3, "u2": 1},
                                                                                "cd" * 32: {"u1": 2}}}))
     guard = LedgerGuard(tmp_path, _served(sha), {}, allow_unprotected=True)
     assert guard.counts == {"u1": 3, "u2": 1} and guard.worst == 3
-    assert (tmp_path / f"{COUNTS_FILE}.migrated").exists() and not (tmp_path / COUNTS_FILE).exists()
+    counts = PartyHome(tmp_path).online_releases
+    assert counts.with_name(f"{counts.name}.migrated").exists() and not counts.exists()
     guard.before_release("u2")
     guard.before_release("u3")
     guard.close()
@@ -220,11 +221,11 @@ def test_online_release_counts_are_migrated_and_appended(tmp_path: Path) -> None
 
 
 def test_damaged_release_counts_are_refused_naming_the_file(tmp_path: Path) -> None:
-    (tmp_path / COUNTS_FILE).write_text('{"version": 1, "by_model": {"ab')
-    with pytest.raises(GuardRefused, match=COUNTS_FILE):
+    (tmp_path / PartyHome.ONLINE_RELEASES).write_text('{"version": 1, "by_model": {"ab')
+    with pytest.raises(GuardRefused, match=PartyHome.ONLINE_RELEASES):
         LedgerGuard(tmp_path, _served(), {}, allow_unprotected=True)
-    assert (tmp_path / COUNTS_FILE).read_text() == '{"version": 1, "by_model": {"ab'
-    (tmp_path / COUNTS_FILE).rename(tmp_path / "kept.json")
+    assert (tmp_path / PartyHome.ONLINE_RELEASES).read_text() == '{"version": 1, "by_model": {"ab'
+    (tmp_path / PartyHome.ONLINE_RELEASES).rename(tmp_path / "kept.json")
     guard = LedgerGuard(tmp_path, _served(), {}, allow_unprotected=True)  # the refusal let go of the lock
     guard.close()
 
@@ -271,17 +272,17 @@ def test_every_answer_that_left_is_in_the_ledger_after_sigkill(tmp_path: Path) -
     recorded = next(iter(release_counts(tmp_path).values()))
     assert sum(left.values()) >= 300
     assert all(recorded.get(user, 0) >= n for user, n in left.items()), (left, recorded)
-    assert ledger_exists(tmp_path / LEDGER_FILE)
+    assert ledger_exists(tmp_path / PartyHome.LEDGER)
 
 
 def test_the_cli_shows_and_exports_a_ledger(tmp_path: Path) -> None:
     home = tmp_path / "payment"
-    _old_ledger(home / LEGACY_LEDGER_FILE)
+    _old_ledger(home / PartyHome.LEGACY_LEDGER)
     runner = CliRunner()
     shown = runner.invoke(app, ["ledger", "show", "--party-home", str(home), "--json"])
     assert shown.exit_code == 0, shown.output
     assert json.loads(shown.output)["guarantees"][0]["charges"] == 2
-    assert (home / LEGACY_LEDGER_FILE).exists()  # showing does not migrate
+    assert (home / PartyHome.LEGACY_LEDGER).exists()  # showing does not migrate
     guard = LedgerGuard(home, _served(), {}, allow_unprotected=True)
     guard.before_release("u1")
     guard.before_release("u1")
@@ -310,7 +311,7 @@ def test_online_charges_are_made_ahead_and_cover_every_answer(tmp_path: Path) ->
                       replayable_noise=False)
     served = ServedVersion(sha256="ef" * 32, ids=frozenset({"u1", "u2"}), meta=meta, ids_file=Path("served.ids"))
     guard = LedgerGuard(tmp_path, served, {KEY: 1e6}, ahead=1, reserve=1)
-    assert guard.charged == 1 and len(ledger_entries(tmp_path / LEDGER_FILE, "payment")) == 1  # before serving
+    assert guard.charged == 1 and len(ledger_entries(tmp_path / PartyHome.LEDGER, "payment")) == 1  # before serving
     try:
         for user in ("u1", "u2", "u1"):
             guard.before_release(user)
@@ -321,7 +322,7 @@ def test_online_charges_are_made_ahead_and_cover_every_answer(tmp_path: Path) ->
         guard._reserver.join()  # a charge in flight at close lands before we look
     assert guard.worst == 2 and 0 <= guard.charged - guard.worst <= 1
     record = embedding_release(2.0, 1.0, 1)
-    entries = ledger_entries(tmp_path / LEDGER_FILE, "payment")
+    entries = ledger_entries(tmp_path / PartyHome.LEDGER, "payment")
     assert len(entries) == guard.charged
     assert entries[-1]["epsilon_after"] == pytest.approx(account([record] * guard.charged, DELTA)[0])
     assert release_counts(tmp_path) == {"ef" * 32: {"u1": 2, "u2": 1}}
@@ -333,7 +334,7 @@ def test_a_run_on_a_half_truncated_json_ledger_stops_with_one_line_naming_it(par
     from tests.conftest import make_party_data
 
     make_party_data(tmp_path / "data", population=600)
-    ledger = party_homes_in_tmp / "parties" / "payment" / LEGACY_LEDGER_FILE
+    ledger = party_homes_in_tmp / "parties" / "payment" / PartyHome.LEGACY_LEDGER
     _old_ledger(ledger)
     text = ledger.read_text()
     ledger.write_text(text[: len(text) // 2])

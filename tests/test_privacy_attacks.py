@@ -17,15 +17,18 @@ import torch
 from typer.testing import CliRunner
 
 from fedscore.audit.label_leakage import replayed_flip_masks
+from fedscore.budgets import default_budgets
 from fedscore.cli import app
 from fedscore.clients.parties import make_party
-from fedscore.runs import RunError, default_budgets, party_settings, prepare_run_dir, run_inprocess
+from fedscore.local_parties import party_settings
+from fedscore.runs import run_inprocess
 from fedscore.server.coordinator import Coordinator
 from fedscore.shared.config import FedConfig, load_config
-from fedscore.shared.party_home import LEDGER_FILE
+from fedscore.shared.party_home import PartyHome
 from fedscore.shared.privacy.ledger import ledger_entries
 from fedscore.shared.protocol.messages import Envelope, unpack_arrays
 from fedscore.shared.protocol.transport import InProcessTransport
+from fedscore.shared.run_folder import RunError, RunFolder
 from tests.conftest import SECRET, fresh_homes, make_party_data
 
 LABEL_EPS = 2.0
@@ -59,7 +62,7 @@ class RecordingTransport(InProcessTransport):
 
 
 def _run_recorded(config: FedConfig, data: Path, run_dir: Path) -> tuple[RecordingTransport, dict]:
-    prepare_run_dir(run_dir, config, SECRET)
+    RunFolder(run_dir).create(config, SECRET)
     settings = party_settings(run_dir, data, SECRET, default_budgets(config), fresh_homes(run_dir.parent))
     parties = {name: make_party(s) for name, s in settings.items()}
     transport = RecordingTransport(parties)
@@ -191,4 +194,4 @@ def test_a_second_training_composes_with_the_first_or_is_refused(party_data: tup
     assert labels["run_epsilon"] == pytest.approx(2.0, abs=0.01)
     # no DP-SGD, no gradient noise: the exchanges are charged as not DP, each run's mixture is its RR's eps
     assert labels["composition"] == "rr_mixture"
-    assert len({e["run"] for e in ledger_entries(homes["lender"] / LEDGER_FILE, "lender")}) == 2
+    assert len({e["run"] for e in ledger_entries(homes["lender"] / PartyHome.LEDGER, "lender")}) == 2

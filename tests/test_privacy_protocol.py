@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedscore.runs import RunError, default_budgets, run_inprocess
+from fedscore.budgets import default_budgets
+from fedscore.runs import run_inprocess
 from fedscore.shared.config import load_config
-from fedscore.shared.party_home import LEDGER_FILE
+from fedscore.shared.party_home import PartyHome
 from fedscore.shared.privacy import recompute_from_report
 from fedscore.shared.privacy.ledger import ledger_entries
+from fedscore.shared.run_folder import RunError
 from tests.conftest import SECRET, fresh_homes
 
 PRIVATE = ["training.rounds=3", "training.local_epochs=2", "training.batch_size=64", "training.lr=0.005",
@@ -118,7 +120,7 @@ def test_payment_stops_mid_run_and_what_was_released_is_still_counted(party_data
     features = next(g for g in report["guarantees"] if g["protects"] == "payment.features")
     assert 1 <= len([r for r in features["per_release"] if "embeddings to the lender" in r["note"]]) < 3
     assert features["epsilon"] <= 6.0
-    entries = ledger_entries(tmp_path / "payment-home" / LEDGER_FILE, "payment")
+    entries = ledger_entries(tmp_path / "payment-home" / PartyHome.LEDGER, "payment")
     assert len([e for e in entries if e["guarantee"] == "payment.features@lender"]) == \
         len(features["per_release"])
 
@@ -142,7 +144,7 @@ def test_online_answers_are_charged_per_user_worst_case_and_refused_past_the_bud
 
     config = load_config(None, PRIVATE)
     home = private_run.parent / "homes" / "payment"  # the payment party's home: its export recorded what it serves
-    ledger_file = home / LEDGER_FILE
+    ledger_file = home / PartyHome.LEDGER
     sigma = float(torch.load(private_run / "parties" / "payment" / "state.pt", weights_only=True)["feature_sigma"])
     sha = load_manifest(private_run / "model").parts["payment"].sha256
     before = len(ledger_entries(ledger_file, "payment"))

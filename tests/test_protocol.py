@@ -9,11 +9,13 @@ import pytest
 
 from fedscore.baselines import local_evaluation
 from fedscore.clients.parties import make_party
-from fedscore.runs import RunError, party_settings, run_inprocess
+from fedscore.local_parties import party_settings
+from fedscore.runs import run_inprocess
 from fedscore.server.coordinator import Coordinator
 from fedscore.shared.config import load_config
 from fedscore.shared.protocol.messages import Envelope
 from fedscore.shared.protocol.transport import InProcessTransport
+from fedscore.shared.run_folder import RunError
 from tests.conftest import FAST, SECRET, make_party_data
 
 

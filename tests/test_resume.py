@@ -15,12 +15,13 @@ import torch
 
 from fedscore.clients.lender.party import LenderParty
 from fedscore.clients.payment.party import PaymentParty
-from fedscore.runs import RunError, resume_inprocess, run_inprocess
+from fedscore.runs import resume_inprocess, run_inprocess
 from fedscore.shared.config import load_config
-from fedscore.shared.party_home import LEDGER_FILE
+from fedscore.shared.party_home import PartyHome
 from fedscore.shared.privacy.ledger import ledger_entries, ledger_exists
 from fedscore.shared.protocol.messages import Envelope, MessageKind
 from fedscore.shared.protocol.transport import InProcessTransport
+from fedscore.shared.run_folder import RunError
 from tests.conftest import SECRET, fresh_homes, make_party_data
 
 # default privacy (randomized-response labels, DP-SGD on both parts, DP scaler statistics) plus embedding noise,
@@ -51,7 +52,7 @@ def uninterrupted(data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
 def _releases(home: Path) -> list[tuple[str, str, str]]:
     """What a ledger holds, without what differs between runs (run id, time, step key, and the randomized-response
     draw's name, which carries the run id)."""
-    entries = ledger_entries(home / LEDGER_FILE, home.name)
+    entries = ledger_entries(home / PartyHome.LEDGER, home.name)
 
     def same_across_runs(m: dict) -> dict:
         return {k: (bool(v) if k in ("draw", "computed_from") else v) for k, v in m.items()}
@@ -121,7 +122,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(data: Path, uninterrupted: tu
             run_inprocess(load_config(None, PRIVATE), data, run_dir, secret=SECRET, homes=homes)
     assert not (run_dir / "metrics.json").exists()
     checkpoint = json.loads((run_dir / "checkpoint.json").read_text())
-    charged_at_crash = {p: _releases(homes[p]) for p in homes if ledger_exists(homes[p] / LEDGER_FILE)}
+    charged_at_crash = {p: _releases(homes[p]) for p in homes if ledger_exists(homes[p] / PartyHome.LEDGER)}
     if crash == "lender dies mid-train round 1 after charging":
         # write-ahead: the charge of the round that did not finish is on disk, and the lender's saved state still
         # expects that step (its reply never left), so the charge covers the redo
@@ -170,7 +171,7 @@ def test_a_reply_is_resent_only_when_asked_and_only_for_the_same_request(data: P
     with pytest.raises(Crash):
         run_inprocess(config, data, run_dir, secret=SECRET, homes=homes)
     from fedscore.clients.parties import make_party
-    from fedscore.runs import party_settings
+    from fedscore.local_parties import party_settings
 
     settings = party_settings(run_dir, data, SECRET, json.loads((run_dir / "launch.json").read_text())["budgets"],
                               homes)
@@ -205,7 +206,7 @@ def test_a_step_key_makes_a_redone_charge_count_once(tmp_path: Path) -> None:
     from fedscore.shared.privacy import Ledger
     from fedscore.shared.privacy.mechanisms import embedding_release
 
-    path, budget = tmp_path / LEDGER_FILE, {"payment.features@lender": 50.0}
+    path, budget = tmp_path / PartyHome.LEDGER, {"payment.features@lender": 50.0}
     release = embedding_release(4.0, 1.0, 1)
 
     def ledger(run: str, key: str | None) -> Ledger:

@@ -50,7 +50,7 @@ from fedscore.shared.model.export_onnx import (
     torch_score,
     write_manifest,
 )
-from fedscore.shared.party_home import LEDGER_FILE
+from fedscore.shared.party_home import PartyHome
 from fedscore.shared.privacy import account, embedding_release
 from fedscore.shared.privacy.ledger import ledger_entries
 from fedscore.shared.scoring.bundle import BundleError, load_scoring_bundle, ort_session
@@ -611,7 +611,7 @@ def test_protected_answers_are_charged_noised_afresh_and_refused_past_the_budget
         again = np.asarray(_call(a, ids[0]).embedding)
         refused = _refusal(a, ids[0])  # a third release would raise the worst case past the budget
         assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and GUARANTEE in refused.details()
-        entries = ledger_entries(tmp_path / "a" / LEDGER_FILE, "payment")
+        entries = ledger_entries(tmp_path / "a" / PartyHome.LEDGER, "payment")
         assert len(entries) == 2 and {e["guarantee"] for e in entries} == {GUARANTEE}
         assert entries[-1]["epsilon_after"] == pytest.approx(account([record] * 2, 1e-6)[0])
         assert release_counts(tmp_path / "a") == {services[0].payment_part_sha256: {ids[0]: 2, ids[1]: 1}}

@@ -11,7 +11,7 @@ import torch
 from fedscore.clients import channel
 from fedscore.clients.parties import make_party
 from fedscore.clients.state import STATE_TYPES, ChannelState, load_party_state
-from fedscore.runs import party_settings
+from fedscore.local_parties import party_settings
 from fedscore.server.coordinator import Coordinator
 from fedscore.shared.config import load_config
 from fedscore.shared.privacy import dp_sgd

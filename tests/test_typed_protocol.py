@@ -10,8 +10,9 @@ import pytest
 from flwr.app import ConfigRecord
 from pydantic import ValidationError
 
+from fedscore.budgets import default_budgets
 from fedscore.clients.parties import make_party
-from fedscore.runs import default_budgets, party_settings
+from fedscore.local_parties import party_settings
 from fedscore.server.coordinator import Coordinator, ProtocolViolation, raise_refusals
 from fedscore.shared.config import FedConfig, load_config
 from fedscore.shared.protocol.bodies import (

@@ -48,15 +48,12 @@ import torch
 from fedscore.clients.payment.served import ServedVersion
 from fedscore.clients.payment.service import ReleaseRefused
 from fedscore.shared.atomic import write_json_atomic
-from fedscore.shared.party_home import LEDGER_FILE
+from fedscore.shared.party_home import PartyHome
 from fedscore.shared.privacy.secure_random import NoiseSource
 
 log = logging.getLogger(__name__)
 
 GUARANTEE = "payment.features@lender"
-COUNTS_FILE = "online-releases.json"
-COUNTS_LOCK = "online-releases.lock"
-DISCLOSURES_FILE = "disclosures.json"
 SIGNALS_DISCLOSURE = "coarse spend signals (spend_level, stability, recent_spend_anomaly) to the lender, exact"
 EMBEDDINGS_DISCLOSURE = ("payment embeddings of the served intersection to the lender, without noise (feature "
                          "protection was off in training)")
@@ -68,7 +65,7 @@ class GuardRefused(ValueError):
 
 def record_disclosure(home: Path, protects: str, what: str) -> dict[str, Any]:
     """Append an unprotected release to `home/disclosures.json` (once per kind; `since` is the first time)."""
-    path = Path(home) / DISCLOSURES_FILE
+    path = PartyHome(home).disclosures
     data: dict[str, list[dict[str, Any]]] = json.loads(path.read_text()) if path.exists() else {"unprotected": []}
     for item in data["unprotected"]:
         if item.get("what") == what and item.get("against") == "lender":
@@ -92,15 +89,16 @@ def check_not_replayable(served: ServedVersion, training_config: Mapping[str, An
 class _LifetimeLock:
     """An exclusive lock (filelock) on `home/online-releases.lock`, held while the service runs."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, home: PartyHome) -> None:
         from filelock import FileLock, Timeout
 
-        self.lock: FileLock | None = FileLock(path)
+        self.lock: FileLock | None = home.lock(home.ONLINE_RELEASES_LOCK)
         try:
             self.lock.acquire(timeout=0)
         except Timeout:
             self.lock = None
-            raise GuardRefused(f"{path}: another payment service is serving from this party home") from None
+            raise GuardRefused(f"{home.root / home.ONLINE_RELEASES_LOCK}: another payment service is serving from "
+                               "this party home") from None
 
     def release(self) -> None:
         if self.lock is not None:
@@ -132,10 +130,10 @@ class LedgerGuard:
         from fedscore.shared.privacy.ledger_store import LedgerDamaged, LedgerUnavailable
 
         try:
-            self.ledger = Ledger(self.home / LEDGER_FILE, self.budgets, meta.delta, party="payment")
+            self.ledger = Ledger(PartyHome(self.home).ledger, self.budgets, meta.delta, party="payment")
         except ValueError as exc:  # unreadable or another party's ledger, a malformed budget: do not guess
             raise GuardRefused(str(exc)) from None
-        self._lock = _LifetimeLock(self.home / COUNTS_LOCK)
+        self._lock = _LifetimeLock(PartyHome(self.home))
         try:
             self._store = self.ledger._store
             self._store.ensure_created()
@@ -181,7 +179,7 @@ class LedgerGuard:
             if not allow_unprotected:
                 raise GuardRefused("this model version's embeddings carry no noise (feature protection was off in "
                                    "training): pass --allow-unprotected to serve them unprotected (recorded in "
-                                   f"{Path(home) / DISCLOSURES_FILE}), or retrain with privacy.feature_epsilon set")
+                                   f"{PartyHome(home).disclosures}), or retrain with privacy.feature_epsilon set")
         elif GUARANTEE not in self.budgets:
             raise GuardRefused(f"no budget for {GUARANTEE}: pass --budget {GUARANTEE}=EPS")
 
@@ -191,7 +189,7 @@ class LedgerGuard:
         `migrated:` mark holding its sha256 in the ledger: the next start only renames it."""
         from fedscore.shared.privacy.ledger_store import _retire
 
-        path = self.home / COUNTS_FILE
+        path = PartyHome(self.home).online_releases
         if not path.exists():
             return
         raw = path.read_bytes()
@@ -206,7 +204,7 @@ class LedgerGuard:
                            for c in data["by_model"].values()):
             raise GuardRefused(f"{path}: not a per-model release count file (version 1); refusing to guess what "
                                "was released")
-        mark = f"migrated:{COUNTS_FILE}"
+        mark = f"migrated:{PartyHome.ONLINE_RELEASES}"
 
         def migrate(conn: sqlite3.Connection) -> None:
             done = conn.execute("SELECT value FROM meta WHERE key = ?", (mark,)).fetchone()
@@ -341,7 +339,7 @@ def release_counts(home: Path) -> dict[str, dict[str, int]]:
     `online-releases.json` used to hold (auditors, tests)."""
     from fedscore.shared.privacy.ledger_store import open_store
 
-    store = open_store(Path(home) / LEDGER_FILE, "payment")
+    store = open_store(PartyHome(home).ledger, "payment")
     if not store.ready():
         return {}
     with store.reading() as conn:

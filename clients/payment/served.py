@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedscore.shared.party_home import SERVED_DIR
+from fedscore.shared.party_home import PartyHome
 
 
 class ServedError(ValueError):
@@ -51,7 +51,7 @@ class ServedVersion:
 
 def served_files(home: Path, sha256: str) -> tuple[Path, Path]:
     """(ids file, meta file) for the payment part with this sha256."""
-    folder = Path(home) / SERVED_DIR
+    folder = PartyHome(home).served
     return folder / f"{sha256}.ids", folder / f"{sha256}.json"
 
 

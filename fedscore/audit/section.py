@@ -20,9 +20,8 @@ from fedscore.audit.one_run import audit
 from fedscore.audit.reconstruction import reconstruction_attack
 from fedscore.audit.views import RunViews, load_run
 from fedscore.shared.atomic import write_json_atomic
+from fedscore.shared.run_folder import RunFolder
 
-AUDIT_FILE = "audit.json"
-PLOT_FILE = "audit.png"
 NOT_DONE = ("white-box audit of the composed outsider guarantee (both parts and the DP scaler together): each part's "
             "DP-SGD is audited on its own, against its own share of the claim")
 
@@ -163,8 +162,9 @@ def run_audit(run_dir: Path) -> dict[str, Any]:
     from fedscore.report import write_reports
 
     section = audit_section(run_dir)
-    plot_section(section, run_dir / PLOT_FILE)
-    write_json_atomic(run_dir / AUDIT_FILE, _finite(section))
+    folder = RunFolder(run_dir)
+    plot_section(section, folder.audit_plot)
+    write_json_atomic(folder.audit, _finite(section))
     write_reports(run_dir)
     return section
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from fedscore.clients.state import LenderState, PartyState, PaymentState, load_p
 from fedscore.clients.transcript import VIEWS, load_view
 from fedscore.shared.config import FedConfig
 from fedscore.shared.protocol.splits import SPLIT_TEST, SPLIT_TRAIN
+from fedscore.shared.run_folder import RunFolder
 
 
 class AuditError(RuntimeError):
@@ -52,20 +52,21 @@ class RunViews:
 
 
 def _state(run_dir: Path, party: str) -> PartyState:
-    path = run_dir / "parties" / party / "state.pt"
+    path = RunFolder(run_dir).party_state(party) / "state.pt"
     if not path.exists():
         raise AuditError(f"{path}: missing (the audit needs the run's party state)")
     return load_party_state(path, party)
 
 
 def load_run(run_dir: Path) -> RunViews:
-    for name in ("config.json", "privacy-report.json"):
-        if not (run_dir / name).exists():
-            raise AuditError(f"{run_dir / name}: missing (not a finished run folder)")
-    config = FedConfig.model_validate_json((run_dir / "config.json").read_text())
+    folder = RunFolder(run_dir)
+    for needed in (folder.config, folder.privacy_report):
+        if not needed.exists():
+            raise AuditError(f"{needed}: missing (not a finished run folder)")
+    config = folder.read_config()
     views = {}
     for party, (name, _) in VIEWS.items():
-        path = run_dir / "transcripts" / name
+        path = folder.transcripts / name
         if not path.exists():
             raise AuditError(f"{path}: missing; run with --set audit.record_transcripts=true (fedscore audit --data "
                              "does) to record what each party received")
@@ -77,7 +78,7 @@ def load_run(run_dir: Path) -> RunViews:
     pay_ids = np.asarray([str(payment.ids[int(r)]) for r in payment.rows.numpy()])
     if not np.array_equal(ids, pay_ids):
         raise AuditError(f"{run_dir}: the two parties' aligned orders differ")
-    return RunViews(run_dir=run_dir, config=config, privacy=json.loads((run_dir / "privacy-report.json").read_text()),
+    return RunViews(run_dir=run_dir, config=config, privacy=folder.read_json(folder.privacy_report),
                     payment_view=views["payment"], lender_view=views["lender"], payment_state=payment,
                     lender_state=lender, aligned_ids=ids, split=lender.split.numpy(),
                     clean=lender.y[lender.rows].numpy(), released=lender.y_release.numpy(),

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 from fedscore.flower.flwr_run import superlink_healthy
 from fedscore.flower.processes import ProcessGroup, stop_on_sigterm, tied_preexec
 from fedscore.flower.supernode import FORKSERVER_ENV, LAUNCHER_SCRIPTS
-from fedscore.runs import RunError, resume_hint
 from fedscore.shared.atomic import write_json_atomic, write_text_atomic
+from fedscore.shared.run_folder import RunError, RunFolder
 from fedscore.shared.tls import SuperLinkTls, make_local_pki
 from fedscore.shared.waiting import wait_until
 
@@ -331,18 +331,20 @@ def start_run(federation: Federation, run_dir: Path, progress: Callable[[str, in
 
 def record_timing(run_dir: Path, start: float, startup_s: float, teardown_s: float) -> None:
     """The ServerApp's outcome must exist; its timing is completed with what the launcher measured."""
-    if not (run_dir / "outcome.json").exists():
-        log = (run_dir / "flower" / "logs" / "flwr-run.log").read_text(errors="replace")[-3000:]
-        raise RunError(f"the ServerApp wrote no outcome; `flwr run` log ends:\n{log}{resume_hint(run_dir)}")
-    outcome = json.loads((run_dir / "outcome.json").read_text())
+    folder = RunFolder(run_dir)
+    if not folder.outcome.exists():
+        log = (folder.flower / "logs" / "flwr-run.log").read_text(errors="replace")[-3000:]
+        raise RunError(f"the ServerApp wrote no outcome; `flwr run` log ends:\n{log}{folder.resume_hint()}")
+    outcome = folder.read_outcome()
     outcome["timing"].update(federation_s=time.perf_counter() - start, startup_s=startup_s, teardown_s=teardown_s)
-    write_json_atomic(run_dir / "outcome.json", outcome)
+    write_json_atomic(folder.outcome, outcome)
 
 
 def follow(run_dir: Path, federation: Federation, runner: subprocess.Popen,
             progress: Callable[[str, int, int], None], timeout_s: float) -> None:
     """Relay the ServerApp's progress lines until `flwr run` ends; fail fast if a federation process dies."""
-    progress_file = run_dir / "progress.jsonl"
+    folder = RunFolder(run_dir)
+    progress_file = folder.progress
     seen = 0
 
     def finished() -> bool:
@@ -356,7 +358,7 @@ def follow(run_dir: Path, federation: Federation, runner: subprocess.Popen,
                 event = json.loads(line)
                 progress(event["stage"], event["done"], event["total"])
             seen = len(lines)
-        if (run_dir / "outcome.json").exists():
+        if folder.outcome.exists():
             # the ServerApp has finished; `flwr run --stream` may linger on log streaming, which nobody reads:
             # give it a moment, then the teardown stops it
             with suppress(subprocess.TimeoutExpired):

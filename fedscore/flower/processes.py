@@ -25,6 +25,7 @@ from typing import Any
 import psutil
 
 from fedscore.shared.atomic import write_text_atomic
+from fedscore.shared.run_folder import RunFolder
 
 PR_SET_PDEATHSIG = 1
 
@@ -129,7 +130,7 @@ class ProcessGroup:
             proc.stdin.write(stdin)
             proc.stdin.close()
         self.processes.append((name, proc))
-        write_text_atomic(self.folder / "pids.json", json.dumps({n: p.pid for n, p in self.processes}))
+        write_text_atomic(self.folder / RunFolder.PIDS, json.dumps({n: p.pid for n, p in self.processes}))
         return proc
 
     def check_alive(self, allowed_to_exit: tuple[str, ...] = ()) -> None:

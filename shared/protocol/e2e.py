@@ -32,11 +32,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedscore.shared.atomic import write_private
+from fedscore.shared.party_home import PartyHome
 
 MAGIC = b"FSE1"
-PRIVATE_KEY_FILE = "identity.key"  # in the party home, mode 0600: 64 hex characters (raw X25519 private key)
-PUBLIC_KEY_FILE = "identity.pub"  # in the party home: 64 hex characters (raw X25519 public key), safe to share
 _HEAD = struct.Struct(">H")
 _SEQ = struct.Struct(">Q")
 NONCE_BYTES = 12
@@ -49,13 +47,13 @@ class SealError(ValueError):
 # -- long-term identity ---------------------------------------------------------------------------------------------
 def load_identity(home: Path) -> X25519PrivateKey:
     """The party's key pair from its home, created there (private key 0600) on first use."""
-    home = Path(home)
-    private_path, public_path = home / PRIVATE_KEY_FILE, home / PUBLIC_KEY_FILE
+    party_home = PartyHome(home)
+    # identity.key: mode 0600, 64 hex characters (raw X25519 private key); identity.pub: its public key, safe to share
+    private_path, public_path = party_home.identity_key, party_home.identity_pub
     if not private_path.exists():
-        home.mkdir(parents=True, exist_ok=True)
         key = X25519PrivateKey.generate()
         # exclusive: two processes starting at once never overwrite each other's key
-        if not write_private(private_path, key.private_bytes_raw().hex() + "\n", exclusive=True):
+        if not party_home.write_private(private_path, key.private_bytes_raw().hex() + "\n", exclusive=True):
             return load_identity(home)
         public_path.write_text(key.public_key().public_bytes_raw().hex() + "\n")
         return key
