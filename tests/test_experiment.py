@@ -25,6 +25,7 @@ splits = 1
 """
 
 
+@pytest.mark.slow
 def test_experiment_grid_outputs_and_resume(tmp_path: Path) -> None:
     make_party_data(tmp_path / "data", population=1500)
     (tmp_path / "grid.toml").write_text(GRID)

@@ -250,6 +250,7 @@ def test_a_plan_over_budget_is_refused_before_anything_is_recorded(tmp_path: Pat
         records, LABELS) == pytest.approx(tight)
 
 
+@pytest.mark.slow
 def test_a_noisier_lender_top_leaves_the_rest_of_the_outsider_budget_to_the_payment_part() -> None:
     """`privacy.lender_dpsgd_noise_multiplier`: the lender's plan takes that noise, the payment part is calibrated so
     both parts' steps and both scalers still compose to the outsider target, and less noise than a shared split."""

@@ -254,6 +254,7 @@ threading.Event().wait()
 """
 
 
+@pytest.mark.slow
 def test_every_answer_that_left_is_in_the_ledger_after_sigkill(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -302,6 +303,7 @@ def test_the_cli_shows_and_exports_a_ledger(tmp_path: Path) -> None:
     assert table.exit_code == 0 and "charges per guarantee" in table.output and "online answers" in table.output
 
 
+@pytest.mark.slow
 def test_online_charges_are_made_ahead_and_cover_every_answer(tmp_path: Path) -> None:
     """With --charge-ahead 1 the guard charges before it serves and keeps the charged worst case ahead of the answered
     one (the background composes in a worker process): every answer is covered by a charge made before it; the

@@ -83,6 +83,7 @@ def test_partial_logit_parts_export_and_bundle_one_number(tmp_path: Path) -> Non
     assert np.abs(p_onnx - p_torch).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_the_excess_tells_extra_projections_from_the_score() -> None:
     """The lender's attack given the final score only, and given earlier releases that are other projections of the
     payment columns: the first adds nothing to the score (excess ~0), the second adds a lot."""

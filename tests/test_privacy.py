@@ -435,6 +435,7 @@ def _assert_valid_file(path: Path) -> dict:
     return {"entries": store.entries()}
 
 
+@pytest.mark.slow
 def test_ledger_composes_persists_and_refuses(tmp_path: Path) -> None:
     path = tmp_path / "state" / "privacy_ledger.json"
     one_round = [label_gradient_release(2.0, 1.0, 1)]

@@ -174,6 +174,7 @@ def test_identical_runs_differ_unless_replayable(party_data: tuple[Path, dict], 
         assert "VOID" not in (runs[0] / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_a_second_training_composes_with_the_first_or_is_refused(party_data: tuple[Path, dict],
                                                                   tmp_path: Path) -> None:
     data, _ = party_data

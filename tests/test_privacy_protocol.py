@@ -91,6 +91,7 @@ def test_report_html_has_the_plots(private_run: Path) -> None:
     assert "joint.records" in page and "lender.labels" in page
 
 
+@pytest.mark.slow
 def test_lender_refuses_a_label_release_over_its_own_budget(party_data: tuple[Path, dict], tmp_path: Path) -> None:
     data, _ = party_data
     config = load_config(None, PRIVATE)

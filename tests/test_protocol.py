@@ -46,6 +46,7 @@ def test_federated_beats_lender_only(run: tuple[Path, dict], party_data: tuple[P
     assert metrics["test"]["auc"] > 0.7
 
 
+@pytest.mark.slow
 def test_same_seed_and_secret_same_model(run: tuple[Path, dict], party_data: tuple[Path, dict],
                                          tmp_path: Path) -> None:
     data, _ = party_data

@@ -60,6 +60,7 @@ def test_no_lift_to_keep_is_a_clear_error(ceiling: float) -> None:
     assert lift_kept_or_nan(0.7, _refs(0.6, 0.8)) == (pytest.approx(0.5), "")
 
 
+@pytest.mark.slow
 def test_the_reference_is_chosen_on_validation_not_on_test() -> None:
     """One setting ranks the validation users perfectly, another the test users: the sweep must pick the first and
     report its (worse) test AUC, not the grid's best test AUC."""
