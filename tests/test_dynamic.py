@@ -53,7 +53,8 @@ def test_months_shock_moves_the_shocked_columns_only(months: Path) -> None:
     before = np.mean([i.default_rate for i in meta.info[:3]])
     after = np.mean([i.default_rate for i in meta.info[3:]])
     assert after > before + 0.03
-    assert _exact_psi(months, 1, 6, "lender", "income_band") > 0.25
+    for column in ("income_band", "requested_amount"):  # the income fall, directly and through its loading
+        assert _exact_psi(months, 1, 6, "lender", column) > 0.25, column
     assert _exact_psi(months, 1, 6, "payment", "online_share") > 0.25
     for column in ("age", "bureau_score", "tenure_months"):
         assert _exact_psi(months, 1, 6, "lender", column) < 0.1, column
@@ -236,6 +237,34 @@ def test_book_proposes_limit_changes_with_reasons(trained: dict[str, Path], mont
     assert (held["proposed_limit"] == held["current_limit"]).all()
     with pytest.raises(ValueError, match="month"):
         propose(trained["run"] / "model", months, 1)
+
+
+def test_book_hysteresis_holds_a_one_month_dip_and_waits_before_raising() -> None:
+    """Without the hysteresis a one-tier dip for one month is cut at once and a raise follows one stable month."""
+    from fedscore.book import RAISE_AFTER_MONTHS, BookState, step
+
+    # borrowers: 0 dips one tier for one month; 1 falls one tier for two months; 2 falls two tiers; 3 turns
+    # anomalous; 4 is stable with a policy limit above its own
+    state = BookState.opening(np.full(5, 10_000.0), np.full(5, 1))
+    months = [  # (rank, policy limit, anomaly, stable) per borrower, month by month
+        ([2, 2, 3, 1, 1], [6000, 6000, 2000, 5000, 20000], [0, 0, 0, 1, 0], [1, 1, 1, 1, 1]),
+        ([1, 2, 3, 1, 1], [10000, 6000, 2000, 10000, 20000], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]),
+        ([1, 2, 3, 1, 1], [10000, 6000, 2000, 10000, 20000], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]),
+        ([1, 2, 3, 1, 1], [10000, 6000, 2000, 10000, 20000], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]),
+    ]
+    actions = []
+    for rank, policy, anomaly, stable in months:
+        decision, state = step(state, np.array(rank), np.array(policy, float), np.array(anomaly, bool),
+                               np.array(stable, bool))
+        actions.append(list(decision.action))
+    assert [a[0] for a in actions] == ["hold"] * 4  # the dip: held, and back at its tier nothing moves
+    assert [a[1] for a in actions][:2] == ["hold", "cut"]  # cut once the fall has lasted two months
+    assert [a[2] for a in actions][0] == "cut"  # two tiers: at once
+    assert [a[3] for a in actions][0] == "cut"  # anomaly: at once
+    raises = [a[4] for a in actions]
+    assert raises.index("raise") == RAISE_AFTER_MONTHS - 1  # only after RAISE_AFTER_MONTHS stable months
+    assert state.limit[1] == 6000 and state.limit[2] == 2000 and state.limit[0] == 10_000
+    assert state.limit[4] == 12_500  # raised at most x1.25 in a month
 
 
 @pytest.mark.slow
