@@ -220,6 +220,32 @@ def test_registry_rollback(tmp_path: Path) -> None:
         registry._promote(home, reg, reg.get(b.version), "test")
 
 
+def test_cli_rollback_refused_with_nothing_to_roll_back_then_rolls_back(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator's path: exit 2 and the reason, the registry left as it was; after a promotion, rollback works."""
+    from fedscore import registry
+    from fedscore.cli import app
+
+    monkeypatch.setenv("FEDSCORE_HOME", str(tmp_path / "fedscore-home"))
+    home = tmp_path / "lender-home"
+    args = ["--party-home", f"lender={home}"]
+    runner = CliRunner()
+    for name in ("a", "b"):
+        result = runner.invoke(app, ["registry", "add", "--run", str(_fake_run(tmp_path / name, f"{name}-1", name)),
+                                     *args], terminal_width=300)
+        assert result.exit_code == 0, result.output
+    before = (home / registry.REGISTRY_FILE).read_bytes()
+    result = runner.invoke(app, ["registry", "rollback", *args], terminal_width=300)
+    assert result.exit_code == 2 and "nothing to roll back" in result.output, result.output
+    assert (home / registry.REGISTRY_FILE).read_bytes() == before
+    reg = registry.load(home)
+    registry._promote(home, reg, reg.get(2), "test")
+    registry.save(home, reg)
+    result = runner.invoke(app, ["registry", "rollback", *args], terminal_width=300)
+    assert result.exit_code == 0 and "champion is version 1 again" in result.output, result.output
+    assert (home / "champion").resolve() == (tmp_path / "a" / "model").resolve()
+
+
 def test_book_proposes_limit_changes_with_reasons(trained: dict[str, Path], months: Path) -> None:
     from fedscore.book import BOOK_COLUMNS, propose
 
@@ -259,8 +285,8 @@ def test_book_hysteresis_holds_a_one_month_dip_and_waits_before_raising() -> Non
         actions.append(list(decision.action))
     assert [a[0] for a in actions] == ["hold"] * 4  # the dip: held, and back at its tier nothing moves
     assert [a[1] for a in actions][:2] == ["hold", "cut"]  # cut once the fall has lasted two months
-    assert [a[2] for a in actions][0] == "cut"  # two tiers: at once
-    assert [a[3] for a in actions][0] == "cut"  # anomaly: at once
+    assert actions[0][2] == "cut"  # two tiers: at once
+    assert actions[0][3] == "cut"  # anomaly: at once
     raises = [a[4] for a in actions]
     assert raises.index("raise") == RAISE_AFTER_MONTHS - 1  # only after RAISE_AFTER_MONTHS stable months
     assert state.limit[1] == 6000 and state.limit[2] == 2000 and state.limit[0] == 10_000
