@@ -28,6 +28,7 @@ def _psi_over_months(doc: dict[str, Any], side: str) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     months = sorted(doc["months"], key=int)
     columns = list(doc["months"][months[-1]][side])
@@ -38,7 +39,8 @@ def _psi_over_months(doc: dict[str, Any], side: str) -> str:
     top = 0.3
     # a colour of its own for each column that crossed 0.1 (the default cycle repeats after ten and gave two
     # labelled columns the same colour); the quiet ones in grey, behind
-    palette = iter(plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2])
+    strong, light_ = plt.get_cmap("tab20").colors[::2], plt.get_cmap("tab20").colors[1::2]
+    palette = iter([c for i, c in enumerate(strong + light_) if i % 10 != 7])  # no grey: grey is for the quiet
     for name in columns:
         values = [doc["months"][m][side][name]["psi"] for m in months if name in doc["months"][m][side]]
         x = [int(m) for m in months if name in doc["months"][m][side]]
@@ -49,6 +51,7 @@ def _psi_over_months(doc: dict[str, Any], side: str) -> str:
         else:
             ax.plot(x, values, linewidth=0.7, color="#9e9e9e", alpha=0.7, zorder=2)
     ax.set_ylim(0, min(top * 1.1, 3.0))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # months: no 7.5
     ax.set_xlabel("month")
     ax.set_ylabel("PSI")
     ax.set_title(f"{side} columns: PSI against the training reference (labelled: above 0.1 at some month)")
@@ -62,6 +65,7 @@ def _score_and_calibration(doc: dict[str, Any]) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     months = sorted(doc["months"], key=int)
     last = doc["months"][months[-1]]
@@ -89,6 +93,7 @@ def _score_and_calibration(doc: dict[str, Any]) -> str:
                      [doc["months"][m]["realised"]["auc"] for m in matured], marker="o", label="AUC")
         axes[2].plot([doc["months"][m]["realised"]["cohort"] for m in matured],
                      [doc["months"][m]["realised"]["ks"] for m in matured], marker="s", label="KS")
+        axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
         axes[2].set_xlabel("application month (cohort)")
         axes[2].set_title("realised AUC / KS of matured cohorts")
         axes[2].legend(fontsize=7)
