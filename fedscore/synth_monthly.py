@@ -79,10 +79,13 @@ BNPL_PER_MONTH = 5.0  # instalments a month for an adopter (Poisson mean)
 INCOME_BAND_QUANTILES = [0.15, 0.35, 0.6, 0.8, 0.93]  # synth._lender's band cut-offs
 EXTRA_DEFAULT_SHOCKED = 0.08  # extra default probability for a shocked city's applicant
 EXTRA_DEFAULT_BNPL = 0.08  # extra default probability, scaled by the share of instalments in the spend
-# columns the shock acts on (directly or through the generator's loadings); the rest must stay stable
-# (log_total_spend and tx_per_month move too, but slowly: the twelve-month window fills with post-shock months)
+# columns the shock writes directly: the instalments (online shopping, small tickets) on the payment side, which
+# cross PSI 0.25 as the twelve-month window fills with post-shock months; on the lender side the income band and the
+# two columns the generator draws from the income at application (requested amount, existing debt), from month S.
+# Moved indirectly, not listed: tx_per_month, log_total_spend, active_months, days_since_last, the other shares
+# (diluted by the instalments) and the monthly spend trend columns. The rest must stay stable.
 SHOCKED_COLUMNS = {"payment": ["online_share", "share_shopping", "median_ticket", "mean_ticket"],
-                   "lender": ["income_band", "requested_amount"]}
+                   "lender": ["income_band", "requested_amount", "existing_debt"]}
 # columns the shock never touches, not even through another column (the monitor must call these stable)
 # (every share of amounts or of transactions is diluted by the instalments: not on this list)
 UNTOUCHED_COLUMNS = {"payment": ["n_devices", "n_cities"],
