@@ -16,12 +16,15 @@ that follows each month's tier swings limits up and down. A borrower's limit rem
          CUT_DROP_TIERS or more below the tier the limit was set at, or has been below it CUT_AFTER_MONTHS months in
          a row (a one-month one-tier dip is held);
 - raise  to the policy limit after RAISE_AFTER_MONTHS months in a row of stable spending, no anomaly and the tier
-         not below the one the limit was set at (never more than RAISE_CAP times the current limit in one month; a
-         limit of 0 is never raised automatically: it is held and flagged for review);
+         not below the one the limit was set at (never more than RAISE_CAP times the current limit in one month);
+         a closed line (limit 0) is proposed for reopening at the policy limit, always flagged for manual review,
+         only once its tier has been above the closing tier and its spending stable RAISE_AFTER_MONTHS months in a
+         row (before that it is held, not flagged: a one-month recovery is not news);
 - hold   otherwise (a change in spend level alone, the policy's other input, never moves a limit).
 A cut or a raise sets the limit's tier to this month's and restarts both counts.
 A manual-review flag follows the policy (tiers in review_tiers, anomalies), any cut of more than half the limit and
-any closed line the policy would reopen.
+any reopening. The replay assumes every proposal was carried out (a reviewed one included): the month after, the
+book holds the proposed limit.
 Each row carries its reason codes: the policy's reason for the action, then the model's reasons for the score.
 One model scores every month of the replay (the one given): after a promotion the book is replayed under the new
 champion, as if it had held the book from the start.
@@ -94,13 +97,14 @@ class BookState:
     limit_rank: np.ndarray  # rank (0 = best tier) of the tier the limit was set at
     months_below: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # in a row, tier below it
     months_stable: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # in a row, raise-worthy
+    months_above: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # in a row, tier above it
 
     @classmethod
     def opening(cls, limit: np.ndarray, rank: np.ndarray) -> BookState:
         """The book as opened: each borrower at the policy's limit for their tier of the opening month."""
         n = len(limit)
         return cls(np.asarray(limit, float).copy(), np.asarray(rank, np.int64).copy(), np.zeros(n, np.int64),
-                   np.zeros(n, np.int64))
+                   np.zeros(n, np.int64), np.zeros(n, np.int64))
 
 
 @dataclass
@@ -126,17 +130,21 @@ def step(state: BookState, rank: np.ndarray, policy: np.ndarray, anomaly: np.nda
     below = rank > state.limit_rank
     months_below = np.where(below, state.months_below + 1, 0)
     months_stable = np.where(np.asarray(stable, bool) & ~anomaly & ~below, state.months_stable + 1, 0)
+    months_above = np.where(rank < state.limit_rank, state.months_above + 1, 0)
     confirmed_fall = (rank - state.limit_rank >= CUT_DROP_TIERS) | (months_below >= CUT_AFTER_MONTHS)
     cut = (anomaly | confirmed_fall) & (policy < current)
     capped = np.minimum(policy, np.floor(current * RAISE_CAP / 100) * 100)
-    raise_ = ~cut & (months_stable >= RAISE_AFTER_MONTHS) & (policy > current) & (current > 0) & (capped > current)
-    reinstate = ~cut & (current == 0) & (policy > 0)  # a closed line is never reopened automatically
-    proposed = np.where(cut, policy, np.where(raise_, capped, current))
-    action = np.where(cut, "cut", np.where(raise_, "raise", "hold"))
-    changed = cut | raise_
+    confirmed = months_stable >= RAISE_AFTER_MONTHS
+    raise_ = ~cut & confirmed & (policy > current) & (current > 0) & (capped > current)
+    # a closed line: proposed for reopening (at the policy limit, under review) once the recovery is confirmed
+    reinstate = ~cut & (current == 0) & (policy > 0) & confirmed & (months_above >= RAISE_AFTER_MONTHS)
+    proposed = np.where(cut, policy, np.where(raise_, capped, np.where(reinstate, policy, current)))
+    action = np.where(cut, "cut", np.where(raise_ | reinstate, "raise", "hold"))
+    changed = cut | raise_ | reinstate
     after = BookState(limit=proposed.astype(float), limit_rank=np.where(changed, rank, state.limit_rank),
                       months_below=np.where(changed, 0, months_below),
-                      months_stable=np.where(changed, 0, months_stable))
+                      months_stable=np.where(changed, 0, months_stable),
+                      months_above=np.where(changed, 0, months_above))
     return Decision(action, proposed, confirmed_fall & cut, cut & (proposed < 0.5 * current), reinstate), after
 
 
@@ -178,12 +186,13 @@ def propose(model_dir: Path, root: Path, month: int) -> pd.DataFrame:
         if decision.confirmed_fall[i]:
             why.append(f"TIER_FELL: {order[held.limit_rank[i]]} (the limit's tier) -> {now['tier'].iat[i]}"
                        f" ({int(held.months_below[i]) + 1} month(s) below it)")
-        if decision.action[i] == "raise":
+        if decision.action[i] == "raise" and not decision.reinstate[i]:
             why.append(f"STABLE: spending stable {RAISE_AFTER_MONTHS}+ months, tier held")
         if decision.big_cut[i]:
             why.append("BIG_CUT: more than half the limit, manual review")
         if decision.reinstate[i]:
-            why.append(f"REINSTATE: limit 0, policy now {policy[i]:.0f}, manual review")
+            why.append(f"REINSTATE: closed line, tier {now['tier'].iat[i]} and stable {RAISE_AFTER_MONTHS}+ months,"
+                       f" policy {policy[i]:.0f}: reopen under manual review")
         model = now["reasons"].iat[i]
         codes.append("; ".join([*why, *([model] if model else [])]))
     return pd.DataFrame({"id": now["id"], "previous_tier": before["tier"], "tier": now["tier"],

@@ -258,7 +258,10 @@ def test_book_proposes_limit_changes_with_reasons(trained: dict[str, Path], mont
     assert cut["reason_codes"].str.contains("SPEND_ANOMALY|TIER_FELL").all()
     raised = frame[frame["action"] == "raise"]
     assert (raised["proposed_limit"] > raised["current_limit"]).all()
-    assert raised["reason_codes"].str.contains("STABLE").all()
+    assert raised["reason_codes"].str.contains("STABLE|REINSTATE").all()
+    from fedscore.shared.scoring.scorecard import ScorecardParams
+
+    assert set(frame["limit_tier"]) <= set(ScorecardParams().tier_names)
     held = frame[frame["action"] == "hold"]
     assert (held["proposed_limit"] == held["current_limit"]).all()
     with pytest.raises(ValueError, match="month"):
@@ -270,19 +273,20 @@ def test_book_hysteresis_holds_a_one_month_dip_and_waits_before_raising() -> Non
     from fedscore.book import RAISE_AFTER_MONTHS, BookState, step
 
     # borrowers: 0 dips one tier for one month; 1 falls one tier for two months; 2 falls two tiers; 3 turns
-    # anomalous; 4 is stable with a policy limit above its own
-    state = BookState.opening(np.full(5, 10_000.0), np.full(5, 1))
+    # anomalous; 4 is stable with a policy limit above its own; 5 holds a closed line (tier E) and recovers to C
+    state = BookState.opening(np.array([10_000.0] * 5 + [0.0]), np.array([1] * 5 + [4]))
     months = [  # (rank, policy limit, anomaly, stable) per borrower, month by month
-        ([2, 2, 3, 1, 1], [6000, 6000, 2000, 5000, 20000], [0, 0, 0, 1, 0], [1, 1, 1, 1, 1]),
-        ([1, 2, 3, 1, 1], [10000, 6000, 2000, 10000, 20000], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]),
-        ([1, 2, 3, 1, 1], [10000, 6000, 2000, 10000, 20000], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]),
-        ([1, 2, 3, 1, 1], [10000, 6000, 2000, 10000, 20000], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]),
+        ([2, 2, 3, 1, 1, 2], [6000, 6000, 2000, 5000, 20000, 5000], [0, 0, 0, 1, 0, 0], [1] * 6),
+        ([1, 2, 3, 1, 1, 2], [10000, 6000, 2000, 10000, 20000, 5000], [0] * 6, [1] * 6),
+        ([1, 2, 3, 1, 1, 2], [10000, 6000, 2000, 10000, 20000, 5000], [0] * 6, [1] * 6),
+        ([1, 2, 3, 1, 1, 2], [10000, 6000, 2000, 10000, 20000, 5000], [0] * 6, [1] * 6),
     ]
-    actions = []
+    actions, reopened = [], []
     for rank, policy, anomaly, stable in months:
         decision, state = step(state, np.array(rank), np.array(policy, float), np.array(anomaly, bool),
                                np.array(stable, bool))
         actions.append(list(decision.action))
+        reopened.append(bool(decision.reinstate[5]))
     assert [a[0] for a in actions] == ["hold"] * 4  # the dip: held, and back at its tier nothing moves
     assert [a[1] for a in actions][:2] == ["hold", "cut"]  # cut once the fall has lasted two months
     assert actions[0][2] == "cut"  # two tiers: at once
@@ -291,6 +295,9 @@ def test_book_hysteresis_holds_a_one_month_dip_and_waits_before_raising() -> Non
     assert raises.index("raise") == RAISE_AFTER_MONTHS - 1  # only after RAISE_AFTER_MONTHS stable months
     assert state.limit[1] == 6000 and state.limit[2] == 2000 and state.limit[0] == 10_000
     assert state.limit[4] == 12_500  # raised at most x1.25 in a month
+    # the closed line: held (and not flagged) until the recovery has lasted RAISE_AFTER_MONTHS, then reopened
+    assert [a[5] for a in actions].index("raise") == RAISE_AFTER_MONTHS - 1
+    assert reopened == [k == RAISE_AFTER_MONTHS - 1 for k in range(4)] and state.limit[5] == 5000
 
 
 @pytest.mark.slow
