@@ -1,24 +1,40 @@
 """Monthly limit management (`fedscore score --book`): re-score the borrowers on the book each month and propose
-limit changes under the scorecard policy (issue 21).
+limit changes under the scorecard policy, with a hysteresis (issue 21).
 
 The book (ROOT/book.parquet: the borrowers' IDs) keeps each borrower's application columns at the lender
-(month 1's applicants file); each month the payment holder's latest snapshot gives their current payment part and
-coarse signals. Both months (this one and the previous) are scored with the same model and policy
-(shared/scoring/scorecard.py: points, tiers, limits, review, reason codes), and the proposal is:
-- cut    to the policy limit when recent spending turned anomalous (recent_spend_anomaly) or the tier fell;
-- raise  to the policy limit when spending is stable this month and last, with no anomaly, and the tier held or
-         rose (never more than RAISE_CAP times the current limit in one month; a limit of 0 is never raised
-         automatically: it is held and flagged for review);
-- hold   otherwise.
+(month 1's applicants file); each month the payment holder's snapshot gives their current payment part and coarse
+signals. Every month from the book's opening (month 1) to the asked one is scored with the same model and policy
+(shared/scoring/scorecard.py: points, tiers, limits, review, reason codes), and the book's limits are replayed
+month by month: the limit a borrower holds is what the policy below decided last month, not last month's raw policy
+limit. Why a replay rather than a state file: the result is a function of the data and the model alone (no file
+that can go stale or be lost between runs), at the cost of scoring K months (about a second each for 1,500
+borrowers).
+
+Why a hysteresis: tiers move a lot from month to month (on the synthetic book only ~40% keep theirs), so a policy
+that follows each month's tier swings limits up and down. A borrower's limit remembers the tier it was set at, and
+- cut    to the policy limit when recent spending turned anomalous (recent_spend_anomaly: at once), or the tier is
+         CUT_DROP_TIERS or more below the tier the limit was set at, or has been below it CUT_AFTER_MONTHS months in
+         a row (a one-month one-tier dip is held);
+- raise  to the policy limit after RAISE_AFTER_MONTHS months in a row of stable spending, no anomaly and the tier
+         not below the one the limit was set at (never more than RAISE_CAP times the current limit in one month);
+         a closed line (limit 0) is proposed for reopening at the policy limit, always flagged for manual review,
+         only once its tier has been above the closing tier and its spending stable RAISE_AFTER_MONTHS months in a
+         row (before that it is held, not flagged: a one-month recovery is not news);
+- hold   otherwise (a change in spend level alone, the policy's other input, never moves a limit).
+A cut or a raise sets the limit's tier to this month's and restarts both counts.
 A manual-review flag follows the policy (tiers in review_tiers, anomalies), any cut of more than half the limit and
-any closed line the policy would reopen.
+any reopening. The replay assumes every proposal was carried out (a reviewed one included): the month after, the
+book holds the proposed limit.
 Each row carries its reason codes: the policy's reason for the action, then the model's reasons for the score.
+One model scores every month of the replay (the one given): after a promotion the book is replayed under the new
+champion, as if it had held the book from the start.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +44,11 @@ import pyarrow.parquet as pq
 from fedscore.shared.data.tables import DataError
 
 RAISE_CAP = 1.25
-BOOK_COLUMNS = ["id", "previous_tier", "tier", "previous_score", "score", "current_limit", "proposed_limit", "action",
-                "review_flag", "reason_codes"]
+CUT_DROP_TIERS = 2  # a fall of this many tiers below the limit's tier is cut at once
+CUT_AFTER_MONTHS = 2  # a smaller fall is cut once it has lasted this many months in a row
+RAISE_AFTER_MONTHS = 3  # stable months in a row (no anomaly, tier held) before a raise
+BOOK_COLUMNS = ["id", "previous_tier", "tier", "limit_tier", "previous_score", "score", "current_limit",
+                "proposed_limit", "action", "review_flag", "reason_codes"]
 
 
 def _score_with_signals(model_dir: Path, data_dir: Path) -> pd.DataFrame:
@@ -70,9 +89,68 @@ def _book_folder(root: Path, month: int, tmp: Path) -> Path:
     return folder
 
 
+@dataclass
+class BookState:
+    """What the book holds per borrower between months (arrays in the book's order)."""
+
+    limit: np.ndarray  # the limit held
+    limit_rank: np.ndarray  # rank (0 = best tier) of the tier the limit was set at
+    months_below: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # in a row, tier below it
+    months_stable: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # in a row, raise-worthy
+    months_above: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # in a row, tier above it
+
+    @classmethod
+    def opening(cls, limit: np.ndarray, rank: np.ndarray) -> BookState:
+        """The book as opened: each borrower at the policy's limit for their tier of the opening month."""
+        n = len(limit)
+        return cls(np.asarray(limit, float).copy(), np.asarray(rank, np.int64).copy(), np.zeros(n, np.int64),
+                   np.zeros(n, np.int64), np.zeros(n, np.int64))
+
+
+@dataclass
+class Decision:
+    """One month's proposal for every borrower (arrays in the book's order)."""
+
+    action: np.ndarray  # "cut" / "raise" / "hold"
+    proposed: np.ndarray
+    confirmed_fall: np.ndarray  # the tier fall that justified a cut (bool)
+    big_cut: np.ndarray
+    reinstate: np.ndarray
+
+
+def step(state: BookState, rank: np.ndarray, policy: np.ndarray, anomaly: np.ndarray, stable: np.ndarray,
+         ) -> tuple[Decision, BookState]:
+    """Apply the policy with its hysteresis to one month: `rank` is this month's tier rank (0 best), `policy` the
+    scorecard's limit for it, `anomaly` recent_spend_anomaly, `stable` this month's spending stability. Returns the
+    proposal and the state the book holds next month."""
+    rank = np.asarray(rank, np.int64)
+    policy = np.asarray(policy, float)
+    anomaly = np.asarray(anomaly, bool)
+    current = state.limit
+    below = rank > state.limit_rank
+    months_below = np.where(below, state.months_below + 1, 0)
+    months_stable = np.where(np.asarray(stable, bool) & ~anomaly & ~below, state.months_stable + 1, 0)
+    months_above = np.where(rank < state.limit_rank, state.months_above + 1, 0)
+    confirmed_fall = (rank - state.limit_rank >= CUT_DROP_TIERS) | (months_below >= CUT_AFTER_MONTHS)
+    cut = (anomaly | confirmed_fall) & (policy < current)
+    capped = np.minimum(policy, np.floor(current * RAISE_CAP / 100) * 100)
+    confirmed = months_stable >= RAISE_AFTER_MONTHS
+    raise_ = ~cut & confirmed & (policy > current) & (current > 0) & (capped > current)
+    # a closed line: proposed for reopening (at the policy limit, under review) once the recovery is confirmed
+    reinstate = ~cut & (current == 0) & (policy > 0) & confirmed & (months_above >= RAISE_AFTER_MONTHS)
+    proposed = np.where(cut, policy, np.where(raise_, capped, np.where(reinstate, policy, current)))
+    action = np.where(cut, "cut", np.where(raise_ | reinstate, "raise", "hold"))
+    changed = cut | raise_ | reinstate
+    after = BookState(limit=proposed.astype(float), limit_rank=np.where(changed, rank, state.limit_rank),
+                      months_below=np.where(changed, 0, months_below),
+                      months_stable=np.where(changed, 0, months_stable),
+                      months_above=np.where(changed, 0, months_above))
+    return Decision(action, proposed, confirmed_fall & cut, cut & (proposed < 0.5 * current), reinstate), after
+
+
 def propose(model_dir: Path, root: Path, month: int) -> pd.DataFrame:
-    """One row per borrower: this month's and last month's tier and score, the current and proposed limit, the
-    action (cut / raise / hold), the review flag and the reason codes."""
+    """One row per borrower: this month's and last month's tier and score, the tier the held limit was set at, the
+    current (held) and proposed limit, the action (cut / raise / hold), the review flag and the reason codes."""
     from fedscore.shared.scoring.scorecard import ScorecardParams
     from fedscore.synth_monthly import read_meta
 
@@ -80,41 +158,46 @@ def propose(model_dir: Path, root: Path, month: int) -> pd.DataFrame:
     if not 2 <= month <= meta.months:
         raise DataError(f"--month {month}: the book is re-scored from month 2 to {meta.months}")
     order = ScorecardParams().tier_names  # best first
-    rank = {name: i for i, name in enumerate(order)}
+    rank_of = {name: i for i, name in enumerate(order)}
     with tempfile.TemporaryDirectory() as tmp:
-        now = _score_with_signals(model_dir, _book_folder(root, month, Path(tmp)))
-        before = _score_with_signals(model_dir, _book_folder(root, month - 1, Path(tmp)))
-    before = before.set_index("id").loc[now["id"]].reset_index()
-    fell = np.array([rank[a] > rank[b] for a, b in zip(now["tier"], before["tier"], strict=True)])
-    rose_or_held = ~fell
-    anomaly = now["anomaly"].to_numpy()
-    stable = (now["stability"] == "stable").to_numpy() & (before["stability"] == "stable").to_numpy()
-    current = before["limit"].to_numpy(float)  # the limit the book holds: last month's policy limit
-    policy = now["limit"].to_numpy(float)
-    cut = (anomaly | fell) & (policy < current)
-    raise_ = ~cut & stable & ~anomaly & rose_or_held & (policy > current) & (current > 0)
-    reinstate = ~cut & (current == 0) & (policy > 0)  # a closed line is never reopened automatically
-    proposed = np.where(cut, policy, np.where(raise_, np.minimum(policy, np.floor(current * RAISE_CAP / 100) * 100),
-                                              current))
-    action = np.where(cut, "cut", np.where(raise_, "raise", "hold"))
-    big_cut = cut & (proposed < 0.5 * current)
-    review = now["review"].to_numpy(bool) | big_cut | reinstate
+        scored = [_score_with_signals(model_dir, _book_folder(root, 1, Path(tmp)))]
+        ids = scored[0]["id"]
+        for k in range(2, month + 1):
+            scored.append(_score_with_signals(model_dir, _book_folder(root, k, Path(tmp))).set_index("id")
+                          .loc[ids].reset_index())
+
+    def ranks(frame: pd.DataFrame) -> np.ndarray:
+        return np.array([rank_of[t] for t in frame["tier"]], np.int64)
+
+    state = BookState.opening(scored[0]["limit"].to_numpy(float), ranks(scored[0]))
+    for frame in scored[1:]:
+        held = state
+        decision, state = step(state, ranks(frame), frame["limit"].to_numpy(float), frame["anomaly"].to_numpy(bool),
+                               (frame["stability"] == "stable").to_numpy())
+    now, before = scored[-1], scored[-2]
+    current, policy = held.limit, now["limit"].to_numpy(float)
+    anomaly = now["anomaly"].to_numpy(bool)
+    review = now["review"].to_numpy(bool) | decision.big_cut | decision.reinstate
     codes = []
     for i in range(len(now)):
         why = []
         if anomaly[i]:
             why.append("SPEND_ANOMALY: recent spending anomalous")
-        if fell[i]:
-            why.append(f"TIER_FELL: {before['tier'].iat[i]} -> {now['tier'].iat[i]}")
-        if action[i] == "raise":
-            why.append("STABLE: spending stable two months, tier held")
-        if big_cut[i]:
+        if decision.confirmed_fall[i]:
+            why.append(f"TIER_FELL: {order[held.limit_rank[i]]} (the limit's tier) -> {now['tier'].iat[i]}"
+                       f" ({int(held.months_below[i]) + 1} month(s) below it)")
+        if decision.action[i] == "raise" and not decision.reinstate[i]:
+            why.append(f"STABLE: spending stable {RAISE_AFTER_MONTHS}+ months, tier held")
+        if decision.big_cut[i]:
             why.append("BIG_CUT: more than half the limit, manual review")
-        if reinstate[i]:
-            why.append(f"REINSTATE: limit 0, policy now {policy[i]:.0f}, manual review")
+        if decision.reinstate[i]:
+            why.append(f"REINSTATE: closed line, tier {now['tier'].iat[i]} and stable {RAISE_AFTER_MONTHS}+ months,"
+                       f" policy {policy[i]:.0f}: reopen under manual review")
         model = now["reasons"].iat[i]
         codes.append("; ".join([*why, *([model] if model else [])]))
     return pd.DataFrame({"id": now["id"], "previous_tier": before["tier"], "tier": now["tier"],
-                         "previous_score": before["score"], "score": now["score"], "current_limit": current,
-                         "proposed_limit": proposed, "action": action, "review_flag": review,
-                         "reason_codes": codes}, columns=BOOK_COLUMNS)
+                         "limit_tier": [order[r] for r in held.limit_rank], "previous_score": before["score"],
+                         "score": now["score"], "current_limit": current, "proposed_limit": decision.proposed,
+                         "action": decision.action, "review_flag": review, "reason_codes": codes},
+                        columns=BOOK_COLUMNS)
+

@@ -28,6 +28,7 @@ def _psi_over_months(doc: dict[str, Any], side: str) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     months = sorted(doc["months"], key=int)
     columns = list(doc["months"][months[-1]][side])
@@ -36,13 +37,21 @@ def _psi_over_months(doc: dict[str, Any], side: str) -> str:
     ax.axhspan(0.1, 0.25, color=LIGHT_COLOURS["watch"], alpha=0.12)
     ax.axhspan(0.25, 10, color=LIGHT_COLOURS["act"], alpha=0.06)
     top = 0.3
+    # a colour of its own for each column that crossed 0.1 (the default cycle repeats after ten and gave two
+    # labelled columns the same colour); the quiet ones in grey, behind
+    strong, light_ = plt.get_cmap("tab20").colors[::2], plt.get_cmap("tab20").colors[1::2]
+    palette = iter([c for i, c in enumerate(strong + light_) if i % 10 != 7])  # no grey: grey is for the quiet
     for name in columns:
         values = [doc["months"][m][side][name]["psi"] for m in months if name in doc["months"][m][side]]
+        x = [int(m) for m in months if name in doc["months"][m][side]]
         top = max(top, *values)
-        width = 2.0 if max(values) > 0.25 else 0.8
-        ax.plot([int(m) for m in months], values, marker="o", markersize=3, linewidth=width,
-                label=name if max(values) > 0.1 else None)
+        if max(values) > 0.1:
+            ax.plot(x, values, marker="o", markersize=3, linewidth=2.0 if max(values) > 0.25 else 1.2,
+                    color=next(palette, "black"), label=name, zorder=3)
+        else:
+            ax.plot(x, values, linewidth=0.7, color="#9e9e9e", alpha=0.7, zorder=2)
     ax.set_ylim(0, min(top * 1.1, 3.0))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # months: no 7.5
     ax.set_xlabel("month")
     ax.set_ylabel("PSI")
     ax.set_title(f"{side} columns: PSI against the training reference (labelled: above 0.1 at some month)")
@@ -56,6 +65,7 @@ def _score_and_calibration(doc: dict[str, Any]) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     months = sorted(doc["months"], key=int)
     last = doc["months"][months[-1]]
@@ -83,6 +93,7 @@ def _score_and_calibration(doc: dict[str, Any]) -> str:
                      [doc["months"][m]["realised"]["auc"] for m in matured], marker="o", label="AUC")
         axes[2].plot([doc["months"][m]["realised"]["cohort"] for m in matured],
                      [doc["months"][m]["realised"]["ks"] for m in matured], marker="s", label="KS")
+        axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
         axes[2].set_xlabel("application month (cohort)")
         axes[2].set_title("realised AUC / KS of matured cohorts")
         axes[2].legend(fontsize=7)
@@ -100,7 +111,7 @@ def _table(entry: dict[str, Any], side: str) -> str:
         ca = row.get("characteristic_points")
         rows.append(f"<tr><td>{html.escape(name)}</td><td class=num>{row['psi']:.3f}</td>"
                     f"<td><span class=dot style='background:{colour}'></span>{row['light']}</td>"
-                    f"<td class=num>{'' if ca is None else f'{ca:+.2f}'}</td></tr>")
+                    f"<td class=num>{'n/a' if ca is None else f'{ca:+.2f}'}</td></tr>")
     return ("<table><tr><th>column</th><th>PSI</th><th>light</th><th>characteristic (points)</th></tr>"
             + "".join(rows) + "</table>")
 

@@ -14,9 +14,13 @@ account are the lender's book (`book.parquet`): they stay, so each later month's
 latest twelve months too, with their recent distress drifting month to month (limit management, `score --book`).
 
 The shock from month S (`--shock S`) changes part of the population; the rest stays as it was:
-- income falls in some cities (SHOCK_CITIES): their spending after S is cut (amounts x SPEND_FACTOR in the months
-  after the shock, so the 12-month features move as the months pass) and their declared income drops (income band,
-  requested amount and existing debt follow it through the generator's own loadings);
+- income falls in some cities (SHOCK_CITIES, 47% of people by the generator's city weights): their spending after S
+  is cut (amounts x SPEND_FACTOR in the months after the shock, so the 12-month features move as the months pass)
+  and their declared income drops by INCOME_DROP standardised units (monthly income x0.35 through the generator's
+  0.35 loading). The income band follows directly; the requested amount (loading 0.35) and the existing debt
+  (loading 0.55) follow through the generator's own loadings. The bands are cut at fixed pre-shock quantiles, so
+  the fall shows as a fall. Sized so that income_band and requested_amount land well above PSI 0.25 against a
+  pre-shock reference (BENCHMARKS.md "Issue 21": 2.5 units on 37% of people sat on the 0.25 line);
 - a new spending category appears: buy-now-pay-later instalments. The payment holder's feature definition has a
   fixed category list (clients/payment/features.py refuses unknown values), so instalments are booked as online
   "shopping" and show as share_shopping, online_share, tx_per_month and the ticket sizes;
@@ -65,19 +69,23 @@ PERFORMANCE_WINDOW = 6  # months until an applicant's outcome is known
 APPLICANT_PAYMENT_SHARE = 0.82
 PAYMENT_ONLY_SHARE = 0.2  # payment-only customers per applicant in a month's snapshot
 BOOK_LIMIT = 1500  # borrowers kept in the book (month 1's applicants with a payment account)
-# cities whose people see their income fall (about 44% of the population by the generator's city weights)
-SHOCK_CITIES = ("Madrid", "Valencia", "Paris", "Marseille", "Berlin", "Munich", "Frankfurt", "Rome",
+# cities whose people see their income fall (47% of the population by the generator's city weights)
+SHOCK_CITIES = ("Porto", "Madrid", "Valencia", "Paris", "Marseille", "Berlin", "Munich", "Frankfurt", "Rome",
                 "Naples", "Brussels", "Vienna", "Geneva", "Copenhagen", "Oslo", "Warsaw", "Prague", "Athens")
 SPEND_FACTOR = 0.25  # spending of the shocked cities' people in the months after the shock
-INCOME_DROP = 2.5  # in the generator's standardised income units
+INCOME_DROP = 3.0  # in the generator's standardised income units (sd ~1): monthly income x exp(-0.35 * 3) = x0.35
 BNPL_ADOPTION = 0.6  # share of people using instalments after the shock
 BNPL_PER_MONTH = 5.0  # instalments a month for an adopter (Poisson mean)
+INCOME_BAND_QUANTILES = [0.15, 0.35, 0.6, 0.8, 0.93]  # synth._lender's band cut-offs
 EXTRA_DEFAULT_SHOCKED = 0.08  # extra default probability for a shocked city's applicant
 EXTRA_DEFAULT_BNPL = 0.08  # extra default probability, scaled by the share of instalments in the spend
-# columns the shock acts on (directly or through the generator's loadings); the rest must stay stable
-# (log_total_spend and tx_per_month move too, but slowly: the twelve-month window fills with post-shock months)
+# columns the shock writes directly: the instalments (online shopping, small tickets) on the payment side, which
+# cross PSI 0.25 as the twelve-month window fills with post-shock months; on the lender side the income band and the
+# two columns the generator draws from the income at application (requested amount, existing debt), from month S.
+# Moved indirectly, not listed: tx_per_month, log_total_spend, active_months, days_since_last, the other shares
+# (diluted by the instalments) and the monthly spend trend columns. The rest must stay stable.
 SHOCKED_COLUMNS = {"payment": ["online_share", "share_shopping", "median_ticket", "mean_ticket"],
-                   "lender": ["income_band", "requested_amount"]}
+                   "lender": ["income_band", "requested_amount", "existing_debt"]}
 # columns the shock never touches, not even through another column (the monitor must call these stable)
 # (every share of amounts or of transactions is diluted by the instalments: not on this list)
 UNTOUCHED_COLUMNS = {"payment": ["n_devices", "n_cities"],
@@ -212,6 +220,10 @@ def _make_month(k: int, meta: MonthlyMeta, book_people: dict[str, np.ndarray] | 
     reference = _people(np.random.default_rng((meta.seed, 0)), 20_000)
     pool = {key: np.concatenate([people[key], reference[key]]) for key in ("z", "d", "age", "income")}
     lender, label = _lender(rng, pool, applicant_rows)
+    # synth._lender cuts the bands at quantiles of the pool, which holds this month's (shocked) people too and so
+    # moves the cut-offs down with the fall; cut again at the unshocked reference's quantiles alone
+    cuts = np.quantile(reference["income"], INCOME_BAND_QUANTILES)
+    lender["income_band"] = (np.searchsorted(cuts, people["income"][applicant_rows]) + 1).astype(np.int64)
     if months_since > 0:
         spend = np.bincount(tx["user"], weights=tx["amount"], minlength=len(payment_rows))
         bnpl_spend = np.bincount(tx["user"], weights=tx["amount"] * (tx["channel"] == CHANNELS.index("online"))

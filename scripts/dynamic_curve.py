@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from fedscore.synth_monthly import SHOCKED_COLUMNS, UNTOUCHED_COLUMNS, read_meta
 
@@ -71,6 +72,7 @@ def main() -> None:
         label, _, rest = item.partition("=")
         cohort, _, auc = rest.partition(":")
         bottom.scatter([int(cohort)], [float(auc)], s=70, marker="*", zorder=5, label=label)
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole months
     bottom.set_xlabel("month (PSI: snapshot month; AUC: application month of the matured cohort)")
     bottom.set_ylabel("AUC")
     bottom.legend(fontsize=7)

@@ -53,7 +53,8 @@ def test_months_shock_moves_the_shocked_columns_only(months: Path) -> None:
     before = np.mean([i.default_rate for i in meta.info[:3]])
     after = np.mean([i.default_rate for i in meta.info[3:]])
     assert after > before + 0.03
-    assert _exact_psi(months, 1, 6, "lender", "income_band") > 0.25
+    for column in ("income_band", "requested_amount"):  # the income fall, directly and through its loading
+        assert _exact_psi(months, 1, 6, "lender", column) > 0.25, column
     assert _exact_psi(months, 1, 6, "payment", "online_share") > 0.25
     for column in ("age", "bureau_score", "tenure_months"):
         assert _exact_psi(months, 1, 6, "lender", column) < 0.1, column
@@ -219,6 +220,32 @@ def test_registry_rollback(tmp_path: Path) -> None:
         registry._promote(home, reg, reg.get(b.version), "test")
 
 
+def test_cli_rollback_refused_with_nothing_to_roll_back_then_rolls_back(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator's path: exit 2 and the reason, the registry left as it was; after a promotion, rollback works."""
+    from fedscore import registry
+    from fedscore.cli import app
+
+    monkeypatch.setenv("FEDSCORE_HOME", str(tmp_path / "fedscore-home"))
+    home = tmp_path / "lender-home"
+    args = ["--party-home", f"lender={home}"]
+    runner = CliRunner()
+    for name in ("a", "b"):
+        result = runner.invoke(app, ["registry", "add", "--run", str(_fake_run(tmp_path / name, f"{name}-1", name)),
+                                     *args], terminal_width=300)
+        assert result.exit_code == 0, result.output
+    before = (home / registry.REGISTRY_FILE).read_bytes()
+    result = runner.invoke(app, ["registry", "rollback", *args], terminal_width=300)
+    assert result.exit_code == 2 and "nothing to roll back" in result.output, result.output
+    assert (home / registry.REGISTRY_FILE).read_bytes() == before
+    reg = registry.load(home)
+    registry._promote(home, reg, reg.get(2), "test")
+    registry.save(home, reg)
+    result = runner.invoke(app, ["registry", "rollback", *args], terminal_width=300)
+    assert result.exit_code == 0 and "champion is version 1 again" in result.output, result.output
+    assert (home / "champion").resolve() == (tmp_path / "a" / "model").resolve()
+
+
 def test_book_proposes_limit_changes_with_reasons(trained: dict[str, Path], months: Path) -> None:
     from fedscore.book import BOOK_COLUMNS, propose
 
@@ -231,11 +258,46 @@ def test_book_proposes_limit_changes_with_reasons(trained: dict[str, Path], mont
     assert cut["reason_codes"].str.contains("SPEND_ANOMALY|TIER_FELL").all()
     raised = frame[frame["action"] == "raise"]
     assert (raised["proposed_limit"] > raised["current_limit"]).all()
-    assert raised["reason_codes"].str.contains("STABLE").all()
+    assert raised["reason_codes"].str.contains("STABLE|REINSTATE").all()
+    from fedscore.shared.scoring.scorecard import ScorecardParams
+
+    assert set(frame["limit_tier"]) <= set(ScorecardParams().tier_names)
     held = frame[frame["action"] == "hold"]
     assert (held["proposed_limit"] == held["current_limit"]).all()
     with pytest.raises(ValueError, match="month"):
         propose(trained["run"] / "model", months, 1)
+
+
+def test_book_hysteresis_holds_a_one_month_dip_and_waits_before_raising() -> None:
+    """Without the hysteresis a one-tier dip for one month is cut at once and a raise follows one stable month."""
+    from fedscore.book import RAISE_AFTER_MONTHS, BookState, step
+
+    # borrowers: 0 dips one tier for one month; 1 falls one tier for two months; 2 falls two tiers; 3 turns
+    # anomalous; 4 is stable with a policy limit above its own; 5 holds a closed line (tier E) and recovers to C
+    state = BookState.opening(np.array([10_000.0] * 5 + [0.0]), np.array([1] * 5 + [4]))
+    months = [  # (rank, policy limit, anomaly, stable) per borrower, month by month
+        ([2, 2, 3, 1, 1, 2], [6000, 6000, 2000, 5000, 20000, 5000], [0, 0, 0, 1, 0, 0], [1] * 6),
+        ([1, 2, 3, 1, 1, 2], [10000, 6000, 2000, 10000, 20000, 5000], [0] * 6, [1] * 6),
+        ([1, 2, 3, 1, 1, 2], [10000, 6000, 2000, 10000, 20000, 5000], [0] * 6, [1] * 6),
+        ([1, 2, 3, 1, 1, 2], [10000, 6000, 2000, 10000, 20000, 5000], [0] * 6, [1] * 6),
+    ]
+    actions, reopened = [], []
+    for rank, policy, anomaly, stable in months:
+        decision, state = step(state, np.array(rank), np.array(policy, float), np.array(anomaly, bool),
+                               np.array(stable, bool))
+        actions.append(list(decision.action))
+        reopened.append(bool(decision.reinstate[5]))
+    assert [a[0] for a in actions] == ["hold"] * 4  # the dip: held, and back at its tier nothing moves
+    assert [a[1] for a in actions][:2] == ["hold", "cut"]  # cut once the fall has lasted two months
+    assert actions[0][2] == "cut"  # two tiers: at once
+    assert actions[0][3] == "cut"  # anomaly: at once
+    raises = [a[4] for a in actions]
+    assert raises.index("raise") == RAISE_AFTER_MONTHS - 1  # only after RAISE_AFTER_MONTHS stable months
+    assert state.limit[1] == 6000 and state.limit[2] == 2000 and state.limit[0] == 10_000
+    assert state.limit[4] == 12_500  # raised at most x1.25 in a month
+    # the closed line: held (and not flagged) until the recovery has lasted RAISE_AFTER_MONTHS, then reopened
+    assert [a[5] for a in actions].index("raise") == RAISE_AFTER_MONTHS - 1
+    assert reopened == [k == RAISE_AFTER_MONTHS - 1 for k in range(4)] and state.limit[5] == 5000
 
 
 @pytest.mark.slow
