@@ -183,7 +183,8 @@ class Coordinator:
         for sent, reply in zip(messages, replies, strict=True):
             self.result.traffic.append({"kind": sent.header.kind.value, "round": sent.header.round,
                                         "to": sent.header.recipient, "sent_bytes": len(sent.payload),
-                                        "reply_bytes": len(reply.payload), "seconds": seconds})
+                                        "reply_bytes": len(reply.payload), "reply_chunks": reply.header.chunks,
+                                        "seconds": seconds})
             if reply.header.ledger is not None:
                 self.result.ledgers[sent.header.recipient] = reply.header.ledger.model_dump()
             if isinstance(reply.header.body, Trained) and reply.header.body.curves is not None:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from fedscore.clients.parties import make_party
+from fedscore.clients.state_store import read_state
 from fedscore.runs import RunError, party_settings, run_blacklist, run_inprocess
 from fedscore.server.coordinator import Coordinator, check_blacklist
 from fedscore.shared.config import load_config
@@ -32,7 +32,7 @@ def test_alignment_json_and_both_parties_hold_the_same_ordered_users(party_data:
     assert not any(isinstance(v, str) and v.startswith("u0") for v in alignment.values())
 
     def aligned(party: str, table: str) -> list[str]:
-        state = torch.load(tmp_path / "run" / "parties" / party / "state.pt", weights_only=True)
+        state = read_state(tmp_path / "run" / "parties" / party / "state.pt")
         frame = pd.read_parquet(data / party / table)
         return [frame["id"].iloc[int(r)] for r in state["rows"]]
 

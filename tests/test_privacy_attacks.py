@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from fedscore.audit.label_leakage import replayed_flip_masks
 from fedscore.cli import app
 from fedscore.clients.parties import make_party
+from fedscore.clients.state_store import read_state
 from fedscore.runs import RunError, default_budgets, party_settings, prepare_run_dir, run_inprocess
 from fedscore.server.coordinator import Coordinator
 from fedscore.shared.config import FedConfig, load_config
@@ -135,7 +136,7 @@ def _part_bytes(run_dir: Path) -> dict[str, bytes]:
 
 
 def _released_labels(run_dir: Path) -> torch.Tensor:
-    return torch.load(run_dir / "parties" / "lender" / "state.pt", weights_only=True)["y_release"]
+    return read_state(run_dir / "parties" / "lender" / "state.pt")["y_release"]
 
 
 @pytest.mark.slow

@@ -1,8 +1,12 @@
 """Envelope <-> Flower RecordDict. The only place that knows how our messages sit inside Flower's.
 
-The header travels as JSON in a ConfigRecord; the opaque payload as one uint8 Array (Flower chunks large arrays).
-`encode_raw` / `decode_raw` work on the header's JSON text and the payload bytes and import nothing of ours, so the
-ClientApp can forward a message to its party worker without loading pydantic models, torch or opacus.
+The header travels as JSON in a ConfigRecord; the opaque payload, a bundle of sealed chunks
+(shared/protocol/chunks.py), as one uint8 Array per chunk in one ArrayRecord: every chunk of an exchange travels in
+the one Flower message (a message costs seconds; each Array stays under the chunk cap, `exchange.chunk_bytes`, well
+within gRPC's 4 MiB default, and Flower moves each in pieces of 5 MiB at most). A payload that is not a bundle (an
+error reply's) is one Array. `encode_raw` / `decode_raw` work on the header's JSON text and the payload bytes and
+import only the standard library, numpy and chunks.py (no pydantic models, torch or opacus), so the ClientApp can
+forward a message to its party worker cheaply.
 """
 
 from __future__ import annotations
@@ -12,16 +16,36 @@ from typing import TYPE_CHECKING
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from fedscore.shared.protocol.chunks import bundle_entries, bundle_from_entries, is_bundle
+
 if TYPE_CHECKING:
     from fedscore.shared.protocol.messages import Envelope
 
 MESSAGE_TYPE = "query.fedscore"
+CHUNK_PREFIX = "chunk."
+
+
+def _array(data: bytes) -> Array:
+    return Array(ndarray=np.frombuffer(data, dtype=np.uint8) if data else np.zeros(0, np.uint8))
+
+
+def payload_record(payload: bytes) -> ArrayRecord:
+    """The payload as Arrays: one per sealed chunk of a bundle (`chunk.000000`, ...), else one (`bytes`)."""
+    if is_bundle(payload):
+        return ArrayRecord({f"{CHUNK_PREFIX}{i:06d}": _array(entry) for i, entry in enumerate(bundle_entries(payload))})
+    return ArrayRecord({"bytes": _array(payload)})
+
+
+def payload_bytes(record: ArrayRecord) -> bytes:
+    """The inverse of `payload_record`."""
+    names = sorted(name for name in record if name.startswith(CHUNK_PREFIX))
+    if names:
+        return bundle_from_entries([record[name].numpy().tobytes() for name in names])
+    return record["bytes"].numpy().tobytes()
 
 
 def encode_raw(header_json: str, payload: bytes) -> RecordDict:
-    array = np.frombuffer(payload, dtype=np.uint8) if payload else np.zeros(0, np.uint8)
-    return RecordDict({"header": ConfigRecord({"json": header_json}),
-                       "payload": ArrayRecord({"bytes": Array(ndarray=array)})})
+    return RecordDict({"header": ConfigRecord({"json": header_json}), "payload": payload_record(payload)})
 
 
 def decode_raw(content: RecordDict, party: str = "") -> tuple[str, bytes]:
@@ -30,9 +54,8 @@ def decode_raw(content: RecordDict, party: str = "") -> tuple[str, bytes]:
         if f"header.{party}" not in content.config_records:
             raise ValueError(f"this message carries no envelope for party {party!r}")
         return (str(content.config_records[f"header.{party}"]["json"]),
-                content.array_records[f"payload.{party}"]["bytes"].numpy().tobytes())
-    return (str(content.config_records["header"]["json"]),
-            content.array_records["payload"]["bytes"].numpy().tobytes())
+                payload_bytes(content.array_records[f"payload.{party}"]))
+    return str(content.config_records["header"]["json"]), payload_bytes(content.array_records["payload"])
 
 
 def is_for(content: RecordDict, party: str) -> bool:
