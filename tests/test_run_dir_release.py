@@ -68,7 +68,7 @@ RESULT = [  # server/coordinator.py RunResult: what the coordinator saw
     *((("alignment", *k), c) for k, c in ALIGNMENT),
     (("timing", ONE), "sizes"),
     *((("traffic", "[]", k), "sizes") for k in ("kind", "round", "to", "sent_bytes", "reply_bytes", "reply_chunks",
-                                                                "seconds")),
+                                                                "reply_max_chunk_bytes", "seconds")),
     *LEDGERS,
     *((("curves", k, "[]"), "metrics") for k in ("fpr", "tpr", "population")),
 ]

@@ -75,6 +75,17 @@ def bundle_from_entries(entries: list[bytes]) -> bytes:
     return BUNDLE_MAGIC + _COUNT.pack(len(entries)) + b"".join(entries)
 
 
+def max_chunk_bytes(payload: bytes) -> int:
+    """The largest chunk entry of a bundle (what one Flower Array carries), or the payload's size if it is none:
+    a size the coordinator may record like any other (it reads framing, never a frame)."""
+    if not is_bundle(payload):
+        return len(payload)
+    try:
+        return max((len(entry) for entry in bundle_entries(payload)), default=0)
+    except ChunkError:
+        return len(payload)
+
+
 def read_entry(entry: bytes) -> tuple[int, int, bytes]:
     """(index, count, sealed frame) of one bundle entry."""
     if len(entry) < _ENTRY.size:
