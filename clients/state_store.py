@@ -8,9 +8,9 @@ hundreds of megabytes per step. Now:
 - `state.pt` holds the small entries (config, channel counters, model and optimizer, plans) plus an index naming,
   for each large entry, its own file in `state.d/`; it is rewritten each step (it is small, and it changes);
 - a large entry (a tensor, or a list such as the user IDs) lives in `state.d/<key>-<digest>.pt`, named by its
-  content, and is written only when its content changed: a tensor that is the very object saved last time,
-  unmodified in place (torch's version counter), is not even serialised again; any other is hashed and written
-  only under a digest not on disk yet;
+  content, and is written only when its content changed: a tensor that is the very object saved last time (the
+  store holds it, so no other object can take its id), unmodified in place (torch's version counter), is not even
+  serialised again; any other is hashed and written only under a digest not on disk yet;
 - the order of a save makes every crash safe: new entry files first, then `state.pt` (atomic: the index switches
   in one rename), then entry files no index names any more are removed.
 
@@ -45,12 +45,16 @@ def is_large(value: Any) -> bool:
     return isinstance(value, (torch.Tensor, list))
 
 
-def _fingerprint(value: Any) -> tuple[int, int] | None:
-    """What tells, without reading it, that a tensor was not modified since it was saved: the same object at the
-    same version (every in-place change bumps it). None for anything else (hashed instead)."""
-    if isinstance(value, torch.Tensor):
-        return id(value), value._version
-    return None
+def _unchanged(value: Any, saved: tuple[Any, int] | None) -> bool:
+    """Whether `value` is, without reading it, what was saved: the very tensor object saved (held by the store, so
+    its id cannot be reused by another) at the same version (every in-place change bumps it). Anything else is
+    serialised and compared by content."""
+    return (saved is not None and isinstance(value, torch.Tensor) and value is saved[0]
+            and value._version == saved[1])
+
+
+def _remember(value: Any) -> tuple[Any, int] | None:
+    return (value, value._version) if isinstance(value, torch.Tensor) else None
 
 
 def _serialise(value: Any) -> bytes:
@@ -73,13 +77,14 @@ class StateStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.folder = self.path.parent / ENTRIES_DIR
-        self._saved: dict[str, tuple[tuple[int, int] | None, str]] = {}  # key -> (fingerprint, file name)
+        # key -> ((the tensor saved, its version) or None, file name); the tensor is held, never just its id
+        self._saved: dict[str, tuple[tuple[Any, int] | None, str]] = {}
         self.last = SaveStats()
 
     def load(self) -> dict[str, Any]:
         state = read_state(self.path)
         index = torch.load(self.path, weights_only=True).get(INDEX, {})
-        self._saved = {key: (_fingerprint(state[key]), name) for key, name in index.items()}
+        self._saved = {key: (_remember(state[key]), name) for key, name in index.items()}
         return state
 
     def save(self, state: dict[str, Any]) -> SaveStats:
@@ -90,10 +95,8 @@ class StateStore:
             if not is_large(value):
                 small[key] = value
                 continue
-            fingerprint = _fingerprint(value)
             previous = self._saved.get(key)
-            if fingerprint is not None and previous is not None and previous[0] == fingerprint \
-                    and (self.folder / previous[1]).exists():
+            if previous is not None and _unchanged(value, previous[0]) and (self.folder / previous[1]).exists():
                 index[key] = previous[1]
                 continue
             data = _serialise(value)
@@ -103,7 +106,7 @@ class StateStore:
                 stats.written.append(name)
                 stats.bytes += len(data)
             index[key] = name
-            self._saved[key] = (fingerprint, name)
+            self._saved[key] = (_remember(value), name)
         head = _serialise({**small, INDEX: index, ORDER: list(state)})
         atomic_write(self.path, lambda handle: handle.write(head))
         stats.written.append(self.path.name)
