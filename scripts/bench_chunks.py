@@ -58,6 +58,9 @@ def _one(transport: str, overrides: list[str], data: Path, run_dir: Path) -> dic
         "transport": transport, "chunk_bytes": config.exchange.chunk_bytes, "overrides": overrides,
         "peak_message_bytes": max(max(t["sent_bytes"], t["reply_bytes"]) for t in traffic),
         "peak_chunk_bytes": max(t.get("reply_max_chunk_bytes", t["reply_bytes"]) for t in traffic),
+        "peak_per_user_message_bytes": max(t["reply_bytes"] for t in per_user),
+        "peak_per_user_chunk_bytes": max(t.get("reply_max_chunk_bytes", t["reply_bytes"]) for t in per_user),
+        "embed_train_exchange_s": sum(t["seconds"] for t in per_user) / len(per_user),
         "max_chunks": max(t.get("reply_chunks", 0) for t in per_user),
         "chunks_per_run": sum(t.get("reply_chunks", 0) for t in per_user),
         "messages": len(traffic),
@@ -75,13 +78,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--transports", nargs="+", default=["inprocess", "flower"])
     parser.add_argument("--caps", nargs="*", type=int, default=[], help="more caps to try besides default and 0")
+    parser.add_argument("--only-caps", action="store_true", help="only the --caps given (not the default and 0)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     data = _uci(args.csv, args.work)
     overrides = ["baselines.enabled=false", *args.overrides]
-    caps = [DEFAULT_CHUNK_BYTES, 0, *args.caps]
+    caps = args.caps if args.only_caps else [DEFAULT_CHUNK_BYTES, 0, *args.caps]
     results = []
     for transport in args.transports:
         for cap in caps:  # side by side: the same transport's variants back to back
@@ -89,11 +93,12 @@ def main(argv: list[str] | None = None) -> None:
             result = _one(transport, [*overrides, f"exchange.chunk_bytes={cap}"], data, args.work / tag)
             results.append(result)
             print(json.dumps(result), flush=True)
-    print(f"\n{'transport':<10} {'cap':>9} {'peak msg':>10} {'peak chunk':>10} {'chunks':>6} {'msgs':>4} "
-          f"{'s/round':>8} {'protocol s':>10} {'load':>9}")
+    print(f"\n{'transport':<10} {'cap':>9} {'peak msg':>10} {'emb/grad msg':>12} {'emb/grad chunk':>14} "
+          f"{'chunks':>6} {'msgs':>4} {'s/round':>8} {'protocol s':>10} {'load':>9}")
     for r in results:
-        print(f"{r['transport']:<10} {r['chunk_bytes']:>9} {r['peak_message_bytes']:>10} {r['peak_chunk_bytes']:>10} "
-              f"{r['max_chunks']:>6} {r['messages']:>4} {r['per_round_s']:>8.2f} {r['protocol_s']:>10.1f} "
+        print(f"{r['transport']:<10} {r['chunk_bytes']:>9} {r['peak_message_bytes']:>10} "
+              f"{r['peak_per_user_message_bytes']:>12} {r['peak_per_user_chunk_bytes']:>14} {r['max_chunks']:>6} "
+              f"{r['messages']:>4} {r['per_round_s']:>8.2f} {r['protocol_s']:>10.1f} "
               f"{r['load_before']:>4.1f}-{r['load_after']:<4.1f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -145,6 +145,11 @@ def test_a_tiny_cap_splits_every_exchange_and_each_chunk_stays_under_it(chunked_
     replies = {(t["kind"], t["round"]): t["reply_chunks"] for t in result.traffic}
     assert all(replies[("embed", r)] >= 3 for r in range(3)) and all(replies[("train", r)] >= 3 for r in range(2))
     assert replies[("train", 2)] == 0 and replies[("align.match", -1)] == 1
+    # the step table's count for each row is the count that crossed (8 float32 per user; gradients: training users)
+    users = {"embed": int(result.alignment["intersection"]), "train": int(result.alignment["train"])}
+    for row in plan(3)[4:]:
+        counted = row.chunk_count(users[row.kind.value], 32, MIN_CHUNK_BYTES, result.run_id)
+        assert replies[(row.kind.value, row.round)] == counted, row
     for message in seen:
         if message.header.payload_kind in (PayloadKind.EMBEDDINGS, PayloadKind.GRADIENTS):
             entries = bundle_entries(message.payload)

@@ -69,14 +69,15 @@ class Step:
         """Whether this row's reply payload crosses in chunks of users (several sealed chunks, one exchange)."""
         return self.returns in CHUNKED
 
-    def chunk_count(self, users: int, row_bytes: int, cap: int) -> int:
-        """Chunks this row's reply carries for `users` rows of `row_bytes` under a cap of `cap` bytes (0: no cap);
-        1 for a payload that is not per user, 0 for a reply that carries none."""
-        from fedscore.shared.protocol.chunks import chunk_count
+    def chunk_count(self, users: int, row_bytes: int, cap: int, run_id: str = "") -> int:
+        """Chunks this row's reply carries for `users` rows of `row_bytes` under a cap of `cap` bytes (0: no cap) in
+        run `run_id` (its length is part of each sealed chunk's framing); 1 for a payload that is not per user, 0
+        for a reply that carries none."""
+        from fedscore.shared.protocol.chunks import CHUNK_OVERHEAD, chunk_count
 
         if self.returns is PayloadKind.NONE:
             return 0
-        return chunk_count(users, row_bytes, cap) if self.chunked else 1
+        return chunk_count(users, row_bytes, cap, CHUNK_OVERHEAD + len(run_id)) if self.chunked else 1
 
     @property
     def exchange(self) -> tuple[MessageKind, int]:
