@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for transport in args.transports:
         for cap in caps:  # side by side: the same transport's variants back to back
-            tag = f"{transport}-{cap}-{len(results)}"
+            tag = f"{transport}-{cap}-{time.strftime('%H%M%S')}"
             result = _one(transport, [*overrides, f"exchange.chunk_bytes={cap}"], data, args.work / tag)
             results.append(result)
             print(json.dumps(result), flush=True)
