@@ -112,6 +112,22 @@ def test_bundles_round_trip_and_truncation_is_named() -> None:
         read_bundle(bundle[:-1])
 
 
+def test_flower_packs_chunks_into_few_arrays_cut_between_chunks() -> None:
+    """Under Flower a bundle crosses as a few Arrays (one per chunk measured slower), each within the limit and cut
+    only between two chunks, and reads back byte for byte."""
+    from fedscore.shared.protocol.flower_codec import bundle_pieces, payload_bytes, payload_record
+
+    frames = [bytes([i]) * 100 for i in range(20)]
+    bundle = join_bundle(frames)
+    pieces = bundle_pieces(bundle, 350)
+    assert b"".join(pieces) == bundle and all(len(p) <= 350 for p in pieces) and len(pieces) == 7
+    boundaries = {8 + sum(116 for _ in range(k)) for k in range(21)}  # after the head and after each entry
+    ends = [sum(len(p) for p in pieces[:k + 1]) for k in range(len(pieces))]
+    assert set(ends) <= boundaries
+    assert payload_bytes(payload_record(bundle)) == bundle and len(payload_record(bundle)) == 1
+    assert payload_bytes(payload_record(b"not a bundle")) == b"not a bundle"
+
+
 # -- a chunked run: the same run, in pieces -------------------------------------------------------------------------
 class SavesRecorded(RecordingTransport):
     """Every envelope, and what each party's state save wrote after each message (files, bytes)."""

@@ -114,7 +114,7 @@ def _assert_capture_is_ciphertext(run: Path, data: Path, ids: dict) -> None:
     import numpy as np
 
     from fedscore.shared.protocol import e2e
-    from fedscore.shared.protocol.chunks import read_entry
+    from fedscore.shared.protocol.chunks import read_bundle
     from fedscore.shared.protocol.messages import unpack_arrays
     from tests.test_e2e import assert_learns_nothing
 
@@ -123,8 +123,8 @@ def _assert_capture_is_ciphertext(run: Path, data: Path, ids: dict) -> None:
     payloads = [parts[i + 1] for i, part in enumerate(parts[:-1]) if part == b"payload" and parts[i + 1]]
     # psi request, psi response, tokens, then per round embeddings and gradients, but no gradients after the last
     # round (2 rounds: 3 + 2 * 2 - 1)
-    # each payload Array is one bundle entry: a sealed chunk behind its index, count and length
-    assert len(payloads) >= 6 and all(read_entry(p)[2].startswith(e2e.MAGIC) for p in payloads)
+    # each payload is a bundle of sealed chunks (one Array at this size: flower_codec packs chunks up to 4 MiB)
+    assert len(payloads) >= 6 and all(f.startswith(e2e.MAGIC) for p in payloads for _, _, f in read_bundle(p))
     for payload in payloads:
         with pytest.raises(Exception):  # noqa: B017 - any failure to parse will do
             unpack_arrays(payload)
