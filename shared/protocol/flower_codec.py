@@ -25,7 +25,7 @@ MESSAGE_TYPE = "query.fedscore"
 PIECE_PREFIX = "bundle."
 # the most bytes of sealed chunks one Array carries: under gRPC's 4 MiB default receive limit (the tightest anything
 # on the path could set; flwr itself allows 2 GiB) and under Flower's 5 MiB array pieces, so each Array crosses as
-# one object. Measured (BENCHMARKS, issue 20 item 2): one Array per chunk cost Flower ~0.2-0.4 s per extra Array
+# one object. Measured (BENCHMARKS, issue 20 item 2): one Array per chunk cost Flower ~0.15 s per extra Array
 # (each is pushed and pulled as an object of its own), so chunks are packed, cut only between two chunks.
 MAX_ARRAY_BYTES = 4 * 1024 * 1024 - 64 * 1024
 
