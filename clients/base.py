@@ -26,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fedscore.clients.state import NoiseLabel
-from fedscore.shared.atomic import atomic_write, write_json_atomic
+from fedscore.clients.state_store import StateStore
+from fedscore.shared.atomic import write_json_atomic
 from fedscore.shared.config import FedConfig
 from fedscore.shared.data.party_data import PartyTable
 from fedscore.shared.data.tables import DataError
@@ -71,10 +72,6 @@ class ProtocolError(RuntimeError):
     """A request this party will not serve (wrong order, inconsistent payload); the reply carries the reason."""
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda handle: torch.save(obj, handle))
-
-
 class PartyBase:
     name: str = ""
 
@@ -89,6 +86,7 @@ class PartyBase:
         self._config: tuple[str, FedConfig] | None = None  # (the state's config JSON, parsed): see `config`
         self.handlers: dict[MessageKind, Handler] = {}
         self._step, self._charges = "", 0  # the step being served and how many charges it made (ledger step keys)
+        self._store: StateStore | None = None
         from fedscore.clients.channel import PartyChannel
 
         self.e2e = PartyChannel(self)
@@ -98,15 +96,24 @@ class PartyBase:
     def state_file(self) -> Path:
         return self.settings.state_dir / "state.pt"
 
+    @property
+    def state_store(self) -> StateStore:
+        """Saves only what changed since the last save (clients/state_store.py)."""
+        if self._store is None or self._store.path != self.state_file:
+            self._store = StateStore(self.state_file)
+        return self._store
+
     def load_state(self) -> None:
         """Once per party object: a long-lived worker loads nothing per message (`state_loads` counts, for tests)."""
         if not self._loaded and self.state_file.exists():
-            self.state = torch.load(self.state_file, weights_only=True)
+            self.state = self.state_store.load()
             self.state_loads += 1
         self._loaded = True
 
     def save_state(self) -> None:
-        atomic_save(self.state, self.state_file)
+        """The checkpoint, before any reply leaves: only the entries that changed since the last save are written
+        (the features, IDs and labels once, the model and channel counters each step)."""
+        self.state_store.save(self.state)
 
     @property
     def config(self) -> FedConfig:
@@ -164,15 +171,40 @@ class PartyBase:
         config = message.header.expect(SetupRequest).config
         return with_canaries(table, config.audit.canaries, config.seed, self.name)
 
-    def record_received(self, round_: int, rows: torch.Tensor, values: np.ndarray | torch.Tensor) -> None:
+    def row_chunks(self, name: str, values: np.ndarray) -> list[bytes]:
+        """`values` (one row per user) as the plaintext chunks of a reply (shared/protocol/chunks.py), each small
+        enough that, sealed, it stays within `exchange.chunk_bytes`; the channel seals them one by one."""
+        from fedscore.shared.protocol.chunks import CHUNK_OVERHEAD, pack_row_chunks
+
+        return pack_row_chunks(name, values, self.config.exchange.chunk_bytes, CHUNK_OVERHEAD + len(self.run_id))
+
+    @staticmethod
+    def received_rows(message: Envelope, name: str) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """The rows a request's opened chunks carry, concatenated, and each chunk's [start, stop) among them."""
+        from fedscore.shared.protocol.chunks import ChunkError, iter_row_chunks
+
+        parts = message.parts if message.parts is not None else [message.payload]
+        try:
+            chunks = list(iter_row_chunks(name, parts))
+        except ChunkError as exc:
+            raise ProtocolError(f"{message.header.recipient}: {exc}") from None
+        ranges = [(start, start + len(rows)) for start, rows in chunks]
+        values = np.concatenate([rows for _, rows in chunks]) if len(chunks) > 1 else chunks[0][1]
+        return values, ranges
+
+    def record_received(self, round_: int, rows: torch.Tensor, values: np.ndarray | torch.Tensor,
+                        ranges: list[tuple[int, int]] | None = None) -> None:
         """With `audit.record_transcripts`: what this party received in exchange `round_`, as received, for its
-        users at `rows` of its table (IDs as in its own data files), in its own state directory."""
+        users at `rows` of its table (IDs as in its own data files), in its own state directory, one file per
+        chunk it arrived in (`ranges`: each chunk's [start, stop); None: one)."""
         if not self.config.audit.record_transcripts:
             return
         from fedscore.clients.transcript import record
 
-        ids = [str(self.state["ids"][int(r)]) for r in rows]
-        record(self.settings.state_dir, self.name, round_, ids, np.asarray(values, dtype=np.float32))
+        values = np.asarray(values, dtype=np.float32)
+        for chunk, (start, stop) in enumerate(ranges or [(0, len(values))]):
+            ids = [str(self.state["ids"][int(r)]) for r in rows[start:stop]]
+            record(self.settings.state_dir, self.name, round_, ids, values[start:stop], chunk)
 
     def noise_source(self, *labels: str) -> NoiseSource:
         """Where every draw a guarantee rests on comes from: keyed from the OS, never from the seed (except in the
@@ -250,11 +282,13 @@ class PartyBase:
 
     # -- dispatch ------------------------------------------------------------------------------------------------
     def reply(self, request: Envelope, payload: bytes = b"", payload_kind: str = "",
-              metrics: dict[str, float] | None = None, body: Body | None = None) -> Envelope:
+              metrics: dict[str, float] | None = None, body: Body | None = None,
+              parts: list[bytes] | None = None) -> Envelope:
+        """A reply with `payload`, or with `parts` (plaintext row chunks, `row_chunks`) the channel seals each."""
         header = Header(kind=request.header.kind, round=request.header.round, sender=self.name,
                         recipient="server", payload_kind=payload_kind, metrics=metrics or {}, body=body,
                         ledger=self._ledger_report())
-        return Envelope(header=header, payload=payload)
+        return Envelope(header=header, payload=payload, parts=parts)
 
     def handle(self, message: Envelope) -> Envelope:
         kind = message.header.kind
@@ -272,8 +306,9 @@ class PartyBase:
             self._step, self._charges = f"{kind}:{message.header.round}", 0
             # end to end: check the step and open the peer's payload before anything reads it; seal the reply's
             reply = self.e2e.send(message, handler(self.e2e.receive(message)))
-            self.state["last"] = {"request": _digest(message), "header": reply.header.model_dump_json(),
-                                  "payload": torch.from_numpy(np.frombuffer(reply.payload, np.uint8).copy())}
+            # the reply's sealed payload in an entry of its own (written with each step, as it changes each step)
+            self.state["last"] = {"request": _digest(message), "header": reply.header.model_dump_json()}
+            self.state["last_payload"] = torch.from_numpy(np.frombuffer(reply.payload, np.uint8).copy())
             self.save_state()  # the checkpoint: saved before the reply can leave
             self.e2e.saved(message)
             return reply
@@ -294,7 +329,8 @@ class PartyBase:
             return None
         header = Header.model_validate_json(last["header"])
         header.ledger = self._ledger_report()
-        return Envelope(header=header, payload=last["payload"].numpy().tobytes())
+        payload = self.state.get("last_payload", last.get("payload"))  # a state saved before it had its own entry
+        return Envelope(header=header, payload=payload.numpy().tobytes() if payload is not None else b"")
 
     def _error(self, message: Envelope, reason: str) -> Envelope:
         header = Header(kind=message.header.kind, round=message.header.round, sender=self.name,

@@ -3,7 +3,9 @@
 Why here and not in the coordinator: the coordinator is only half trusted, so each party checks for itself that a
 request is the next step of the run it set up (its next row in shared/protocol/steps.py `plan`), that its payload
 comes from the peer for exactly this step (shared/protocol/e2e.py: the associated data binds run, kind, round,
-direction and a per-direction sequence number), and never serves a step twice. A bad message gets a ProtocolError
+direction, a per-direction sequence number and the chunk's place), and never serves a step twice. Embeddings and
+gradients cross as several chunks (shared/protocol/chunks.py), each with its own sequence number: a chunk dropped,
+replayed or out of order is refused by name. A bad message gets a ProtocolError
 reply naming what is wrong; nothing is decoded before it authenticates.
 
 State (in the party's run state, `state["e2e"]`, a `ChannelState` of clients/state.py): the run id, the next step
@@ -26,9 +28,10 @@ from typing import TYPE_CHECKING
 from fedscore.clients.state import ChannelState
 from fedscore.shared.party_home import PartyHome
 from fedscore.shared.protocol.bodies import SetupRequest
+from fedscore.shared.protocol.chunks import CHUNK_ENTRY, ChunkError, join_bundle, read_bundle
 from fedscore.shared.protocol.e2e import Channel, Delivery, SealError, load_identity, parse_public_key, read_frame
 from fedscore.shared.protocol.messages import Envelope, MessageKind
-from fedscore.shared.protocol.steps import BLACKLIST_KINDS, PayloadKind, find, next_for, phase
+from fedscore.shared.protocol.steps import BLACKLIST_KINDS, CHUNKED, PayloadKind, find, next_for, phase
 
 if TYPE_CHECKING:
     from fedscore.clients.base import PartyBase
@@ -133,8 +136,11 @@ class PartyChannel:
         return opened
 
     def _open(self, message: Envelope, state: ChannelState | None) -> Envelope:
-        """The payload opened if the request must carry one (from the peer, this run, the next sequence number:
-        `state.received` moves on); `state` None for a request that opens a session and so carries none."""
+        """The payload opened if the request must carry one (from the peer, this run, the next sequence numbers:
+        `state.received` moves on by the chunks opened); `state` None for a request that opens a session and so
+        carries none. A payload is a bundle of sealed chunks (shared/protocol/chunks.py): one for most kinds,
+        several for embeddings and gradients, each opened on its own and checked to be the next in sequence and in
+        its place; the opened envelope holds them as `parts` (and their bytes joined as `payload`)."""
         header = message.header
         want = expected_payload(self.name, header.kind, header.round)
         if header.payload_kind != want:
@@ -147,25 +153,45 @@ class PartyChannel:
             return message
         assert state is not None  # every request that carries a payload belongs to a session
         run_id = state.run
-        frame_run, seq, _, _ = read_frame(message.payload)
-        if frame_run != run_id:
-            raise SealError(f"{self.name} refused: message for another run ({frame_run!r}); this party is in run "
-                            f"{run_id!r}")
-        if seq != state.received:
-            what = "replayed message" if seq < state.received else "out of order message"
-            raise SealError(f"{self.name} refused: {what}: sequence {seq} from the peer, expected {state.received}")
+        what = f"{header.kind} round {header.round}"
+        try:
+            entries = read_bundle(message.payload)
+        except ChunkError as exc:
+            raise SealError(f"{self.name} refused: the {want} payload of {what}: {exc}") from None
+        count = len(entries)
+        if count == 0 or (count > 1 and want not in CHUNKED):
+            raise SealError(f"{self.name} refused: the {want} payload of {what} must be one chunk, got {count}")
         peer = "lender" if self.name == "payment" else "payment"
-        plain = self.channel(run_id).open(message.payload, Delivery(run_id, peer, self.name, str(header.kind),
-                                                                    header.round, header.payload_kind, seq))
-        state.received = seq + 1
-        return Envelope(header=header.model_copy(), payload=plain)
+        channel = self.channel(run_id)
+        parts = []
+        for position, (index, declared, frame) in enumerate(entries):
+            if declared != count:
+                raise SealError(f"{self.name} refused: dropped or added chunk in {what}: chunk {index + 1} says the "
+                                f"exchange has {declared} chunks, {count} arrived")
+            if index != position:
+                late = index < position
+                raise SealError(f"{self.name} refused: {'replayed' if late else 'out of order'} chunk in {what}: "
+                                f"chunk {index + 1} of {count} arrived in place {position + 1}")
+            frame_run, seq, _, _ = read_frame(frame)
+            if frame_run != run_id:
+                raise SealError(f"{self.name} refused: message for another run ({frame_run!r}); this party is in "
+                                f"run {run_id!r}")
+            expected = state.received + position
+            if seq != expected:
+                late = seq < expected
+                raise SealError(f"{self.name} refused: {'replayed' if late else 'out of order'} message: sequence "
+                                f"{seq} from the peer, expected {expected} (chunk {index + 1} of {count} of {what})")
+            parts.append(channel.open(frame, Delivery(run_id, peer, self.name, str(header.kind), header.round,
+                                                      header.payload_kind, seq, index, count)))
+        state.received += count
+        return Envelope(header=header.model_copy(), payload=parts[0] if count == 1 else b"", parts=parts)
 
     def _receive_blacklist(self, message: Envelope) -> Envelope:
         kind = message.header.kind
         if kind is K.BLACKLIST_REQUEST:
             return self._open(message, None)
         if kind is K.BLACKLIST_RESPOND:
-            session = read_frame(message.payload)[0] if message.payload else ""
+            session = read_frame(read_bundle(message.payload)[0][2])[0] if message.payload else ""
             if not session.startswith("blacklist-"):
                 raise SealError(f"{self.name} refused: {session!r} is not a blacklist session")
             if not self._claim(session):
@@ -205,13 +231,23 @@ class PartyChannel:
             next_kind, next_round = next_for(self.name, kind, round_, self.party.config.training.rounds)
             state.next = (str(next_kind), next_round)
         self.party.state[key] = state.to_dict()
-        if not reply.payload:
+        parts = reply.parts if reply.parts is not None else [reply.payload] if reply.payload else []
+        if not parts:
             return reply
         rounds = self.party.config.training.rounds if kind is K.TRAIN else None  # a blacklist session has no config
         to_kind, to_round = delivered_as(self.name, kind, round_, rounds)
         peer = "lender" if self.name == "payment" else "payment"
-        delivery = Delivery(state.run, self.name, peer, str(to_kind), to_round, reply.header.payload_kind,
-                            state.sent)
-        state.sent += 1
+        payload_kind = reply.header.payload_kind
+        if len(parts) > 1 and payload_kind not in CHUNKED:
+            raise SealError(f"{self.name}: a {payload_kind} payload is one chunk, not {len(parts)}")
+        channel, count = self.channel(state.run), len(parts)
+        frames = [channel.seal(part, Delivery(state.run, self.name, peer, str(to_kind), to_round, payload_kind,
+                                              state.sent + i, i, count)) for i, part in enumerate(parts)]
+        cap = self.party.config.exchange.chunk_bytes if payload_kind in CHUNKED else 0
+        if cap and max(len(f) for f in frames) + CHUNK_ENTRY > cap:
+            raise SealError(f"{self.name}: a sealed {payload_kind} chunk of {max(len(f) for f in frames)} bytes "
+                            f"exceeds exchange.chunk_bytes = {cap}")
+        state.sent += count
         self.party.state[key] = state.to_dict()
-        return Envelope(header=reply.header, payload=self.channel(state.run).seal(reply.payload, delivery))
+        header = reply.header.model_copy(update={"chunks": count})
+        return Envelope(header=header, payload=join_bundle(frames))

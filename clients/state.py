@@ -1,10 +1,11 @@
-"""A party's run state, typed: what `RUN_DIR/parties/<party>/state.pt` holds, and the names of the draws it makes.
+"""A party's run state, typed: what `RUN_DIR/parties/<party>/state.pt` (and the entry files beside it,
+clients/state_store.py) holds, and the names of the draws it makes.
 
 Why: the state is one dict of about twenty keys that the party writes and nine modules read (the channel, the
 audit's attacks, the torch reference of the export). Here each key is a field with a type and a reason, so a
-reader states what it needs instead of probing keys. The on-disk format does not change: the file is still the
-dict `torch.save` wrote (loaded with weights_only=True), and `to_dict` gives back exactly the dict `from_dict`
-read, keys in the same order, so saving a loaded state writes the same bytes.
+reader states what it needs instead of probing keys. On disk the dict is split by clients/state_store.py (large
+entries in files of their own, written only when they change) and read back whole by its `read_state`
+(weights_only=True); `to_dict` gives back exactly the dict `from_dict` read, keys in the same order.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class PartyState:
     opt: dict[str, Any] | None = None  # its optimizer's state dict
     e2e: ChannelState | None = None
     e2e_blacklist: ChannelState | None = None
-    last: dict[str, Any] | None = None  # the last request's digest and the sealed reply, for a resumed coordinator
+    last: dict[str, Any] | None = None  # the last request's digest and reply header, for a resumed coordinator
+    last_payload: Any = None  # torch.Tensor (uint8): that reply's sealed payload
     gradient_canaries: dict[str, Any] | None = None  # the white-box audit's canaries (GradientCanaries.to_state)
     extra: dict[str, Any] = field(default_factory=dict)  # keys this type does not know (kept, never dropped)
     _order: tuple[str, ...] = field(default=(), repr=False)  # the keys as read, in order, for `to_dict`
@@ -95,10 +97,11 @@ class PartyState:
 
     @classmethod
     def load(cls: type[S], path: Path) -> S:
-        """The state file a party saved (torch.save of `to_dict()`), tensors only: no pickled code runs."""
-        import torch
+        """The state a party saved (state.pt and its entry files, clients/state_store.py), tensors only: no
+        pickled code runs."""
+        from fedscore.clients.state_store import read_state
 
-        return cls.from_dict(torch.load(path, weights_only=True))
+        return cls.from_dict(read_state(path))
 
 
 @dataclass(kw_only=True)

@@ -27,16 +27,17 @@ VIEWS = {"payment": ("payment_view.npz", "gradient"), "lender": ("lender_view.np
 FOLDER = "transcript"
 
 
-def record(state_dir: Path, party: str, round_: int, ids: list[str], values: np.ndarray) -> Path:
-    """One exchange's received array for `ids`; written whole (temp file + rename), never half."""
+def record(state_dir: Path, party: str, round_: int, ids: list[str], values: np.ndarray, chunk: int = 0) -> Path:
+    """One chunk of one exchange's received array, for `ids`; written whole (temp file + rename), never half."""
     _, key = VIEWS[party]
     values = np.asarray(values, dtype=np.float32)
     if values.ndim != 2 or values.shape[0] != len(ids):
         raise ValueError(f"{party} transcript: {values.shape} rows for {len(ids)} IDs")
     folder = Path(state_dir) / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"round-{round_:03d}.npz"
-    tmp = folder / f".round-{round_:03d}.tmp.npz"
+    name = f"round-{round_:03d}-chunk-{chunk:06d}"
+    path = folder / f"{name}.npz"
+    tmp = folder / f".{name}.tmp.npz"
     np.savez_compressed(tmp, round=np.full(len(ids), round_, dtype=np.int64), id=np.asarray(ids, dtype=str),
              **{key: values})
     tmp.replace(path)
@@ -44,7 +45,7 @@ def record(state_dir: Path, party: str, round_: int, ids: list[str], values: np.
 
 
 def collect(state_dir: Path, party: str) -> dict[str, np.ndarray] | None:
-    """Every exchange this party recorded, concatenated in round order; None if it recorded nothing."""
+    """Every exchange this party recorded, concatenated in round and chunk order; None if it recorded nothing."""
     files = sorted((Path(state_dir) / FOLDER).glob("round-*.npz"))
     if not files:
         return None

@@ -201,7 +201,7 @@ def accounts_json(accounts: dict[str, list[GuaranteeAccount]]) -> dict[str, Any]
 
 def previous_weights(from_run: Path) -> dict[str, dict[str, Any]]:
     """Each party's final weights of the previous version, from its own state folder."""
-    import torch
+    from fedscore.clients.state_store import read_state
 
     weights = {}
     for party in ("payment", "lender"):
@@ -209,7 +209,7 @@ def previous_weights(from_run: Path) -> dict[str, dict[str, Any]]:
         if not path.exists():
             raise RunError(f"{path}: missing: the {party}'s part of the previous version is not here to warm-start "
                            "from (in a deployment each party warm-starts from its own state folder)")
-        state = torch.load(path, weights_only=True)
+        state = read_state(path)
         if "model" not in state:
             raise RunError(f"{path}: no trained model in the {party}'s state (was the run finished?)")
         weights[party] = state["model"]

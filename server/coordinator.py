@@ -36,6 +36,7 @@ from fedscore.shared.atomic import atomic_write, write_text_atomic
 from fedscore.shared.config import FedConfig
 from fedscore.shared.protocol import steps
 from fedscore.shared.protocol.bodies import AlignmentSizes, SetupRequest, TableSize, Trained
+from fedscore.shared.protocol.chunks import max_chunk_bytes
 from fedscore.shared.protocol.messages import Envelope, MessageKind, request
 from fedscore.shared.protocol.steps import PayloadKind
 from fedscore.shared.protocol.transport import Transport
@@ -184,7 +185,8 @@ class Coordinator:
         for sent, reply in zip(messages, replies, strict=True):
             self.result.traffic.append({"kind": sent.header.kind.value, "round": sent.header.round,
                                         "to": sent.header.recipient, "sent_bytes": len(sent.payload),
-                                        "reply_bytes": len(reply.payload), "seconds": seconds})
+                                        "reply_bytes": len(reply.payload), "reply_chunks": reply.header.chunks,
+                                        "reply_max_chunk_bytes": max_chunk_bytes(reply.payload), "seconds": seconds})
             if reply.header.ledger is not None:
                 self.result.ledgers[sent.header.recipient] = reply.header.ledger.model_dump()
             if isinstance(reply.header.body, Trained) and reply.header.body.curves is not None:

@@ -208,6 +208,30 @@ class AuditConfig(_Strict):
                               "confidence; raise it to trade power for fewer false alarms")
 
 
+# Flower moves each Array in pieces of FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE (5 MiB) over its HTTP fleet API, and every
+# gRPC channel Flower opens allows 2 GiB (flwr/supercore/grpc.py); our launcher raises nothing. gRPC's own default
+# receive limit is 4 MiB, the tightest limit anything on the path could have, so a chunk stays well under it.
+DEFAULT_CHUNK_BYTES = 2 << 20
+MIN_CHUNK_BYTES = 2048  # room for one row and the chunk's own framing (shared/protocol/chunks.py CHUNK_OVERHEAD)
+
+
+class ExchangeConfig(_Strict):
+    """How the per-user payloads (embeddings one way, gradients back) cross: in chunks of users, each sealed on its
+    own (shared/protocol/chunks.py). Why: one message holding every user's row grows without bound with the
+    portfolio (32 MB of embeddings at 1M users x 8 numbers) and would meet a transport's message limit; chunks of
+    whole users under a byte cap never do, and several of them still travel in one Flower message."""
+
+    chunk_bytes: int = Field(DEFAULT_CHUNK_BYTES, ge=0, description="most bytes one sealed chunk of embeddings or "
+                             "gradients may take (framing included); 0 = no cap, every user in one chunk")
+
+    @model_validator(mode="after")
+    def _room_for_a_row(self) -> ExchangeConfig:
+        if 0 < self.chunk_bytes < MIN_CHUNK_BYTES:
+            raise ValueError(f"exchange.chunk_bytes = {self.chunk_bytes}: a chunk needs at least {MIN_CHUNK_BYTES} "
+                             "bytes (one user's row plus its framing); 0 turns the cap off")
+        return self
+
+
 class FedConfig(_Strict):
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -216,6 +240,7 @@ class FedConfig(_Strict):
     baselines: BaselineConfig = Field(default_factory=BaselineConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    exchange: ExchangeConfig = Field(default_factory=ExchangeConfig)
 
 
 class ConfigError(ValueError):

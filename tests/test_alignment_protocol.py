@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from fedscore.blacklist_check import run_blacklist
 from fedscore.clients.parties import make_party
+from fedscore.clients.state_store import read_state
 from fedscore.local_parties import party_settings
 from fedscore.runs import run_inprocess
 from fedscore.server.coordinator import Coordinator, check_blacklist
@@ -35,7 +35,7 @@ def test_alignment_json_and_both_parties_hold_the_same_ordered_users(party_data:
     assert not any(isinstance(v, str) and v.startswith("u0") for v in alignment.values())
 
     def aligned(party: str, table: str) -> list[str]:
-        state = torch.load(tmp_path / "run" / "parties" / party / "state.pt", weights_only=True)
+        state = read_state(tmp_path / "run" / "parties" / party / "state.pt")
         frame = pd.read_parquet(data / party / table)
         return [frame["id"].iloc[int(r)] for r in state["rows"]]
 

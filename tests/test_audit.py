@@ -22,6 +22,7 @@ from fedscore.audit.one_run import audit, epsilon_lower_bound, p_value
 from fedscore.audit.section import audit_section, run_audit
 from fedscore.cli import app
 from fedscore.clients.canaries import PREFIX, SPLIT_EXCLUDED
+from fedscore.clients.state_store import read_state
 from fedscore.runs import run_inprocess
 from fedscore.shared.config import load_config
 from tests.conftest import SECRET, fresh_homes, make_party_data
@@ -119,11 +120,11 @@ def test_transcripts_hold_what_each_party_received(unprotected: Path, data: Path
     assert ids - canaries <= real
     assert len({i for i in lender["id"] if i.startswith(PREFIX)}) == CANARIES  # every canary is embedded
     # as received: the last embeddings the lender got are the payment holder's last (unprotected) release
-    state = torch.load(unprotected / "parties" / "payment" / "state.pt", weights_only=True)
+    state = read_state(unprotected / "parties" / "payment" / "state.pt")
     last = lender["round"] == 2
     assert np.array_equal(lender["embedding"][last], state["released"].numpy())
     # the real metrics never see a canary: each trains (about half) or is in no split, never validation or test
-    lender_state = torch.load(unprotected / "parties" / "lender" / "state.pt", weights_only=True)
+    lender_state = read_state(unprotected / "parties" / "lender" / "state.pt")
     aligned = [lender_state["ids"][int(r)] for r in lender_state["rows"]]
     split = lender_state["split"].numpy()
     canary_splits = np.array([split[k] for k, i in enumerate(aligned) if i.startswith(PREFIX)])

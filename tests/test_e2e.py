@@ -23,6 +23,7 @@ from fedscore.server.coordinator import Coordinator, PartyRefused
 from fedscore.shared.config import load_config
 from fedscore.shared.party_home import PartyHome
 from fedscore.shared.protocol import e2e
+from fedscore.shared.protocol.chunks import read_bundle
 from fedscore.shared.protocol.messages import Envelope, MessageKind, unpack_arrays
 from fedscore.shared.protocol.transport import InProcessTransport
 from tests.conftest import FAST, SECRET, fresh_homes, make_party_data
@@ -67,7 +68,9 @@ def test_the_coordinator_relays_only_ciphertext(small_data: tuple[Path, dict], t
     kinds = {k for k, _ in plaintexts}
     assert {"psi_request", "psi_response", "alignment_tokens", "embeddings", "gradients"} <= kinds
     # each sealed payload is seen twice: a reply, then the request it is moved into (nothing sealed goes unrelayed)
-    assert len(set(payloads)) == len(plaintexts) and all(p.startswith(e2e.MAGIC) for p in payloads)
+    # every payload is a bundle of sealed chunks (shared/protocol/chunks.py), one frame per sealed plaintext
+    frames = [frame for p in set(payloads) for _, _, frame in read_bundle(p)]
+    assert len(frames) == len(plaintexts) and all(f.startswith(e2e.MAGIC) for f in frames)
     assert all(payloads.count(p) == 2 for p in set(payloads))
     for payload in payloads:  # nothing the coordinator holds decodes as the parties' array format
         with pytest.raises(Exception):  # noqa: B017 - any failure to parse will do

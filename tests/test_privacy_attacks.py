@@ -20,6 +20,7 @@ from fedscore.audit.label_leakage import replayed_flip_masks
 from fedscore.budgets import default_budgets
 from fedscore.cli import app
 from fedscore.clients.parties import make_party
+from fedscore.clients.state_store import read_state
 from fedscore.local_parties import party_settings
 from fedscore.runs import run_inprocess
 from fedscore.server.coordinator import Coordinator
@@ -138,7 +139,7 @@ def _part_bytes(run_dir: Path) -> dict[str, bytes]:
 
 
 def _released_labels(run_dir: Path) -> torch.Tensor:
-    return torch.load(run_dir / "parties" / "lender" / "state.pt", weights_only=True)["y_release"]
+    return read_state(run_dir / "parties" / "lender" / "state.pt")["y_release"]
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fedscore.budgets import default_budgets
+from fedscore.clients.state_store import read_state
 from fedscore.runs import run_inprocess
 from fedscore.shared.config import load_config
 from fedscore.shared.party_home import PartyHome
@@ -73,7 +74,7 @@ def test_every_reported_epsilon_recomputes_from_the_report(private_run: Path) ->
 
 @pytest.mark.slow
 def test_randomized_response_flips_at_the_configured_rate(private_run: Path) -> None:
-    state = torch.load(private_run / "parties" / "lender" / "state.pt", weights_only=True)
+    state = read_state(private_run / "parties" / "lender" / "state.pt")
     train = state["split"] == 0
     clean = state["y"][state["rows"]][train]
     released = state["y_release"][train]
@@ -146,7 +147,7 @@ def test_online_answers_are_charged_per_user_worst_case_and_refused_past_the_bud
     config = load_config(None, PRIVATE)
     home = private_run.parent / "homes" / "payment"  # the payment party's home: its export recorded what it serves
     ledger_file = home / PartyHome.LEDGER
-    sigma = float(torch.load(private_run / "parties" / "payment" / "state.pt", weights_only=True)["feature_sigma"])
+    sigma = float(read_state(private_run / "parties" / "payment" / "state.pt")["feature_sigma"])
     sha = load_manifest(private_run / "model").parts["payment"].sha256
     before = len(ledger_entries(ledger_file, "payment"))
     report = json.loads((private_run / "privacy-report.json").read_text())

@@ -67,7 +67,8 @@ RESULT = [  # server/coordinator.py RunResult: what the coordinator saw
     (("rounds", "[]", "round"), "metrics"), (("rounds", "[]", METRIC), "metrics"),
     *((("alignment", *k), c) for k, c in ALIGNMENT),
     (("timing", ONE), "sizes"),
-    *((("traffic", "[]", k), "sizes") for k in ("kind", "round", "to", "sent_bytes", "reply_bytes", "seconds")),
+    *((("traffic", "[]", k), "sizes") for k in ("kind", "round", "to", "sent_bytes", "reply_bytes", "reply_chunks",
+                                                                "reply_max_chunk_bytes", "seconds")),
     *LEDGERS,
     *((("curves", k, "[]"), "metrics") for k in ("fpr", "tpr", "population")),
 ]

@@ -11,6 +11,7 @@ import torch
 from fedscore.clients import channel
 from fedscore.clients.parties import make_party
 from fedscore.clients.state import STATE_TYPES, ChannelState, load_party_state
+from fedscore.clients.state_store import read_state
 from fedscore.local_parties import party_settings
 from fedscore.server.coordinator import Coordinator
 from fedscore.shared.config import load_config
@@ -122,7 +123,7 @@ def test_party_state_types_read_and_write_the_same_file(tiny_run: tuple[Path, Re
     keys in the same order, same values and types, the channel's counters included."""
     run_dir, _ = tiny_run
     path = run_dir / "parties" / party / "state.pt"
-    raw = torch.load(path, weights_only=True)
+    raw = read_state(path)
     typed = load_party_state(path, party)
     assert isinstance(typed, STATE_TYPES[party]) and typed.extra == {}  # every key the party writes is a field
     assert typed.e2e is not None and typed.e2e.run == typed.run_id and typed.e2e.sent > 0

@@ -27,7 +27,7 @@ from fedscore.shared.metrics import all_metrics, curves
 from fedscore.shared.model.parts import LenderTop, init_module, lender_model, seeded
 from fedscore.shared.model.preprocessing import Scaler
 from fedscore.shared.protocol.bodies import AlignmentSizes, Curves, SetupRequest, TableSize, Trained
-from fedscore.shared.protocol.messages import Envelope, MessageKind, pack_arrays, unpack_arrays
+from fedscore.shared.protocol.messages import Envelope, MessageKind
 from fedscore.shared.protocol.splits import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, assign_splits
 from fedscore.shared.protocol.steps import PayloadKind
 
@@ -234,11 +234,12 @@ class LenderParty(PartyBase):
             raise ProtocolError("lender: train before alignment")
         config = self.config
         x, y, split = self._aligned()
-        h = torch.from_numpy(np.asarray(unpack_arrays(message.payload)["embeddings"], dtype=np.float32))
+        received, ranges = self.received_rows(message, "embeddings")
+        h = torch.from_numpy(np.asarray(received, dtype=np.float32))
         if h.shape != (len(y), config.model.sent_dim):
             raise ProtocolError(f"lender: payment outputs of shape {tuple(h.shape)}, expected "
                                 f"({len(y)}, {config.model.sent_dim})")
-        self.record_received(message.header.round, self.state["rows"], h)
+        self.record_received(message.header.round, self.state["rows"], h, ranges)  # one file per chunk
         model = self._new_model(config.model.sent_dim)
         model.load_state_dict(self.state["model"])
         y_release = self.state["y_release"]  # randomized-response labels on training users when protected
@@ -252,8 +253,8 @@ class LenderParty(PartyBase):
         last = round_ == config.training.rounds - 1
         # gradients only for a round the payment holder will train on: after the last round nobody receives them,
         # so they are not computed (nor charged), and the reply carries no payload for the coordinator to keep
-        payload = b"" if last else pack_arrays(
-            gradients=self._embedding_gradients(model, x[train], h[train], y_release[train], round_))
+        parts = None if last else self.row_chunks(
+            "gradients", self._embedding_gradients(model, x[train], h[train], y_release[train], round_))
         # the training loss is over the lender's secret Poisson batches of training labels: its own evaluation
         self._evaluation(round_=round_, train_loss=float(np.mean(losses)) if losses else None)
         metrics: dict[str, float] = {}  # validation and test users only: what the lender shares
@@ -269,8 +270,8 @@ class LenderParty(PartyBase):
             body = Trained()
         else:  # the last round: the part is final, so it is exported now (no message of its own)
             body = Trained(curves=Curves(**curves(y[test].numpy(), p[test])), exported=self._export(model))
-        return self.reply(message, payload=payload, metrics=metrics, body=body,
-                          payload_kind=PayloadKind.GRADIENTS if payload else PayloadKind.NONE)
+        return self.reply(message, parts=parts, metrics=metrics, body=body,
+                          payload_kind=PayloadKind.GRADIENTS if parts else PayloadKind.NONE)
 
     def _train_plain(self, model: LenderTop, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor,
                      round_: int) -> list[float]:

@@ -23,7 +23,7 @@ from fedscore.shared.data.party_data import batches
 from fedscore.shared.model.parts import PaymentBottom, init_module, payment_model, seeded
 from fedscore.shared.model.preprocessing import Scaler
 from fedscore.shared.protocol.bodies import Embedded, TableSize
-from fedscore.shared.protocol.messages import Envelope, MessageKind, pack_arrays, unpack_arrays
+from fedscore.shared.protocol.messages import Envelope, MessageKind
 from fedscore.shared.protocol.splits import SPLIT_TRAIN, assign_splits
 from fedscore.shared.protocol.steps import PayloadKind
 
@@ -142,10 +142,11 @@ class PaymentParty(PartyBase):
         model.load_state_dict(self.state["model"])
         x = self.state["x"][self.state["rows"]]
         if message.header.payload_kind == PayloadKind.GRADIENTS:
-            received = unpack_arrays(message.payload)["gradients"]
+            received, ranges = self.received_rows(message, "gradients")
             train = (self.state["split"] == SPLIT_TRAIN).nonzero().squeeze(1)
             if len(received) == len(train):  # else _local_update refuses it with the shapes
-                self.record_received(round_ - 1, self.state["rows"][train], received)  # the lender's last round
+                # the lender's last round, one transcript file per chunk
+                self.record_received(round_ - 1, self.state["rows"][train], received, ranges)
             self._local_update(model, x, received, round_)
         model.eval()
         with torch.no_grad():
@@ -154,7 +155,7 @@ class PaymentParty(PartyBase):
         self.state["model"] = model.state_dict()
         released = self._protect(clean, round_)
         exported = self._export(model) if round_ == self.config.training.rounds - 1 else None
-        return self.reply(message, payload=pack_arrays(embeddings=released.numpy()),
+        return self.reply(message, parts=self.row_chunks("embeddings", released.numpy()),
                           payload_kind=PayloadKind.EMBEDDINGS,
                           body=Embedded(users=int(x.shape[0]), aligned=aligned, exported=exported))
 

@@ -10,8 +10,9 @@ only the two parties can derive:
 - per run and direction: key = HKDF-SHA256(X25519(own, peer), salt = "fedscore-e2e-v1" + run id,
   info = "<sender>-><recipient>"), so a run's keys are useless for any other run or for the other direction;
 - ChaCha20-Poly1305 with a random 96-bit nonce; the associated data binds the message the recipient will receive it
-  in (run id, kind, round, sender, recipient, payload kind) and a per-direction sequence number, so a payload
-  tampered with, replayed, reordered, or moved to another kind, round, run or direction fails authentication.
+  in (run id, kind, round, sender, recipient, payload kind), a per-direction sequence number and the chunk's place
+  in its exchange (index and count: shared/protocol/chunks.py), so a payload or chunk tampered with, replayed,
+  reordered, dropped, or moved to another kind, round, run or direction fails authentication.
 
 Frame (the payload bytes the coordinator sees): b"FSE1" | u16 length of the run id | run id (UTF-8) | u64 sequence |
 12-byte nonce | ciphertext with its 16-byte tag. The run id and sequence travel in clear so a receiver can say why it
@@ -112,10 +113,13 @@ class Delivery:
     round: int
     payload_kind: str
     seq: int
+    chunk: int = 0  # this chunk's index in its exchange
+    chunks: int = 1  # how many chunks the exchange has (binding it makes a dropped last chunk detectable)
 
     def associated_data(self) -> bytes:
-        return b"fedscore-e2e-v1" + b"".join(_field(v) for v in (self.run_id, self.sender, self.recipient, self.kind,
-                                                                 self.round, self.payload_kind, self.seq))
+        return b"fedscore-e2e-v2" + b"".join(_field(v) for v in (self.run_id, self.sender, self.recipient, self.kind,
+                                                                 self.round, self.payload_kind, self.seq,
+                                                                 self.chunk, self.chunks))
 
 
 class Channel:
@@ -147,7 +151,8 @@ class Channel:
         except InvalidTag:
             raise SealError(
                 f"{self.own_name}: the {delivery.payload_kind} payload for {delivery.kind} round "
-                f"{delivery.round} fails authentication: tampered with, moved from another message, or sealed with "
+                f"{delivery.round} fails authentication (chunk {delivery.chunk + 1} of {delivery.chunks}): "
+                "tampered with, moved from another message, or sealed with "
                 f"another key; compare the pinned keys out of band: this party's key {self.own_fingerprint}, "
                 f"pinned {self.peer_name} key {self.peer_fingerprint}") from None
 

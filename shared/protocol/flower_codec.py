@@ -1,8 +1,12 @@
 """Envelope <-> Flower RecordDict. The only place that knows how our messages sit inside Flower's.
 
-The header travels as JSON in a ConfigRecord; the opaque payload as one uint8 Array (Flower chunks large arrays).
-`encode_raw` / `decode_raw` work on the header's JSON text and the payload bytes and import nothing of ours, so the
-ClientApp can forward a message to its party worker without loading pydantic models, torch or opacus.
+The header travels as JSON in a ConfigRecord; the opaque payload, a bundle of sealed chunks
+(shared/protocol/chunks.py), as uint8 Arrays in one ArrayRecord: every chunk of an exchange travels in the one
+Flower message (a message costs seconds), packed into Arrays of at most MAX_ARRAY_BYTES cut between chunks (each
+under gRPC's 4 MiB default; one Array per chunk measured slower). A payload that is not a bundle is one Array.
+`encode_raw` / `decode_raw` work on the header's JSON text and the payload bytes and
+import only the standard library, numpy and chunks.py (no pydantic models, torch or opacus), so the ClientApp can
+forward a message to its party worker cheaply.
 """
 
 from __future__ import annotations
@@ -12,16 +16,56 @@ from typing import TYPE_CHECKING
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from fedscore.shared.protocol.chunks import bundle_entries, is_bundle
+
 if TYPE_CHECKING:
     from fedscore.shared.protocol.messages import Envelope
 
 MESSAGE_TYPE = "query.fedscore"
+PIECE_PREFIX = "bundle."
+# the most bytes of sealed chunks one Array carries: under gRPC's 4 MiB default receive limit (the tightest anything
+# on the path could set; flwr itself allows 2 GiB) and under Flower's 5 MiB array pieces, so each Array crosses as
+# one object. Measured (BENCHMARKS, issue 20 item 2): one Array per chunk cost Flower ~0.15 s per extra Array
+# (each is pushed and pulled as an object of its own), so chunks are packed, cut only between two chunks.
+MAX_ARRAY_BYTES = 4 * 1024 * 1024 - 64 * 1024
+
+
+def _array(data: bytes | memoryview) -> Array:
+    return Array(ndarray=np.frombuffer(data, dtype=np.uint8) if len(data) else np.zeros(0, np.uint8))
+
+
+def bundle_pieces(payload: bytes, limit: int = MAX_ARRAY_BYTES) -> list[memoryview]:
+    """A bundle cut into consecutive slices of at most `limit` bytes, cut only between two chunk entries (a chunk
+    larger than `limit`, possible only with no cap, is a slice of its own)."""
+    view = memoryview(payload)
+    cuts, start, size = [], 0, len(payload) - sum(len(e) for e in bundle_entries(payload))  # the bundle's head
+    for entry in bundle_entries(payload):
+        if size and size + len(entry) > limit:
+            cuts.append(start + size)
+            start, size = start + size, 0
+        size += len(entry)
+    return [view[a:b] for a, b in zip([0, *cuts], [*cuts, len(payload)], strict=True)]
+
+
+def payload_record(payload: bytes) -> ArrayRecord:
+    """The payload as Arrays: a bundle of sealed chunks in slices cut between chunks (`bundle.000000`, ...), each
+    at most MAX_ARRAY_BYTES unless one chunk is larger; anything else as one Array (`bytes`)."""
+    if is_bundle(payload):
+        return ArrayRecord({f"{PIECE_PREFIX}{i:06d}": _array(piece)
+                            for i, piece in enumerate(bundle_pieces(payload))})
+    return ArrayRecord({"bytes": _array(payload)})
+
+
+def payload_bytes(record: ArrayRecord) -> bytes:
+    """The inverse of `payload_record`."""
+    names = sorted(name for name in record if name.startswith(PIECE_PREFIX))
+    if names:
+        return b"".join(record[name].numpy().tobytes() for name in names)
+    return record["bytes"].numpy().tobytes()
 
 
 def encode_raw(header_json: str, payload: bytes) -> RecordDict:
-    array = np.frombuffer(payload, dtype=np.uint8) if payload else np.zeros(0, np.uint8)
-    return RecordDict({"header": ConfigRecord({"json": header_json}),
-                       "payload": ArrayRecord({"bytes": Array(ndarray=array)})})
+    return RecordDict({"header": ConfigRecord({"json": header_json}), "payload": payload_record(payload)})
 
 
 def decode_raw(content: RecordDict, party: str = "") -> tuple[str, bytes]:
@@ -30,9 +74,8 @@ def decode_raw(content: RecordDict, party: str = "") -> tuple[str, bytes]:
         if f"header.{party}" not in content.config_records:
             raise ValueError(f"this message carries no envelope for party {party!r}")
         return (str(content.config_records[f"header.{party}"]["json"]),
-                content.array_records[f"payload.{party}"]["bytes"].numpy().tobytes())
-    return (str(content.config_records["header"]["json"]),
-            content.array_records["payload"]["bytes"].numpy().tobytes())
+                payload_bytes(content.array_records[f"payload.{party}"]))
+    return str(content.config_records["header"]["json"]), payload_bytes(content.array_records["payload"])
 
 
 def is_for(content: RecordDict, party: str) -> bool:

@@ -64,6 +64,7 @@ class Header(BaseModel):
     recipient: str
     payload_kind: str = Field("", description="'' when empty; else what the opaque payload holds")
     payload_bytes: int = 0
+    chunks: int = Field(0, description="sealed chunks the payload holds (shared/protocol/chunks.py); 0 when none")
     metrics: dict[str, float] = Field(default_factory=dict, description="numbers the party chose to share")
     body: Body | None = Field(None, description="the typed record this kind of message carries, if any")
     ledger: LedgerReport | None = Field(None, description="replies: the sender's lifetime ledger, once it has one")
@@ -82,8 +83,13 @@ class Header(BaseModel):
 
 @dataclass
 class Envelope:
+    """A header and its payload. Inside a party only, `parts` holds a payload's plaintext chunks: what a handler
+    returns for the channel to seal one by one, and what the channel hands a handler once each chunk is opened (on
+    the wire the payload is the sealed bundle, clients/channel.py)."""
+
     header: Header
     payload: bytes = b""
+    parts: list[bytes] | None = None
 
     def __post_init__(self) -> None:
         self.header.payload_bytes = len(self.payload)

@@ -17,6 +17,10 @@ A run of R rounds (server/coordinator.py sends these; rows of one exchange go ou
 | 3 + 2r   | embed         | payment   | r     | alignment_tokens (r = 0), else gradients | embeddings | train r |
 | 4 + 2r   | train         | lender    | r     | embeddings       | gradients (r < R-1), else - | embed r+1 (r < R-1) |
 
+Chunks: `embeddings` and `gradients` cross in chunks of whole users under `exchange.chunk_bytes`
+(shared/protocol/chunks.py), all of them in the one exchange of their row: a chunked row stays one row, and
+`Step.chunk_count` says how many chunks it carries for a number of users (every other payload is one chunk).
+
 The last round's `train` returns nothing: no embed follows to deliver gradients to, so R rounds make R-1 gradient
 exchanges (and the payment holder takes R-1 rounds of DP-SGD). The blacklist check is its own short session
 (`blacklist_plan`).
@@ -44,6 +48,9 @@ class PayloadKind(StrEnum):
     GRADIENTS = "gradients"
 
 
+CHUNKED = frozenset({PayloadKind.EMBEDDINGS, PayloadKind.GRADIENTS})  # one row per user: cross in chunks of users
+
+
 @dataclass(frozen=True)
 class Step:
     """One request of the protocol: what `recipient` is asked to do in `round`, the payload the request must carry
@@ -56,6 +63,21 @@ class Step:
     expects: PayloadKind
     returns: PayloadKind
     delivered_as: tuple[MessageKind, int] | None
+
+    @property
+    def chunked(self) -> bool:
+        """Whether this row's reply payload crosses in chunks of users (several sealed chunks, one exchange)."""
+        return self.returns in CHUNKED
+
+    def chunk_count(self, users: int, row_bytes: int, cap: int, run_id: str = "") -> int:
+        """Chunks this row's reply carries for `users` rows of `row_bytes` under a cap of `cap` bytes (0: no cap) in
+        run `run_id` (its length is part of each sealed chunk's framing); 1 for a payload that is not per user, 0
+        for a reply that carries none."""
+        from fedscore.shared.protocol.chunks import CHUNK_OVERHEAD, chunk_count
+
+        if self.returns is PayloadKind.NONE:
+            return 0
+        return chunk_count(users, row_bytes, cap, CHUNK_OVERHEAD + len(run_id)) if self.chunked else 1
 
     @property
     def exchange(self) -> tuple[MessageKind, int]:
