@@ -25,7 +25,7 @@ from fedscore.clients.transcript import collect
 from fedscore.runs import party_settings, run_inprocess
 from fedscore.server.coordinator import Coordinator, PartyRefused
 from fedscore.shared.config import MIN_CHUNK_BYTES, ConfigError, load_config
-from fedscore.shared.party_home import LEDGER_FILE
+from fedscore.shared.party_home import PartyHome
 from fedscore.shared.privacy.ledger import ledger_entries
 from fedscore.shared.protocol.chunks import (
     CHUNK_OVERHEAD,
@@ -318,7 +318,7 @@ def test_chunks_of_one_exchange_are_one_release(small_data: Path, tmp_path: Path
         reports[name] = json.loads((tmp_path / name / "run" / "privacy-report.json").read_text())
         records[name] = {
             party: [(e["guarantee"], [(m["kind"], m.get("noise_multiplier"), m.get("count")) for m in e["mechanisms"]])
-                    for e in ledger_entries(home / LEDGER_FILE, party)]
+                    for e in ledger_entries(home / PartyHome.LEDGER, party)]
             for party, home in homes.items()}
     tiny = json.loads((tmp_path / "tiny" / "run" / "outcome.json").read_text())
     assert max(t["reply_chunks"] for t in tiny["traffic"]) >= 3  # the tiny cap did split the exchanges
