@@ -6,17 +6,26 @@ Run: .venv/bin/python scripts/bench_federation.py --data DIR --repeats 3 [--set 
 ledgers would otherwise refuse a second run on the same people). Prints a markdown table: median wall time of each
 path and of their per-repeat ratio, the sequential exchanges, the median per-exchange overhead (Flower exchange
 minus the same in-process exchange), the Flower start-up time, and where the Flower run's time goes.
+
+--cold runs both paths as the user does, each a `fedscore train` / `fedscore federate` command in a fresh process
+(with FEDSCORE_HOME pointing at fresh homes): without it the in-process path runs inside this script's own process,
+warm after its first repeat (imports, the accountant's in-memory caches), while the Flower path always starts cold
+worker processes, which flatters in-process.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from fedscore.federation import run_federated
 from fedscore.runs import run_inprocess
@@ -40,6 +49,16 @@ def _homes(root: Path) -> dict[str, Path]:
     return {party: root / party for party in ("payment", "lender")}
 
 
+def _cli(command: str, data: Path, out: Path, home: Path, secret_file: Path, overrides: list[str]) -> dict[str, Any]:
+    """`fedscore COMMAND` in a fresh process, as a user runs it; its metrics.json."""
+    fedscore = str(Path(sys.executable).parent / "fedscore")
+    args = [fedscore, command, "--data", str(data), "--out", str(out), "--secret-file", str(secret_file),
+            *[item for override in overrides for item in ("--set", override)]]
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "FEDSCORE_HOME": str(home)})
+    metrics: dict[str, Any] = json.loads((out / "metrics.json").read_text())
+    return metrics
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path)
@@ -47,6 +66,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--cold", action="store_true", help="each path as its own `fedscore` command (see above)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-federation-"))
     data = args.data or work / "data"
@@ -57,11 +77,21 @@ def main() -> None:
     rows = []
     for repeat in range(args.repeats):
         t0 = time.perf_counter()
-        inproc = run_inprocess(config, data, work / f"inproc-{repeat}", secret=secret,
-                               homes=_homes(work / f"homes-inproc-{repeat}"))
+        if args.cold:
+            secret_file = work / "secret.hex"
+            secret_file.write_text(secret)
+            inproc = _cli("train", data, work / f"inproc-{repeat}", work / f"home-inproc-{repeat}", secret_file,
+                          args.overrides)
+        else:
+            inproc = run_inprocess(config, data, work / f"inproc-{repeat}", secret=secret,
+                                   homes=_homes(work / f"homes-inproc-{repeat}"))
         t1 = time.perf_counter()
-        flower = run_federated(config, data, work / f"flower-{repeat}", secret=secret,
-                               homes=_homes(work / f"homes-flower-{repeat}"))
+        if args.cold:
+            flower = _cli("federate", data, work / f"flower-{repeat}", work / f"home-flower-{repeat}", secret_file,
+                          args.overrides)
+        else:
+            flower = run_federated(config, data, work / f"flower-{repeat}", secret=secret,
+                                   homes=_homes(work / f"homes-flower-{repeat}"))
         t2 = time.perf_counter()
         local, remote = _exchanges(work / f"inproc-{repeat}"), _exchanges(work / f"flower-{repeat}")
         overheads = [r[2] - lo[2] for lo, r in zip(local, remote, strict=True)]
@@ -75,7 +105,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     rest = med["flower_s"] - med["startup_s"] - med["flower_protocol_s"] - med["baselines_s"] - med["teardown_s"]
-    print(f"\n{args.repeats} repeats, medians; settings: {' '.join(args.overrides) or 'defaults'}\n")
+    mode = "cold: each path a fresh `fedscore` command" if args.cold else "in-process path inside this process"
+    print(f"\n{args.repeats} repeats, medians; settings: {' '.join(args.overrides) or 'defaults'}; {mode}\n")
     print("| path | wall s | ratio | exchanges | overhead per exchange s | start-up s | test AUC |")
     print("|---|---|---|---|---|---|---|")
     print(f"| in-process | {med['inprocess_s']:.1f} | 1.0 | {int(med['exchanges'])} | - | - | "
@@ -86,7 +117,8 @@ def main() -> None:
           f"(in-process {med['inprocess_protocol_s']:.1f} s), baselines {med['baselines_s']:.1f} s, "
           f"teardown {med['teardown_s']:.1f} s, the rest (ServerApp start, report, bundle) {rest:.1f} s")
     if args.json:
-        args.json.write_text(json.dumps({"runs": rows, "median": med, "overrides": args.overrides}, indent=2))
+        args.json.write_text(json.dumps({"runs": rows, "median": med, "overrides": args.overrides, "cold": args.cold},
+                                        indent=2))
 
 
 if __name__ == "__main__":
