@@ -82,8 +82,7 @@ class StateStore:
         self.last = SaveStats()
 
     def load(self) -> dict[str, Any]:
-        state = read_state(self.path)
-        index = torch.load(self.path, weights_only=True).get(INDEX, {})
+        state, index = _read_state_and_index(self.path)
         self._saved = {key: (_remember(state[key]), name) for key, name in index.items()}
         return state
 
@@ -126,12 +125,17 @@ def read_state(path: Path) -> dict[str, Any]:
     """The whole state a party saved at `path` (state.pt): its small entries and every large entry from its own
     file, keys in the order the party had them. A state.pt written before entries had files of their own (one
     dict) reads as it is."""
+    return _read_state_and_index(path)[0]
+
+
+def _read_state_and_index(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """`read_state`, and the index of entry files it read (empty for a one-dict state.pt): state.pt is read once."""
     path = Path(path)
     head = torch.load(path, weights_only=True)
     index = head.pop(INDEX, None)
     order = head.pop(ORDER, None)
     if index is None:
-        return head
+        return head, {}
     folder = path.parent / ENTRIES_DIR
     for key, name in index.items():
         entry = folder / name
@@ -139,4 +143,4 @@ def read_state(path: Path) -> dict[str, Any]:
             raise StateFileError(f"{entry}: missing, but {path} names it for its {key!r} entry (state folder "
                                  "damaged or copied in part)")
         head[key] = torch.load(entry, weights_only=True)
-    return {key: head[key] for key in (order or list(head))}
+    return {key: head[key] for key in (order or list(head))}, index

@@ -57,7 +57,7 @@ def part_claim(record: dict[str, Any], delta: float) -> float:
 
 
 def gradient_canary_audits(party_states: dict[str, PartyState], seed: int, replayable: bool,
-                           delta: float, confidence: float = 0.95) -> list[dict[str, Any]]:
+                           delta: float, confidence: float) -> list[dict[str, Any]]:
     """One audit row per part that ran gradient canaries."""
     rows = []
     for party, state in party_states.items():
