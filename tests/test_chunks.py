@@ -328,27 +328,5 @@ def test_chunks_of_one_exchange_are_one_release(small_data: Path, tmp_path: Path
     assert sum(len(v) for v in records["tiny"].values()) == sum(len(v) for v in records["whole"].values()) > 5
 
 
-# -- under Flower ---------------------------------------------------------------------------------------------------
-@pytest.mark.federation
-def test_flower_carries_the_same_chunks(small_data: Path, chunked_runs: dict, tmp_path: Path) -> None:
-    """A real federation with the smallest cap: every chunk of an exchange in one Flower message (one Array each),
-    the same metrics and transcripts as the chunked in-process run."""
-    from fedscore.federation import run_federated
-
-    run_dir = tmp_path / "flower"
-    run_federated(load_config(None, [*CHUNKY, TINY]), small_data, run_dir, secret=SECRET, timeout_s=600,
-                  homes=fresh_homes(tmp_path / "homes"))
-    outcome = json.loads((run_dir / "outcome.json").read_text())
-    assert not outcome.get("error"), outcome.get("error")
-    local_dir, _, _, local = chunked_runs["tiny"]
-    chunks = {(t["kind"], t["round"]): t["reply_chunks"] for t in outcome["traffic"]}
-    assert chunks == {(t["kind"], t["round"]): t["reply_chunks"] for t in local.traffic}
-    assert min(chunks[("embed", r)] for r in range(3)) >= 3
-    assert len(outcome["traffic"]) == len(local.traffic)  # one message per party per exchange, whatever the chunks
-    for mine, theirs in zip(outcome["rounds"], local.rounds, strict=True):
-        assert mine.keys() == theirs.keys() and all(mine[k] == pytest.approx(theirs[k], abs=1e-6) for k in mine)
-    for party in ("payment", "lender"):
-        flower, inprocess = collect(run_dir / "parties" / party, party), collect(local_dir / "parties" / party, party)
-        assert flower is not None and inprocess is not None
-        assert all(np.allclose(flower[k], inprocess[k], atol=1e-6) if flower[k].dtype.kind == "f"
-                   else np.array_equal(flower[k], inprocess[k]) for k in flower)
+# -- under Flower: tests/test_federation.py runs its Flower-against-in-process comparison at the smallest cap and checks
+# the chunks per exchange there (one federation start for both checks).

@@ -23,7 +23,7 @@ import pytest
 from fedscore.clients.state_store import read_state
 from fedscore.federation import run_federated
 from fedscore.runs import run_inprocess
-from fedscore.shared.config import load_config
+from fedscore.shared.config import MIN_CHUNK_BYTES, load_config
 from tests.conftest import FAST, SECRET, fresh_homes
 
 pytestmark = pytest.mark.federation
@@ -41,8 +41,10 @@ def _alive(pid: int) -> bool:
 
 
 def test_flower_matches_inprocess_and_cleans_up(party_data: tuple[Path, dict], tmp_path: Path) -> None:
+    """Also the chunked path under Flower (it used to start a federation of its own in tests/test_chunks.py): both
+    runs at the smallest chunk cap, so every exchange crosses in several sealed chunks, all in one Flower message."""
     data, ids = party_data
-    config = load_config(None, SMALL)
+    config = load_config(None, [*SMALL, f"exchange.chunk_bytes={MIN_CHUNK_BYTES}"])
     federated = run_federated(config, data, tmp_path / "flower", secret=SECRET, timeout_s=600,
                               homes=fresh_homes(tmp_path / "flower-homes"), capture=True)
     reference = run_inprocess(config, data, tmp_path / "inprocess", secret=SECRET,
@@ -52,6 +54,12 @@ def test_flower_matches_inprocess_and_cleans_up(party_data: tuple[Path, dict], t
     for key, value in reference["test"].items():
         assert federated["test"][key] == pytest.approx(value, abs=1e-6), key
     assert len(federated["rounds"]) == 2
+    # the same chunks per exchange as in process, several per exchange, and one message per party per exchange
+    flower_traffic = json.loads((tmp_path / "flower" / "outcome.json").read_text())["traffic"]
+    local_traffic = json.loads((tmp_path / "inprocess" / "outcome.json").read_text())["traffic"]
+    chunks = {(t["kind"], t["round"]): t["reply_chunks"] for t in flower_traffic}
+    assert chunks == {(t["kind"], t["round"]): t["reply_chunks"] for t in local_traffic}
+    assert len(flower_traffic) == len(local_traffic) and min(chunks[("embed", r)] for r in range(2)) >= 3, chunks
     flower_report = json.loads((tmp_path / "flower" / "privacy-report.json").read_text())
     local_report = json.loads((tmp_path / "inprocess" / "privacy-report.json").read_text())
     assert [g["epsilon"] for g in flower_report["guarantees"]] == [g["epsilon"] for g in local_report["guarantees"]]
@@ -190,7 +198,7 @@ def test_a_dead_worker_or_ctrl_c_stops_everything(party_data: tuple[Path, dict],
     out = tmp_path / "run"
     cli = _federate(data, out)
     logs = out / "flower" / "logs"
-    _wait_for(lambda: cli.poll() is not None or _served(logs / "worker-lender.log") >= 2)  # setup, alignment done
+    _wait_for(lambda: cli.poll() is not None or _served(logs / "worker-lender.log") >= 1)  # setup done: mid-run
     assert cli.poll() is None, cli.communicate()[0]
     pids = json.loads((out / "flower" / "pids.json").read_text())
     if how == "worker killed":
