@@ -330,8 +330,14 @@ def prv_epsilon(mechanisms: Sequence[DpSgdRelease | GaussianRelease], delta: flo
         if m.effective_noise_multiplier == 0:
             return math.inf
         history.append((m.effective_noise_multiplier, m.sample_rate, m.count))
+    # the same (noise, rate) twice is one mechanism released count + count' times: one self-composition, not two
+    # parts of a heterogeneous one (the same composition; a projection of k more runs like the last stays one entry
+    # per mechanism instead of k)
+    counts: dict[tuple[float, float], int] = {}
+    for noise, rate, count in history:
+        counts[(noise, rate)] = counts.get((noise, rate), 0) + count
     accountant = PRVAccountant()
-    accountant.history = history
+    accountant.history = [(noise, rate, count) for (noise, rate), count in counts.items()]
     with np.errstate(divide="ignore", invalid="ignore"):  # log(1 - q) at q = 1: harmless, Opacus handles it
         return float(accountant.get_epsilon(delta))
 
