@@ -25,8 +25,10 @@ lint: $(STAMP)
 
 # Tests run in parallel (pytest-xdist), one test module per worker at a time so that a module's shared training
 # (its module-scoped fixtures) runs once; the 15 slowest tests are listed at the end. TEST_WORKERS=1 runs serially.
+# Modules are handed out longest first (tests/conftest.py orders them; xdist's own reorder, by number of tests,
+# would start the few-test Flower modules last and leave one worker idle at the end).
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=15
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=15
 
 # everything, as CI runs it: lint, units, in-process runs, real Flower federations (`federation`), `slow` tests
 test: $(STAMP) lint

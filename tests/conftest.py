@@ -102,3 +102,18 @@ def party_homes_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: py
 def fresh_homes(root: Path) -> dict[str, Path]:
     """Party homes of their own, for fixtures wider than one test (the autouse fixture covers single tests)."""
     return {party: root / "homes" / party for party in ("payment", "lender")}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest first: under `--dist loadscope` each xdist worker takes the next module in collection order, so the
+    modules that start real Flower federations (the longest, tens of seconds each) go first, then those with `slow`
+    tests, then the rest; a long module started last would leave the other worker idle at the end. The order within
+    a module is kept (its module-scoped fixtures are shared in that order)."""
+    def weight(module: str) -> int:
+        marks = {mark.name for item in by_module[module] for mark in item.iter_markers()}
+        return 0 if "federation" in marks else 1 if "slow" in marks else 2
+
+    by_module: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        by_module.setdefault(item.nodeid.split("::")[0], []).append(item)
+    items[:] = [item for module in sorted(by_module, key=weight) for item in by_module[module]]
