@@ -11,7 +11,9 @@ value the lender declared in its schema.toml (manifest `lender_reference`: publi
 the payment side it is the zero embedding (a public constant, not a mean of training embeddings), and the whole
 embedding is ONE factor, "payment_behaviour" — individual payment features are never named, they never reach
 the lender. All occluded copies go through the graph in one batched call. Contributions are exactly 0 when the
-applicant already equals the reference, so such a factor is never given as a reason.
+applicant already equals the reference, so such a factor is never given as a reason. When the lender part is linear
+after its preprocessing (the default top) and says so, the same contributions come exactly, up to float rounding,
+from its weights after one graph run (shared/scoring/linear.py): 1 graph run per applicant instead of k + 2.
 
 Applicants the payment holder does not know are scored with the baseline (zero) embedding,
 always sent to review, and told why: "no payment history with the partner".
@@ -19,20 +21,25 @@ always sent to review, and told why: "no payment history with the partner".
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from fedscore.clients.lender.data import load_applicants
 from fedscore.shared.model.manifest import EMBEDDING, LENDER_INPUT, LOGIT, PROBABILITY
 from fedscore.shared.scoring.bundle import ScoringBundle, ordered_matrix, ort_session
+from fedscore.shared.scoring.linear import LinearReasons, read_description
 from fedscore.shared.scoring.payment_signals import PaymentSignals
 from fedscore.shared.scoring.scorecard import PAYMENT_FACTOR, decision_arrays, reason_codes, reason_text
 
 NO_PAYMENT_REASON = "no payment history with the partner"
 TOP_K = 3
 CHUNK_ROWS = 65_536  # rows per graph call, occluded copies included
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,9 +84,16 @@ def load_applicant_features(bundle: ScoringBundle, data_dir: Path) -> Applicants
 
 
 class LenderScorer:
-    """The lender ONNX part + scorecard + occlusion reasons."""
+    """The lender ONNX part + scorecard + occlusion reasons.
 
-    def __init__(self, bundle: ScoringBundle, threads: int = 1) -> None:
+    `reasons="auto"`: when the part says its top is linear after its preprocessing (ONNX metadata written by the
+    exporter) and that description reproduces the graph's occlusion on probe rows, contributions come from the
+    exact linear shortcut (shared/scoring/linear.py) after ONE graph run; otherwise, and with
+    `reasons="occlusion"`, from the k + 2 occluded copies. `reasons_by` says which ("linear" or "occlusion").
+    """
+
+    def __init__(self, bundle: ScoringBundle, threads: int = 1,
+                 reasons: Literal["auto", "occlusion"] = "auto") -> None:
         self.session = ort_session(bundle.part_path("lender"), threads)
         self.params = bundle.manifest.scorecard
         self.features = bundle.lender_features
@@ -88,6 +102,33 @@ class LenderScorer:
         self.baseline = bundle.embedding_baseline()
         self.embedding_dim = bundle.embedding_dim
         self._texts: dict[tuple[str, int], str] = {}
+        self.linear: LinearReasons | None = None
+        if reasons == "auto":
+            self.linear = self._checked_linear(bundle.part_path("lender"))
+        self.reasons_by = "occlusion" if self.linear is None else "linear"
+
+    def _checked_linear(self, path: Path) -> LinearReasons | None:
+        """The linear shortcut if the part describes one that agrees with the graph, else None (occlusion)."""
+        try:
+            described = read_description(self.session.get_modelmeta().custom_metadata_map)
+            if described is None:
+                return None
+            linear = LinearReasons.build(*described, self.features, self.reference, self.baseline)
+        except ValueError as exc:  # pydantic's ValidationError and json's errors are ValueErrors
+            logger.warning("%s: unusable linear description (%s); reasons by occlusion", path, exc)
+            return None
+
+        def graph(x: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            xs, es = self._occluded_inputs(x, e)
+            probability, logit = self.session.run([PROBABILITY, LOGIT], {LENDER_INPUT: xs, EMBEDDING: es})
+            return probability.reshape(-1, len(x)), logit.reshape(-1, len(x))
+
+        problem = linear.disagreement(graph)
+        if problem is not None:
+            logger.warning("%s: the linear description does not reproduce the graph (%s); reasons by occlusion",
+                           path, problem)
+            return None
+        return linear
 
     # -- graph ---------------------------------------------------------------------------------------------------
     def _check(self, features: np.ndarray, embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,28 +157,41 @@ class LenderScorer:
         baseline embedding.
         """
         n, k = x.shape
+        xs, es = self._occluded_inputs(x, e)
+        probability, logit = self.session.run([PROBABILITY, LOGIT], {LENDER_INPUT: xs, EMBEDDING: es})
+        logit = logit.reshape(k + 2, n)
+        return probability[:n], logit[0], logit[1:]
+
+    def _occluded_inputs(self, x: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The k + 2 blocks of `_occluded`, stacked: the rows, each feature at its reference, the baseline."""
+        n, k = x.shape
         xs = np.tile(x, (k + 2, 1))
         es = np.tile(e, (k + 2, 1))
         for j in range(k):
             xs[(j + 1) * n:(j + 2) * n, j] = self.reference[j]
         es[(k + 1) * n:] = self.baseline
-        probability, logit = self.session.run([PROBABILITY, LOGIT], {LENDER_INPUT: xs, EMBEDDING: es})
-        logit = logit.reshape(k + 2, n)
-        return probability[:n], logit[0], logit[1:]
+        return xs, es
 
     def contributions(self, features: np.ndarray, embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(probability float32 [N], contributions float64 [N, F], direction int8 [N, F]), F = lender features +
         payment_behaviour. Positive contribution = raised the default logit = lowered the score."""
         x, e = self._check(features, embedding)
         n, k = x.shape
-        probability = np.empty(n, dtype=np.float32)
-        values = np.empty((n, k + 1), dtype=np.float64)
-        step = max(1, CHUNK_ROWS // (k + 2))
-        for start in range(0, n, step):
-            stop = min(n, start + step)
-            p, logit, occluded = self._occluded(x[start:stop], e[start:stop])
-            probability[start:stop] = p
-            values[start:stop] = (logit[None, :].astype(np.float64) - occluded.astype(np.float64)).T
+        if self.linear is not None:  # one graph run for the probability; contributions exactly, from the weights
+            probability = self.probability(x, e)
+            values = np.empty((n, k + 1), dtype=np.float64)
+            for start in range(0, n, CHUNK_ROWS):
+                values[start:start + CHUNK_ROWS] = self.linear.contributions(x[start:start + CHUNK_ROWS],
+                                                                             e[start:start + CHUNK_ROWS])
+        else:
+            probability = np.empty(n, dtype=np.float32)
+            values = np.empty((n, k + 1), dtype=np.float64)
+            step = max(1, CHUNK_ROWS // (k + 2))
+            for start in range(0, n, step):
+                stop = min(n, start + step)
+                p, logit, occluded = self._occluded(x[start:stop], e[start:stop])
+                probability[start:stop] = p
+                values[start:stop] = (logit[None, :].astype(np.float64) - occluded.astype(np.float64)).T
         direction = np.zeros((n, k + 1), dtype=np.int8)
         direction[:, :k] = np.sign(x - self.reference[None, :]).astype(np.int8)
         # nothing changed, nothing contributed (not even float noise from a different GEMM tail)
