@@ -130,47 +130,68 @@ class LinearReasons:
     # -- the part's arithmetic, in float64 ------------------------------------------------------------------------
     def preprocess(self, x: np.ndarray) -> np.ndarray:
         """t(x), float64 [N, k + L]: what the graph's ScalerModule computes (clip, signed log1p, scale, levels)."""
-        x = np.asarray(x, dtype=np.float64)
+        n, k = len(x), len(self.mean)
+        t = np.empty((n, k + len(self.level_column)))
+        raw = t[:, :k]
+        raw[...] = x
         if self.lower is not None and self.upper is not None:
-            x = np.minimum(np.maximum(x, self.lower), self.upper)
-        scaled = x.copy()
+            np.clip(raw, self.lower, self.upper, out=raw)
+        if len(self.level_column):
+            np.equal(raw[:, self.level_column], self.level_value, out=t[:, k:])
         if self.log_mask.any():
-            logged = x[:, self.log_mask]
-            scaled[:, self.log_mask] = np.sign(logged) * np.log1p(np.abs(logged))
-        scaled -= self.mean
-        scaled /= self.std
-        if not len(self.level_column):
-            return scaled
-        return np.hstack([scaled, (x[:, self.level_column] == self.level_value).astype(np.float64)])
+            logged = raw[:, self.log_mask]
+            raw[:, self.log_mask] = np.sign(logged) * np.log1p(np.abs(logged))
+        raw -= self.mean
+        raw /= self.std
+        return t
 
     def probability_of(self, z: np.ndarray) -> np.ndarray:
-        """p(z): the flip undone and clipped, as `LenderTop.probability`."""
+        """p(z): the flip undone and clipped, as `LenderTop.probability` (a new array)."""
+        return self._probability_in_place(np.array(z, dtype=np.float64))
+
+    def _probability_in_place(self, a: np.ndarray) -> np.ndarray:
+        np.negative(a, out=a)
         with np.errstate(over="ignore"):  # exp(-z) = inf far below zero: p = 0, then clipped to the floor
-            p = 1.0 / (1.0 + np.exp(-z))
+            np.exp(a, out=a)
+        a += 1.0
+        np.reciprocal(a, out=a)
         if self.label_flip:
-            p = (p - self.label_flip) / (1.0 - 2.0 * self.label_flip)
-        return np.clip(p, self.floor, self.ceiling)
+            a -= self.label_flip
+            a /= 1.0 - 2.0 * self.label_flip
+        return np.clip(a, self.floor, self.ceiling, out=a)
+
+    def _output_logit_in_place(self, a: np.ndarray) -> np.ndarray:
+        p = self._probability_in_place(a)
+        odds = 1.0 - p
+        np.divide(p, odds, out=p)
+        return np.log(p, out=p)
 
     def output_logit(self, z: np.ndarray) -> np.ndarray:
-        """g(z): the graph's "logit" output, log(p) - log1p(-p) of the clipped probability."""
-        p = self.probability_of(z)
-        return np.log(p) - np.log1p(-p)
+        """g(z): the graph's "logit" output, log(p / (1 - p)) of the clipped probability (a new array)."""
+        return self._output_logit_in_place(np.array(z, dtype=np.float64))
 
     def logit_and_shifts(self, x: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(z [N], delta [N, k + 1]): the pre-sigmoid logit and how much each factor moved it away from its
-        reference (k lender features, then the embedding against the baseline)."""
+        reference (k lender features, then the embedding against the baseline). z is their sum plus the logit of
+        the reference applicant with the baseline embedding."""
         t = self.preprocess(x)
-        e = np.asarray(e, dtype=np.float64)
-        from_payment = (e - self.baseline) @ self.embedding_weights
-        z = t @ self.weights + e @ self.embedding_weights + self.bias
         t -= self.reference_t
-        return z, np.hstack([t @ self.by_column, from_payment[:, None]])
+        n, k = len(t), len(self.mean)
+        delta = np.empty((n, k + 1))
+        np.matmul(t, self.by_column, out=delta[:, :k])
+        np.matmul(np.asarray(e, dtype=np.float64) - self.baseline, self.embedding_weights, out=delta[:, k])
+        z = delta.sum(axis=1)
+        z += self.reference_t @ self.weights + self.baseline @ self.embedding_weights + self.bias
+        return z, delta
 
     def contributions(self, x: np.ndarray, e: np.ndarray) -> np.ndarray:
         """float64 [N, k + 1]: g(z) - g(z - delta_j), what occlusion on the graph gives, exactly."""
         z, delta = self.logit_and_shifts(x, e)
-        occluded = z[:, None] - delta
-        return self.output_logit(z)[:, None] - self.output_logit(occluded)
+        logits = np.empty((len(z), delta.shape[1] + 1))
+        logits[:, 0] = z
+        np.subtract(z[:, None], delta, out=logits[:, 1:])
+        self._output_logit_in_place(logits)
+        return np.subtract(logits[:, :1], logits[:, 1:], out=delta)
 
     # -- the check against the graph ------------------------------------------------------------------------------
     def probe_rows(self, count: int = 24) -> tuple[np.ndarray, np.ndarray]:
