@@ -201,7 +201,7 @@ class LenderScorer:
         direction = np.zeros((n, k + 1), dtype=np.int8)
         direction[:, :k] = np.sign(x - self.reference[None, :]).astype(np.int8)
         # nothing changed, nothing contributed (not even float noise from a different GEMM tail)
-        values[:, :k][direction[:, :k] == 0] = 0.0
+        np.copyto(values[:, :k], 0.0, where=direction[:, :k] == 0)
         values[np.all(e == self.baseline[None, :], axis=1), k] = 0.0
         return probability, values, direction
 
