@@ -46,7 +46,7 @@ def score_command(model: ModelOpt, data: DataOpt,
     no_history = frame["reasons"].str.contains("no payment history", regex=False).sum()
     tiers = ", ".join(f"{t} {n}" for t, n in sorted(frame["tier"].value_counts().items()))
     console.print(f"wrote {out}: {len(frame)} applicants scored ({tiers}); {int(frame['review_flag'].sum())} for "
-                  f"review, {int(no_history)} without payment history")
+                  f"review, {int(no_history)} without payment history; reasons by {frame.attrs['reasons_by']}")
 
 
 def _server_credentials(host: str, tls_cert: Path | None, tls_key: Path | None, client_ca: Path | None,

@@ -9,6 +9,7 @@ and computed in memory first and the CSV is written atomically, so a failed run 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -35,13 +36,14 @@ def read_blacklist(path: Path) -> set[str]:
 
 
 def score_batch(model_dir: Path, data_dir: Path, blacklist: set[str] | None = None,
-                threads: int = 1) -> pd.DataFrame:
+                threads: int = 1, reasons: Literal["auto", "occlusion"] = "auto") -> pd.DataFrame:
     """Score every applicant in DIR/lender/applicants.* with the bundle in `model_dir`.
 
     Returns one row per applicant, in file order, with SCORE_COLUMNS; `reasons` is the "; "-joined texts of up to
     three factors that lowered the score (plus "no payment history with the partner" for applicants the payment
     holder does not know, who also get the review flag). Blacklisted ids get limit 0 and the review flag.
     Raises DataError (BundleError for the model) naming the file and column for anything unusable.
+    `reasons` picks how contributions are computed (`LenderScorer`); `frame.attrs["reasons_by"]` says which ran.
     """
     from fedscore.clients.lender.scoring import LenderScorer, load_applicant_features
     from fedscore.clients.payment.scoring import load_payment_users
@@ -51,7 +53,7 @@ def score_batch(model_dir: Path, data_dir: Path, blacklist: set[str] | None = No
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: data folder not found (expected DIR with payment/ and lender/)")
     bundle = load_scoring_bundle(model_dir)
-    lender = LenderScorer(bundle, threads)  # opens the graph before reading data: a bad bundle fails fast
+    lender = LenderScorer(bundle, threads, reasons)  # opens the graph before reading data: a bad bundle fails fast
     applicants = load_applicant_features(bundle, data_dir)
     payment = load_payment_users(bundle, data_dir, threads)
     rows = payment.rows_for(applicants.ids)
@@ -59,7 +61,7 @@ def score_batch(model_dir: Path, data_dir: Path, blacklist: set[str] | None = No
     blacklisted = np.isin(np.asarray(applicants.ids, dtype=object), sorted(blacklist)) if blacklist else None
     result = lender.score(applicants.features, lender.embeddings_or_baseline(payment.embeddings, rows), has_payment,
                           payment.signals.take(rows), blacklisted)
-    return pd.DataFrame({
+    frame = pd.DataFrame({
         "id": applicants.ids,
         "probability": result.probability,
         "score": result.score,
@@ -68,6 +70,8 @@ def score_batch(model_dir: Path, data_dir: Path, blacklist: set[str] | None = No
         "review_flag": result.review_flag,
         "reasons": result.joined_reasons(REASON_SEPARATOR),
     }, columns=SCORE_COLUMNS)
+    frame.attrs["reasons_by"] = lender.reasons_by
+    return frame
 
 
 def write_scores(frame: pd.DataFrame, out_csv: Path) -> Path:

@@ -10,7 +10,10 @@ metadata). Each item must be on the allow-list below, checked by value:
 - the lender reference: equal to the schema's declared references;
 - the run config, the privacy report's guarantees, the scorecard policy, feature names, sha256 hashes, I/O names;
 - a handful of code constants of the graph (1, the probability clips 1e-7 / 1e-3) and scalars the config implies (the
-  label-flip rate of randomized response, the payment part's squash scale embedding_clip / sqrt(d)).
+  label-flip rate of randomized response, the payment part's squash scale embedding_clip / sqrt(d));
+- the lender part's statement that its top is linear (metadata "fedscore.linear_top", read by the scorers' exact
+  reason-code shortcut): the same trained weights and bias as the graph's initializers, so the same release, and
+  public scalars (flip rate, probability clips).
 
 Anything else fails, e.g. a scaler mean fitted on the rows, a median reference, a mean training embedding, metrics.
 The last tests plant such items and check the walker catches them, so it cannot pass vacuously.
@@ -36,6 +39,7 @@ from fedscore.shared.model.manifest import LENDER_FILE, MANIFEST_NAME, PAYMENT_F
 from fedscore.shared.model.preprocessing import Scaler, ScalerModule
 from fedscore.shared.party_home import PartyHome
 from fedscore.shared.privacy.ledger import ledger_entries
+from fedscore.shared.scoring.linear import METADATA_KEY as LINEAR_KEY
 from fedscore.shared.scoring.scorecard import ScorecardParams
 from tests.conftest import SECRET, fresh_homes, make_party_data
 
@@ -133,10 +137,38 @@ def check_graph(model: onnx.ModelProto, party: str, schema: dict[str, np.ndarray
             raise Unaccounted(f"{party}: tensor {name} {value.dtype}{list(value.shape)} is neither a DP-SGD weight, "
                               f"a schema-derived constant nor a code constant: {value.ravel()[:4]}")
     metadata = {p.key: p.value for p in model.metadata_props}
+    linear = metadata.pop(LINEAR_KEY, None)
     expected_meta = {"fedscore.part": party, "fedscore.format_version": "2",
                      "fedscore.feature_names": json.dumps(scaler["columns"]), "fedscore.scaler": json.dumps(scaler)}
     if metadata != expected_meta:
         raise Unaccounted(f"{party}: metadata {sorted(metadata)} differs from the schema-derived scaler and names")
+    if linear is not None:
+        seen += check_linear_description(json.loads(linear), party, weights, dp_recorded, public_scalars)
+    return seen
+
+
+def check_linear_description(described: dict[str, Any], party: str, weights: list[np.ndarray], dp_recorded: bool,
+                             public_scalars: list[float]) -> list[str]:
+    """The lender part's statement that its top is linear (shared/scoring/linear.py) repeats the graph's own
+    weights: each array must be one of the party's trained, ledger-recorded parameters (the same release as the
+    graph's initializers), every scalar a public one."""
+    if party != "lender" or set(described) != {"form", "weights", "embedding_weights", "bias", "label_flip",
+                                               "probability_floor", "probability_ceiling"}:
+        raise Unaccounted(f"{party}: linear description with keys {sorted(described)}")
+    seen = []
+    for key in ("weights", "embedding_weights", "bias"):
+        value = np.atleast_1d(np.asarray(described[key], dtype=np.float32))
+        if any(_same(value, w.ravel()) for w in weights):
+            if not dp_recorded:
+                raise Unaccounted(f"{party}: {LINEAR_KEY}.{key} shipped without a DP-SGD release in the ledger")
+            seen.append(f"weight:{LINEAR_KEY}.{key}")
+        elif value.size == 1 and any(math.isclose(float(value[0]), c, rel_tol=1e-6) for c in public_scalars):
+            seen.append(f"constant:{LINEAR_KEY}.{key}")  # a fixed partial-logit weight of 1
+        else:
+            raise Unaccounted(f"{party}: {LINEAR_KEY}.{key} is not the party's trained parameter: {value[:4]}")
+    for key in ("label_flip", "probability_floor", "probability_ceiling"):
+        if not any(math.isclose(described[key], c, rel_tol=1e-6, abs_tol=1e-9) for c in public_scalars):
+            raise Unaccounted(f"{party}: {LINEAR_KEY}.{key} = {described[key]} is no public constant")
     return seen
 
 
@@ -207,6 +239,8 @@ def test_everything_in_model_is_public_or_ledger_recorded(private_run: tuple[Pat
     # the walk did look at the parts: both parts' weights and every preprocessing buffer were classified
     assert sum(s.startswith("weight:") for s in seen) >= 4
     assert sum(s.startswith("schema:scale.lower") for s in seen) == 2
+    # the default lender top is linear and says so; its description holds the trained weights, nothing new
+    assert {f"weight:{LINEAR_KEY}.weights", f"weight:{LINEAR_KEY}.bias"} <= set(seen)
     # the centre and scale are the DP statistics each party charged to its ledger, not fitted values
     assert all(_dp_statistics_recorded(run, party) for party in FILES)
     for party in FILES:
@@ -276,3 +310,23 @@ def test_the_walker_catches_unaccounted_manifest_items(private_run: tuple[Path, 
     manifest[key] = value
     with pytest.raises(Unaccounted, match=key):
         check_manifest(manifest, run / "model", run, data)
+
+
+@pytest.mark.slow
+def test_the_walker_catches_a_linear_description_that_is_not_the_trained_weights(
+        private_run: tuple[Path, Path]) -> None:
+    data, run = private_run
+    model = onnx.load(str(run / "model" / LENDER_FILE))
+    for prop in model.metadata_props:
+        if prop.key == LINEAR_KEY:
+            described = json.loads(prop.value)
+            described["weights"] = [w * 1.01 for w in described["weights"]]
+            prop.value = json.dumps(described)
+            break
+    else:
+        raise AssertionError("the default (linear) lender part carries no linear description")
+    config = json.loads((run / "config.json").read_text())
+    scaler = torch.load(run / "parties" / "lender" / "state.pt", weights_only=True)["scaler"]
+    with pytest.raises(Unaccounted, match="not the party's trained parameter"):
+        check_graph(model, "lender", _schema_constants(data, "lender", run), _weights(run, "lender"), True, config,
+                    scaler)

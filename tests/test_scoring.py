@@ -207,6 +207,18 @@ def test_occlusion_is_logit_minus_logit_with_the_factor_at_its_reference(tx_run:
     np.testing.assert_array_equal(direction[:, -1], 0)
 
 
+def test_batch_scores_by_the_linear_shortcut_equal_those_by_occlusion(tx_run: tuple[Path, Path],
+                                                                      tx_scores: pd.DataFrame) -> None:
+    """The default lender top is linear and says so: the batch takes the shortcut (tests/test_linear_reasons.py
+    has the arithmetic) and writes what occlusion on the graph writes."""
+    data, run = tx_run
+    occluded = score_batch(run / "model", data, reasons="occlusion")
+    assert (tx_scores.attrs["reasons_by"], occluded.attrs["reasons_by"]) == ("linear", "occlusion")
+    np.testing.assert_allclose(tx_scores["probability"], occluded["probability"], rtol=0, atol=1e-6)
+    pd.testing.assert_frame_equal(tx_scores.drop(columns="probability"), occluded.drop(columns="probability"))
+    assert tx_scores["reasons"].nunique() > 5
+
+
 def test_grouped_reasons_equal_reason_codes_row_by_row(tx_run: tuple[Path, Path]) -> None:
     _, run = tx_run
     scorer = LenderScorer(load_scoring_bundle(run / "model"))

@@ -11,7 +11,9 @@ value the lender declared in its schema.toml (manifest `lender_reference`: publi
 the payment side it is the zero embedding (a public constant, not a mean of training embeddings), and the whole
 embedding is ONE factor, "payment_behaviour" — individual payment features are never named, they never reach
 the lender. All occluded copies go through the graph in one batched call. Contributions are exactly 0 when the
-applicant already equals the reference, so such a factor is never given as a reason.
+applicant already equals the reference, so such a factor is never given as a reason. When the lender part is linear
+after its preprocessing (the default top) and says so, the same contributions come exactly, up to float rounding,
+from its weights after one graph run (shared/scoring/linear.py): 1 graph run per applicant instead of k + 2.
 
 Applicants the payment holder does not know are scored with the baseline (zero) embedding,
 always sent to review, and told why: "no payment history with the partner".
@@ -19,20 +21,29 @@ always sent to review, and told why: "no payment history with the partner".
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+import pandas as pd
 
 from fedscore.clients.lender.data import load_applicants
 from fedscore.shared.model.manifest import EMBEDDING, LENDER_INPUT, LOGIT, PROBABILITY
 from fedscore.shared.scoring.bundle import ScoringBundle, ordered_matrix, ort_session
+from fedscore.shared.scoring.linear import LinearReasons, read_description
 from fedscore.shared.scoring.payment_signals import PaymentSignals
 from fedscore.shared.scoring.scorecard import PAYMENT_FACTOR, decision_arrays, reason_codes, reason_text
 
 NO_PAYMENT_REASON = "no payment history with the partner"
 TOP_K = 3
 CHUNK_ROWS = 65_536  # rows per graph call, occluded copies included
+# rows per step of the linear shortcut: its float64 temporaries (~10 per row and factor) stay in a core's L2 cache;
+# 65,536 rows at a time took 2-3x the CPU time of 1,024-4,096 (BENCHMARKS.md, "Batch scoring (item 8)")
+LINEAR_CHUNK_ROWS = 2_048
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,9 +88,16 @@ def load_applicant_features(bundle: ScoringBundle, data_dir: Path) -> Applicants
 
 
 class LenderScorer:
-    """The lender ONNX part + scorecard + occlusion reasons."""
+    """The lender ONNX part + scorecard + occlusion reasons.
 
-    def __init__(self, bundle: ScoringBundle, threads: int = 1) -> None:
+    `reasons="auto"`: when the part says its top is linear after its preprocessing (ONNX metadata written by the
+    exporter) and that description reproduces the graph's occlusion on probe rows, contributions come from the
+    exact linear shortcut (shared/scoring/linear.py) after ONE graph run; otherwise, and with
+    `reasons="occlusion"`, from the k + 2 occluded copies. `reasons_by` says which ("linear" or "occlusion").
+    """
+
+    def __init__(self, bundle: ScoringBundle, threads: int = 1,
+                 reasons: Literal["auto", "occlusion"] = "auto") -> None:
         self.session = ort_session(bundle.part_path("lender"), threads)
         self.params = bundle.manifest.scorecard
         self.features = bundle.lender_features
@@ -88,6 +106,33 @@ class LenderScorer:
         self.baseline = bundle.embedding_baseline()
         self.embedding_dim = bundle.embedding_dim
         self._texts: dict[tuple[str, int], str] = {}
+        self.linear: LinearReasons | None = None
+        if reasons == "auto":
+            self.linear = self._checked_linear(bundle.part_path("lender"))
+        self.reasons_by = "occlusion" if self.linear is None else "linear"
+
+    def _checked_linear(self, path: Path) -> LinearReasons | None:
+        """The linear shortcut if the part describes one that agrees with the graph, else None (occlusion)."""
+        try:
+            described = read_description(self.session.get_modelmeta().custom_metadata_map)
+            if described is None:
+                return None
+            linear = LinearReasons.build(*described, self.features, self.reference, self.baseline)
+        except ValueError as exc:  # pydantic's ValidationError and json's errors are ValueErrors
+            logger.warning("%s: unusable linear description (%s); reasons by occlusion", path, exc)
+            return None
+
+        def graph(x: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            xs, es = self._occluded_inputs(x, e)
+            probability, logit = self.session.run([PROBABILITY, LOGIT], {LENDER_INPUT: xs, EMBEDDING: es})
+            return probability.reshape(-1, len(x)), logit.reshape(-1, len(x))
+
+        problem = linear.disagreement(graph)
+        if problem is not None:
+            logger.warning("%s: the linear description does not reproduce the graph (%s); reasons by occlusion",
+                           path, problem)
+            return None
+        return linear
 
     # -- graph ---------------------------------------------------------------------------------------------------
     def _check(self, features: np.ndarray, embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,32 +161,47 @@ class LenderScorer:
         baseline embedding.
         """
         n, k = x.shape
+        xs, es = self._occluded_inputs(x, e)
+        probability, logit = self.session.run([PROBABILITY, LOGIT], {LENDER_INPUT: xs, EMBEDDING: es})
+        logit = logit.reshape(k + 2, n)
+        return probability[:n], logit[0], logit[1:]
+
+    def _occluded_inputs(self, x: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The k + 2 blocks of `_occluded`, stacked: the rows, each feature at its reference, the baseline."""
+        n, k = x.shape
         xs = np.tile(x, (k + 2, 1))
         es = np.tile(e, (k + 2, 1))
         for j in range(k):
             xs[(j + 1) * n:(j + 2) * n, j] = self.reference[j]
         es[(k + 1) * n:] = self.baseline
-        probability, logit = self.session.run([PROBABILITY, LOGIT], {LENDER_INPUT: xs, EMBEDDING: es})
-        logit = logit.reshape(k + 2, n)
-        return probability[:n], logit[0], logit[1:]
+        return xs, es
 
     def contributions(self, features: np.ndarray, embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(probability float32 [N], contributions float64 [N, F], direction int8 [N, F]), F = lender features +
         payment_behaviour. Positive contribution = raised the default logit = lowered the score."""
         x, e = self._check(features, embedding)
         n, k = x.shape
-        probability = np.empty(n, dtype=np.float32)
-        values = np.empty((n, k + 1), dtype=np.float64)
-        step = max(1, CHUNK_ROWS // (k + 2))
-        for start in range(0, n, step):
-            stop = min(n, start + step)
-            p, logit, occluded = self._occluded(x[start:stop], e[start:stop])
-            probability[start:stop] = p
-            values[start:stop] = (logit[None, :].astype(np.float64) - occluded.astype(np.float64)).T
+        if self.linear is not None:  # one graph run for the probability; contributions exactly, from the weights
+            probability = np.empty(n, dtype=np.float32)
+            values = np.empty((n, k + 1), dtype=np.float64)
+            for start in range(0, n, LINEAR_CHUNK_ROWS):
+                stop = start + LINEAR_CHUNK_ROWS
+                probability[start:stop] = self.session.run([PROBABILITY], {LENDER_INPUT: x[start:stop],
+                                                                           EMBEDDING: e[start:stop]})[0]
+                values[start:stop] = self.linear.contributions(x[start:stop], e[start:stop])
+        else:
+            probability = np.empty(n, dtype=np.float32)
+            values = np.empty((n, k + 1), dtype=np.float64)
+            step = max(1, CHUNK_ROWS // (k + 2))
+            for start in range(0, n, step):
+                stop = min(n, start + step)
+                p, logit, occluded = self._occluded(x[start:stop], e[start:stop])
+                probability[start:stop] = p
+                values[start:stop] = (logit[None, :].astype(np.float64) - occluded.astype(np.float64)).T
         direction = np.zeros((n, k + 1), dtype=np.int8)
         direction[:, :k] = np.sign(x - self.reference[None, :]).astype(np.int8)
         # nothing changed, nothing contributed (not even float noise from a different GEMM tail)
-        values[:, :k][direction[:, :k] == 0] = 0.0
+        np.copyto(values[:, :k], 0.0, where=direction[:, :k] == 0)
         values[np.all(e == self.baseline[None, :], axis=1), k] = 0.0
         return probability, values, direction
 
@@ -162,21 +222,31 @@ class LenderScorer:
         row, without a Python loop over a million applicants.
         """
         n, factors = values.shape
-        top = np.argsort(-values, axis=1, kind="stable")[:, :TOP_K]
-        positive = np.take_along_axis(values, top, axis=1) > 0
-        signs = np.take_along_axis(direction.astype(np.int64), top, axis=1) + 1
-        slot = np.where(positive, 1 + top * 3 + signs, 0)
-        key = np.asarray(has_payment, dtype=np.int64)
-        for j in range(slot.shape[1]):
-            key = key * (3 * factors + 1) + slot[:, j]
-        _, first, index = np.unique(key, return_index=True, return_inverse=True)
+        base = 3 * factors + 1
+        # each factor's place in that stable sort by decreasing contribution (ties: the earlier factor first),
+        # from pairwise comparisons: F^2 vector operations instead of a sort per row
+        columns = np.ascontiguousarray(values.T)  # [F, N]: each factor's contributions contiguous
+        rank = np.zeros((factors, n), dtype=np.int8)
+        before = np.empty(n, dtype=bool)
+        for a in range(factors):
+            for b in range(factors):
+                if b != a:
+                    (np.greater_equal if b < a else np.greater)(columns[b], columns[a], out=before)
+                    np.add(rank[a], before, out=rank[a], casting="unsafe")
+        # the key's digit for place r (most significant first) is 0 unless the factor there raised the logit
+        code = np.where(columns > 0, (1 + np.arange(factors) * 3)[:, None] + direction.T.astype(np.int64) + 1, 0)
+        place_value = np.array([base ** (TOP_K - 1 - r) if r < TOP_K else 0 for r in range(factors)])[rank]
+        key = np.asarray(has_payment, dtype=np.int64) * base ** TOP_K + (code * place_value).sum(axis=0)
+        index, distinct = pd.factorize(key)  # hashing: no sort of N keys
+        first = np.empty(len(distinct), dtype=np.int64)
+        first[index[::-1]] = np.arange(n - 1, -1, -1)  # the last write wins: each group's first row
         column = {name: j for j, name in enumerate(self.factor_names)}
         codes = reason_codes(values[first], self.factor_names, TOP_K)
         sets = []
         for row, names in zip(first, codes, strict=True):
             texts = [self._text(name, int(direction[row, column[name]])) for name in names]
             sets.append(texts if has_payment[row] else [NO_PAYMENT_REASON, *texts])
-        return sets, index.reshape(n).astype(np.int64)
+        return sets, index.astype(np.int64)
 
     def score(self, features: np.ndarray, embedding: np.ndarray, has_payment: np.ndarray, signals: PaymentSignals,
               blacklisted: np.ndarray | None = None) -> Decisions:

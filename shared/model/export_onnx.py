@@ -47,6 +47,8 @@ from fedscore.shared.model.manifest import (  # noqa: F401 - re-exported: the na
 )
 from fedscore.shared.model.parts import LenderTop, PaymentBottom
 from fedscore.shared.model.preprocessing import Scaler
+from fedscore.shared.scoring.linear import METADATA_KEY as LINEAR_METADATA_KEY
+from fedscore.shared.scoring.linear import LinearTopDescription
 
 OPSET = 17
 BATCH = "batch"
@@ -139,13 +141,39 @@ def export_payment_part(model: PaymentBottom, scaler: Scaler, path: Path) -> Non
 
 def export_lender_part(model: LenderTop, scaler: Scaler, path: Path) -> None:
     """Write the lender part: inputs "lender_features" float32 [N, n_lender] raw values in `scaler.columns` order
-    and "embedding" float32 [N, d] -> outputs "probability" float32 [N] (sigmoid applied) and "logit" float32 [N]."""
+    and "embedding" float32 [N, d] -> outputs "probability" float32 [N] (sigmoid applied) and "logit" float32 [N].
+    A top that is one linear layer also says so in the metadata (`linear_top_description`)."""
     module = LenderScoring(model, scaler)
     example = (torch.zeros(2, len(scaler.columns)), torch.zeros(2, model.embedding_dim))
-    _export(module, example, path, [LENDER_INPUT, EMBEDDING], [PROBABILITY, LOGIT], {
-        "fedscore.part": "lender", "fedscore.format_version": FORMAT_VERSION,
-        "fedscore.feature_names": json.dumps(scaler.columns), "fedscore.scaler": json.dumps(scaler.to_dict()),
-    })
+    metadata = {"fedscore.part": "lender", "fedscore.format_version": FORMAT_VERSION,
+                "fedscore.feature_names": json.dumps(scaler.columns), "fedscore.scaler": json.dumps(scaler.to_dict())}
+    linear = linear_top_description(model)
+    if linear is not None:
+        metadata[LINEAR_METADATA_KEY] = linear.model_dump_json()
+    _export(module, example, path, [LENDER_INPUT, EMBEDDING], [PROBABILITY, LOGIT], metadata)
+
+
+def linear_top_description(model: LenderTop) -> LinearTopDescription | None:
+    """The top's own weights, bias and output form when it is ONE linear layer on the preprocessed features and the
+    embedding (or partial logit), else None. Scorers use it for exact reason codes without occlusion runs
+    (fedscore/shared/scoring/linear.py); it repeats the graph's initializers, so it releases nothing new."""
+    layers = list(model.net)
+    if len(layers) != 1 or not isinstance(layers[0], nn.Linear) or layers[0].bias is None:
+        return None
+    weight = layers[0].weight.detach().double().reshape(-1).tolist()
+    if model.partial_logit is None:  # the embedding is concatenated after the preprocessed features
+        width = len(weight) - model.embedding_dim
+        weights, embedding_weights = weight[:width], weight[width:]
+    elif model.partial_logit == "learned":
+        weights, embedding_weights = weight, model.payment_weight.weight.detach().double().reshape(-1).tolist()
+    else:
+        weights, embedding_weights = weight, [float(model.payment_weight_fixed)]
+    # the clip bounds exactly as the graph holds them (float32 constants: 1 - 1e-7 is 1 - 1.19e-7 there)
+    floor = torch.where(model.label_flip > 0, 1e-3, 1e-7)
+    return LinearTopDescription(form="logistic-after-preprocessing", weights=weights,
+                                embedding_weights=embedding_weights, bias=float(layers[0].bias.detach()[0]),
+                                label_flip=float(model.label_flip), probability_floor=float(floor),
+                                probability_ceiling=float(1 - floor))
 
 
 def _onnx_type_name(elem_type: int) -> str:
