@@ -60,21 +60,21 @@ def run_once(payment: list[str], lender: list[str], expected: int, data_structur
     """One alignment; wall seconds per step, and CPU seconds (all threads of this process and its worker
     processes: less sensitive to whatever else runs on the machine, and the figure to divide by a deployment's
     core count)."""
-    marks = [(time.perf_counter(), cpu_seconds())]
+    marks = [(time.perf_counter(), cpu_seconds(), time.process_time())]
     request, state = psi.lender_request(lender, protocol=protocol, workers=workers)
-    marks.append((time.perf_counter(), cpu_seconds()))
+    marks.append((time.perf_counter(), cpu_seconds(), time.process_time()))
     prepared = psi.payment_prepare(payment, protocol=protocol, workers=workers)
-    marks.append((time.perf_counter(), cpu_seconds()))
+    marks.append((time.perf_counter(), cpu_seconds(), time.process_time()))
     response = psi.payment_respond(request, payment, data_structure=data_structure, prepared=prepared,
                                    protocol=protocol, workers=workers)
-    marks.append((time.perf_counter(), cpu_seconds()))
+    marks.append((time.perf_counter(), cpu_seconds(), time.process_time()))
     rows = psi.lender_intersection(state, lender, response, workers=workers)
-    marks.append((time.perf_counter(), cpu_seconds()))
+    marks.append((time.perf_counter(), cpu_seconds(), time.process_time()))
     tokens, lender_rows = alignment_tokens.lender_alignment(lender, psi.require_intersection(rows), SECRET)
     token_bytes = alignment_tokens.tokens_payload(tokens)
     received = alignment_tokens.tokens_from_payload(token_bytes)
     payment_rows = alignment_tokens.rows_for_tokens(payment, received, SECRET)
-    marks.append((time.perf_counter(), cpu_seconds()))
+    marks.append((time.perf_counter(), cpu_seconds(), time.process_time()))
     if len(rows) != expected or len(payment_rows) != expected:
         raise SystemExit(f"wrong intersection: {len(rows)} found, {expected} expected")
     if any(payment[i] != lender[j] for i, j in zip(payment_rows[:1000].tolist(), lender_rows[:1000].tolist(),
@@ -84,8 +84,14 @@ def run_once(payment: list[str], lender: list[str], expected: int, data_structur
     for step, (start, end) in zip(STEPS[:-1], itertools.pairwise(marks), strict=True):
         out[step] = end[0] - start[0]
         out[step.replace("_s", "_cpu_s")] = end[1] - start[1]
+        out[step.replace("_s", "_self_cpu_s")] = end[2] - start[2]  # this process alone: the serial part (x25519)
     out["total_s"] = marks[-1][0] - marks[0][0]
     out["total_cpu_s"] = marks[-1][1] - marks[0][1]
+    if protocol == "x25519":  # on `workers` idle cores: the worker processes' CPU spread over them, the rest serial
+        n = workers or psi.default_workers()
+        out["projected_idle_s"] = sum(out[f"{s.replace('_s', '_self_cpu_s')}"]
+                                      + (out[s.replace("_s", "_cpu_s")] - out[s.replace("_s", "_self_cpu_s")]) / n
+                                      for s in STEPS[:-1])
     out.update({"request_bytes": len(request), "response_bytes": len(response), "tokens_bytes": len(token_bytes),
                 "intersection": len(rows)})
     return out
@@ -94,8 +100,8 @@ def run_once(payment: list[str], lender: list[str], expected: int, data_structur
 def markdown(results: list[dict]) -> str:
     head = ("| payment x lender | protocol | ds | workers | repeats | lender request s | payment prepare s | "
             "payment respond s | lender intersection s | tokens s | total s | total CPU s | request CPU s | "
-            "prepare CPU s | respond CPU s | intersection CPU s | request MB | response MB | tokens MB | "
-            "intersection |")
+            "prepare CPU s | respond CPU s | intersection CPU s | serial CPU s | projected idle s | request MB | "
+            "response MB | tokens MB | intersection |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         m = r["median"]
@@ -105,7 +111,8 @@ def markdown(results: list[dict]) -> str:
                      + f" | {m['total_cpu_s']:.1f} | "
                      + " | ".join(f"{m[k]:.1f}" for k in ("lender_request_cpu_s", "payment_prepare_cpu_s",
                                                           "payment_respond_cpu_s", "lender_intersection_cpu_s"))
-                     + " | "
+                     + (f" | {sum(m[s.replace('_s', '_self_cpu_s')] for s in STEPS[:-1]):.1f} | "
+                        f"{m['projected_idle_s']:.1f} | " if "projected_idle_s" in m else " | - | - | ")
                      + " | ".join(f"{m[k] / 1e6:.2f}" for k in SIZES) + f" | {int(m['intersection']):,} |")
     return "\n".join(lines)
 
