@@ -39,17 +39,19 @@ run by a pool of worker processes (FEDSCORE_PSI_WORKERS, default: the usable CPU
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
-import pickle
 import struct
 import subprocess
 import sys
+import tempfile
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from cryptography.hazmat.primitives import serialization
@@ -98,9 +100,9 @@ def _spans(n: int, workers: int) -> list[tuple[int, int]]:
 
 
 def _run(jobs: list[tuple[str, tuple[Any, ...]]], workers: int) -> list[bytes]:
-    """Each job's result, in order: inline for one job or one worker, else spread round-robin over `workers` worker
-    processes (x25519_ops.worker_main: each its own interpreter, started afresh, so nothing of a party process --
-    its threads, its locks, its main script -- is copied or re-run)."""
+    """Each job's result, in order: inline for one job or one worker, else on `workers` worker processes
+    (x25519_ops.worker_main: each its own interpreter, started afresh, so nothing of a party process -- its
+    threads, its locks, its main script -- is copied or re-run), each taking the next job when done with one."""
     try:
         if workers <= 1 or len(jobs) <= 1:
             return [x25519_ops.FUNCTIONS[name](*args) for name, args in jobs]
@@ -110,34 +112,52 @@ def _run(jobs: list[tuple[str, tuple[Any, ...]]], workers: int) -> list[bytes]:
 
 
 def _run_in_processes(jobs: list[tuple[str, tuple[Any, ...]]], workers: int) -> list[bytes]:
-    shares = [list(range(w, len(jobs), workers)) for w in range(workers)]
-    procs = [subprocess.Popen([sys.executable, "-m", "fedscore.shared.alignment.x25519_ops"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for _ in shares]
-    outputs: list[tuple[bytes, bytes]] = [(b"", b"")] * workers
-    try:
-        def talk(w: int) -> None:
-            outputs[w] = procs[w].communicate(pickle.dumps([jobs[i] for i in shares[w]],
-                                                           protocol=pickle.HIGHEST_PROTOCOL))
+    results: list[bytes | None] = [None] * len(jobs)
+    pending = iter(range(len(jobs)))
+    lock, failed = threading.Lock(), threading.Event()
+    with contextlib.ExitStack() as stack:
+        logs = [stack.enter_context(tempfile.TemporaryFile()) for _ in range(workers)]
+        procs = [subprocess.Popen([sys.executable, "-m", "fedscore.shared.alignment.x25519_ops"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log) for log in logs]
 
-        with ThreadPoolExecutor(max_workers=workers) as pool:  # each pipe read while the others are written
-            list(pool.map(talk, range(workers)))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    results: list[bytes] = [b""] * len(jobs)
-    for w, proc in enumerate(procs):
-        if proc.returncode != 0:
-            raise RuntimeError(f"X25519 PSI worker process exited with code {proc.returncode}: "
-                               f"{outputs[w][1].decode(errors='replace')[-2000:]}")
-        status, value = pickle.loads(outputs[w][0])  # from our own child process, over a private pipe
-        if status == "point":
-            raise PointError(*value)
-        for i, result in zip(shares[w], value, strict=True):
-            results[i] = result
-    return results
+        def drive(proc: subprocess.Popen[bytes], log: IO[bytes]) -> None:
+            assert proc.stdin is not None and proc.stdout is not None
+            try:
+                while not failed.is_set():  # one worker's refusal stops the others at their next job
+                    with lock:
+                        i = next(pending, None)
+                    if i is None:
+                        return
+                    x25519_ops.write_message(proc.stdin, jobs[i])
+                    answer = x25519_ops.read_message(proc.stdout)
+                    if answer is None:
+                        log.seek(0)
+                        raise RuntimeError(f"X25519 PSI worker process died (exit code {proc.wait()}): "
+                                           f"{log.read().decode(errors='replace')[-2000:]}")
+                    status, value = answer
+                    if status == "point":
+                        raise PointError(*value)
+                    results[i] = value
+            except BaseException:
+                failed.set()
+                raise
+            finally:
+                proc.stdin.close()  # the worker exits at the end of its input
+
+        done = False
+        try:
+            with ThreadPoolExecutor(max_workers=workers) as pool:  # one thread per worker, feeding it jobs
+                for future in [pool.submit(drive, p, log) for p, log in zip(procs, logs, strict=True)]:
+                    future.result()
+            done = True
+        finally:
+            for proc in procs:
+                try:
+                    proc.wait(timeout=30 if done else 0)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    return [r if r is not None else b"" for r in results]
 
 
 def _new_key() -> bytes:

@@ -8,6 +8,9 @@ X25519 `exchange` holds the GIL (two threads measured no faster than one), hence
 from __future__ import annotations
 
 import hashlib
+import pickle
+import sys
+from typing import BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
@@ -59,21 +62,38 @@ def hash_and_mask(key: bytes, items: list[str], offset: int, what: str) -> bytes
 FUNCTIONS = {"mask_points": mask_points, "hash_and_mask": hash_and_mask}
 
 
-def worker_main() -> None:
-    """A worker process (x25519._run starts it as `python -m fedscore.shared.alignment.x25519_ops`): reads a pickled
-    list of (function name, args) from stdin, writes ("ok", results) or ("point", (what, index)) to stdout. Its own
-    interpreter, not a multiprocessing child: multiprocessing's spawn re-runs the parent's main script (which
-    breaks a script without a __main__ guard), and a fork would copy a party process's threads' locks."""
-    import pickle
-    import sys
+_LENGTH = 8  # each message on the worker's pipes: an 8-byte big-endian length, then a pickle
 
-    jobs = pickle.load(sys.stdin.buffer)  # from our own parent process, over a private pipe
-    try:
-        out: tuple[str, object] = ("ok", [FUNCTIONS[name](*args) for name, args in jobs])
-    except PointError as exc:
-        out = ("point", (exc.what, exc.index))
-    pickle.dump(out, sys.stdout.buffer, protocol=pickle.HIGHEST_PROTOCOL)
-    sys.stdout.buffer.flush()
+
+def read_message(stream: BinaryIO) -> object | None:
+    """One length-prefixed pickle from `stream`, or None at its end. Only ever between a parent and the worker it
+    started, over that worker's private pipes."""
+    head = stream.read(_LENGTH)
+    if len(head) < _LENGTH:
+        return None
+    size = int.from_bytes(head, "big")
+    return pickle.loads(stream.read(size))
+
+
+def write_message(stream: BinaryIO, value: object) -> None:
+    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(len(data).to_bytes(_LENGTH, "big") + data)
+    stream.flush()
+
+
+def worker_main() -> None:
+    """A worker process (x25519._run starts it as `python -m fedscore.shared.alignment.x25519_ops`): answers each
+    (function name, args) read from stdin with ("ok", result) or ("point", (what, index)) on stdout, until stdin
+    closes. Jobs come one at a time, so a worker slowed by other load simply takes fewer. Its own interpreter, not
+    a multiprocessing child: multiprocessing's spawn re-runs the parent's main script (which breaks a script
+    without a __main__ guard), and a fork would copy a party process's threads' locks."""
+    while (job := read_message(sys.stdin.buffer)) is not None:
+        name, args = job
+        try:
+            out: tuple[str, object] = ("ok", FUNCTIONS[name](*args))
+        except PointError as exc:
+            out = ("point", (exc.what, exc.index))
+        write_message(sys.stdout.buffer, out)
 
 
 if __name__ == "__main__":
