@@ -232,6 +232,16 @@ class ExchangeConfig(_Strict):
         return self
 
 
+class AlignmentConfig(_Strict):
+    """How the parties find their common users: ECDH private set intersection (shared/alignment/psi.py), over
+    X25519 (shared/alignment/x25519.py, SecretFlow's default) or over P-256 with OpenMined's openmined-psi. Both
+    reveal the same (the lender: the intersection and the payment holder's set size; the payment holder: the
+    lender's set size); x25519 costs about a third of the CPU (BENCHMARKS.md, "PSI at 1M x 500k")."""
+
+    psi: Literal["x25519", "openmined"] = Field("x25519", description="the PSI implementation the lender asks for; "
+                                                "the payment holder refuses a request in the other one")
+
+
 class FedConfig(_Strict):
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -241,6 +251,7 @@ class FedConfig(_Strict):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     exchange: ExchangeConfig = Field(default_factory=ExchangeConfig)
+    alignment: AlignmentConfig = Field(default_factory=AlignmentConfig)
 
 
 class ConfigError(ValueError):

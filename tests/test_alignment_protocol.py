@@ -23,11 +23,12 @@ from tests.conftest import FAST, SECRET, make_party_data
 from tests.test_protocol import RecordingTransport
 
 
+@pytest.mark.parametrize("protocol", ["x25519", "openmined"])
 def test_alignment_json_and_both_parties_hold_the_same_ordered_users(party_data: tuple[Path, dict],
-                                                                      tmp_path: Path) -> None:
+                                                                      tmp_path: Path, protocol: str) -> None:
     data, ids = party_data
-    run_inprocess(load_config(None, [*FAST, "training.rounds=1", "baselines.enabled=false"]), data,
-                  tmp_path / "run", secret=SECRET)
+    run_inprocess(load_config(None, [*FAST, "training.rounds=1", "baselines.enabled=false",
+                                     f"alignment.psi={protocol}"]), data, tmp_path / "run", secret=SECRET)
     alignment = json.loads((tmp_path / "run" / "alignment.json").read_text())
     assert alignment["intersection"] == len(ids["payment"] & ids["lender"])
     assert alignment["payment_rows"] == len(ids["payment"]) and alignment["lender_rows"] == len(ids["lender"])
@@ -42,6 +43,9 @@ def test_alignment_json_and_both_parties_hold_the_same_ordered_users(party_data:
     payment_order = aligned("payment", "features.parquet")
     assert payment_order == aligned("lender", "applicants.parquet")
     assert set(payment_order) == ids["payment"] & ids["lender"]
+    # each PSI key is used once and dropped: neither party's saved state keeps one after alignment
+    assert "psi_prepared" not in read_state(tmp_path / "run" / "parties" / "payment" / "state.pt")
+    assert "psi_state" not in read_state(tmp_path / "run" / "parties" / "lender" / "state.pt")
 
 
 def _digests(user_id: str) -> list[bytes]:

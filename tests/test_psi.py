@@ -1,4 +1,7 @@
-"""PSI alignment: exact intersection, shared order, input checks, and no ID or plain hash of one in any payload."""
+"""PSI alignment: exact intersection, shared order, input checks, and no ID or plain hash of one in any payload.
+
+The protocol-independent tests run for both implementations (alignment.psi = x25519 or openmined); those about
+openmined-psi's data structures and threads name it. tests/test_psi_x25519.py has the X25519 protocol's own."""
 
 from __future__ import annotations
 
@@ -27,12 +30,12 @@ def lender_ids() -> list[str]:
     return [ids[i] for i in order]
 
 
-def run_alignment(payment: list, lender: list, **kwargs) -> dict:
+def run_alignment(payment: list, lender: list, protocol: psi.ProtocolName = psi.DEFAULT_PROTOCOL) -> dict:
     """The whole exchange as the two parties run it; returns every payload that crosses the coordinator."""
-    request, state = psi.lender_request(lender, **kwargs)
-    response = psi.payment_respond(request, payment, **kwargs)
-    rows = psi.lender_intersection(state, lender, response, **kwargs)
-    out = {"request": request, "response": response, "state": state, "lender_rows": rows}
+    request, state = psi.lender_request(lender, protocol=protocol)
+    response = psi.payment_respond(request, payment, protocol=protocol)
+    rows = psi.lender_intersection(state, lender, response)
+    out = {"request": request, "response": response, "state": state, "lender_rows": rows, "protocol": protocol}
     if len(rows):
         tokens, lender_order = alignment_tokens.lender_alignment(lender, rows, SECRET)
         out["tokens"] = alignment_tokens.tokens_payload(tokens)
@@ -42,9 +45,14 @@ def run_alignment(payment: list, lender: list, **kwargs) -> dict:
     return out
 
 
+@pytest.fixture(scope="module", params=psi.PROTOCOLS)
+def exchange(request: pytest.FixtureRequest) -> dict:
+    return run_alignment(payment_ids(), lender_ids(), request.param)
+
+
 @pytest.fixture(scope="module")
-def exchange() -> dict:
-    return run_alignment(payment_ids(), lender_ids())
+def openmined() -> dict:
+    return run_alignment(payment_ids(), lender_ids(), "openmined")
 
 
 def test_known_overlap_is_found_exactly(exchange: dict) -> None:
@@ -70,30 +78,32 @@ def test_both_parties_end_with_the_same_order(exchange: dict) -> None:
 
 @pytest.mark.parametrize("structure", ["gcs", "raw"])
 def test_threaded_chunks_give_the_same_result(structure: str, monkeypatch: pytest.MonkeyPatch,
-                                              exchange: dict) -> None:
+                                              openmined: dict) -> None:
     monkeypatch.setattr(psi, "_MIN_CHUNK", 16)  # force several chunks on a thread pool (RAW: the setup too)
     lender = lender_ids()
-    request, state = psi.lender_request(lender, workers=3)
+    request, state = psi.lender_request(lender, protocol="openmined", workers=3)
     response = psi.payment_respond(request, payment_ids(), data_structure=structure, workers=3)
     rows = psi.lender_intersection(state, lender, response, workers=3)
-    assert rows.tolist() == exchange["lender_rows"].tolist()
+    assert rows.tolist() == openmined["lender_rows"].tolist()
 
 
 @pytest.mark.parametrize("structure", ["bloom", "raw"])
-def test_other_data_structures(structure: str, exchange: dict) -> None:
+def test_other_data_structures(structure: str, openmined: dict) -> None:
     lender = lender_ids()
-    request, state = psi.lender_request(lender)
+    request, state = psi.lender_request(lender, protocol="openmined")
     response = psi.payment_respond(request, payment_ids(), data_structure=structure)
-    assert psi.lender_intersection(state, lender, response).tolist() == exchange["lender_rows"].tolist()
+    assert psi.lender_intersection(state, lender, response).tolist() == openmined["lender_rows"].tolist()
 
 
-def test_integer_ids_match() -> None:
-    out = run_alignment(list(range(1000, 1100)), list(range(1050, 1200)))
+@pytest.mark.parametrize("protocol", psi.PROTOCOLS)
+def test_integer_ids_match(protocol: psi.ProtocolName) -> None:
+    out = run_alignment(list(range(1000, 1100)), list(range(1050, 1200)), protocol)
     assert out["lender_rows"].tolist() == list(range(50))
 
 
-def test_empty_intersection_is_reported() -> None:
-    out = run_alignment([f"p-{i}" for i in range(50)], [f"l-{i}" for i in range(40)])
+@pytest.mark.parametrize("protocol", psi.PROTOCOLS)
+def test_empty_intersection_is_reported(protocol: psi.ProtocolName) -> None:
+    out = run_alignment([f"p-{i}" for i in range(50)], [f"l-{i}" for i in range(40)], protocol)
     assert out["lender_rows"].size == 0
     with pytest.raises(psi.EmptyIntersection, match="no user in common"):
         psi.require_intersection(out["lender_rows"])
@@ -117,8 +127,9 @@ def test_empty_intersection_is_reported() -> None:
 def test_bad_ids_are_refused(ids: list, pattern: str) -> None:
     with pytest.raises(DataError, match=pattern):
         id_checks.check_ids(ids, "lender IDs")
-    with pytest.raises(DataError, match="lender IDs"):
-        psi.lender_request(ids)
+    for protocol in psi.PROTOCOLS:
+        with pytest.raises(DataError, match="lender IDs"):
+            psi.lender_request(ids, protocol=protocol)
 
 
 def test_id_errors_name_rows_not_values() -> None:
@@ -162,14 +173,15 @@ def test_a_foreign_token_is_refused(exchange: dict) -> None:
         alignment_tokens.rows_for_tokens(payment_ids(), tokens[::-1], SECRET)
 
 
-def test_blacklist_reveals_hits_to_the_lender_only() -> None:
+@pytest.mark.parametrize("protocol", psi.PROTOCOLS)
+def test_blacklist_reveals_hits_to_the_lender_only(protocol: psi.ProtocolName) -> None:
     fraud = [f"fraudster-{i}" for i in range(40)]
     applicants = ["applicant-a", "fraudster-7", "applicant-b", "fraudster-31"]
-    request, state = psi.lender_request(applicants)
-    answer = psi.payment_respond(request, fraud)
+    request, state = psi.lender_request(applicants, protocol=protocol)
+    answer = psi.payment_respond(request, fraud)  # a blacklist session has no config: the request's tag decides
     assert psi.lender_intersection(state, applicants, answer).tolist() == [1, 3]
     clean = ["applicant-a", "applicant-b"]
-    request, state = psi.lender_request(clean)
+    request, state = psi.lender_request(clean, protocol=protocol)
     assert psi.lender_intersection(state, clean, psi.payment_respond(request, fraud)).size == 0
 
 
@@ -208,12 +220,16 @@ def test_no_id_or_plain_hash_crosses_the_coordinator(exchange: dict) -> None:
     for name, payload in crossing.items():
         assert leaks(payload, patterns) == [], name
     # the blacklist exchange too
-    request, _state = psi.lender_request(lender_ids())
+    request, _state = psi.lender_request(lender_ids(), protocol=exchange["protocol"])
     assert leaks(request, patterns) == []
     assert leaks(psi.payment_respond(request, payment_ids()), patterns) == []
 
 
 def test_payload_sizes_reveal_only_set_sizes(exchange: dict) -> None:
-    # what the coordinator can read off the payload lengths (documented in shared/alignment/psi.py)
-    assert len(exchange["request"]) == 4 + 2 + 200 * 35  # tag, flag, then a 33-byte point + 2 framing bytes per ID
+    # what the coordinator can read off the payload lengths (documented in shared/alignment/psi.py and x25519.py)
+    if exchange["protocol"] == "openmined":
+        assert len(exchange["request"]) == 4 + 2 + 200 * 35  # tag, flag, then a 33-byte point + 2 bytes per ID
+    else:  # tag, count, a 32-byte point per lender ID; tag, head, 12 bytes per lender ID + 32 per payment ID
+        assert len(exchange["request"]) == 4 + 8 + 200 * 32
+        assert len(exchange["response"]) == 4 + 20 + 200 * 12 + 300 * 32
     assert len(exchange["tokens"]) == 4 + 70 * 16

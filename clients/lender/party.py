@@ -76,7 +76,7 @@ class LenderParty(PartyBase):
         # blinded with a key that never leaves this party
         from fedscore.shared.alignment.psi import lender_request
 
-        psi_request, self.state["psi_state"] = lender_request(self.state["ids"])
+        psi_request, self.state["psi_state"] = lender_request(self.state["ids"], protocol=self.config.alignment.psi)
         self._evaluation(fresh=True, default_rate=default_rate)
         return self.reply(message, payload=psi_request, payload_kind=PayloadKind.PSI_REQUEST,
                           body=TableSize(rows=len(table.ids), features=len(table.columns)))

@@ -51,19 +51,29 @@ class PaymentParty(PartyBase):
             **self.fresh_state(message, table),
             "featurised": Path(table.source).stem == "transactions",
         }
+        # x25519 PSI: our own IDs masked with a fresh key need no request, so they are computed now, while the
+        # lender computes its request; the blob (key included) stays in our state until align.respond uses it
+        from fedscore.shared.alignment.psi import payment_prepare
+
+        prepared = payment_prepare(self.state["ids"], protocol=self.config.alignment.psi)
+        if prepared is not None:
+            self.state["psi_prepared"] = prepared
         return self.reply(message, body=TableSize(rows=len(table.ids), features=len(table.columns)))
 
     def on_align_respond(self, message: Envelope) -> Envelope:
-        """PSI server step: answer the lender's blinded request with our own blinded IDs (a fresh key per run).
-        We learn the size of the lender's set, nothing about its IDs."""
+        """PSI server step: answer the lender's blinded request with our own blinded IDs (a fresh key per run), in
+        the protocol the run config names (alignment.psi). We learn the size of the lender's set, nothing about
+        its IDs."""
         from fedscore.shared.alignment.psi import payment_respond
 
-        return self.reply(message, payload=payment_respond(message.payload, self.state["ids"]),
-                          payload_kind=PayloadKind.PSI_RESPONSE)
+        payload = payment_respond(message.payload, self.state["ids"], prepared=self.state.pop("psi_prepared", None),
+                                  protocol=self.config.alignment.psi)
+        return self.reply(message, payload=payload, payload_kind=PayloadKind.PSI_RESPONSE)
 
     def on_blacklist_respond(self, message: Envelope) -> Envelope:
         """PSI server step against our fraud list (DIR/payment/fraud_list.*): we learn only how many applicants
-        were checked, never which of them are on it."""
+        were checked, never which of them are on it. The protocol is the request's (a blacklist session has no
+        run config)."""
         from fedscore.shared.alignment.psi import payment_respond
         from fedscore.shared.data.party_data import table_from_frame
         from fedscore.shared.data.tables import find_table, read_table

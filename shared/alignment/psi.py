@@ -1,4 +1,11 @@
-"""Private set intersection (ECDH-PSI, OpenMined `openmined-psi`) as pure, serialisable protocol steps.
+"""Private set intersection (ECDH-PSI) as pure, serialisable protocol steps, over one of two implementations.
+
+`alignment.psi` in the run config picks the lender's protocol: "x25519" (fedscore.shared.alignment.x25519, X25519
+from `cryptography`, SecretFlow's default; the default here) or "openmined" (OpenMined `openmined-psi` on P-256,
+described below). The steps below dispatch: `lender_request` makes the chosen protocol's request, and the
+payment holder's `payment_respond` and the lender's `lender_intersection` follow the request's tag and the
+state's format, so the blacklist check and a run agree without further settings. The rest of this docstring is
+about openmined-psi; x25519.py documents its own protocol (what each side learns is the same).
 
 Alignment (the lender is the PSI client and learns the intersection; the payment holder is the PSI server):
 
@@ -49,7 +56,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import struct
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -58,10 +64,17 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 import private_set_intersection.python as _psi
 
+from fedscore.shared.alignment import x25519
 from fedscore.shared.alignment.ids import check_ids
+from fedscore.shared.alignment.x25519 import PayloadError, default_workers
 from fedscore.shared.data.tables import DataError
 
 DataStructureName = Literal["gcs", "bloom", "raw"]
+ProtocolName = Literal["x25519", "openmined"]
+DEFAULT_PROTOCOL: ProtocolName = "x25519"
+PROTOCOLS: tuple[ProtocolName, ...] = ("x25519", "openmined")
+__all__ = ["DEFAULT_PROTOCOL", "PROTOCOLS", "EmptyIntersection", "PayloadError", "ProtocolName", "default_workers",
+           "lender_intersection", "lender_request", "payment_prepare", "payment_respond", "require_intersection"]
 
 # Golomb-compressed set (GCS) by default. Measured at 1M x 1M IDs, fpr 1e-9 (scripts/bench_psi.py): setup plus
 # response 40.6 MB, against 44.0 MB for a Bloom filter and 70.0 MB for RAW points; CPU for the whole alignment
@@ -85,10 +98,6 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-class PayloadError(ValueError):
-    """A payload or state blob that is not what this step expects (wrong step, truncated, other run's state)."""
-
-
 class EmptyIntersection(DataError):
     """The two parties have no user in common: nothing to train on."""
 
@@ -102,17 +111,6 @@ def require_intersection(rows: np.ndarray, what: str = "alignment") -> np.ndarra
 
 
 # -- threading ----------------------------------------------------------------------------------------------------
-def default_workers() -> int:
-    """Threads per PSI step: FEDSCORE_PSI_WORKERS if set, else the CPUs this process may use."""
-    configured = os.environ.get("FEDSCORE_PSI_WORKERS", "").strip()
-    if configured:
-        return max(1, int(configured))
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def _chunks(items: Sequence[T], workers: int) -> list[Sequence[T]]:
     """A few chunks per worker so a worker slowed by other load does not hold the others up."""
     size = max(_MIN_CHUNK, math.ceil(len(items) / (4 * workers)))
@@ -147,7 +145,7 @@ def _ids_digest(items: list[str]) -> str:
 
 
 # -- PSI steps ----------------------------------------------------------------------------------------------------
-def lender_request(ids: Sequence[object], *, workers: int | None = None) -> tuple[bytes, bytes]:
+def _openmined_request(ids: Sequence[object], *, workers: int | None = None) -> tuple[bytes, bytes]:
     """Step 1 (lender): blind each of its IDs with a fresh secret key.
 
     Returns (payload to relay to the payment holder, private state for step 3). The payload holds one 33-byte
@@ -169,9 +167,9 @@ def lender_request(ids: Sequence[object], *, workers: int | None = None) -> tupl
     return payload, state
 
 
-def payment_respond(request: bytes, ids: Sequence[object], fpr: float = 1e-9, *,
-                    data_structure: DataStructureName = DEFAULT_DATA_STRUCTURE, max_request: int | None = None,
-                    workers: int | None = None) -> bytes:
+def _openmined_respond(request: bytes, ids: Sequence[object], fpr: float = 1e-9, *,
+                          data_structure: DataStructureName = DEFAULT_DATA_STRUCTURE, max_request: int | None = None,
+                       workers: int | None = None) -> bytes:
     """Step 2 (payment): blind its own IDs into a setup and re-blind the lender's request, with a fresh key.
 
     `fpr` bounds the probability that the lender's whole query gets any false positive (the library divides it by
@@ -239,8 +237,8 @@ def _load_state(state: bytes) -> dict[str, Any]:
         raise PayloadError(f"not a lender PSI state blob: {exc}") from exc
 
 
-def lender_intersection(state: bytes, ids: Sequence[object], payload: bytes, *,
-                        workers: int | None = None) -> np.ndarray:
+def _openmined_intersection(state: bytes, ids: Sequence[object], payload: bytes, *,
+                            workers: int | None = None) -> np.ndarray:
     """Step 3 (lender): unblind the response and look it up in the setup.
 
     Returns the sorted row indices (int64) of `ids` that the payment holder also holds. `ids` must be the very list
@@ -276,3 +274,54 @@ def lender_intersection(state: bytes, ids: Sequence[object], payload: bytes, *,
 
     found = [i for part in _map(unblind, chunks, workers) for i in part]
     return np.unique(np.asarray(found, dtype=np.int64))
+
+
+# -- the steps, whichever protocol -------------------------------------------------------------------------------
+def lender_request(ids: Sequence[object], *, protocol: ProtocolName = DEFAULT_PROTOCOL,
+                   workers: int | None = None) -> tuple[bytes, bytes]:
+    """Step 1 (lender): the chosen protocol's request and the lender's private state for step 3."""
+    if protocol == "x25519":
+        return x25519.lender_request(ids, workers=workers)
+    if protocol == "openmined":
+        return _openmined_request(ids, workers=workers)
+    raise ValueError(f"PSI protocol must be one of {list(PROTOCOLS)}, not {protocol!r}")
+
+
+def payment_prepare(ids: Sequence[object], *, protocol: ProtocolName = DEFAULT_PROTOCOL,
+                    workers: int | None = None) -> bytes | None:
+    """The part of step 2 that needs no request (payment, at setup, while the lender makes its request): the
+    payment holder's own masked IDs and the key they were masked with (x25519); None for openmined-psi, whose
+    setup depends on the request's size. The blob holds a secret key: it stays in the payment holder's state."""
+    if protocol == "x25519":
+        return x25519.payment_prepare(ids, workers=workers)
+    if protocol == "openmined":
+        return None
+    raise ValueError(f"PSI protocol must be one of {list(PROTOCOLS)}, not {protocol!r}")
+
+
+def payment_respond(request: bytes, ids: Sequence[object], fpr: float = 1e-9, *,
+                    data_structure: DataStructureName = DEFAULT_DATA_STRUCTURE, max_request: int | None = None,
+                    prepared: bytes | None = None, protocol: ProtocolName | None = None,
+                    workers: int | None = None) -> bytes:
+    """Step 2 (payment), in the protocol of the request's tag. `protocol`, when given (a run's config), must be
+    the request's: a request in another protocol is refused. `fpr` and `data_structure` are openmined-psi's;
+    `prepared` (payment_prepare's blob) is x25519's and is ignored for an openmined request."""
+    is_x25519 = isinstance(request, bytes | bytearray | memoryview) and x25519.is_request(request)
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise ValueError(f"PSI protocol must be one of {list(PROTOCOLS)}, not {protocol!r}")
+    if protocol is not None and (protocol == "x25519") != is_x25519:
+        raise PayloadError(f"PSI request is not an {protocol} request (alignment.psi = {protocol!r} in the run "
+                           "config)")
+    if is_x25519:
+        return x25519.payment_respond(request, ids, prepared=prepared, max_request=max_request, workers=workers)
+    return _openmined_respond(request, ids, fpr, data_structure=data_structure, max_request=max_request,
+                              workers=workers)
+
+
+def lender_intersection(state: bytes, ids: Sequence[object], payload: bytes, *, max_response: int | None = None,
+                        workers: int | None = None) -> np.ndarray:
+    """Step 3 (lender), in the protocol its state was made for: sorted row indices (int64) of `ids` the payment
+    holder also holds. `max_response` (x25519 only) bounds the payment holder's set size."""
+    if isinstance(state, bytes | bytearray | memoryview) and x25519.is_state(state):
+        return x25519.lender_intersection(state, ids, payload, max_response=max_response, workers=workers)
+    return _openmined_intersection(state, ids, payload, workers=workers)
