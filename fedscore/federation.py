@@ -89,9 +89,10 @@ def _federate(config: FedConfig, data_dir: Path, run_dir: Path, secret: str, bud
     with Federation(folder.flower) as federation:
         # everything starts at once: the SuperLink; `flwr supernode register` and `flwr run`, which do their imports
         # meanwhile and act as soon as the SuperLink answers (fedscore/flower/flwr_run.py; the run also waits for the
-        # app, written once the keys are registered); the workers, which load torch and opacus; then the
-        # SuperNodes, once their keys are registered (an unregistered SuperNode is refused). A ClientApp that
-        # arrives before its worker is ready waits for the worker's socket (clients/worker.py forward).
+        # app, written once the keys are registered); the workers, which load torch and opacus; and the SuperNodes,
+        # which do their imports and connect once their keys are registered (the `registered` file: an
+        # unregistered SuperNode is refused). A ClientApp that arrives before its worker is ready waits for the
+        # worker's socket (clients/worker.py forward).
         progress("starting SuperLink, party workers, SuperNodes and the run", 0, 1)
         t0 = time.perf_counter()
         tls = None if insecure else local_superlink_tls(federation.flower_dir / "pki")
@@ -106,11 +107,14 @@ def _federate(config: FedConfig, data_dir: Path, run_dir: Path, secret: str, bud
         for party, one in settings.items():
             one.state_dir.mkdir(parents=True, exist_ok=True)
             workers[party] = federation.start_worker(one)
-        nodes = federation.finish_register(registering, public) if tls else {}
-        federation.write_app(run_dir, nodes, capture)
+        registered = federation.flower_dir / "registered"
+        registered.unlink(missing_ok=True)
         for party, worker in workers.items():
             federation.start_supernode(party, {"party": party, **worker}, root_cert=tls.ca if tls else None,
-                                       auth_key=keys[party][0] if tls else None)
+                                       auth_key=keys[party][0] if tls else None, after=registered)
+        nodes = federation.finish_register(registering, public) if tls else {}
+        federation.write_app(run_dir, nodes, capture)
+        registered.touch()
         federation.wait_healthy(tls)
         federation.wait_for_workers()
         startup_s = time.perf_counter() - t0  # until the SuperLink answers and both workers serve

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedscore.flower.flwr_run import superlink_healthy
 from fedscore.flower.processes import ProcessGroup, stop_on_sigterm, tied_preexec
-from fedscore.flower.supernode import FORKSERVER_ENV, LAUNCHER_SCRIPTS
+from fedscore.flower.supernode import AFTER_ENV, FORKSERVER_ENV, LAUNCHER_SCRIPTS
 from fedscore.shared.atomic import write_json_atomic, write_text_atomic
 from fedscore.shared.run_folder import RunError, RunFolder
 from fedscore.shared.tls import SuperLinkTls, make_local_pki
@@ -262,9 +262,11 @@ class Federation(ProcessGroup):
         return self.finish_register(self.begin_register(public_keys), public_keys, timeout_s)
 
     def start_supernode(self, party: str, node_config: dict[str, str], superlink: str | None = None,
-                        root_cert: Path | None = None, auth_key: Path | None = None) -> None:
+                        root_cert: Path | None = None, auth_key: Path | None = None,
+                        after: Path | None = None) -> None:
         """The party's SuperNode: TLS trusting `root_cert` (plaintext, loopback only, when None), authenticated with
-        `auth_key` when given."""
+        `auth_key` when given; with `after`, it does its imports at once and connects only once that file exists
+        (fedscore/flower/supernode.py)."""
         superlink = superlink or self.address
         if root_cert is None:
             refuse_insecure_off_loopback(split_address(superlink)[0], "the SuperLink address")
@@ -276,7 +278,7 @@ class Federation(ProcessGroup):
         config = " ".join(f"{k}={_quote(v)}" for k, v in node_config.items())
         self.start(f"supernode-{party}", [sys.executable, "-m", "fedscore.flower.supernode", *security, "--superlink",
                                           superlink, "--port", str(free_port()), "--node-config", config],
-                   env={FORKSERVER_ENV: "flwr-clientapp"})
+                   env={FORKSERVER_ENV: "flwr-clientapp", **({AFTER_ENV: str(after)} if after else {})})
 
     def write_app(self, run_dir: Path, nodes: dict[str, int] | None = None, capture: bool = False) -> Path:
         """The Flower app. `nodes` (party -> node id, the registered SuperNodes) restricts the ServerApp to those
