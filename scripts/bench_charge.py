@@ -17,6 +17,7 @@ a payment home's ledger instead. `--entries N` spreads the answers over at most 
 
     python scripts/bench_charge.py --answers 1,10,55,1000,1000000
     python scripts/bench_charge.py --answers 1000 --ledger HOME/parties/payment/privacy-ledger.sqlite
+    python scripts/bench_charge.py --refusals
 """
 
 from __future__ import annotations
@@ -77,6 +78,38 @@ def one_case(training: list[dict[str, Any]], answers: int, entries: int) -> dict
     return out
 
 
+def refusals(training: list[dict[str, Any]]) -> dict[str, Any]:
+    """In this process: what a refused online charge costs, with the guarantee at 1 answer per user and a budget
+    just above it: the next raise refused by the Gaussians' exact epsilon alone (no composition), then by a full
+    composition (a budget between that bound and the composed epsilon)."""
+    import tempfile
+
+    from fedscore.shared.privacy import BudgetExceeded, Ledger, mechanisms_from_dicts
+    from fedscore.shared.privacy.accounting import account, epsilon_lower_bound
+
+    out: dict[str, Any] = {}
+    records = records_for(training, 1, 1)
+    extra = mechanisms_from_dicts([online(records[-1]["noise_multiplier"], records[-1]["clip"], 1)])
+    spent = account(mechanisms_from_dicts(records), DELTA)[0]
+    planned = [*mechanisms_from_dicts(records), *extra]
+    bound, full = epsilon_lower_bound(planned, DELTA), account(planned, DELTA)[0]
+    for name, budget in (("by_the_gaussian_bound", (spent + bound) / 2 if bound > spent else spent),
+                         ("by_composing", (bound + full) / 2)):
+        with tempfile.TemporaryDirectory() as tmp:
+            ledger = Ledger(Path(tmp) / "privacy-ledger.sqlite", {GUARANTEE: budget}, DELTA, party="payment")
+            ledger.charge(mechanisms_from_dicts(records), GUARANTEE)
+            from fedscore.shared.privacy import accounting
+
+            accounting._account.cache_clear()  # as a fresh refusal: nothing of this list remembered in-process
+            started = time.process_time()
+            try:
+                ledger.charge(extra, GUARANTEE)
+                out[name] = "not refused"
+            except BudgetExceeded as exc:
+                out[name] = {"cpu_s": round(time.process_time() - started, 4), "message": str(exc)[:160]}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--answers", default="1,10,55,1000,1000000", help="online answers per user (worst case)")
@@ -84,6 +117,7 @@ def main() -> None:
     parser.add_argument("--ledger", type=Path, help="a payment ledger whose training records to use")
     parser.add_argument("--memory-mb", type=int, default=4096, help="address-space limit of each case's process")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per case")
+    parser.add_argument("--refusals", action="store_true", help="what a refused charge costs, instead")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     training = TRAINING
@@ -94,6 +128,10 @@ def main() -> None:
                     and not e.get("note", "").startswith("online") for m in e["mechanisms"]]
     if args.case:
         print(json.dumps(one_case(training, int(args.case), args.entries)))
+        return
+    if args.refusals:
+        os.environ["FEDSCORE_ACCOUNTING_CACHE"] = "off"
+        print(json.dumps(refusals(training)))
         return
     env = {**os.environ, "FEDSCORE_ACCOUNTING_CACHE": "off", "OMP_NUM_THREADS": "1"}
     for answers in [int(a) for a in args.answers.split(",") if a]:

@@ -143,7 +143,7 @@ class Ledger:
         would_be = account([*before, *mechanisms], self.delta)[0]
         limit = self.budget.get(guarantee)
         if limit is None or not math.isfinite(would_be) or would_be > limit:
-            raise BudgetExceeded(self.party, guarantee, account(before, self.delta)[0], would_be, limit)
+            raise BudgetExceeded(self.party, guarantee, _recorded(entries), would_be, limit)
         return would_be
 
     def charge(self, mechanisms: Sequence[Mechanism], guarantee: str, *, note: str = "") -> float:
@@ -178,7 +178,7 @@ class Ledger:
         would_be, accountant = _PRECOMPOSED.get((tuple(planned), self.delta)) or account(planned, self.delta)
         limit = self.budget.get(guarantee)
         if limit is None or not math.isfinite(would_be) or would_be > limit:
-            raise BudgetExceeded(self.party, guarantee, account(before, self.delta)[0], would_be, limit)
+            raise BudgetExceeded(self.party, guarantee, _recorded(entries), would_be, limit)
         entry = {"guarantee": guarantee, "mechanisms": records, "epsilon_after": would_be, "accountant": accountant,
                  "delta": self.delta, "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
                  "run": self.run, "step": step, "note": note}
@@ -187,15 +187,14 @@ class Ledger:
 
     def _refuse_early(self, entries: list[dict[str, Any]], planned: list[Mechanism], guarantee: str) -> None:
         """BudgetExceeded, without composing anything, when the Gaussians of `planned` alone already exceed the
-        budget (`epsilon_lower_bound`: microseconds, where composing a guarantee takes seconds): what every online
-        answer past the budget costs. The spent epsilon it names is the one the last charge recorded."""
+        budget (`epsilon_lower_bound`: milliseconds, where composing a guarantee takes a second or more): what every
+        online answer past the budget costs. The spent epsilon it names is the one the last charge recorded."""
         limit = self.budget.get(guarantee)
         if limit is None:
             return
         bound = epsilon_lower_bound(planned, self.delta)
         if bound > limit:
-            spent = float(entries[-1]["epsilon_after"]) if entries else 0.0
-            raise BudgetExceeded(self.party, guarantee, spent, bound, limit, at_least=True)
+            raise BudgetExceeded(self.party, guarantee, _recorded(entries), bound, limit, at_least=True)
 
 
 # (records, delta) -> (epsilon, accountant) composed elsewhere (another process: composing holds the GIL for
@@ -213,6 +212,11 @@ def remember_composition(mechanisms: Sequence[Mechanism], delta: float, result: 
     if len(_PRECOMPOSED) > 64:
         _PRECOMPOSED.clear()
     _PRECOMPOSED[(tuple(mechanisms), delta)] = result
+
+
+def _recorded(entries: list[dict[str, Any]]) -> float:
+    """What these entries have spent, as their last charge recorded it (a refusal names it without composing)."""
+    return float(entries[-1]["epsilon_after"]) if entries else 0.0
 
 
 def _mechanisms(entries: list[dict[str, Any]]) -> list[Mechanism]:
