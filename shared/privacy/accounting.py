@@ -13,7 +13,8 @@ Accountants (we write none of our own):
   accountant's central-limit approximation, which we never use). So every guarantee's unsampled Gaussians are ONE
   GaussianDpEvent (dp_events.guarantee_event), composed last with the rest (DP-SGD, randomized response), whose
   PLD is remembered: a charge that adds Gaussian releases (an online answer) costs one Gaussian PLD and one
-  convolution, the same at the 1st and the 1,000th answer, where a k-fold composition grew with k.
+  convolution whatever the count, where one composition per release grew with it (the Gaussian's PLD still grows
+  with its mu, i.e. with sqrt(count): 0.5-0.8 s CPU at mu 2, ~4 s near `MU_CEILING`; BENCHMARKS "The ledger").
 - A guarantee whose Gaussians compose past `MU_CEILING` is reported as infinite (an upper bound) rather than built:
   its PLD would not fit in memory, and no budget reaches it.
 - Opacus' PRV accountant for guarantees that contain Poisson-sampled releases (DP-SGD), the accountant the
