@@ -67,3 +67,43 @@ def test_answers_past_the_budget_are_refused_without_composing(tmp_path: Path,
         assert ledger_entries(home / "privacy-ledger.sqlite", "payment")[-1]["epsilon_after"] <= 3.0
     finally:
         guard.close()
+
+
+_PARENT = """
+import os, sys
+from fedscore.clients.payment.release_guard import _composer
+pool = _composer()
+print(pool.submit(os.getpid).result(), flush=True)  # the worker's pid, once it runs
+sys.stdin.read()  # until killed
+"""
+
+
+def test_the_composing_worker_exits_when_the_service_is_killed() -> None:
+    """A service killed with SIGKILL cannot stop its pool: the worker must notice and go by itself."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from fedscore.shared.waiting import wait_until
+
+    service = subprocess.Popen([sys.executable, "-c", _PARENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True)
+    try:
+        worker = psutil.Process(int(service.stdout.readline()))  # type: ignore[union-attr]
+        assert worker.is_running() and worker.ppid() == service.pid
+        os.kill(service.pid, signal.SIGKILL)
+        service.wait()
+
+        def gone() -> bool:
+            try:
+                return not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        wait_until(gone, 30.0, 0.2, "the composing worker outlived its killed service", AssertionError)
+    finally:
+        if service.poll() is None:
+            service.kill()

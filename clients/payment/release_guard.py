@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -390,8 +391,12 @@ def _composer() -> Any:
     for up to a few seconds, which would stall every answer of a serving process. Spawned, so it inherits no
     threads. Not niced below the service: a charge now costs about a second of CPU per raise of the worst case
     (shared/privacy/accounting.py), and at nice 19 on a busy machine it was starved for longer than a raise takes
-    (answers then composed inline, holding the ledger's writer for seconds)."""
+    (answers then composed inline, holding the ledger's writer for seconds). It exits when the service dies, even
+    by SIGKILL (`exit_with_parent`)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    from fedscore.shared.privacy.ledger import exit_with_parent
+
+    return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=exit_with_parent, initargs=(os.getpid(),))
