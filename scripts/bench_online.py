@@ -208,6 +208,7 @@ class PhaseResult:
     statuses: collections.Counter
     received: collections.Counter  # applicant id -> answers received with status 200
     late_sends_ms: float  # how far behind schedule the generator itself sent its last request
+    slow: list[tuple[float, float]] = field(default_factory=list)  # (s into the phase, ms) of answers over 50 ms
 
     def summary(self) -> dict[str, float | int | dict]:
         lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.asarray([np.nan])
@@ -216,7 +217,15 @@ class PhaseResult:
                 "errors": {str(k): v for k, v in self.statuses.items() if k != 200},
                 "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
                 "p99_ms": float(np.percentile(lat, 99)), "p999_ms": float(np.percentile(lat, 99.9)),
-                "max_ms": float(np.max(lat)), "generator_lag_ms": self.late_sends_ms}
+                "max_ms": float(np.max(lat)), "generator_lag_ms": self.late_sends_ms,
+                "slow_answers_by_second": _by_second(self.slow)}
+
+
+def _by_second(slow: list[tuple[float, float]]) -> dict[str, int]:
+    """How many answers took over 50 ms, per second of the phase they were scheduled in (when the tail happens:
+    beside a charge, or spread out)."""
+    counts = collections.Counter(int(t) for t, _ in slow)
+    return {str(second): n for second, n in sorted(counts.items())}
 
 
 async def _load(port: int, token: str, ids: list[str], rate: float, seconds: float, seed: int,
@@ -231,6 +240,7 @@ async def _load(port: int, token: str, ids: list[str], rate: float, seconds: flo
     for _ in range(connections):
         pool.put_nowait(None)  # opened on first use
     latencies: list[float] = []
+    slow: list[tuple[float, float]] = []
     statuses: collections.Counter = collections.Counter()
     received: collections.Counter = collections.Counter()
     loop = asyncio.get_running_loop()
@@ -257,6 +267,8 @@ async def _load(port: int, token: str, ids: list[str], rate: float, seconds: flo
         if status == 200:
             received[applicant] += 1
             latencies.append((loop.time() - scheduled) * 1e3)
+            if latencies[-1] > 50:
+                slow.append((scheduled - start, latencies[-1]))
 
     tasks = []
     for k in range(total):
@@ -271,7 +283,7 @@ async def _load(port: int, token: str, ids: list[str], rate: float, seconds: flo
         conn = pool.get_nowait()
         if conn is not None:
             conn.writer.close()
-    return PhaseResult(rate, seconds, latencies, statuses, received, lag)
+    return PhaseResult(rate, seconds, latencies, statuses, received, lag, slow)
 
 
 def load(port: int, token: str, ids: list[str], rate: float, seconds: float, seed: int) -> PhaseResult:
@@ -290,6 +302,16 @@ def _online_charges(home: Path) -> int:
     from fedscore.shared.privacy.ledger import ledger_entries
 
     return sum(e["guarantee"] == GUARANTEE for e in ledger_entries(home / PartyHome.LEDGER, "payment"))
+
+
+def _charge_times(home: Path, skip: int, started: float) -> list[int]:
+    """Seconds into the phase (the ledger records whole seconds) of the charges made after the first `skip`."""
+    from datetime import datetime
+
+    from fedscore.shared.privacy.ledger import ledger_entries
+
+    entries = [e for e in ledger_entries(home / PartyHome.LEDGER, "payment") if e["guarantee"] == GUARANTEE]
+    return [round(datetime.fromisoformat(e["recorded_at"]).timestamp() - started) for e in entries[skip:]]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -322,12 +344,14 @@ def run_rates(label: str, model: Path, data: Path, home: Path, pki: Path, scratc
                 load(running.http_port, running.token, ids, rate, warmup, seed + 1000 + k)
             charges = _online_charges(home)
             cpu = [cpu_seconds(running.payment.pid), cpu_seconds(running.lender.pid)]
+            started = time.time()
             result = load(running.http_port, running.token, ids, rate, duration, seed + k)
             sent = max(1, sum(result.statuses.values()))
             cpu_ms = {name: (cpu_seconds(proc.pid) - before) * 1e3 / sent for name, proc, before in
                       (("payment", running.payment, cpu[0]), ("lender", running.lender, cpu[1]))}
             row = {"phase": label, **result.summary(), "cpu_ms_per_request": cpu_ms,
-                   "ledger_charges": _online_charges(home) - charges}
+                   "ledger_charges": _online_charges(home) - charges,
+                   "charges_at_s": _charge_times(home, charges, started)}
             print(json.dumps(row), file=sys.stderr)
             rows.append(row)
     return rows

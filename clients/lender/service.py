@@ -32,7 +32,7 @@ from typing import Annotated
 
 import grpc
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from fedscore.clients.lender.scoring import LenderScorer, load_applicant_features
@@ -203,9 +203,11 @@ def create_app(model_dir: Path, data_dir: Path, payment_address: str, timeout_s:
     app.state.service = service
 
     @app.post("/score", response_model=ScoreResponse)
-    def score(request: ScoreRequest) -> ScoreResponse:
-        # a plain def: FastAPI runs it in its worker threads, so the blocking gRPC call does not stall the loop
-        return service.score(request.id)
+    def score(request: ScoreRequest) -> Response:
+        # a plain def: FastAPI runs it in its worker threads, so the blocking gRPC call does not stall the loop.
+        # The answer is built (and validated) once as a ScoreResponse and sent as its JSON: returned as a model,
+        # FastAPI would dump it, validate it again against response_model and encode it again
+        return Response(service.score(request.id).model_dump_json(), media_type="application/json")
 
     @app.get("/health")
     def health() -> dict[str, object]:

@@ -13,13 +13,17 @@ charged worst case. The answer row (and any charge it needs) is written in one t
 answer leaves; concurrent answers share that transaction (group commit, `shared/privacy/ledger_store.py`), so
 `before_release` may be called from many threads at once (`thread_safe`).
 
-Charging ahead: composing a guarantee (dp-accounting PLD) takes seconds once the online releases pile up, far longer
-than an answer may wait, so a background thread keeps the charged worst case `ahead` releases above the actual one,
-`reserve` releases per charge, composing off the commit path; an answer charges inline (and waits) only if the
-background has not kept up. What this costs: the ledger may count up to `ahead + reserve - 1` releases more than the
-worst case actually answered (an over-count, never an under-count); `reserve=1, ahead=0` charges exactly at each
-raise, as before. A service holds `home/online-releases.lock` for its lifetime: the counts live in its memory, so
-two services on one home would undercount. The old `home/online-releases.json` (counts rewritten whole per answer)
+Charging ahead: composing a guarantee (dp-accounting PLD) takes about a second (one Gaussian composed onto the
+remembered rest, whatever the count: shared/privacy/accounting.py), longer than an answer may wait, so a background
+thread keeps the charged worst case `ahead` releases above the actual one, `reserve` releases per charge, composing
+off the commit path in a worker process; and it composes the NEXT charge as soon as one is recorded, so when the
+worst case rises the charge is only a row written. An answer charges inline only if the background has not kept
+up, and even then finds its charge composed (the first one is composed in the service process before serving).
+What this costs: the ledger may count up to `ahead + reserve - 1` releases more than the worst case actually
+answered (an over-count, never an under-count); `reserve=1, ahead=0` charges exactly at each raise (no over-count)
+and, with the charge composed beforehand, the raising answer waits only for its row. A service holds
+`home/online-releases.lock` for its lifetime: the counts live in its memory, so two services on one home would
+undercount. The old `home/online-releases.json` (counts rewritten whole per answer)
 is migrated into the ledger on first start and kept as `.json.migrated`.
 
 When training ran without feature protection (`feature_sigma` null) there is no feature guarantee to charge. The
@@ -161,6 +165,10 @@ class LedgerGuard:
                     raise GuardRefused(str(exc)) from None
             from fedscore.shared.privacy.ledger import compose_records
 
+            try:
+                self._precompose(self.charged + 1)  # an answer that must charge inline finds its charge composed
+            except Exception:  # only speed is lost: the charge composes when it is made
+                log.exception("composing the next online charge ahead failed")
             self._composer = _composer()
             self._composer.submit(compose_records, [], meta.delta)  # start it and import now, not at the first need
             self._reserver = threading.Thread(target=self._reserve_loop, name="ledger-reserve", daemon=True)
@@ -268,32 +276,59 @@ class LedgerGuard:
         _, entry = self.ledger.charge_in(conn, [record.to_dict()], GUARANTEE, note=note)
         conn.execute("INSERT INTO online_charged (model, upto, entry) VALUES (?, ?, ?)", (self.model_id, upto, entry))
         self.charged = upto
+        with self._wake:
+            self._wake.notify()  # the background composes the next charge now
         return entry
+
+    def _precompose(self, upto: int) -> None:
+        """Compose, in this process, the charge that takes the charged worst case to `upto`, and remember it for
+        `charge_in` (before serving: the composing worker may not have started yet)."""
+        from fedscore.shared.privacy import embedding_release
+        from fedscore.shared.privacy.ledger import _mechanisms, compose_records, remember_composition
+        from fedscore.shared.privacy.ledger_store import select_entries
+
+        with self._store.reading() as conn:
+            entries = select_entries(conn, GUARANTEE)
+        record = embedding_release(self.sigma, self.clip, upto - self.charged,  # type: ignore[arg-type]
+                                   self.neighbouring)
+        planned = [*_mechanisms(entries), record]
+        remember_composition(planned, self.ledger.delta, compose_records([m.to_dict() for m in planned],
+                                                                         self.ledger.delta))
 
     def _reserve_loop(self) -> None:
         """Keep the charged worst case `ahead` above the actual one, composing off the commit path (see the module
-        docstring). Stops for good once the budget refuses: answers past it are then refused inline."""
+        docstring). The composition of the next charge is made as soon as the previous one is recorded, before
+        it is needed (`remember_composition`): when the worst case rises, the charge is a row written, and an
+        answer that has to charge inline (the background fell behind, or `ahead=0`) finds it composed too. Stops for
+        good once the budget refuses: answers past it are then refused inline."""
         from fedscore.shared.privacy import BudgetExceeded, embedding_release
         from fedscore.shared.privacy.ledger import _mechanisms, compose_records, remember_composition
         from fedscore.shared.privacy.ledger_store import select_entries
 
-        block = self.reserve
+        block = self.reserve if self.ahead > 0 else 1  # ahead=0: every charge is an answer's own, one release
         composer = self._composer
+        composed: tuple[int, int] | None = None  # (charged, target) whose composition is remembered
         while True:
-            with self._wake:
-                while not self._closed and self.worst + self.ahead <= self.charged:
-                    self._wake.wait(1.0)
-                if self._closed:
-                    return
-            target = self.charged + block
             try:
-                with self._store.reading() as conn:
-                    entries = select_entries(conn, GUARANTEE)
-                record = embedding_release(self.sigma, self.clip, block, self.neighbouring)  # type: ignore[arg-type]
-                planned = [*_mechanisms(entries), record]
-                records = [m.to_dict() for m in planned]
-                result = composer.submit(compose_records, records, self.ledger.delta).result()
-                remember_composition(planned, self.ledger.delta, result)  # the charge below finds it
+                charged = self.charged
+                target = charged + block
+                if composed != (charged, target):
+                    with self._store.reading() as conn:
+                        entries = select_entries(conn, GUARANTEE)
+                    record = embedding_release(self.sigma, self.clip, block,  # type: ignore[arg-type]
+                                               self.neighbouring)
+                    planned = [*_mechanisms(entries), record]
+                    result = composer.submit(compose_records, [m.to_dict() for m in planned],
+                                             self.ledger.delta).result()
+                    remember_composition(planned, self.ledger.delta, result)  # the charge below finds it
+                    composed = (charged, target)
+                with self._wake:
+                    while not self._closed and self.worst + self.ahead <= self.charged == charged:
+                        self._wake.wait(1.0)
+                    if self._closed:
+                        return
+                if self.charged != charged:
+                    continue  # charged inline meanwhile: compose the next one
                 self._store.submit(lambda conn, upto=target: None if upto <= self.charged else self._charge(conn, upto))
             except BudgetExceeded:
                 if block > 1:
@@ -352,10 +387,16 @@ def release_counts(home: Path) -> dict[str, dict[str, int]]:
 
 
 def _composer() -> Any:
-    """One worker process (nice 10) that composes guarantees for the background charges: a PLD composition holds
-    the GIL for seconds, which would stall every answer of a serving process. Spawned, so it inherits no threads."""
+    """One worker process that composes guarantees for the background charges: a PLD composition holds the GIL
+    for up to a few seconds, which would stall every answer of a serving process. Spawned, so it inherits no
+    threads. Not niced below the service: a charge now costs about a second of CPU per raise of the worst case
+    (shared/privacy/accounting.py), and at nice 19 on a busy machine it was starved for longer than a raise takes
+    (answers then composed inline, holding the ledger's writer for seconds). It exits when the service dies, even
+    by SIGKILL (`exit_with_parent`)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    from fedscore.shared.privacy.ledger import exit_with_parent
+
     return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=os.nice, initargs=(10,))
+                               initializer=exit_with_parent, initargs=(os.getpid(),))

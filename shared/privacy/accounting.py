@@ -5,8 +5,18 @@ One guarantee = one protected thing (e.g. "lender.labels") against one observer 
 observer sees: those sent to it plus everything published (seen_by="outsider").
 
 Accountants (we write none of our own):
-- dp-accounting's PLD accountant (pessimistic, connect-the-dots), for everything; between the parties releases are
-  never subsampled, so k releases of a Gaussian compose exactly (mu-GDP with mu = sqrt(k) * D / (sigma * C)).
+- dp-accounting's PLD accountant (pessimistic, connect-the-dots), for everything. Between the parties releases are
+  never subsampled, and unsampled Gaussians compose EXACTLY to one Gaussian: k releases of sensitivity D and noise
+  sigma * D are one of multiplier sigma / sqrt(k), and releases of different sigmas (one neighbouring relation)
+  one with 1 / sigma_eff^2 = sum_i count_i / sigma_i^2, each sigma_i in units of its own sensitivity (mu-GDP,
+  mu^2 = sum of mu_i^2: a Gaussian pair's privacy loss is itself Gaussian, so this is an identity, not the GDP
+  accountant's central-limit approximation, which we never use). So every guarantee's unsampled Gaussians are ONE
+  GaussianDpEvent (dp_events.guarantee_event), composed last with the rest (DP-SGD, randomized response), whose
+  PLD is remembered: a charge that adds Gaussian releases (an online answer) costs one Gaussian PLD and one
+  convolution whatever the count, where one composition per release grew with it (the Gaussian's PLD still grows
+  with its mu, i.e. with sqrt(count): 0.5-0.8 s CPU at mu 2, ~4 s near `MU_CEILING`; BENCHMARKS "The ledger").
+- A guarantee whose Gaussians compose past `MU_CEILING` is reported as infinite (an upper bound) rather than built:
+  its PLD would not fit in memory, and no budget reaches it.
 - Opacus' PRV accountant for guarantees that contain Poisson-sampled releases (DP-SGD), the accountant the
   training used; the reported epsilon is never below PLD's (we report the larger of the two).
 - Never the GDP/CLT accountant: it under-reports by up to 53% at these settings.
@@ -51,7 +61,14 @@ from dp_accounting.pld import PLDAccountant
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from pydantic import BaseModel, ConfigDict
 
-from fedscore.shared.privacy.dp_events import event_from_json, event_to_json, guarantee_event, rr_noise_parameter
+from fedscore.shared.privacy.dp_events import (
+    event_from_json,
+    event_to_json,
+    gaussian_mu,
+    guarantee_event,
+    rr_noise_parameter,
+    split_event,
+)
 from fedscore.shared.privacy.mechanisms import (
     OBSERVERS,
     DpSgdRelease,
@@ -127,18 +144,6 @@ def rr_blocks(entries: Sequence[Entry]) -> tuple[list[tuple[Entry, list[Entry]]]
 def composition_of(entries: Sequence[Entry]) -> str:
     """How a guarantee's entries compose: "rr_mixture" if any randomized response has releases computed from it."""
     return COMPOSITION_RR_MIXTURE if rr_blocks(entries)[0] else COMPOSITION_PLAIN
-
-
-def _merged(entries: Sequence[Entry]) -> list[Entry]:
-    """Entries equal but for their count, as one entry with the counts added: the same composition (k then m
-    releases of one mechanism are k + m), built by dp-accounting once instead of once per round (seconds each
-    for a subsampled Gaussian)."""
-    totals: dict[str, tuple[Entry, int]] = {}
-    for e in entries:
-        key = repr(sorted((k, v) for k, v in e.items() if k != "count"))
-        first, count = totals.get(key, (e, 0))
-        totals[key] = (first, count + int(e.get("count", 1)))
-    return [{**first, "count": count} for first, count in totals.values()]
 
 
 _PLD_CACHE: dict[str, pld_lib.PrivacyLossDistribution | None] = {}
@@ -233,15 +238,38 @@ def rr_mixture_pld(epsilon: float, downstream: pld_lib.PrivacyLossDistribution |
     return _pld_from_pair((1 - q) * upper + q * lower, q * upper + (1 - q) * lower, discretization)
 
 
+def _plain_pld(entries: Sequence[Entry], relation: Neighbouring,
+               discretization: float) -> pld_lib.PrivacyLossDistribution | None:
+    """The PLD of these entries' plain composition, None if not DP: what dp-accounting's PLD accountant computes
+    for `guarantee_event(entries)`, step for step (the same constructors, in the same order), so the reported
+    epsilon equals a third party's recomputation from the report.
+
+    Why split: `guarantee_event` puts the one Gaussian all unsampled Gaussian entries compose to last, after the
+    rest (DP-SGD steps, randomized response). The accountant's state after the rest is remembered (`_event_pld`),
+    so a charge that only adds Gaussian releases (every online answer) costs one Gaussian PLD and one
+    convolution, whatever the count, instead of recomposing DP-SGD's subsampled Gaussians (seconds) each time."""
+    rest, gaussian = split_event(entries, relation)
+    if gaussian is not None and (gaussian.noise_multiplier == 0 or beyond_ceiling(gaussian, relation)):
+        return None  # not DP, or beyond what a PLD can hold in memory: reported as infinite (see MU_CEILING)
+    composed = _event_pld(rest, relation, discretization)
+    if composed is None or gaussian is None:
+        return composed
+    return composed.compose(pld_lib.from_gaussian_mechanism(  # as PLDAccountant._maybe_compose builds it
+        standard_deviation=gaussian.noise_multiplier, value_discretization_interval=discretization,
+        neighboring_relation=_RELATIONS[relation]))
+
+
 def entries_pld(entries: Sequence[Entry], relation: Neighbouring,
                 discretization: float = PLD_DISCRETIZATION) -> pld_lib.PrivacyLossDistribution | None:
     """The PLD of a guarantee's report entries (RR mixtures where they apply, the rest composed), None if not DP."""
     blocks, rest = rr_blocks(entries)
+    if not blocks:
+        return _plain_pld(entries, relation, discretization)
     parts: list[pld_lib.PrivacyLossDistribution | None] = []
-    if rest or not blocks:
-        parts.append(_event_pld(guarantee_event(_merged(rest), relation), relation, discretization))
+    if rest:
+        parts.append(_plain_pld(rest, relation, discretization))
     for head, items in blocks:
-        downstream = _event_pld(guarantee_event(_merged(items), relation), relation, discretization)
+        downstream = _plain_pld(items, relation, discretization)
         parts.append(rr_mixture_pld(float(head["epsilon"]), downstream, discretization))
     if any(p is None for p in parts):
         return None
@@ -254,16 +282,57 @@ def entries_pld(entries: Sequence[Entry], relation: Neighbouring,
 def entries_epsilon(entries: Sequence[Entry], relation: Neighbouring, delta: float,
                     discretization: float = PLD_DISCRETIZATION) -> float:
     """Epsilon at `delta` of a guarantee's report entries: the reported path and `recompute_from_report` both end
-    here. With RR mixtures, never above the plain composition of the randomized responses and the other entries
-    (everything downstream is post-processing of its randomized response)."""
+    here (or, for a plain composition, in dp-accounting's accountant on the same event, which gives the same
+    number). With RR mixtures, never above the plain composition of the randomized responses and the other
+    entries (everything downstream is post-processing of its randomized response)."""
     blocks, rest = rr_blocks(entries)
     if not blocks:
-        return _event_epsilon(guarantee_event(entries, relation), relation, delta, discretization)
-    pld = entries_pld(entries, relation, discretization)
-    mixed = math.inf if pld is None else float(pld.get_epsilon_for_delta(delta))
-    plain = _event_epsilon(guarantee_event(_merged([head for head, _ in blocks] + rest), relation), relation,
-                           delta, discretization)
+        return _pld_epsilon(_plain_pld(entries, relation, discretization), delta)
+    mixed = _pld_epsilon(entries_pld(entries, relation, discretization), delta)
+    plain = _pld_epsilon(_plain_pld([head for head, _ in blocks] + rest, relation, discretization), delta)
     return min(mixed, plain)
+
+
+def _pld_epsilon(pld: pld_lib.PrivacyLossDistribution | None, delta: float) -> float:
+    return math.inf if pld is None else float(pld.get_epsilon_for_delta(delta))
+
+
+# A guarantee whose unsampled Gaussians compose to a Gaussian of mu > MU_CEILING (epsilon about 95 at delta 1e-5)
+# is reported as infinite, an upper bound, instead of being built as a PLD: a Gaussian's PLD grows linearly with mu
+# (measured at the default discretisation: 1.1M atoms and 0.3 GB at mu 5, eps 33; 22M atoms and 3.4 GB at mu 50,
+# eps 1460), so one user's 10^6th online answer would exhaust memory. No budget worth the name gets there: the
+# guarantee refuses every charge past it (an infinite epsilon is over every budget).
+MU_CEILING = 10.0
+
+
+def beyond_ceiling(gaussian: dp_accounting.GaussianDpEvent | None, relation: Neighbouring) -> bool:
+    """Whether this merged Gaussian is past `MU_CEILING` (not DP, noise 0, is not: the accountant flags it)."""
+    return gaussian is not None and gaussian.noise_multiplier > 0 and gaussian_mu(gaussian, relation) > MU_CEILING
+
+
+def gaussian_epsilon(gaussian: dp_accounting.GaussianDpEvent, relation: Neighbouring, delta: float) -> float:
+    """The exact (analytic, Balle and Wang 2018) epsilon of ONE dp-accounting GaussianDpEvent under this relation:
+    a lower bound of any composition that contains it, which lets a budget refuse without building a PLD."""
+    mu = gaussian_mu(gaussian, relation)
+    return math.inf if math.isinf(mu) else float(dp_accounting.get_epsilon_gaussian(1.0 / mu, delta))
+
+
+def epsilon_lower_bound(mechanisms: Sequence[Mechanism], delta: float) -> float:
+    """A lower bound of `account`'s epsilon for these records, in microseconds: the exact epsilon of their unsampled
+    Gaussians alone (one Gaussian, see dp_events.guarantee_event). Composition never lowers epsilon at a fixed
+    delta (dropping releases is post-processing), and the PLD and PRV accountants are pessimistic, so a budget below
+    it refuses without composing anything; a randomized-response mixture is not a composition, so records with a
+    named draw get 0 (no shortcut)."""
+    if not mechanisms:
+        return 0.0
+    relation = common_neighbouring(mechanisms)
+    entries = [m.report_entry() for m in mechanisms]
+    if rr_blocks(entries)[0]:
+        return 0.0
+    _, gaussian = split_event(entries, relation)
+    if gaussian is None:
+        return 0.0
+    return gaussian_epsilon(gaussian, relation, delta)
 
 
 def attack_ceiling(pld: pld_lib.PrivacyLossDistribution | None) -> dict[str, float] | None:
@@ -324,12 +393,18 @@ def prv_epsilon(mechanisms: Sequence[DpSgdRelease | GaussianRelease], delta: flo
     if common_neighbouring(mechanisms) != "add_remove":
         raise ValueError("Opacus' PRV accountant covers add/remove neighbours only")
     history = []
+    unsampled = 0.0  # sum of count / multiplier^2 of the unsampled Gaussians: one Gaussian (dp_events.py), exact
     for m in mechanisms:
         if isinstance(m, RandomizedResponse):
             raise ValueError("Opacus' PRV accountant has no randomized response: use pld_epsilon")
         if m.effective_noise_multiplier == 0:
             return math.inf
-        history.append((m.effective_noise_multiplier, m.sample_rate, m.count))
+        if isinstance(m, GaussianRelease) and m.sampling == "none":
+            unsampled += m.count / m.effective_noise_multiplier**2
+        else:
+            history.append((m.effective_noise_multiplier, m.sample_rate, m.count))
+    if unsampled:
+        history.append((1.0 / math.sqrt(unsampled), 1.0, 1))
     # the same (noise, rate) twice is one mechanism released count + count' times: one self-composition, not two
     # parts of a heterogeneous one (the same composition; a projection of k more runs like the last stays one entry
     # per mechanism instead of k)
@@ -364,7 +439,7 @@ def _account(mechanisms: tuple[Mechanism, ...], delta: float) -> tuple[float, st
 
 def _account_uncached(mechanisms: tuple[Mechanism, ...], delta: float) -> tuple[float, str]:
     pld = pld_epsilon(mechanisms, delta)
-    if prv_applies(mechanisms):
+    if math.isfinite(pld) and prv_applies(mechanisms):
         prv = prv_epsilon(mechanisms, delta)  # type: ignore[arg-type]  # prv_applies excludes RR
         if prv >= pld:
             return prv, ACCOUNTANT_PRV
@@ -459,6 +534,8 @@ def recompute_from_report(report: dict[str, Any]) -> list[float]:
         delta = float(guarantee.get("delta", report["delta"]))
         if composition == COMPOSITION_RR_MIXTURE:  # the same entries, mixed (the event is their plain composition)
             epsilons.append(entries_epsilon(guarantee["mechanisms"], relation, delta))
+        elif beyond_ceiling(split_event(guarantee["mechanisms"], relation)[1], relation):
+            epsilons.append(math.inf)  # as reported: an upper bound we do not build (MU_CEILING)
         else:
             epsilons.append(_event_epsilon(event, relation, delta))
     return epsilons

@@ -28,7 +28,7 @@ T = TypeVar("T")
 
 
 # the code an answer depends on: a change to any of these files is a new cache (stale answers are never read)
-_SOURCES = ("accounting.py", "calibrate.py", "mechanisms.py", "accounting_cache.py")
+_SOURCES = ("accounting.py", "dp_events.py", "calibrate.py", "mechanisms.py", "accounting_cache.py")
 
 
 @cache

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedscore.shared.privacy.accounting import account, check_guarantee_records
+from fedscore.shared.privacy.accounting import account, check_guarantee_records, epsilon_lower_bound
 from fedscore.shared.privacy.ledger_store import (
     INSERT_ENTRY,
     LedgerDamaged,
@@ -59,14 +59,16 @@ class BudgetExceeded(RuntimeError):
 
     is_refusal = True  # a party's own decision, not a fault: callers report it as a refusal
 
-    def __init__(self, party: str, guarantee: str, spent: float, would_be: float, budget: float | None) -> None:
+    def __init__(self, party: str, guarantee: str, spent: float, would_be: float, budget: float | None, *,
+                 at_least: bool = False) -> None:
         self.party, self.guarantee, self.spent, self.would_be, self.budget = party, guarantee, spent, would_be, budget
         if budget is None:
             message = (f"{party}: no privacy budget is configured for {guarantee}; set one in this party's node "
                        "config before releasing anything under it")
         else:
             message = (f"{party}: privacy budget for {guarantee} exceeded: spent eps={spent:.4g}, this release would "
-                       f"make it {would_be:.4g} > budget {budget:.4g}; nothing was recorded, do not release")
+                       f"make it {'at least ' if at_least else ''}{would_be:.4g} > budget {budget:.4g}; nothing was "
+                       "recorded, do not release")
         super().__init__(message)
 
 
@@ -135,11 +137,13 @@ class Ledger:
         release than mid-run (the lender's label releases: clients/lender/party.py)."""
         protects, against = split_guarantee_key(guarantee)
         check_guarantee_records(protects, against, mechanisms)
-        before = self.mechanisms(guarantee)
+        entries = self._store.entries(guarantee)
+        before = _mechanisms(entries)
+        self._refuse_early(entries, [*before, *mechanisms], guarantee)
         would_be = account([*before, *mechanisms], self.delta)[0]
         limit = self.budget.get(guarantee)
         if limit is None or not math.isfinite(would_be) or would_be > limit:
-            raise BudgetExceeded(self.party, guarantee, account(before, self.delta)[0], would_be, limit)
+            raise BudgetExceeded(self.party, guarantee, _recorded(entries), would_be, limit)
         return would_be
 
     def charge(self, mechanisms: Sequence[Mechanism], guarantee: str, *, note: str = "") -> float:
@@ -170,20 +174,48 @@ class Ledger:
             return account(_mechanisms(entries), self.delta)[0], None
         before = _mechanisms(entries)
         planned = [*before, *mechanisms_from_dicts(records)]
+        self._refuse_early(entries, planned, guarantee)
         would_be, accountant = _PRECOMPOSED.get((tuple(planned), self.delta)) or account(planned, self.delta)
         limit = self.budget.get(guarantee)
         if limit is None or not math.isfinite(would_be) or would_be > limit:
-            raise BudgetExceeded(self.party, guarantee, account(before, self.delta)[0], would_be, limit)
+            raise BudgetExceeded(self.party, guarantee, _recorded(entries), would_be, limit)
         entry = {"guarantee": guarantee, "mechanisms": records, "epsilon_after": would_be, "accountant": accountant,
                  "delta": self.delta, "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
                  "run": self.run, "step": step, "note": note}
         cursor = conn.execute(INSERT_ENTRY, entry_row(entry))
         return would_be, cursor.lastrowid
 
+    def _refuse_early(self, entries: list[dict[str, Any]], planned: list[Mechanism], guarantee: str) -> None:
+        """BudgetExceeded, without composing anything, when the Gaussians of `planned` alone already exceed the
+        budget (`epsilon_lower_bound`: milliseconds, where composing a guarantee takes a second or more): what every
+        online answer past the budget costs. The spent epsilon it names is the one the last charge recorded."""
+        limit = self.budget.get(guarantee)
+        if limit is None:
+            return
+        bound = epsilon_lower_bound(planned, self.delta)
+        if bound > limit:
+            raise BudgetExceeded(self.party, guarantee, _recorded(entries), bound, limit, at_least=True)
+
 
 # (records, delta) -> (epsilon, accountant) composed elsewhere (another process: composing holds the GIL for
 # seconds, which a serving process cannot afford); `charge_in` uses it instead of composing again
 _PRECOMPOSED: dict[tuple[tuple[Mechanism, ...], float], tuple[float, str]] = {}
+
+
+def exit_with_parent(parent: int) -> None:
+    """For a composing worker process (its pool's initializer): exit once `parent`, the service that started it,
+    is gone. A service killed with SIGKILL cannot stop its pool, and the idle worker would stay behind for good,
+    holding a few hundred MB (one per kill, measured in the online benchmark's kill test)."""
+    import os
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def compose_records(records: list[dict[str, Any]], delta: float) -> tuple[float, str]:
@@ -196,6 +228,11 @@ def remember_composition(mechanisms: Sequence[Mechanism], delta: float, result: 
     if len(_PRECOMPOSED) > 64:
         _PRECOMPOSED.clear()
     _PRECOMPOSED[(tuple(mechanisms), delta)] = result
+
+
+def _recorded(entries: list[dict[str, Any]]) -> float:
+    """What these entries have spent, as their last charge recorded it (a refusal names it without composing)."""
+    return float(entries[-1]["epsilon_after"]) if entries else 0.0
 
 
 def _mechanisms(entries: list[dict[str, Any]]) -> list[Mechanism]:
