@@ -116,4 +116,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     by_module: dict[str, list[pytest.Item]] = {}
     for item in items:
         by_module.setdefault(item.nodeid.split("::")[0], []).append(item)
+    stray = {m for m, its in by_module.items() if m not in FLOWER_MODULES
+             and any(i.get_closest_marker("federation") for i in its)}
+    if stray:  # the scheduler below groups the Flower modules by name: a new one must be listed there
+        raise pytest.UsageError(f"federation tests outside FLOWER_MODULES (tests/conftest.py): {sorted(stray)}")
     items[:] = [item for module in sorted(by_module, key=weight) for item in by_module[module]]
+
+
+# the modules that start real Flower federations: one xdist work unit, run one after another on one worker
+FLOWER_MODULES = frozenset({"tests/test_deploy.py", "tests/test_federation.py", "tests/test_resume_federation.py"})
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Under `--dist loadscope`, the Flower modules are one scope: one worker runs their federations one after the
+    other while the other worker takes the in-process modules. Two federations at once (about 12 processes each,
+    on 2 cores) slowed each other down to twice their time alone; the in-process tests mind much less."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FlowerModulesTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "flower" if module in FLOWER_MODULES else module
+
+    return FlowerModulesTogether(config, log)
