@@ -32,11 +32,16 @@ def _no_composing(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     return calls
 
 
-def test_the_first_raise_is_charged_exactly_and_finds_its_charge_composed(tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def _fresh_guard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget: float) -> tuple[Path, LedgerGuard]:
+    """A guard charging exactly at each raise (ahead=0) in a fresh home, every composition computed (no disk cache)."""
     monkeypatch.setenv("FEDSCORE_ACCOUNTING_CACHE", "off")
     home = tmp_path / "home"
-    guard = LedgerGuard(home, _served(tmp_path), {GUARANTEE: 50.0}, ahead=0)
+    return home, LedgerGuard(home, _served(tmp_path), {GUARANTEE: budget}, ahead=0)
+
+
+def test_the_first_raise_is_charged_exactly_and_finds_its_charge_composed(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    home, guard = _fresh_guard(tmp_path, monkeypatch, budget=50.0)
     try:
         assert ledger_entries(home / "privacy-ledger.sqlite", "payment") == []  # ahead=0: nothing charged yet
         calls = _no_composing(monkeypatch)
@@ -51,9 +56,7 @@ def test_the_first_raise_is_charged_exactly_and_finds_its_charge_composed(tmp_pa
 
 def test_answers_past_the_budget_are_refused_without_composing(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FEDSCORE_ACCOUNTING_CACHE", "off")
-    home = tmp_path / "home"
-    guard = LedgerGuard(home, _served(tmp_path), {GUARANTEE: 3.0}, ahead=0)
+    home, guard = _fresh_guard(tmp_path, monkeypatch, budget=3.0)
     try:
         guard.before_release("u1")
         with pytest.raises(ReleaseRefused, match=GUARANTEE):
