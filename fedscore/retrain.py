@@ -99,10 +99,6 @@ def account(home: Path, party: str, budgets: dict[str, float], delta: float,
     return result
 
 
-# the field that counts a record's releases, per kind of record that carries one
-_COUNT = {"gaussian": "count", "dp_sgd": "steps"}
-
-
 def _project(ledger: Any, guarantee: str, template: list[dict[str, Any]], cap: int) -> tuple[int, float]:
     """(how many more runs like `template` the budget takes, capped at `cap`; eps after one more): doubling, then
     bisection, each probe one Ledger.check (nothing recorded). A probe of k runs composes k more randomized-response
@@ -110,15 +106,8 @@ def _project(ledger: Any, guarantee: str, template: list[dict[str, Any]], cap: i
     from fedscore.shared.privacy.ledger import BudgetExceeded
     from fedscore.shared.privacy.mechanisms import mechanisms_from_dicts
 
-    # a record that names no draw is the same in every projected run: k runs of it are one record counted k times
-    # (the same composition, built once by the accountant instead of k times); randomized-response draws and what is
-    # computed from them are renamed per run and stay apart
-    drawn = [m for m in template if m.get("draw") or m.get("computed_from") or m["kind"] not in _COUNT]
-    plain = [m for m in template if m not in drawn]
-
     def fits(k: int) -> tuple[bool, float]:
-        planned = [m for j in range(1, k + 1) for m in _renamed(drawn, f"projected-{j}")]
-        planned += [{**m, _COUNT[m["kind"]]: int(m[_COUNT[m["kind"]]]) * k} for m in plain]
+        planned = [m for j in range(1, k + 1) for m in _renamed(template, f"projected-{j}")]
         try:
             return True, ledger.check(mechanisms_from_dicts(planned), guarantee)
         except BudgetExceeded as exc:
