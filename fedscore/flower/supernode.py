@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 from fedscore.flower.patches import APP_ENTRIES, light_entry, patch_superexec, shorten_idle_waits
 from fedscore.flower.processes import tie_to_parent
+from fedscore.shared.waiting import wait_until
 
 FORKSERVER_ENV = "FEDSCORE_FORKSERVER"
 
@@ -64,23 +64,19 @@ def superexec_main() -> None:
 AFTER_ENV = "FEDSCORE_SUPERNODE_AFTER"
 
 
-def _wait_for(gate: Path, wait_s: float = 120.0) -> None:
-    """Return once `gate` exists; exit with a message after `wait_s`. Why: a local federation starts its SuperNodes
-    together with the SuperLink, so their imports (~1.5 s, more on a loaded machine) overlap the SuperLink's start
-    and the key registration instead of following them; the node connects only once its key is registered."""
-    deadline = time.monotonic() + wait_s
-    while not gate.exists():
-        if time.monotonic() > deadline:
-            sys.exit(f"fedscore: {gate} did not appear within {wait_s:.0f} s (the SuperNode key was not registered)")
-        time.sleep(0.05)
-
-
 def main() -> None:
     shorten_idle_waits(float(os.environ.get("FEDSCORE_SUPERNODE_POLL_S", "0.1")))
     from flwr.supernode.cli import flower_supernode
 
     if os.environ.get(AFTER_ENV):
-        _wait_for(Path(os.environ[AFTER_ENV]))
+        # a local federation starts its SuperNodes together with the SuperLink, so their imports (~1.5 s, more on a
+        # loaded machine) overlap the SuperLink's start and the key registration instead of following them; the
+        # node connects only once its key is registered
+        gate = Path(os.environ[AFTER_ENV])
+        try:
+            wait_until(gate.exists, 120.0, 0.05, f"fedscore: {gate} (the SuperNode key registered) did not appear")
+        except TimeoutError as exc:
+            sys.exit(str(exc))
     sys.argv[0] = "flower-supernode"
     flower_supernode()
 
