@@ -5,11 +5,13 @@ imports another (cli.py registers cli_deploy's commands; cli_deploy needs these)
 Such an error (bad data or config, a bad model folder, a missing file, a port in use, bad TLS material, a party
 home that does not allow serving this model, a refused run, a damaged privacy ledger) is one red line and exit
 code 2, never a traceback.
-The exception types are imported only when something fails, so `fedscore --help` loads none of their modules.
+Only the exception types of modules already loaded are checked (a module never imported raised none of its errors), so
+`fedscore --help` and a refused command load none of the heavy ones.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,16 +38,17 @@ def warn(message: str) -> None:
     console.print(f"[bold yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
-def _fixable() -> tuple[type[BaseException], ...]:
-    from fedscore.clients.payment.release_guard import GuardRefused
-    from fedscore.clients.payment.served import ServedError
-    from fedscore.shared.config import ConfigError
-    from fedscore.shared.data.tables import DataError
-    from fedscore.shared.privacy.ledger_store import LedgerDamaged
-    from fedscore.shared.run_folder import RunError
-    from fedscore.shared.tls import TlsError
+# the errors a user can fix, by module: a module that was never imported raised none of its errors, so a refused
+# command reports its reason without first importing torch and the accountants (fedscore.shared.privacy) for them
+_FIXABLE = {"fedscore.clients.payment.release_guard": "GuardRefused", "fedscore.clients.payment.served": "ServedError",
+            "fedscore.shared.config": "ConfigError", "fedscore.shared.data.tables": "DataError",
+            "fedscore.shared.privacy.ledger_store": "LedgerDamaged", "fedscore.shared.run_folder": "RunError",
+            "fedscore.shared.tls": "TlsError"}
 
-    return DataError, ConfigError, RunError, OSError, TlsError, ServedError, GuardRefused, LedgerDamaged
+
+def _fixable() -> tuple[type[BaseException], ...]:
+    loaded = [getattr(sys.modules[module], name) for module, name in _FIXABLE.items() if module in sys.modules]
+    return (OSError, *loaded)
 
 
 @contextmanager

@@ -26,12 +26,19 @@ def _party(party: str) -> str:
     return party
 
 
-def _tls_choice(ca: Path | None, insecure: bool) -> Path | None:
+def _tls_choice(ca: Path | None, insecure: bool, superlink: str) -> Path | None:
+    """TLS unless --insecure, which is refused here, before anything is loaded or written, for a SuperLink that is
+    not on loopback (serve_node and run_on_superlink check it again for their other callers)."""
+    from fedscore.flower.launch import refuse_insecure_off_loopback, split_address
+
     if insecure and ca is not None:
         fail("--insecure is plaintext; drop it to use --ca")
     if not insecure and ca is None:
         fail("TLS is the default: pass --ca (the CA that issued the SuperLink's certificate), or --insecure for a "
              "SuperLink on this machine's loopback")
+    if insecure:
+        with user_errors():
+            refuse_insecure_off_loopback(split_address(superlink)[0], "the SuperLink address")
     return ca
 
 
@@ -108,6 +115,8 @@ def node_command(
             "--state", help="this party's run state and logs (default PARTY_HOME/node)")] = None,
         insecure: InsecureOpt = False) -> None:
     """A party's operator: run this party's worker and SuperNode, on its own machine, until Ctrl-C."""
+    party = _party(party)
+    ca = _tls_choice(ca, insecure, superlink)  # before the imports below (torch): a refusal is instant
     from fedscore.budgets import default_budgets
     from fedscore.clients.base import PartySettings
     from fedscore.deploy import serve_node
@@ -117,8 +126,6 @@ def node_command(
     from fedscore.shared.protocol.e2e import fingerprint, parse_public_key, public_key_hex
     from fedscore.shared.tls import node_auth_key, node_key_fingerprint
 
-    party = _party(party)
-    ca = _tls_choice(ca, insecure)
     with user_errors():
         secret = read_secret(secret_file)
         home = ensure_party_home(party_home or default_party_home(party))
@@ -170,7 +177,7 @@ def run_command(
     from fedscore.deploy import read_nodes, resume_on_superlink, run_on_superlink
     from fedscore.shared.config import load_config
 
-    ca = _tls_choice(ca, insecure)
+    ca = _tls_choice(ca, insecure, superlink)
     if resume is not None:
         given = [flag for flag, value in (("--out", out), ("--config", config), ("--set", set_)) if value]
         if given:

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedscore.finish import finish_run
 from fedscore.flower.launch import Federation, record_timing, split_address, start_run
 from fedscore.flower.patches import REFUSED_MARKERS
 from fedscore.shared.atomic import write_json_atomic
@@ -132,6 +131,8 @@ def _run_and_finish(config: FedConfig, superlink: str, run_dir: Path, ca: Path |
         runner.write_connection(superlink, ca)
         startup_s, t_stop = start_run(runner, run_dir, progress, timeout_s, nodes, False, start)
     record_timing(run_dir, start, startup_s, time.perf_counter() - t_stop)
+    from fedscore.finish import finish_run  # torch and the accountant: `fedscore superlink` never needs them
+
     return finish_run(run_dir, None, config, None, fingerprints={}, bundle=False)
 
 
