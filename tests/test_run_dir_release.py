@@ -217,7 +217,8 @@ def _values(evaluation: dict[str, Any]) -> list[float]:
 @pytest.fixture(scope="module")
 def private_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("run-dir-release")
-    make_party_data(root / "data", population=1500, seed=3)
+    make_party_data(root / "data", population=2500, seed=3)  # tests/test_bundle_release.py's data: its tuned references
+    # and calibrations come from the test run's shared caches (tests/conftest.py) when that module ran first
     run_inprocess(load_config(None, PRIVATE), root / "data", root / "run", secret=SECRET, homes=fresh_homes(root))
     return root / "run"
 
