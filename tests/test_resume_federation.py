@@ -1,7 +1,8 @@
-"""Resume under a real Flower federation: the lender's worker is SIGKILLed mid-run (round 2 of 4), the command fails
-with a message saying how to resume, and `fedscore federate --resume RUN_DIR` restarts every process and finishes the
-planned rounds with the model an uninterrupted run gives (replayable noise, test only); every ledger holds exactly
-what was released. Also: a party whose SuperNode stays away stops the run within the party timeout (fake grid).
+"""Resume under a real Flower federation: the lender's worker is SIGKILLed mid-run (round 2 of 3), the command fails
+with a message naming the dead worker and saying how to resume, leaving no process behind, and `fedscore federate
+--resume RUN_DIR` restarts every process and finishes the planned rounds with the model an uninterrupted run gives
+(replayable noise, test only); every ledger holds exactly what was released. Also: a party whose SuperNode stays
+away stops the run within the party timeout (fake grid).
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from fedscore.server.flower_server import FlowerTransport, PartyDown
 from fedscore.shared.config import load_config
 from fedscore.shared.protocol.messages import MessageKind, request
 from tests.conftest import FAST, SECRET, fresh_homes
-from tests.test_federation import _alive, _served, _wait_for
+from tests.test_federation import _alive, _assert_none_left, _served, _wait_for
 from tests.test_resume import _releases  # a ledger without what differs between runs (ids, the draw's name)
 
-SETTINGS = [*FAST, "training.rounds=4", "baselines.enabled=false", "privacy.enabled=true",
+SETTINGS = [*FAST, "training.rounds=3", "baselines.enabled=false", "privacy.enabled=true",
             "privacy.dpsgd_batch_size=256", "privacy.replayable_noise=true"]
 FEDSCORE = str(Path(sys.executable).parent / "fedscore")
 
@@ -40,7 +41,7 @@ def test_a_killed_worker_then_resume_finishes_the_run(party_data: tuple[Path, di
             *[item for override in SETTINGS for item in ("--set", override)]]
     cli = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     logs = out / "flower" / "logs"
-    # the payment holder has served setup, alignment and the embeds of rounds 0 and 1: round 1 of 4 is under way
+    # the payment holder has served setup, alignment and the embeds of rounds 0 and 1: round 1 of 3 is under way
     _wait_for(lambda: cli.poll() is not None or _served(logs / "worker-payment.log") >= 4)
     assert cli.poll() is None, cli.communicate()[0]
     pids = json.loads((out / "flower" / "pids.json").read_text())
@@ -53,6 +54,9 @@ def test_a_killed_worker_then_resume_finishes_the_run(party_data: tuple[Path, di
     checkpoint = json.loads((out / "checkpoint.json").read_text())
     assert 3 <= checkpoint["next_step"] < checkpoint["total_steps"]
     _wait_for(lambda: not [p for p in pids.values() if _alive(p)], timeout_s=30)
+    # nothing of the dead run is left: fork servers and their children too (this kill is also the federation
+    # tests' dead-worker case, which used to start a federation of its own in tests/test_federation.py)
+    _assert_none_left(out / "flower" / "home")
 
     started = time.perf_counter()
     resumed = subprocess.run([FEDSCORE, "federate", "--resume", str(out)], capture_output=True, text=True,
@@ -62,7 +66,7 @@ def test_a_killed_worker_then_resume_finishes_the_run(party_data: tuple[Path, di
     metrics = json.loads((out / "metrics.json").read_text())
     reference = run_inprocess(load_config(None, SETTINGS), data, tmp_path / "reference", secret=SECRET,
                               homes=fresh_homes(tmp_path / "reference-homes"))
-    assert len(metrics["rounds"]) == 4 and metrics["transport"] == "flower"
+    assert len(metrics["rounds"]) == 3 and metrics["transport"] == "flower"
     for key, value in reference["test"].items():
         assert metrics["test"][key] == pytest.approx(value, abs=1e-6), key
     assert abs(metrics["test"]["auc"] - reference["test"]["auc"]) < 0.01
