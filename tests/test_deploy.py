@@ -118,23 +118,14 @@ def _wait_for(predicate, timeout_s: float, what: str) -> None:
         time.sleep(0.3)
 
 
-def _stop(proc: subprocess.Popen, signalled: bool = False) -> str:
-    if proc.poll() is None and not signalled:
+def _stop(proc: subprocess.Popen) -> str:
+    if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
     try:
         return proc.communicate(timeout=60)[0]
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.communicate()[0]
-
-
-def _stop_all(procs: dict[str, subprocess.Popen]) -> dict[str, str]:
-    """Ctrl-C to every command at once (each stops its own processes), then their outputs: the operators' commands
-    shut down side by side instead of one after the other."""
-    running = {name for name, proc in procs.items() if proc.poll() is None}
-    for name in running:
-        procs[name].send_signal(signal.SIGINT)
-    return {name: _stop(proc, signalled=name in running) for name, proc in procs.items()}
 
 
 def test_two_parties_at_their_own_addresses_and_an_unregistered_node_refused(
@@ -198,7 +189,7 @@ def test_two_parties_at_their_own_addresses_and_an_unregistered_node_refused(
         for party in ("payment", "lender"):
             assert procs[party].poll() is None, _stop(procs[party])
     finally:
-        outputs = _stop_all(procs)
+        outputs = {name: _stop(proc) for name, proc in procs.items()}
 
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert len(metrics["rounds"]) == 2 and metrics["transport"] == "flower"
