@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from pathlib import Path
 
@@ -44,10 +45,12 @@ def test_flower_matches_inprocess_and_cleans_up(party_data: tuple[Path, dict], t
     runs at the smallest chunk cap, so every exchange crosses in several sealed chunks, all in one Flower message."""
     data, ids = party_data
     config = load_config(None, [*SMALL, f"exchange.chunk_bytes={MIN_CHUNK_BYTES}"])
-    federated = run_federated(config, data, tmp_path / "flower", secret=SECRET, timeout_s=600,
-                              homes=fresh_homes(tmp_path / "flower-homes"), capture=True)
-    reference = run_inprocess(config, data, tmp_path / "inprocess", secret=SECRET,
+    with ThreadPoolExecutor(1) as pool:  # the in-process run meanwhile: the federation's processes mostly wait
+        pending = pool.submit(run_inprocess, config, data, tmp_path / "inprocess", secret=SECRET,
                               homes=fresh_homes(tmp_path / "inprocess-homes"))
+        federated = run_federated(config, data, tmp_path / "flower", secret=SECRET, timeout_s=600,
+                                  homes=fresh_homes(tmp_path / "flower-homes"), capture=True)
+        reference = pending.result()
 
     assert federated["transport"] == "flower" and reference["transport"] == "inprocess"
     for key, value in reference["test"].items():
