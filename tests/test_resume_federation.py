@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,12 +33,22 @@ SETTINGS = [*FAST, "training.rounds=3", "baselines.enabled=false", "privacy.enab
 FEDSCORE = str(Path(sys.executable).parent / "fedscore")
 
 
+@pytest.fixture
+def meanwhile() -> Iterator[ThreadPoolExecutor]:
+    """A thread for an in-process run that needs nothing from the federation the test drives: it runs while the
+    federation's processes mostly wait on each other, and is joined (its error raised) by whoever reads its result."""
+    with ThreadPoolExecutor(1) as pool:
+        yield pool
+
+
 @pytest.mark.federation
 def test_a_killed_worker_then_resume_finishes_the_run(party_data: tuple[Path, dict], tmp_path: Path,
-                                                      party_homes_in_tmp: Path) -> None:
+                                                      party_homes_in_tmp: Path, meanwhile: ThreadPoolExecutor) -> None:
     data, _ = party_data
     out, secret = tmp_path / "run", tmp_path / "secret.hex"
     secret.write_text(SECRET)
+    uninterrupted = meanwhile.submit(run_inprocess, load_config(None, SETTINGS), data, tmp_path / "reference",
+                                     secret=SECRET, homes=fresh_homes(tmp_path / "reference-homes"))
     args = [FEDSCORE, "federate", "--data", str(data), "--out", str(out), "--secret-file", str(secret),
             *[item for override in SETTINGS for item in ("--set", override)]]
     cli = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -64,8 +76,7 @@ def test_a_killed_worker_then_resume_finishes_the_run(party_data: tuple[Path, di
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     resume_s = time.perf_counter() - started
     metrics = json.loads((out / "metrics.json").read_text())
-    reference = run_inprocess(load_config(None, SETTINGS), data, tmp_path / "reference", secret=SECRET,
-                              homes=fresh_homes(tmp_path / "reference-homes"))
+    reference = uninterrupted.result()
     assert len(metrics["rounds"]) == 3 and metrics["transport"] == "flower"
     for key, value in reference["test"].items():
         assert metrics["test"][key] == pytest.approx(value, abs=1e-6), key
