@@ -150,7 +150,7 @@ def prepare_payment_service(model: Path, data: Path, home: Path, budget: list[st
     from fedscore.shared.party_home import PartyHome, ensure_party_home
     from fedscore.shared.scoring.bundle import load_scoring_bundle
 
-    bundle = load_scoring_bundle(model)
+    bundle = load_scoring_bundle(model, parties=("payment",))  # the lender's part is the lender's alone
     home = ensure_party_home(home)
     served = load_served(home, bundle.part_sha256("payment"))
     check_not_replayable(served, bundle.manifest.training_config)

@@ -31,7 +31,8 @@ def label_records(config: FedConfig, n_train: int, exchanges: int) -> list:
     if privacy.label_epsilon is None:
         raise SystemExit("privacy.label_epsilon is unset: the labels are unprotected, there is nothing to compose")
     plan = plan_dp_sgd(privacy, n_train, config.training.rounds, "lender") if privacy.dp_sgd else None
-    return planned_label_records(privacy, plan, config.training.rounds, exchanges, "randomized-response:table")
+    return planned_label_records(privacy, plan, config.training.rounds, exchanges, "randomized-response:table",
+                                 top_released=config.model.lender_part == "top")
 
 
 def main() -> None:

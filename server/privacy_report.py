@@ -110,7 +110,17 @@ def _unprotected(config: FedConfig) -> list[dict[str, str]]:
     if not privacy.dp_sgd:
         out.append({"protects": "joint.records", "against": "outsider",
                     "what": "the released model parts are trained without DP-SGD"})
+    if config.model.lender_part == "gbdt":
+        out.append({"protects": "lender.labels and the lender's columns", "against": "whoever holds the lender part",
+                    "what": LENDER_OWN_PART})
     return out
+
+
+LENDER_OWN_PART = ("the lender part (model/lender_part.onnx) is the lender's own gradient-boosted model, fitted on its "
+                   "clean training labels without DP after the last exchange (model.lender_part = 'gbdt'): the lender "
+                   "keeps it, as it would a model of its own; the payment holder never receives it nor anything "
+                   "computed from it (it serves from the payment part alone), so lender.labels@payment does not "
+                   "count it")
 
 
 def _gradient_noise(privacy) -> str:
@@ -167,7 +177,8 @@ def releases(config: FedConfig) -> dict[str, list[dict[str, str]]]:
             {"what": "per-user gradients for the training users in every round but the last (R-1 exchanges; the "
                      "last round's are never computed), from randomized-response labels" + _gradient_noise(p),
              "to": "payment", "covered_by": labels},
-            {"what": "lender model part (ONNX weights) in model/", "to": "outsider", "covered_by": model},
+            {"what": "lender model part (ONNX weights) in model/", "to": "outsider",
+             "covered_by": f"unprotected: {LENDER_OWN_PART}" if config.model.lender_part == "gbdt" else model},
             {"what": "reason-code references in model/", "to": "outsider",
              "covered_by": "public: declared in the lender's schema"},
             {"what": "preprocessing constants in model/", "to": "outsider", "covered_by": scaling},

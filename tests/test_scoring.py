@@ -45,6 +45,7 @@ from fedscore.shared.model.export_onnx import (
     EMBEDDING,
     LENDER_INPUT,
     LOGIT,
+    PAYMENT_FILE,
     load_manifest,
     sha256_file,
     torch_score,
@@ -79,7 +80,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # scoring does not care how the model was trained: the fastest training that still exports a bundle. The lender's
 # intercept must converge within it (lr 0.02: at FAST's 0.005 it moved ~0.45 of the ~2.9 it needs), else the payment
 # holder's partial logit carries the intercept, is negative for everyone and is never an adverse reason
-QUICK = [*FAST, "training.lr=0.02", "baselines.enabled=false",
+# the torch top as the scoring part (model.lender_part="top"): these tests compare the export with torch and the
+# linear reason-code shortcut with occlusion; the default GBDT part is scored in tests/test_lender_gbdt.py
+QUICK = [*FAST, "training.lr=0.02", "baselines.enabled=false", "model.lender_part=top",
          *(["privacy.enabled=false"] if "privacy" in FedConfig.model_fields else [])]
 
 
@@ -122,6 +125,20 @@ def test_manifest_hashes_match_the_files(any_run: tuple[Path, Path]) -> None:
     for part in manifest["parts"].values():
         assert sha256_file(run / "model" / part["file"]) == part["sha256"]
     assert load_scoring_bundle(run / "model").manifest.parts["lender"].sha256 == manifest["parts"]["lender"]["sha256"]
+
+
+def test_the_payment_holder_loads_its_own_part_without_the_lenders(any_run: tuple[Path, Path],
+                                                                   tmp_path: Path) -> None:
+    """The lender's part is the lender's own (with model.lender_part = "gbdt" it is fitted on clean labels): the
+    payment holder's copy of model/ need not hold it, and `serve payment` checks only its own part."""
+    _, run = any_run
+    copy = tmp_path / "payment-copy"
+    copy.mkdir()
+    for name in ("manifest.json", PAYMENT_FILE):
+        shutil.copy2(run / "model" / name, copy / name)
+    assert load_scoring_bundle(copy, parties=("payment",)).part_sha256("payment")
+    with pytest.raises(BundleError, match=r"lender_part\.onnx"):
+        load_scoring_bundle(copy)
 
 
 def test_onnx_scores_match_torch_on_the_test_split(any_run: tuple[Path, Path]) -> None:

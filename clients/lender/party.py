@@ -180,7 +180,8 @@ class LenderParty(PartyBase):
 
         rounds = self.config.training.rounds
         plan = DpSgdPlan(**self.state["dpsgd"]) if "dpsgd" in self.state else None
-        return planned_label_records(self.config.privacy, plan, rounds, gradient_exchanges(rounds), self._label_draw)
+        return planned_label_records(self.config.privacy, plan, rounds, gradient_exchanges(rounds), self._label_draw,
+                                     top_released=self.config.model.lender_part == "top")
 
     @property
     def _label_draw(self) -> str:
@@ -258,9 +259,13 @@ class LenderParty(PartyBase):
         # the training loss is over the lender's secret Poisson batches of training labels: its own evaluation
         self._evaluation(round_=round_, train_loss=float(np.mean(losses)) if losses else None)
         metrics: dict[str, float] = {}  # validation and test users only: what the lender shares
-        model.eval()
-        with torch.no_grad():
-            p = model.probability(x, h).numpy()
+        final = self._fit_final_part(h, y, split) if last and config.model.lender_part == "gbdt" else None
+        if final is not None:
+            p = final.model.predict_proba(self._final_features(h))[:, 1]
+        else:
+            model.eval()
+            with torch.no_grad():
+                p = model.probability(x, h).numpy()
         for code, label in ((SPLIT_VAL, "val"), (SPLIT_TEST, "test")):
             mask = (split == code).numpy()
             if mask.sum() and 0 < y[mask].sum() < mask.sum():
@@ -269,9 +274,45 @@ class LenderParty(PartyBase):
         if not last:
             body = Trained()
         else:  # the last round: the part is final, so it is exported now (no message of its own)
-            body = Trained(curves=Curves(**curves(y[test].numpy(), p[test])), exported=self._export(model))
+            exported = self._export_final(final, h.shape[1]) if final is not None else self._export(model)
+            body = Trained(curves=Curves(**curves(y[test].numpy(), p[test])), exported=exported)
         return self.reply(message, parts=parts, metrics=metrics, body=body,
                           payload_kind=PayloadKind.GRADIENTS if parts else PayloadKind.NONE)
+
+    def _final_features(self, h: torch.Tensor) -> np.ndarray:
+        """[clipped raw lender columns, the payment holder's last release] of every aligned user."""
+        from fedscore.shared.model.lender_gbdt import gbdt_features
+
+        return gbdt_features(self.state["raw"][self.state["rows"]].numpy(), h.numpy())
+
+    def _fit_final_part(self, h: torch.Tensor, y: torch.Tensor, split: torch.Tensor):
+        """The lender's own scoring part (model.lender_part = "gbdt", shared/model/lender_gbdt.py): fitted on the
+        clean labels of the training users and chosen on validation, after the last exchange. Nothing computed from
+        it reaches the payment holder (no gradients follow the last round; online, the payment holder only
+        answers), so it is charged to nothing there; it is named not DP in the privacy report. Canaries, whose
+        labels are random draws for the audit, are left out, as from the lender-only baseline."""
+        from fedscore.shared.model.lender_gbdt import fit_lender_gbdt
+
+        split_np = split.numpy().copy()
+        if self.config.audit.canaries:
+            from fedscore.clients.canaries import SPLIT_EXCLUDED, is_canary
+
+            rows = self.state["rows"].numpy()
+            split_np = np.where(is_canary([self.state["ids"][int(r)] for r in rows]), SPLIT_EXCLUDED, split_np)
+        fit = fit_lender_gbdt(self._final_features(h), y.numpy(), split_np == SPLIT_TRAIN, split_np == SPLIT_VAL)
+        self._evaluation(final_part={"kind": "gbdt", "setting": list(fit.setting), "val_auc": fit.val_auc})
+        return fit
+
+    def _export_final(self, fit, embedding_dim: int) -> str:
+        """Write the lender's own GBDT part with the torch top's inputs and outputs (lender_gbdt.py)."""
+        from fedscore.shared.model.export_onnx import LENDER_FILE
+        from fedscore.shared.model.lender_gbdt import export_lender_gbdt
+
+        out = self.settings.state_dir / "export"
+        export_lender_gbdt(fit, Scaler(**self.state["scaler"]), embedding_dim, out / LENDER_FILE)
+        write_json_atomic(out / "lender_part.json", {"scaler": self.state["scaler"],
+                                                     "reference": self.state["reference"]})
+        return LENDER_FILE
 
     def _train_plain(self, model: LenderTop, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor,
                      round_: int) -> list[float]:

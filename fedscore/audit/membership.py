@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from fedscore.audit.views import RunViews
+from fedscore.audit.views import RunViews, released_lender_output
 
 THREAT = ("an outsider: both released model parts, and the features and true label of the users it tests")
 
@@ -32,20 +32,17 @@ def dp_auc_ceiling(epsilon: float | None, delta: float) -> float:
 
 def losses(views: RunViews) -> np.ndarray:
     """The released model's log loss on every aligned user, with its clean label (canaries: their random one)."""
-    from fedscore.shared.model.parts import lender_model, payment_model
+    from fedscore.shared.model.parts import payment_model
 
     config = views.config
-    pay, lend = views.payment_state, views.lender_state
+    pay = views.payment_state
     xp = pay.x[pay.rows]
-    xl = lend.x[lend.rows]
     bottom = payment_model(xp.shape[1], config)
     bottom.load_state_dict(pay.model)
-    top = lender_model(xl.shape[1], config.model.sent_dim, config)
-    top.load_state_dict(lend.model)
     bottom.eval()
-    top.eval()
     with torch.no_grad():
-        p = top.probability(xl, bottom(xp)).numpy().astype(np.float64)
+        sent = bottom(xp).numpy()
+    p = np.clip(released_lender_output(views, sent, "probability"), 1e-12, 1 - 1e-12)
     y = views.clean
     return -(y * np.log(p) + (1 - y) * np.log(1 - p))
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fedscore.audit.views import RunViews
+from fedscore.audit.views import RunViews, released_lender_output
 from fedscore.shared.model.parts import seeded
 from fedscore.shared.model.preprocessing import Scaler
 
@@ -59,17 +59,7 @@ def _fit_predict(h_aux: np.ndarray, x_aux: np.ndarray, h_rest: np.ndarray, seed:
 def final_scores(views: RunViews, last_received: np.ndarray) -> np.ndarray:
     """The final model's default logit for every aligned user, as the lender computes it from its own columns and
     the last thing it received for the user (aligned order): what the lender learns anyway."""
-    import torch
-
-    from fedscore.shared.model.parts import lender_model
-
-    state = views.lender_state
-    xl = state.x[state.rows]
-    top = lender_model(xl.shape[1], last_received.shape[1], views.config)
-    top.load_state_dict(state.model)
-    top.eval()
-    with torch.no_grad():
-        return top(xl, torch.from_numpy(last_received.astype(np.float32))).numpy().astype(np.float64)
+    return released_lender_output(views, last_received)
 
 
 def _attack(inputs: np.ndarray, x: np.ndarray, aux: np.ndarray, rest: np.ndarray, seed: int) -> tuple[str, float]:

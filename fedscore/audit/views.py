@@ -83,3 +83,36 @@ def load_run(run_dir: Path) -> RunViews:
                     lender_state=lender, aligned_ids=ids, split=lender.split.numpy(),
                     clean=lender.y[lender.rows].numpy(), released=lender.y_release.numpy(),
                     canary=is_canary(ids))
+
+
+def released_lender_output(views: RunViews, received: np.ndarray, output: str = "logit") -> np.ndarray:
+    """The lender part's default `output` ("logit" or "probability") for every aligned user given what the payment
+    holder sent (`received`, aligned order). When the part is the lender's own GBDT (model.lender_part = "gbdt", not
+    a torch module) this runs the exported part as scoring does; otherwise the top's torch module (its raw logit,
+    and its probability with the randomized-response flip undone, as before)."""
+    import torch
+
+    state = views.lender_state
+    received32 = np.asarray(received, dtype=np.float32)
+    if views.config.model.lender_part == "gbdt":
+        from fedscore.shared.model.export_onnx import LENDER_FILE
+        from fedscore.shared.model.manifest import EMBEDDING, LENDER_INPUT, LOGIT, PROBABILITY
+        from fedscore.shared.scoring.bundle import ort_session
+
+        path = RunFolder(views.run_dir).party_state("lender") / "export" / LENDER_FILE
+        if not path.exists():
+            raise AuditError(f"{path}: missing (the run exported no lender part)")
+        raw = state.raw[state.rows].numpy().astype(np.float32)
+        name = LOGIT if output == "logit" else PROBABILITY
+        (values,) = ort_session(path).run([name], {LENDER_INPUT: raw, EMBEDDING: received32})
+        return values.astype(np.float64)
+    from fedscore.shared.model.parts import lender_model
+
+    xl = state.x[state.rows]
+    top = lender_model(xl.shape[1], received32.shape[1], views.config)
+    top.load_state_dict(state.model)
+    top.eval()
+    h = torch.from_numpy(received32)
+    with torch.no_grad():
+        values = top(xl, h) if output == "logit" else top.probability(xl, h)
+    return values.numpy().astype(np.float64)

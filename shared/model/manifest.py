@@ -104,8 +104,9 @@ def write_manifest(directory: Path, manifest: ModelManifest) -> Path:
     return target
 
 
-def load_manifest(directory: Path) -> ModelManifest:
-    """Read and validate `manifest.json`, then check every part file against its sha256.
+def load_manifest(directory: Path, parties: tuple[str, ...] | None = None) -> ModelManifest:
+    """Read and validate `manifest.json`, then check every part file (or only those of `parties`: the payment
+    holder's copy holds its own part alone) against its sha256.
 
     Raises ValueError naming the file for a missing/invalid manifest, a missing part or a hash mismatch.
     """
@@ -118,6 +119,8 @@ def load_manifest(directory: Path) -> ModelManifest:
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise ValueError(f"{path}: invalid manifest: {exc}") from exc
     for name, part in manifest.parts.items():
+        if parties is not None and name not in parties:
+            continue
         file = directory / part.file
         if not file.is_file():
             raise ValueError(f"{file}: {name} part listed in {MANIFEST_NAME} is missing")

@@ -124,10 +124,12 @@ def label_training_release(plan: DpSgdPlan, steps: int, computed_from: str = "")
 
 
 def planned_label_records(privacy: PrivacyConfig, plan: DpSgdPlan | None, rounds: int, exchanges: int,
-                          draw: str) -> list:
+                          draw: str, top_released: bool = True) -> list:
     """Every record a run charges to lender.labels@payment, known before it starts: randomized response (its draw
     named), the lender's DP-SGD steps in each of its rounds, and `exchanges` gradient exchanges, charged as not DP
     (noise 0) without DP-SGD or without gradient noise (clients/lender/party.py charges exactly these, one by one).
+    A top trained without DP-SGD is released (not DP) only when it is the scoring part (`top_released`:
+    model.lender_part = "top"); the lender's own GBDT part never reaches the payment holder.
     """
     from fedscore.shared.privacy import RandomizedResponse
 
@@ -137,7 +139,7 @@ def planned_label_records(privacy: PrivacyConfig, plan: DpSgdPlan | None, rounds
                                         draw=draw)]
     if plan is not None:
         records += [label_training_release(plan, plan.steps_per_round, draw)] * dp_sgd_rounds(rounds)["lender"]
-    else:
+    elif top_released:
         records += [released_lender_part(privacy, draw)]
     return records + [label_exchange_release(privacy, plan is not None, draw)] * exchanges
 

@@ -98,25 +98,29 @@ _EXPECTED_IO = {
 }
 
 
-def load_scoring_bundle(model_dir: Path) -> ScoringBundle:
-    """Load and check RUN_DIR/model: hashes (via `load_manifest`), graph input/output names, reference widths."""
+def load_scoring_bundle(model_dir: Path, parties: tuple[str, ...] = ("payment", "lender")) -> ScoringBundle:
+    """Load and check RUN_DIR/model: hashes (via `load_manifest`), graph input/output names, reference widths, of
+    the parts of `parties` (the payment service opens its own part only: the lender's part need not be there)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise BundleError(f"{model_dir}: model folder not found (expected RUN_DIR/model with manifest.json)")
     if not (model_dir / "manifest.json").is_file() and (model_dir / "model" / "manifest.json").is_file():
         raise BundleError(f"{model_dir}: no manifest.json here; this is a run folder, use {model_dir / 'model'}")
     try:
-        manifest = load_manifest(model_dir)
+        manifest = load_manifest(model_dir, parties)
     except ValueError as exc:
         raise BundleError(str(exc)) from exc
     manifest_path = model_dir / "manifest.json"
     for party, (inputs, outputs) in _EXPECTED_IO.items():
+        if party not in parties:
+            continue
         part = manifest.parts[party]
         if part.inputs != inputs or not set(outputs) <= set(part.outputs):
             raise BundleError(f"{manifest_path}: the {party} part has inputs {part.inputs} and outputs "
                               f"{part.outputs}; scoring needs inputs {inputs} and outputs {outputs}")
     bundle = ScoringBundle(model_dir, manifest)
-    widths = {"lender_reference": (manifest.lender_reference, len(bundle.lender_features))}
+    widths = {"lender_reference": (manifest.lender_reference, len(bundle.lender_features))} if (
+        "lender" in parties) else {}
     for field, (values, width) in widths.items():
         if values is not None and (len(values) != width or not np.all(np.isfinite(values))):
             raise BundleError(f"{manifest_path}: {field} must be {width} finite numbers, got {len(values)}")
