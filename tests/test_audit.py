@@ -273,7 +273,9 @@ def test_feature_protection_stops_reconstruction_and_dp_sgd_bounds_membership(da
     """The lender's reconstruction, which reads clean embeddings well (test_attacks_work_when_nothing_protects),
     learns nothing it could not guess from the auxiliary means once the embeddings are noised for feature eps 8;
     the released model, under DP-SGD, stays under the membership ceiling its outsider claim allows."""
-    run_dir = _run(data, tmp_path, *DP_SGD, "privacy.feature_epsilon=8")
+    # the DP top as the scoring part: the membership ceiling is its outsider claim (the default own GBDT part is
+    # not DP, and the audit then sets no ceiling: test_lender_gbdt.py)
+    run_dir = _run(data, tmp_path, *DP_SGD, "privacy.feature_epsilon=8", "model.lender_part=top")
     section = audit_section(run_dir)
     features = section["features_vs_lender"]
     assert features["claim"] is not None

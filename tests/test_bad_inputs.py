@@ -162,9 +162,12 @@ def test_the_valid_bases_train(bases: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_a_spent_budget_is_refused_through_the_cli(bases: dict[str, Path], tmp_path: Path) -> None:
-    first = _run(bases["features"], tmp_path / "first", [], homes=tmp_path / "homes")
+    # two rounds: one gradient exchange, computed from the randomized labels (with one round nothing label-derived
+    # reaches the payment holder: the lender's own part never does, and nothing is spent against it)
+    exchange = ["--set", "training.rounds=2"]
+    first = _run(bases["features"], tmp_path / "first", exchange, homes=tmp_path / "homes")
     assert first[0] == 0, first[1]
-    code, output = _run(bases["features"], tmp_path / "second", [], homes=tmp_path / "homes")
+    code, output = _run(bases["features"], tmp_path / "second", exchange, homes=tmp_path / "homes")
     assert code != 0 and "Traceback" not in output
     text = " ".join(output.split())
     assert "lender.labels@payment exceeded" in text and "nothing was recorded" in text

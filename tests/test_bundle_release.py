@@ -43,8 +43,11 @@ from fedscore.shared.scoring.linear import METADATA_KEY as LINEAR_KEY
 from fedscore.shared.scoring.scorecard import ScorecardParams
 from tests.conftest import SECRET, fresh_homes, make_party_data
 
+# the DP top as the scoring part: every number it ships is public or ledger-recorded, which this walker proves; the
+# default own GBDT part is named unprotected in the privacy report instead (tests/test_lender_gbdt.py checks that)
 PRIVATE = ["training.rounds=2", "training.local_epochs=1", "training.batch_size=64", "baselines.epochs=2",
-           "privacy.dpsgd_batch_size=256", "privacy.dpsgd_lr=0.02", "privacy.feature_epsilon=8"]
+           "privacy.dpsgd_batch_size=256", "privacy.dpsgd_lr=0.02", "privacy.feature_epsilon=8",
+           "model.lender_part=top"]
 FILES = {"payment": PAYMENT_FILE, "lender": LENDER_FILE}
 CODE_CONSTANTS = (0.0, 1.0, 1e-7, 1.0 - 1e-7, 1e-3, 1.0 - 1e-3)  # graph arithmetic (log1p, probability clips)
 
