@@ -345,3 +345,16 @@ def test_a_run_on_a_half_truncated_json_ledger_stops_with_one_line_naming_it(par
     assert result.exit_code == 2, result.output
     assert str(ledger) in " ".join(result.output.split()) and "Traceback" not in result.output
     assert ledger.read_text() == text[: len(text) // 2]
+
+
+def test_closing_the_guard_mid_composition_stops_its_background(tmp_path: Path) -> None:
+    """A guard closed while its background composes the next charge (its worker pool is then shut down) used to
+    retry the composition every second forever, and a join on it never returned (seen as a hung test run)."""
+    meta = ServedMeta(feature_sigma=2.0, embedding_clip=1.0, feature_neighbouring="add_remove", delta=DELTA,
+                      replayable_noise=False)
+    served = ServedVersion(sha256="ab" * 32, ids=frozenset({"u1"}), meta=meta, ids_file=Path("served.ids"))
+    guard = LedgerGuard(tmp_path, served, {KEY: 1e6}, ahead=1, reserve=1)
+    guard.close()  # at once: the first composition ahead is still in flight
+    assert guard._reserver is not None
+    guard._reserver.join(timeout=30)
+    assert not guard._reserver.is_alive()

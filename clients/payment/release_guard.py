@@ -308,7 +308,7 @@ class LedgerGuard:
         block = self.reserve if self.ahead > 0 else 1  # ahead=0: every charge is an answer's own, one release
         composer = self._composer
         composed: tuple[int, int] | None = None  # (charged, target) whose composition is remembered
-        while True:
+        while not self._closed:
             try:
                 charged = self.charged
                 target = charged + block
@@ -337,6 +337,8 @@ class LedgerGuard:
                 log.info("online charging ahead stopped: the budget for %s is spent", GUARANTEE)
                 return
             except Exception:  # the next answer charges inline and reports a real problem
+                if self._closed:  # closed mid-composition: its worker pool is shut down, nothing to retry
+                    return
                 log.exception("charging ahead failed; answers will charge inline")
                 time.sleep(1.0)
 
