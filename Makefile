@@ -8,11 +8,14 @@ STAMP := $(VENV)/.installed
 
 # torch first, with pip and pinned exactly: pip finds the CPU build on this kind of machine's disk (a looser pin, or
 # uv, would download a multi-GB CUDA build). The rest with uv, which resolves the same versions as pip here (checked
-# with a diff of both freezes) in ~15 s against pip's 1-2 min; pip takes over if uv cannot.
+# with a diff of both freezes) in ~15 s against pip's 1-2 min; pip takes over if uv cannot. uv compiles the
+# bytecode at install, as pip does: otherwise every process that a fresh test run or demo starts at once (test
+# workers, SuperLink, SuperNodes, party workers) compiles flwr, scipy, sklearn... on its own first import.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0 uv
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]' || $(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -e '.[dev]' || \
+		$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
