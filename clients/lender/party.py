@@ -32,6 +32,9 @@ from fedscore.shared.protocol.splits import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, 
 from fedscore.shared.protocol.steps import PayloadKind
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from fedscore.shared.model.lender_gbdt import LenderGbdtFit
     from fedscore.shared.privacy import Ledger
     from fedscore.shared.privacy.dp_sgd import DpSgdPlan
 
@@ -200,14 +203,21 @@ class LenderParty(PartyBase):
         config = self.config
         rows = self.state["rows"].numpy()
         x, y, split = self._aligned()
-        split = split.numpy()
-        if config.audit.canaries:  # the baseline learns from real users only
-            from fedscore.clients.canaries import SPLIT_EXCLUDED, is_canary
-
-            split = np.where(is_canary([self.state["ids"][int(r)] for r in rows]), SPLIT_EXCLUDED, split)
+        split = self._real_users_split(split)  # the baseline learns from real users only
         return best_reference(x.numpy(), self.state["raw"][rows].numpy(), y.numpy(), split,
                               hidden=config.model.lender_hidden, epochs=config.baselines.epochs,
                               lr=config.training.lr, batch_size=config.training.batch_size, seed=config.seed)
+
+    def _real_users_split(self, split: torch.Tensor) -> np.ndarray:
+        """The aligned split with the audit's canaries (labels drawn at random) moved out of every split: what the
+        lender's own models (the lender-only baseline, its own scoring part) learn from and are chosen on."""
+        out = split.numpy()
+        if not self.config.audit.canaries:
+            return out
+        from fedscore.clients.canaries import SPLIT_EXCLUDED, is_canary
+
+        rows = self.state["rows"].numpy()
+        return np.where(is_canary([self.state["ids"][int(r)] for r in rows]), SPLIT_EXCLUDED, out)
 
     def _evaluation(self, fresh: bool = False, round_: int | None = None, **items: Any) -> None:
         """Add `items` to the lender's own evaluation (EVALUATION_FILE in its state folder), per round when `round_`
@@ -285,7 +295,7 @@ class LenderParty(PartyBase):
 
         return gbdt_features(self.state["raw"][self.state["rows"]].numpy(), h.numpy())
 
-    def _fit_final_part(self, h: torch.Tensor, y: torch.Tensor, split: torch.Tensor):
+    def _fit_final_part(self, h: torch.Tensor, y: torch.Tensor, split: torch.Tensor) -> LenderGbdtFit:
         """The lender's own scoring part (model.lender_part = "gbdt", shared/model/lender_gbdt.py): fitted on the
         clean labels of the training users and chosen on validation, after the last exchange. Nothing computed from
         it reaches the payment holder (no gradients follow the last round; online, the payment holder only
@@ -293,26 +303,19 @@ class LenderParty(PartyBase):
         labels are random draws for the audit, are left out, as from the lender-only baseline."""
         from fedscore.shared.model.lender_gbdt import fit_lender_gbdt
 
-        split_np = split.numpy().copy()
-        if self.config.audit.canaries:
-            from fedscore.clients.canaries import SPLIT_EXCLUDED, is_canary
-
-            rows = self.state["rows"].numpy()
-            split_np = np.where(is_canary([self.state["ids"][int(r)] for r in rows]), SPLIT_EXCLUDED, split_np)
+        split_np = self._real_users_split(split)
         fit = fit_lender_gbdt(self._final_features(h), y.numpy(), split_np == SPLIT_TRAIN, split_np == SPLIT_VAL)
         self._evaluation(final_part={"kind": "gbdt", "setting": list(fit.setting), "val_auc": fit.val_auc})
         return fit
 
-    def _export_final(self, fit, embedding_dim: int) -> str:
+    def _export_final(self, fit: LenderGbdtFit, embedding_dim: int) -> str:
         """Write the lender's own GBDT part with the torch top's inputs and outputs (lender_gbdt.py)."""
         from fedscore.shared.model.export_onnx import LENDER_FILE
         from fedscore.shared.model.lender_gbdt import export_lender_gbdt
 
         out = self.settings.state_dir / "export"
         export_lender_gbdt(fit, Scaler(**self.state["scaler"]), embedding_dim, out / LENDER_FILE)
-        write_json_atomic(out / "lender_part.json", {"scaler": self.state["scaler"],
-                                                     "reference": self.state["reference"]})
-        return LENDER_FILE
+        return self._write_sidecar(out)
 
     def _train_plain(self, model: LenderTop, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor,
                      round_: int) -> list[float]:
@@ -368,6 +371,12 @@ class LenderParty(PartyBase):
                                note="the lender's part, trained without DP-SGD on the randomized labels, released "
                                     "with the model (not DP: the labels' bound rests on randomized response alone)")
         export_lender_part(model, Scaler(**self.state["scaler"]), out / LENDER_FILE)
+        return self._write_sidecar(out)
+
+    def _write_sidecar(self, out: Path) -> str:
+        """Beside either lender part: its scaler and the declared reference reason codes need (fedscore/bundle.py)."""
+        from fedscore.shared.model.export_onnx import LENDER_FILE
+
         write_json_atomic(out / "lender_part.json", {"scaler": self.state["scaler"],
                                                      "reference": self.state["reference"]})
         return LENDER_FILE

@@ -117,15 +117,34 @@ def _export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, input
             warnings.simplefilter("ignore", DeprecationWarning)  # legacy exporter: torch is pinned, it is there
             torch.onnx.export(module, args, str(tmp), dynamo=False, opset_version=OPSET, input_names=inputs,
                               output_names=outputs, dynamic_axes=dynamic_axes, do_constant_folding=True)
-        proto = onnx.load(str(tmp))
-        for key, value in metadata.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.checker.check_model(proto)
+        save_part(onnx.load(str(tmp)), path, metadata)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_part(proto, path: Path, metadata: dict[str, str]) -> None:
+    """Add `metadata` to the graph, check it with onnx's checker, write it to `path` atomically: every part's last
+    step, whether traced from torch (`_export`) or built from trees (shared/model/lender_gbdt.py)."""
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
         onnx.save(proto, str(tmp))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def part_metadata(party: str, scaler: Scaler) -> dict[str, str]:
+    """What every part says about itself: its party, the format, its feature names and its (public) scaler."""
+    return {"fedscore.part": party, "fedscore.format_version": FORMAT_VERSION,
+            "fedscore.feature_names": json.dumps(scaler.columns), "fedscore.scaler": json.dumps(scaler.to_dict())}
 
 
 def export_payment_part(model: PaymentBottom, scaler: Scaler, path: Path) -> None:
@@ -133,10 +152,7 @@ def export_payment_part(model: PaymentBottom, scaler: Scaler, path: Path) -> Non
     order -> output "embedding" float32 [N, d]."""
     module = PaymentScoring(model, scaler)
     example = torch.zeros(2, len(scaler.columns))
-    _export(module, (example,), path, [PAYMENT_INPUT], [EMBEDDING], {
-        "fedscore.part": "payment", "fedscore.format_version": FORMAT_VERSION,
-        "fedscore.feature_names": json.dumps(scaler.columns), "fedscore.scaler": json.dumps(scaler.to_dict()),
-    })
+    _export(module, (example,), path, [PAYMENT_INPUT], [EMBEDDING], part_metadata("payment", scaler))
 
 
 def export_lender_part(model: LenderTop, scaler: Scaler, path: Path) -> None:
@@ -145,8 +161,7 @@ def export_lender_part(model: LenderTop, scaler: Scaler, path: Path) -> None:
     A top that is one linear layer also says so in the metadata (`linear_top_description`)."""
     module = LenderScoring(model, scaler)
     example = (torch.zeros(2, len(scaler.columns)), torch.zeros(2, model.embedding_dim))
-    metadata = {"fedscore.part": "lender", "fedscore.format_version": FORMAT_VERSION,
-                "fedscore.feature_names": json.dumps(scaler.columns), "fedscore.scaler": json.dumps(scaler.to_dict())}
+    metadata = part_metadata("lender", scaler)
     linear = linear_top_description(model)
     if linear is not None:
         metadata[LINEAR_METADATA_KEY] = linear.model_dump_json()
