@@ -374,6 +374,8 @@ def _audit_summary(section: dict, run_dir: Path) -> None:
     if excess:
         for name, row in excess["inputs"].items():
             table.add_row("lender", f"feature reconstruction R^2 ({name})", fmt(row["pooled_r2"]), "0.000", "-")
+        if excess.get("inverted"):  # the same without inverting the lender's own part: a regressor's view
+            table.add_row("lender", "excess over the score, not inverted", fmt(excess["plain_excess"]), "0.000", "-")
         table.add_row("lender", "excess: everything received over the final score", fmt(excess["excess"]), "0.000",
                       fmt(excess["bar"]), style=None if excess["within_bar"] else "red")
     console.print(table)

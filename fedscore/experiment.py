@@ -185,7 +185,8 @@ def attack_columns(run_dir: Path) -> dict[str, Any]:
     if excess:  # the lender's reconstruction of the payment columns: with everything received, with the score
         row["attack.recon_received_r2"] = excess["inputs"]["own columns + everything received"]["pooled_r2"]
         row["attack.recon_score_r2"] = excess["inputs"]["own columns + final score"]["pooled_r2"]
-        row["attack.recon_excess"] = excess["excess"]
+        row["attack.recon_excess"] = excess["excess"]  # the attacker inverts the lender's part (reconstruction.py)
+        row["attack.recon_plain_excess"] = excess.get("plain_excess", excess["excess"])  # a regressor alone
     for audit in section["one_run_audits"]:
         if audit.get("epsilon_lower_bound") is not None:
             row[f"audit.{audit['guarantee']}"] = audit["epsilon_lower_bound"]
@@ -351,7 +352,8 @@ def summary(frame: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
             if column in good:
                 entry[f"{column.removeprefix('attack.')}_median"] = _numeric(good, column).median()
                 entry[f"{column.removeprefix('attack.')}_max"] = _numeric(good, f"{column}.max").max()
-        for column in ("attack.recon_received_r2", "attack.recon_score_r2", "attack.recon_excess"):
+        for column in ("attack.recon_received_r2", "attack.recon_score_r2", "attack.recon_excess",
+                       "attack.recon_plain_excess"):
             if column in good:
                 entry[f"{column.removeprefix('attack.')}_median"] = _numeric(good, column).median()
                 entry[f"{column.removeprefix('attack.')}_max"] = _numeric(good, column).max()

@@ -201,6 +201,12 @@ def _audit_view(run_dir: Path, section: dict[str, Any] | None) -> dict[str, Any]
               "best": _best_reconstructed(r["per_feature_r2"]), "count": len(r["per_feature_r2"]),
               "per_feature": ", ".join(f"{k} {_fmt(v, 2)}" for k, v in r["per_feature_r2"].items())}
              for r in features["results"]]
+    excess = features.get("excess_over_score")
+    excess_view = None if not excess else {
+        "bar": _fmt(excess["bar"]), "value": _fmt(excess["excess"]), "red": not excess["within_bar"],
+        "plain": _fmt(excess["plain_excess"]) if excess.get("inverted") else None,
+        "rows": [{"name": name, "regressor": row["regressor"], "pooled": _fmt(row["pooled_r2"])}
+                 for name, row in excess["inputs"].items()]}
     audits = [{"guarantee": a["guarantee"], "claim": _fmt(a["claim"]), "status": a["claim_status"],
                "bound": _fmt(a["epsilon_lower_bound"]), "red": bool(a["violation"]),
                "detail": (f"{a['correct']}/{a['guesses']} correct of {a['canaries']} canaries ({a['policy']}; "
@@ -210,7 +216,8 @@ def _audit_view(run_dir: Path, section: dict[str, Any] | None) -> dict[str, Any]
     return {"threats": {"labels": labels["threat_model"], "features": features["threat_model"],
                         "membership": mem["threat_model"]},
             "label_claim": _fmt(labels.get("claim")), "feature_claim": _fmt(features.get("claim")),
-            "attacks": attacks, "reconstruction": recon, "audits": audits, "violations": section["violations"],
+            "attacks": attacks, "reconstruction": recon, "excess": excess_view, "audits": audits,
+            "violations": section["violations"],
             "not_done": section.get("not_done", []),
             "png_base64": base64.b64encode(png.read_bytes()).decode() if png.exists() else None}
 

@@ -62,8 +62,9 @@ class TrainingConfig(_Strict):
     # issue 18 (BENCHMARKS.md "the lender's own final part"): with 2 rounds the partial logit starts at 0 (round 0
     # the lender's alone) and round 1's release is the only real one, the one the score uses. With the DP top as the
     # scoring part, 2 rounds kept less of the lift than 4 (median 0.716 against 0.781); with the lender's own GBDT
-    # part (model.lender_part) they keep 0.852 on UCI's scenario split. The excess of that one release over the GBDT
-    # score is still above 0.05 in 5 of 12 runs
+    # part (model.lender_part) they keep 0.852 on UCI's scenario split. What that one release adds to the score, for
+    # a lender that inverts its own part (fedscore/audit/reconstruction.py), is at most 0.016 in pooled R^2 over 12
+    # runs; a third round would add an earlier projection the score does not give
     rounds: int = Field(2, ge=1, le=100, description="exchanges: the payment side's outputs one way, gradients back")
     local_epochs: int = Field(3, ge=1, le=100, description="epochs each party takes on its side per round")
     batch_size: int = Field(256, ge=1)

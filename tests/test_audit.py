@@ -250,7 +250,11 @@ def test_the_command_exits_zero_when_the_claims_hold(protected: Path) -> None:
     # `fedscore report` rebuilds the page and keeps the section
     assert CliRunner().invoke(app, ["report", str(protected)]).exit_code == 0
     assert "attacks_and_audit" in json.loads((protected / "privacy-report.json").read_text())
-    assert "Attacks and audit" in (protected / "report.html").read_text()
+    html = (protected / "report.html").read_text()
+    assert "Attacks and audit" in html
+    excess = json.loads((protected / "privacy-report.json").read_text())["attacks_and_audit"][
+        "features_vs_lender"]["excess_over_score"]  # what everything received adds to the score, on the page too
+    assert "everything received over the final score" in html and f"{excess['excess']:.3f}" in html
 
 
 def test_audit_refuses_a_run_without_transcripts(tmp_path: Path) -> None:

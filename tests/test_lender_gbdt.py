@@ -50,6 +50,35 @@ def test_without_validation_users_the_first_setting_is_kept() -> None:
     assert fit.val_auc is None and fit.setting == (0.05, 7, 200)
 
 
+def test_the_lender_recovers_the_partial_logit_from_its_score_through_its_own_part() -> None:
+    """The audit's attacker holds the lender's part (reconstruction.py): searching the partial logit that gives each
+    user's score with the user's own columns recovers it closely from a GBDT part, and not at all from a part that
+    does not read it; a coarse score then leaves no excess once inverted, while a plain regressor sees one."""
+    from fedscore.audit.reconstruction import excess_over_score, invert_partial_logit
+
+    raw, s, y, split = _data(3000)
+    fit = fit_lender_gbdt(gbdt_features(raw, s), y, split == 0, split == 1)
+
+    def part(v: float) -> np.ndarray:
+        return fit.model.decision_function(gbdt_features(raw, np.full((len(raw), 1), v)))
+
+    score = fit.model.decision_function(gbdt_features(raw, s))
+    grid = np.quantile(s[split == 0, 0], (np.arange(64) + 0.5) / 64)
+    guess = invert_partial_logit(part, score, grid)
+    assert np.corrcoef(guess, s[:, 0])[0, 1] > 0.9
+    blind = invert_partial_logit(lambda v: raw[:, 0], raw[:, 0], grid)  # a part that ignores the partial logit
+    assert np.allclose(blind, grid.mean())
+
+    rng = np.random.default_rng(4)  # payment columns that the partial logit summarises, a score that rounds it
+    x = np.column_stack([s[:, 0] + rng.normal(scale=0.1, size=len(s)), rng.normal(size=len(s))])
+    coarse = raw[:, 0] / 10 + (s[:, 0] > 0)
+    aux, rest = np.arange(600), np.arange(600, len(s))
+    plain = excess_over_score(raw, coarse, s, x, aux, rest, seed=0)
+    inverted = excess_over_score(raw, coarse, s, x, aux, rest, seed=0, inverted=s[:, 0])
+    assert plain["excess"] > 0.05 and not plain["within_bar"]
+    assert inverted["excess"] < 0.02 and inverted["within_bar"] and inverted["plain_excess"] > 0.05
+
+
 def test_a_run_scores_with_its_own_gbdt_part(tmp_path: Path) -> None:
     """The default lender part end to end: exported as a GBDT graph, scored in batch with occlusion reason codes
     from the lender's own columns and the one payment factor, and never charged to lender.labels@payment (nothing

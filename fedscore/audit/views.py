@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,10 +91,15 @@ def released_lender_output(views: RunViews, received: np.ndarray, output: str = 
     holder sent (`received`, aligned order). When the part is the lender's own GBDT (model.lender_part = "gbdt", not
     a torch module) this runs the exported part as scoring does; otherwise the top's torch module (its raw logit,
     and its probability with the randomized-response flip undone, as before)."""
+    return lender_part(views, output)(received)
+
+
+def lender_part(views: RunViews, output: str = "logit") -> Callable[[np.ndarray], np.ndarray]:
+    """The lender's part as a function of what the payment holder sent ([aligned users, sent_dim] -> each user's
+    `output`), loaded once: the audit calls it for many candidate partial logits (reconstruction.py)."""
     import torch
 
     state = views.lender_state
-    received32 = np.asarray(received, dtype=np.float32)
     if views.config.model.lender_part == "gbdt":
         from fedscore.shared.model.export_onnx import LENDER_FILE
         from fedscore.shared.model.manifest import EMBEDDING, LENDER_INPUT, LOGIT, PROBABILITY
@@ -102,17 +108,26 @@ def released_lender_output(views: RunViews, received: np.ndarray, output: str = 
         path = RunFolder(views.run_dir).party_state("lender") / "export" / LENDER_FILE
         if not path.exists():
             raise AuditError(f"{path}: missing (the run exported no lender part)")
+        session = ort_session(path)
         raw = state.raw[state.rows].numpy().astype(np.float32)
         name = LOGIT if output == "logit" else PROBABILITY
-        (values,) = ort_session(path).run([name], {LENDER_INPUT: raw, EMBEDDING: received32})
-        return values.astype(np.float64)
+
+        def run_onnx(received: np.ndarray) -> np.ndarray:
+            (values,) = session.run([name], {LENDER_INPUT: raw, EMBEDDING: np.asarray(received, dtype=np.float32)})
+            return values.astype(np.float64)
+
+        return run_onnx
     from fedscore.shared.model.parts import lender_model
 
     xl = state.x[state.rows]
-    top = lender_model(xl.shape[1], received32.shape[1], views.config)
+    top = lender_model(xl.shape[1], views.config.model.sent_dim, views.config)
     top.load_state_dict(state.model)
     top.eval()
-    h = torch.from_numpy(received32)
-    with torch.no_grad():
-        values = top(xl, h) if output == "logit" else top.probability(xl, h)
-    return values.numpy().astype(np.float64)
+
+    def run_top(received: np.ndarray) -> np.ndarray:
+        h = torch.from_numpy(np.asarray(received, dtype=np.float32))
+        with torch.no_grad():
+            values = top(xl, h) if output == "logit" else top.probability(xl, h)
+        return values.numpy().astype(np.float64)
+
+    return run_top
