@@ -45,7 +45,18 @@ def _mlp_early_stopped(x: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.
 def best_reference(x_scaled: np.ndarray, x_raw: np.ndarray, y: np.ndarray, split: np.ndarray, *, hidden: list[int],
                    epochs: int, lr: float, batch_size: int, seed: int,
                    train_code: int = 0, val_code: int = 1, test_code: int = 2) -> dict[str, float | str]:
-    """Test metrics of the family with the best validation AUC, plus which family it was."""
+    """Test metrics of the family with the best validation AUC, plus which family it was. On one OpenMP/BLAS thread,
+    as the lender's own part and the tuned references fit (shared/model/lender_gbdt.py says why)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return _best_reference(x_scaled, x_raw, y, split, hidden=hidden, epochs=epochs, lr=lr, batch_size=batch_size,
+                               seed=seed, train_code=train_code, val_code=val_code, test_code=test_code)
+
+
+def _best_reference(x_scaled: np.ndarray, x_raw: np.ndarray, y: np.ndarray, split: np.ndarray, *, hidden: list[int],
+                    epochs: int, lr: float, batch_size: int, seed: int, train_code: int, val_code: int,
+                    test_code: int) -> dict[str, float | str]:
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
 
