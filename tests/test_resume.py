@@ -26,7 +26,7 @@ from tests.conftest import SECRET, fresh_homes, make_party_data
 
 # default privacy (randomized-response labels, DP-SGD on both parts, DP scaler statistics) plus embedding noise,
 # in the replayable test mode so an interrupted and an uninterrupted run can be compared exactly
-PRIVATE = ["training.rounds=4", "training.local_epochs=1", "training.batch_size=64", "training.lr=0.005",
+PRIVATE = ["training.rounds=3", "training.local_epochs=1", "training.batch_size=64", "training.lr=0.005",
            "baselines.enabled=false", "privacy.dpsgd_batch_size=256", "privacy.dpsgd_local_epochs=1",
            "privacy.feature_epsilon=8", "privacy.replayable_noise=true"]
 
@@ -99,14 +99,14 @@ def _lender_dies_mid_training(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 CRASHES: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
-    # after round 1 of 4: the lender is down when round 2's gradients are due
+    # in round 1 of 3: the lender is down when round 1's embeddings are due to reach it
     "lender down before train round 1": lambda mp: _crash_on(mp, before=_is(MessageKind.TRAIN, 1)),
-    # the payment holder served round 2's embed (charged, sealed, saved), but its reply never reached anyone
+    # the payment holder served the last round's embed (charged, sealed, saved), but its reply never reached anyone
     "reply of embed round 2 lost": lambda mp: _crash_on(mp, after=_is(MessageKind.EMBED, 2)),
     "lender dies mid-train round 1 after charging": _lender_dies_mid_training,
     "during setup": lambda mp: _crash_on(mp, after=_is(MessageKind.SETUP, -1)),
     # the lender served the last train (exported, no gradients: its reply carries no payload), the reply was lost
-    "reply of the last train lost": lambda mp: _crash_on(mp, after=_is(MessageKind.TRAIN, 3)),
+    "reply of the last train lost": lambda mp: _crash_on(mp, after=_is(MessageKind.TRAIN, 2)),
 }
 
 
@@ -133,7 +133,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(data: Path, uninterrupted: tu
     # every process died: nothing survives but the run folder (state directories, checkpoint) and the party homes
     metrics = resume_inprocess(run_dir)
 
-    assert len(metrics["rounds"]) == 4
+    assert len(metrics["rounds"]) == 3
     assert metrics["test"] == reference["test"]  # replayable noise: exactly the uninterrupted model
     assert metrics["rounds"] == reference["rounds"]
     for party in ("payment", "lender"):
