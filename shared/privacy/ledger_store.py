@@ -431,8 +431,13 @@ class LedgerStore:
 
     def _checkpoint_loop(self) -> None:
         """Copy the WAL back into the database every second or so, outside the commit path (PASSIVE: never blocks
-        the writer); only when the WAL has grown, so an idle ledger costs nothing."""
-        conn = _connect(self.path)
+        the writer); only when the WAL has grown, so an idle ledger costs nothing. A file that is no database (the
+        writer's own first commit reports it, naming the file) ends the loop quietly instead of the thread."""
+        try:
+            conn = _connect(self.path)
+        except (OSError, sqlite3.Error) as exc:
+            log.debug("ledger checkpoints off for %s: %s", self.path, exc)
+            return
         while True:
             time.sleep(1.0)
             wal = self.path.with_name(self.path.name + "-wal")
