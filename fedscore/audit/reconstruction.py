@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from fedscore.audit.views import RunViews, lender_part, released_lender_output
+from fedscore.audit.views import RunViews, lender_part
 from fedscore.shared.model.parts import seeded
 from fedscore.shared.model.preprocessing import Scaler
 from fedscore.shared.protocol.splits import SPLIT_TRAIN
@@ -63,12 +63,6 @@ def _fit_predict(h_aux: np.ndarray, x_aux: np.ndarray, h_rest: np.ndarray, seed:
             guesses["mlp"] = MLPRegressor(hidden_layer_sizes=(64, 64), max_iter=300, early_stopping=True,
                                           random_state=seed).fit(h_aux, x_aux).predict(h_rest)
     return guesses
-
-
-def final_scores(views: RunViews, last_received: np.ndarray) -> np.ndarray:
-    """The final model's default logit for every aligned user, as the lender computes it from its own columns and
-    the last thing it received for the user (aligned order): what the lender learns anyway."""
-    return released_lender_output(views, last_received)
 
 
 def invert_partial_logit(part: Callable[[float], np.ndarray], score: np.ndarray, grid: np.ndarray) -> np.ndarray:
@@ -158,10 +152,11 @@ def reconstruction_attack(views: RunViews) -> dict[str, Any]:
                         "per_feature_r2": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, per,
                                                                                                   strict=True)}})
     last = per_round[max(per_round)]
-    score = final_scores(views, last)
+    part = lender_part(views)  # loaded once: the final score, then the inversion's many candidates
+    score = part(last)  # the final model's logit for every aligned user: what the lender learns anyway
     inverted = None
     if last.shape[1] == 1:  # one partial logit per user: the lender can search it through its own part
-        n, part = len(views.aligned_ids), lender_part(views)
+        n = len(views.aligned_ids)
         inverted = invert_partial_logit(lambda v: part(np.full((n, 1), v)), score,
                                         inversion_grid(last, (views.split == SPLIT_TRAIN) & ~views.canary))
     return {"threat_model": THREAT, "auxiliary_users": len(aux), "evaluated_users": len(rest),
