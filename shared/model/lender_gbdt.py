@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from fedscore.shared.model.manifest import EMBEDDING, LENDER_INPUT, LOGIT, PROBABILITY
 from fedscore.shared.model.preprocessing import Scaler
@@ -53,20 +54,14 @@ class LenderGbdtFit:
     val_auc: float | None
 
 
+# One OpenMP thread, as fedscore/references.py fits: the lender's worker shares its machine (the other party's worker
+# in a local federation, scoring, test workers), and HistGradientBoosting's threads spinning against other busy
+# processes cost several times the CPU (BENCHMARKS.md "The own part fits on one thread": 0.68 s against 1.2-2.4 s per
+# grid at 3,000 users, load ~6). The trees are the same whatever the thread count.
+@threadpool_limits.wrap(limits=1)
 def fit_lender_gbdt(features: np.ndarray, labels: np.ndarray, train: np.ndarray, val: np.ndarray) -> LenderGbdtFit:
     """Fit every GRID setting on the training users' clean labels and keep the best on validation (the first
     setting when there are no validation users of both classes). Deterministic: no subsampling, no early stopping."""
-    from threadpoolctl import threadpool_limits
-
-    # One OpenMP thread, as fedscore/references.py fits: the lender's worker shares its machine (the other party's
-    # worker in a local federation, scoring, test workers), and HistGradientBoosting's threads spinning against
-    # other busy processes cost several times the CPU (BENCHMARKS.md "The own part fits on one thread": 0.68 s
-    # against 1.2-2.4 s per grid at 3,000 users, load ~6). The trees are the same whatever the thread count.
-    with threadpool_limits(1):
-        return _fit(features, labels, train, val)
-
-
-def _fit(features: np.ndarray, labels: np.ndarray, train: np.ndarray, val: np.ndarray) -> LenderGbdtFit:
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     from fedscore.shared.metrics import auc

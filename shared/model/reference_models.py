@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 
 from fedscore.shared.data.party_data import batches
 from fedscore.shared.metrics import all_metrics, auc
@@ -42,21 +43,12 @@ def _mlp_early_stopped(x: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.
     return best_p
 
 
+@threadpool_limits.wrap(limits=1)  # as the lender's own part and the tuned references fit (lender_gbdt.py: why)
 def best_reference(x_scaled: np.ndarray, x_raw: np.ndarray, y: np.ndarray, split: np.ndarray, *, hidden: list[int],
                    epochs: int, lr: float, batch_size: int, seed: int,
                    train_code: int = 0, val_code: int = 1, test_code: int = 2) -> dict[str, float | str]:
-    """Test metrics of the family with the best validation AUC, plus which family it was. On one OpenMP/BLAS thread,
-    as the lender's own part and the tuned references fit (shared/model/lender_gbdt.py says why)."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(1):
-        return _best_reference(x_scaled, x_raw, y, split, hidden=hidden, epochs=epochs, lr=lr, batch_size=batch_size,
-                               seed=seed, train_code=train_code, val_code=val_code, test_code=test_code)
-
-
-def _best_reference(x_scaled: np.ndarray, x_raw: np.ndarray, y: np.ndarray, split: np.ndarray, *, hidden: list[int],
-                    epochs: int, lr: float, batch_size: int, seed: int, train_code: int, val_code: int,
-                    test_code: int) -> dict[str, float | str]:
+    """Test metrics of the family with the best validation AUC, plus which family it was. On one OpenMP/BLAS
+    thread."""
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
 
