@@ -30,6 +30,7 @@ class NoiseLabel(StrEnum):
     EMBEDDING_NOISE = "noise"  # the payment holder's Gaussian noise on each round's embeddings
     RANDOMIZED_RESPONSE = "randomized-response"  # the lender's label flips, once
     GRADIENT_NOISE = "grad-noise"  # the lender's Gaussian noise on each round's gradients
+    STATISTICS_FIT = "statistics-fit"  # the payment part's statistics fit: its Gram matrix's noise, then each fit's
 
 
 @dataclass(kw_only=True)
@@ -111,6 +112,8 @@ class PaymentState(PartyState):
     featurised: bool = False  # its table was raw transactions, featurised before training
     feature_sigma: float | None = None  # the embeddings' Gaussian noise (std / clip), when features are protected
     released: Any = None  # torch.Tensor: the last clean embeddings, the proximal anchor of the next update
+    statistics_fit: dict[str, Any] | None = None  # the statistics fit's plan (StatisticsFitPlan.to_dict), when on
+    gram: Any = None  # torch.Tensor: the statistics fit's noisy Gram matrix, released once, reused by later fits
 
 
 @dataclass(kw_only=True)

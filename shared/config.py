@@ -144,6 +144,22 @@ class PrivacyConfig(_Strict):
     feature_gradient_scale: float = Field(
         4.0, gt=0, description="fixed, public multiplier on the gradients the payment holder receives; never "
         "computed from users (an RMS over users would make one user's update depend on the others)")
+    # how the payment part learns from the gradients it receives, when it is DP against the outsider
+    # (shared/privacy/statistics_fit.py; BENCHMARKS "The payment part from sufficient statistics")
+    payment_fit: Literal["dp_sgd", "statistics"] = Field(
+        "dp_sgd", description="'dp_sgd': Opacus DP-SGD steps on the proximal loss; 'statistics': one ridge "
+        "regression of the received residuals on the payment columns per exchange, from a Gram matrix and moment "
+        "vector released with Gaussian noise (a linear part sending one partial logit only)")
+    payment_fit_noise_multiplier: float = Field(
+        4.0, ge=0.5, description="the statistics fit's Gaussian noise std over sensitivity (C^2 for the Gram "
+        "matrix, C B for the moments); charged to joint.records@outsider, and to payment.features@lender when "
+        "features are protected")
+    payment_fit_row_clip: float = Field(5.0, gt=0, description="C: L2 clip of each user's scaled payment row "
+                                        "(the constant 1 of the intercept included) in the statistics fit")
+    payment_fit_target_clip: float = Field(6.0, gt=0, description="B: clip of each received gradient (its "
+                                           "target, negated) in the statistics fit")
+    payment_fit_ridge: float = Field(1e4, gt=0, description="lambda of the statistics fit's ridge, public; large "
+                                     "next to the Gram noise (z C^2 sqrt(d)) so the noisy system stays well posed")
     # the released model, against an outsider: DP-SGD (Opacus) on both parts
     outsider_epsilon: float | None = Field(3.0, gt=0, description="DP-SGD target for each released part")
     dpsgd_noise_multiplier: float | None = Field(
@@ -197,6 +213,12 @@ class PrivacyConfig(_Strict):
     @property
     def dp_sgd(self) -> bool:
         return self.enabled and (self.outsider_epsilon is not None or self.dpsgd_noise_multiplier is not None)
+
+    @property
+    def statistics_fit(self) -> bool:
+        """The payment part learns by the DP statistics fit, not DP-SGD: it is DP against the outsider and the
+        config asks for it (FedConfig checks that the part is then linear with one partial logit)."""
+        return self.dp_sgd and self.payment_fit == "statistics"
 
     @property
     def dp_scaler(self) -> bool:
@@ -268,6 +290,14 @@ class FedConfig(_Strict):
     audit: AuditConfig = Field(default_factory=AuditConfig)
     exchange: ExchangeConfig = Field(default_factory=ExchangeConfig)
     alignment: AlignmentConfig = Field(default_factory=AlignmentConfig)
+
+    @model_validator(mode="after")
+    def _statistics_fit_fits_the_part(self) -> FedConfig:
+        if self.privacy.statistics_fit and (self.model.payment_hidden or self.model.payment_output != "partial_logit"):
+            raise ValueError("privacy.payment_fit = 'statistics' fits a linear part that sends one partial logit: "
+                             "it needs model.payment_hidden = [] and model.payment_output = 'partial_logit' (or use "
+                             "privacy.payment_fit = 'dp_sgd')")
+        return self
 
 
 class ConfigError(ValueError):

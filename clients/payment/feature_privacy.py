@@ -37,6 +37,20 @@ def model_exposure(plan: DpSgdPlan, privacy: PrivacyConfig) -> DpSgdRelease:
                         neighbouring=privacy.feature_neighbouring)
 
 
+def part_exposure(config: FedConfig, dpsgd: dict[str, Any] | None) -> list:
+    """What the payment part's own training costs against the lender over the run, seen through its partial logits
+    and in model/: every planned round of its DP-SGD (`dpsgd`, its plan), or of its statistics fit."""
+    privacy = config.privacy
+    fits = dp_sgd_rounds(config.training.rounds)["payment"]
+    if privacy.statistics_fit:
+        from fedscore.shared.privacy.statistics_fit import StatisticsFitPlan, planned_fit_releases
+
+        return planned_fit_releases(StatisticsFitPlan.from_privacy(privacy), fits, "payment.features", "outsider",
+                                    privacy.feature_neighbouring)
+    assert dpsgd is not None  # the config validator requires DP on the part with feature protection
+    return [model_exposure(DpSgdPlan(**dpsgd), privacy)] * fits
+
+
 def constant_first_release(config: FedConfig) -> bool:
     """Round 0's release is the constant 0 for every user (a partial logit whose head starts at zero): it depends
     on no one's data, so it needs no noise and costs nothing; the budget goes to the releases that do."""
@@ -71,9 +85,8 @@ def plan_feature_noise(config: FedConfig, dpsgd: dict[str, Any] | None) -> float
     privacy = config.privacy
     if privacy.feature_noise_multiplier is not None:
         return float(privacy.feature_noise_multiplier)
-    assert privacy.feature_epsilon is not None and dpsgd is not None  # the config validator guarantees both
-    plan = DpSgdPlan(**dpsgd)
-    exposure: list = [model_exposure(plan, privacy)] * dp_sgd_rounds(config.training.rounds)["payment"]
+    assert privacy.feature_epsilon is not None  # the config validator guarantees it, and DP on the part
+    exposure = part_exposure(config, dpsgd)
     if privacy.dp_scaler:  # the scaler statistics, charged at setup, reach the lender too
         exposure.append(scaler_statistics_release(float(privacy.scaler_noise_multiplier), 1.0, "payment.features",
                                                   "outsider", privacy.feature_neighbouring))
@@ -86,5 +99,6 @@ def plan_feature_noise(config: FedConfig, dpsgd: dict[str, Any] | None) -> float
         return float(calibrate_noise_multiplier(template, privacy.feature_epsilon, privacy.delta, already=exposure))
     except CalibrationError as exc:
         raise CalibrationError(
-            f"privacy.feature_epsilon={privacy.feature_epsilon:g} cannot be met: the payment part's DP-SGD alone "
-            f"already spends too much against the lender ({exc}); raise feature_epsilon or the DP-SGD noise") from exc
+            f"privacy.feature_epsilon={privacy.feature_epsilon:g} cannot be met: the payment part's training "
+            f"(privacy.payment_fit = {privacy.payment_fit!r}) alone already spends too much against the lender "
+            f"({exc}); raise feature_epsilon or that training's noise") from exc

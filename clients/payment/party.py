@@ -113,7 +113,11 @@ class PaymentParty(PartyBase):
         released part; refuse up front if features would go out unprotected against this party's own budget."""
         config = self.config
         privacy = config.privacy
-        if privacy.dp_sgd:
+        if privacy.statistics_fit:
+            from fedscore.shared.privacy.statistics_fit import StatisticsFitPlan
+
+            self.state["statistics_fit"] = StatisticsFitPlan.from_privacy(privacy).to_dict()
+        elif privacy.dp_sgd:
             from fedscore.shared.privacy.dp_sgd import plan_dp_sgd
 
             self.state["dpsgd"] = plan_dp_sgd(privacy, n_train, config.training.rounds, "payment").to_dict()
@@ -241,6 +245,9 @@ class PaymentParty(PartyBase):
         if g.shape != (len(train), config.model.sent_dim):
             raise ProtocolError(f"payment: gradients of shape {tuple(g.shape)}, expected "
                                 f"({len(train)}, {config.model.sent_dim})")
+        if "statistics_fit" in self.state:
+            self._fit_from_statistics(model, x[train], g[:, 0], round_)
+            return
         g = g * config.privacy.feature_gradient_scale  # a public constant, never a statistic over users
         x_train, anchor = x[train], self.state["released"][train]
         eta = config.training.proximal_eta
@@ -263,3 +270,37 @@ class PaymentParty(PartyBase):
                 loss.backward()
                 optimizer.step()
         self.state["opt"] = optimizer.state_dict()
+
+    def _fit_from_statistics(self, model: PaymentBottom, x_train: torch.Tensor, gradients: torch.Tensor,
+                             round_: int) -> None:
+        """One ridge step of the partial logit on the received gradients, from noisy sufficient statistics
+        (shared/privacy/statistics_fit.py): the Gram matrix (its noise drawn and charged at the first fit, reused
+        after) and this round's moments, both charged before they are computed. The step, scaled by the public
+        `feature_gradient_scale`, is added to the part's map."""
+        from fedscore.shared.model.parts import add_linear_map
+        from fedscore.shared.privacy.statistics_fit import (
+            StatisticsFitPlan,
+            design_rows,
+            noisy_gram,
+            noisy_moment,
+            planned_fit_releases,
+            ridge_solve,
+        )
+
+        plan = StatisticsFitPlan(**self.state["statistics_fit"])
+        first = self.state.get("gram") is None
+        charged = planned_fit_releases(plan, 1)[0 if first else 1:]
+        what = ("Gram matrix and moments" if first else "moments") + " of its statistics fit"
+        ledger = self.ledger
+        ledger.charge(charged, "joint.records@outsider", note=f"round {round_}: the payment part's {what}")
+        if "feature_sigma" in self.state:
+            exposure = planned_fit_releases(plan, 1, "payment.features", "outsider",
+                                            self.config.privacy.feature_neighbouring)[0 if first else 1:]
+            ledger.charge(exposure, "payment.features@lender",
+                          note=f"round {round_}: the payment part's {what}, seen through its partial logits")
+        rows = design_rows(x_train, plan)
+        if first:
+            self.state["gram"] = noisy_gram(rows, plan, self.noise_source(NoiseLabel.STATISTICS_FIT, "gram"))
+        moment = noisy_moment(rows, -gradients, plan, self.noise_source(NoiseLabel.STATISTICS_FIT, str(round_)))
+        coefficients = ridge_solve(self.state["gram"], moment, plan) * self.config.privacy.feature_gradient_scale
+        add_linear_map(model, coefficients[:-1], float(coefficients[-1]))

@@ -51,6 +51,26 @@ class PaymentBottom(nn.Module):
         return out if self.squash_scale is None else self.squash_scale * torch.tanh(out)
 
 
+def add_linear_map(model: PaymentBottom, weights: torch.Tensor, intercept: float) -> None:
+    """Add w . x + b to a linear partial-logit part's output, in place (the statistics fit's step,
+    shared/privacy/statistics_fit.py). The part's map head . (W x + c) is collapsed to one row first: row 0 of W and
+    c holds the whole map, the other rows are zero and the head is e_0, so the part computes exactly the old map
+    plus the new one (before its squash, when it has one)."""
+    layers = [m for m in model.net if isinstance(m, nn.Linear)]
+    if len(layers) != 1 or model.head is None:
+        raise ValueError("add_linear_map needs a linear part (no hidden layers) that sends one partial logit")
+    layer, head = layers[0], model.head
+    with torch.no_grad():
+        w = (head.weight @ layer.weight).squeeze(0).double() + weights.double()
+        b = float((head.weight @ layer.bias).item()) + float(intercept)
+        layer.weight.zero_()
+        layer.bias.zero_()
+        head.weight.zero_()
+        layer.weight[0] = w.to(layer.weight.dtype)
+        layer.bias[0] = b
+        head.weight[0, 0] = 1.0
+
+
 class LenderTop(nn.Module):
     """Combines the lender's features with the payment embedding; `embedding_dim=0` gives the lender-only model.
 

@@ -74,7 +74,16 @@ def plan_dp_sgd(privacy: PrivacyConfig, n_train: int, rounds: int, party: str = 
     sigma = privacy.dpsgd_noise_multiplier
     lender_sigma = privacy.lender_dpsgd_noise_multiplier
     rounds_of = dp_sgd_rounds(rounds)
-    if party == "lender" and lender_sigma is not None:
+    if privacy.statistics_fit:  # the payment part is fitted from noisy statistics: DP-SGD is the lender's alone
+        if party == "payment":
+            raise ValueError("privacy.payment_fit = 'statistics': the payment part takes no DP-SGD steps")
+        sigma = lender_sigma if lender_sigma is not None else sigma
+        if sigma is None:
+            assert privacy.outsider_epsilon is not None
+            sigma = calibrate_dp_sgd(privacy.outsider_epsilon, privacy.delta, sample_rate=q,
+                                     steps=max(1, steps * rounds_of["lender"]),
+                                     already=[*scaler_releases(privacy), *planned_statistics_fit(privacy, rounds)])
+    elif party == "lender" and lender_sigma is not None:
         sigma = lender_sigma
     elif sigma is None:
         assert privacy.outsider_epsilon is not None
@@ -87,6 +96,16 @@ def plan_dp_sgd(privacy: PrivacyConfig, n_train: int, rounds: int, party: str = 
                                  already=already)
     return DpSgdPlan(noise_multiplier=sigma, sample_rate=q, steps_per_round=steps, clip=privacy.dpsgd_clip,
                      lr=privacy.dpsgd_lr)
+
+
+def planned_statistics_fit(privacy: PrivacyConfig, rounds: int) -> list:
+    """What the payment part's statistics fits release over a run (one fit per round it receives gradients in),
+    against the outsider; [] when it trains by DP-SGD."""
+    from fedscore.shared.privacy.statistics_fit import StatisticsFitPlan, planned_fit_releases
+
+    if not privacy.statistics_fit:
+        return []
+    return planned_fit_releases(StatisticsFitPlan.from_privacy(privacy), dp_sgd_rounds(rounds)["payment"])
 
 
 def scaler_releases(privacy: PrivacyConfig) -> list:

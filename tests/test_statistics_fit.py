@@ -1,0 +1,153 @@
+"""The payment part fitted from noisy sufficient statistics (shared/privacy/statistics_fit.py): the mechanism's
+bounds, its solve, the part it writes, and a private run that charges it and calibrates the lender around it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedscore.clients.state_store import read_state
+from fedscore.runs import run_inprocess
+from fedscore.shared.config import ConfigError, load_config
+from fedscore.shared.model.parts import PaymentBottom, add_linear_map
+from fedscore.shared.privacy import epsilon_for
+from fedscore.shared.privacy.secure_random import NoiseSource
+from fedscore.shared.privacy.statistics_fit import (
+    StatisticsFitPlan,
+    design_rows,
+    gram_release,
+    moment_release,
+    noisy_gram,
+    noisy_moment,
+    planned_fit_releases,
+    ridge_solve,
+)
+from tests.conftest import SECRET, fresh_homes
+
+PLAN = StatisticsFitPlan(noise_multiplier=4.0, row_clip=2.0, target_clip=3.0, ridge=10.0)
+
+
+def _rows(n: int = 400, d: int = 5) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(1)) * 2.0
+
+
+def test_rows_and_targets_are_clipped_so_one_user_moves_each_statistic_by_its_sensitivity() -> None:
+    x = _rows()
+    rows = design_rows(x, PLAN)
+    assert rows.shape == (400, 6) and bool((rows.norm(dim=1) <= PLAN.row_clip).all())
+    assert bool((rows.norm(dim=1) > PLAN.row_clip * 0.999).any())  # the test rows do reach the clip
+    # add one extreme user: the Gram matrix (its upper triangle is what is noised) moves by <= C^2, the moments
+    # (its target clipped to B) by <= C B, whatever the user's row and target
+    extreme, huge = torch.tensor([[1e3, 0.0, 0.0, 0.0, 0.0]]), torch.tensor([1e6])  # on one axis: the worst case
+    t = torch.randn(400, generator=torch.Generator().manual_seed(2))
+    both = design_rows(torch.cat([x, extreme]), PLAN)
+    quiet = NoiseStub()
+    gram_moved = noisy_gram(both, _noiseless(PLAN), quiet) - noisy_gram(rows, _noiseless(PLAN), quiet)
+    assert torch.triu(gram_moved).norm() <= PLAN.row_clip ** 2 * (1 + 1e-9)
+    assert torch.triu(gram_moved).norm() >= PLAN.row_clip ** 2 * 0.99  # the bound is tight, not loose
+    moment_moved = (noisy_moment(both, torch.cat([t, huge]), _noiseless(PLAN), quiet)
+                    - noisy_moment(rows, t, _noiseless(PLAN), quiet))
+    assert moment_moved.norm() <= PLAN.row_clip * PLAN.target_clip * (1 + 1e-9)
+    assert gram_release(PLAN).clip == PLAN.row_clip ** 2 and moment_release(PLAN).clip == PLAN.row_clip * 3.0
+
+
+def _noiseless(plan: StatisticsFitPlan) -> StatisticsFitPlan:
+    return StatisticsFitPlan(noise_multiplier=0.0, row_clip=plan.row_clip, target_clip=plan.target_clip,
+                             ridge=plan.ridge)
+
+
+class NoiseStub(NoiseSource):
+    """A source whose draws are zero (only ever used with a zero noise multiplier above)."""
+
+    def normal(self, shape, std, dtype=torch.float32):  # type: ignore[no-untyped-def, override]
+        assert std == 0.0
+        return torch.zeros(tuple(shape), dtype=dtype)
+
+
+def test_the_gram_noise_is_symmetric_at_the_planned_scale_and_the_moment_noise_too() -> None:
+    d = 40
+    rows = torch.zeros(10, d, dtype=torch.float64)
+    gram = noisy_gram(rows, PLAN, NoiseSource())
+    assert torch.equal(gram, gram.T)
+    upper = gram[tuple(torch.triu_indices(d, d))]
+    assert upper.std().item() == pytest.approx(PLAN.noise_multiplier * PLAN.row_clip ** 2, rel=0.1)
+    moment = noisy_moment(torch.zeros(10, 2000, dtype=torch.float64), torch.zeros(10), PLAN, NoiseSource())
+    assert moment.std().item() == pytest.approx(PLAN.noise_multiplier * PLAN.row_clip * PLAN.target_clip, rel=0.1)
+
+
+def test_without_noise_the_fit_is_the_ridge_regression_of_the_clipped_rows() -> None:
+    x = _rows() / 4
+    truth = torch.tensor([0.5, -0.3, 0.0, 0.2, 0.1], dtype=torch.float64)
+    t = (x.double() @ truth + 0.05).clamp(-3, 3)
+    plan = StatisticsFitPlan(noise_multiplier=0.0, row_clip=100.0, target_clip=100.0, ridge=1e-6)
+    rows = design_rows(x, plan)
+    coefficients = ridge_solve(noisy_gram(rows, plan, NoiseStub()), noisy_moment(rows, t, plan, NoiseStub()), plan)
+    assert torch.allclose(coefficients[:-1], truth, atol=1e-6) and coefficients[-1].item() == pytest.approx(0.05)
+
+
+def test_the_fit_is_written_into_the_part_exactly() -> None:
+    torch.manual_seed(0)
+    part = PaymentBottom(5, [], 8, partial_logit=True)
+    x = torch.randn(50, 5)
+    before = part(x).squeeze(1).detach()
+    w, b = torch.randn(5, dtype=torch.float64), 0.7
+    add_linear_map(part, w, b)
+    after = part(x).squeeze(1).detach()
+    assert torch.allclose(after, before + (x.double() @ w).float() + b, atol=1e-5)
+    with pytest.raises(ValueError, match="linear part"):
+        add_linear_map(PaymentBottom(5, [4], 8, partial_logit=True), w, b)
+
+
+def test_the_config_refuses_a_statistics_fit_of_a_part_it_cannot_write() -> None:
+    with pytest.raises(ConfigError, match="payment_hidden"):
+        load_config(None, ["privacy.payment_fit=statistics", "model.payment_hidden=[16]"])
+    with pytest.raises(ConfigError, match="partial_logit"):
+        load_config(None, ["privacy.payment_fit=statistics", "model.payment_output=embedding"])
+    # without DP on the part there is no statistics fit, so nothing to refuse
+    assert not load_config(None, ["privacy.payment_fit=statistics", "privacy.enabled=false"]).privacy.statistics_fit
+
+
+PRIVATE = ["training.rounds=3", "training.local_epochs=2", "training.batch_size=64", "training.lr=0.005",
+           "baselines.enabled=false", "privacy.dpsgd_batch_size=256", "privacy.feature_epsilon=8",
+           "privacy.payment_fit=statistics"]
+
+
+@pytest.fixture(scope="module")
+def fitted_run(party_data: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data, _ = party_data
+    root = tmp_path_factory.mktemp("statistics-fit")
+    run_dir = root / "run"
+    run_inprocess(load_config(None, PRIVATE), data, run_dir, secret=SECRET, homes=fresh_homes(root))
+    return run_dir
+
+
+def test_a_private_run_charges_the_fit_and_the_lender_takes_what_is_left(fitted_run: Path) -> None:
+    report = json.loads((fitted_run / "privacy-report.json").read_text())
+    by_key = {f"{g['protects']}@{g['against']}": g for g in report["guarantees"]}
+    joint = by_key["joint.records@outsider"]
+    payment = [r["note"] for r in joint["per_release"] if r["party"] == "payment"]
+    # 3 rounds: gradients reach the payment holder in rounds 1 and 2, so the Gram matrix once and two moments
+    assert len(payment) == 3 and sum("Gram matrix" in n for n in payment) == 1
+    assert sum("statistics fit" in n for n in payment) == 2 and not any("DP-SGD" in n for n in payment)
+    assert joint["epsilon"] <= 3.0 * 1.0001 + 3e-4
+    assert joint["epsilon"] >= 2.9  # the lender's DP-SGD was calibrated to the rest of the target, not below it
+    gaussians = [m for m in joint["mechanisms"] if m["sampling"] == "none"]
+    assert sum(m["count"] for m in gaussians if m["noise_multiplier"] == 4.0) == 3  # Gram once + two moments
+    features = by_key["payment.features@lender"]
+    assert features["epsilon"] == pytest.approx(8.0, abs=0.05)
+    assert not any(m["sampling"] == "poisson" for m in features["mechanisms"])  # no DP-SGD against the lender
+    state = read_state(fitted_run / "parties" / "payment" / "state.pt")
+    assert "dpsgd" not in state and state["statistics_fit"]["noise_multiplier"] == 4.0
+    assert state["gram"].shape[0] == state["x"].shape[1] + 1
+    weights = state["model"]
+    assert bool((weights["net.0.weight"][1:] == 0).all()) and bool(weights["net.0.weight"][0].abs().sum() > 0)
+
+
+def test_the_fit_is_one_part_of_the_outsider_total(fitted_run: Path) -> None:
+    report = json.loads((fitted_run / "privacy-report.json").read_text())
+    joint = next(g for g in report["guarantees"] if g["protects"] == "joint.records")
+    planned = planned_fit_releases(PLAN.__class__(noise_multiplier=4.0, row_clip=5.0, target_clip=6.0, ridge=1e4), 2)
+    assert epsilon_for(planned, 1e-6) < joint["epsilon"]  # the fit is part of the outsider's total, not all of it
