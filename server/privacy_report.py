@@ -24,7 +24,8 @@ from fedscore.shared.protocol.bodies import LedgerReport
 VIEWS = {
     "payment": "honest per-user epsilon against the payment holder (no subsampling amplification)",
     "lender": "honest per-user epsilon against the lender (no subsampling amplification)",
-    "outsider": "against whoever sees the released model parts (Poisson-sampled DP-SGD, amplification applies)",
+    "outsider": "against whoever sees the released model parts (Poisson-sampled DP-SGD, amplification applies to "
+                "it; the payment part's statistics fit is not subsampled)",
 }
 
 VOID_REASON = ("privacy.replayable_noise=true: every privacy draw was derived from the run's seed, so anyone who "

@@ -5,7 +5,8 @@ walked file by file: the manifest key by key, each ONNX graph initializer by ini
 metadata). Each item must be on the allow-list below, checked by value:
 
 - model weights: equal to the party's trained parameters, and that party's ledger records DP-SGD releases
-  (joint.records@outsider) for every round;
+  (joint.records@outsider) for every round, or, for a payment part fitted from noisy statistics
+  (privacy.payment_fit), the fit's Gram matrix and moments;
 - preprocessing constants: equal to those recomputed from the party's schema.toml alone (bounds, levels);
 - the lender reference: equal to the schema's declared references;
 - the run config, the privacy report's guarantees, the scorecard policy, feature names, sha256 hashes, I/O names;
@@ -95,7 +96,10 @@ def _trained_under_dp_sgd(run: Path, party: str) -> bool:
     records one round fewer than the lender.)"""
     state = torch.load(run / "parties" / party / "state.pt", weights_only=True)
     entries = ledger_entries(run.parent / "homes" / party / PartyHome.LEDGER, party)
-    return "dpsgd" in state and any(e["guarantee"] == "joint.records@outsider" for e in entries)
+    outsider = [e for e in entries if e["guarantee"] == "joint.records@outsider"]
+    if "statistics_fit" in state:  # the payment part fitted from noisy statistics: its Gram matrix and moments
+        return any("statistics fit" in e["note"] for e in outsider)
+    return "dpsgd" in state and bool(outsider)
 
 
 def _sent_dim(config: dict[str, Any]) -> int:

@@ -258,8 +258,8 @@ def test_a_noisier_lender_top_leaves_the_rest_of_the_outsider_budget_to_the_paym
     from fedscore.shared.privacy.accounting import epsilon_for
     from fedscore.shared.privacy.dp_sgd import dp_sgd_rounds, part_release, plan_dp_sgd, scaler_releases
 
-    shared = load_config(None, []).privacy
-    split = load_config(None, ["privacy.lender_dpsgd_noise_multiplier=10"]).privacy
+    shared = load_config(None, ["privacy.payment_fit=dp_sgd"]).privacy  # both parts by DP-SGD
+    split = load_config(None, ["privacy.lender_dpsgd_noise_multiplier=10", "privacy.payment_fit=dp_sgd"]).privacy
     lender, payment = plan_dp_sgd(split, 20000, 4, "lender"), plan_dp_sgd(split, 20000, 4, "payment")
     assert lender.noise_multiplier == 10.0
     assert payment.noise_multiplier < plan_dp_sgd(shared, 20000, 4, "payment").noise_multiplier

@@ -529,6 +529,7 @@ def test_feature_noise_schedule_spends_its_share_on_the_last_release_and_meets_t
     def planned(share: str | None, head: str = "random") -> tuple[list[float | None], float]:
         config = load_config(None, ["privacy.feature_epsilon=8", "training.rounds=4",
                                     "privacy.dpsgd_noise_multiplier=3.5",  # given: no DP-SGD calibration here
+                                    "privacy.payment_fit=dp_sgd",  # the exposure below is the part's DP-SGD
                                     "model.payment_output=partial_logit", f"model.payment_head_init={head}",
                                     *([f"privacy.feature_final_share={share}"] if share else [])])
         plan = plan_dp_sgd(config.privacy, 20000, 4)

@@ -56,9 +56,11 @@ def test_every_reported_epsilon_recomputes_from_the_report(private_run: Path) ->
     features = by_key["payment.features@lender"]
     # the partial logits: 3 rounds, of which round 0's is the constant 0 of a head that starts at zero (released
     # without noise or charge), so 2 charged releases, no amplification between parties; the payment model the lender
-    # sees through them: its DP standardisation statistics (once) and its DP-SGD in the 2 rounds it actually trained
-    # (round 0 has no gradients to apply)
-    assert sorted(m["sampling"] for m in features["mechanisms"]) == ["none"] * 3 + ["poisson"] * 2
+    # sees through them: its DP standardisation statistics (once) and its statistics fit in the 2 rounds it received
+    # gradients in (privacy.payment_fit, the default for this linear part): the Gram matrix once, a moment vector
+    # each time; none of it subsampled
+    assert sorted(m["sampling"] for m in features["mechanisms"]) == ["none"] * 6
+    assert sum(m["noise_multiplier"] == 4.0 for m in features["mechanisms"]) == 3
     assert features["neighbouring"] == "replace_one"
     assert features["epsilon"] == pytest.approx(8.0, abs=0.05)
     joint = by_key["joint.records@outsider"]
@@ -170,3 +172,22 @@ def test_online_answers_are_charged_per_user_worst_case_and_refused_past_the_bud
     draws = np.stack([guard.noise(clean) for _ in range(4000)])
     assert draws.std() == pytest.approx(guard.sigma * config.privacy.embedding_clip, rel=0.05)
     guard.close()
+
+
+@pytest.mark.slow
+def test_the_payment_part_is_fitted_from_charged_statistics_and_the_lender_takes_the_rest(private_run: Path) -> None:
+    """The default linear payment part learns by the statistics fit (privacy.payment_fit): the Gram matrix once and a
+    moment vector per exchange, charged to joint.records@outsider; the lender's DP-SGD is calibrated to the rest of
+    the outsider target, so the composed total meets it rather than sitting far below."""
+    report = json.loads((private_run / "privacy-report.json").read_text())
+    joint = next(g for g in report["guarantees"] if g["protects"] == "joint.records")
+    payment = [r["note"] for r in joint["per_release"] if r["party"] == "payment"]
+    # 3 rounds: gradients reach the payment holder in rounds 1 and 2 (and the scaler statistics at setup)
+    assert sum("Gram matrix" in n for n in payment) == 1 and sum("statistics fit" in n for n in payment) == 2
+    assert not any("DP-SGD" in n for n in payment)
+    assert 2.9 <= joint["epsilon"] <= 3.0 * 1.0001 + 3e-4
+    state = read_state(private_run / "parties" / "payment" / "state.pt")
+    assert "dpsgd" not in state and state["statistics_fit"]["noise_multiplier"] == 4.0
+    assert state["gram"].shape[0] == state["x"].shape[1] + 1
+    weights = state["model"]  # the fit's map collapsed into row 0 of the linear layer
+    assert bool((weights["net.0.weight"][1:] == 0).all()) and bool(weights["net.0.weight"][0].abs().sum() > 0)

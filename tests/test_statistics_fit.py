@@ -1,19 +1,14 @@
 """The payment part fitted from noisy sufficient statistics (shared/privacy/statistics_fit.py): the mechanism's
-bounds, its solve, the part it writes, and a private run that charges it and calibrates the lender around it."""
+bounds, its solve, the part it writes. A private run that charges it and calibrates the lender around it:
+tests/test_privacy_protocol.py (the default for a linear part)."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from fedscore.clients.state_store import read_state
-from fedscore.runs import run_inprocess
 from fedscore.shared.config import ConfigError, load_config
 from fedscore.shared.model.parts import PaymentBottom, add_linear_map
-from fedscore.shared.privacy import epsilon_for
 from fedscore.shared.privacy.secure_random import NoiseSource
 from fedscore.shared.privacy.statistics_fit import (
     StatisticsFitPlan,
@@ -22,10 +17,8 @@ from fedscore.shared.privacy.statistics_fit import (
     moment_release,
     noisy_gram,
     noisy_moment,
-    planned_fit_releases,
     ridge_solve,
 )
-from tests.conftest import SECRET, fresh_homes
 
 PLAN = StatisticsFitPlan(noise_multiplier=4.0, row_clip=2.0, target_clip=3.0, ridge=10.0)
 
@@ -101,53 +94,12 @@ def test_the_fit_is_written_into_the_part_exactly() -> None:
         add_linear_map(PaymentBottom(5, [4], 8, partial_logit=True), w, b)
 
 
-def test_the_config_refuses_a_statistics_fit_of_a_part_it_cannot_write() -> None:
+def test_auto_fits_a_linear_part_from_statistics_and_refuses_a_statistics_fit_it_cannot_write() -> None:
+    assert load_config(None, []).privacy.payment_fit == "statistics"  # 'auto', resolved for the linear default
+    assert load_config(None, ["model.payment_hidden=[16]"]).privacy.payment_fit == "dp_sgd"
     with pytest.raises(ConfigError, match="payment_hidden"):
         load_config(None, ["privacy.payment_fit=statistics", "model.payment_hidden=[16]"])
     with pytest.raises(ConfigError, match="partial_logit"):
         load_config(None, ["privacy.payment_fit=statistics", "model.payment_output=embedding"])
     # without DP on the part there is no statistics fit, so nothing to refuse
     assert not load_config(None, ["privacy.payment_fit=statistics", "privacy.enabled=false"]).privacy.statistics_fit
-
-
-PRIVATE = ["training.rounds=3", "training.local_epochs=2", "training.batch_size=64", "training.lr=0.005",
-           "baselines.enabled=false", "privacy.dpsgd_batch_size=256", "privacy.feature_epsilon=8",
-           "privacy.payment_fit=statistics"]
-
-
-@pytest.fixture(scope="module")
-def fitted_run(party_data: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data, _ = party_data
-    root = tmp_path_factory.mktemp("statistics-fit")
-    run_dir = root / "run"
-    run_inprocess(load_config(None, PRIVATE), data, run_dir, secret=SECRET, homes=fresh_homes(root))
-    return run_dir
-
-
-def test_a_private_run_charges_the_fit_and_the_lender_takes_what_is_left(fitted_run: Path) -> None:
-    report = json.loads((fitted_run / "privacy-report.json").read_text())
-    by_key = {f"{g['protects']}@{g['against']}": g for g in report["guarantees"]}
-    joint = by_key["joint.records@outsider"]
-    payment = [r["note"] for r in joint["per_release"] if r["party"] == "payment"]
-    # 3 rounds: gradients reach the payment holder in rounds 1 and 2, so the Gram matrix once and two moments
-    assert len(payment) == 3 and sum("Gram matrix" in n for n in payment) == 1
-    assert sum("statistics fit" in n for n in payment) == 2 and not any("DP-SGD" in n for n in payment)
-    assert joint["epsilon"] <= 3.0 * 1.0001 + 3e-4
-    assert joint["epsilon"] >= 2.9  # the lender's DP-SGD was calibrated to the rest of the target, not below it
-    gaussians = [m for m in joint["mechanisms"] if m["sampling"] == "none"]
-    assert sum(m["count"] for m in gaussians if m["noise_multiplier"] == 4.0) == 3  # Gram once + two moments
-    features = by_key["payment.features@lender"]
-    assert features["epsilon"] == pytest.approx(8.0, abs=0.05)
-    assert not any(m["sampling"] == "poisson" for m in features["mechanisms"])  # no DP-SGD against the lender
-    state = read_state(fitted_run / "parties" / "payment" / "state.pt")
-    assert "dpsgd" not in state and state["statistics_fit"]["noise_multiplier"] == 4.0
-    assert state["gram"].shape[0] == state["x"].shape[1] + 1
-    weights = state["model"]
-    assert bool((weights["net.0.weight"][1:] == 0).all()) and bool(weights["net.0.weight"][0].abs().sum() > 0)
-
-
-def test_the_fit_is_one_part_of_the_outsider_total(fitted_run: Path) -> None:
-    report = json.loads((fitted_run / "privacy-report.json").read_text())
-    joint = next(g for g in report["guarantees"] if g["protects"] == "joint.records")
-    planned = planned_fit_releases(PLAN.__class__(noise_multiplier=4.0, row_clip=5.0, target_clip=6.0, ridge=1e4), 2)
-    assert epsilon_for(planned, 1e-6) < joint["epsilon"]  # the fit is part of the outsider's total, not all of it

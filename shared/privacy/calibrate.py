@@ -42,7 +42,10 @@ def _log_interpolate(x0: float, e0: float, x1: float, e1: float, target: float) 
     if not (0 < e0 < math.inf and 0 < e1 < math.inf and e0 != e1 and x0 != x1 and target > 0):
         return None
     share = (math.log(e0) - math.log(target)) / (math.log(e0) - math.log(e1))
-    return x0 * (x1 / x0) ** share
+    try:  # a nearly flat line (the target out of reach of this release) points off to infinity: no guess
+        return x0 * (x1 / x0) ** share
+    except OverflowError:
+        return None
 
 
 def _smallest_meeting(eps_of: Callable[[float], float], target: float, rtol: float) -> float:
@@ -103,6 +106,10 @@ def _calibrate(template: GaussianRelease | DpSgdRelease, target_epsilon: float, 
 
     def with_noise(sigma: float) -> list[Mechanism]:
         return [*already, template.model_copy(update={"noise_multiplier": sigma})]
+
+    if already and (spent := account(already, delta)[0]) >= target_epsilon:
+        raise CalibrationError(f"the releases already planned spend epsilon {spent:.3f} on their own, at or above "
+                               f"the target {target_epsilon:g}: no noise on this one can meet it")
 
     if prv_applies(with_noise(1.0)):
         def search(sigma: float) -> float:

@@ -67,7 +67,7 @@ def plan_dp_sgd(privacy: PrivacyConfig, n_train: int, rounds: int, party: str = 
     parameters) takes that noise and the payment part is calibrated to what is left of the outsider target: a noisier
     lender top costs the labels' guarantee against the payment holder far less (its DP-SGD is composed there).
     """
-    from fedscore.shared.privacy import DpSgdRelease, calibrate_dp_sgd
+    from fedscore.shared.privacy import CalibrationError, DpSgdRelease, calibrate_dp_sgd
 
     q = min(1.0, privacy.dpsgd_batch_size / max(n_train, 1))
     steps = privacy.dpsgd_local_epochs * math.ceil(1 / q)
@@ -80,9 +80,15 @@ def plan_dp_sgd(privacy: PrivacyConfig, n_train: int, rounds: int, party: str = 
         sigma = lender_sigma if lender_sigma is not None else sigma
         if sigma is None:
             assert privacy.outsider_epsilon is not None
-            sigma = calibrate_dp_sgd(privacy.outsider_epsilon, privacy.delta, sample_rate=q,
-                                     steps=max(1, steps * rounds_of["lender"]),
-                                     already=[*scaler_releases(privacy), *planned_statistics_fit(privacy, rounds)])
+            try:
+                sigma = calibrate_dp_sgd(privacy.outsider_epsilon, privacy.delta, sample_rate=q,
+                                         steps=max(1, steps * rounds_of["lender"]),
+                                         already=[*scaler_releases(privacy), *planned_statistics_fit(privacy, rounds)])
+            except CalibrationError as exc:
+                raise CalibrationError(
+                    f"privacy.outsider_epsilon={privacy.outsider_epsilon:g} leaves nothing for the lender's DP-SGD "
+                    f"after the payment part's statistics fit (privacy.payment_fit_noise_multiplier="
+                    f"{privacy.payment_fit_noise_multiplier:g}): {exc}; raise that noise or the target") from exc
     elif party == "lender" and lender_sigma is not None:
         sigma = lender_sigma
     elif sigma is None:
