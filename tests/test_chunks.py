@@ -83,6 +83,12 @@ def test_rows_out_of_place_and_caps_too_small_are_refused() -> None:
     chunks = pack_row_chunks("gradients", np.ones((7, 1), np.float32), CHUNK_OVERHEAD + 12)
     with pytest.raises(ChunkError, match="gradients chunk 1 of 2 starts at user 6, expected 3"):
         list(iter_row_chunks("gradients", [chunks[0], chunks[2]]))
+    poisoned = np.ones((7, 1), np.float32)
+    poisoned[4, 0] = np.nan  # a NaN passes every clamp: refused before it reaches a fit or a model
+    with pytest.raises(ChunkError, match=r"gradients chunk 1 of 3 holds 1 non-finite value\(s\) \(rows from user 3\)"):
+        gather_rows("gradients", pack_row_chunks("gradients", poisoned, CHUNK_OVERHEAD + 12))
+    with pytest.raises(ChunkError, match="holds not numbers"):
+        gather_rows("ids", pack_row_chunks("ids", np.array([["a"], ["b"]]), 0))
     with pytest.raises(ChunkError, match="no room for one user's row"):
         rows_per_chunk(CHUNK_OVERHEAD + 3, 4)
     assert rows_per_chunk(0, 4) is None and chunk_ranges(5, None) == [(0, 5)]
