@@ -103,3 +103,22 @@ def test_auto_fits_a_linear_part_from_statistics_and_refuses_a_statistics_fit_it
         load_config(None, ["privacy.payment_fit=statistics", "model.payment_output=embedding"])
     # without DP on the part there is no statistics fit, so nothing to refuse
     assert not load_config(None, ["privacy.payment_fit=statistics", "privacy.enabled=false"]).privacy.statistics_fit
+
+
+def test_an_outsider_target_the_fit_leaves_nothing_of_is_refused_with_the_fields_named() -> None:
+    """The fit's Gaussians cost eps ~1.56 on their own at the default noise: a target of 1 cannot be met by any
+    lender DP-SGD noise, and a given lender noise that overshoots the target is refused too (no party's ledger
+    would see the composed total)."""
+    from fedscore.shared.privacy import CalibrationError
+    from fedscore.shared.privacy.dp_sgd import plan_dp_sgd
+
+    tight = load_config(None, ["privacy.outsider_epsilon=1"]).privacy
+    with pytest.raises(CalibrationError, match="payment_fit_noise_multiplier=4"):
+        plan_dp_sgd(tight, 20000, 2, "lender")
+    loud = load_config(None, ["privacy.lender_dpsgd_noise_multiplier=0.5"]).privacy
+    with pytest.raises(CalibrationError, match=r"lender_dpsgd_noise_multiplier=0\.5 .* above privacy\.outsider_eps"):
+        plan_dp_sgd(loud, 20000, 2, "lender")
+    quiet = load_config(None, ["privacy.lender_dpsgd_noise_multiplier=20"]).privacy
+    assert plan_dp_sgd(quiet, 20000, 2, "lender").noise_multiplier == 20.0
+    with pytest.raises(ValueError, match="no DP-SGD steps"):
+        plan_dp_sgd(quiet, 20000, 2, "payment")

@@ -78,6 +78,8 @@ def plan_dp_sgd(privacy: PrivacyConfig, n_train: int, rounds: int, party: str = 
         if party == "payment":
             raise ValueError("privacy.payment_fit = 'statistics': the payment part takes no DP-SGD steps")
         sigma = lender_sigma if lender_sigma is not None else sigma
+        if lender_sigma is not None and privacy.outsider_epsilon is not None:
+            _check_outsider_target(privacy, q, steps * rounds_of["lender"], lender_sigma, rounds)
         if sigma is None:
             assert privacy.outsider_epsilon is not None
             try:
@@ -102,6 +104,22 @@ def plan_dp_sgd(privacy: PrivacyConfig, n_train: int, rounds: int, party: str = 
                                  already=already)
     return DpSgdPlan(noise_multiplier=sigma, sample_rate=q, steps_per_round=steps, clip=privacy.dpsgd_clip,
                      lr=privacy.dpsgd_lr)
+
+
+def _check_outsider_target(privacy: PrivacyConfig, q: float, steps: int, lender_sigma: float, rounds: int) -> None:
+    """With the lender's DP-SGD noise given and the payment part's statistics fit at its own noise, nothing is left to
+    calibrate: refuse a plan whose composition misses the outsider target (each party's ledger holds only its own
+    part, so no budget check would see the total)."""
+    from fedscore.shared.privacy import CalibrationError, DpSgdRelease, epsilon_for
+
+    assert privacy.outsider_epsilon is not None
+    lender = DpSgdRelease(noise_multiplier=lender_sigma, sample_rate=q, steps=max(1, steps), protects="joint.records")
+    total = epsilon_for([*scaler_releases(privacy), *planned_statistics_fit(privacy, rounds), lender], privacy.delta)
+    if total > privacy.outsider_epsilon * 1.0001 + 3e-4:
+        raise CalibrationError(
+            f"privacy.lender_dpsgd_noise_multiplier={lender_sigma:g} with the payment part's statistics fit "
+            f"(privacy.payment_fit_noise_multiplier={privacy.payment_fit_noise_multiplier:g}) composes to outsider "
+            f"eps {total:.3f}, above privacy.outsider_epsilon={privacy.outsider_epsilon:g}: raise either noise")
 
 
 def planned_statistics_fit(privacy: PrivacyConfig, rounds: int) -> list:
