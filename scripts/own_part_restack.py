@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -32,6 +34,39 @@ def last_partial_logits(views) -> np.ndarray:
     received = np.zeros((len(views.aligned_ids), view["embedding"].shape[1]), dtype=np.float32)
     received[[index[str(i)] for i in view["id"][rows]]] = view["embedding"][rows]
     return received
+
+
+@dataclass
+class OfflineRun:
+    """A finished run as the offline scripts read it: both parties' views, the clean labels and the keyed split
+    (canaries out of training), and the run's own references."""
+
+    views: Any
+    y: np.ndarray
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    low: float  # the lender-only reference's test AUC
+    high: float  # the ceiling's
+    record_lift: float  # the lift the run itself kept
+
+
+def offline_run(run: Path) -> OfflineRun:
+    views = load_run(run)
+    record = json.loads((run / "parties/evaluation/references.json").read_text())
+    split = views.split
+    return OfflineRun(views=views, y=views.clean.astype(np.int64), train=(split == SPLIT_TRAIN) & ~views.canary,
+                      val=split == SPLIT_VAL, test=split == SPLIT_TEST, low=record["lender_only_auc"],
+                      high=record["ceiling_auc"], record_lift=record["lift_kept"])
+
+
+def received_targets(views) -> tuple[np.ndarray, np.ndarray]:
+    """The payment holder's transcript of the gradients it received: the aligned rows of its users, and the targets
+    a partial logit moves toward (the gradients negated)."""
+    index = {i: k for k, i in enumerate(views.aligned_ids)}
+    seen = views.payment_view  # one row per training user
+    rows = np.array([index[str(i)] for i in seen["id"]])
+    return rows, -seen["gradient"][:, 0].astype(np.float64)
 
 
 def lift(value: float, low: float, high: float) -> float:

@@ -11,39 +11,30 @@ its own: a diagnosis of the DP-SGD part, not a mechanism. Local simulation only:
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression, Ridge
 
-from fedscore.audit.views import load_run
 from fedscore.shared.metrics import auc
 from fedscore.shared.model.lender_gbdt import fit_lender_gbdt, gbdt_features
-from fedscore.shared.protocol.splits import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL
 
 sys.path.insert(0, str(Path(__file__).parent))
-from own_part_restack import last_partial_logits, lift
+from own_part_restack import last_partial_logits, lift, offline_run, received_targets
 
 RIDGE_ALPHAS = (1.0, 100.0, 1000.0)
 
 
 def main() -> None:
     for run in map(Path, sys.argv[1:]):
-        views = load_run(run)
+        done = offline_run(run)
+        views, y, train, val, test, low, high = done.views, done.y, done.train, done.val, done.test, done.low, done.high
         lender, payment = views.lender_state, views.payment_state
-        record = json.loads((run / "parties/evaluation/references.json").read_text())
-        low, high = record["lender_only_auc"], record["ceiling_auc"]
-        y, split = views.clean.astype(np.int64), views.split
-        train, val, test = (split == SPLIT_TRAIN) & ~views.canary, split == SPLIT_VAL, split == SPLIT_TEST
         xp = payment.x[payment.rows].numpy().astype(np.float64)
         received = last_partial_logits(views)[:, 0]
         columns = LogisticRegression(max_iter=2000).fit(xp[train], y[train]).decision_function(xp)
-        index = {i: k for k, i in enumerate(views.aligned_ids)}
-        seen = views.payment_view  # the gradients the payment holder received, one row per training user
-        rows = np.array([index[str(i)] for i in seen["id"]])
-        target = -seen["gradient"][:, 0].astype(np.float64)  # a partial logit moves against its gradient
+        rows, target = received_targets(views)
         ridge = []
         for alpha in RIDGE_ALPHAS:
             s = Ridge(alpha=alpha).fit(xp[rows], target).predict(xp)[:, None]
@@ -51,7 +42,7 @@ def main() -> None:
             model = fit_lender_gbdt(features, y, train, val).model
             ridge.append(f"ridge alpha {alpha:g}: AUC alone {auc(y[test], s[test, 0]):.3f}, lift kept "
                          f"{lift(auc(y[test], model.decision_function(features[test])), low, high)}")
-        print(f"{run.name}: run's lift kept {record['lift_kept']:.3f}; partial logit received, AUC alone "
+        print(f"{run.name}: run's lift kept {done.record_lift:.3f}; partial logit received, AUC alone "
               f"{auc(y[test], received[test]):.3f}; payment columns' logistic regression "
               f"{auc(y[test], columns[test]):.3f} | " + " | ".join(ridge), flush=True)
 

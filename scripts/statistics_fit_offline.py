@@ -12,14 +12,11 @@ the default setting (C 5, B 6, lambda 1e4) was chosen before the fit was built i
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from fedscore.audit.views import load_run
 from fedscore.shared.metrics import auc
 from fedscore.shared.model.lender_gbdt import fit_lender_gbdt, gbdt_features
 from fedscore.shared.privacy.secure_random import NoiseSource
@@ -30,10 +27,9 @@ from fedscore.shared.privacy.statistics_fit import (
     noisy_moment,
     ridge_solve,
 )
-from fedscore.shared.protocol.splits import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL
 
 sys.path.insert(0, str(Path(__file__).parent))
-from own_part_restack import lift
+from own_part_restack import lift, offline_run, received_targets
 
 
 def settings(text: str) -> list[StatisticsFitPlan]:
@@ -48,17 +44,12 @@ def settings(text: str) -> list[StatisticsFitPlan]:
 def main() -> None:
     plans = settings(sys.argv[1])
     for run in map(Path, sys.argv[2:]):
-        views = load_run(run)
+        done = offline_run(run)
+        views, y, train, val, test = done.views, done.y, done.train, done.val, done.test
         lender, payment = views.lender_state, views.payment_state
-        record = json.loads((run / "parties/evaluation/references.json").read_text())
-        low, high = record["lender_only_auc"], record["ceiling_auc"]
-        y, split = views.clean.astype(np.int64), views.split
-        train, val, test = (split == SPLIT_TRAIN) & ~views.canary, split == SPLIT_VAL, split == SPLIT_TEST
         x = payment.x[payment.rows].double()
-        index = {i: k for k, i in enumerate(views.aligned_ids)}
-        seen = views.payment_view  # the gradients the payment holder received, one row per training user
-        rows = torch.as_tensor(np.array([index[str(i)] for i in seen["id"]]))
-        targets = -torch.as_tensor(seen["gradient"][:, 0], dtype=torch.float64)
+        rows_np, target_np = received_targets(views)
+        rows, targets = torch.as_tensor(rows_np), torch.as_tensor(target_np)
         out = []
         for plan in plans:
             fit_rows = design_rows(x[rows], plan)
@@ -67,10 +58,10 @@ def main() -> None:
             s = (x @ coefficients[:-1] + coefficients[-1]).numpy()[:, None]
             features = gbdt_features(lender.raw[lender.rows].numpy(), s)
             model = fit_lender_gbdt(features, y, train, val).model
-            kept = lift(auc(y[test], model.decision_function(features[test])), low, high)
+            kept = lift(auc(y[test], model.decision_function(features[test])), done.low, done.high)
             out.append(f"C {plan.row_clip:g} B {plan.target_clip:g} z {plan.noise_multiplier:g} "
                        f"lambda {plan.ridge:g}: {kept:.3f}")
-        print(f"{run.name}: run's lift kept {record['lift_kept']:.3f} | " + " | ".join(out), flush=True)
+        print(f"{run.name}: run's lift kept {done.record_lift:.3f} | " + " | ".join(out), flush=True)
 
 
 if __name__ == "__main__":
