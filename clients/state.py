@@ -114,6 +114,7 @@ class PaymentState(PartyState):
     released: Any = None  # torch.Tensor: the last clean embeddings, the proximal anchor of the next update
     statistics_fit: dict[str, Any] | None = None  # the statistics fit's plan (StatisticsFitPlan.to_dict), when on
     gram: Any = None  # torch.Tensor: the statistics fit's noisy Gram matrix, released once, reused by later fits
+    statistics_canaries: dict[str, Any] | None = None  # the fit's audit canaries (StatisticsCanaries.to_state)
 
 
 @dataclass(kw_only=True)

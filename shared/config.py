@@ -242,8 +242,9 @@ class AuditConfig(_Strict):
     canaries: int = Field(0, ge=0, le=100_000, description="synthetic canary users added to both parties' tables "
                           "(clients/canaries.py), each with a label drawn uniformly at random by the lender")
     gradient_canaries: int = Field(0, ge=0, le=100_000, description="Dirac gradient canaries in each party's "
-                                   "DP-SGD, for the white-box one-run audit of each released part "
-                                   "(shared/privacy/gradient_canaries.py); they change the part like extra users")
+                                   "DP-SGD, or on the payment part's statistics fit, for the white-box one-run audit "
+                                   "of each released part (shared/privacy/gradient_canaries.py, statistics_fit.py); "
+                                   "they change the part like extra users")
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="the one-run audits' confidence: a reported lower "
                               "bound holds with this probability, so a mechanism exactly as tight as its claim (such "
                               "as randomized response read perfectly) is flagged with probability up to 1 - "

@@ -290,10 +290,10 @@ def test_feature_protection_stops_reconstruction_and_dp_sgd_bounds_membership(da
     assert membership["ceiling"] < 1 and membership["value"] <= membership["ceiling"]
     assert not section["violations"]
     white_box = _white_box(section)
-    # the payment part is fitted from noisy statistics by default (privacy.payment_fit): no DP-SGD steps, so no
-    # gradient canaries; the lender's part has them (the payment part's white box: the negative control below)
-    assert set(white_box) == {"lender"}
-    for row in white_box.values():  # each part's DP-SGD alone, below the composed outsider claim of 3
+    # the lender's part by DP-SGD (gradient canaries); the payment part fitted from noisy statistics by default
+    # (privacy.payment_fit), its canaries on the released Gram matrix and moments
+    assert set(white_box) == {"payment", "lender"} and "statistics fit" in white_box["payment"]["guarantee"]
+    for row in white_box.values():  # each part's own mechanism alone, below the composed outsider claim of 3
         assert 0 < row["claim"] < 3 and row["steps"] > 0 and row["guesses"] > 0
         assert row["epsilon_lower_bound"] <= row["claim"] and not row["violation"]
 
@@ -332,6 +332,29 @@ def test_white_box_audit_catches_dp_sgd_with_its_noise_off(data: Path, tmp_path:
     assert payment["violation"] and payment["accuracy"] >= 0.85
     assert payment["epsilon_lower_bound"] > payment["claim"], payment
     assert any("payment part" in v for v in section["violations"])
+
+
+@pytest.mark.slow
+def test_white_box_audit_catches_the_statistics_fit_with_its_noise_off(data: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control for the default linear payment part: its statistics fit adds no noise while the ledger
+    charges (and the report claims) noise 4; its canaries are then read exactly and the bound exceeds the claim."""
+    from dataclasses import replace
+
+    import fedscore.shared.privacy.statistics_fit as fit
+
+    honest_gram, honest_moment = fit.noisy_gram, fit.noisy_moment
+    monkeypatch.setattr(fit, "noisy_gram", lambda rows, plan, source, canaries=None: honest_gram(
+        rows, replace(plan, noise_multiplier=0.0), source, canaries))
+    monkeypatch.setattr(fit, "noisy_moment", lambda rows, t, plan, source, canaries=None: honest_moment(
+        rows, t, replace(plan, noise_multiplier=0.0), source, canaries))
+    # 2 rounds, one fit: this data's 4 payment columns leave 20 coordinates (15 Gram entries, 5 moments), whose
+    # perfect reading bounds eps at 1.41, above the one fit's claim of 1.06 (3 rounds claim 1.54: out of reach)
+    section = audit_section(_run(data, tmp_path, *DP_SGD, "training.rounds=2"))
+    payment = _white_box(section)["payment"]
+    assert "statistics fit" in payment["guarantee"] and payment["accuracy"] == 1.0
+    assert payment["violation"] and payment["epsilon_lower_bound"] > payment["claim"], payment
+    assert any("statistics fit" in v for v in section["violations"])
 
 
 def test_gradient_canaries_add_clip_at_their_coordinate_and_score_noise_plus_term() -> None:

@@ -122,3 +122,39 @@ def test_an_outsider_target_the_fit_leaves_nothing_of_is_refused_with_the_fields
     assert plan_dp_sgd(quiet, 20000, 2, "lender").noise_multiplier == 20.0
     with pytest.raises(ValueError, match="no DP-SGD steps"):
         plan_dp_sgd(quiet, 20000, 2, "payment")
+
+
+def _audited(noise: float, m: int = 300, width: int = 20) -> dict:
+    """A fit's canaries through both releases (a Gram matrix, two moments) at `noise`, then the white-box audit of
+    them against the claim of noise 4, as fedscore/audit/gradient_audit.py runs it on a party's state."""
+    from types import SimpleNamespace
+
+    from fedscore.audit.gradient_audit import statistics_fit_audits
+    from fedscore.shared.privacy.statistics_fit import StatisticsCanaries
+
+    plan = StatisticsFitPlan(noise_multiplier=noise, row_clip=2.0, target_clip=3.0, ridge=10.0)
+    canaries = StatisticsCanaries.draw(m, width, NoiseSource())
+    rows = design_rows(torch.randn(200, width - 1, generator=torch.Generator().manual_seed(3)), plan)
+    source = NoiseSource() if noise else NoiseStub()
+    noisy_gram(rows, plan, source, canaries)
+    for _ in range(2):
+        noisy_moment(rows, torch.randn(200, generator=torch.Generator().manual_seed(4)), plan, source, canaries)
+    assert len(canaries.coordinates) == min(m, width * (width + 1) // 2 + width)
+    claimed = StatisticsFitPlan(noise_multiplier=4.0, row_clip=2.0, target_clip=3.0, ridge=10.0)  # what is charged
+    state = SimpleNamespace(statistics_canaries=canaries.to_state(), statistics_fit=claimed.to_dict())
+    (row,) = statistics_fit_audits({"payment": state}, False, 1e-6, 0.95)
+    return {"row": row, "canaries": canaries}
+
+
+def test_the_fits_canaries_score_one_unit_per_release_when_in_and_the_audit_reads_them() -> None:
+    """Noise off while the claim stands: every canary reads exactly (1 unit per release it sat in, or 0), and the
+    white-box bound exceeds the claim; with the noise on it stays under it."""
+    silent = _audited(0.0)
+    canaries = silent["canaries"]
+    gram = canaries.coordinates < canaries.n_upper
+    expected = canaries.included.to(torch.float64) * torch.where(gram, 1, 2)  # the Gram once, the moments twice
+    assert torch.allclose(canaries.score, expected) and torch.equal(canaries.releases, torch.where(gram, 1, 2))
+    assert silent["row"]["accuracy"] == 1.0 and silent["row"]["violation"]
+    honest = _audited(4.0)["row"]
+    assert not honest["violation"] and honest["epsilon_lower_bound"] <= honest["claim"]
+    assert "statistics fit, white box" in honest["guarantee"] and honest["steps"] == 2

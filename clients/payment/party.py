@@ -30,6 +30,7 @@ from fedscore.shared.protocol.steps import PayloadKind
 if TYPE_CHECKING:
     from fedscore.shared.privacy import Ledger
     from fedscore.shared.privacy.dp_sgd import DpSgdPlan
+    from fedscore.shared.privacy.statistics_fit import StatisticsCanaries
 
 
 class PaymentParty(PartyBase):
@@ -299,8 +300,24 @@ class PaymentParty(PartyBase):
             ledger.charge(exposure, "payment.features@lender",
                           note=f"round {round_}: the payment part's {what}, seen through its partial logits")
         rows = design_rows(x_train, plan)
+        canaries = self._statistics_canaries(rows.shape[1])
         if first:
-            self.state["gram"] = noisy_gram(rows, plan, self.noise_source(NoiseLabel.STATISTICS_FIT, "gram"))
-        moment = noisy_moment(rows, -gradients, plan, self.noise_source(NoiseLabel.STATISTICS_FIT, str(round_)))
+            self.state["gram"] = noisy_gram(rows, plan, self.noise_source(NoiseLabel.STATISTICS_FIT, "gram"),
+                                            canaries)
+        moment = noisy_moment(rows, -gradients, plan, self.noise_source(NoiseLabel.STATISTICS_FIT, str(round_)),
+                              canaries)
+        if canaries is not None:
+            self.state["statistics_canaries"] = canaries.to_state()
         coefficients = ridge_solve(self.state["gram"], moment, plan) * self.config.privacy.feature_gradient_scale
         add_linear_map(model, coefficients[:-1], float(coefficients[-1]))
+
+    def _statistics_canaries(self, width: int) -> StatisticsCanaries | None:
+        """The audit run's Dirac canaries on the statistics fit (drawn at the first fit), or None."""
+        m = self.config.audit.gradient_canaries
+        if not m:
+            return None
+        from fedscore.shared.privacy.statistics_fit import StatisticsCanaries
+
+        if self.state.get("statistics_canaries"):
+            return StatisticsCanaries.from_state(self.state["statistics_canaries"])
+        return StatisticsCanaries.draw(m, width, self.noise_source(NoiseLabel.GRADIENT_CANARIES))

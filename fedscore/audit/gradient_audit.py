@@ -79,3 +79,37 @@ def gradient_canary_audits(party_states: dict[str, PartyState], seed: int, repla
                      **result.to_dict(), "violation": result.epsilon_lower_bound > claim,
                      "steps": canaries.steps, "canary_design": DESIGN})
     return rows
+
+
+STATISTICS_DESIGN = ("m Dirac canaries on the payment part's statistics fit, each on its own coordinate of what is "
+                     "released (a Gram matrix entry or a moment), in the run with probability 1/2, adding one "
+                     "sensitivity unit there before the noise; the party scores (noisy statistic - its users' "
+                     "statistic) at that coordinate, in units, over the releases it sat in (white box)")
+
+
+def statistics_fit_audits(party_states: dict[str, PartyState], replayable: bool, delta: float,
+                          confidence: float) -> list[dict[str, Any]]:
+    """One audit row for a payment part fitted from noisy statistics that ran canaries (shared/privacy/
+    statistics_fit.py): each canary's score against the public midpoint (half a unit per release it sat in), held to
+    the fit's own claim. A canary sits in one release kind only, so the claim is the larger of the two: the
+    moments' `fits` Gaussians (add/remove), at least the Gram matrix's one."""
+    from fedscore.shared.privacy import epsilon_for
+    from fedscore.shared.privacy.statistics_fit import StatisticsCanaries, StatisticsFitPlan, moment_release
+
+    rows = []
+    for party, state in party_states.items():
+        record = getattr(state, "statistics_canaries", None)
+        plan = getattr(state, "statistics_fit", None)
+        if not record or not plan:
+            continue
+        canaries = StatisticsCanaries.from_state(record)
+        fits = max(1, int(canaries.releases.max()))
+        claim = float(epsilon_for([moment_release(StatisticsFitPlan(**plan), fits)], delta))
+        scores = (canaries.score - canaries.releases.to(torch.float64) / 2).numpy()
+        result = audit({"score": scores}, canaries.included.numpy().astype(int), delta, confidence)
+        rows.append({"guarantee": f"joint.records@outsider ({party} part's statistics fit, white box)",
+                     "claim": claim, "claim_status": "VOID (replayable noise)" if replayable else "holds",
+                     **result.to_dict(),
+                     "violation": result.epsilon_lower_bound > claim, "steps": fits,
+                     "canary_design": STATISTICS_DESIGN})
+    return rows

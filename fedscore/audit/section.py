@@ -85,11 +85,13 @@ def _audit_section(run_dir: Path) -> dict[str, Any]:
                        "secret); the auditor guesses from the released model's loss on it (black box: no gradient "
                        "canaries)"})
     if views.config.audit.gradient_canaries:
-        from fedscore.audit.gradient_audit import gradient_canary_audits
+        from fedscore.audit.gradient_audit import gradient_canary_audits, statistics_fit_audits
 
         audits += gradient_canary_audits({"payment": views.payment_state, "lender": views.lender_state},
                                          views.config.seed, views.config.privacy.replayable_noise, delta,
                                          views.config.audit.confidence)
+        audits += statistics_fit_audits({"payment": views.payment_state}, views.config.privacy.replayable_noise,
+                                        delta, views.config.audit.confidence)
     violations = [f"{a['guarantee']}: lower bound {a['epsilon_lower_bound']:.3f} > claimed {a['claim']:.3f}"
                   for a in audits if a["violation"]]
     return {

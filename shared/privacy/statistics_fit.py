@@ -89,24 +89,92 @@ def design_rows(x: torch.Tensor, plan: StatisticsFitPlan) -> torch.Tensor:
     return clip_rows(torch.cat([x.double(), ones], dim=1), plan.row_clip)
 
 
-def noisy_gram(rows: torch.Tensor, plan: StatisticsFitPlan, source: NoiseSource) -> torch.Tensor:
-    """X^T X plus symmetric Gaussian noise: one draw per upper-triangle entry (the diagonal included), mirrored."""
+@dataclass
+class StatisticsCanaries:
+    """Dirac canaries on the fit's two releases, for the white-box one-run audit (as gradient_canaries.py does for
+    DP-SGD): each sits on one coordinate of what is released (an upper-triangle entry of the Gram matrix, or an entry
+    of the moment vector), is in the run with probability 1/2 (the secret bit, from the party's CSPRNG), and when in
+    adds one sensitivity unit there (C^2, resp. C B) before the noise: a worst-case neighbour of that release. The
+    party scores (noisy statistic - its users' statistic) at the canary's coordinate in sensitivity units, summed over
+    the releases the canary sat in (the Gram matrix once, the moments once per fit): ~1 per release if included, 0 if
+    not. Canaries change the part like extra users: only audit runs have them (`audit.gradient_canaries`)."""
+
+    coordinates: torch.Tensor  # int64 [m]: < n_upper an upper-triangle entry (triu_indices order), else a moment entry
+    included: torch.Tensor  # bool [m]: the secret bits
+    score: torch.Tensor  # float64 [m], in sensitivity units
+    releases: torch.Tensor  # int64 [m]: how many releases each canary was scored in
+    n_upper: int  # entries of the Gram matrix's upper triangle
+
+    @classmethod
+    def draw(cls, m: int, width: int, source: NoiseSource) -> StatisticsCanaries:
+        """m distinct coordinates among the Gram's upper triangle and the moments of a `width`-column fit."""
+        n_upper = width * (width + 1) // 2
+        total = n_upper + width
+        m = min(m, total)
+        order = torch.argsort(source.uniform((total,)))
+        return cls(coordinates=order[:m].to(torch.int64), included=source.bernoulli((m,), 0.5),
+                   score=torch.zeros(m, dtype=torch.float64), releases=torch.zeros(m, dtype=torch.int64),
+                   n_upper=n_upper)
+
+    def to_state(self) -> dict[str, Any]:
+        return {"coordinates": self.coordinates, "included": self.included, "score": self.score,
+                "releases": self.releases, "n_upper": self.n_upper}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> StatisticsCanaries:
+        return cls(coordinates=state["coordinates"], included=state["included"], score=state["score"],
+                   releases=state["releases"], n_upper=int(state["n_upper"]))
+
+    def _in(self, block: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The canaries on the Gram matrix's block or the moments' (positions), and where (index in the block)."""
+        gram = self.coordinates < self.n_upper
+        which = (gram if block == "gram" else ~gram).nonzero().squeeze(1)
+        return which, self.coordinates[which] - (0 if block == "gram" else self.n_upper)
+
+    def add(self, values: torch.Tensor, block: str, unit: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """`values` (the block's flat statistic) with each included canary's unit added; returns the new values and
+        the canaries' (positions, indices) in this block, for `observe`."""
+        which, where = self._in(block)
+        out = values.clone()
+        out[where] += self.included[which].to(out.dtype) * unit
+        return out, which
+
+    def observe(self, released: torch.Tensor, users: torch.Tensor, block: str, unit: float) -> None:
+        """Score the block's canaries: (released - users) at their coordinates, in sensitivity units."""
+        which, where = self._in(block)
+        self.score[which] += (released[where] - users[where]) / unit
+        self.releases[which] += 1
+
+
+def noisy_gram(rows: torch.Tensor, plan: StatisticsFitPlan, source: NoiseSource,
+               canaries: StatisticsCanaries | None = None) -> torch.Tensor:
+    """X^T X plus symmetric Gaussian noise: one draw per upper-triangle entry (the diagonal included), mirrored.
+    With `canaries` (audit runs) theirs are added before the noise and scored after it."""
     gram = rows.T @ rows
     d = gram.shape[0]
     upper = torch.triu_indices(d, d)
-    noise = torch.zeros(d, d, dtype=torch.float64)
-    noise[upper[0], upper[1]] = source.normal((upper.shape[1],), plan.noise_multiplier * plan.row_clip ** 2,
-                                              torch.float64)
-    return gram + noise + torch.triu(noise, diagonal=1).T
+    users = gram[upper[0], upper[1]]
+    unit = plan.row_clip ** 2
+    values, _ = canaries.add(users, "gram", unit) if canaries is not None else (users, None)
+    released = values + source.normal((upper.shape[1],), plan.noise_multiplier * unit, torch.float64)
+    if canaries is not None:
+        canaries.observe(released, users, "gram", unit)
+    out = torch.zeros(d, d, dtype=torch.float64)
+    out[upper[0], upper[1]] = released
+    return out + torch.triu(out, diagonal=1).T
 
 
-def noisy_moment(rows: torch.Tensor, targets: torch.Tensor, plan: StatisticsFitPlan,
-                 source: NoiseSource) -> torch.Tensor:
-    """X^T t with the targets clipped to |t| <= B, plus Gaussian noise of std z C B per entry."""
+def noisy_moment(rows: torch.Tensor, targets: torch.Tensor, plan: StatisticsFitPlan, source: NoiseSource,
+                 canaries: StatisticsCanaries | None = None) -> torch.Tensor:
+    """X^T t with the targets clipped to |t| <= B, plus Gaussian noise of std z C B per entry (canaries as above)."""
     t = targets.double().clamp(-plan.target_clip, plan.target_clip)
-    moment = rows.T @ t
-    return moment + source.normal(moment.shape, plan.noise_multiplier * plan.row_clip * plan.target_clip,
-                                  torch.float64)
+    users = rows.T @ t
+    unit = plan.row_clip * plan.target_clip
+    values, _ = canaries.add(users, "moment", unit) if canaries is not None else (users, None)
+    released = values + source.normal(users.shape, plan.noise_multiplier * unit, torch.float64)
+    if canaries is not None:
+        canaries.observe(released, users, "moment", unit)
+    return released
 
 
 def ridge_solve(gram: torch.Tensor, moment: torch.Tensor, plan: StatisticsFitPlan) -> torch.Tensor:
