@@ -84,6 +84,15 @@ def party_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
     return out, make_party_data(out)
 
 
+@pytest.fixture(scope="session")
+def small_party_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, set[str]]]:
+    """make_party_data at 1,200 people (~430 in both parties): for tests of the protocol's mechanics (alignment,
+    what the coordinator sees), whose cost grows with the users (one X25519 exchange per ID and party, the training)
+    and whose checks do not need party_data's 4,000."""
+    out = tmp_path_factory.mktemp("small-party-data")
+    return out, make_party_data(out, population=1200)
+
+
 SECRET = "5e" * 16
 # the protocol's mechanics, no privacy (tests/test_privacy_protocol.py covers the private runs); the tuned GBDT
 # references (24 settings x 2, ~20 s) only where a test asks for them (tests/test_references.py)
