@@ -119,11 +119,11 @@ def fresh_homes(root: Path) -> dict[str, Path]:
 # module handed out last makes the other worker wait for it at the end.
 FAST_TIER_SECONDS = {
     "tests/test_merged_gaussians.py": 34, "tests/test_dynamic.py": 25, "tests/test_bad_inputs.py": 24,
-    "tests/test_privacy.py": 22, "tests/test_online_charges.py": 22, "tests/test_scoring.py": 20,
-    "tests/test_lender_gbdt.py": 14, "tests/test_alignment_protocol.py": 13, "tests/test_e2e.py": 12,
-    "tests/test_label_accounting.py": 9, "tests/test_synth_features.py": 9, "tests/test_chunks.py": 9,
-    "tests/test_references.py": 8, "tests/test_protocol.py": 6, "tests/test_psi.py": 6,
-    "tests/test_resume_federation.py": 6, "tests/test_audit.py": 5, "tests/test_psi_x25519.py": 5,
+    "tests/test_privacy.py": 22, "tests/test_scoring.py": 20, "tests/test_lender_gbdt.py": 14,
+    "tests/test_online_charges.py": 12, "tests/test_e2e.py": 12, "tests/test_label_accounting.py": 9,
+    "tests/test_chunks.py": 9, "tests/test_alignment_protocol.py": 8, "tests/test_references.py": 6,
+    "tests/test_synth_features.py": 6, "tests/test_psi.py": 6, "tests/test_resume_federation.py": 6,
+    "tests/test_audit.py": 5, "tests/test_psi_x25519.py": 5, "tests/test_protocol.py": 4,
     "tests/test_privacy_protocol.py": 4, "tests/test_flower_patches.py": 3, "tests/test_ledger_store.py": 3,
 }
 
