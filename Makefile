@@ -30,8 +30,12 @@ lint: $(STAMP)
 # (its module-scoped fixtures) runs once; the 15 slowest tests are listed at the end. TEST_WORKERS=1 runs serially.
 # Modules are handed out longest first (tests/conftest.py orders them; xdist's own reorder, by number of tests,
 # would start the few-test Flower modules last and leave one worker idle at the end).
+# The tests write bytecode even where PYTHONDONTWRITEBYTECODE is set (as in this project's shared sessions): pytest
+# then keeps its assertion-rewritten test modules in tests/__pycache__, where each worker would otherwise rewrite and
+# compile all 43 of them again at collection (11.7 s -> 6.4 s per process, BENCHMARKS.md "Test tiers"), and the
+# processes the tests start find the checkout's own modules compiled.
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=15
+PYTEST := env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=15
 
 # everything, as CI runs it: lint, units, in-process runs, real Flower federations (`federation`), `slow` tests
 test: $(STAMP) lint

@@ -84,6 +84,15 @@ def party_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
     return out, make_party_data(out)
 
 
+@pytest.fixture(scope="session")
+def small_party_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, set[str]]]:
+    """make_party_data at 1,200 people (~430 in both parties): for tests of the protocol's mechanics (alignment,
+    what the coordinator sees), whose cost grows with the users (one X25519 exchange per ID and party, the training)
+    and whose checks do not need party_data's 4,000."""
+    out = tmp_path_factory.mktemp("small-party-data")
+    return out, make_party_data(out, population=1200)
+
+
 SECRET = "5e" * 16
 # the protocol's mechanics, no privacy (tests/test_privacy_protocol.py covers the private runs); the tuned GBDT
 # references (24 settings x 2, ~20 s) only where a test asks for them (tests/test_references.py)
@@ -104,14 +113,33 @@ def fresh_homes(root: Path) -> dict[str, Path]:
     return {party: root / "homes" / party for party in ("payment", "lender")}
 
 
+# Seconds each module took in the fast tier (`make test-fast`, the sum of its tests' setup, call and teardown from
+# `--durations=0`, two workers, load ~3; BENCHMARKS.md "Test tiers"), for the order below. Only the long ones: a
+# module not listed counts as short and goes last. Remeasure when a module grows past a few seconds: one long
+# module handed out last makes the other worker wait for it at the end.
+FAST_TIER_SECONDS = {
+    "tests/test_merged_gaussians.py": 34, "tests/test_dynamic.py": 25, "tests/test_bad_inputs.py": 24,
+    "tests/test_privacy.py": 22, "tests/test_scoring.py": 20, "tests/test_lender_gbdt.py": 14,
+    "tests/test_online_charges.py": 12, "tests/test_e2e.py": 12, "tests/test_label_accounting.py": 9,
+    "tests/test_chunks.py": 9, "tests/test_alignment_protocol.py": 8, "tests/test_references.py": 6,
+    "tests/test_synth_features.py": 6, "tests/test_psi.py": 6, "tests/test_resume_federation.py": 6,
+    "tests/test_audit.py": 5, "tests/test_psi_x25519.py": 5, "tests/test_protocol.py": 4,
+    "tests/test_privacy_protocol.py": 4, "tests/test_flower_patches.py": 3, "tests/test_ledger_store.py": 3,
+}
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` has deselected: the order is that of the tests that will run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Longest first: under `--dist loadscope` each xdist worker takes the next module in collection order, so the
-    modules that start real Flower federations (the longest, tens of seconds each) go first, then those with `slow`
-    tests, then the rest; a long module started last would leave the other worker idle at the end. The order within
-    a module is kept (its module-scoped fixtures are shared in that order)."""
-    def weight(module: str) -> int:
+    """Longest first: under `--dist loadscope` each xdist worker takes the next module in collection order when it
+    runs out of work, so a long module handed out last leaves the other worker idle at the end. The modules that
+    start real Flower federations (the longest, tens of seconds each) go first, then those with `slow` tests (in
+    `make test`; `make test-fast` has deselected them), then the rest by their known time in the fast tier
+    (`FAST_TIER_SECONDS`; alphabetical among equals). The order within a module is kept (its module-scoped
+    fixtures are shared in that order)."""
+    def weight(module: str) -> tuple[int, int]:
         marks = {mark.name for item in by_module[module] for mark in item.iter_markers()}
-        return 0 if "federation" in marks else 1 if "slow" in marks else 2
+        tier = 0 if "federation" in marks else 1 if "slow" in marks else 2
+        return tier, -FAST_TIER_SECONDS.get(module, 0) if tier == 2 else 0  # `slow` ones: alphabetical, as before
 
     by_module: dict[str, list[pytest.Item]] = {}
     for item in items:

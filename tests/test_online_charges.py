@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from fedscore.clients.payment import release_guard
 from fedscore.clients.payment.release_guard import GUARANTEE, LedgerGuard
 from fedscore.clients.payment.served import ServedMeta, ServedVersion
 from fedscore.clients.payment.service import ReleaseRefused
@@ -32,44 +34,43 @@ def _no_composing(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     return calls
 
 
-def _fresh_guard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget: float) -> tuple[Path, LedgerGuard]:
-    """A guard charging exactly at each raise (ahead=0) in a fresh home, every composition computed (no disk cache)."""
+class _SharedPool:
+    """The module's composing worker as a guard holds it: a guard's close() shuts its own pool down, this one stays
+    for the next guard (the module fixture shuts it down)."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    def submit(self, *args: Any, **kwargs: Any) -> Any:
+        return self.pool.submit(*args, **kwargs)
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def composer() -> Iterator[Any]:
+    """ONE composing worker process (the product's `_composer`, spawned at its first task) for the guards of this
+    module. Each guard would spawn its own, which imports the accounting stack (~3 CPU-s) and, the guard closed
+    without waiting, was still importing while the kill test (now first) timed its own processes. Shut down as a
+    guard's close() does it, without waiting: waiting here kept this xdist worker idle for 4-8 s in `make
+    test-fast` while the pool finished its last composition."""
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("FEDSCORE_ACCOUNTING_CACHE", "off")  # inherited by the worker: every composition computed
+    pool = release_guard._composer()
+    yield pool
+    pool.shutdown(wait=False, cancel_futures=True)
+    monkeypatch.undo()
+
+
+def _fresh_guard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget: float,
+                 composer: Any) -> tuple[Path, LedgerGuard]:
+    """A guard charging exactly at each raise (ahead=0) in a fresh home, every composition computed (no disk cache),
+    composing ahead in the module's worker process."""
     monkeypatch.setenv("FEDSCORE_ACCOUNTING_CACHE", "off")
+    monkeypatch.setattr(release_guard, "_composer", lambda: _SharedPool(composer))
     home = tmp_path / "home"
     return home, LedgerGuard(home, _served(tmp_path), {GUARANTEE: budget}, ahead=0)
-
-
-def test_the_first_raise_is_charged_exactly_and_finds_its_charge_composed(tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    home, guard = _fresh_guard(tmp_path, monkeypatch, budget=50.0)
-    try:
-        assert ledger_entries(home / "privacy-ledger.sqlite", "payment") == []  # ahead=0: nothing charged yet
-        calls = _no_composing(monkeypatch)
-        guard.before_release("u1")  # worst case 0 -> 1: charged now, from the composition made before serving
-        guard.before_release("u2")  # another user's first answer: nothing to charge
-        entries = ledger_entries(home / "privacy-ledger.sqlite", "payment")
-        assert [e["mechanisms"][0]["count"] for e in entries] == [1]
-        assert calls == [] and guard.charged == guard.worst == 1
-    finally:
-        guard.close()
-
-
-def test_answers_past_the_budget_are_refused_without_composing(tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    home, guard = _fresh_guard(tmp_path, monkeypatch, budget=3.0)
-    try:
-        guard.before_release("u1")
-        with pytest.raises(ReleaseRefused, match=GUARANTEE):
-            for _ in range(40):  # mu grows as sqrt(count): past eps 3 well before 40 answers
-                guard.before_release("u1")
-        calls = _no_composing(monkeypatch)
-        with pytest.raises(ReleaseRefused, match="at least"):  # once the Gaussians alone are over: no composing
-            for _ in range(40):
-                guard.before_release("u1")
-        assert calls == []
-        assert ledger_entries(home / "privacy-ledger.sqlite", "payment")[-1]["epsilon_after"] <= 3.0
-    finally:
-        guard.close()
 
 
 _PARENT = """
@@ -82,7 +83,8 @@ sys.stdin.read()  # until killed
 
 
 def test_the_composing_worker_exits_when_the_service_is_killed() -> None:
-    """A service killed with SIGKILL cannot stop its pool: the worker must notice and go by itself."""
+    """A service killed with SIGKILL cannot stop its pool: the worker must notice and go by itself. First in the
+    module: before the module's own composing worker exists, nothing else of this module runs beside it."""
     import os
     import signal
     import subprocess
@@ -110,3 +112,38 @@ def test_the_composing_worker_exits_when_the_service_is_killed() -> None:
     finally:
         if service.poll() is None:
             service.kill()
+
+
+def test_the_first_raise_is_charged_exactly_and_finds_its_charge_composed(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch,
+                                                                           composer: Any) -> None:
+    home, guard = _fresh_guard(tmp_path, monkeypatch, budget=50.0, composer=composer)
+    try:
+        assert ledger_entries(home / "privacy-ledger.sqlite", "payment") == []  # ahead=0: nothing charged yet
+        calls = _no_composing(monkeypatch)
+        guard.before_release("u1")  # worst case 0 -> 1: charged now, from the composition made before serving
+        guard.before_release("u2")  # another user's first answer: nothing to charge
+        entries = ledger_entries(home / "privacy-ledger.sqlite", "payment")
+        assert [e["mechanisms"][0]["count"] for e in entries] == [1]
+        assert calls == [] and guard.charged == guard.worst == 1
+    finally:
+        guard.close()
+
+
+def test_answers_past_the_budget_are_refused_without_composing(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                composer: Any) -> None:
+    home, guard = _fresh_guard(tmp_path, monkeypatch, budget=3.0, composer=composer)
+    try:
+        guard.before_release("u1")
+        with pytest.raises(ReleaseRefused, match=GUARANTEE):
+            for _ in range(40):  # mu grows as sqrt(count): past eps 3 well before 40 answers
+                guard.before_release("u1")
+        calls = _no_composing(monkeypatch)
+        with pytest.raises(ReleaseRefused, match="at least"):  # once the Gaussians alone are over: no composing
+            for _ in range(40):
+                guard.before_release("u1")
+        assert calls == []
+        assert ledger_entries(home / "privacy-ledger.sqlite", "payment")[-1]["epsilon_after"] <= 3.0
+    finally:
+        guard.close()

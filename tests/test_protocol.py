@@ -71,8 +71,8 @@ class RecordingTransport(InProcessTransport):
         return replies
 
 
-def test_coordinator_never_sees_a_raw_id(party_data: tuple[Path, dict], tmp_path: Path) -> None:
-    data, ids = party_data
+def test_coordinator_never_sees_a_raw_id(small_party_data: tuple[Path, dict], tmp_path: Path) -> None:
+    data, ids = small_party_data
     parties = {n: make_party(s) for n, s in party_settings(tmp_path, data, SECRET).items()}
     transport = RecordingTransport(parties)
     Coordinator(load_config(None, [*FAST, "training.rounds=1", "baselines.enabled=false"]), transport).run()

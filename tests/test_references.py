@@ -94,14 +94,14 @@ def test_the_reference_is_chosen_on_validation_not_on_test() -> None:
 
 def test_tuned_references_on_data_cache_hit_and_miss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = tmp_path / "data"
-    make_party_data(data, population=2500)
+    make_party_data(data, population=1500)
     config = load_config(None, [])
     cache = tmp_path / "cache"
     refs = tuned_references(data, config, SECRET, cache)
     for fit in (refs.lender_only, refs.ceiling):  # chosen as the argmax of validation AUC over the sweep
         best = max(fit.sweep, key=lambda s: s.val_auc)
         assert fit.setting == best.setting and fit.test_auc == best.test_auc and fit.val_auc == best.val_auc
-    assert refs.train + refs.val + refs.test == refs.users > 800
+    assert refs.train + refs.val + refs.test == refs.users > 500
     # the payment columns carry most of the signal (conftest): the ceiling is well above the lender alone
     assert refs.ceiling_auc > refs.lender_only_auc + 0.05
     assert len(list(cache.glob("*.json"))) == 1
