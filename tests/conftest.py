@@ -125,6 +125,7 @@ FAST_TIER_SECONDS = {
     "tests/test_synth_features.py": 6, "tests/test_psi.py": 6, "tests/test_resume_federation.py": 6,
     "tests/test_audit.py": 5, "tests/test_psi_x25519.py": 5, "tests/test_protocol.py": 4,
     "tests/test_privacy_protocol.py": 4, "tests/test_flower_patches.py": 3, "tests/test_ledger_store.py": 3,
+    "tests/test_statistics_fit.py": 8,
 }
 
 
