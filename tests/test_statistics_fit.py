@@ -108,20 +108,21 @@ def test_auto_fits_a_linear_part_from_statistics_and_refuses_a_statistics_fit_it
 def test_an_outsider_target_the_fit_leaves_nothing_of_is_refused_with_the_fields_named() -> None:
     """The fit's Gaussians cost eps ~1.56 on their own at the default noise: a target of 1 cannot be met by any
     lender DP-SGD noise, and a given lender noise that overshoots the target is refused too (no party's ledger
-    would see the composed total)."""
+    would see the composed total). 4,000 training users: DP-SGD's default batch samples them all (rate 1), which
+    the accountant bounds in closed form rather than by a subsampled series (seconds)."""
     from fedscore.shared.privacy import CalibrationError
     from fedscore.shared.privacy.dp_sgd import plan_dp_sgd
 
     tight = load_config(None, ["privacy.outsider_epsilon=1"]).privacy
     with pytest.raises(CalibrationError, match="payment_fit_noise_multiplier=4"):
-        plan_dp_sgd(tight, 20000, 2, "lender")
+        plan_dp_sgd(tight, 4000, 2, "lender")
     loud = load_config(None, ["privacy.lender_dpsgd_noise_multiplier=0.5"]).privacy
     with pytest.raises(CalibrationError, match=r"lender_dpsgd_noise_multiplier=0\.5 .* above privacy\.outsider_eps"):
-        plan_dp_sgd(loud, 20000, 2, "lender")
+        plan_dp_sgd(loud, 4000, 2, "lender")
     quiet = load_config(None, ["privacy.lender_dpsgd_noise_multiplier=20"]).privacy
-    assert plan_dp_sgd(quiet, 20000, 2, "lender").noise_multiplier == 20.0
+    assert plan_dp_sgd(quiet, 4000, 2, "lender").noise_multiplier == 20.0
     with pytest.raises(ValueError, match="no DP-SGD steps"):
-        plan_dp_sgd(quiet, 20000, 2, "payment")
+        plan_dp_sgd(quiet, 4000, 2, "payment")
 
 
 def _audited(noise: float, m: int = 300, width: int = 20) -> dict:

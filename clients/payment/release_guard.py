@@ -398,7 +398,7 @@ def _composer() -> Any:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from fedscore.shared.privacy.ledger import exit_with_parent
+    from fedscore.shared.waiting import exit_with_parent
 
     return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                                initializer=exit_with_parent, initargs=(os.getpid(),))

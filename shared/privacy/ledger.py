@@ -202,22 +202,6 @@ class Ledger:
 _PRECOMPOSED: dict[tuple[tuple[Mechanism, ...], float], tuple[float, str]] = {}
 
 
-def exit_with_parent(parent: int) -> None:
-    """For a composing worker process (its pool's initializer): exit once `parent`, the service that started it,
-    is gone. A service killed with SIGKILL cannot stop its pool, and the idle worker would stay behind for good,
-    holding a few hundred MB (one per kill, measured in the online benchmark's kill test)."""
-    import os
-    import threading
-    import time
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
 def compose_records(records: list[dict[str, Any]], delta: float) -> tuple[float, str]:
     """`account` of these records (as the ledger stores them): what a composing worker process runs."""
     return account(mechanisms_from_dicts(records), delta)
