@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,14 +64,19 @@ def composer() -> Iterator[Any]:
     monkeypatch.undo()
 
 
+@contextmanager
 def _fresh_guard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget: float,
-                 composer: Any) -> tuple[Path, LedgerGuard]:
+                 composer: Any) -> Iterator[tuple[Path, LedgerGuard]]:
     """A guard charging exactly at each raise (ahead=0) in a fresh home, every composition computed (no disk cache),
-    composing ahead in the module's worker process."""
+    composing ahead in the module's worker process; closed when the block ends."""
     monkeypatch.setenv("FEDSCORE_ACCOUNTING_CACHE", "off")
     monkeypatch.setattr(release_guard, "_composer", lambda: _SharedPool(composer))
     home = tmp_path / "home"
-    return home, LedgerGuard(home, _served(tmp_path), {GUARANTEE: budget}, ahead=0)
+    guard = LedgerGuard(home, _served(tmp_path), {GUARANTEE: budget}, ahead=0)
+    try:
+        yield home, guard
+    finally:
+        guard.close()
 
 
 _PARENT = """
@@ -117,8 +123,7 @@ def test_the_composing_worker_exits_when_the_service_is_killed() -> None:
 def test_the_first_raise_is_charged_exactly_and_finds_its_charge_composed(tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch,
                                                                            composer: Any) -> None:
-    home, guard = _fresh_guard(tmp_path, monkeypatch, budget=50.0, composer=composer)
-    try:
+    with _fresh_guard(tmp_path, monkeypatch, budget=50.0, composer=composer) as (home, guard):
         assert ledger_entries(home / "privacy-ledger.sqlite", "payment") == []  # ahead=0: nothing charged yet
         calls = _no_composing(monkeypatch)
         guard.before_release("u1")  # worst case 0 -> 1: charged now, from the composition made before serving
@@ -126,15 +131,12 @@ def test_the_first_raise_is_charged_exactly_and_finds_its_charge_composed(tmp_pa
         entries = ledger_entries(home / "privacy-ledger.sqlite", "payment")
         assert [e["mechanisms"][0]["count"] for e in entries] == [1]
         assert calls == [] and guard.charged == guard.worst == 1
-    finally:
-        guard.close()
 
 
 def test_answers_past_the_budget_are_refused_without_composing(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch,
                                                                 composer: Any) -> None:
-    home, guard = _fresh_guard(tmp_path, monkeypatch, budget=3.0, composer=composer)
-    try:
+    with _fresh_guard(tmp_path, monkeypatch, budget=3.0, composer=composer) as (home, guard):
         guard.before_release("u1")
         with pytest.raises(ReleaseRefused, match=GUARANTEE):
             for _ in range(40):  # mu grows as sqrt(count): past eps 3 well before 40 answers
@@ -145,5 +147,3 @@ def test_answers_past_the_budget_are_refused_without_composing(tmp_path: Path,
                 guard.before_release("u1")
         assert calls == []
         assert ledger_entries(home / "privacy-ledger.sqlite", "payment")[-1]["epsilon_after"] <= 3.0
-    finally:
-        guard.close()
