@@ -204,25 +204,44 @@ def test_audit_catches_gradient_noise_switched_off_while_it_is_charged(data: Pat
     lender (DP-SGD at outsider eps 0.5) and one gradient exchange with noise 3 claims a small eps, since the payment
     holder sees the flipped labels only through those Gaussians; the audit holds it. Switch the gradient noise off
     while the ledger still charges it: the gradients carry the eps-8 labels, and the audit's lower bound lands above
-    the claim."""
+    the claim.
+
+    The same two runs are the negative control of the default linear payment part's statistics fit (one run fewer
+    than a test of its own): its white-box audit holds in the honest run, and catches the fit's noise switched off
+    in the second while the ledger still charges noise 20."""
+    from dataclasses import replace
+
     import fedscore.shared.privacy as privacy
+    import fedscore.shared.privacy.statistics_fit as fit
 
     honest = privacy.clipped_label_gradients
 
     def noiseless(p, y, jacobian, clip, noise_multiplier, source, shape="isotropic"):  # type: ignore[no-untyped-def]
         return honest(p, y, jacobian, clip, 0.0, source, shape)
 
-    # both parts by DP-SGD: at outsider eps 0.5 the statistics fit's default noise would leave the lender nothing
+    # the statistics fit at noise 20 (eps ~0.1 alone) leaves the lender's DP-SGD room under outsider eps 0.5; its
+    # canaries: this data's 4 payment columns give 20 coordinates (15 Gram entries, 5 moments), whose perfect
+    # reading bounds eps at 1.41, far above the fit's claim
     settings = ("privacy.label_epsilon=8", "privacy.gradient_noise_multiplier=3", "privacy.outsider_epsilon=0.5",
-                "training.rounds=2", "privacy.payment_fit=dp_sgd")
-    honest_audit = audit_section(_run(data, tmp_path / "honest", *settings))["one_run_audits"][0]
+                "training.rounds=2", "privacy.payment_fit_noise_multiplier=20", "audit.gradient_canaries=500")
+    honest_section = audit_section(_run(data, tmp_path / "honest", *settings))
+    honest_audit = honest_section["one_run_audits"][0]
     assert honest_audit["claim"] < 3 and not honest_audit["violation"]  # the composed claim, far below RR's own 8
+    assert "statistics fit" in _white_box(honest_section)["payment"]["guarantee"]
+    assert not honest_section["violations"]
     monkeypatch.setattr(privacy, "clipped_label_gradients", noiseless)
+    honest_gram, honest_moment = fit.noisy_gram, fit.noisy_moment
+    monkeypatch.setattr(fit, "noisy_gram", lambda rows, plan, source, canaries=None: honest_gram(
+        rows, replace(plan, noise_multiplier=0.0), source, canaries))
+    monkeypatch.setattr(fit, "noisy_moment", lambda rows, t, plan, source, canaries=None: honest_moment(
+        rows, t, replace(plan, noise_multiplier=0.0), source, canaries))
     section = audit_section(_run(data, tmp_path / "noise-off", *settings))
     label_audit = section["one_run_audits"][0]
     assert label_audit["claim"] == pytest.approx(honest_audit["claim"])  # still charged
     assert label_audit["violation"] and label_audit["epsilon_lower_bound"] > label_audit["claim"]
-    assert section["violations"]
+    payment = _white_box(section)["payment"]
+    assert payment["accuracy"] == 1.0 and payment["violation"], payment
+    assert any("statistics fit" in v for v in section["violations"])
 
 
 @pytest.mark.slow
@@ -332,29 +351,6 @@ def test_white_box_audit_catches_dp_sgd_with_its_noise_off(data: Path, tmp_path:
     assert payment["violation"] and payment["accuracy"] >= 0.85
     assert payment["epsilon_lower_bound"] > payment["claim"], payment
     assert any("payment part" in v for v in section["violations"])
-
-
-@pytest.mark.slow
-def test_white_box_audit_catches_the_statistics_fit_with_its_noise_off(data: Path, tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """Negative control for the default linear payment part: its statistics fit adds no noise while the ledger
-    charges (and the report claims) noise 4; its canaries are then read exactly and the bound exceeds the claim."""
-    from dataclasses import replace
-
-    import fedscore.shared.privacy.statistics_fit as fit
-
-    honest_gram, honest_moment = fit.noisy_gram, fit.noisy_moment
-    monkeypatch.setattr(fit, "noisy_gram", lambda rows, plan, source, canaries=None: honest_gram(
-        rows, replace(plan, noise_multiplier=0.0), source, canaries))
-    monkeypatch.setattr(fit, "noisy_moment", lambda rows, t, plan, source, canaries=None: honest_moment(
-        rows, t, replace(plan, noise_multiplier=0.0), source, canaries))
-    # 2 rounds, one fit: this data's 4 payment columns leave 20 coordinates (15 Gram entries, 5 moments), whose
-    # perfect reading bounds eps at 1.41, above the one fit's claim of 1.06 (3 rounds claim 1.54: out of reach)
-    section = audit_section(_run(data, tmp_path, *DP_SGD, "training.rounds=2"))
-    payment = _white_box(section)["payment"]
-    assert "statistics fit" in payment["guarantee"] and payment["accuracy"] == 1.0
-    assert payment["violation"] and payment["epsilon_lower_bound"] > payment["claim"], payment
-    assert any("statistics fit" in v for v in section["violations"])
 
 
 def test_gradient_canaries_add_clip_at_their_coordinate_and_score_noise_plus_term() -> None:
