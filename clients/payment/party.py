@@ -2,8 +2,9 @@
 
 It keeps its transactions and features; what leaves is (a) keyed tokens of its user IDs for alignment and (b) each
 round, the embeddings its bottom model computes for the aligned users. It receives per-user gradients for the
-training users and takes local steps with a proximal pull toward the embedding it released (so stale gradients do
-not overshoot).
+training users and learns from them: a linear part sending one partial logit (the default) by one ridge step from
+noisy sufficient statistics (`_fit_from_statistics`), any other part by local DP-SGD steps with a proximal pull
+toward the embedding it released (so stale gradients do not overshoot).
 """
 
 from __future__ import annotations
