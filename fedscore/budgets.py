@@ -7,7 +7,7 @@ asks; these are only the values a local run hands to each party's settings, and 
 from __future__ import annotations
 
 from fedscore.shared.config import FedConfig
-from fedscore.shared.privacy.budgets import parse_budget
+from fedscore.shared.privacy.budgets import parse_budget, with_slack
 from fedscore.shared.run_folder import RunError
 
 Budgets = dict[str, dict[str, float]]  # party -> guarantee key -> max epsilon
@@ -35,12 +35,6 @@ def default_budgets(config: FedConfig) -> Budgets:
         for party in budgets:
             budgets[party]["joint.records@outsider"] = with_slack(privacy.outsider_epsilon)
     return budgets
-
-
-def with_slack(target: float) -> float:
-    """A budget for an exact eps target: the PLD accountant's pessimistic discretisation (interval 1e-4, an
-    absolute error) can land a hair above it, e.g. 0.2001 for randomized response at eps 0.2."""
-    return target * 1.0001 + 3e-4
 
 
 def apply_budget_overrides(budgets: Budgets, overrides: list[str]) -> Budgets:

@@ -12,6 +12,12 @@ from collections.abc import Iterable
 EXAMPLE = "lender.labels@payment=2"
 
 
+def with_slack(target: float) -> float:
+    """A budget for an exact eps target: the PLD accountant's pessimistic discretisation (interval 1e-4, an
+    absolute error) can land a hair above it, e.g. 0.2001 for randomized response at eps 0.2."""
+    return target * 1.0001 + 3e-4
+
+
 def parse_budget(item: str) -> tuple[str, float]:
     """'lender.labels@payment=2' -> ("lender.labels@payment", 2.0); ValueError says what is wrong, without the item
     (callers name it the way their user wrote it)."""

@@ -111,11 +111,12 @@ def _check_outsider_target(privacy: PrivacyConfig, q: float, steps: int, lender_
     calibrate: refuse a plan whose composition misses the outsider target (each party's ledger holds only its own
     part, so no budget check would see the total)."""
     from fedscore.shared.privacy import CalibrationError, DpSgdRelease, epsilon_for
+    from fedscore.shared.privacy.budgets import with_slack
 
     assert privacy.outsider_epsilon is not None
     lender = DpSgdRelease(noise_multiplier=lender_sigma, sample_rate=q, steps=max(1, steps), protects="joint.records")
     total = epsilon_for([*scaler_releases(privacy), *planned_statistics_fit(privacy, rounds), lender], privacy.delta)
-    if total > privacy.outsider_epsilon * 1.0001 + 3e-4:
+    if total > with_slack(privacy.outsider_epsilon):  # the same slack as the parties' default budgets
         raise CalibrationError(
             f"privacy.lender_dpsgd_noise_multiplier={lender_sigma:g} with the payment part's statistics fit "
             f"(privacy.payment_fit_noise_multiplier={privacy.payment_fit_noise_multiplier:g}) composes to outsider "
