@@ -283,22 +283,25 @@ class PaymentParty(PartyBase):
         from fedscore.shared.privacy.statistics_fit import (
             StatisticsFitPlan,
             design_rows,
+            gram_release,
+            moment_release,
             noisy_gram,
             noisy_moment,
-            planned_fit_releases,
             ridge_solve,
         )
 
         plan = StatisticsFitPlan(**self.state["statistics_fit"])
-        first = self.state.get("gram") is None
-        charged = planned_fit_releases(plan, 1)[0 if first else 1:]
+        first = self.state.get("gram") is None  # the Gram matrix is released at the first fit only
+
+        def releases(*against: str) -> list:
+            return [*([gram_release(plan, *against)] if first else []), moment_release(plan, 1, *against)]
+
         what = ("Gram matrix and moments" if first else "moments") + " of its statistics fit"
         ledger = self.ledger
-        ledger.charge(charged, "joint.records@outsider", note=f"round {round_}: the payment part's {what}")
+        ledger.charge(releases(), "joint.records@outsider", note=f"round {round_}: the payment part's {what}")
         if "feature_sigma" in self.state:
-            exposure = planned_fit_releases(plan, 1, "payment.features", "outsider",
-                                            self.config.privacy.feature_neighbouring)[0 if first else 1:]
-            ledger.charge(exposure, "payment.features@lender",
+            ledger.charge(releases("payment.features", "outsider", self.config.privacy.feature_neighbouring),
+                          "payment.features@lender",
                           note=f"round {round_}: the payment part's {what}, seen through its partial logits")
         rows = design_rows(x_train, plan)
         canaries = self._statistics_canaries(rows.shape[1])

@@ -131,13 +131,12 @@ class StatisticsCanaries:
         which = (gram if block == "gram" else ~gram).nonzero().squeeze(1)
         return which, self.coordinates[which] - (0 if block == "gram" else self.n_upper)
 
-    def add(self, values: torch.Tensor, block: str, unit: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """`values` (the block's flat statistic) with each included canary's unit added; returns the new values and
-        the canaries' (positions, indices) in this block, for `observe`."""
+    def add(self, values: torch.Tensor, block: str, unit: float) -> torch.Tensor:
+        """`values` (the block's flat statistic) with each included canary's unit added."""
         which, where = self._in(block)
         out = values.clone()
         out[where] += self.included[which].to(out.dtype) * unit
-        return out, which
+        return out
 
     def observe(self, released: torch.Tensor, users: torch.Tensor, block: str, unit: float) -> None:
         """Score the block's canaries: (released - users) at their coordinates, in sensitivity units."""
@@ -146,19 +145,24 @@ class StatisticsCanaries:
         self.releases[which] += 1
 
 
+def _gaussian(users: torch.Tensor, block: str, unit: float, plan: StatisticsFitPlan, source: NoiseSource,
+              canaries: StatisticsCanaries | None) -> torch.Tensor:
+    """One flat statistic released: Gaussian noise of std z * unit per entry (unit: its sensitivity), with the audit
+    run's canaries added before the noise and scored after it."""
+    values = canaries.add(users, block, unit) if canaries is not None else users
+    released = values + source.normal(users.shape, plan.noise_multiplier * unit, torch.float64)
+    if canaries is not None:
+        canaries.observe(released, users, block, unit)
+    return released
+
+
 def noisy_gram(rows: torch.Tensor, plan: StatisticsFitPlan, source: NoiseSource,
                canaries: StatisticsCanaries | None = None) -> torch.Tensor:
-    """X^T X plus symmetric Gaussian noise: one draw per upper-triangle entry (the diagonal included), mirrored.
-    With `canaries` (audit runs) theirs are added before the noise and scored after it."""
+    """X^T X plus symmetric Gaussian noise: one draw per upper-triangle entry (the diagonal included), mirrored."""
     gram = rows.T @ rows
     d = gram.shape[0]
     upper = torch.triu_indices(d, d)
-    users = gram[upper[0], upper[1]]
-    unit = plan.row_clip ** 2
-    values, _ = canaries.add(users, "gram", unit) if canaries is not None else (users, None)
-    released = values + source.normal((upper.shape[1],), plan.noise_multiplier * unit, torch.float64)
-    if canaries is not None:
-        canaries.observe(released, users, "gram", unit)
+    released = _gaussian(gram[upper[0], upper[1]], "gram", plan.row_clip ** 2, plan, source, canaries)
     out = torch.zeros(d, d, dtype=torch.float64)
     out[upper[0], upper[1]] = released
     return out + torch.triu(out, diagonal=1).T
@@ -166,15 +170,9 @@ def noisy_gram(rows: torch.Tensor, plan: StatisticsFitPlan, source: NoiseSource,
 
 def noisy_moment(rows: torch.Tensor, targets: torch.Tensor, plan: StatisticsFitPlan, source: NoiseSource,
                  canaries: StatisticsCanaries | None = None) -> torch.Tensor:
-    """X^T t with the targets clipped to |t| <= B, plus Gaussian noise of std z C B per entry (canaries as above)."""
+    """X^T t with the targets clipped to |t| <= B, plus Gaussian noise of std z C B per entry."""
     t = targets.double().clamp(-plan.target_clip, plan.target_clip)
-    users = rows.T @ t
-    unit = plan.row_clip * plan.target_clip
-    values, _ = canaries.add(users, "moment", unit) if canaries is not None else (users, None)
-    released = values + source.normal(users.shape, plan.noise_multiplier * unit, torch.float64)
-    if canaries is not None:
-        canaries.observe(released, users, "moment", unit)
-    return released
+    return _gaussian(rows.T @ t, "moment", plan.row_clip * plan.target_clip, plan, source, canaries)
 
 
 def ridge_solve(gram: torch.Tensor, moment: torch.Tensor, plan: StatisticsFitPlan) -> torch.Tensor:
