@@ -156,9 +156,12 @@ def iter_row_chunks(name: str, chunks: list[bytes]) -> Iterator[tuple[int, np.nd
         if start != expected:
             raise ChunkError(f"{name} chunk {i} of {len(chunks)} starts at user {start}, expected {expected}")
         # a NaN or infinity would pass every clip (a clamp keeps NaN) and reach a model or a fit: refused here
-        if rows.dtype.kind not in "fiu" or not np.isfinite(rows).all():
-            bad = "not numbers" if rows.dtype.kind not in "fiu" else f"{int((~np.isfinite(rows)).sum())} non-finite"
-            raise ChunkError(f"{name} chunk {i} of {len(chunks)} holds {bad} value(s) (rows from user {start})")
+        where = f"{name} chunk {i} of {len(chunks)}"
+        if rows.dtype.kind not in "fiu":
+            raise ChunkError(f"{where} holds not numbers value(s) (rows from user {start})")
+        if not np.isfinite(rows).all():
+            raise ChunkError(f"{where} holds {int((~np.isfinite(rows)).sum())} non-finite value(s) (rows from user "
+                             f"{start})")
         expected = start + len(rows)
         yield start, rows
 
