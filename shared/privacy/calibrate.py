@@ -107,10 +107,6 @@ def _calibrate(template: GaussianRelease | DpSgdRelease, target_epsilon: float, 
     def with_noise(sigma: float) -> list[Mechanism]:
         return [*already, template.model_copy(update={"noise_multiplier": sigma})]
 
-    if already and (spent := account(already, delta)[0]) >= target_epsilon:
-        raise CalibrationError(f"the releases already planned spend epsilon {spent:.3f} on their own, at or above "
-                               f"the target {target_epsilon:g}: no noise on this one can meet it")
-
     if prv_applies(with_noise(1.0)):
         def search(sigma: float) -> float:
             return prv_epsilon(with_noise(sigma), delta)  # type: ignore[arg-type]  # no RR where PRV applies
@@ -118,7 +114,13 @@ def _calibrate(template: GaussianRelease | DpSgdRelease, target_epsilon: float, 
         def search(sigma: float) -> float:
             return pld_epsilon(with_noise(sigma), delta, discretization=COARSE_DISCRETIZATION)
 
-    sigma = _smallest_meeting(search, target_epsilon, rtol)
+    try:
+        sigma = _smallest_meeting(search, target_epsilon, rtol)
+    except CalibrationError:  # out of reach: say why when the releases already planned are the cause
+        if already and (spent := account(already, delta)[0]) >= target_epsilon:
+            raise CalibrationError(f"the releases already planned spend epsilon {spent:.3f} on their own, at or "
+                                   f"above the target {target_epsilon:g}: no noise on this one can meet it") from None
+        raise
     for _ in range(100):  # the reporting path may be a hair above the search path: step up until it is met
         if account(with_noise(sigma), delta)[0] <= target_epsilon:
             return sigma
