@@ -183,8 +183,10 @@ def attack_columns(run_dir: Path) -> dict[str, Any]:
     row["attack.membership_auc"] = section["membership_vs_outsider"]["value"]
     excess = section["features_vs_lender"].get("excess_over_score")
     if excess:  # the lender's reconstruction of the payment columns: with everything received, with the score
-        row["attack.recon_received_r2"] = excess["inputs"]["own columns + everything received"]["pooled_r2"]
-        row["attack.recon_score_r2"] = excess["inputs"]["own columns + final score"]["pooled_r2"]
+        from fedscore.audit.reconstruction import RECEIVED, SCORE
+
+        row["attack.recon_received_r2"] = excess["inputs"][RECEIVED]["pooled_r2"]
+        row["attack.recon_score_r2"] = excess["inputs"][SCORE]["pooled_r2"]
         row["attack.recon_excess"] = excess["excess"]  # the attacker inverts the lender's part (reconstruction.py)
         row["attack.recon_plain_excess"] = excess.get("plain_excess", excess["excess"])  # a regressor alone
     for audit in section["one_run_audits"]:
